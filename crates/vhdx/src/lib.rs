@@ -1,0 +1,10 @@
+//! Disk images: VHDX (MS-VHDX), legacy VHD, and raw files, behind one [`Disk`] trait.
+//!
+//! File input is hostile: every structure read from a file is validated, and a malformed value
+//! becomes an [`Error`] naming the file, the structure and the offset; never a panic or a huge
+//! allocation.
+#![forbid(unsafe_code)]
+
+mod disk;
+
+pub use disk::{Disk, Error, Result};
