@@ -60,7 +60,7 @@ impl GuestMemory {
         let mut regions = Vec::with_capacity(ranges.len());
         for &(gpa, len) in ranges {
             let map_err = |reason: String| Error::Map { gpa, len, reason };
-            if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+            if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || len == 0 {
                 return Err(map_err("not page aligned".into()));
             }
             let size = usize::try_from(len).map_err(|_| map_err("too large".into()))?;
@@ -166,7 +166,7 @@ impl GuestMemory {
     }
 
     fn check_atomic(&self, gpa: u64, size: usize) -> Result<()> {
-        if gpa % size as u64 != 0 {
+        if !gpa.is_multiple_of(size as u64) {
             return Err(Error::Unaligned { gpa, size });
         }
         self.check(gpa, size)
