@@ -3,3 +3,6 @@
 //! device protocol structures. Definitions only; no logic.
 #![forbid(unsafe_code)]
 #![no_std]
+
+pub mod ic;
+pub mod vmbus;
