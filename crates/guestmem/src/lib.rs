@@ -88,6 +88,11 @@ impl GuestMemory {
             .collect()
     }
 
+    /// The vm-memory view, for loaders (linux-loader) that take vm-memory types.
+    pub fn vm_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Total bytes of RAM.
     pub fn total_size(&self) -> u64 {
         self.mem.iter().map(|r| r.len()).sum()

@@ -1,0 +1,127 @@
+//! The partition and vCPU plumbing over KVM: opening `/dev/kvm` with errors a user can act on,
+//! creating the VM with its in-kernel interrupt controllers and PIT, and mapping guest RAM.
+//!
+//! This is one of the two crates allowed `unsafe` (memory slots point KVM at host memory).
+//! Everything above it uses the safe `kvm-ioctls` types this crate hands out.
+
+use guestmem::GuestMemory;
+pub use kvm_bindings;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+pub use kvm_ioctls;
+use kvm_ioctls::{Cap, Kvm, VmFd};
+
+/// Errors from setting up a partition.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("/dev/kvm does not exist: this host has no KVM (enable virtualization in the firmware and load kvm-intel or kvm-amd)")]
+    NoKvm,
+    #[error("permission denied opening /dev/kvm: run as root or add your user to the 'kvm' group")]
+    KvmPermission,
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    #[error("KVM {op} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Ioctl { op, source }
+}
+
+/// Opens `/dev/kvm`, turning the common failures into messages that say what to do.
+pub fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => Error::NoKvm,
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        _ => Error::KvmOpen(e),
+    })
+}
+
+/// Guest physical address of the TSS that VMX needs (three pages just below the BIOS area at
+/// 4 GiB, inside the PCI hole so it never overlaps RAM).
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// A KVM virtual machine with guest RAM mapped, the in-kernel IOAPIC/PIC/LAPICs and the PIT.
+pub struct Partition {
+    kvm: Kvm,
+    vm: VmFd,
+    memory: GuestMemory,
+}
+
+impl Partition {
+    /// Creates the VM and maps every region of `memory` into it.
+    pub fn new(kvm: Kvm, memory: GuestMemory) -> Result<Self> {
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::MissingCap(name));
+            }
+        }
+        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        for (slot, region) in memory.regions().iter().enumerate() {
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.gpa,
+                memory_size: region.len,
+                userspace_addr: region.host_addr,
+            };
+            // SAFETY: the host range belongs to `memory`, an anonymous mapping that lives as long
+            // as this Partition (we keep a clone), and the slots do not overlap because
+            // `GuestMemory` refuses overlapping regions.
+            unsafe { vm.set_user_memory_region(mem_region) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        vm.set_tss_address(TSS_ADDRESS)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        Ok(Self { kvm, vm, memory })
+    }
+
+    /// The system-wide KVM handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM handle.
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Injects a fixed, edge-triggered interrupt with `vector` into the LAPIC with `apic_id`.
+    pub fn signal_msi(&self, apic_id: u32, vector: u8) -> Result<()> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: 0xfee0_0000 | (apic_id << 12),
+            address_hi: 0,
+            data: u32::from(vector),
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(ioctl("KVM_SIGNAL_MSI"))
+    }
+}
