@@ -6,3 +6,4 @@
 
 pub mod ic;
 pub mod vmbus;
+pub mod hv;
