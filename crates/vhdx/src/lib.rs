@@ -6,5 +6,8 @@
 #![forbid(unsafe_code)]
 
 mod disk;
+pub mod open;
+pub mod raw;
+pub mod vhd;
 
 pub use disk::{Disk, Error, Result};
