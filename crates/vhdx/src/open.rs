@@ -168,3 +168,310 @@ impl Disk for Image {
         self.disk().is_read_only()
     }
 }
+
+/// Allocation types, as Get-VHD's VhdType reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageType {
+    Fixed,
+    Dynamic,
+    Differencing,
+}
+
+impl ImageType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageType::Fixed => "Fixed",
+            ImageType::Dynamic => "Dynamic",
+            ImageType::Differencing => "Differencing",
+        }
+    }
+}
+
+/// Format-independent properties of an image (Get-VHD's fields).
+#[derive(Clone, Debug)]
+pub struct ImageInfo {
+    pub format: Format,
+    pub image_type: ImageType,
+    pub size: u64,
+    pub file_size: u64,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    /// 0 for fixed and raw images.
+    pub block_size: u32,
+    pub parent_path: Option<std::path::PathBuf>,
+    pub disk_id: Option<String>,
+    /// Share of allocated blocks that do not follow their predecessor in the file.
+    pub fragmentation_percent: Option<u32>,
+}
+
+/// What to create.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    pub format: Format,
+    pub image_type: ImageType,
+    pub size: u64,
+    /// 0 = the format's default.
+    pub block_size: u32,
+    /// 0 = 512.
+    pub logical_sector_size: u32,
+    /// 0 = the format's default.
+    pub physical_sector_size: u32,
+    pub parent: Option<std::path::PathBuf>,
+}
+
+/// Creates an image and opens it read-write.
+pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Image> {
+    use crate::vhd::{DiskType, VhdCreateOptions};
+    let path = path.as_ref();
+    let lss = if opts.logical_sector_size == 0 {
+        512
+    } else {
+        opts.logical_sector_size
+    };
+    match opts.format {
+        Format::Raw => {
+            if opts.parent.is_some() {
+                return Err(Error::Invalid("raw images have no parent".into()));
+            }
+            let pss = if opts.physical_sector_size == 0 {
+                lss
+            } else {
+                opts.physical_sector_size
+            };
+            RawDisk::create(path, opts.size)?;
+            Ok(Image::Raw(RawDisk::open_with_sectors(
+                path, false, lss, pss,
+            )?))
+        }
+        Format::Vhd => {
+            if lss != 512 || !matches!(opts.physical_sector_size, 0 | 512) {
+                return Err(Error::Invalid(
+                    "VHD supports only 512-byte logical and physical sectors".into(),
+                ));
+            }
+            let disk_type = match (opts.image_type, &opts.parent) {
+                (_, Some(_)) => DiskType::Differencing,
+                (ImageType::Fixed, None) => DiskType::Fixed,
+                (ImageType::Dynamic, None) => DiskType::Dynamic,
+                (ImageType::Differencing, None) => {
+                    return Err(Error::Invalid("a differencing disk needs a parent".into()))
+                }
+            };
+            let mut block_size = if opts.block_size == 0 {
+                2 << 20
+            } else {
+                opts.block_size
+            };
+            if let (Some(p), 0) = (&opts.parent, opts.block_size) {
+                if let Ok(parent) = Vhd::open(
+                    p,
+                    &VhdOpenOptions {
+                        read_only: true,
+                        no_parent: true,
+                    },
+                ) {
+                    block_size = parent.block_size().unwrap_or(block_size);
+                }
+            }
+            Ok(Image::Vhd(Box::new(Vhd::create(
+                path,
+                &VhdCreateOptions {
+                    disk_type,
+                    size: opts.size,
+                    block_size,
+                    parent: opts.parent.clone(),
+                },
+            )?)))
+        }
+        Format::Vhdx => Err(Error::Invalid(format!(
+            "{}: creating VHDX images is not supported yet",
+            path.display()
+        ))),
+    }
+}
+
+fn file_size(path: &Path) -> Result<u64> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            op: "stat",
+            source,
+        })
+}
+
+/// Percentage of allocated blocks (in virtual order) that do not start where the previous
+/// allocated block ended in the file.
+fn fragmentation(offsets: &[(u64, u64)], stride: u64) -> Option<u32> {
+    if offsets.len() < 2 {
+        return Some(0);
+    }
+    let mut breaks = 0u64;
+    for w in offsets.windows(2) {
+        let next = w[0].1 + stride;
+        if w[1].1 < next || w[1].1 >= next + 4096 {
+            breaks += 1;
+        }
+    }
+    Some((breaks * 100 / (offsets.len() as u64 - 1)) as u32)
+}
+
+impl Image {
+    pub fn info(&self) -> Result<ImageInfo> {
+        let file_size = file_size(self.path())?;
+        Ok(match self {
+            Image::Raw(d) => ImageInfo {
+                format: Format::Raw,
+                image_type: ImageType::Fixed,
+                size: d.size(),
+                file_size,
+                logical_sector_size: d.logical_sector_size(),
+                physical_sector_size: d.physical_sector_size(),
+                block_size: 0,
+                parent_path: None,
+                disk_id: None,
+                fragmentation_percent: None,
+            },
+            Image::Vhd(d) => {
+                let i = d.info();
+                let stride = i.block_size.unwrap_or(0) as u64
+                    + crate::vhd::format::bitmap_size(i.block_size.unwrap_or(512));
+                ImageInfo {
+                    format: Format::Vhd,
+                    image_type: match i.disk_type {
+                        crate::vhd::DiskType::Fixed => ImageType::Fixed,
+                        crate::vhd::DiskType::Dynamic => ImageType::Dynamic,
+                        crate::vhd::DiskType::Differencing => ImageType::Differencing,
+                    },
+                    size: i.size,
+                    file_size,
+                    logical_sector_size: 512,
+                    physical_sector_size: 512,
+                    block_size: i.block_size.unwrap_or(0),
+                    parent_path: i.parent_path,
+                    disk_id: Some(i.unique_id.to_string().to_uppercase()),
+                    fragmentation_percent: match i.block_size {
+                        Some(_) => fragmentation(&d.allocated_block_offsets(), stride),
+                        None => Some(0),
+                    },
+                }
+            }
+        })
+    }
+
+    /// Byte ranges this file itself holds data for (not its parents), merged, ascending.
+    pub fn allocated_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        match self {
+            Image::Raw(d) => Ok(vec![(0, d.size())]),
+            Image::Vhd(d) => d.allocated_ranges(),
+        }
+    }
+
+    /// Byte ranges any file of the chain holds data for: everything else reads as zeros.
+    pub fn chain_allocated_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let mut all = self.allocated_ranges()?;
+        if let Image::Vhd(d) = self {
+            let mut p = d.parent();
+            while let Some(v) = p {
+                all.extend(v.allocated_ranges()?);
+                p = v.parent();
+            }
+        }
+        Ok(merge_ranges(all, self.size()))
+    }
+
+    /// Structural check of the file and its chain: the problems found (empty = healthy).
+    pub fn check(&self) -> Vec<String> {
+        match self {
+            Image::Raw(_) => Vec::new(),
+            Image::Vhd(d) => d.check(),
+        }
+    }
+
+    /// Paths of the chain, this file first.
+    pub fn chain_paths(&self) -> Vec<std::path::PathBuf> {
+        let mut v = vec![self.path().to_path_buf()];
+        if let Image::Vhd(d) = self {
+            let mut p = d.parent();
+            while let Some(x) = p {
+                v.push(x.path().to_path_buf());
+                p = x.parent();
+            }
+        }
+        v
+    }
+
+    pub fn resize(&mut self, size: u64) -> Result<()> {
+        match self {
+            Image::Raw(d) => d.resize(size),
+            Image::Vhd(d) => d.resize(size),
+        }
+    }
+
+    /// Points a differencing image at a (moved) parent.
+    pub fn set_parent(&mut self, parent: &Path, ignore_id_mismatch: bool) -> Result<()> {
+        match self {
+            Image::Vhd(d) => d.set_parent(parent, ignore_id_mismatch),
+            Image::Raw(_) => Err(Error::Invalid("raw images have no parent".into())),
+        }
+    }
+
+    /// Gives the image a new disk identifier.
+    pub fn reset_disk_id(&mut self) -> Result<()> {
+        match self {
+            Image::Vhd(d) => d.set_unique_id(uuid::Uuid::new_v4()),
+            Image::Raw(_) => Err(Error::Invalid("raw images have no disk identifier".into())),
+        }
+    }
+
+    /// Returns unused space to the host: (file size before, after).
+    pub fn compact(&mut self, progress: &mut dyn FnMut(u64, u64)) -> Result<(u64, u64)> {
+        match self {
+            Image::Vhd(d) => d.compact(progress),
+            Image::Raw(d) => {
+                let s = file_size(d.path())?;
+                Ok((s, s))
+            }
+        }
+    }
+
+    /// Smallest size that keeps every non-zero byte: the end of the last allocated range, less
+    /// trailing zero sectors.
+    pub fn minimum_size(&self) -> Result<u64> {
+        let ranges = self.chain_allocated_ranges()?;
+        let ss = self.logical_sector_size() as u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for &(start, len) in ranges.iter().rev() {
+            let mut end = start + len;
+            while end > start {
+                let n = (end - start).min(buf.len() as u64);
+                let b = &mut buf[..n as usize];
+                self.read_at(b, end - n)?;
+                if let Some(pos) = b.iter().rposition(|&x| x != 0) {
+                    return Ok((end - n + pos as u64 + 1).next_multiple_of(ss));
+                }
+                end -= n;
+            }
+        }
+        Ok(0)
+    }
+}
+
+/// Sorts and merges overlapping or adjacent ranges, clipped to `size`.
+pub fn merge_ranges(mut v: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, l) in v {
+        let e = (s + l).min(size);
+        if e <= s {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 >= s => {
+                last.1 = last.1.max(e - last.0);
+            }
+            _ => out.push((s, e - s)),
+        }
+    }
+    out
+}

@@ -11,6 +11,7 @@
 //! most unflushed writes and leaks (never corrupts) space.
 
 pub mod format;
+mod ops;
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
