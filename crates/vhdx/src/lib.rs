@@ -9,5 +9,6 @@ mod disk;
 pub mod open;
 pub mod raw;
 pub mod vhd;
+pub mod vhdx;
 
 pub use disk::{Disk, Error, Result};
