@@ -1,0 +1,310 @@
+//! The Hyper-V "hypervisor" that a guest sees, as pure state machines: the CPUID leaves, the
+//! synthetic MSRs, the hypercall page and hypercall dispatch, and SynIC message and event
+//! delivery. Nothing here touches KVM; the vCPU loop drives it:
+//!
+//! * user-space MSR exits for 0x40000000..=0x400001FF go to [`Partition::msr_read`] and
+//!   [`Partition::msr_write`];
+//! * an `OUT` to [`HYPERCALL_PORT`] (issued by the hypercall page) goes to
+//!   [`Partition::hypercall`] with RCX/RDX/R8, and the returned value goes into RAX;
+//! * every [`Interrupt`] returned is injected as a fixed, edge-triggered interrupt with that
+//!   vector on that VP (for example with `KVM_SIGNAL_MSI`).
+//!
+//! [`Partition`] is `Send + Sync` and meant to be shared behind an `Arc`. Partition-wide MSRs
+//! sit behind one mutex that only cold paths take; each VP's SynIC sits behind its own mutex,
+//! taken by that vCPU's thread and by whoever posts messages or signals events to it.
+//!
+//! Guest input is hostile: every malformed MSR value or hypercall input gets the #GP or
+//! hypercall status that Hyper-V defines, and never a panic or an unbounded allocation.
+#![forbid(unsafe_code)]
+
+pub mod cpuid;
+mod hypercall;
+mod msr;
+mod synic;
+pub mod time;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use guestmem::GuestMemory;
+use hvdef::hv::{self, HV_MESSAGE_PAYLOAD_SIZE};
+
+pub use cpuid::{hv_leaves, patch_supported_cpuid, CpuidConfig, CpuidEntry};
+pub use hvdef::hv::HvStatus;
+pub use hypercall::{
+    HypercallAction, HypercallOutcome, HypercallRegs, PostMessageRequest, SignalEventRequest,
+};
+pub use msr::{CrashReport, MsrAction, MsrError, CRASH_MESSAGE_MAX};
+pub use synic::{Delivery, EventDelivery, SynicError, MESSAGE_QUEUE_DEPTH};
+pub use time::{ManualTime, TimeSource};
+
+/// The I/O port that the hypercall page's `OUT imm8` writes to.
+///
+/// Ports 0x50..=0x5F have no assignment on the PC/AT, PIIX or ICH chipsets (0x40..0x43 is the
+/// PIT, 0x60/0x64 the keyboard controller, 0x70/0x71 the RTC, 0x80 the POST/delay port,
+/// 0x92 fast A20, 0xB2 the SMI command port, 0xE9 the Bochs/QEMU debug console). Linux never
+/// touches 0x57. Only the hypercall page uses it; the VMM must route it nowhere else.
+pub const HYPERCALL_PORT: u8 = 0x57;
+
+/// The code written at the start of the hypercall page: `endbr64; out HYPERCALL_PORT, al;
+/// ret`. ENDBR64 keeps IBT-enabled Linux kernels from disabling IBT. `OUT` (not `IN`) so that
+/// completing the exit does not overwrite RAX. The rest of the page is filled with `int3`.
+pub const HYPERCALL_CODE: [u8; 7] = [0xF3, 0x0F, 0x1E, 0xFA, 0xE6, HYPERCALL_PORT, 0xC3];
+
+/// LAPIC timer frequency reported by APIC_FREQUENCY: KVM's default APIC bus cycle is 1 ns.
+pub const APIC_FREQUENCY_HZ: u64 = 1_000_000_000;
+
+/// Largest partition we accept.
+pub const MAX_VPS: u32 = 1024;
+
+/// A fixed interrupt to inject: `vector` on the VP with index `vp`. The KVM layer maps the VP
+/// index to an APIC ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Interrupt {
+    pub vp: u32,
+    pub vector: u8,
+}
+
+/// A SynIC message payload: up to 240 bytes, stored inline (no allocation).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct MessagePayload {
+    len: u8,
+    data: [u8; HV_MESSAGE_PAYLOAD_SIZE],
+}
+
+impl MessagePayload {
+    /// `None` if `bytes` is longer than 240.
+    pub fn new(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() > HV_MESSAGE_PAYLOAD_SIZE {
+            return None;
+        }
+        let mut data = [0; HV_MESSAGE_PAYLOAD_SIZE];
+        data[..bytes.len()].copy_from_slice(bytes);
+        Some(Self {
+            len: bytes.len() as u8,
+            data,
+        })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.data[..self.len as usize]
+    }
+}
+
+impl std::fmt::Debug for MessagePayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MessagePayload({:02x?})", self.as_slice())
+    }
+}
+
+/// Partition configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionConfig {
+    /// Number of VPs; VP indexes are 0..vp_count.
+    pub vp_count: u32,
+    /// Whether the CPUID offers TSC_INVARIANT_CONTROL (see [`cpuid::CpuidConfig`]).
+    pub invariant_tsc: bool,
+}
+
+impl PartitionConfig {
+    /// The matching CPUID configuration.
+    pub fn cpuid(&self) -> CpuidConfig {
+        CpuidConfig {
+            vp_count: self.vp_count,
+            invariant_tsc: self.invariant_tsc,
+        }
+    }
+}
+
+/// Errors creating a [`Partition`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vp_count {0} is not in 1..={MAX_VPS}")]
+    VpCount(u32),
+    #[error("TSC frequency {0} Hz is below 10 MHz; the reference TSC scale would overflow")]
+    TscFrequency(u64),
+}
+
+/// Partition-wide MSR state.
+#[derive(Debug, Default)]
+struct PartitionState {
+    guest_os_id: u64,
+    hypercall: u64,
+    reference_tsc: u64,
+    tsc_sequence: u32,
+    tsc_invariant_control: u64,
+    crash: [u64; hv::CRASH_PARAM_COUNT],
+}
+
+/// The Hyper-V state of one partition. Share it behind an `Arc`; every method takes `&self`.
+pub struct Partition {
+    config: PartitionConfig,
+    mem: GuestMemory,
+    time: Arc<dyn TimeSource>,
+    tsc_hz: u64,
+    tsc_scale: u64,
+    state: Mutex<PartitionState>,
+    vps: Box<[Mutex<synic::VpState>]>,
+    log_limit: RateLimit,
+}
+
+impl std::fmt::Debug for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition")
+            .field("config", &self.config)
+            .field("tsc_hz", &self.tsc_hz)
+            .field("state", &*lock(&self.state))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Partition {
+    /// Creates the partition state with every MSR at its reset value.
+    pub fn new(
+        config: PartitionConfig,
+        mem: GuestMemory,
+        time: Arc<dyn TimeSource>,
+    ) -> Result<Self, Error> {
+        if config.vp_count == 0 || config.vp_count > MAX_VPS {
+            return Err(Error::VpCount(config.vp_count));
+        }
+        let tsc_hz = time.tsc_frequency();
+        let tsc_scale = time::reference_tsc_scale(tsc_hz).ok_or(Error::TscFrequency(tsc_hz))?;
+        let vps = (0..config.vp_count)
+            .map(|_| Mutex::new(synic::VpState::new()))
+            .collect();
+        Ok(Self {
+            config,
+            mem,
+            time,
+            tsc_hz,
+            tsc_scale,
+            state: Mutex::new(PartitionState::default()),
+            vps,
+            log_limit: RateLimit::default(),
+        })
+    }
+
+    pub fn config(&self) -> &PartitionConfig {
+        &self.config
+    }
+
+    /// The CPUID leaves for this partition.
+    pub fn cpuid_leaves(&self) -> [CpuidEntry; 6] {
+        hv_leaves(&self.config.cpuid())
+    }
+
+    /// Resets every MSR and the SynIC of every VP to the reset values and drops queued
+    /// messages (guest reboot). Guest memory is not touched.
+    pub fn reset(&self) {
+        *lock(&self.state) = PartitionState::default();
+        for vp in self.vps.iter() {
+            *lock(vp) = synic::VpState::new();
+        }
+    }
+
+    /// Partition reference time in 100 ns units, as TIME_REF_COUNT and the TSC page report it.
+    pub fn reference_time(&self) -> u64 {
+        time::reference_time(self.time.guest_tsc(), self.tsc_scale, 0)
+    }
+
+    /// Whether the guest has enabled the hypercall page.
+    pub fn hypercalls_enabled(&self) -> bool {
+        lock(&self.state).hypercall & hv::HYPERCALL_ENABLE != 0
+    }
+
+    /// The value of GUEST_OS_ID.
+    pub fn guest_os_id(&self) -> u64 {
+        lock(&self.state).guest_os_id
+    }
+
+    fn vp(&self, vp: u32) -> Option<MutexGuard<'_, synic::VpState>> {
+        self.vps.get(vp as usize).map(lock)
+    }
+}
+
+/// Locks a mutex, recovering from poisoning: the protected state stays consistent because
+/// no code path panics while holding a lock.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Logs the first 32 events, then one in every 1024.
+#[derive(Debug, Default)]
+struct RateLimit(AtomicU32);
+
+impl RateLimit {
+    fn allow(&self) -> bool {
+        let n = self.0.fetch_add(1, Ordering::Relaxed);
+        n < 32 || n.is_multiple_of(1024)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+
+    pub const RAM: u64 = 0x10_0000;
+    pub const TSC_HZ: u64 = 2_000_000_000;
+
+    pub fn partition(vp_count: u32) -> (Arc<Partition>, GuestMemory, Arc<ManualTime>) {
+        let mem = GuestMemory::new(&[(0, RAM)]).unwrap();
+        let time = Arc::new(ManualTime::new(TSC_HZ));
+        let p = Partition::new(
+            PartitionConfig {
+                vp_count,
+                invariant_tsc: true,
+            },
+            mem.clone(),
+            time.clone(),
+        )
+        .unwrap();
+        (Arc::new(p), mem, time)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_config() {
+        let mem = GuestMemory::new(&[(0, 0x1000)]).unwrap();
+        let t = Arc::new(ManualTime::new(1_000_000_000));
+        let cfg = |vp_count| PartitionConfig {
+            vp_count,
+            invariant_tsc: false,
+        };
+        assert!(matches!(
+            Partition::new(cfg(0), mem.clone(), t.clone()),
+            Err(Error::VpCount(0))
+        ));
+        assert!(Partition::new(cfg(MAX_VPS + 1), mem.clone(), t.clone()).is_err());
+        assert!(matches!(
+            Partition::new(cfg(1), mem.clone(), Arc::new(ManualTime::new(1000))),
+            Err(Error::TscFrequency(1000))
+        ));
+        assert!(Partition::new(cfg(MAX_VPS), mem, t).is_ok());
+    }
+
+    #[test]
+    fn payload_bounds() {
+        assert!(MessagePayload::new(&[0; 241]).is_none());
+        let p = MessagePayload::new(&[7; 240]).unwrap();
+        assert_eq!(p.as_slice().len(), 240);
+        assert_eq!(MessagePayload::new(&[]).unwrap().as_slice(), &[] as &[u8]);
+    }
+
+    #[test]
+    fn partition_is_shareable() {
+        fn check<T: Send + Sync>() {}
+        check::<Partition>();
+    }
+
+    #[test]
+    fn rate_limit_allows_bursts_then_samples() {
+        let r = RateLimit::default();
+        let allowed = (0..4096).filter(|_| r.allow()).count();
+        assert_eq!(allowed, 32 + 3); // 0..32, then 1024, 2048, 3072
+    }
+}
