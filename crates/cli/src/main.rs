@@ -1,12 +1,17 @@
 //! `viridian`: the command people type.
 #![forbid(unsafe_code)]
 
+mod run;
 mod vhd;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "viridian", version, about = "Hyper-V-compatible virtualization on KVM")]
+#[command(
+    name = "viridian",
+    version,
+    about = "Hyper-V-compatible virtualization on KVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -14,18 +19,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Boot a Linux guest in the foreground with its serial console on this terminal.
+    Run(run::RunArgs),
     /// Create, inspect, check and convert VHDX/VHD disk images (the *-VHD cmdlets).
     #[command(subcommand)]
     Vhd(vhd::VhdCommand),
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIRIDIAN_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Vhd(cmd) => vhd::main(cmd),
+        Command::Run(args) => run::main(args),
+        Command::Vhd(cmd) => vhd::main(cmd).map(|()| 0),
     };
-    if let Err(err) = result {
-        eprintln!("viridian: {err:#}");
-        std::process::exit(1);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("viridian: {err:#}");
+            std::process::exit(1);
+        }
     }
 }

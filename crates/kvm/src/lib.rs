@@ -35,9 +35,15 @@ fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Ioctl { op, source }
 }
 
-/// Opens `/dev/kvm`, turning the common failures into messages that say what to do.
+/// Environment variable naming a KVM device other than `/dev/kvm` (for tests).
+pub const KVM_DEVICE_ENV: &str = "VIRIDIAN_KVM_DEVICE";
+
+/// Opens `/dev/kvm` (or the device [`KVM_DEVICE_ENV`] names), turning the common failures into
+/// messages that say what to do.
 pub fn open_kvm() -> Result<Kvm> {
-    Kvm::new().map_err(|e| match e.errno() {
+    let path = std::env::var(KVM_DEVICE_ENV).unwrap_or_else(|_| "/dev/kvm".into());
+    let path = std::ffi::CString::new(path).map_err(|_| Error::NoKvm)?;
+    Kvm::new_with_path(&path).map_err(|e| match e.errno() {
         libc::ENOENT | libc::ENXIO | libc::ENODEV => Error::NoKvm,
         libc::EACCES | libc::EPERM => Error::KvmPermission,
         _ => Error::KvmOpen(e),

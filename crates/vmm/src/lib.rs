@@ -1,0 +1,39 @@
+//! VM assembly: builds a partition from a [`VmConfig`] (memory layout, ACPI tables, Linux direct
+//! boot, vCPUs, chipset wiring) and runs it until the guest powers off or fails.
+#![forbid(unsafe_code)]
+
+pub mod acpi;
+pub mod boot;
+pub mod cpu;
+pub mod layout;
+mod vm;
+
+pub use vm::{ExitReason, StopHandle, Vm, VmConfig};
+
+/// Errors from building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kvm(#[from] kvm::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error("guest memory: {0}")]
+    Memory(#[from] guestmem::Error),
+    #[error("--memory {requested} MiB is below the minimum of {minimum} MiB")]
+    MemoryTooSmall { requested: u64, minimum: u64 },
+    #[error("--memory {requested} MiB is more than this host's {host} MiB of RAM")]
+    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("--cpus {requested} is out of range: this host's KVM allows 1 to {maximum}")]
+    BadCpuCount { requested: u32, maximum: u32 },
+    #[error("vCPU {vcpu}: {op} failed: {source}")]
+    Vcpu {
+        vcpu: u32,
+        op: &'static str,
+        #[source]
+        source: kvm::kvm_ioctls::Error,
+    },
+    #[error("console: {0}")]
+    Console(#[source] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

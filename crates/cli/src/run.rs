@@ -1,0 +1,196 @@
+//! `viridian run`: one VM in the foreground, like a worker process with its console attached.
+
+use anyhow::Context;
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+use vmm::{ExitReason, Vm, VmConfig};
+
+/// Exit status when the guest reset itself (the VM does not reboot in the foreground).
+pub const EXIT_RESET: i32 = 3;
+/// Exit status when stopped with Ctrl-C.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The guest kernel (an x86-64 bzImage).
+    #[arg(long, required_unless_present = "demo")]
+    kernel: Option<PathBuf>,
+    /// An initrd/initramfs image.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    cmdline: String,
+    /// Number of virtual processors.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory, e.g. 512M or 2G (a plain number means MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+    /// Also write the guest's serial console to this file.
+    #[arg(long)]
+    serial: Option<PathBuf>,
+    /// Fetch the demo guest (Debian's kernel and a busybox initramfs) and boot it. Where this
+    /// host's KVM cannot run Linux, the demo runs inside the lab VM instead.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    demo: bool,
+}
+
+/// Parses a memory size: a number with an optional K, M, G or T suffix (binary units);
+/// no suffix means MiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 20),
+        Some((i, _)) => {
+            let unit = s[i..].trim_end_matches(['B', 'b', 'i']);
+            let shift = match unit.to_ascii_uppercase().as_str() {
+                "K" => 10,
+                "M" => 20,
+                "G" => 30,
+                "T" => 40,
+                _ => return Err(format!("'{s}': use a number with K, M, G or T, e.g. 512M")),
+            };
+            (&s[..i], shift)
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size, e.g. 512M"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Writes the console to the terminal and, optionally, a file.
+struct Console {
+    stdout: std::io::Stdout,
+    file: Option<std::fs::File>,
+}
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stdout.write_all(buf)?;
+        if let Some(f) = &mut self.file {
+            f.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stdout.flush()?;
+        if let Some(f) = &mut self.file {
+            f.flush()?;
+        }
+        Ok(())
+    }
+}
+
+pub fn main(args: RunArgs) -> anyhow::Result<i32> {
+    if args.demo {
+        return demo(&args);
+    }
+    let kernel = args.kernel.clone().expect("clap requires --kernel");
+    run_vm(
+        &VmConfig {
+            kernel,
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone(),
+            vcpus: args.cpus,
+            memory: args.memory,
+        },
+        args.serial.as_ref(),
+    )
+}
+
+fn run_vm(config: &VmConfig, serial: Option<&PathBuf>) -> anyhow::Result<i32> {
+    let file = serial
+        .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())))
+        .transpose()?;
+    let console = Console {
+        stdout: std::io::stdout(),
+        file,
+    };
+    let vm = Vm::new(config, Box::new(console))?;
+    let stop = vm.stop_handle();
+    ctrlc::set_handler(move || stop.stop()).context("cannot install the Ctrl-C handler")?;
+    let reason = vm.run()?;
+    let _ = std::io::stdout().flush();
+    Ok(match reason {
+        ExitReason::PowerOff => 0,
+        ExitReason::Reset => {
+            eprintln!(
+                "viridian: the guest reset itself; the VM has stopped (exit status {EXIT_RESET})"
+            );
+            EXIT_RESET
+        }
+        ExitReason::Stopped => {
+            eprintln!(
+                "viridian: stopped by Ctrl-C; the guest was powered off without shutting down"
+            );
+            EXIT_INTERRUPTED
+        }
+        ExitReason::TripleFault { vcpu, registers } => {
+            eprintln!("viridian: vCPU {vcpu} triple-faulted; the guest is dead.\n{registers}");
+            1
+        }
+        ExitReason::InternalError {
+            vcpu,
+            what,
+            registers,
+        } => {
+            eprintln!("viridian: vCPU {vcpu}: {what}.\n{registers}");
+            1
+        }
+    })
+}
+
+fn demo(args: &RunArgs) -> anyhow::Result<i32> {
+    let cache = lab::Cache::default_location()?;
+    eprintln!(
+        "viridian: preparing the demo guest in {} (Debian packages, cached after the first run)",
+        cache.dir().display()
+    );
+    let guest = lab::DemoGuest::prepare(&cache)?;
+    let cmdline = format!("{} {}", guest.cmdline, lab::SCENARIO_DEMO);
+    match lab::host_kvm_can_run_linux() {
+        Ok(()) => run_vm(
+            &VmConfig {
+                kernel: guest.kernel,
+                initrd: Some(guest.initrd),
+                cmdline,
+                vcpus: args.cpus,
+                memory: args.memory,
+            },
+            args.serial.as_ref(),
+        ),
+        Err(why) => {
+            eprintln!("viridian: {why}; running the demo inside the lab VM (QEMU TCG with nested KVM) instead");
+            let exe = std::env::current_exe().context("cannot find the viridian binary")?;
+            let lab = lab::Lab::prepare(&cache, &exe)?;
+            let run = lab.run(
+                &[lab::Scenario::demo(args.cpus, args.memory >> 20)],
+                &mut std::io::stdout(),
+            )?;
+            let result = run
+                .scenario("demo")
+                .context("the lab VM did not run the demo scenario")?;
+            Ok(result.exit_code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("64"), Ok(64 << 20));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,169 @@
+//! The two initramfs images: the L2 guest (busybox + a scenario `/init`) and the L1 lab machine
+//! (busybox, KVM modules, the viridian binary and its libraries, the L2 kernels and image).
+
+use crate::cpio::Archive;
+use crate::{Error, Result};
+use std::path::Path;
+use std::process::Command;
+
+/// `/init` of the L2 guest. It reads `viridian.scenario=` from the command line, prints
+/// `VIRIDIAN-GUEST key=value` lines, and powers off.
+pub const L2_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "VIRIDIAN-GUEST init_uptime=$(cut -d' ' -f1 /proc/uptime)"
+S=report
+for a in $(cat /proc/cmdline); do
+  case "$a" in viridian.scenario=*) S="${a#viridian.scenario=}";; esac
+done
+if [ "$S" != boot ]; then
+  echo "VIRIDIAN-GUEST nproc=$(nproc)"
+  echo "VIRIDIAN-GUEST mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+  echo "VIRIDIAN-GUEST kernel=$(uname -r)"
+fi
+if [ "$S" = demo ]; then
+  echo
+  echo "  Hello from a Debian Linux guest running on Viridian."
+  echo "  $(nproc) vCPU(s), $(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo) MiB, kernel $(uname -r)."
+  echo "  Powering off now."
+  echo
+fi
+echo "VIRIDIAN-GUEST poweroff"
+poweroff -f
+"#;
+
+/// Adds busybox and the base directories and device nodes.
+fn base(archive: &mut Archive, busybox: &Path) -> Result<()> {
+    for d in [
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "lib",
+        "lib64",
+        "lib/x86_64-linux-gnu",
+        "etc",
+    ] {
+        archive.dir(d);
+    }
+    archive.char_device("dev/console", 5, 1);
+    archive.char_device("dev/null", 1, 3);
+    let bb = std::fs::read(busybox).map_err(|e| Error::io(busybox, e))?;
+    archive.file("bin/busybox", 0o755, &bb);
+    Ok(())
+}
+
+/// The L2 guest's initramfs.
+pub fn l2_initramfs(busybox: &Path, out: &Path) -> Result<()> {
+    let mut a = Archive::new();
+    base(&mut a, busybox)?;
+    a.file("init", 0o755, L2_INIT.as_bytes());
+    write(a, out)
+}
+
+fn write(a: Archive, out: &Path) -> Result<()> {
+    let mut f = std::fs::File::create(out).map_err(|e| Error::io(out, e))?;
+    a.write_to(&mut f).map_err(|e| Error::io(out, e))
+}
+
+/// What goes into the L1 image.
+pub struct L1Contents<'a> {
+    pub busybox: &'a Path,
+    pub init: String,
+    /// (name, path) in load order.
+    pub modules: Vec<(String, std::path::PathBuf)>,
+    /// Executables copied with their shared libraries: (path in image, host path).
+    pub programs: Vec<(String, std::path::PathBuf)>,
+    /// Plain files: (path in image, host path).
+    pub files: Vec<(String, std::path::PathBuf)>,
+}
+
+pub fn l1_initramfs(contents: &L1Contents, out: &Path) -> Result<()> {
+    let mut a = Archive::new();
+    base(&mut a, contents.busybox)?;
+    a.file("init", 0o755, contents.init.as_bytes());
+    a.dir("modules");
+    for (name, path) in &contents.modules {
+        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        a.file(&format!("modules/{name}.ko"), 0o644, &data);
+    }
+    let mut libs = std::collections::BTreeSet::new();
+    for (_, host) in &contents.programs {
+        libs.extend(shared_libraries(host)?);
+    }
+    let mut dirs = std::collections::BTreeSet::new();
+    for (image, _) in contents.programs.iter().chain(&contents.files) {
+        let mut p = Path::new(image).parent();
+        while let Some(d) = p {
+            if !d.as_os_str().is_empty() {
+                dirs.insert(d.to_string_lossy().into_owned());
+            }
+            p = d.parent();
+        }
+    }
+    for d in dirs {
+        a.dir(&d);
+    }
+    for lib in libs {
+        let data = std::fs::read(&lib).map_err(|e| Error::io(&lib, e))?;
+        let name = lib.file_name().unwrap().to_string_lossy().into_owned();
+        let dest = if name.starts_with("ld-linux") {
+            format!("lib64/{name}")
+        } else {
+            format!("lib/x86_64-linux-gnu/{name}")
+        };
+        a.file(&dest, 0o755, &data);
+    }
+    for (image, host) in &contents.programs {
+        let data = std::fs::read(host).map_err(|e| Error::io(host, e))?;
+        a.file(image, 0o755, &data);
+    }
+    for (image, host) in &contents.files {
+        let data = std::fs::read(host).map_err(|e| Error::io(host, e))?;
+        a.file(image, 0o644, &data);
+    }
+    write(a, out)
+}
+
+/// The shared libraries `ldd` lists for `program` (resolved to real files).
+fn shared_libraries(program: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(program)
+        .output()
+        .map_err(|e| Error::io(program, e))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        if line.contains("not found") {
+            return Err(Error::Tool {
+                what: format!("ldd {}", program.display()),
+                detail: format!("missing library: {}", line.trim()),
+            });
+        }
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            let real = std::fs::canonicalize(p).map_err(|e| Error::io(Path::new(p), e))?;
+            // Keep the name the loader looks up (the symlink's), with the real file's bytes.
+            let name = Path::new(p).file_name().unwrap().to_owned();
+            let dir = std::env::temp_dir().join("viridian-lab-libs");
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            let dest = dir.join(&name);
+            std::fs::copy(&real, &dest).map_err(|e| Error::io(&real, e))?;
+            libs.push(dest);
+        }
+    }
+    Ok(libs)
+}

@@ -1,0 +1,483 @@
+//! The lab: real Linux guests on a real KVM, on any Linux machine.
+//!
+//! It builds, from Debian packages only, an L1 image (Debian's cloud kernel with KVM modules,
+//! busybox, the `viridian` binary and its libraries) and an L2 guest (a Debian kernel and a
+//! busybox initramfs whose `/init` runs a scenario and prints `VIRIDIAN-GUEST key=value` lines).
+//! L1 runs under `qemu-system-x86_64 -accel tcg -cpu max`, which emulates AMD SVM with nested
+//! paging, so L1's `kvm-amd` gives Viridian a real `/dev/kvm`. See shared/docs/lab.md.
+
+pub mod cpio;
+mod debian;
+pub mod image;
+pub mod kernel;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub use kernel::{Flavor, Kernel};
+
+/// Kernel command-line word that makes the L2 guest's `/init` run the demo.
+pub const SCENARIO_DEMO: &str = "viridian.scenario=demo";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {detail}")]
+    Tool { what: String, detail: String },
+}
+
+impl Error {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where downloaded packages and built images live, outside any checkout.
+pub struct Cache {
+    dir: PathBuf,
+}
+
+impl Cache {
+    /// `$VIRIDIAN_CACHE`, else `/var/cache/viridian` for root, else `~/.cache/viridian`.
+    pub fn default_location() -> Result<Self> {
+        let dir = if let Some(d) = std::env::var_os("VIRIDIAN_CACHE") {
+            PathBuf::from(d)
+        } else if is_root() {
+            PathBuf::from("/var/cache/viridian")
+        } else {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+            PathBuf::from(home).join(".cache/viridian")
+        };
+        Self::at(dir)
+    }
+
+    pub fn at(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(dir.join("images")).map_err(|e| Error::io(&dir, e))?;
+        Ok(Self { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn image(&self, name: &str) -> PathBuf {
+        self.dir.join("images").join(name)
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether this host's `/dev/kvm` can boot a full Linux kernel; if not, why.
+pub fn host_kvm_can_run_linux() -> std::result::Result<(), String> {
+    if std::env::var_os("VIRIDIAN_DEMO_IN_LAB").is_some() {
+        return Err("VIRIDIAN_DEMO_IN_LAB is set".into());
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Err("this host has no /dev/kvm".into());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Err(
+            "this host's KVM is the paravirtual nested kvm_pvm, which cannot boot a full Linux kernel"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+fn busybox(cache: &Cache) -> Result<PathBuf> {
+    Ok(debian::unpack(cache, "busybox-static")?.join("bin/busybox"))
+}
+
+/// The demo guest: Debian's cloud kernel and the scenario initramfs.
+pub struct DemoGuest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
+impl DemoGuest {
+    pub fn prepare(cache: &Cache) -> Result<Self> {
+        let kernel = Kernel::fetch(cache, Flavor::Cloud)?;
+        let initrd = cache.image("l2-initrd.cpio");
+        image::l2_initramfs(&busybox(cache)?, &initrd)?;
+        Ok(Self {
+            kernel: kernel.vmlinuz(),
+            initrd,
+            cmdline: "console=ttyS0 panic=-1".into(),
+        })
+    }
+}
+
+/// Which VMM runs the L2 guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vmm {
+    Viridian,
+    /// QEMU with `-enable-kvm -M pc`.
+    QemuPc,
+    /// QEMU with `-enable-kvm -M microvm`.
+    QemuMicrovm,
+}
+
+/// One L2 boot inside the lab.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub vmm: Vmm,
+    pub kernel: Flavor,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// What the guest's `/init` does: `report`, `boot` (power off at once) or `demo`.
+    pub guest: String,
+    /// Whether to pass `quiet` to the guest kernel.
+    pub quiet: bool,
+}
+
+impl Scenario {
+    pub fn new(name: &str, vmm: Vmm, kernel: Flavor, cpus: u32, guest: &str) -> Self {
+        Self {
+            name: name.into(),
+            vmm,
+            kernel,
+            cpus,
+            memory_mib: 512,
+            guest: guest.into(),
+            quiet: true,
+        }
+    }
+
+    /// The `viridian run --demo` guest.
+    pub fn demo(cpus: u32, memory_mib: u64) -> Self {
+        Self {
+            memory_mib,
+            quiet: false,
+            ..Self::new("demo", Vmm::Viridian, Flavor::Cloud, cpus, "demo")
+        }
+    }
+
+    fn command(&self) -> String {
+        let kernel = format!("/l2/vmlinuz-{}", self.kernel.name());
+        let cmdline = format!(
+            "console=ttyS0 panic=-1 {}viridian.scenario={}",
+            if self.quiet { "quiet " } else { "" },
+            self.guest
+        );
+        match self.vmm {
+            Vmm::Viridian => format!(
+                "viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}'",
+                self.cpus, self.memory_mib
+            ),
+            Vmm::QemuPc | Vmm::QemuMicrovm => format!(
+                "qemu-system-x86_64 -L /usr/share/qemu -enable-kvm -cpu host -M {} -m {} -smp {} -nodefaults -no-user-config -display none -serial stdio -no-reboot -kernel {kernel} -initrd /l2/initrd.cpio -append '{cmdline}'",
+                if self.vmm == Vmm::QemuPc { "pc" } else { "microvm" },
+                self.memory_mib,
+                self.cpus
+            ),
+        }
+    }
+}
+
+/// What one scenario did.
+#[derive(Debug, Clone, Default)]
+pub struct ScenarioResult {
+    pub name: String,
+    /// The VMM's exit status inside L1 (124 = timed out).
+    pub exit_code: i32,
+    /// `VIRIDIAN-GUEST key=value` lines the guest printed.
+    pub guest: BTreeMap<String, String>,
+    /// L1 wall-clock seconds from starting the VMM to its exit.
+    pub seconds: f64,
+    /// Everything printed while it ran.
+    pub console: String,
+}
+
+/// The outcome of one lab boot.
+#[derive(Debug, Default)]
+pub struct LabRun {
+    pub scenarios: Vec<ScenarioResult>,
+    /// `LAB-ERROR` lines from L1.
+    pub errors: Vec<String>,
+    /// Whether L1 got through its whole script.
+    pub completed: bool,
+    /// L1's uptime when its `/init` started.
+    pub l1_init_uptime: Option<f64>,
+}
+
+impl LabRun {
+    pub fn scenario(&self, name: &str) -> Option<&ScenarioResult> {
+        self.scenarios.iter().find(|s| s.name == name)
+    }
+}
+
+/// The lab's ingredients, fetched and cached.
+pub struct Lab {
+    cache: PathBuf,
+    l1_kernel: Kernel,
+    l2_kernels: Vec<Kernel>,
+    busybox: PathBuf,
+    viridian: PathBuf,
+    qemu: PathBuf,
+    firmware: PathBuf,
+}
+
+const QEMU_FIRMWARE: &[&str] = &[
+    "bios-256k.bin",
+    "bios-microvm.bin",
+    "linuxboot_dma.bin",
+    "kvmvapic.bin",
+];
+
+impl Lab {
+    /// Fetches everything (Debian packages into the cache) and checks the host tools.
+    pub fn prepare(cache: &Cache, viridian: &Path) -> Result<Self> {
+        let cloud = Kernel::fetch(cache, Flavor::Cloud)?;
+        let amd64 = Kernel::fetch(cache, Flavor::Amd64)?;
+        let l1_kernel = Kernel::fetch(cache, Flavor::Cloud)?;
+        let busybox = busybox(cache)?;
+        let qemu_root = debian::unpack(cache, "qemu-system-x86")?;
+        let data = debian::unpack(cache, "qemu-system-data")?;
+        let seabios = debian::unpack(cache, "seabios")?;
+        let firmware = cache.dir().join("qemu-firmware");
+        std::fs::create_dir_all(&firmware).map_err(|e| Error::io(&firmware, e))?;
+        for name in QEMU_FIRMWARE {
+            let src = data.join("usr/share/qemu").join(name);
+            // Debian links some firmware into seabios' directory; resolve within our unpacked trees.
+            let resolved = match std::fs::read_link(&src) {
+                Ok(target) => {
+                    let file = target.file_name().unwrap().to_owned();
+                    let in_seabios = seabios.join("usr/share/seabios").join(&file);
+                    if in_seabios.exists() {
+                        in_seabios
+                    } else {
+                        data.join("usr/share/qemu").join(file)
+                    }
+                }
+                Err(_) => src,
+            };
+            let dest = firmware.join(name);
+            std::fs::copy(&resolved, &dest).map_err(|e| Error::io(&resolved, e))?;
+        }
+        Ok(Self {
+            cache: cache.dir().to_path_buf(),
+            l1_kernel,
+            l2_kernels: vec![cloud, amd64],
+            busybox,
+            viridian: viridian.to_path_buf(),
+            qemu: qemu_root.join("usr/bin/qemu-system-x86_64"),
+            firmware,
+        })
+    }
+
+    fn l1_init(&self, modules: &[(String, PathBuf)], scenarios: &[Scenario]) -> String {
+        let mut s = String::from(
+            r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "LAB-L1 init_uptime=$(cut -d' ' -f1 /proc/uptime)"
+export PATH=/bin:/usr/bin
+"#,
+        );
+        for (name, _) in modules {
+            s.push_str(&format!(
+                "insmod /modules/{name}.ko || echo \"LAB-ERROR insmod {name} failed\"\n"
+            ));
+        }
+        s.push_str(
+            r#"[ -e /dev/kvm ] || echo "LAB-ERROR L1 has no /dev/kvm"
+run() {
+  name=$1; shift
+  echo "LAB-BEGIN $name"
+  t0=$(cut -d' ' -f1 /proc/uptime)
+  timeout 900 sh -c "$*" </dev/null
+  rc=$?
+  t1=$(cut -d' ' -f1 /proc/uptime)
+  echo
+  echo "LAB-END $name rc=$rc t0=$t0 t1=$t1"
+}
+"#,
+        );
+        for sc in scenarios {
+            s.push_str(&format!(
+                "run {} \"{}\"\n",
+                sc.name,
+                sc.command().replace('"', "\\\"")
+            ));
+        }
+        s.push_str("echo LAB-DONE\npoweroff -f\n");
+        s
+    }
+
+    /// Boots L1 once and runs `scenarios` in order, copying the console to `out`.
+    pub fn run(&self, scenarios: &[Scenario], out: &mut dyn Write) -> Result<LabRun> {
+        let modules = self.l1_kernel.modules_with_deps(&["kvm_amd"])?;
+        let l2_initrd = PathBuf::from(&self.cache).join("images/l2-initrd.cpio");
+        image::l2_initramfs(&self.busybox, &l2_initrd)?;
+        let mut programs = vec![("bin/viridian".to_string(), self.viridian.clone())];
+        let mut files = vec![("l2/initrd.cpio".to_string(), l2_initrd)];
+        for k in &self.l2_kernels {
+            if scenarios.iter().any(|s| s.kernel == k.flavor) {
+                files.push((format!("l2/vmlinuz-{}", k.flavor.name()), k.vmlinuz()));
+            }
+        }
+        if scenarios.iter().any(|s| s.vmm != Vmm::Viridian) {
+            programs.push(("bin/qemu-system-x86_64".into(), self.qemu.clone()));
+            for name in QEMU_FIRMWARE {
+                files.push((format!("usr/share/qemu/{name}"), self.firmware.join(name)));
+            }
+        }
+        let contents = image::L1Contents {
+            busybox: &self.busybox,
+            init: self.l1_init(&modules, scenarios),
+            modules,
+            programs,
+            files,
+        };
+        let l1_image = PathBuf::from(&self.cache).join("images/l1.cpio");
+        image::l1_initramfs(&contents, &l1_image)?;
+
+        let deadline = 120 + 600 * scenarios.len() as u64;
+        let mut child = Command::new("timeout")
+            .args(["--signal=KILL", &deadline.to_string()])
+            .arg(&self.qemu)
+            .args([
+                "-accel",
+                "tcg,thread=multi",
+                "-cpu",
+                "max",
+                "-m",
+                "3072",
+                "-smp",
+                "2",
+            ])
+            .args(["-nographic", "-no-reboot", "-nic", "none", "-L"])
+            .arg(&self.firmware)
+            .arg("-kernel")
+            .arg(self.l1_kernel.vmlinuz())
+            .arg("-initrd")
+            .arg(&l1_image)
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| Error::io(&self.qemu, e))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut run = LabRun::default();
+        let mut current: Option<ScenarioResult> = None;
+        for line in BufReader::new(stdout).split(b'\n') {
+            let line = line.map_err(|e| Error::io(&self.qemu, e))?;
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\r', '\n']);
+            let _ = writeln!(out, "{line}");
+            parse_line(line, &mut run, &mut current);
+        }
+        let status = child.wait().map_err(|e| Error::io(&self.qemu, e))?;
+        if !run.completed {
+            run.errors.push(format!(
+                "the lab VM stopped before finishing its script ({status})"
+            ));
+        }
+        Ok(run)
+    }
+}
+
+fn parse_line(line: &str, run: &mut LabRun, current: &mut Option<ScenarioResult>) {
+    let fields = |rest: &str| -> BTreeMap<String, String> {
+        rest.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    if let Some(name) = line.strip_prefix("LAB-BEGIN ") {
+        *current = Some(ScenarioResult {
+            name: name.trim().to_string(),
+            ..Default::default()
+        });
+    } else if let Some(rest) = line.strip_prefix("LAB-END ") {
+        if let Some(mut r) = current.take() {
+            let f = fields(rest);
+            r.exit_code = f.get("rc").and_then(|v| v.parse().ok()).unwrap_or(-1);
+            let t = |k: &str| f.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            r.seconds = t("t1") - t("t0");
+            run.scenarios.push(r);
+        }
+    } else if let Some(rest) = line.strip_prefix("LAB-ERROR ") {
+        run.errors.push(rest.to_string());
+    } else if line.starts_with("LAB-DONE") {
+        run.completed = true;
+    } else if let Some(rest) = line.strip_prefix("LAB-L1 ") {
+        run.l1_init_uptime = fields(rest).get("init_uptime").and_then(|v| v.parse().ok());
+    } else if let Some(r) = current.as_mut() {
+        if let Some(at) = line.find("VIRIDIAN-GUEST ") {
+            r.guest
+                .extend(fields(&line[at + "VIRIDIAN-GUEST ".len()..]));
+        }
+        r.console.push_str(line);
+        r.console.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_scenario_output() {
+        let mut run = LabRun::default();
+        let mut cur = None;
+        for l in [
+            "LAB-L1 init_uptime=3.50",
+            "LAB-BEGIN smp",
+            "[    0.0] Linux version ...",
+            "VIRIDIAN-GUEST nproc=2",
+            "VIRIDIAN-GUEST mem_kb=496000",
+            "LAB-END smp rc=0 t0=4.00 t1=9.50",
+            "LAB-ERROR insmod x failed",
+            "LAB-DONE",
+        ] {
+            parse_line(l, &mut run, &mut cur);
+        }
+        assert!(run.completed);
+        assert_eq!(run.l1_init_uptime, Some(3.5));
+        let s = run.scenario("smp").unwrap();
+        assert_eq!(s.exit_code, 0);
+        assert_eq!(s.guest["nproc"], "2");
+        assert!((s.seconds - 5.5).abs() < 1e-9);
+        assert!(s.console.contains("Linux version"));
+        assert_eq!(run.errors, vec!["insmod x failed"]);
+    }
+
+    #[test]
+    fn scenario_commands() {
+        let s = Scenario::new("a", Vmm::Viridian, Flavor::Amd64, 2, "report");
+        let c = s.command();
+        assert!(
+            c.contains("--cpus 2") && c.contains("/l2/vmlinuz-amd64"),
+            "{c}"
+        );
+        let q = Scenario::new("b", Vmm::QemuMicrovm, Flavor::Cloud, 1, "boot").command();
+        assert!(q.contains("-M microvm") && q.contains("-enable-kvm"), "{q}");
+    }
+}

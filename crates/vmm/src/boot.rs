@@ -1,0 +1,340 @@
+//! Linux direct boot through the 64-bit boot protocol: load the bzImage's protected-mode kernel,
+//! place the initrd and command line, fill the zero page (with its e820 map and the RSDP
+//! address), and build the identity page tables and GDT the 64-bit entry point expects.
+
+use crate::layout;
+use guestmem::GuestMemory;
+use linux_loader::loader::{bzimage::BzImage, KernelLoader};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use vm_memory::GuestAddress;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a bzImage Linux kernel ({why})")]
+    NotBzImage { path: PathBuf, why: String },
+    #[error("{path}: the kernel has no 64-bit entry point (boot protocol {version:#x}); use an x86-64 kernel")]
+    No64BitEntry { path: PathBuf, version: u16 },
+    #[error("{path}: the kernel ({size} MiB once loaded) does not fit in {memory} MiB of guest memory; raise --memory")]
+    KernelTooLarge {
+        path: PathBuf,
+        size: u64,
+        memory: u64,
+    },
+    #[error("{path}: the initrd ({size} MiB) does not fit in guest memory next to the kernel ({available} MiB free below 4 GiB); raise --memory")]
+    InitrdTooLarge {
+        path: PathBuf,
+        size: u64,
+        available: u64,
+    },
+    #[error("the kernel command line is {len} bytes; this kernel accepts at most {max}")]
+    CmdlineTooLong { len: usize, max: u64 },
+    #[error("the kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("guest memory: {0}")]
+    Memory(#[from] guestmem::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where the loaded kernel starts executing and what the boot CPU's registers need.
+#[derive(Debug, Clone, Copy)]
+pub struct BootEntry {
+    /// The 64-bit entry point.
+    pub rip: u64,
+    /// The zero page, passed in RSI.
+    pub zero_page: u64,
+}
+
+// Setup header fields, as offsets into the zero page (Documentation/arch/x86/boot.rst).
+const HDR_START: usize = 0x1f1;
+const HDR_JUMP_LEN: usize = 0x201;
+const VID_MODE: usize = 0x1fa;
+const BOOT_VERSION: usize = 0x206;
+const TYPE_OF_LOADER: usize = 0x210;
+const RAMDISK_IMAGE: usize = 0x218;
+const RAMDISK_SIZE: usize = 0x21c;
+const CMD_LINE_PTR: usize = 0x228;
+const XLOADFLAGS: usize = 0x236;
+const E820_ENTRIES: usize = 0x1e8;
+const E820_TABLE: usize = 0x2d0;
+const E820_MAX: usize = 128;
+const ACPI_RSDP_ADDR: usize = 0x70;
+const XLF_KERNEL_64: u16 = 1;
+
+/// Loads `kernel` (and `initrd`) into `mem` and writes the zero page. `rsdp` is the guest
+/// address of the ACPI RSDP.
+pub fn load_linux(
+    mem: &GuestMemory,
+    mem_size: u64,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    rsdp: u64,
+) -> Result<BootEntry> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Read { path, source }
+    };
+    let mut file = File::open(kernel).map_err(read_err(kernel))?;
+    let mut head = [0u8; 0x400];
+    let n = file.read(&mut head).map_err(read_err(kernel))?;
+    let not_bz = |why: &str| Error::NotBzImage {
+        path: kernel.to_path_buf(),
+        why: why.to_string(),
+    };
+    if n < 0x260 || &head[0x202..0x206] != b"HdrS" {
+        return Err(not_bz("no 'HdrS' boot header at offset 0x202"));
+    }
+    let version = u16::from_le_bytes([head[BOOT_VERSION], head[BOOT_VERSION + 1]]);
+    let xloadflags = u16::from_le_bytes([head[XLOADFLAGS], head[XLOADFLAGS + 1]]);
+    if version < 0x020c || xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(Error::No64BitEntry {
+            path: kernel.to_path_buf(),
+            version,
+        });
+    }
+
+    let loaded = BzImage::load(
+        mem.vm_memory(),
+        None,
+        &mut file,
+        Some(GuestAddress(layout::HIGH_MEM)),
+    )
+    .map_err(|e| match e {
+        linux_loader::loader::Error::Bzimage(
+            linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
+        ) => Error::KernelTooLarge {
+            path: kernel.to_path_buf(),
+            size: file.metadata().map(|m| m.len() >> 20).unwrap_or(0),
+            memory: mem_size >> 20,
+        },
+        other => not_bz(&other.to_string()),
+    })?;
+    let hdr = loaded
+        .setup_header
+        .ok_or_else(|| not_bz("no setup header"))?;
+    let kernel_start = loaded.kernel_load.0;
+    // The kernel decompresses into `init_size` bytes starting at its (aligned) load address.
+    let kernel_end = kernel_start
+        .max(u64::from(hdr.pref_address as u32))
+        .saturating_add(u64::from(hdr.init_size));
+    let low_end = layout::ram_ranges(mem_size)[0].1;
+    if kernel_end > low_end {
+        return Err(Error::KernelTooLarge {
+            path: kernel.to_path_buf(),
+            size: u64::from(hdr.init_size) >> 20,
+            memory: mem_size >> 20,
+        });
+    }
+
+    // Command line.
+    if cmdline.contains('\0') {
+        return Err(Error::CmdlineNul);
+    }
+    let cmdline_max = u64::from(hdr.cmdline_size).min(layout::CMDLINE_MAX - 1);
+    if cmdline.len() as u64 > cmdline_max {
+        return Err(Error::CmdlineTooLong {
+            len: cmdline.len(),
+            max: cmdline_max,
+        });
+    }
+    mem.write(layout::CMDLINE_ADDR, cmdline.as_bytes())?;
+    mem.write(layout::CMDLINE_ADDR + cmdline.len() as u64, &[0])?;
+
+    // Initrd: as high as possible in low memory, below the kernel's limit, above the kernel.
+    let mut ramdisk = (0u64, 0u64);
+    if let Some(path) = initrd {
+        let data = std::fs::read(path).map_err(read_err(path))?;
+        let size = data.len() as u64;
+        let limit = low_end.min(u64::from(hdr.initrd_addr_max) + 1);
+        let available = limit.saturating_sub(kernel_end);
+        let too_large = || Error::InitrdTooLarge {
+            path: path.to_path_buf(),
+            size: size.div_ceil(1 << 20),
+            available: available >> 20,
+        };
+        let start = limit.checked_sub(size).ok_or_else(too_large)? & !(guestmem::PAGE_SIZE - 1);
+        if start < kernel_end {
+            return Err(too_large());
+        }
+        mem.write(start, &data)?;
+        ramdisk = (start, size);
+    }
+
+    // Zero page: the kernel's own setup header, then what the loader fills in.
+    let mut zp = vec![0u8; 4096];
+    let hdr_end = (0x202 + usize::from(head[HDR_JUMP_LEN])).min(n).min(0x290);
+    zp[HDR_START..hdr_end].copy_from_slice(&head[HDR_START..hdr_end]);
+    put(&mut zp, VID_MODE, &0xffffu16.to_le_bytes());
+    zp[TYPE_OF_LOADER] = 0xff;
+    put(&mut zp, RAMDISK_IMAGE, &(ramdisk.0 as u32).to_le_bytes());
+    put(&mut zp, RAMDISK_SIZE, &(ramdisk.1 as u32).to_le_bytes());
+    put(
+        &mut zp,
+        CMD_LINE_PTR,
+        &(layout::CMDLINE_ADDR as u32).to_le_bytes(),
+    );
+    put(&mut zp, ACPI_RSDP_ADDR, &rsdp.to_le_bytes());
+    let e820 = layout::e820_map(mem_size);
+    zp[E820_ENTRIES] = e820.len().min(E820_MAX) as u8;
+    for (i, (addr, len, kind)) in e820.iter().take(E820_MAX).enumerate() {
+        let at = E820_TABLE + i * 20;
+        put(&mut zp, at, &addr.to_le_bytes());
+        put(&mut zp, at + 8, &len.to_le_bytes());
+        put(&mut zp, at + 16, &kind.to_le_bytes());
+    }
+    mem.write(layout::ZERO_PAGE, &zp)?;
+
+    write_page_tables(mem)?;
+    write_gdt(mem)?;
+    Ok(BootEntry {
+        rip: kernel_start + 0x200,
+        zero_page: layout::ZERO_PAGE,
+    })
+}
+
+fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Identity-maps the first 4 GiB with 2 MiB pages.
+fn write_page_tables(mem: &GuestMemory) -> Result<()> {
+    const PRESENT_RW: u64 = 0x3;
+    const HUGE: u64 = 0x80;
+    mem.write_obj(layout::PML4_ADDR, &(layout::PDPT_ADDR | PRESENT_RW))?;
+    for pd in 0..4u64 {
+        let pd_addr = layout::PD_ADDR + pd * 0x1000;
+        mem.write_obj(layout::PDPT_ADDR + pd * 8, &(pd_addr | PRESENT_RW))?;
+        let mut entries = [0u8; 4096];
+        for (i, e) in entries.chunks_exact_mut(8).enumerate() {
+            let addr = ((pd << 9) + i as u64) << 21;
+            e.copy_from_slice(&(addr | PRESENT_RW | HUGE).to_le_bytes());
+        }
+        mem.write(pd_addr, &entries)?;
+    }
+    Ok(())
+}
+
+/// GDT entries: null, null, code (selector 0x10, __BOOT_CS), data (0x18, __BOOT_DS), TSS (0x20).
+pub const GDT: [u64; 5] = [
+    0,
+    0,
+    gdt_entry(0xa09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x808b, 0, 0xfffff),
+];
+pub const CODE_SELECTOR: u16 = 0x10;
+pub const DATA_SELECTOR: u16 = 0x18;
+pub const TSS_SELECTOR: u16 = 0x20;
+
+const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << 32)
+        | ((flags as u64 & 0xf0ff) << 40)
+        | ((limit as u64 & 0x000f_0000) << 32)
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0x0000_ffff)
+}
+
+fn write_gdt(mem: &GuestMemory) -> Result<()> {
+    for (i, e) in GDT.iter().enumerate() {
+        mem.write_obj(layout::GDT_ADDR + i as u64 * 8, e)?;
+    }
+    mem.write_obj(layout::IDT_ADDR, &0u64)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_decode() {
+        // 64-bit code: present, DPL 0, type 0xb, L=1, G=1, limit 0xfffff.
+        assert_eq!(GDT[2], 0x00af_9b00_0000_ffff);
+        assert_eq!(GDT[3], 0x00cf_9300_0000_ffff);
+    }
+
+    fn fake_kernel(dir: &Path, version: u16, xloadflags: u16, payload: usize) -> PathBuf {
+        let setup_sects = 4u8;
+        let mut img = vec![0u8; (setup_sects as usize + 1) * 512 + payload];
+        img[0x1f1] = setup_sects;
+        img[0x201] = 0x6a;
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+        img[0x211] = 1; // LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        img[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        img[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+        img[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes());
+        let path = dir.join(format!("k-{version:x}-{xloadflags}-{payload}"));
+        std::fs::write(&path, img).unwrap();
+        path
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-boot-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn loads_a_kernel_and_fills_the_zero_page() {
+        let dir = tmpdir("ok");
+        let kernel = fake_kernel(&dir, 0x20f, 1, 4096);
+        let initrd = dir.join("initrd");
+        std::fs::write(&initrd, vec![0x5a; 10_000]).unwrap();
+        let size = 64 << 20;
+        let mem = GuestMemory::new(&layout::ram_ranges(size)).unwrap();
+        let entry =
+            load_linux(&mem, size, &kernel, Some(&initrd), "console=ttyS0", 0xe0000).unwrap();
+        assert_eq!(entry.rip, 0x10_0200);
+        let zp_u32 = |off: u64| mem.read_obj::<u32>(layout::ZERO_PAGE + off).unwrap();
+        let (start, len) = (zp_u32(0x218) as u64, zp_u32(0x21c) as u64);
+        assert_eq!(len, 10_000);
+        assert_eq!(start % 4096, 0);
+        assert!(start + len <= size);
+        assert_eq!(mem.read_obj::<u8>(start + 9_999).unwrap(), 0x5a);
+        assert_eq!(zp_u32(0x228) as u64, layout::CMDLINE_ADDR);
+        let mut cmd = [0u8; 14];
+        mem.read(layout::CMDLINE_ADDR, &mut cmd).unwrap();
+        assert_eq!(&cmd, b"console=ttyS0\0");
+        assert_eq!(mem.read_obj::<u8>(layout::ZERO_PAGE + 0x1e8).unwrap(), 3);
+        assert_eq!(
+            mem.read_obj::<u64>(layout::ZERO_PAGE + 0x70).unwrap(),
+            0xe0000
+        );
+    }
+
+    #[test]
+    fn rejects_bad_kernels_and_oversized_input() {
+        let dir = tmpdir("bad");
+        let size = 64 << 20;
+        let mem = GuestMemory::new(&layout::ram_ranges(size)).unwrap();
+        let junk = dir.join("junk");
+        std::fs::write(&junk, b"not a kernel at all").unwrap();
+        let e = load_linux(&mem, size, &junk, None, "", 0).unwrap_err();
+        assert!(matches!(e, Error::NotBzImage { .. }), "{e}");
+        let missing = load_linux(&mem, size, &dir.join("nope"), None, "", 0).unwrap_err();
+        assert!(matches!(missing, Error::Read { .. }), "{missing}");
+        let old = fake_kernel(&dir, 0x20a, 0, 4096);
+        let e = load_linux(&mem, size, &old, None, "", 0).unwrap_err();
+        assert!(matches!(e, Error::No64BitEntry { .. }), "{e}");
+        let kernel = fake_kernel(&dir, 0x20f, 1, 4096);
+        let big = dir.join("big-initrd");
+        std::fs::write(&big, vec![0u8; 70 << 20]).unwrap();
+        let e = load_linux(&mem, size, &kernel, Some(&big), "", 0).unwrap_err();
+        assert!(matches!(e, Error::InitrdTooLarge { .. }), "{e}");
+        let e = load_linux(&mem, size, &kernel, None, &"x".repeat(3000), 0).unwrap_err();
+        assert!(matches!(e, Error::CmdlineTooLong { max: 2047, .. }), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

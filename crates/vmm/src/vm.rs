@@ -1,0 +1,312 @@
+//! The VM: builds the partition, runs one thread per vCPU, and reports why it stopped.
+
+use crate::{acpi, boot, cpu, layout, Error, Result};
+use chipset::{Chipset, PowerRequest};
+use guestmem::GuestMemory;
+use kvm::kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm::Partition;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (i8042 or port 0xCF9, or a reboot through ACPI).
+    Reset,
+    /// A vCPU triple-faulted.
+    TripleFault { vcpu: u32, registers: String },
+    /// KVM could not emulate or run the guest.
+    InternalError {
+        vcpu: u32,
+        what: String,
+        registers: String,
+    },
+    /// Stopped from outside (Ctrl-C, a stop request).
+    Stopped,
+}
+
+/// Stops a running VM from another thread.
+#[derive(Clone)]
+pub struct StopHandle(mpsc::Sender<ExitReason>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        let _ = self.0.send(ExitReason::Stopped);
+    }
+}
+
+/// A built, not yet running, VM.
+pub struct Vm {
+    partition: Arc<Partition>,
+    chipset: Arc<Mutex<Chipset>>,
+    vcpus: Vec<VcpuFd>,
+    events: (mpsc::Sender<ExitReason>, mpsc::Receiver<ExitReason>),
+}
+
+/// Signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl Vm {
+    /// Checks the configuration, creates the partition and loads the guest. The guest's serial
+    /// console goes to `console`.
+    pub fn new(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Self> {
+        if config.memory < layout::MIN_MEMORY {
+            return Err(Error::MemoryTooSmall {
+                requested: config.memory >> 20,
+                minimum: layout::MIN_MEMORY >> 20,
+            });
+        }
+        if let Some(host) = host_memory_bytes() {
+            if config.memory > host {
+                return Err(Error::MemoryTooLarge {
+                    requested: config.memory >> 20,
+                    host: host >> 20,
+                });
+            }
+        }
+        let kvm = kvm::open_kvm()?;
+        let max_vcpus = (kvm.get_max_vcpus() as u32).clamp(1, 254);
+        if config.vcpus == 0 || config.vcpus > max_vcpus {
+            return Err(Error::BadCpuCount {
+                requested: config.vcpus,
+                maximum: max_vcpus,
+            });
+        }
+        let memory = GuestMemory::new(&layout::ram_ranges(config.memory))?;
+        let partition = Partition::new(kvm, memory.clone())?;
+
+        let rsdp = acpi::write_tables(&memory, config.vcpus, &[])?;
+        let entry = boot::load_linux(
+            &memory,
+            config.memory,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            rsdp,
+        )?;
+
+        let serial = chipset::serial::Serial::new(console).map_err(Error::Console)?;
+        partition
+            .vm()
+            .register_irqfd(serial.irq_eventfd(), chipset::serial::IRQ)
+            .map_err(|source| kvm::Error::Ioctl {
+                op: "KVM_IRQFD",
+                source,
+            })?;
+        let below_4g = config.memory.min(layout::PCI_HOLE_START);
+        let cmos = chipset::cmos::Cmos::new(below_4g, config.memory - below_4g);
+        let chipset = Arc::new(Mutex::new(Chipset::new(serial, cmos)));
+
+        let base_cpuid =
+            cpu::supported_cpuid(partition.kvm()).map_err(|(op, source)| Error::Vcpu {
+                vcpu: 0,
+                op,
+                source,
+            })?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for index in 0..config.vcpus {
+            let vcpu_err = |(op, source)| Error::Vcpu {
+                vcpu: index,
+                op,
+                source,
+            };
+            let vcpu = partition
+                .vm()
+                .create_vcpu(u64::from(index))
+                .map_err(|source| Error::Vcpu {
+                    vcpu: index,
+                    op: "KVM_CREATE_VCPU",
+                    source,
+                })?;
+            let cpuid = cpu::cpuid_for_vcpu(&base_cpuid, index, config.vcpus);
+            cpu::configure_vcpu(&vcpu, &cpuid).map_err(vcpu_err)?;
+            if index == 0 {
+                cpu::set_boot_state(&vcpu, entry).map_err(vcpu_err)?;
+            }
+            vcpus.push(vcpu);
+        }
+        if let Ok(khz) = vcpus[0].get_tsc_khz() {
+            tracing::info!(tsc_khz = khz, "guest TSC frequency");
+        }
+        Ok(Self {
+            partition: Arc::new(partition),
+            chipset,
+            vcpus,
+            events: mpsc::channel(),
+        })
+    }
+
+    /// A handle that stops the VM once it runs.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.events.0.clone())
+    }
+
+    /// Guest memory (for tests and inspection).
+    pub fn memory(&self) -> &GuestMemory {
+        self.partition.memory()
+    }
+
+    /// Runs the guest until it powers off, resets, fails, or is stopped.
+    pub fn run(self) -> Result<ExitReason> {
+        let _ = register_signal_handler(kick_signal(), on_kick);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = self.events;
+        let threads: Vec<JoinHandle<()>> = self
+            .vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(index, vcpu)| {
+                let ctx = VcpuContext {
+                    index: index as u32,
+                    chipset: self.chipset.clone(),
+                    events: tx.clone(),
+                    stopping: stopping.clone(),
+                };
+                std::thread::Builder::new()
+                    .name(format!("vcpu{index}"))
+                    .spawn(move || ctx.run(vcpu))
+                    .expect("spawn vCPU thread")
+            })
+            .collect();
+        drop(tx);
+        let reason = rx.recv().unwrap_or(ExitReason::Stopped);
+        stopping.store(true, Ordering::SeqCst);
+        // Kick every vCPU out of KVM_RUN until all threads have noticed.
+        for t in &threads {
+            while !t.is_finished() {
+                let _ = t.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        self.chipset.lock().unwrap().serial.flush();
+        Ok(reason)
+    }
+}
+
+struct VcpuContext {
+    index: u32,
+    chipset: Arc<Mutex<Chipset>>,
+    events: mpsc::Sender<ExitReason>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl VcpuContext {
+    fn run(self, mut vcpu: VcpuFd) {
+        while !self.stopping.load(Ordering::Relaxed) {
+            let exit = match vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    let registers = cpu::dump_registers(&vcpu);
+                    self.finish(ExitReason::InternalError {
+                        vcpu: self.index,
+                        what: format!("KVM_RUN failed: {e}"),
+                        registers,
+                    });
+                    return;
+                }
+            };
+            let reason = match exit {
+                VcpuExit::IoIn(port, data) => {
+                    self.chipset.lock().unwrap().pio_read(port, data);
+                    None
+                }
+                VcpuExit::IoOut(port, data) => {
+                    match self.chipset.lock().unwrap().pio_write(port, data) {
+                        Some(PowerRequest::PowerOff) => Some(ExitReason::PowerOff),
+                        Some(PowerRequest::Reset) => Some(ExitReason::Reset),
+                        None => None,
+                    }
+                }
+                VcpuExit::MmioRead(_, data) => {
+                    data.fill(0xff);
+                    None
+                }
+                VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
+                VcpuExit::Shutdown => Some(ExitReason::TripleFault {
+                    vcpu: self.index,
+                    registers: String::new(),
+                }),
+                VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                    kvm::kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                    kvm::kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                    other => internal(self.index, format!("system event {other}")),
+                }),
+                VcpuExit::FailEntry(reason, cpu) => Some(internal(
+                    self.index,
+                    format!("VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"),
+                )),
+                VcpuExit::InternalError => Some(internal(
+                    self.index,
+                    "KVM internal error (emulation failure)".into(),
+                )),
+                other => Some(internal(self.index, format!("unexpected exit {other:?}"))),
+            };
+            if let Some(reason) = reason {
+                self.finish(with_registers(reason, &vcpu));
+                return;
+            }
+        }
+    }
+
+    fn finish(&self, reason: ExitReason) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.events.send(reason);
+    }
+}
+
+fn internal(vcpu: u32, what: String) -> ExitReason {
+    ExitReason::InternalError {
+        vcpu,
+        what,
+        registers: String::new(),
+    }
+}
+
+fn with_registers(reason: ExitReason, vcpu: &VcpuFd) -> ExitReason {
+    match reason {
+        ExitReason::TripleFault { vcpu: i, .. } => ExitReason::TripleFault {
+            vcpu: i,
+            registers: cpu::dump_registers(vcpu),
+        },
+        ExitReason::InternalError { vcpu: i, what, .. } => ExitReason::InternalError {
+            vcpu: i,
+            what,
+            registers: cpu::dump_registers(vcpu),
+        },
+        other => other,
+    }
+}
