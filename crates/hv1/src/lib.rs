@@ -20,6 +20,7 @@
 pub mod cpuid;
 mod hypercall;
 mod msr;
+mod save;
 mod synic;
 pub mod time;
 
@@ -35,6 +36,7 @@ pub use hypercall::{
     HypercallAction, HypercallOutcome, HypercallRegs, PostMessageRequest, SignalEventRequest,
 };
 pub use msr::{CrashReport, MsrAction, MsrError, CRASH_MESSAGE_MAX};
+pub use save::{RestoreError, SavedMessage, SavedState, SavedVp};
 pub use synic::{Delivery, EventDelivery, SynicError, MESSAGE_QUEUE_DEPTH};
 pub use time::{ManualTime, TimeSource};
 

@@ -171,7 +171,7 @@ impl Partition {
             hv::MSR_SIMP => {
                 let mut s = self.vp_state(vp)?;
                 let old = s.simp;
-                self.enable_overlay(old, value, true)?;
+                self.enable_overlay(old, value)?;
                 s.simp = value;
                 if value & hv::OVERLAY_ENABLE == 0 {
                     let dropped = s.drop_queues();
@@ -186,7 +186,7 @@ impl Partition {
             }
             hv::MSR_SIEFP => {
                 let mut s = self.vp_state(vp)?;
-                self.enable_overlay(s.siefp, value, true)?;
+                self.enable_overlay(s.siefp, value)?;
                 s.siefp = value;
             }
             hv::MSR_EOM => {
@@ -200,6 +200,11 @@ impl Partition {
                 let masked = value & hv::SINT_MASKED != 0;
                 if !masked && ((value & hv::SINT_VECTOR_MASK) as u8) < hv::SINT_MIN_VECTOR {
                     return Err(MsrError::Gp);
+                }
+                if !masked && value & hv::SINT_AUTO_EOI != 0 && self.log_limit.allow() {
+                    // KVM cannot clear the ISR bit for the guest. Guests that honour the
+                    // "deprecating AutoEOI" hint never ask for it.
+                    tracing::warn!(vp, sint, "guest enabled AutoEOI, which is not emulated");
                 }
                 let mut s = self.vp_state(vp)?;
                 let was_masked = s.sints[sint] & hv::SINT_MASKED != 0;
@@ -245,14 +250,14 @@ impl Partition {
         Ok(())
     }
 
-    /// Checks an overlay write and, when it enables the page or moves it, zeroes the new page
-    /// if `zero` is set.
-    fn enable_overlay(&self, old: u64, value: u64, zero: bool) -> Result<(), MsrError> {
+    /// Checks a SIMP/SIEFP write and, when it enables the page or moves it, zeroes the new
+    /// page.
+    fn enable_overlay(&self, old: u64, value: u64) -> Result<(), MsrError> {
         self.check_overlay(value)?;
         let enabling = value & hv::OVERLAY_ENABLE != 0;
         let same = old & hv::OVERLAY_ENABLE != 0
             && old & hv::OVERLAY_GPA_MASK == value & hv::OVERLAY_GPA_MASK;
-        if zero && enabling && !same {
+        if enabling && !same {
             self.mem
                 .zero(value & hv::OVERLAY_GPA_MASK, hv::HV_PAGE_SIZE)
                 .map_err(|_| MsrError::Gp)?;

@@ -120,9 +120,19 @@ impl VpState {
         })
     }
 
-    /// Queued messages (for tests and inspection).
+    /// Number of queued messages for `sint`.
     pub fn queued(&self, sint: usize) -> usize {
         self.queues[sint].len()
+    }
+
+    /// The queued messages of `sint`, oldest first.
+    pub fn queue(&self, sint: usize) -> impl Iterator<Item = &HvMessage> {
+        self.queues[sint].iter()
+    }
+
+    /// Appends to `sint`'s queue (restore; the caller checks the depth).
+    pub fn push(&mut self, sint: usize, msg: HvMessage) {
+        self.queues[sint].push_back(msg);
     }
 
     /// Drops every queued message; returns how many there were.
