@@ -1,0 +1,335 @@
+//! The channel API devices use: a pair of rings over the channel's ring GPADL, packet
+//! send/receive, and signalling.
+
+use crate::packet::{self, Packet, PacketError};
+use crate::ring::{RingConsumer, RingError, RingMemory, RingProducer};
+use guestmem::GuestMemory;
+use hvdef::vmbus::{packet_type, PACKET_FLAG_COMPLETION_REQUESTED};
+use std::sync::Arc;
+use zerocopy::IntoBytes;
+
+/// Which end of the channel this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The host device: reads the guest-to-host ring (pages before the downstream offset),
+    /// writes the host-to-guest ring.
+    Host,
+    /// The guest driver (the test client): the other way round.
+    Guest,
+}
+
+/// Callback that interrupts the other side (host: set the relid bit in the target VP's
+/// SIEF and inject SINT2; guest: HvSignalEvent with the offer's connection id).
+pub type SignalFn = Arc<dyn Fn() + Send + Sync>;
+
+/// Channel errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChannelError {
+    /// The ring is full: retry after the other side signals.
+    #[error("ring full")]
+    Full,
+    /// The packet can never fit.
+    #[error("packet of {len} bytes exceeds the ring ({ring} bytes)")]
+    TooLarge { len: usize, ring: u32 },
+    /// The other side corrupted the ring; the channel is now closed for I/O.
+    #[error("channel broken: {0}")]
+    Broken(String),
+    /// The ring layout given at open is unusable.
+    #[error("invalid ring: {0}")]
+    InvalidRing(String),
+}
+
+/// Channel health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelState {
+    Open,
+    /// Ring corruption was detected; no further I/O is done.
+    Broken(String),
+}
+
+/// One end of an open channel.
+pub struct Channel {
+    inbound: RingConsumer,
+    outbound: RingProducer,
+    signal: Option<SignalFn>,
+    signal_pending: bool,
+    state: ChannelState,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("state", &self.state)
+            .field("inbound_len", &self.inbound.memory().data_len())
+            .field("outbound_len", &self.outbound.memory().data_len())
+            .finish()
+    }
+}
+
+/// Splits the ring GPADL's pages at `downstream_offset`: (guest-to-host, host-to-guest).
+fn split(pfns: &[u64], downstream_offset: u32) -> Result<(&[u64], &[u64]), ChannelError> {
+    let off = downstream_offset as usize;
+    if off < 2 || off > pfns.len().saturating_sub(2) {
+        return Err(ChannelError::InvalidRing(
+            "downstream offset leaves a ring without a data page".into(),
+        ));
+    }
+    let mut sorted = pfns.to_vec();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(ChannelError::InvalidRing("ring pages overlap".into()));
+    }
+    Ok(pfns.split_at(off))
+}
+
+impl Channel {
+    /// Opens one end over the ring GPADL's pages. Validates the layout (each ring has a
+    /// control page and at least one data page, no page used twice, all pages guest RAM)
+    /// and the current indices.
+    pub fn new(
+        mem: &GuestMemory,
+        ring_pfns: &[u64],
+        downstream_offset: u32,
+        side: Side,
+        signal: Option<SignalFn>,
+    ) -> Result<Self, ChannelError> {
+        let (up, down) = split(ring_pfns, downstream_offset)?;
+        let (inb, outb) = match side {
+            Side::Host => (up, down),
+            Side::Guest => (down, up),
+        };
+        let bad = |e: RingError| ChannelError::InvalidRing(e.to_string());
+        let inbound = RingMemory::new(mem, inb).map_err(bad)?;
+        let outbound = RingMemory::new(mem, outb).map_err(bad)?;
+        Ok(Self {
+            inbound: RingConsumer::new(inbound).map_err(bad)?,
+            outbound: RingProducer::new(outbound).map_err(bad)?,
+            signal,
+            signal_pending: false,
+            state: ChannelState::Open,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Guest side: zeroes both control pages and sets the feature bits, as Linux does
+    /// before it opens a channel.
+    pub fn initialize_rings(
+        mem: &GuestMemory,
+        ring_pfns: &[u64],
+        downstream_offset: u32,
+    ) -> Result<(), ChannelError> {
+        let (up, down) = split(ring_pfns, downstream_offset)?;
+        for pages in [up, down] {
+            RingMemory::new(mem, pages)
+                .and_then(|r| r.initialize())
+                .map_err(|e| ChannelError::InvalidRing(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Current state.
+    pub fn state(&self) -> &ChannelState {
+        &self.state
+    }
+
+    /// Whether ring corruption closed the channel.
+    pub fn is_broken(&self) -> bool {
+        matches!(self.state, ChannelState::Broken(_))
+    }
+
+    /// Returns and clears "the other side must be interrupted", for users without a signal
+    /// callback.
+    pub fn take_signal(&mut self) -> bool {
+        std::mem::take(&mut self.signal_pending)
+    }
+
+    fn notify(&mut self) {
+        match &self.signal {
+            Some(f) => f(),
+            None => self.signal_pending = true,
+        }
+    }
+
+    fn fail(&mut self, e: RingError) -> ChannelError {
+        match e {
+            RingError::Full => ChannelError::Full,
+            RingError::TooLarge { len, ring } => ChannelError::TooLarge { len, ring },
+            e => {
+                let reason = e.to_string();
+                tracing::warn!(%reason, "vmbus channel broken");
+                self.state = ChannelState::Broken(reason.clone());
+                ChannelError::Broken(reason)
+            }
+        }
+    }
+
+    fn check_open(&self) -> Result<(), ChannelError> {
+        match &self.state {
+            ChannelState::Open => Ok(()),
+            ChannelState::Broken(r) => Err(ChannelError::Broken(r.clone())),
+        }
+    }
+
+    /// Receives the next packet into `buf`. `Ok(None)` means the ring is empty. A packet
+    /// whose descriptor or length is impossible breaks the channel.
+    pub fn try_recv<'a>(
+        &mut self,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<Option<Packet<'a>>, ChannelError> {
+        self.check_open()?;
+        match self.inbound.read(buf) {
+            Ok(None) => Ok(None),
+            Ok(Some(o)) => {
+                if o.signal {
+                    self.notify();
+                }
+                // The ring reader checked the descriptor; this cannot fail, but a failure
+                // would still only break the channel.
+                match Packet::parse(buf) {
+                    Ok(p) => Ok(Some(p)),
+                    Err(e) => Err(self.fail(RingError::Corrupt(match e {
+                        PacketError::Truncated => "truncated packet",
+                        _ => "bad packet",
+                    }))),
+                }
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Whether a packet is waiting.
+    pub fn has_packet(&mut self) -> Result<bool, ChannelError> {
+        self.check_open()?;
+        match self.inbound.is_empty() {
+            Ok(e) => Ok(!e),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Sets the inbound ring's interrupt_mask (1 = do not signal me). After unmasking, check
+    /// [`Self::has_packet`] again before waiting.
+    pub fn set_interrupt_mask(&mut self, masked: bool) -> Result<(), ChannelError> {
+        self.check_open()?;
+        self.inbound
+            .set_interrupt_mask(masked)
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Sends one packet: descriptor, `type_header` (multiple of 8 bytes), `payload` (padded
+    /// to 8). Signals the other side when the protocol requires it.
+    pub fn try_send(
+        &mut self,
+        packet_type: u16,
+        flags: u16,
+        transaction_id: u64,
+        type_header: &[u8],
+        payload: &[u8],
+    ) -> Result<(), ChannelError> {
+        self.check_open()?;
+        let too_large = ChannelError::TooLarge {
+            len: 16 + type_header.len() + payload.len(),
+            ring: self.outbound.memory().data_len(),
+        };
+        let Some((desc, pad)) = packet::descriptor(
+            packet_type,
+            flags,
+            transaction_id,
+            type_header.len(),
+            payload.len(),
+        ) else {
+            return Err(too_large);
+        };
+        const ZEROS: [u8; 8] = [0; 8];
+        let r = self
+            .outbound
+            .write(&[desc.as_bytes(), type_header, payload, &ZEROS[..pad]]);
+        match r {
+            Ok(o) => {
+                if o.signal {
+                    self.notify();
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Sends an in-band data packet.
+    pub fn send_inband(
+        &mut self,
+        transaction_id: u64,
+        payload: &[u8],
+        completion_requested: bool,
+    ) -> Result<(), ChannelError> {
+        let flags = if completion_requested {
+            PACKET_FLAG_COMPLETION_REQUESTED
+        } else {
+            0
+        };
+        self.try_send(
+            packet_type::DATA_INBAND,
+            flags,
+            transaction_id,
+            &[],
+            payload,
+        )
+    }
+
+    /// Sends a completion echoing `transaction_id`.
+    pub fn send_completion(
+        &mut self,
+        transaction_id: u64,
+        payload: &[u8],
+    ) -> Result<(), ChannelError> {
+        self.try_send(packet_type::COMPLETION, 0, transaction_id, &[], payload)
+    }
+
+    /// Sends a GPA_DIRECT packet describing `ranges`.
+    pub fn send_gpa_direct(
+        &mut self,
+        transaction_id: u64,
+        ranges: &[packet::PagedRange],
+        payload: &[u8],
+    ) -> Result<(), ChannelError> {
+        let h = packet::gpa_direct_header(ranges);
+        self.try_send(
+            packet_type::DATA_USING_GPA_DIRECT,
+            PACKET_FLAG_COMPLETION_REQUESTED,
+            transaction_id,
+            &h,
+            payload,
+        )
+    }
+
+    /// Receives into an internal buffer and returns an owned copy (convenience for
+    /// low-rate devices such as the ICs).
+    pub fn recv_owned(&mut self) -> Result<Option<OwnedPacket>, ChannelError> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        let r = self.try_recv(&mut buf).map(|p| {
+            p.map(|p| OwnedPacket {
+                packet_type: p.packet_type(),
+                flags: p.descriptor.flags,
+                transaction_id: p.transaction_id(),
+                payload: p.payload().to_vec(),
+            })
+        });
+        self.scratch = buf;
+        r
+    }
+
+    /// Largest payload an in-band packet can carry in the outbound ring.
+    pub fn max_inband_payload(&self) -> usize {
+        self.outbound.max_packet_len() - 16
+    }
+}
+
+/// An owned received packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedPacket {
+    pub packet_type: u16,
+    pub flags: u16,
+    pub transaction_id: u64,
+    /// Payload after the header, including padding to 8 bytes.
+    pub payload: Vec<u8>,
+}
