@@ -237,6 +237,8 @@ pub struct Lab {
     busybox: PathBuf,
     viridian: PathBuf,
     qemu: PathBuf,
+    /// QEMU's loadable modules (the TCG accelerator is one).
+    qemu_modules: PathBuf,
     firmware: PathBuf,
 }
 
@@ -255,25 +257,21 @@ impl Lab {
         let l1_kernel = Kernel::fetch(cache, Flavor::Cloud)?;
         let busybox = busybox(cache)?;
         let qemu_root = debian::unpack(cache, "qemu-system-x86")?;
+        let common = debian::unpack(cache, "qemu-system-common")?;
         let data = debian::unpack(cache, "qemu-system-data")?;
         let seabios = debian::unpack(cache, "seabios")?;
         let firmware = cache.dir().join("qemu-firmware");
         std::fs::create_dir_all(&firmware).map_err(|e| Error::io(&firmware, e))?;
+        let dirs = [
+            data.join("usr/share/qemu"),
+            seabios.join("usr/share/seabios"),
+            qemu_root.join("usr/share/qemu"),
+        ];
         for name in QEMU_FIRMWARE {
-            let src = data.join("usr/share/qemu").join(name);
-            // Debian links some firmware into seabios' directory; resolve within our unpacked trees.
-            let resolved = match std::fs::read_link(&src) {
-                Ok(target) => {
-                    let file = target.file_name().unwrap().to_owned();
-                    let in_seabios = seabios.join("usr/share/seabios").join(&file);
-                    if in_seabios.exists() {
-                        in_seabios
-                    } else {
-                        data.join("usr/share/qemu").join(file)
-                    }
-                }
-                Err(_) => src,
-            };
+            let resolved = find_firmware(&dirs, name).ok_or_else(|| Error::Tool {
+                what: "finding QEMU firmware".into(),
+                detail: format!("{name} is in none of {dirs:?}"),
+            })?;
             let dest = firmware.join(name);
             std::fs::copy(&resolved, &dest).map_err(|e| Error::io(&resolved, e))?;
         }
@@ -284,6 +282,7 @@ impl Lab {
             busybox,
             viridian: viridian.to_path_buf(),
             qemu: qemu_root.join("usr/bin/qemu-system-x86_64"),
+            qemu_modules: common.join("usr/lib/x86_64-linux-gnu/qemu"),
             firmware,
         })
     }
@@ -361,6 +360,7 @@ run() {
         let mut child = Command::new("timeout")
             .args(["--signal=KILL", &deadline.to_string()])
             .arg(&self.qemu)
+            .env("QEMU_MODULE_DIR", &self.qemu_modules)
             .args([
                 "-accel",
                 "tcg,thread=multi",
@@ -371,7 +371,15 @@ run() {
                 "-smp",
                 "2",
             ])
-            .args(["-nographic", "-no-reboot", "-nic", "none", "-L"])
+            .args([
+                "-nographic",
+                "-vga",
+                "none",
+                "-no-reboot",
+                "-nic",
+                "none",
+                "-L",
+            ])
             .arg(&self.firmware)
             .arg("-kernel")
             .arg(self.l1_kernel.vmlinuz())
@@ -401,6 +409,23 @@ run() {
         }
         Ok(run)
     }
+}
+
+/// Finds firmware `name` in `dirs`, following Debian's symlinks by file name (their targets
+/// point into other packages, which are unpacked in separate trees here).
+fn find_firmware(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
+    let mut name = std::ffi::OsString::from(name);
+    for _ in 0..4 {
+        let hit = dirs
+            .iter()
+            .map(|d| d.join(&name))
+            .find(|p| p.symlink_metadata().is_ok())?;
+        match std::fs::read_link(&hit) {
+            Ok(target) => name = target.file_name()?.to_owned(),
+            Err(_) => return Some(hit),
+        }
+    }
+    None
 }
 
 fn parse_line(line: &str, run: &mut LabRun, current: &mut Option<ScenarioResult>) {
