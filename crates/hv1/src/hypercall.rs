@@ -361,30 +361,15 @@ mod tests {
 
     #[test]
     fn disabled_hypercall_page_is_not_a_hypercall() {
+        let regs = |rcx| HypercallRegs { rcx, rdx: 0, r8: 0 };
         let (p, _, _) = partition(1);
-        assert_eq!(
-            p.hypercall(
-                0,
-                HypercallRegs {
-                    rcx: 0x5C,
-                    rdx: 0,
-                    r8: 0
-                }
-            ),
-            None
-        );
+        assert_eq!(p.hypercall(0, regs(0x5C)), None);
         let (p, _) = ready();
-        assert_eq!(
-            p.hypercall(
-                7,
-                HypercallRegs {
-                    rcx: 0x5C,
-                    rdx: 0,
-                    r8: 0
-                }
-            ),
-            None
-        );
+        assert_eq!(p.hypercall(7, regs(0x5C)), None);
+        assert!(p.hypercall(0, regs(0x99)).is_some());
+        // GUEST_OS_ID = 0 (kexec cleanup) turns hypercalls off again.
+        p.msr_write(0, MSR_GUEST_OS_ID, 0).unwrap();
+        assert_eq!(p.hypercall(0, regs(0x99)), None);
     }
 
     #[test]

@@ -24,7 +24,7 @@ mod save;
 mod synic;
 pub mod time;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use guestmem::GuestMemory;
@@ -146,6 +146,9 @@ pub struct Partition {
     tsc_hz: u64,
     tsc_scale: u64,
     state: Mutex<PartitionState>,
+    /// Mirror of HYPERCALL bit 0, so that hypercalls do not take the partition lock. Only
+    /// written with `state` locked.
+    hypercalls_enabled: AtomicBool,
     vps: Box<[Mutex<synic::VpState>]>,
     log_limit: RateLimit,
 }
@@ -182,6 +185,7 @@ impl Partition {
             tsc_hz,
             tsc_scale,
             state: Mutex::new(PartitionState::default()),
+            hypercalls_enabled: AtomicBool::new(false),
             vps,
             log_limit: RateLimit::default(),
         })
@@ -199,7 +203,10 @@ impl Partition {
     /// Resets every MSR and the SynIC of every VP to the reset values and drops queued
     /// messages (guest reboot). Guest memory is not touched.
     pub fn reset(&self) {
-        *lock(&self.state) = PartitionState::default();
+        let mut s = lock(&self.state);
+        *s = PartitionState::default();
+        self.sync_hypercall_flag(&s);
+        drop(s);
         for vp in self.vps.iter() {
             *lock(vp) = synic::VpState::new();
         }
@@ -212,7 +219,13 @@ impl Partition {
 
     /// Whether the guest has enabled the hypercall page.
     pub fn hypercalls_enabled(&self) -> bool {
-        lock(&self.state).hypercall & hv::HYPERCALL_ENABLE != 0
+        self.hypercalls_enabled.load(Ordering::Acquire)
+    }
+
+    /// Updates the lock-free mirror of the hypercall enable bit; call with `state` locked.
+    fn sync_hypercall_flag(&self, s: &PartitionState) {
+        self.hypercalls_enabled
+            .store(s.hypercall & hv::HYPERCALL_ENABLE != 0, Ordering::Release);
     }
 
     /// The value of GUEST_OS_ID.

@@ -137,6 +137,7 @@ impl Partition {
                 s.guest_os_id = value;
                 if value == 0 {
                     s.hypercall &= !hv::HYPERCALL_ENABLE;
+                    self.sync_hypercall_flag(&s);
                 }
             }
             hv::MSR_HYPERCALL => self.write_hypercall(value)?,
@@ -281,6 +282,7 @@ impl Partition {
             }
         }
         s.hypercall = value;
+        self.sync_hypercall_flag(&s);
         Ok(())
     }
 
@@ -409,6 +411,7 @@ mod tests {
         // A reset unlocks.
         p.reset();
         assert_eq!(p.msr_read(0, MSR_HYPERCALL), Ok(0));
+        assert!(!p.hypercalls_enabled());
     }
 
     #[test]

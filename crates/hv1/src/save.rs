@@ -144,7 +144,8 @@ impl Partition {
             }
             new_vps.push(v);
         }
-        *lock(&self.state) = PartitionState {
+        let mut s = lock(&self.state);
+        *s = PartitionState {
             guest_os_id: saved.guest_os_id,
             hypercall: saved.hypercall,
             reference_tsc: saved.reference_tsc,
@@ -152,6 +153,8 @@ impl Partition {
             tsc_invariant_control: saved.tsc_invariant_control,
             crash: saved.crash,
         };
+        self.sync_hypercall_flag(&s);
+        drop(s);
         for (slot, v) in self.vps.iter().zip(new_vps) {
             *lock(slot) = v;
         }
