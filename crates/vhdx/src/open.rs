@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::raw::RawDisk;
 use crate::vhd::{Vhd, VhdOpenOptions};
+use crate::vhdx::{ShrinkPolicy, Vhdx, VhdxBuilder, VhdxKind};
 use crate::{Disk, Error, Result};
 
 /// The image formats this crate reads.
@@ -82,6 +83,7 @@ pub fn probe(path: impl AsRef<Path>) -> Result<Format> {
 
 /// An open image of any format.
 pub enum Image {
+    Vhdx(Box<Vhdx>),
     Vhd(Box<Vhd>),
     Raw(RawDisk),
 }
@@ -89,6 +91,7 @@ pub enum Image {
 impl Image {
     pub fn format(&self) -> Format {
         match self {
+            Image::Vhdx(_) => Format::Vhdx,
             Image::Vhd(_) => Format::Vhd,
             Image::Raw(_) => Format::Raw,
         }
@@ -96,6 +99,7 @@ impl Image {
 
     pub fn path(&self) -> &Path {
         match self {
+            Image::Vhdx(d) => d.path(),
             Image::Vhd(d) => d.path(),
             Image::Raw(d) => d.path(),
         }
@@ -103,6 +107,7 @@ impl Image {
 
     fn disk(&self) -> &dyn Disk {
         match self {
+            Image::Vhdx(d) => &**d,
             Image::Vhd(d) => &**d,
             Image::Raw(d) => d,
         }
@@ -127,16 +132,14 @@ pub fn open_as(path: impl AsRef<Path>, format: Format, read_only: bool) -> Resul
             },
         )?))),
         Format::Raw => Ok(Image::Raw(RawDisk::open(path, read_only)?)),
-        Format::Vhdx => Err(Error::Invalid(format!(
-            "{}: VHDX images are not supported yet",
-            path.display()
-        ))),
+        Format::Vhdx => Ok(Image::Vhdx(Box::new(Vhdx::open(path, read_only)?))),
     }
 }
 
 /// Opens an image as a boxed disk.
 pub fn open_disk(path: impl AsRef<Path>, read_only: bool) -> Result<Box<dyn Disk>> {
     Ok(match open(path, read_only)? {
+        Image::Vhdx(d) => d,
         Image::Vhd(d) => d,
         Image::Raw(d) => Box::new(d),
     })
@@ -283,10 +286,25 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Image> {
                 },
             )?)))
         }
-        Format::Vhdx => Err(Error::Invalid(format!(
-            "{}: creating VHDX images is not supported yet",
-            path.display()
-        ))),
+        Format::Vhdx => {
+            let mut b = match (&opts.parent, opts.image_type) {
+                (Some(p), _) => VhdxBuilder::differencing(p),
+                (None, ImageType::Differencing) => {
+                    return Err(Error::Invalid("a differencing disk needs a parent".into()))
+                }
+                (None, t) => VhdxBuilder::new(opts.size).fixed(t == ImageType::Fixed),
+            };
+            if opts.block_size != 0 {
+                b = b.block_size(opts.block_size);
+            }
+            if opts.parent.is_none() {
+                b = b.logical_sector_size(lss);
+                if opts.physical_sector_size != 0 {
+                    b = b.physical_sector_size(opts.physical_sector_size);
+                }
+            }
+            Ok(Image::Vhdx(Box::new(b.create(path)?)))
+        }
     }
 }
 
@@ -320,6 +338,25 @@ impl Image {
     pub fn info(&self) -> Result<ImageInfo> {
         let file_size = file_size(self.path())?;
         Ok(match self {
+            Image::Vhdx(d) => {
+                let i = d.info()?;
+                ImageInfo {
+                    format: Format::Vhdx,
+                    image_type: match i.kind {
+                        VhdxKind::Fixed => ImageType::Fixed,
+                        VhdxKind::Dynamic => ImageType::Dynamic,
+                        VhdxKind::Differencing => ImageType::Differencing,
+                    },
+                    size: i.virtual_size,
+                    file_size,
+                    logical_sector_size: i.logical_sector_size,
+                    physical_sector_size: i.physical_sector_size,
+                    block_size: i.block_size,
+                    parent_path: i.parent_path,
+                    disk_id: Some(i.disk_id.to_string().to_uppercase()),
+                    fragmentation_percent: None,
+                }
+            }
             Image::Raw(d) => ImageInfo {
                 format: Format::Raw,
                 image_type: ImageType::Fixed,
@@ -362,6 +399,9 @@ impl Image {
     /// Byte ranges this file itself holds data for (not its parents), merged, ascending.
     pub fn allocated_ranges(&self) -> Result<Vec<(u64, u64)>> {
         match self {
+            // The VHDX module does not expose per-layer allocation: report the whole disk
+            // (copies then skip zero runs by content).
+            Image::Vhdx(d) => Ok(vec![(0, d.size())]),
             Image::Raw(d) => Ok(vec![(0, d.size())]),
             Image::Vhd(d) => d.allocated_ranges(),
         }
@@ -383,7 +423,7 @@ impl Image {
     /// Structural check of the file and its chain: the problems found (empty = healthy).
     pub fn check(&self) -> Vec<String> {
         match self {
-            Image::Raw(_) => Vec::new(),
+            Image::Raw(_) | Image::Vhdx(_) => Vec::new(),
             Image::Vhd(d) => d.check(),
         }
     }
@@ -391,12 +431,22 @@ impl Image {
     /// Paths of the chain, this file first.
     pub fn chain_paths(&self) -> Vec<std::path::PathBuf> {
         let mut v = vec![self.path().to_path_buf()];
-        if let Image::Vhd(d) = self {
-            let mut p = d.parent();
-            while let Some(x) = p {
-                v.push(x.path().to_path_buf());
-                p = x.parent();
+        match self {
+            Image::Vhd(d) => {
+                let mut p = d.parent();
+                while let Some(x) = p {
+                    v.push(x.path().to_path_buf());
+                    p = x.parent();
+                }
             }
+            Image::Vhdx(d) => {
+                let mut p = d.parent();
+                while let Some(x) = p {
+                    v.push(x.path().to_path_buf());
+                    p = x.parent();
+                }
+            }
+            Image::Raw(_) => {}
         }
         v
     }
@@ -405,6 +455,7 @@ impl Image {
         match self {
             Image::Raw(d) => d.resize(size),
             Image::Vhd(d) => d.resize(size),
+            Image::Vhdx(d) => d.resize(size, ShrinkPolicy::KeepData),
         }
     }
 
@@ -412,6 +463,9 @@ impl Image {
     pub fn set_parent(&mut self, parent: &Path, ignore_id_mismatch: bool) -> Result<()> {
         match self {
             Image::Vhd(d) => d.set_parent(parent, ignore_id_mismatch),
+            Image::Vhdx(_) => Err(Error::Invalid(
+                "changing a VHDX parent path is not supported yet".into(),
+            )),
             Image::Raw(_) => Err(Error::Invalid("raw images have no parent".into())),
         }
     }
@@ -420,6 +474,9 @@ impl Image {
     pub fn reset_disk_id(&mut self) -> Result<()> {
         match self {
             Image::Vhd(d) => d.set_unique_id(uuid::Uuid::new_v4()),
+            Image::Vhdx(_) => Err(Error::Invalid(
+                "resetting a VHDX disk identifier is not supported yet".into(),
+            )),
             Image::Raw(_) => Err(Error::Invalid("raw images have no disk identifier".into())),
         }
     }
@@ -428,6 +485,21 @@ impl Image {
     pub fn compact(&mut self, progress: &mut dyn FnMut(u64, u64)) -> Result<(u64, u64)> {
         match self {
             Image::Vhd(d) => d.compact(progress),
+            Image::Vhdx(d) => {
+                progress(0, 2);
+                if d.info()?.kind != VhdxKind::Fixed {
+                    let blocks: Vec<u64> = d
+                        .reclaimable_blocks()?
+                        .into_iter()
+                        .map(|(b, _)| b)
+                        .collect();
+                    d.discard_blocks(&blocks)?;
+                }
+                progress(1, 2);
+                let st = d.compact()?;
+                progress(2, 2);
+                Ok((st.old_file_size, st.new_file_size))
+            }
             Image::Raw(d) => {
                 let s = file_size(d.path())?;
                 Ok((s, s))
@@ -447,8 +519,16 @@ impl Image {
                 let n = (end - start).min(buf.len() as u64);
                 let b = &mut buf[..n as usize];
                 self.read_at(b, end - n)?;
-                if let Some(pos) = b.iter().rposition(|&x| x != 0) {
-                    return Ok((end - n + pos as u64 + 1).next_multiple_of(ss));
+                // Slice comparison is a memcmp: fast even in unoptimized builds.
+                let zeros = [0u8; 4096];
+                let mut k = b.len();
+                while k > 0 {
+                    let j = k.saturating_sub(zeros.len());
+                    if b[j..k] != zeros[..k - j] {
+                        let pos = b[j..k].iter().rposition(|&x| x != 0).unwrap() + j;
+                        return Ok((end - n + pos as u64 + 1).next_multiple_of(ss));
+                    }
+                    k = j;
                 }
                 end -= n;
             }
@@ -474,4 +554,20 @@ pub fn merge_ranges(mut v: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+/// Opens an image read-write without its parent (to repair a broken chain with
+/// [`Image::set_parent`]).
+pub fn open_without_parent(path: impl AsRef<Path>) -> Result<Image> {
+    let path = path.as_ref();
+    match probe(path)? {
+        Format::Vhd => Ok(Image::Vhd(Box::new(Vhd::open(
+            path,
+            &VhdOpenOptions {
+                read_only: false,
+                no_parent: true,
+            },
+        )?))),
+        f => open_as(path, f, false),
+    }
 }

@@ -1,0 +1,369 @@
+//! End-to-end tests of `viridian vhd ...`: the built binary run on real files, results checked
+//! with our reader, qemu-img (compare/check) and byte comparison.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rand::{Rng, SeedableRng};
+
+fn viridian(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(args)
+        .output()
+        .expect("run viridian")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = viridian(args);
+    assert!(
+        o.status.success(),
+        "viridian {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = viridian(args);
+    assert!(!o.status.success(), "viridian {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn get(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&["vhd", "get", "--json", s(p)])).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn qemu(args: &[&str]) {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (install qemu-utils)");
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn read_disk(p: &Path) -> Vec<u8> {
+    let d = vhdx::open::open_disk(p, true).unwrap();
+    let mut v = vec![0u8; d.size() as usize];
+    d.read_at(&mut v, 0).unwrap();
+    v
+}
+
+fn write_disk(p: &Path, off: u64, data: &[u8]) {
+    let d = vhdx::open::open_disk(p, false).unwrap();
+    d.write_at(data, off).unwrap();
+    d.flush().unwrap();
+}
+
+fn random(seed: u64, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill(&mut v[..]);
+    v
+}
+
+#[test]
+fn new_and_get_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, args, fmt, ty, bs) in [
+        (
+            "a.vhdx",
+            vec!["--size", "64M"],
+            "VHDX",
+            "Dynamic",
+            32u64 << 20,
+        ),
+        (
+            "b.vhdx",
+            vec![
+                "--size",
+                "64M",
+                "--block-size",
+                "1M",
+                "--logical-sector-size",
+                "4096",
+            ],
+            "VHDX",
+            "Dynamic",
+            1 << 20,
+        ),
+        (
+            "c.vhdx",
+            vec!["--size", "16M", "--fixed"],
+            "VHDX",
+            "Fixed",
+            32 << 20,
+        ),
+        ("d.vhd", vec!["--size", "64M"], "VHD", "Dynamic", 2 << 20),
+        ("e.vhd", vec!["--size", "64M", "--fixed"], "VHD", "Fixed", 0),
+        ("f.img", vec!["--size", "64M"], "raw", "Fixed", 0),
+        (
+            "g.disk",
+            vec!["--size", "64M", "--format", "vhd", "--block-size", "512K"],
+            "VHD",
+            "Dynamic",
+            512 << 10,
+        ),
+    ] {
+        let p = dir.path().join(name);
+        let mut a = vec!["vhd", "new", s(&p)];
+        a.extend(args.iter().copied());
+        ok(&a);
+        let j = get(&p);
+        assert_eq!(j["VhdFormat"], fmt, "{name}");
+        assert_eq!(j["VhdType"], ty, "{name}");
+        assert_eq!(j["BlockSize"], bs, "{name}");
+        assert_eq!(j["MinimumSize"], 0, "{name}");
+        assert!(j["Size"].as_u64().unwrap() >= 16 << 20);
+        ok(&["vhd", "test", s(&p)]);
+    }
+    let b = get(&dir.path().join("b.vhdx"));
+    assert_eq!(b["LogicalSectorSize"], 4096);
+    // Text output carries the same fields.
+    let text = ok(&["vhd", "get", s(&dir.path().join("d.vhd"))]);
+    assert!(text.contains("VhdType                 : Dynamic"), "{text}");
+    // Bad requests: unknown extension, VHD with 4K sectors, existing file, bad size.
+    assert!(
+        fails(&["vhd", "new", s(&dir.path().join("x.foo")), "--size", "1M"]).contains("extension")
+    );
+    fails(&[
+        "vhd",
+        "new",
+        s(&dir.path().join("y.vhd")),
+        "--size",
+        "1M",
+        "--logical-sector-size",
+        "4096",
+    ]);
+    fails(&["vhd", "new", s(&dir.path().join("a.vhdx")), "--size", "1M"]);
+    fails(&["vhd", "new", s(&dir.path().join("z.vhd")), "--size", "12Q"]);
+}
+
+#[test]
+fn differencing_chain_test_and_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    for ext in ["vhd", "vhdx"] {
+        let base = dir.path().join(format!("base.{ext}"));
+        let child = dir.path().join(format!("child.{ext}"));
+        ok(&["vhd", "new", s(&base), "--size", "32M"]);
+        write_disk(&base, 0, &random(1, 1 << 20));
+        ok(&["vhd", "new", s(&child), "--parent", s(&base)]);
+        let j = get(&child);
+        assert_eq!(j["VhdType"], "Differencing");
+        assert_eq!(j["ParentPath"], s(&std::fs::canonicalize(&base).unwrap()));
+        let out = ok(&["vhd", "test", s(&base), s(&child)]);
+        assert_eq!(out.matches("True").count(), 2, "{out}");
+        // Damage the base's header/footer checksum: test fails for the base and the child.
+        let mut bytes = std::fs::read(&base).unwrap();
+        let at = if ext == "vhd" {
+            bytes.len() - 512 + 70
+        } else {
+            64 * 1024 + 100
+        };
+        bytes[at] ^= 0xff;
+        if ext == "vhdx" {
+            // Both headers must go bad for the VHDX to be unreadable.
+            bytes[128 * 1024 + 100] ^= 0xff;
+        }
+        std::fs::write(&base, &bytes).unwrap();
+        let o = viridian(&["vhd", "test", s(&child)]);
+        assert_eq!(o.status.code(), Some(1), "{ext}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(s(&base)), "{ext}: error names the file: {err}");
+        assert!(
+            err.contains("offset"),
+            "{ext}: error names the offset: {err}"
+        );
+    }
+}
+
+#[test]
+fn convert_between_formats_matches_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.img");
+    let mut data = vec![0u8; 48 << 20];
+    data[3 << 20..7 << 20].copy_from_slice(&random(2, 4 << 20));
+    data[40 << 20..(40 << 20) + 4096].fill(0x5a);
+    std::fs::write(&raw, &data).unwrap();
+    let steps = [
+        ("src.img", "a.vhdx", vec![]),
+        ("a.vhdx", "b.vhd", vec![]),
+        ("b.vhd", "c.vhd", vec!["--fixed"]),
+        ("c.vhd", "d.vhdx", vec!["--fixed"]),
+        ("d.vhdx", "e.vhdx", vec!["--dynamic", "--block-size", "1M"]),
+        ("e.vhdx", "f.img", vec![]),
+    ];
+    for (from, to, extra) in steps {
+        let (f, t) = (dir.path().join(from), dir.path().join(to));
+        let mut a = vec!["vhd", "convert", s(&f), s(&t)];
+        a.extend(extra.iter().copied());
+        ok(&a);
+        assert!(read_disk(&t) == data, "{from} -> {to}: data differs");
+        let fmt = if to.ends_with("vhd") {
+            "vpc"
+        } else if to.ends_with("vhdx") {
+            "vhdx"
+        } else {
+            "raw"
+        };
+        qemu(&["compare", "-q", "-f", fmt, "-F", "raw", s(&t), s(&raw)]);
+        if fmt == "vhdx" {
+            qemu(&["check", "-q", "-f", "vhdx", s(&t)]);
+        }
+    }
+    // Sparse source -> dynamic destination stays small.
+    let j = get(&dir.path().join("e.vhdx"));
+    assert!(j["FileSize"].as_u64().unwrap() < 20 << 20, "{j}");
+    assert_eq!(get(&dir.path().join("c.vhd"))["VhdType"], "Fixed");
+    // A differencing chain is flattened.
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    ok(&["vhd", "convert", s(&raw), s(&base)]);
+    ok(&["vhd", "new", s(&child), "--parent", s(&base)]);
+    write_disk(&child, 5 << 20, &[0xee; 8192]);
+    let mut want = data.clone();
+    want[5 << 20..(5 << 20) + 8192].fill(0xee);
+    let flat = dir.path().join("flat.vhdx");
+    ok(&["vhd", "convert", s(&child), s(&flat)]);
+    assert_eq!(get(&flat)["VhdType"], "Dynamic");
+    assert!(read_disk(&flat) == want);
+    // new --from copies a disk into a new image.
+    let from = dir.path().join("from.vhd");
+    ok(&["vhd", "new", s(&from), "--from", s(&child), "--size", "64M"]);
+    let got = read_disk(&from);
+    assert_eq!(got.len(), 64 << 20);
+    assert!(got[..want.len()] == want[..] && got[want.len()..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn resize_and_optimize() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["r.vhd", "r.vhdx", "f.vhd", "r.img"] {
+        let p = dir.path().join(name);
+        let mut a = vec!["vhd", "new", s(&p), "--size", "64M"];
+        if name == "f.vhd" {
+            a.push("--fixed");
+        }
+        ok(&a);
+        let data = random(3, 3 << 20);
+        write_disk(&p, 8 << 20, &data);
+        ok(&["vhd", "resize", s(&p), "--size", "128M"]);
+        assert_eq!(get(&p)["Size"], 128u64 << 20, "{name}");
+        assert_eq!(get(&p)["MinimumSize"], 11u64 << 20, "{name}");
+        let err = fails(&["vhd", "resize", s(&p), "--size", "10M"]);
+        assert!(err.contains("minimum size"), "{name}: {err}");
+        ok(&["vhd", "resize", s(&p), "--to-minimum-size"]);
+        assert_eq!(get(&p)["Size"], 11u64 << 20, "{name}");
+        let got = read_disk(&p);
+        assert!(got[8 << 20..] == data[..], "{name}: data lost");
+        ok(&["vhd", "test", s(&p)]);
+        // Grown space reads zeros.
+        ok(&["vhd", "resize", s(&p), "--size", "20M"]);
+        let got = read_disk(&p);
+        assert!(got[11 << 20..].iter().all(|&b| b == 0), "{name}");
+    }
+    // Optimize: zeroed blocks are returned and the file shrinks.
+    for name in ["o.vhd", "o.vhdx"] {
+        let p = dir.path().join(name);
+        ok(&["vhd", "new", s(&p), "--size", "256M", "--block-size", "2M"]);
+        write_disk(&p, 0, &random(4, 100 << 20));
+        write_disk(&p, 0, &vec![0u8; 96 << 20]);
+        let before = get(&p)["FileSize"].as_u64().unwrap();
+        ok(&["vhd", "optimize", s(&p)]);
+        let after = get(&p)["FileSize"].as_u64().unwrap();
+        assert!(
+            before > 100 << 20 && after < 16 << 20,
+            "{name}: {before} -> {after}"
+        );
+        let got = read_disk(&p);
+        assert!(
+            got[96 << 20..100 << 20] == random(4, 100 << 20)[96 << 20..],
+            "{name}"
+        );
+        ok(&["vhd", "test", s(&p)]);
+        if name.ends_with("vhdx") {
+            qemu(&["check", "-q", "-f", "vhdx", s(&p)]);
+        }
+    }
+}
+
+#[test]
+fn merge_into_parent_and_ancestor() {
+    let dir = tempfile::tempdir().unwrap();
+    for ext in ["vhd", "vhdx"] {
+        let p: Vec<PathBuf> = (0..4)
+            .map(|i| dir.path().join(format!("l{i}.{ext}")))
+            .collect();
+        ok(&[
+            "vhd",
+            "new",
+            s(&p[0]),
+            "--size",
+            "16M",
+            "--block-size",
+            "1M",
+        ]);
+        let mut model = vec![0u8; 16 << 20];
+        for i in 0..4 {
+            if i > 0 {
+                ok(&["vhd", "new", s(&p[i]), "--parent", s(&p[i - 1])]);
+            }
+            let off = (i as u64 + 1) * (3 << 20) - 4096;
+            let d = random(10 + i as u64, 1 << 20);
+            write_disk(&p[i], off, &d);
+            model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        }
+        // l3 into its parent l2.
+        ok(&["vhd", "merge", s(&p[3])]);
+        assert!(!p[3].exists());
+        assert!(read_disk(&p[2]) == model, "{ext}: merge into parent");
+        // l2 into the base (through l1).
+        ok(&["vhd", "merge", s(&p[2]), "--destination", s(&p[0])]);
+        assert!(!p[2].exists() && !p[1].exists());
+        assert!(read_disk(&p[0]) == model, "{ext}: merge into ancestor");
+        ok(&["vhd", "test", s(&p[0])]);
+        fails(&["vhd", "merge", s(&p[0])]);
+    }
+}
+
+#[test]
+fn set_parent_path_and_reset_disk_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    ok(&["vhd", "new", s(&base), "--size", "8M"]);
+    write_disk(&base, 0, &[0x77; 4096]);
+    ok(&["vhd", "new", s(&child), "--parent", s(&base)]);
+    std::fs::create_dir(dir.path().join("moved")).unwrap();
+    let moved = dir.path().join("moved/base.vhd");
+    std::fs::rename(&base, &moved).unwrap();
+    let err = fails(&["vhd", "test", s(&child)]);
+    assert!(err.contains("parent not found"), "{err}");
+    ok(&["vhd", "set", s(&child), "--parent-path", s(&moved)]);
+    ok(&["vhd", "test", s(&child)]);
+    assert_eq!(&read_disk(&child)[..4096], &[0x77; 4096]);
+    let id = get(&moved)["DiskIdentifier"].clone();
+    ok(&["vhd", "set", s(&moved), "--reset-disk-id"]);
+    assert_ne!(get(&moved)["DiskIdentifier"], id);
+    // The child no longer matches its parent.
+    let err = fails(&["vhd", "test", s(&child)]);
+    assert!(err.contains("unique id"), "{err}");
+    fails(&["vhd", "set", s(&child), "--parent-path", s(&moved)]);
+    ok(&[
+        "vhd",
+        "set",
+        s(&child),
+        "--parent-path",
+        s(&moved),
+        "--ignore-id-mismatch",
+    ]);
+    ok(&["vhd", "test", s(&child)]);
+}
