@@ -4,6 +4,8 @@ use anyhow::Context;
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use vmm::{ExitReason, Vm, VmConfig};
 
 /// Exit status when the guest reset itself (the VM does not reboot in the foreground).
@@ -62,25 +64,71 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
-/// Writes the console to the terminal and, optionally, a file.
+/// The guest's serial console: the terminal and, optionally, a file.
+///
+/// The UART hands over one byte at a time and flushes after each; writing every byte with its
+/// own system call would cost more than the guest's exit. Bytes are collected and written per
+/// line, and a background thread writes out a partial line (a prompt) after a short delay.
+#[derive(Clone)]
 struct Console {
+    inner: Arc<Mutex<ConsoleSinks>>,
+}
+
+struct ConsoleSinks {
+    pending: Vec<u8>,
     stdout: std::io::Stdout,
     file: Option<std::fs::File>,
 }
 
+impl ConsoleSinks {
+    fn drain(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut out = self.stdout.lock();
+        out.write_all(&self.pending)?;
+        out.flush()?;
+        if let Some(f) = &mut self.file {
+            f.write_all(&self.pending)?;
+        }
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+impl Console {
+    const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(30);
+
+    fn new(file: Option<std::fs::File>) -> Self {
+        let console = Self {
+            inner: Arc::new(Mutex::new(ConsoleSinks {
+                pending: Vec::with_capacity(4096),
+                stdout: std::io::stdout(),
+                file,
+            })),
+        };
+        let weak = Arc::downgrade(&console.inner);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Self::PARTIAL_LINE_DELAY);
+            let Some(inner) = weak.upgrade() else { break };
+            let _ = inner.lock().unwrap().drain();
+        });
+        console
+    }
+}
+
 impl Write for Console {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.stdout.write_all(buf)?;
-        if let Some(f) = &mut self.file {
-            f.write_all(buf)?;
+        let mut inner = self.inner.lock().unwrap();
+        inner.pending.extend_from_slice(buf);
+        if buf.contains(&b'\n') || inner.pending.len() >= 4096 {
+            inner.drain()?;
         }
         Ok(buf.len())
     }
+
     fn flush(&mut self) -> std::io::Result<()> {
-        self.stdout.flush()?;
-        if let Some(f) = &mut self.file {
-            f.flush()?;
-        }
+        // Called by the UART after every byte; lines are written in `write`.
         Ok(())
     }
 }
@@ -106,15 +154,12 @@ fn run_vm(config: &VmConfig, serial: Option<&PathBuf>) -> anyhow::Result<i32> {
     let file = serial
         .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())))
         .transpose()?;
-    let console = Console {
-        stdout: std::io::stdout(),
-        file,
-    };
-    let vm = Vm::new(config, Box::new(console))?;
+    let console = Console::new(file);
+    let vm = Vm::new(config, Box::new(console.clone()))?;
     let stop = vm.stop_handle();
     ctrlc::set_handler(move || stop.stop()).context("cannot install the Ctrl-C handler")?;
     let reason = vm.run()?;
-    let _ = std::io::stdout().flush();
+    let _ = console.inner.lock().unwrap().drain();
     Ok(match reason {
         ExitReason::PowerOff => 0,
         ExitReason::Reset => {

@@ -1,0 +1,115 @@
+//! Real Debian guests booted by `viridian run` on a real KVM inside the lab VM (see
+//! shared/docs/lab.md). One lab boot runs every scenario, to keep CI time down.
+
+use lab::{Cache, Flavor, Lab, Scenario, Vmm};
+use std::path::Path;
+
+fn lab() -> Option<Lab> {
+    if std::env::var_os("VIRIDIAN_SKIP_LAB").is_some() {
+        eprintln!("SKIPPED: VIRIDIAN_SKIP_LAB is set, so no lab VM is started");
+        return None;
+    }
+    let cache = Cache::default_location().expect("lab cache");
+    let viridian = Path::new(env!("CARGO_BIN_EXE_viridian"));
+    match Lab::prepare(&cache, viridian) {
+        Ok(lab) => Some(lab),
+        Err(e) => panic!(
+            "cannot prepare the lab ({e}); run .ci/run or the README's set-up command, \
+             or set VIRIDIAN_SKIP_LAB=1 to skip"
+        ),
+    }
+}
+
+#[test]
+fn debian_guests_boot_count_cpus_and_power_off() {
+    let Some(lab) = lab() else { return };
+    let cases = [
+        ("amd64-1cpu", Flavor::Amd64, 1),
+        ("amd64-2cpu", Flavor::Amd64, 2),
+        ("cloud-1cpu", Flavor::Cloud, 1),
+        ("cloud-2cpu", Flavor::Cloud, 2),
+    ];
+    let scenarios: Vec<Scenario> = cases
+        .iter()
+        .map(|&(name, flavor, cpus)| Scenario::new(name, Vmm::Viridian, flavor, cpus, "report"))
+        .collect();
+    let run = lab.run(&scenarios, &mut std::io::stderr()).expect("lab run");
+    assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
+    for (sc, &(name, _, cpus)) in scenarios.iter().zip(&cases) {
+        let r = run
+            .scenario(name)
+            .unwrap_or_else(|| panic!("{name} did not run"));
+        assert_eq!(r.exit_code, 0, "{name}: viridian exited {}\n{}", r.exit_code, r.console);
+        assert_eq!(
+            r.guest.get("poweroff").map(String::as_str),
+            Some(""),
+            "{name}: the guest never reached its power-off\n{}",
+            r.console
+        );
+        let nproc: u32 = r.guest["nproc"].parse().unwrap();
+        assert_eq!(nproc, cpus, "{name}: guest saw {nproc} CPUs");
+        // MemTotal is RAM less the kernel's own reservations: between 80% and 100%.
+        let mem_kb: u64 = r.guest["mem_kb"].parse().unwrap();
+        let configured_kb = sc.memory_mib * 1024;
+        assert!(
+            mem_kb <= configured_kb && mem_kb * 10 >= configured_kb * 8,
+            "{name}: guest reports {mem_kb} KiB for {configured_kb} KiB"
+        );
+        eprintln!("{name}: ok in {:.1} s (L1 wall clock)", r.seconds);
+    }
+}
+
+/// Boot time of the same guest under Viridian and QEMU (`pc` and `microvm`), in one lab run.
+/// A benchmark, not a pass/fail test: `cargo test --release -p cli --test lab -- --ignored`.
+#[test]
+#[ignore = "benchmark; run with --ignored"]
+fn boot_time_against_qemu() {
+    let Some(lab) = lab() else { return };
+    let mut scenarios = vec![];
+    for round in 0..3 {
+        for (vmm, tag) in [
+            (Vmm::Viridian, "viridian"),
+            (Vmm::QemuPc, "qemu-pc"),
+            (Vmm::QemuMicrovm, "qemu-microvm"),
+        ] {
+            scenarios.push(Scenario::new(
+                &format!("{tag}-{round}"),
+                vmm,
+                Flavor::Cloud,
+                1,
+                "boot",
+            ));
+        }
+    }
+    let run = lab.run(&scenarios, &mut std::io::sink()).expect("lab run");
+    let median = |tag: &str, f: &dyn Fn(&lab::ScenarioResult) -> Option<f64>| {
+        let mut v: Vec<f64> = run
+            .scenarios
+            .iter()
+            .filter(|s| s.name.starts_with(tag) && s.exit_code == 0)
+            .filter_map(f)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let wall = |s: &lab::ScenarioResult| Some(s.seconds);
+    let init = |s: &lab::ScenarioResult| s.guest.get("init_uptime")?.parse().ok();
+    let v = (median("viridian", &wall), median("viridian", &init));
+    let pc = (median("qemu-pc", &wall), median("qemu-pc", &init));
+    let mv = (median("qemu-microvm", &wall), median("qemu-microvm", &init));
+    println!("boot (cloud kernel, 1 vCPU, 512 MiB), median of 3, L1 seconds:");
+    println!("  vmm           start->exit   guest uptime at /init");
+    println!("  viridian      {:>8.2}      {:>8.2}", v.0, v.1);
+    println!("  qemu pc       {:>8.2}      {:>8.2}", pc.0, pc.1);
+    println!("  qemu microvm  {:>8.2}      {:>8.2}", mv.0, mv.1);
+    println!(
+        "  ratio viridian/pc {:.2} (target <= 0.5), viridian/microvm {:.2} (target <= 1.0)",
+        v.0 / pc.0,
+        v.0 / mv.0
+    );
+    for s in &run.scenarios {
+        if s.exit_code != 0 {
+            println!("  {} failed with {}", s.name, s.exit_code);
+        }
+    }
+}
