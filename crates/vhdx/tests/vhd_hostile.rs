@@ -170,7 +170,8 @@ fn bad_checksums_and_cookies() {
 fn absurd_sizes_and_counts() {
     let dir = tempfile::tempdir().unwrap();
     let (p, good) = make(dir.path(), "a.vhd", DiskType::Dynamic);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Patch)> = vec![
         (
             "footer",
             Box::new(|b| patch_footer(b, 48, &u64::MAX.to_be_bytes())),

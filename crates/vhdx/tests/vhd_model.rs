@@ -165,7 +165,7 @@ fn run(seed: u64, base_type: DiskType, block_size: u32, steps: usize) {
                     "{ctx}: check after reopen: {problems:?}"
                 );
             }
-            78..84 if base_type != DiskType::Fixed || paths.len() > 1 || true => {
+            78..84 => {
                 let new = rng.random_range(1..=MAX / (256 << 10)) * (256 << 10)
                     - if rng.random_bool(0.3) {
                         512 * rng.random_range(1..8)
