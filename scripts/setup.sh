@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what Viridian's build, tests and lab need on a Debian 12 machine (run as root).
+# The lab's own ingredients (kernels, busybox, QEMU for the lab VM) are Debian packages that the
+# lab downloads and unpacks into its cache (/var/cache/viridian) without installing them; only
+# the shared libraries QEMU links against are installed here.
+set -euo pipefail
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo is missing; install Rust 1.85 or newer (rustup.rs), then run this again" >&2
+  exit 1
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: run as root (it uses apt-get)" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+echo "setup: refreshing the package lists"
+apt-get update -q >/dev/null
+
+# Libraries of qemu-system-x86 and qemu-system-common, without installing QEMU itself (that would
+# replace the newer qemu-utils that the disk-image tests compare against).
+libs=$(apt-cache depends --no-recommends --no-suggests --no-enhances qemu-system-x86 qemu-system-common \
+  | awk '/Depends: lib/ {print $2}' | grep -v '^<' | sort -u)
+need=(qemu-utils dpkg apt coreutils $libs)
+missing=()
+for p in "${need[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "setup: done"
