@@ -54,6 +54,27 @@ pub fn open_kvm() -> Result<Kvm> {
 /// 4 GiB, inside the PCI hole so it never overlaps RAM).
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
+/// Asks the host kernel to back guest RAM with transparent huge pages. Each 4 KiB page the
+/// guest touches first costs a nested-paging fault; 2 MiB pages cut those faults by 512, which
+/// matters most when the host is itself a VM. Failure only costs speed, so it is not an error.
+fn advise_huge_pages(region: &guestmem::Region) {
+    // SAFETY: madvise(MADV_HUGEPAGE) changes no contents and no mapping permissions; the range is
+    // an anonymous mapping owned by the guest memory, valid for `len` bytes.
+    let rc = unsafe {
+        libc::madvise(
+            region.host_addr as *mut libc::c_void,
+            region.len as usize,
+            libc::MADV_HUGEPAGE,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "madvise(MADV_HUGEPAGE) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// A KVM virtual machine with guest RAM mapped, the in-kernel IOAPIC/PIC/LAPICs and the PIT.
 pub struct Partition {
     kvm: Kvm,
@@ -78,6 +99,7 @@ impl Partition {
         }
         let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         for (slot, region) in memory.regions().iter().enumerate() {
+            advise_huge_pages(region);
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
