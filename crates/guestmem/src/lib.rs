@@ -4,7 +4,10 @@
 //!
 //! The memory is shared with running vCPUs, so reads may race with guest writes; callers copy
 //! data out once, validate the copy, and never re-read a field they have validated.
-#![forbid(unsafe_code)]
+//!
+//! `unsafe` is confined to [`mapping`], which creates the 2 MiB-aligned anonymous mappings.
+
+mod mapping;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,6 +48,8 @@ pub struct Region {
 #[derive(Clone)]
 pub struct GuestMemory {
     mem: Arc<GuestMemoryMmap>,
+    /// Owns the host mappings behind `mem`; declared after it so it is dropped last.
+    _mappings: Arc<Vec<mapping::Mapping>>,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -58,22 +63,29 @@ impl GuestMemory {
     /// page aligned.
     pub fn new(ranges: &[(u64, u64)]) -> Result<Self> {
         let mut regions = Vec::with_capacity(ranges.len());
+        let mut mappings = Vec::with_capacity(ranges.len());
         for &(gpa, len) in ranges {
             let map_err = |reason: String| Error::Map { gpa, len, reason };
             if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || len == 0 {
                 return Err(map_err("not page aligned".into()));
             }
             let size = usize::try_from(len).map_err(|_| map_err("too large".into()))?;
-            let region = GuestRegionMmap::<()>::from_range(GuestAddress(gpa), size, None)
-                .map_err(|e| map_err(e.to_string()))?;
+            let map = mapping::Mapping::new(size).map_err(|e| map_err(e.to_string()))?;
+            let mmap = map.region().map_err(|e| map_err(e.to_string()))?;
+            let region = GuestRegionMmap::<()>::new(mmap, GuestAddress(gpa))
+                .ok_or_else(|| map_err("address overflow".into()))?;
             regions.push(region);
+            mappings.push(map);
         }
         let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Map {
             gpa: 0,
             len: 0,
             reason: e.to_string(),
         })?;
-        Ok(Self { mem: Arc::new(mem) })
+        Ok(Self {
+            mem: Arc::new(mem),
+            _mappings: Arc::new(mappings),
+        })
     }
 
     /// The RAM ranges with their host addresses.
