@@ -331,9 +331,17 @@ run() {
     /// Boots L1 once and runs `scenarios` in order, copying the console to `out`.
     pub fn run(&self, scenarios: &[Scenario], out: &mut dyn Write) -> Result<LabRun> {
         let modules = self.l1_kernel.modules_with_deps(&["kvm_amd"])?;
-        let l2_initrd = PathBuf::from(&self.cache).join("images/l2-initrd.cpio");
+        // Per-run image names: tests may run labs concurrently.
+        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let tag = format!(
+            "{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let l2_initrd = PathBuf::from(&self.cache).join(format!("images/l2-initrd-{tag}.cpio"));
         image::l2_initramfs(&self.busybox, &l2_initrd)?;
         let mut programs = vec![("bin/viridian".to_string(), self.viridian.clone())];
+        let contents_l2 = l2_initrd.clone();
         let mut files = vec![("l2/initrd.cpio".to_string(), l2_initrd)];
         for k in &self.l2_kernels {
             if scenarios.iter().any(|s| s.kernel == k.flavor) {
@@ -353,7 +361,7 @@ run() {
             programs,
             files,
         };
-        let l1_image = PathBuf::from(&self.cache).join("images/l1.cpio");
+        let l1_image = PathBuf::from(&self.cache).join(format!("images/l1-{tag}.cpio"));
         image::l1_initramfs(&contents, &l1_image)?;
 
         let deadline = 120 + 600 * scenarios.len() as u64;
@@ -402,6 +410,8 @@ run() {
             parse_line(line, &mut run, &mut current);
         }
         let status = child.wait().map_err(|e| Error::io(&self.qemu, e))?;
+        let _ = std::fs::remove_file(&l1_image);
+        let _ = std::fs::remove_file(&contents_l2);
         if !run.completed {
             run.errors.push(format!(
                 "the lab VM stopped before finishing its script ({status})"
@@ -431,7 +441,7 @@ fn find_firmware(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
 fn parse_line(line: &str, run: &mut LabRun, current: &mut Option<ScenarioResult>) {
     let fields = |rest: &str| -> BTreeMap<String, String> {
         rest.split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
+            .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     };
@@ -478,6 +488,7 @@ mod tests {
             "[    0.0] Linux version ...",
             "VIRIDIAN-GUEST nproc=2",
             "VIRIDIAN-GUEST mem_kb=496000",
+            "VIRIDIAN-GUEST poweroff",
             "LAB-END smp rc=0 t0=4.00 t1=9.50",
             "LAB-ERROR insmod x failed",
             "LAB-DONE",
@@ -489,6 +500,7 @@ mod tests {
         let s = run.scenario("smp").unwrap();
         assert_eq!(s.exit_code, 0);
         assert_eq!(s.guest["nproc"], "2");
+        assert_eq!(s.guest["poweroff"], "");
         assert!((s.seconds - 5.5).abs() < 1e-9);
         assert!(s.console.contains("Linux version"));
         assert_eq!(run.errors, vec!["insmod x failed"]);
