@@ -202,6 +202,8 @@ pub struct WriteOutcome {
 pub struct RingProducer {
     ring: RingMemory,
     write: u32,
+    /// We set pending_send_sz and must clear it once we get space.
+    pending_set: bool,
 }
 
 impl RingProducer {
@@ -209,7 +211,11 @@ impl RingProducer {
     /// write index.
     pub fn new(ring: RingMemory) -> Result<Self, RingError> {
         let write = ring.checked_index(ring.load(ctl::WRITE_INDEX)?, "initial write index")?;
-        Ok(Self { ring, write })
+        Ok(Self {
+            ring,
+            write,
+            pending_set: false,
+        })
     }
 
     /// The ring memory.
@@ -243,6 +249,7 @@ impl RingProducer {
             // Ask the consumer to signal once enough space is free, then look again in
             // case it freed space in the meantime.
             self.ring.store(ctl::PENDING_SEND_SIZE, total)?;
+            self.pending_set = true;
             fence(Ordering::SeqCst);
             let read = self
                 .ring
@@ -251,7 +258,10 @@ impl RingProducer {
                 return Err(RingError::Full);
             }
         }
-        self.ring.store(ctl::PENDING_SEND_SIZE, 0)?;
+        if self.pending_set {
+            self.ring.store(ctl::PENDING_SEND_SIZE, 0)?;
+            self.pending_set = false;
+        }
         let old = self.write;
         let mut at = old;
         for p in pieces {
