@@ -33,13 +33,19 @@ fn debian_guests_boot_count_cpus_and_power_off() {
         .iter()
         .map(|&(name, flavor, cpus)| Scenario::new(name, Vmm::Viridian, flavor, cpus, "report"))
         .collect();
-    let run = lab.run(&scenarios, &mut std::io::stderr()).expect("lab run");
+    let run = lab
+        .run(&scenarios, &mut std::io::stderr())
+        .expect("lab run");
     assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
     for (sc, &(name, _, cpus)) in scenarios.iter().zip(&cases) {
         let r = run
             .scenario(name)
             .unwrap_or_else(|| panic!("{name} did not run"));
-        assert_eq!(r.exit_code, 0, "{name}: viridian exited {}\n{}", r.exit_code, r.console);
+        assert_eq!(
+            r.exit_code, 0,
+            "{name}: viridian exited {}\n{}",
+            r.exit_code, r.console
+        );
         assert_eq!(
             r.guest.get("poweroff").map(String::as_str),
             Some(""),

@@ -83,8 +83,23 @@ pub struct Partition {
 }
 
 impl Partition {
-    /// Creates the VM and maps every region of `memory` into it.
+    /// Creates the VM, maps every region of `memory` into it, and adds the in-kernel IOAPIC,
+    /// PIC, LAPICs and PIT.
     pub fn new(kvm: Kvm, memory: GuestMemory) -> Result<Self> {
+        let partition = Self::new_bare(kvm, memory)?;
+        let vm = &partition.vm;
+        vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        Ok(partition)
+    }
+
+    /// Creates the VM with memory but no in-kernel interrupt controllers: every HLT exits to
+    /// user space. For tiny test guests.
+    pub fn new_bare(kvm: Kvm, memory: GuestMemory) -> Result<Self> {
         for (cap, name) in [
             (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
             (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
@@ -115,12 +130,6 @@ impl Partition {
         }
         vm.set_tss_address(TSS_ADDRESS)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
         Ok(Self { kvm, vm, memory })
     }
 

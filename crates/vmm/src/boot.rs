@@ -69,6 +69,59 @@ const E820_MAX: usize = 128;
 const ACPI_RSDP_ADDR: usize = 0x70;
 const XLF_KERNEL_64: u16 = 1;
 
+/// Opens `kernel` and checks that it is an x86-64 bzImage; returns the file and its first 1 KiB.
+fn read_header(kernel: &Path) -> Result<(File, [u8; 0x400], usize)> {
+    let read_err = |source| Error::Read {
+        path: kernel.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(kernel).map_err(read_err)?;
+    let mut head = [0u8; 0x400];
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]).map_err(read_err)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    if n < 0x260 || &head[0x202..0x206] != b"HdrS" {
+        return Err(Error::NotBzImage {
+            path: kernel.to_path_buf(),
+            why: "no 'HdrS' boot header at offset 0x202".into(),
+        });
+    }
+    let version = u16::from_le_bytes([head[BOOT_VERSION], head[BOOT_VERSION + 1]]);
+    let xloadflags = u16::from_le_bytes([head[XLOADFLAGS], head[XLOADFLAGS + 1]]);
+    if version < 0x020c || xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(Error::No64BitEntry {
+            path: kernel.to_path_buf(),
+            version,
+        });
+    }
+    Ok((file, head, n))
+}
+
+/// Checks the kernel and initrd files before any VM resources exist, so a typo costs nothing.
+pub fn preflight(kernel: &Path, initrd: Option<&Path>, mem_size: u64) -> Result<()> {
+    read_header(kernel)?;
+    if let Some(path) = initrd {
+        let size = std::fs::metadata(path)
+            .map_err(|source| Error::Read {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        if size >= mem_size {
+            return Err(Error::InitrdTooLarge {
+                path: path.to_path_buf(),
+                size: size.div_ceil(1 << 20),
+                available: mem_size >> 20,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Loads `kernel` (and `initrd`) into `mem` and writes the zero page. `rsdp` is the guest
 /// address of the ACPI RSDP.
 pub fn load_linux(
@@ -83,25 +136,11 @@ pub fn load_linux(
         let path = path.to_path_buf();
         move |source| Error::Read { path, source }
     };
-    let mut file = File::open(kernel).map_err(read_err(kernel))?;
-    let mut head = [0u8; 0x400];
-    let n = file.read(&mut head).map_err(read_err(kernel))?;
+    let (mut file, head, n) = read_header(kernel)?;
     let not_bz = |why: &str| Error::NotBzImage {
         path: kernel.to_path_buf(),
         why: why.to_string(),
     };
-    if n < 0x260 || &head[0x202..0x206] != b"HdrS" {
-        return Err(not_bz("no 'HdrS' boot header at offset 0x202"));
-    }
-    let version = u16::from_le_bytes([head[BOOT_VERSION], head[BOOT_VERSION + 1]]);
-    let xloadflags = u16::from_le_bytes([head[XLOADFLAGS], head[XLOADFLAGS + 1]]);
-    if version < 0x020c || xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(Error::No64BitEntry {
-            path: kernel.to_path_buf(),
-            version,
-        });
-    }
-
     let loaded = BzImage::load(
         mem.vm_memory(),
         None,
@@ -193,8 +232,7 @@ pub fn load_linux(
     }
     mem.write(layout::ZERO_PAGE, &zp)?;
 
-    write_page_tables(mem)?;
-    write_gdt(mem)?;
+    write_boot_structures(mem)?;
     Ok(BootEntry {
         rip: kernel_start + 0x200,
         zero_page: layout::ZERO_PAGE,
@@ -203,6 +241,12 @@ pub fn load_linux(
 
 fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
     buf[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Writes the identity page tables and the GDT that [`crate::cpu::set_boot_state`] points at.
+pub fn write_boot_structures(mem: &GuestMemory) -> Result<()> {
+    write_page_tables(mem)?;
+    write_gdt(mem)
 }
 
 /// Identity-maps the first 4 GiB with 2 MiB pages.

@@ -94,6 +94,7 @@ impl Vm {
                 });
             }
         }
+        boot::preflight(&config.kernel, config.initrd.as_deref(), config.memory)?;
         let kvm = kvm::open_kvm()?;
         let max_vcpus = (kvm.get_max_vcpus() as u32).clamp(1, 254);
         if config.vcpus == 0 || config.vcpus > max_vcpus {

@@ -1,0 +1,147 @@
+//! `viridian run` with bad input: each case is one line on stderr naming the problem and a
+//! non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn viridian(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_viridian"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run viridian")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("viridian-run-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A file with an x86-64 bzImage setup header and a tiny payload.
+fn fake_kernel(name: &str) -> PathBuf {
+    let mut img = vec![0u8; 5 * 512 + 4096];
+    img[0x1f1] = 4; // setup_sects
+    img[0x201] = 0x6a;
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 1;
+    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
+    img[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+    img[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes());
+    let path = tmp(name);
+    std::fs::write(&path, img).unwrap();
+    path
+}
+
+/// Asserts a failed run whose stderr is one line containing every word of `expect`.
+fn assert_one_line_error(out: &Output, expect: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {stderr}"
+    );
+    assert_ne!(out.status.code(), Some(101), "panicked: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    for word in expect {
+        assert!(lines[0].contains(word), "'{}' lacks '{word}'", lines[0]);
+    }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn missing_kernel() {
+    let out = viridian(&["run", "--kernel", "/nonexistent/bzImage"], &[]);
+    assert_one_line_error(&out, &["/nonexistent/bzImage", "No such file"]);
+}
+
+#[test]
+fn kernel_that_is_not_a_bzimage() {
+    let junk = tmp("junk");
+    std::fs::write(&junk, vec![0x7f; 8192]).unwrap();
+    let out = viridian(&["run", "--kernel", p(&junk)], &[]);
+    assert_one_line_error(&out, &[p(&junk), "not a bzImage"]);
+}
+
+#[test]
+fn initrd_larger_than_memory() {
+    let kernel = fake_kernel("bz-initrd");
+    let initrd = tmp("initrd-big");
+    let f = std::fs::File::create(&initrd).unwrap();
+    f.set_len(80 << 20).unwrap();
+    let out = viridian(
+        &[
+            "run",
+            "--kernel",
+            p(&kernel),
+            "--initrd",
+            p(&initrd),
+            "--memory",
+            "64M",
+        ],
+        &[],
+    );
+    assert_one_line_error(&out, &[p(&initrd), "does not fit", "--memory"]);
+}
+
+#[test]
+fn memory_too_small_or_larger_than_the_host() {
+    let kernel = fake_kernel("bz-memory");
+    let out = viridian(&["run", "--kernel", p(&kernel), "--memory", "16M"], &[]);
+    assert_one_line_error(&out, &["--memory 16 MiB", "minimum"]);
+    let out = viridian(&["run", "--kernel", p(&kernel), "--memory", "64T"], &[]);
+    assert_one_line_error(&out, &["--memory", "more than this host"]);
+    let out = viridian(&["run", "--kernel", p(&kernel), "--memory", "lots"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("e.g. 512M"));
+}
+
+#[test]
+fn missing_kvm_device() {
+    let kernel = fake_kernel("bz-nokvm");
+    let out = viridian(
+        &["run", "--kernel", p(&kernel)],
+        &[("VIRIDIAN_KVM_DEVICE", "/nonexistent/kvm")],
+    );
+    assert_one_line_error(&out, &["no KVM", "kvm-intel or kvm-amd"]);
+}
+
+#[test]
+fn kvm_without_permission() {
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    let setpriv = Path::new("/usr/bin/setpriv");
+    let kvm_mode = std::fs::metadata("/dev/kvm").map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode()
+    });
+    match kvm_mode {
+        Ok(mode) if is_root && setpriv.exists() && mode & 0o006 == 0 => {}
+        _ => {
+            eprintln!(
+                "SKIPPED: needs root, /usr/bin/setpriv and a /dev/kvm closed to other users \
+                 to run viridian as 'nobody'"
+            );
+            return;
+        }
+    }
+    let kernel = fake_kernel("bz-perm");
+    // The kernel file must be readable by nobody too.
+    let out = Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_viridian"))
+        .args(["run", "--kernel", p(&kernel)])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, &["permission denied", "/dev/kvm", "kvm' group"]);
+}
