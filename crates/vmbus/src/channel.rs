@@ -369,7 +369,7 @@ mod tests {
         let mut queue = std::collections::VecDeque::new();
         let mut next_id = 0u64;
         for _ in 0..20_000 {
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 let len = (rng.next() % 3000) as usize;
                 let byte = rng.next() as u8;
                 match guest.send_inband(next_id, &vec![byte; len], false) {
