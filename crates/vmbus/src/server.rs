@@ -280,6 +280,8 @@ struct ChannelEntry {
     offer: OfferParams,
     connection_id: u32,
     state: ChannelState,
+    /// Downstream ring offset of the current open (for save/restore).
+    downstream_offset: u32,
 }
 
 #[derive(Debug)]
@@ -410,6 +412,7 @@ impl Server {
                 offer,
                 connection_id: 0x2000 | relid,
                 state: ChannelState::NotOffered,
+                downstream_offset: 0,
             },
         );
         if let ConnectionState::Connected {
@@ -876,6 +879,7 @@ impl Server {
                     vp: Arc::new(AtomicU32::new(m.target_vp)),
                 };
                 let c = self.channels.get_mut(&relid).expect("validated");
+                c.downstream_offset = m.downstream_ring_page_offset;
                 c.state = ChannelState::Opening {
                     openid,
                     ring_gpadl: m.ring_gpadl,
@@ -1022,5 +1026,273 @@ impl Server {
             });
         }
         result
+    }
+}
+
+// ---- save / restore / inspection ----------------------------------------------------------
+
+/// Saved connection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedConnection {
+    pub version: u32,
+    pub target_vp: u32,
+    pub sint: u8,
+    pub offers_requested: bool,
+}
+
+/// Saved channel state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SavedChannelState {
+    NotOffered,
+    Offered,
+    Opening {
+        openid: u32,
+        ring_gpadl: u32,
+        target_vp: u32,
+        downstream_page_offset: u32,
+    },
+    Open {
+        openid: u32,
+        ring_gpadl: u32,
+        target_vp: u32,
+        downstream_page_offset: u32,
+    },
+    Rescinded,
+}
+
+/// Saved channel (offer and state). GUIDs are their canonical text form.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedChannel {
+    pub relid: u32,
+    pub interface_type: String,
+    pub instance_id: String,
+    pub sub_channel_index: u16,
+    pub state: SavedChannelState,
+}
+
+/// Saved GPADL.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedGpadl {
+    pub id: u32,
+    pub relid: u32,
+    pub rangecount: u16,
+    /// `Some(n)` while building: n words expected in total.
+    pub building: Option<usize>,
+    pub teardown_pending: bool,
+    /// The range list as received (8-byte words).
+    pub words: Vec<u64>,
+}
+
+/// Everything the server knows, for save/restore and inspection (serialize it to JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedState {
+    pub connection: Option<SavedConnection>,
+    pub channels: Vec<SavedChannel>,
+    pub gpadls: Vec<SavedGpadl>,
+}
+
+/// Restore errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RestoreError {
+    #[error("saved channel {0} does not match the offer registered with that relid")]
+    OfferMismatch(u32),
+    #[error("saved state is inconsistent: {0}")]
+    Inconsistent(&'static str),
+}
+
+impl Server {
+    /// Snapshot of the state (also the inspection dump).
+    pub fn save(&self) -> SavedState {
+        let channels = self
+            .channels
+            .iter()
+            .map(|(&relid, c)| SavedChannel {
+                relid,
+                interface_type: c.offer.interface_type.to_string(),
+                instance_id: c.offer.instance_id.to_string(),
+                sub_channel_index: c.offer.sub_channel_index,
+                state: match &c.state {
+                    ChannelState::NotOffered => SavedChannelState::NotOffered,
+                    ChannelState::Offered => SavedChannelState::Offered,
+                    ChannelState::Opening {
+                        openid,
+                        ring_gpadl,
+                        target,
+                    } => SavedChannelState::Opening {
+                        openid: *openid,
+                        ring_gpadl: *ring_gpadl,
+                        target_vp: target.vp(),
+                        downstream_page_offset: c.downstream_offset,
+                    },
+                    ChannelState::Open {
+                        openid,
+                        ring_gpadl,
+                        target,
+                    } => SavedChannelState::Open {
+                        openid: *openid,
+                        ring_gpadl: *ring_gpadl,
+                        target_vp: target.vp(),
+                        downstream_page_offset: c.downstream_offset,
+                    },
+                    ChannelState::Rescinded => SavedChannelState::Rescinded,
+                },
+            })
+            .collect();
+        let mut gpadls: Vec<SavedGpadl> = self
+            .gpadls
+            .iter()
+            .map(|(&id, g)| SavedGpadl {
+                id,
+                relid: g.relid,
+                rangecount: g.rangecount,
+                building: match g.state {
+                    GpadlState::Building { expected_words } => Some(expected_words),
+                    _ => None,
+                },
+                teardown_pending: g.state == GpadlState::TeardownPending,
+                words: g.words.clone(),
+            })
+            .collect();
+        gpadls.sort_by_key(|g| g.id);
+        SavedState {
+            connection: match self.connection {
+                ConnectionState::Disconnected => None,
+                ConnectionState::Connected {
+                    version,
+                    target_vp,
+                    sint,
+                    offers_requested,
+                } => Some(SavedConnection {
+                    version,
+                    target_vp,
+                    sint,
+                    offers_requested,
+                }),
+            },
+            channels,
+            gpadls,
+        }
+    }
+
+    /// Applies a saved state to a server whose offers were registered again (same relids).
+    /// Returns the open requests of channels that were open or opening: the caller rebuilds
+    /// their rings (the indices live in guest memory) and, for opening ones, calls
+    /// [`Server::open_complete`]. Saved channels must match the registered offers.
+    pub fn restore(&mut self, saved: &SavedState) -> Result<Vec<OpenRequest>, RestoreError> {
+        for sc in &saved.channels {
+            let c = self
+                .channels
+                .get(&sc.relid)
+                .ok_or(RestoreError::OfferMismatch(sc.relid))?;
+            if c.offer.interface_type.to_string() != sc.interface_type
+                || c.offer.instance_id.to_string() != sc.instance_id
+                || c.offer.sub_channel_index != sc.sub_channel_index
+            {
+                return Err(RestoreError::OfferMismatch(sc.relid));
+            }
+        }
+        let mut gpadls = HashMap::new();
+        let mut total = 0usize;
+        for g in &saved.gpadls {
+            let expected = g.building.unwrap_or(g.words.len());
+            if g.words.len() > expected || gpadls.contains_key(&g.id) {
+                return Err(RestoreError::Inconsistent("GPADL words"));
+            }
+            let mut entry = GpadlEntry {
+                relid: g.relid,
+                accounted: expected,
+                rangecount: g.rangecount,
+                state: GpadlState::Created,
+                words: g.words.clone(),
+                ranges: Vec::new(),
+            };
+            if let Some(expected_words) = g.building {
+                entry.state = GpadlState::Building { expected_words };
+            } else {
+                let bytes: Vec<u8> = g.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                let (ranges, used) = PagedRange::parse_list(&bytes, g.rangecount as u32)
+                    .map_err(|_| RestoreError::Inconsistent("GPADL ranges"))?;
+                if used != bytes.len() {
+                    return Err(RestoreError::Inconsistent("GPADL ranges"));
+                }
+                entry.ranges = ranges;
+                if g.teardown_pending {
+                    entry.state = GpadlState::TeardownPending;
+                }
+            }
+            total += expected;
+            gpadls.insert(g.id, entry);
+        }
+        let mut opens = Vec::new();
+        let mut states = Vec::new();
+        for sc in &saved.channels {
+            let state = match &sc.state {
+                SavedChannelState::NotOffered => (ChannelState::NotOffered, 0),
+                SavedChannelState::Offered => (ChannelState::Offered, 0),
+                SavedChannelState::Rescinded => (ChannelState::Rescinded, 0),
+                SavedChannelState::Opening {
+                    openid,
+                    ring_gpadl,
+                    target_vp,
+                    downstream_page_offset,
+                }
+                | SavedChannelState::Open {
+                    openid,
+                    ring_gpadl,
+                    target_vp,
+                    downstream_page_offset,
+                } => {
+                    let g = gpadls
+                        .get(ring_gpadl)
+                        .filter(|g| g.relid == sc.relid && g.ranges.len() == 1)
+                        .ok_or(RestoreError::Inconsistent("ring GPADL"))?;
+                    let target = SignalTarget {
+                        relid: sc.relid,
+                        vp: Arc::new(AtomicU32::new(*target_vp)),
+                    };
+                    let c = &self.channels[&sc.relid];
+                    opens.push(OpenRequest {
+                        relid: sc.relid,
+                        connection_id: c.connection_id,
+                        ring_pfns: g.ranges[0].pfns.clone(),
+                        downstream_page_offset: *downstream_page_offset,
+                        target: target.clone(),
+                        user_data: [0; hv::OPEN_USER_DATA_SIZE],
+                    });
+                    let st = if matches!(sc.state, SavedChannelState::Open { .. }) {
+                        ChannelState::Open {
+                            openid: *openid,
+                            ring_gpadl: *ring_gpadl,
+                            target,
+                        }
+                    } else {
+                        ChannelState::Opening {
+                            openid: *openid,
+                            ring_gpadl: *ring_gpadl,
+                            target,
+                        }
+                    };
+                    (st, *downstream_page_offset)
+                }
+            };
+            states.push((sc.relid, state));
+        }
+        for (relid, (state, off)) in states {
+            let c = self.channels.get_mut(&relid).expect("checked");
+            c.state = state;
+            c.downstream_offset = off;
+        }
+        self.gpadls = gpadls;
+        self.total_pfns = total;
+        self.connection = match &saved.connection {
+            None => ConnectionState::Disconnected,
+            Some(c) => ConnectionState::Connected {
+                version: c.version,
+                target_vp: c.target_vp,
+                sint: c.sint,
+                offers_requested: c.offers_requested,
+            },
+        };
+        Ok(opens)
     }
 }

@@ -951,3 +951,84 @@ fn random_ring_contents_never_panic() {
     }
     assert!(broken > 1000);
 }
+
+#[test]
+fn save_and_restore_keeps_open_channels_working() {
+    let mut c = connected(&[guid::SHUTDOWN_IC, guid::HEARTBEAT_IC]);
+    let mut ch = c.open_channel(1, 1, 1, 0).unwrap();
+    c.send_inband(&mut ch, 1, b"before", false).unwrap();
+    // A GPADL still being built and a deferred teardown survive too.
+    c.post_raw(
+        1,
+        &gpadl_header(2, 0x500, 8 + 8 * 30, 1, &[30 * 4096, 1, 2, 3]),
+    )
+    .unwrap();
+    c.post_raw(
+        1,
+        hv::GpadlTeardown {
+            header: MessageHeader::new(msgtype::GPADL_TEARDOWN),
+            child_relid: 1,
+            gpadl: ch.ring_gpadl,
+        }
+        .as_bytes(),
+    )
+    .unwrap();
+    errors(&mut c);
+    let saved = c.transport().server.save();
+    let json = serde_json::to_string(&saved).unwrap();
+    assert!(json.contains("0e0b6031-5213-4934-818b-38d90ced39db"));
+    let back: vmbus::server::SavedState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, saved);
+
+    // A new server with the same offers takes the state over.
+    let mut server = Server::new(ServerConfig::default());
+    for (i, g) in [guid::SHUTDOWN_IC, guid::HEARTBEAT_IC].iter().enumerate() {
+        let mut inst = INSTANCE;
+        inst.data1 = i as u32;
+        server.add_offer(OfferParams::new(*g, inst)).unwrap();
+    }
+    let opens = server.restore(&back).unwrap();
+    assert_eq!(server.save(), saved);
+    assert_eq!(opens.len(), 1);
+    let req = &opens[0];
+    let mut host = vmbus::Channel::new(
+        c.memory(),
+        &req.ring_pfns,
+        req.downstream_page_offset,
+        vmbus::Side::Host,
+        None,
+    )
+    .unwrap();
+    c.transport_mut().server = server;
+    c.transport_mut().host_channels.clear();
+    let mut buf = Vec::new();
+    assert_eq!(
+        &host.try_recv(&mut buf).unwrap().unwrap().payload()[..6],
+        b"before"
+    );
+    host.send_inband(2, b"after", false).unwrap();
+    assert_eq!(&c.recv(&mut ch).unwrap().unwrap().payload[..5], b"after");
+    // The restored doorbell mapping works and the deferred teardown completes on close.
+    assert_eq!(c.transport().server.signal_event(ch.connection_id), Ok(1));
+    c.post_raw(
+        1,
+        hv::RelidMessage {
+            header: MessageHeader::new(msgtype::CLOSE_CHANNEL),
+            child_relid: 1,
+        }
+        .as_bytes(),
+    )
+    .unwrap();
+    c.wait_for(msgtype::GPADL_TORNDOWN, |_| true).unwrap();
+    assert_eq!(
+        c.transport().server.gpadl_state(0x500),
+        Some(&GpadlState::Building { expected_words: 31 })
+    );
+
+    // Restoring onto different offers fails.
+    let mut other = Server::new(ServerConfig::default());
+    other
+        .add_offer(OfferParams::new(guid::SCSI, INSTANCE))
+        .unwrap();
+    assert!(other.restore(&saved).is_err());
+}
