@@ -75,6 +75,10 @@ struct Meta {
     vsize_item_offset: u64,
     log_head: u64,
     log_seq: u64,
+    /// Log offset of the first entry whose in-place writes are not yet flushed.
+    log_tail: Option<u64>,
+    /// BAT sectors (index within the BAT) changed in memory but not yet logged.
+    dirty_bat: std::collections::BTreeSet<u64>,
     /// Where the next block is allocated (1 MiB aligned, at or past the end of the file).
     alloc_end: u64,
     file_guid_changed: bool,
@@ -434,6 +438,8 @@ impl Vhdx {
                 vsize_item_offset: md.vsize_item_offset,
                 log_head: 0,
                 log_seq: 1,
+                log_tail: None,
+                dirty_bat: Default::default(),
                 alloc_end,
                 file_guid_changed: false,
                 data_guid_changed: false,
@@ -526,11 +532,11 @@ impl Vhdx {
         if meta.closed {
             return Ok(());
         }
-        meta.closed = true;
         if !meta.header.log_guid.is_nil() {
-            self.file.sync()?;
+            self.flush_all(&mut meta)?;
             self.update_header(&mut meta, |h| h.log_guid = Uuid::nil())?;
         }
+        meta.closed = true;
         Ok(())
     }
 
@@ -584,6 +590,7 @@ impl Vhdx {
         if need_log {
             meta.log_head = 0;
             meta.log_seq = 1;
+            meta.log_tail = None;
         }
         meta.file_guid_changed = true;
         if guest_visible {
@@ -594,7 +601,10 @@ impl Vhdx {
     }
 
     /// Writes full 4 KiB sectors of metadata (BAT or metadata region) through the log: flush
-    /// payload, write entry, flush, apply in place, flush.
+    /// payload, write the entry, flush, apply in place. The flush that makes the in-place
+    /// writes durable is the next one (a guest flush, a log wrap, or close); until then each
+    /// new entry's Tail points at the first entry written since the last flush, so a replay
+    /// after a crash re-applies all of them.
     fn log_write(&self, meta: &mut Meta, sectors: &[(u64, Vec<u8>)]) -> Result<()> {
         if sectors.is_empty() {
             return Ok(());
@@ -603,18 +613,21 @@ impl Vhdx {
         let log_len = u64::from(meta.header.log_length);
         let log_sectors = (log_len / LOG_SECTOR as u64) as usize;
         let max_per_entry = log_sectors - (64 + 32 * log_sectors).div_ceil(LOG_SECTOR);
-        self.file.sync()?;
+        self.sync_meta(meta)?;
         for batch in sectors.chunks(max_per_entry) {
             let file_len = self.file.file_len()?;
             let desc_sectors = (64 + 32 * batch.len()).div_ceil(LOG_SECTOR);
             let len = ((desc_sectors + batch.len()) * LOG_SECTOR) as u64;
             if meta.log_head + len > log_len {
+                // Wrapping would overwrite entries still needed: make their writes durable.
+                self.sync_meta(meta)?;
                 meta.log_head = 0;
             }
+            let tail = *meta.log_tail.get_or_insert(meta.log_head);
             let entry = log::build_entry(
                 &meta.header.log_guid,
                 meta.log_seq,
-                meta.log_head as u32,
+                tail as u32,
                 file_len,
                 file_len,
                 batch,
@@ -625,25 +638,41 @@ impl Vhdx {
             for (off, data) in batch {
                 self.file.write_at(data, *off)?;
             }
-            self.file.sync()?;
             meta.log_head += len;
             meta.log_seq += 1;
         }
         Ok(())
     }
 
-    /// Applies BAT entry changes through the log, then to the in-memory BAT.
+    /// Flushes the file; every in-place metadata write before it is then durable.
+    fn sync_meta(&self, meta: &mut Meta) -> Result<()> {
+        self.file.sync()?;
+        meta.log_tail = None;
+        Ok(())
+    }
+
+    /// Changes BAT entries in memory and marks their sectors for the next metadata flush.
     fn commit_bat(&self, meta: &mut Meta, changes: &[(u64, u64)]) -> Result<()> {
-        if changes.is_empty() {
+        let per_sector = (LOG_SECTOR / 8) as u64;
+        let mut bat = self.bat.write().unwrap_or_else(|e| e.into_inner());
+        for &(idx, val) in changes {
+            bat[idx as usize] = val;
+            meta.dirty_bat.insert(idx / per_sector);
+        }
+        Ok(())
+    }
+
+    /// Writes the changed BAT sectors through the log (see [`Vhdx::log_write`]).
+    fn flush_meta(&self, meta: &mut Meta) -> Result<()> {
+        if meta.dirty_bat.is_empty() {
             return Ok(());
         }
         let per_sector = (LOG_SECTOR / 8) as u64;
-        let mut sectors: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
-        {
+        let list: Vec<(u64, Vec<u8>)> = {
             let bat = self.bat.read().unwrap_or_else(|e| e.into_inner());
-            for &(idx, _) in changes {
-                let s = idx / per_sector;
-                sectors.entry(s).or_insert_with(|| {
+            meta.dirty_bat
+                .iter()
+                .map(|&s| {
                     let mut b = vec![0u8; LOG_SECTOR];
                     let first = s * per_sector;
                     for i in 0..per_sector {
@@ -651,25 +680,19 @@ impl Vhdx {
                             put64(&mut b, (i * 8) as usize, *e);
                         }
                     }
-                    b
-                });
-            }
-        }
-        for &(idx, val) in changes {
-            let s = idx / per_sector;
-            let b = sectors.get_mut(&s).unwrap();
-            put64(b, ((idx % per_sector) * 8) as usize, val);
-        }
-        let list: Vec<(u64, Vec<u8>)> = sectors
-            .into_iter()
-            .map(|(s, b)| (meta.bat_offset + s * LOG_SECTOR as u64, b))
-            .collect();
+                    (meta.bat_offset + s * LOG_SECTOR as u64, b)
+                })
+                .collect()
+        };
         self.log_write(meta, &list)?;
-        let mut bat = self.bat.write().unwrap_or_else(|e| e.into_inner());
-        for &(idx, val) in changes {
-            bat[idx as usize] = val;
-        }
+        meta.dirty_bat.clear();
         Ok(())
+    }
+
+    /// Makes everything durable: staged BAT changes through the log, then a flush.
+    fn flush_all(&self, meta: &mut Meta) -> Result<()> {
+        self.flush_meta(meta)?;
+        self.sync_meta(meta)
     }
 }
 
@@ -1159,7 +1182,14 @@ impl Disk for Vhdx {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync()
+        let mut meta = lock(&self.meta);
+        if meta.dirty_bat.is_empty() {
+            // Also makes earlier in-place metadata writes durable.
+            self.sync_meta(&mut meta)
+        } else {
+            // The log entries are flushed; the in-place copies follow with the next flush.
+            self.flush_meta(&mut meta)
+        }
     }
     fn unmap(&self, offset: u64, len: u64) -> Result<()> {
         self.unmap_impl(offset, len)

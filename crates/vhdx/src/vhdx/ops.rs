@@ -34,6 +34,7 @@ pub struct CompactStats {
 
 impl Vhdx {
     fn meta_log_patch(&self, meta: &mut Meta, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.flush_meta(meta)?;
         let first = offset / LOG_SECTOR as u64;
         let last = (offset + bytes.len() as u64 - 1) / LOG_SECTOR as u64;
         let mut sectors = Vec::new();
@@ -49,7 +50,8 @@ impl Vhdx {
             }
             sectors.push((so, b));
         }
-        self.log_write(meta, &sectors)
+        self.log_write(meta, &sectors)?;
+        self.sync_meta(meta)
     }
 
     fn block_is_zero(&self, block: u64) -> Result<bool> {
@@ -278,7 +280,8 @@ impl Vhdx {
         }
         let mut meta = lock(&self.meta);
         self.begin_session_locked(&mut meta, true)?;
-        self.commit_bat(&mut meta, &changes)
+        self.commit_bat(&mut meta, &changes)?;
+        self.flush_all(&mut meta)
     }
 
     /// Moves blocks down into holes and truncates the file. Needs exclusive access (no I/O
@@ -290,6 +293,7 @@ impl Vhdx {
         }
         let mut meta = lock(&self.meta);
         self.begin_session_locked(&mut meta, false)?;
+        self.flush_all(&mut meta)?;
         let old_file_size = self.file.file_len()?;
         let mut fixed: Vec<(u64, u64)> = vec![
             (0, MIB),
@@ -340,6 +344,8 @@ impl Vhdx {
                 }
                 let e = self.bat.read().unwrap()[idx as usize];
                 self.commit_bat(&mut meta, &[(idx, bat_entry(bat_state(e), cursor))])?;
+                // The old location may be reused by the next move: commit durably first.
+                self.flush_all(&mut meta)?;
                 moved += 1;
                 end = end.max(cursor + len);
                 cursor += len;

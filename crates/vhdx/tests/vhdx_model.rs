@@ -1,0 +1,321 @@
+//! Model test: seeded random write / unmap / flush / reopen / resize / discard / compact
+//! sequences on fixed, dynamic and differencing VHDX files (chains of a base and three
+//! children), checked against an in-memory model; plus concurrent writers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vhdx::vhdx::{ShrinkPolicy, Vhdx, VhdxBuilder};
+use vhdx::Disk;
+
+const MIB: u64 = 1 << 20;
+
+/// A scratch directory, on tmpfs when there is one: the model test makes thousands of
+/// flushes, which cost ~10 ms each on a disk and nothing on tmpfs (the code paths are the same).
+fn scratch() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+fn read_all(d: &dyn Disk) -> Vec<u8> {
+    let mut v = vec![0u8; d.size() as usize];
+    for (i, c) in v.chunks_mut(3 * MIB as usize + 4096).enumerate() {
+        d.read_at(c, i as u64 * (3 * MIB + 4096)).unwrap();
+    }
+    v
+}
+
+fn check(d: &dyn Disk, model: &[u8], what: &str) {
+    let v = read_all(d);
+    assert_eq!(v.len(), model.len(), "{what}: size");
+    if v != model {
+        let first = v.iter().zip(model).position(|(a, b)| a != b).unwrap();
+        panic!(
+            "{what}: first difference at byte {first:#x} (got {:#x}, model {:#x})",
+            v[first], model[first]
+        );
+    }
+}
+
+fn qemu_check(p: &Path) {
+    if let Ok(o) = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "vhdx", p.to_str().unwrap()])
+        .output()
+    {
+        assert!(
+            o.status.success(),
+            "qemu-img check {}: {}{}",
+            p.display(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+struct Cfg {
+    seed: u64,
+    lss: u32,
+    block: u32,
+    fixed: bool,
+    child_block: u32,
+}
+
+fn random_range(rng: &mut StdRng, size: u64, lss: u64, max: u64) -> (u64, u64) {
+    let sectors = size / lss;
+    let off = rng.random_range(0..sectors) * lss;
+    let len = (rng.random_range(1..=max / lss) * lss).min(size - off);
+    (off, len)
+}
+
+fn run_ops(
+    rng: &mut StdRng,
+    path: &Path,
+    mut d: Vhdx,
+    model: &mut Vec<u8>,
+    n: usize,
+    allow_resize: bool,
+) -> Vhdx {
+    let lss = u64::from(d.logical_sector_size());
+    let bs = u64::from(d.block_size());
+    for step in 0..n {
+        let size = d.size();
+        let what = format!("{} step {step}", path.display());
+        match rng.random_range(0..100) {
+            0..55 => {
+                let (off, len) = random_range(rng, size, lss, 3 * bs);
+                let mut data = vec![0u8; len as usize];
+                if rng.random_bool(0.5) {
+                    // Cheap pseudo-random bytes (chacha is slow in debug builds).
+                    let mut x: u64 = rng.random::<u64>() | 1;
+                    for c in data.chunks_mut(8) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+                    }
+                } else {
+                    data.fill(rng.random());
+                }
+                d.write_at(&data, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            55..72 => {
+                let (off, len) = random_range(rng, size, lss, 4 * bs);
+                d.unmap(off, len).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            72..78 => d.flush().unwrap(),
+            78..86 => {
+                d.close().unwrap();
+                d = Vhdx::open(path, false).unwrap();
+                check(&d, model, &format!("{what} after reopen"));
+            }
+            86..90 => {
+                // Bad requests fail cleanly.
+                assert!(d.write_at(&[0u8; 512], size).is_err());
+                assert!(d.read_at(&mut [0u8; 8], 0).is_err() || lss == 8);
+                let mut b = vec![0u8; lss as usize];
+                assert!(d.read_at(&mut b, size - lss + lss).is_err());
+            }
+            90..94 if allow_resize => {
+                let new = if rng.random_bool(0.7) {
+                    size + rng.random_range(1..=3 * bs / lss) * lss
+                } else {
+                    (size - rng.random_range(1..=(size / 4) / lss) * lss).max(lss)
+                };
+                if new > size {
+                    d.resize(new, ShrinkPolicy::KeepData).unwrap();
+                    model.resize(new as usize, 0);
+                } else {
+                    let tail_zero = model[new as usize..].iter().all(|&b| b == 0);
+                    match d.resize(new, ShrinkPolicy::KeepData) {
+                        Ok(()) => {
+                            assert!(tail_zero, "{what}: shrink dropped data");
+                            model.truncate(new as usize);
+                        }
+                        Err(_) => {
+                            assert!(!tail_zero, "{what}: shrink of zeros refused");
+                            d.resize(new, ShrinkPolicy::DropData).unwrap();
+                            model.truncate(new as usize);
+                        }
+                    }
+                }
+                check(&d, model, &format!("{what} after resize to {new}"));
+            }
+            94..97 => {
+                let r = d.reclaimable_blocks().unwrap();
+                let blocks: Vec<u64> = r.iter().map(|x| x.0).collect();
+                match d.discard_blocks(&blocks) {
+                    Ok(()) => {}
+                    Err(vhdx::Error::Invalid(_)) => {} // fixed disks
+                    Err(e) => panic!("{what}: discard: {e}"),
+                }
+                check(&d, model, &format!("{what} after discard"));
+            }
+            _ => {
+                if d.kind() != vhdx::vhdx::VhdxKind::Fixed || rng.random_bool(0.3) {
+                    let s = d.compact().unwrap();
+                    assert!(s.new_file_size <= s.old_file_size);
+                    check(&d, model, &format!("{what} after compact"));
+                }
+            }
+        }
+    }
+    check(&d, model, &format!("{} end", path.display()));
+    d
+}
+
+fn model_run(cfg: Cfg) {
+    let dir = scratch();
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let lss = u64::from(cfg.lss);
+    let size = 9 * MIB + 7 * lss;
+    let base = dir.path().join("base.vhdx");
+    let d = VhdxBuilder::new(size)
+        .logical_sector_size(cfg.lss)
+        .block_size(cfg.block)
+        .fixed(cfg.fixed)
+        .create(&base)
+        .unwrap();
+    let mut model = vec![0u8; size as usize];
+    let d = run_ops(&mut rng, &base, d, &mut model, 80, true);
+    d.close().unwrap();
+    if cfg.lss == 512 {
+        qemu_check(&base);
+    }
+    let mut snapshots: Vec<(PathBuf, Vec<u8>)> = vec![(base.clone(), model.clone())];
+    let mut top = base;
+    for depth in 1..=3 {
+        let child = dir.path().join(format!("child{depth}.vhdx"));
+        let d = VhdxBuilder::differencing(&top)
+            .block_size(cfg.child_block)
+            .create(&child)
+            .unwrap();
+        check(&d, &model, "fresh child");
+        let d = run_ops(&mut rng, &child, d, &mut model, 60, false);
+        d.close().unwrap();
+        snapshots.push((child.clone(), model.clone()));
+        top = child;
+    }
+    // Every layer still reads its own snapshot (parents never change).
+    for (p, m) in &snapshots {
+        let d = Vhdx::open(p, true).unwrap();
+        check(&d, m, &format!("{} reopened read-only", p.display()));
+    }
+}
+
+#[test]
+fn model_512_dynamic() {
+    model_run(Cfg {
+        seed: 1,
+        lss: 512,
+        block: 1 << 20,
+        fixed: false,
+        child_block: 1 << 20,
+    });
+}
+
+#[test]
+fn model_512_fixed_2m() {
+    model_run(Cfg {
+        seed: 2,
+        lss: 512,
+        block: 2 << 20,
+        fixed: true,
+        child_block: 4 << 20,
+    });
+}
+
+#[test]
+fn model_4096_dynamic() {
+    model_run(Cfg {
+        seed: 3,
+        lss: 4096,
+        block: 1 << 20,
+        fixed: false,
+        child_block: 2 << 20,
+    });
+}
+
+#[test]
+fn model_more_seeds() {
+    for seed in 10..13 {
+        model_run(Cfg {
+            seed,
+            lss: if seed % 2 == 0 { 512 } else { 4096 },
+            block: 1 << 20,
+            fixed: seed % 3 == 0,
+            child_block: 1 << 20,
+        });
+    }
+}
+
+#[test]
+fn concurrent_writers_allocate_and_mark_bitmaps() {
+    let dir = scratch();
+    let base = dir.path().join("base.vhdx");
+    let size = 16 * MIB;
+    let d = VhdxBuilder::new(size)
+        .block_size(1 << 20)
+        .create(&base)
+        .unwrap();
+    d.write_at(&vec![0x77; size as usize], 0).unwrap();
+    d.close().unwrap();
+    for path in ["dyn.vhdx", "diff.vhdx"] {
+        let p = dir.path().join(path);
+        let d = if path == "dyn.vhdx" {
+            VhdxBuilder::new(size).block_size(1 << 20).create(&p)
+        } else {
+            VhdxBuilder::differencing(&base)
+                .block_size(1 << 20)
+                .create(&p)
+        }
+        .unwrap();
+        let d = Arc::new(d);
+        // 4 threads, interleaved 4 KiB stripes: every block is allocated by a race.
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    let mut off = u64::from(t) * 4096;
+                    while off < size {
+                        if (off / 4096) % 3 != 2 {
+                            d.write_at(&[t + 1; 4096], off).unwrap();
+                        }
+                        off += 4 * 4096;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let background = if path == "dyn.vhdx" { 0 } else { 0x77 };
+        let mut model = vec![background; size as usize];
+        for s in 0..size / 4096 {
+            if s % 3 != 2 {
+                let t = (s % 4) as u8;
+                model[(s * 4096) as usize..((s + 1) * 4096) as usize].fill(t + 1);
+            }
+        }
+        check(&*d, &model, path);
+        let d = Arc::into_inner(d).unwrap();
+        d.close().unwrap();
+        let d = Vhdx::open(&p, true).unwrap();
+        check(&d, &model, &format!("{path} reopened"));
+        // Every block allocated exactly once.
+        assert_eq!(d.info().unwrap().allocated_blocks, 16);
+        let file_len = std::fs::metadata(&p).unwrap().len();
+        assert!(
+            file_len < 16 * MIB + 16 * MIB,
+            "leaked blocks: file is {file_len}"
+        );
+    }
+}
