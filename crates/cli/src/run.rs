@@ -33,6 +33,9 @@ pub struct RunArgs {
     /// Also write the guest's serial console to this file.
     #[arg(long)]
     serial: Option<PathBuf>,
+    /// Present plain KVM instead of Hyper-V (no Hyper-V CPUID leaves, synthetic MSRs or VMBus).
+    #[arg(long)]
+    no_hyperv: bool,
     /// Fetch the demo guest (Debian's kernel and a busybox initramfs) and boot it. Where this
     /// host's KVM cannot run Linux, the demo runs inside the lab VM instead.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
@@ -145,6 +148,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
             cmdline: args.cmdline.clone(),
             vcpus: args.cpus,
             memory: args.memory,
+            hyperv: !args.no_hyperv,
         },
         args.serial.as_ref(),
     )
@@ -205,6 +209,7 @@ fn demo(args: &RunArgs) -> anyhow::Result<i32> {
                 cmdline,
                 vcpus: args.cpus,
                 memory: args.memory,
+                hyperv: !args.no_hyperv,
             },
             args.serial.as_ref(),
         ),

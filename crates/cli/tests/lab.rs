@@ -87,7 +87,9 @@ fn boot_time_against_qemu() {
             ));
         }
     }
-    let run = lab.run(&scenarios, &mut std::io::sink()).expect("lab run");
+    let run = lab
+        .run(&scenarios, &mut std::io::stderr())
+        .expect("lab run");
     let median = |tag: &str, f: &dyn Fn(&lab::ScenarioResult) -> Option<f64>| {
         let mut v: Vec<f64> = run
             .scenarios

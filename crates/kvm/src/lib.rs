@@ -148,6 +148,38 @@ impl Partition {
         &self.memory
     }
 
+    /// Sends every guest access to MSRs `base..base+count` to user space (as `X86Rdmsr` /
+    /// `X86Wrmsr` exits), whatever the host KVM would do with them (even with
+    /// `kvm.ignore_msrs=1` or in-kernel Hyper-V emulation).
+    pub fn trap_msrs(&self, base: u32, count: u32) -> Result<()> {
+        use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+        if !self.kvm.check_extension(Cap::X86UserSpaceMsr) {
+            return Err(Error::MissingCap("KVM_CAP_X86_USER_SPACE_MSR"));
+        }
+        if !self.kvm.check_extension(Cap::X86MsrFilter) {
+            return Err(Error::MissingCap("KVM_CAP_X86_MSR_FILTER"));
+        }
+        let cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+            args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+            ..Default::default()
+        };
+        self.vm
+            .enable_cap(&cap)
+            .map_err(ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+        // All-zero bitmap: every MSR in the range is denied to KVM, so it exits to us.
+        let bitmap = vec![0u8; count.div_ceil(8) as usize];
+        let range = MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count: count,
+            bitmap: &bitmap,
+        };
+        self.vm
+            .set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+            .map_err(ioctl("KVM_X86_SET_MSR_FILTER"))
+    }
+
     /// Injects a fixed, edge-triggered interrupt with `vector` into the LAPIC with `apic_id`.
     pub fn signal_msi(&self, apic_id: u32, vector: u8) -> Result<()> {
         let msi = kvm_bindings::kvm_msi {

@@ -5,6 +5,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpu;
+pub mod hyperv;
 pub mod layout;
 mod vm;
 
@@ -32,6 +33,8 @@ pub enum Error {
         #[source]
         source: kvm::kvm_ioctls::Error,
     },
+    #[error("Hyper-V enlightenments: {0}")]
+    Hv(#[source] hv1::Error),
     #[error("console: {0}")]
     Console(#[source] std::io::Error),
 }

@@ -1,5 +1,6 @@
 //! The VM: builds the partition, runs one thread per vCPU, and reports why it stopped.
 
+use crate::hyperv::{self, Hv};
 use crate::{acpi, boot, cpu, layout, Error, Result};
 use chipset::{Chipset, PowerRequest};
 use guestmem::GuestMemory;
@@ -23,6 +24,9 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// Present the Hyper-V interface (CPUID leaves, synthetic MSRs, hypercalls, VMBus device).
+    /// When false the guest sees plain KVM (kvmclock and friends).
+    pub hyperv: bool,
 }
 
 /// Why the VM stopped.
@@ -57,6 +61,7 @@ impl StopHandle {
 /// A built, not yet running, VM.
 pub struct Vm {
     partition: Arc<Partition>,
+    hv: Option<Hv>,
     chipset: Arc<Mutex<Chipset>>,
     vcpus: Vec<VcpuFd>,
     events: (mpsc::Sender<ExitReason>, mpsc::Receiver<ExitReason>),
@@ -106,7 +111,13 @@ impl Vm {
         let memory = GuestMemory::new(&layout::ram_ranges(config.memory))?;
         let partition = Partition::new(kvm, memory.clone())?;
 
-        let rsdp = acpi::write_tables(&memory, config.vcpus, &[])?;
+        let vmbus_acpi = hyperv::VmbusAcpi;
+        let dsdt_devices: Vec<&dyn acpi_tables::Aml> = if config.hyperv {
+            vec![&vmbus_acpi]
+        } else {
+            vec![]
+        };
+        let rsdp = acpi::write_tables(&memory, config.vcpus, &dsdt_devices)?;
         let entry = boot::load_linux(
             &memory,
             config.memory,
@@ -128,19 +139,8 @@ impl Vm {
         let cmos = chipset::cmos::Cmos::new(below_4g, config.memory - below_4g);
         let chipset = Arc::new(Mutex::new(Chipset::new(serial, cmos)));
 
-        let base_cpuid =
-            cpu::supported_cpuid(partition.kvm()).map_err(|(op, source)| Error::Vcpu {
-                vcpu: 0,
-                op,
-                source,
-            })?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
-            let vcpu_err = |(op, source)| Error::Vcpu {
-                vcpu: index,
-                op,
-                source,
-            };
             let vcpu = partition
                 .vm()
                 .create_vcpu(u64::from(index))
@@ -149,18 +149,50 @@ impl Vm {
                     op: "KVM_CREATE_VCPU",
                     source,
                 })?;
-            let cpuid = cpu::cpuid_for_vcpu(&base_cpuid, index, config.vcpus);
-            cpu::configure_vcpu(&vcpu, &cpuid).map_err(vcpu_err)?;
-            if index == 0 {
-                cpu::set_boot_state(&vcpu, entry).map_err(vcpu_err)?;
-            }
             vcpus.push(vcpu);
         }
-        if let Ok(khz) = vcpus[0].get_tsc_khz() {
-            tracing::info!(tsc_khz = khz, "guest TSC frequency");
+        let tsc_khz = vcpus[0].get_tsc_khz().map_err(|source| Error::Vcpu {
+            vcpu: 0,
+            op: "KVM_GET_TSC_KHZ",
+            source,
+        })?;
+        tracing::info!(tsc_khz, "guest TSC frequency");
+
+        let mut base_cpuid =
+            cpu::supported_cpuid(partition.kvm()).map_err(|(op, source)| Error::Vcpu {
+                vcpu: 0,
+                op,
+                source,
+            })?;
+        let hv = if config.hyperv {
+            let hv_config = hv1::PartitionConfig {
+                vp_count: config.vcpus,
+                invariant_tsc: false,
+            };
+            let time = Arc::new(hyperv::KvmTime::new(u64::from(tsc_khz) * 1000));
+            let hv = hv1::Partition::new(hv_config, memory.clone(), time).map_err(Error::Hv)?;
+            partition.trap_msrs(hvdef::hv::MSR_RANGE_START, 0x200)?;
+            base_cpuid = hyperv::patch_cpuid(&base_cpuid, &hv_config.cpuid());
+            Some(Arc::new(hv))
+        } else {
+            None
+        };
+        for (index, vcpu) in vcpus.iter().enumerate() {
+            let index = index as u32;
+            let vcpu_err = |(op, source)| Error::Vcpu {
+                vcpu: index,
+                op,
+                source,
+            };
+            let cpuid = cpu::cpuid_for_vcpu(&base_cpuid, index, config.vcpus);
+            cpu::configure_vcpu(vcpu, &cpuid).map_err(vcpu_err)?;
+            if index == 0 {
+                cpu::set_boot_state(vcpu, entry).map_err(vcpu_err)?;
+            }
         }
         Ok(Self {
             partition: Arc::new(partition),
+            hv,
             chipset,
             vcpus,
             events: mpsc::channel(),
@@ -189,6 +221,8 @@ impl Vm {
             .map(|(index, vcpu)| {
                 let ctx = VcpuContext {
                     index: index as u32,
+                    partition: self.partition.clone(),
+                    hv: self.hv.clone(),
                     chipset: self.chipset.clone(),
                     events: tx.clone(),
                     stopping: stopping.clone(),
@@ -219,6 +253,8 @@ impl Vm {
 
 struct VcpuContext {
     index: u32,
+    partition: Arc<Partition>,
+    hv: Option<Hv>,
     chipset: Arc<Mutex<Chipset>>,
     events: mpsc::Sender<ExitReason>,
     stopping: Arc<AtomicBool>,
@@ -240,7 +276,42 @@ impl VcpuContext {
                     return;
                 }
             };
+            let mut hypercall = false;
             let reason = match exit {
+                VcpuExit::IoOut(port, _)
+                    if port == u16::from(hv1::HYPERCALL_PORT) && self.hv.is_some() =>
+                {
+                    hypercall = true;
+                    None
+                }
+                VcpuExit::X86Rdmsr(exit) => {
+                    match self
+                        .hv
+                        .as_ref()
+                        .map(|hv| hv.msr_read(self.index, exit.index))
+                    {
+                        Some(Ok(value)) => *exit.data = value,
+                        _ => *exit.error = 1,
+                    }
+                    None
+                }
+                VcpuExit::X86Wrmsr(exit) => {
+                    match self
+                        .hv
+                        .as_ref()
+                        .map(|hv| hv.msr_write(self.index, exit.index, exit.data))
+                    {
+                        Some(Ok(None)) => {}
+                        Some(Ok(Some(hv1::MsrAction::Interrupts(list)))) => {
+                            hyperv::inject(&self.partition, &list)
+                        }
+                        Some(Ok(Some(hv1::MsrAction::GuestCrash(report)))) => {
+                            hyperv::log_crash(&report)
+                        }
+                        _ => *exit.error = 1,
+                    }
+                    None
+                }
                 VcpuExit::IoIn(port, data) => {
                     self.chipset.lock().unwrap().pio_read(port, data);
                     None
@@ -279,6 +350,26 @@ impl VcpuContext {
             if let Some(reason) = reason {
                 self.finish(with_registers(reason, &vcpu));
                 return;
+            }
+            if hypercall {
+                if let Err(e) = self.hypercall(&vcpu) {
+                    self.finish(internal(self.index, format!("hypercall: {e}")));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn hypercall(&self, vcpu: &VcpuFd) -> std::result::Result<(), kvm::kvm_ioctls::Error> {
+        let hv = self
+            .hv
+            .as_ref()
+            .expect("hypercall port routed only with hv1");
+        match hyperv::hypercall(hv, vcpu, self.index)? {
+            hyperv::HypercallResult::Done => Ok(()),
+            // No VMBus server is attached yet: nothing listens on any connection.
+            hyperv::HypercallResult::PostMessage(_) | hyperv::HypercallResult::SignalEvent(_) => {
+                hyperv::set_hypercall_status(vcpu, hv1::HvStatus::INVALID_CONNECTION_ID)
             }
         }
     }
