@@ -288,10 +288,12 @@ fn region_tables() {
     expect_corrupt(&p, "region table", "no BAT region");
 }
 
+type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+
 #[test]
 fn metadata_items() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str, &str)> = vec![
+    let cases: Vec<(&str, Patch, &str, &str)> = vec![
         (
             "count",
             Box::new(|m| format::put16(m, 10, 60000)),

@@ -319,3 +319,31 @@ fn concurrent_writers_allocate_and_mark_bitmaps() {
         );
     }
 }
+
+#[test]
+fn huge_sparse_disk() {
+    // 64 TiB with 32 MiB blocks: a 16 MiB BAT, nothing else allocated.
+    let dir = scratch();
+    let p = dir.path().join("huge.vhdx");
+    let size = 64u64 << 40;
+    let d = VhdxBuilder::new(size)
+        .block_size(32 << 20)
+        .create(&p)
+        .unwrap();
+    assert_eq!(d.size(), size);
+    d.write_at(&[0xe1; 4096], size - 4096).unwrap();
+    d.write_at(&[0xe2; 512], 1 << 40).unwrap();
+    d.close().unwrap();
+    let d = Vhdx::open(&p, true).unwrap();
+    let mut b = vec![0u8; 8192];
+    d.read_at(&mut b, size - 8192).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 0) && b[4096..].iter().all(|&x| x == 0xe1));
+    d.read_at(&mut b[..1024], 1 << 40).unwrap();
+    assert!(b[..512].iter().all(|&x| x == 0xe2) && b[512..1024].iter().all(|&x| x == 0));
+    assert!(d.read_at(&mut b[..512], size).is_err());
+    assert_eq!(d.info().unwrap().allocated_blocks, 2);
+    // Past 64 TiB is refused.
+    assert!(VhdxBuilder::new(size + 512)
+        .create(dir.path().join("toobig.vhdx"))
+        .is_err());
+}

@@ -248,13 +248,14 @@ impl VhdxBuilder {
             }
             region[..METADATA_TABLE_SIZE].copy_from_slice(&serialize_metadata_table(&table));
             w(&region, meta_offset)?;
-            // BAT.
+            // BAT. A dynamic or differencing disk's BAT is all zeros: the file extension
+            // provides them (sparse), so a 64 TiB disk is created instantly.
             let chunk_entries = (MIB / 8) as usize;
             let mut i = 0u64;
-            while i < entries {
+            while fixed && i < entries {
                 let n = (entries - i).min(chunk_entries as u64);
                 let mut buf = vec![0u8; (n * 8) as usize];
-                if fixed {
+                {
                     for k in 0..n {
                         let idx = i + k;
                         let cr = geo.chunk_ratio();
