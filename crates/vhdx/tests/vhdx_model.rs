@@ -347,3 +347,47 @@ fn huge_sparse_disk() {
         .create(dir.path().join("toobig.vhdx"))
         .is_err());
 }
+
+#[test]
+fn unmap_gives_space_back_and_fixed_is_preallocated() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let used = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let p = dir.path().join("dyn.vhdx");
+    let d = VhdxBuilder::new(64 * MIB)
+        .block_size(1 << 20)
+        .create(&p)
+        .unwrap();
+    d.write_at(&vec![0x42; 32 * MIB as usize], 0).unwrap();
+    d.flush().unwrap();
+    let full = used(&p);
+    assert!(full >= 32 * MIB, "{full}");
+    // Whole blocks and a partial range inside an allocated block.
+    d.unmap(0, 16 * MIB).unwrap();
+    d.unmap(20 * MIB + 512, MIB - 1024).unwrap();
+    d.flush().unwrap();
+    let after = used(&p);
+    assert!(after <= full - 16 * MIB, "{full} -> {after}");
+    let mut v = vec![1u8; 32 * MIB as usize];
+    d.read_at(&mut v, 0).unwrap();
+    assert!(v[..16 * MIB as usize].iter().all(|&b| b == 0));
+    assert!(v[16 * MIB as usize..20 * MIB as usize + 512]
+        .iter()
+        .all(|&b| b == 0x42));
+    assert!(v[20 * MIB as usize + 512..21 * MIB as usize - 512]
+        .iter()
+        .all(|&b| b == 0));
+    assert!(v[21 * MIB as usize - 512..].iter().all(|&b| b == 0x42));
+    d.close().unwrap();
+
+    let f = dir.path().join("fixed.vhdx");
+    let d = VhdxBuilder::new(48 * MIB)
+        .fixed(true)
+        .block_size(1 << 20)
+        .create(&f)
+        .unwrap();
+    assert!(used(&f) >= 48 * MIB, "fixed disk not preallocated");
+    d.unmap(0, 8 * MIB).unwrap();
+    d.close().unwrap();
+    assert!(used(&f) >= 48 * MIB, "fixed disk lost its allocation");
+}

@@ -121,6 +121,24 @@ impl Backing {
         Ok(())
     }
 
+    /// Gives the space of `len` bytes at `offset` back to the host file system (they read as
+    /// zeros). Where hole punching is unsupported, writes zeros.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(_) => self.write_zeros(offset, len),
+        }
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.file.sync_data().map_err(|e| self.io("flush", e))
     }

@@ -287,10 +287,15 @@ impl VhdxBuilder {
     }
 }
 
-/// Reserves disk space for a fixed disk's blocks. Without a safe fallocate in the dependency
-/// set, the blocks stay sparse (they read as zeros either way).
-fn preallocate(_file: &std::fs::File, _offset: u64, _len: u64) -> std::io::Result<()> {
-    Ok(())
+/// Reserves disk space for a fixed disk's blocks (fallocate). File systems without fallocate
+/// leave the blocks sparse; they read as zeros either way.
+fn preallocate(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    match fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn make_locator(child: &Path, parent_path: &Path, parent: &Vhdx) -> Result<Vec<u8>> {

@@ -293,6 +293,18 @@ impl Vhdx {
                 }
                 Ok(())
             } else if !reads_zero {
+                if state == PAYLOAD_FULLY_PRESENT && !self.leave_allocated {
+                    // Zero the range by punching the 4 KiB-aligned middle out of the file.
+                    let e = self.bat_entry(pi);
+                    let start = bat_offset(e) + in_block;
+                    let a = start.next_multiple_of(4096);
+                    let b = ((start + n) / 4096 * 4096).max(a);
+                    if b > a {
+                        self.write_zeros(block, in_block, a - start)?;
+                        self.file.punch_hole(a, b - a)?;
+                        return self.write_zeros(block, in_block + (b - start), start + n - b);
+                    }
+                }
                 self.write_zeros(block, in_block, n)
             } else {
                 Ok(())
@@ -305,7 +317,20 @@ impl Vhdx {
         if meta.closed {
             return Err(Error::Invalid("the disk is closed".into()));
         }
-        self.commit_bat(&mut meta, &changes)
+        // Give the dropped blocks' space back to the host. A crash before the BAT change is
+        // durable leaves the old entry pointing at zeros, which is what an unmap reads as.
+        let old: Vec<u64> = {
+            let bat = self.bat.read().unwrap_or_else(|e| e.into_inner());
+            changes.iter().map(|&(i, _)| bat[i as usize]).collect()
+        };
+        self.commit_bat(&mut meta, &changes)?;
+        drop(meta);
+        for e in old {
+            if bat_state(e) == PAYLOAD_FULLY_PRESENT || bat_state(e) == PAYLOAD_PARTIALLY_PRESENT {
+                self.file.punch_hole(bat_offset(e), bs)?;
+            }
+        }
+        Ok(())
     }
 
     fn write_zeros(&self, block: u64, in_block: u64, len: u64) -> Result<()> {

@@ -280,8 +280,20 @@ impl Vhdx {
         }
         let mut meta = lock(&self.meta);
         self.begin_session_locked(&mut meta, true)?;
+        let old: Vec<u64> = {
+            let bat = self.bat.read().unwrap();
+            changes.iter().map(|&(i, _)| bat[i as usize]).collect()
+        };
         self.commit_bat(&mut meta, &changes)?;
-        self.flush_all(&mut meta)
+        self.flush_all(&mut meta)?;
+        for e in old {
+            let s = bat_state(e);
+            if s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT {
+                self.file
+                    .punch_hole(bat_offset(e), u64::from(self.geo.block_size))?;
+            }
+        }
+        Ok(())
     }
 
     /// Moves blocks down into holes and truncates the file. Needs exclusive access (no I/O
