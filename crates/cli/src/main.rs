@@ -1,8 +1,10 @@
 //! `viridian`: the command people type.
 #![forbid(unsafe_code)]
 
+mod control;
 mod run;
 mod vhd;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +23,9 @@ struct Cli {
 enum Command {
     /// Boot a Linux guest in the foreground with its serial console on this terminal.
     Run(run::RunArgs),
+    /// Manage running VMs (stop, status, list).
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
     /// Create, inspect, check and convert VHDX/VHD disk images (the *-VHD cmdlets).
     #[command(subcommand)]
     Vhd(vhd::VhdCommand),
@@ -37,6 +42,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Vm(cmd) => vm::main(cmd),
         Command::Vhd(cmd) => vhd::main(cmd).map(|()| 0),
     };
     match result {

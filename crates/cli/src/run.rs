@@ -30,6 +30,12 @@ pub struct RunArgs {
     /// Guest memory, e.g. 512M or 2G (a plain number means MiB).
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     memory: u64,
+    /// The VM's name, for `viridian vm stop NAME` (default: viridian-PID).
+    #[arg(long)]
+    name: Option<String>,
+    /// Control socket path (default: /run/viridian/NAME.sock for root).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
     /// Also write the guest's serial console to this file.
     #[arg(long)]
     serial: Option<PathBuf>,
@@ -150,16 +156,28 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
             memory: args.memory,
             hyperv: !args.no_hyperv,
         },
-        args.serial.as_ref(),
+        &args,
     )
 }
 
-fn run_vm(config: &VmConfig, serial: Option<&PathBuf>) -> anyhow::Result<i32> {
-    let file = serial
+fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
+    let file = args
+        .serial
+        .as_ref()
         .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())))
         .transpose()?;
     let console = Console::new(file);
     let vm = Vm::new(config, Box::new(console.clone()))?;
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("viridian-{}", std::process::id()));
+    let socket = args
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| crate::control::socket_for(&name));
+    let _control = crate::control::ControlServer::start(&socket, vm.control())?;
+    tracing::info!("control socket {}", socket.display());
     let stop = vm.stop_handle();
     ctrlc::set_handler(move || stop.stop()).context("cannot install the Ctrl-C handler")?;
     let reason = vm.run()?;
@@ -171,6 +189,10 @@ fn run_vm(config: &VmConfig, serial: Option<&PathBuf>) -> anyhow::Result<i32> {
                 "viridian: the guest reset itself; the VM has stopped (exit status {EXIT_RESET})"
             );
             EXIT_RESET
+        }
+        ExitReason::TurnedOff => {
+            eprintln!("viridian: turned off by `viridian vm stop --force`");
+            0
         }
         ExitReason::Stopped => {
             eprintln!(
@@ -211,7 +233,7 @@ fn demo(args: &RunArgs) -> anyhow::Result<i32> {
                 memory: args.memory,
                 hyperv: !args.no_hyperv,
             },
-            args.serial.as_ref(),
+            args,
         ),
         Err(why) => {
             eprintln!("viridian: {why}; running the demo inside the lab VM (QEMU TCG with nested KVM) instead");

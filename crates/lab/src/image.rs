@@ -10,18 +10,49 @@ use std::process::Command;
 /// `VIRIDIAN-GUEST key=value` lines, and powers off.
 pub const L2_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
+/bin/busybox --install -s /sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-echo "VIRIDIAN-GUEST init_uptime=$(cut -d' ' -f1 /proc/uptime)"
+say() { echo "VIRIDIAN-GUEST $*"; }
+say init_uptime=$(cut -d' ' -f1 /proc/uptime)
 S=report
 for a in $(cat /proc/cmdline); do
   case "$a" in viridian.scenario=*) S="${a#viridian.scenario=}";; esac
 done
 if [ "$S" != boot ]; then
-  echo "VIRIDIAN-GUEST nproc=$(nproc)"
-  echo "VIRIDIAN-GUEST mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
-  echo "VIRIDIAN-GUEST kernel=$(uname -r)"
+  say nproc=$(nproc)
+  say mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+  say kernel=$(uname -r)
+fi
+if [ "$S" = hyperv ]; then
+  # Start with a wrong clock so that timesync has something to correct.
+  date -s "2001-01-01 00:00:00" >/dev/null
+  M=/lib/modules/$(uname -r)
+  for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
+  i=0
+  while [ $(ls /sys/bus/vmbus/devices 2>/dev/null | wc -l) -lt 3 ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+  sleep 3
+  dmesg | grep -q "Hypervisor detected: Microsoft Hyper-V" && say hypervisor=hyperv
+  say vmbus_version=$(dmesg | sed -n 's/.*Vmbus version:\([0-9.]*\).*/\1/p' | head -n1)
+  for d in /sys/bus/vmbus/devices/*; do
+    [ -e "$d/driver" ] && say bound=$(basename $(readlink $d/driver))
+  done
+  say unchecked_msr=$(dmesg | grep -c "unchecked MSR")
+  say vmbus_errors=$(dmesg | grep -i "vmbus" | grep -ci "error\|fail\|timed out")
+  say clock=$(date +%s)
+  if [ $(nproc) -gt 1 ]; then
+    # Move every channel to vCPU 1 and check that its Hyper-V interrupts arrive there.
+    for c in /sys/bus/vmbus/devices/*/channels/*/cpu; do echo 1 > $c 2>/dev/null; done
+    before=$(awk '/HYP:/ {print $3}' /proc/interrupts)
+    sleep 4
+    after=$(awk '/HYP:/ {print $3}' /proc/interrupts)
+    say vcpu1_interrupts=$((after - before))
+  fi
+  dmesg | grep -i -E "hyper-v|hv_|vmbus" | sed 's/^/GUEST-DMESG /'
+  say ready
+  # Wait for `viridian vm stop`: hv_utils runs /sbin/poweroff (below).
+  while true; do sleep 1; done
 fi
 if [ "$S" = demo ]; then
   echo
@@ -30,9 +61,16 @@ if [ "$S" = demo ]; then
   echo "  Powering off now."
   echo
 fi
-echo "VIRIDIAN-GUEST poweroff"
+say poweroff
 poweroff -f
 "#;
+
+/// `/sbin/poweroff` as hv_utils' orderly power-off runs it: report, then power off.
+pub const L2_POWEROFF: &str =
+    "#!/bin/busybox sh\necho \"VIRIDIAN-GUEST orderly_poweroff\"\nexec /bin/busybox poweroff -f\n";
+
+/// Hyper-V guest modules loaded by the `hyperv` scenario (with their dependencies).
+pub const HYPERV_MODULES: &[&str] = &["hv_vmbus", "hv_utils"];
 
 /// Adds busybox and the base directories and device nodes.
 fn base(archive: &mut Archive, busybox: &Path) -> Result<()> {
@@ -61,10 +99,27 @@ fn base(archive: &mut Archive, busybox: &Path) -> Result<()> {
 }
 
 /// The L2 guest's initramfs.
-pub fn l2_initramfs(busybox: &Path, out: &Path) -> Result<()> {
+/// The L2 guest's initramfs, with the Hyper-V modules of each kernel under
+/// `/lib/modules/VERSION/` and their load order in `load-order`.
+pub fn l2_initramfs(busybox: &Path, kernels: &[&crate::Kernel], out: &Path) -> Result<()> {
     let mut a = Archive::new();
     base(&mut a, busybox)?;
     a.file("init", 0o755, L2_INIT.as_bytes());
+    a.file("sbin/poweroff", 0o755, L2_POWEROFF.as_bytes());
+    a.dir("lib/modules");
+    for k in kernels {
+        let dir = format!("lib/modules/{}", k.version);
+        a.dir(&dir);
+        let modules = k.modules_with_deps(HYPERV_MODULES)?;
+        let mut order = String::new();
+        for (name, path) in &modules {
+            let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            a.file(&format!("{dir}/{name}.ko"), 0o644, &data);
+            order.push_str(name);
+            order.push('\n');
+        }
+        a.file(&format!("{dir}/load-order"), 0o644, order.as_bytes());
+    }
     write(a, out)
 }
 

@@ -120,7 +120,7 @@ impl DemoGuest {
     pub fn prepare(cache: &Cache) -> Result<Self> {
         let kernel = Kernel::fetch(cache, Flavor::Cloud)?;
         let initrd = cache.image("l2-initrd.cpio");
-        image::l2_initramfs(&busybox(cache)?, &initrd)?;
+        image::l2_initramfs(&busybox(cache)?, &[&kernel], &initrd)?;
         Ok(Self {
             kernel: kernel.vmlinuz(),
             initrd,
@@ -151,6 +151,9 @@ pub struct Scenario {
     pub guest: String,
     /// Whether to pass `quiet` to the guest kernel.
     pub quiet: bool,
+    /// Run the VM in the background and stop it with `viridian vm stop` once the guest prints
+    /// `VIRIDIAN-GUEST ready` (Viridian only).
+    pub stop_with_control: bool,
 }
 
 impl Scenario {
@@ -163,6 +166,7 @@ impl Scenario {
             memory_mib: 512,
             guest: guest.into(),
             quiet: true,
+            stop_with_control: false,
         }
     }
 
@@ -183,6 +187,13 @@ impl Scenario {
             self.guest
         );
         match self.vmm {
+            Vmm::Viridian if self.stop_with_control => format!(
+                "viridian run --name l2 --serial /tmp/l2.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}' & p=$!; \
+                 i=0; until grep -q 'VIRIDIAN-GUEST ready' /tmp/l2.log 2>/dev/null || [ $i -ge 900 ]; do sleep 1; i=$((i+1)); done; \
+                 echo VIRIDIAN-GUEST host_status=$(viridian vm status l2 | tr ' ' ','); \
+                 viridian vm stop l2 --timeout 300; wait $p",
+                self.cpus, self.memory_mib
+            ),
             Vmm::Viridian => format!(
                 "viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}'",
                 self.cpus, self.memory_mib
@@ -209,6 +220,8 @@ pub struct ScenarioResult {
     pub seconds: f64,
     /// Everything printed while it ran.
     pub console: String,
+    /// L1's wall clock (seconds since the epoch, from the host's RTC) when it ended.
+    pub clock: Option<u64>,
 }
 
 /// The outcome of one lab boot.
@@ -313,7 +326,7 @@ run() {
   rc=$?
   t1=$(cut -d' ' -f1 /proc/uptime)
   echo
-  echo "LAB-END $name rc=$rc t0=$t0 t1=$t1"
+  echo "LAB-END $name rc=$rc t0=$t0 t1=$t1 clock=$(date +%s)"
 }
 "#,
         );
@@ -321,7 +334,7 @@ run() {
             s.push_str(&format!(
                 "run {} \"{}\"\n",
                 sc.name,
-                sc.command().replace('"', "\\\"")
+                shell_double_quote(&sc.command())
             ));
         }
         s.push_str("echo LAB-DONE\npoweroff -f\n");
@@ -339,7 +352,8 @@ run() {
             RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         let l2_initrd = PathBuf::from(&self.cache).join(format!("images/l2-initrd-{tag}.cpio"));
-        image::l2_initramfs(&self.busybox, &l2_initrd)?;
+        let kernels: Vec<&Kernel> = self.l2_kernels.iter().collect();
+        image::l2_initramfs(&self.busybox, &kernels, &l2_initrd)?;
         let mut programs = vec![("bin/viridian".to_string(), self.viridian.clone())];
         let contents_l2 = l2_initrd.clone();
         let mut files = vec![("l2/initrd.cpio".to_string(), l2_initrd)];
@@ -421,6 +435,19 @@ run() {
     }
 }
 
+/// Escapes `s` for use inside a double-quoted shell word, so that the L1 script passes it to
+/// `sh -c` unexpanded.
+fn shell_double_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '\\' | '"' | '$' | '`') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Finds firmware `name` in `dirs`, following Debian's symlinks by file name (their targets
 /// point into other packages, which are unpacked in separate trees here).
 fn find_firmware(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
@@ -456,6 +483,7 @@ fn parse_line(line: &str, run: &mut LabRun, current: &mut Option<ScenarioResult>
             r.exit_code = f.get("rc").and_then(|v| v.parse().ok()).unwrap_or(-1);
             let t = |k: &str| f.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
             r.seconds = t("t1") - t("t0");
+            r.clock = f.get("clock").and_then(|v| v.parse().ok());
             run.scenarios.push(r);
         }
     } else if let Some(rest) = line.strip_prefix("LAB-ERROR ") {
@@ -504,6 +532,14 @@ mod tests {
         assert!((s.seconds - 5.5).abs() < 1e-9);
         assert!(s.console.contains("Linux version"));
         assert_eq!(run.errors, vec!["insmod x failed"]);
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(
+            shell_double_quote(r#"a "b" $c `d` \e"#),
+            r#"a \"b\" \$c \`d\` \\e"#
+        );
     }
 
     #[test]

@@ -8,8 +8,9 @@ pub mod cpu;
 pub mod hyperv;
 pub mod layout;
 mod vm;
+pub mod vmbus_host;
 
-pub use vm::{ExitReason, StopHandle, Vm, VmConfig};
+pub use vm::{ExitReason, StopHandle, Vm, VmConfig, VmControl};
 
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]

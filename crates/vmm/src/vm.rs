@@ -1,6 +1,7 @@
 //! The VM: builds the partition, runs one thread per vCPU, and reports why it stopped.
 
 use crate::hyperv::{self, Hv};
+use crate::vmbus_host::{IcStatus, ShutdownError, VmbusHost};
 use crate::{acpi, boot, cpu, layout, Error, Result};
 use chipset::{Chipset, PowerRequest};
 use guestmem::GuestMemory;
@@ -44,8 +45,10 @@ pub enum ExitReason {
         what: String,
         registers: String,
     },
-    /// Stopped from outside (Ctrl-C, a stop request).
+    /// Stopped from outside (Ctrl-C).
     Stopped,
+    /// Turned off from outside (`viridian vm stop --force`).
+    TurnedOff,
 }
 
 /// Stops a running VM from another thread.
@@ -53,8 +56,41 @@ pub enum ExitReason {
 pub struct StopHandle(mpsc::Sender<ExitReason>);
 
 impl StopHandle {
+    /// Stops the VM as Ctrl-C does.
     pub fn stop(&self) {
         let _ = self.0.send(ExitReason::Stopped);
+    }
+
+    /// Powers the VM off without asking the guest.
+    pub fn turn_off(&self) {
+        let _ = self.0.send(ExitReason::TurnedOff);
+    }
+}
+
+/// Controls a running VM from another thread (the control socket).
+#[derive(Clone)]
+pub struct VmControl {
+    stop: StopHandle,
+    vmbus: Option<Arc<VmbusHost>>,
+}
+
+impl VmControl {
+    /// Asks the guest to shut down (or reboot) through the shutdown integration service.
+    pub fn shutdown(&self, reboot: bool) -> std::result::Result<(), ShutdownError> {
+        match &self.vmbus {
+            Some(v) => v.request_shutdown(reboot),
+            None => Err(ShutdownError::NotConnected),
+        }
+    }
+
+    /// Powers the VM off at once.
+    pub fn turn_off(&self) {
+        self.stop.turn_off();
+    }
+
+    /// Integration-service status (None without Hyper-V enlightenments).
+    pub fn status(&self) -> Option<IcStatus> {
+        self.vmbus.as_ref().map(|v| v.status())
     }
 }
 
@@ -62,6 +98,7 @@ impl StopHandle {
 pub struct Vm {
     partition: Arc<Partition>,
     hv: Option<Hv>,
+    vmbus: Option<Arc<VmbusHost>>,
     chipset: Arc<Mutex<Chipset>>,
     vcpus: Vec<VcpuFd>,
     events: (mpsc::Sender<ExitReason>, mpsc::Receiver<ExitReason>),
@@ -190,13 +227,26 @@ impl Vm {
                 cpu::set_boot_state(vcpu, entry).map_err(vcpu_err)?;
             }
         }
+        let partition = Arc::new(partition);
+        let vmbus = hv
+            .as_ref()
+            .map(|hv| Arc::new(VmbusHost::new(hv.clone(), partition.clone(), config.vcpus)));
         Ok(Self {
-            partition: Arc::new(partition),
+            partition,
             hv,
+            vmbus,
             chipset,
             vcpus,
             events: mpsc::channel(),
         })
+    }
+
+    /// A handle for the control socket.
+    pub fn control(&self) -> VmControl {
+        VmControl {
+            stop: self.stop_handle(),
+            vmbus: self.vmbus.clone(),
+        }
     }
 
     /// A handle that stops the VM once it runs.
@@ -223,6 +273,7 @@ impl Vm {
                     index: index as u32,
                     partition: self.partition.clone(),
                     hv: self.hv.clone(),
+                    vmbus: self.vmbus.clone(),
                     chipset: self.chipset.clone(),
                     events: tx.clone(),
                     stopping: stopping.clone(),
@@ -234,6 +285,18 @@ impl Vm {
             })
             .collect();
         drop(tx);
+        let ticker = self.vmbus.clone().map(|vmbus| {
+            let stopping = stopping.clone();
+            std::thread::Builder::new()
+                .name("vmbus-tick".into())
+                .spawn(move || {
+                    while !stopping.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(250));
+                        vmbus.tick();
+                    }
+                })
+                .expect("spawn vmbus thread")
+        });
         let reason = rx.recv().unwrap_or(ExitReason::Stopped);
         stopping.store(true, Ordering::SeqCst);
         // Kick every vCPU out of KVM_RUN until all threads have noticed.
@@ -243,7 +306,7 @@ impl Vm {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        for t in threads {
+        for t in threads.into_iter().chain(ticker) {
             let _ = t.join();
         }
         self.chipset.lock().unwrap().serial.flush();
@@ -255,6 +318,7 @@ struct VcpuContext {
     index: u32,
     partition: Arc<Partition>,
     hv: Option<Hv>,
+    vmbus: Option<Arc<VmbusHost>>,
     chipset: Arc<Mutex<Chipset>>,
     events: mpsc::Sender<ExitReason>,
     stopping: Arc<AtomicBool>,
@@ -367,9 +431,19 @@ impl VcpuContext {
             .expect("hypercall port routed only with hv1");
         match hyperv::hypercall(hv, vcpu, self.index)? {
             hyperv::HypercallResult::Done => Ok(()),
-            // No VMBus server is attached yet: nothing listens on any connection.
-            hyperv::HypercallResult::PostMessage(_) | hyperv::HypercallResult::SignalEvent(_) => {
-                hyperv::set_hypercall_status(vcpu, hv1::HvStatus::INVALID_CONNECTION_ID)
+            hyperv::HypercallResult::PostMessage(m) => {
+                let status = match &self.vmbus {
+                    Some(v) => v.post_message(&m),
+                    None => hv1::HvStatus::INVALID_CONNECTION_ID,
+                };
+                hyperv::set_hypercall_status(vcpu, status)
+            }
+            hyperv::HypercallResult::SignalEvent(e) => {
+                let status = match &self.vmbus {
+                    Some(v) => v.signal_event(&e),
+                    None => hv1::HvStatus::INVALID_CONNECTION_ID,
+                };
+                hyperv::set_hypercall_status(vcpu, status)
             }
         }
     }

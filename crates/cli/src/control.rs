@@ -1,0 +1,138 @@
+//! The worker's control socket: a Unix stream socket per running VM that takes one-line
+//! commands (`shutdown`, `reboot`, `turn-off`, `status`) and answers with one line (`ok ...` or
+//! `error: ...`). `viridian vm` is its client.
+
+use anyhow::Context;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmm::VmControl;
+
+/// Directory of control sockets: `$VIRIDIAN_RUN_DIR`, else `/run/viridian` for root, else
+/// `$XDG_RUNTIME_DIR/viridian`, else `/tmp/viridian-$USER`.
+pub fn socket_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VIRIDIAN_RUN_DIR") {
+        return d.into();
+    }
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .unwrap_or_default();
+    if uid == "0" {
+        return "/run/viridian".into();
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("viridian");
+    }
+    PathBuf::from(format!("/tmp/viridian-{uid}"))
+}
+
+/// The socket of the VM called `name`.
+pub fn socket_for(name: &str) -> PathBuf {
+    socket_dir().join(format!("{name}.sock"))
+}
+
+/// Serves the control socket until the process exits; removes it when dropped.
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    pub fn start(path: &Path, control: VmControl) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        if UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "{} is in use by another running VM; pick another --name",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let control = control.clone();
+                    std::thread::spawn(move || serve(stream, &control));
+                }
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, control: &VmControl) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut line = String::new();
+    // Commands are short; a longer line is an error, not an allocation.
+    if BufReader::new(std::io::Read::take(stream, 256))
+        .read_line(&mut line)
+        .is_err()
+    {
+        return;
+    }
+    let reply = match line.trim() {
+        "shutdown" | "reboot" => match control.shutdown(line.trim() == "reboot") {
+            Ok(()) => "ok: the guest was asked to shut down".to_string(),
+            Err(e) => format!("error: {e}"),
+        },
+        "turn-off" => {
+            control.turn_off();
+            "ok: turned off".to_string()
+        }
+        "status" => match control.status() {
+            Some(s) => format!(
+                "ok: running vmbus={} heartbeat={:?} shutdown-service={} time-synced={}",
+                s.vmbus_version
+                    .map(|v| format!("{}.{}", v >> 16, v & 0xffff))
+                    .unwrap_or_else(|| "none".into()),
+                s.heartbeat,
+                if s.shutdown_ready { "ready" } else { "absent" },
+                s.time_synced
+            ),
+            None => "ok: running (no Hyper-V enlightenments)".to_string(),
+        },
+        other => format!("error: unknown command '{other}'"),
+    };
+    let _ = writeln!(writer, "{reply}");
+}
+
+/// Sends one command and returns the reply line.
+pub fn send(path: &Path, command: &str) -> anyhow::Result<String> {
+    let mut stream = UnixStream::connect(path).with_context(|| {
+        format!(
+            "cannot reach the VM's control socket {} (is the VM running? `viridian vm list`)",
+            path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    writeln!(stream, "{command}")?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    let reply = reply.trim().to_string();
+    match reply.strip_prefix("error: ") {
+        Some(e) => anyhow::bail!("{e}"),
+        None if reply.is_empty() => anyhow::bail!("the VM closed the control connection"),
+        None => Ok(reply.trim_start_matches("ok: ").to_string()),
+    }
+}

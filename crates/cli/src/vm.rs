@@ -1,0 +1,96 @@
+//! `viridian vm ...`: manage running VMs through their control sockets (Stop-VM, Get-VM).
+
+use crate::control;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Shut a VM down through the guest's shutdown service (Stop-VM); waits until it is off.
+    Stop {
+        #[command(flatten)]
+        target: Target,
+        /// Power off at once instead of asking the guest (Stop-VM -TurnOff).
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest to power off.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Show a running VM's state and its integration services (Get-VM).
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List running VMs.
+    List,
+}
+
+#[derive(Args)]
+pub struct Target {
+    /// The VM's name (`viridian run --name`).
+    #[arg(required_unless_present = "socket")]
+    name: Option<String>,
+    /// The control socket path instead of a name.
+    #[arg(long, conflicts_with = "name")]
+    socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn path(&self) -> PathBuf {
+        match (&self.socket, &self.name) {
+            (Some(p), _) => p.clone(),
+            (None, Some(n)) => control::socket_for(n),
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
+}
+
+pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
+    let result: anyhow::Result<i32> = match cmd {
+        VmCommand::Stop {
+            target,
+            force,
+            timeout,
+        } => {
+            let path = target.path();
+            let reply = control::send(&path, if force { "turn-off" } else { "shutdown" })?;
+            eprintln!("viridian: {reply}");
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            while path.exists() && std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                if Instant::now() > deadline {
+                    anyhow::bail!(
+                        "the guest did not power off within {timeout} s; `viridian vm stop --force` turns it off"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            eprintln!("viridian: the VM is off");
+            Ok(0)
+        }
+        VmCommand::Status { target } => {
+            println!("{}", control::send(&target.path(), "status")?);
+            Ok(0)
+        }
+        VmCommand::List => {
+            let dir = control::socket_dir();
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(_) => return Ok(0),
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "sock")
+                    && std::os::unix::net::UnixStream::connect(&p).is_ok()
+                {
+                    let name = p.file_stem().unwrap().to_string_lossy();
+                    println!("{name}\t{}", p.display());
+                }
+            }
+            Ok(0)
+        }
+    };
+    result.context("viridian vm")
+}

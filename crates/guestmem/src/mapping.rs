@@ -1,0 +1,86 @@
+//! Anonymous host mappings for guest RAM, aligned to 2 MiB so that KVM can map the guest with
+//! huge pages (a guest 2 MiB page needs a host range congruent to it modulo 2 MiB).
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::MmapRegion;
+
+const ALIGN: usize = 2 << 20;
+
+/// An owned `len`-byte anonymous mapping starting on a 2 MiB boundary; unmapped on drop.
+pub struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+impl Mapping {
+    pub fn new(len: usize) -> std::io::Result<Self> {
+        let total = len
+            .checked_add(ALIGN)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+        // SAFETY: a fresh anonymous private mapping at an address of the kernel's choosing;
+        // it aliases nothing.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let raw = raw as usize;
+        let start = raw.next_multiple_of(ALIGN);
+        let head = start - raw;
+        let tail = total - head - len;
+        // SAFETY: both ranges lie inside the mapping just created and outside [start, start+len),
+        // which is all this object keeps; nothing else refers to them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
+            }
+        }
+        Ok(Self { addr: start, len })
+    }
+
+    /// A vm-memory view of the mapping. It does not own the memory; `self` must outlive it.
+    pub fn region(&self) -> Result<MmapRegion<()>, vm_memory::mmap::MmapRegionError> {
+        // SAFETY: [addr, addr+len) is a live mapping owned by `self`, and `GuestMemory` keeps
+        // `self` alive for as long as the region (it drops the regions first).
+        unsafe {
+            MmapRegionBuilder::new(self.len)
+                .with_raw_mmap_pointer(self.addr as *mut u8)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .build()
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the range is the mapping this object owns, and no view of it outlives `self`.
+        unsafe {
+            libc::munmap(self.addr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_writable() {
+        let m = Mapping::new(4 << 20).unwrap();
+        assert_eq!(m.addr % ALIGN, 0);
+        let r = m.region().unwrap();
+        assert_eq!(r.size(), 4 << 20);
+    }
+}
