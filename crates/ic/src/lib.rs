@@ -613,3 +613,90 @@ impl Ic {
         matches!(self.service, Service::Timesync { synced: true, .. })
     }
 }
+
+/// Saved IC state (also the inspection dump). Versions are (major, minor).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IcSavedState {
+    pub kind: String,
+    /// "closed", "negotiating", "ready" or "no_common_version".
+    pub state: String,
+    pub framework: Option<(u16, u16)>,
+    pub message: Option<(u16, u16)>,
+    pub next_transaction: u64,
+    /// Outstanding shutdown transaction or heartbeat sequence number.
+    pub outstanding: Option<u64>,
+    /// Last heartbeat sequence number sent.
+    pub heartbeat_seq: u64,
+    /// Timesync: SYNC already sent.
+    pub time_synced: bool,
+}
+
+impl Ic {
+    /// Snapshot of the state. Heartbeat timing is not saved: after a restore the guest is in
+    /// [`HeartbeatState::NoContact`] until it answers again.
+    pub fn save(&self) -> IcSavedState {
+        let (state, framework, message) = match self.state {
+            IcState::Closed => ("closed", None, None),
+            IcState::Negotiating => ("negotiating", None, None),
+            IcState::Ready { framework, message } => (
+                "ready",
+                Some((framework.major, framework.minor)),
+                Some((message.major, message.minor)),
+            ),
+            IcState::NoCommonVersion => ("no_common_version", None, None),
+        };
+        let (outstanding, heartbeat_seq, time_synced) = match &self.service {
+            Service::Shutdown { outstanding } => (*outstanding, 0, false),
+            Service::Heartbeat {
+                seq, outstanding, ..
+            } => (*outstanding, *seq, false),
+            Service::Timesync { synced, .. } => (None, 0, *synced),
+        };
+        IcSavedState {
+            kind: format!("{:?}", self.kind),
+            state: state.into(),
+            framework,
+            message,
+            next_transaction: self.next_transaction,
+            outstanding,
+            heartbeat_seq,
+            time_synced,
+        }
+    }
+
+    /// Restores a snapshot taken from the same kind of service.
+    pub fn restore(&mut self, s: &IcSavedState) -> Result<(), IcError> {
+        if s.kind != format!("{:?}", self.kind) {
+            return Err(IcError::WrongService);
+        }
+        let v = |p: Option<(u16, u16)>| p.map(|(a, b)| IcVersion::new(a, b));
+        self.state = match (s.state.as_str(), v(s.framework), v(s.message)) {
+            ("closed", _, _) => IcState::Closed,
+            ("negotiating", _, _) => IcState::Negotiating,
+            ("no_common_version", _, _) => IcState::NoCommonVersion,
+            ("ready", Some(framework), Some(message))
+                if FRAMEWORK_VERSIONS.contains(&framework)
+                    && self.kind.versions().contains(&message) =>
+            {
+                IcState::Ready { framework, message }
+            }
+            _ => return Err(IcError::Malformed("saved IC state")),
+        };
+        self.next_transaction = s.next_transaction;
+        match &mut self.service {
+            Service::Shutdown { outstanding } => *outstanding = s.outstanding,
+            Service::Heartbeat {
+                seq,
+                outstanding,
+                last_ack,
+                ..
+            } => {
+                *seq = s.heartbeat_seq;
+                *outstanding = s.outstanding;
+                *last_ack = None;
+            }
+            Service::Timesync { synced, .. } => *synced = s.time_synced,
+        }
+        Ok(())
+    }
+}

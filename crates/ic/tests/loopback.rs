@@ -536,3 +536,33 @@ fn reopen_renegotiates() {
     assert_eq!(ic.process(&mut host, Instant::now()).unwrap().len(), 1);
     assert!(matches!(ic.state(), IcState::Ready { .. }));
 }
+
+#[test]
+fn save_restore_round_trips() {
+    let mut r = rig(&[IcKind::Heartbeat]);
+    let mut ic = Ic::heartbeat(Duration::from_secs(10));
+    let (mut gch, mut host) = open(&mut r, 0, &mut ic);
+    let mut g = GuestUtil::new(IcKind::Heartbeat);
+    g.poll(&mut r.client, &mut gch);
+    ic.process(&mut host, Instant::now()).unwrap();
+    let s1 = ic.send_heartbeat(&mut host).unwrap();
+    let saved = ic.save();
+    let json = serde_json::to_string(&saved).unwrap();
+    let mut ic2 = Ic::heartbeat(Duration::from_secs(10));
+    ic2.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+    assert_eq!(ic2.save(), saved);
+    assert_eq!(ic2.state(), ic.state());
+    // The restored service accepts the answer to the heartbeat sent before the save.
+    g.poll(&mut r.client, &mut gch);
+    let now = Instant::now();
+    assert_eq!(
+        ic2.process(&mut host, now).unwrap(),
+        vec![IcEvent::HeartbeatAck { seq: s1 }]
+    );
+    assert_eq!(ic2.heartbeat_state(now), HeartbeatState::Healthy);
+    // Wrong service or bad versions are refused.
+    assert_eq!(Ic::shutdown().restore(&saved), Err(IcError::WrongService));
+    let mut bad = saved.clone();
+    bad.message = Some((9, 9));
+    assert!(Ic::heartbeat(Duration::from_secs(1)).restore(&bad).is_err());
+}
