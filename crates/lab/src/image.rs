@@ -67,7 +67,7 @@ poweroff -f
 
 /// `/sbin/poweroff` as hv_utils' orderly power-off runs it: report, then power off.
 pub const L2_POWEROFF: &str =
-    "#!/bin/busybox sh\necho \"VIRIDIAN-GUEST orderly_poweroff\"\nexec /bin/busybox poweroff -f\n";
+    "#!/bin/busybox sh\necho \"VIRIDIAN-GUEST orderly_poweroff\" > /dev/console\nexec /bin/busybox poweroff -f\n";
 
 /// Hyper-V guest modules loaded by the `hyperv` scenario (with their dependencies).
 pub const HYPERV_MODULES: &[&str] = &["hv_vmbus", "hv_utils"];

@@ -188,11 +188,12 @@ impl Scenario {
         );
         match self.vmm {
             Vmm::Viridian if self.stop_with_control => format!(
-                "viridian run --name l2 --serial /tmp/l2.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}' & p=$!; \
-                 i=0; until grep -q 'VIRIDIAN-GUEST ready' /tmp/l2.log 2>/dev/null || [ $i -ge 900 ]; do sleep 1; i=$((i+1)); done; \
-                 echo VIRIDIAN-GUEST host_status=$(viridian vm status l2 | tr ' ' ','); \
-                 viridian vm stop l2 --timeout 300; wait $p",
-                self.cpus, self.memory_mib
+                "rm -f /tmp/{name}.log; \
+                 viridian run --name {name} --serial /tmp/{name}.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}' & p=$!; \
+                 i=0; until grep -q 'VIRIDIAN-GUEST ready' /tmp/{name}.log 2>/dev/null || [ $i -ge 600 ]; do sleep 1; i=$((i+1)); done; \
+                 echo VIRIDIAN-GUEST host_status=$(viridian vm status {name} | tr ' ' ','); \
+                 viridian vm stop {name} --timeout 300 || viridian vm stop {name} --force; wait $p",
+                self.cpus, self.memory_mib, name = self.name
             ),
             Vmm::Viridian => format!(
                 "viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}'",

@@ -1,6 +1,7 @@
 //! Wiring of the Hyper-V enlightenments (`hv1`) into the KVM vCPUs: CPUID, the synthetic MSR
 //! trap, the hypercall port, interrupt injection, and the VMBus device in the DSDT.
 
+use crate::vmbus_host::VmbusHost;
 use acpi_tables::{aml, Aml};
 use kvm::kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm::kvm_ioctls::VcpuFd;
@@ -157,3 +158,47 @@ pub fn log_crash(report: &hv1::CrashReport) {
 
 /// Shared handle to the enlightenment state, as the vCPU threads use it.
 pub type Hv = Arc<hv1::Partition>;
+
+/// The Hyper-V side of a vCPU's exits: synthetic MSRs and hypercalls, with VMBus behind them.
+#[derive(Clone)]
+pub struct HvExits {
+    pub hv: Hv,
+    pub partition: Arc<kvm::Partition>,
+    pub vmbus: Arc<VmbusHost>,
+}
+
+impl HvExits {
+    /// RDMSR of a trapped MSR; `None` means inject #GP.
+    pub fn rdmsr(&self, vp: u32, msr: u32) -> Option<u64> {
+        self.hv.msr_read(vp, msr).ok()
+    }
+
+    /// WRMSR of a trapped MSR; `false` means inject #GP.
+    pub fn wrmsr(&self, vp: u32, msr: u32, value: u64) -> bool {
+        match self.hv.msr_write(vp, msr, value) {
+            Ok(None) => true,
+            Ok(Some(hv1::MsrAction::Interrupts(list))) => {
+                inject(&self.partition, &list);
+                true
+            }
+            Ok(Some(hv1::MsrAction::GuestCrash(report))) => {
+                log_crash(&report);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The `OUT` to [`hv1::HYPERCALL_PORT`]: dispatches the hypercall and sets RAX.
+    pub fn hypercall(&self, vcpu: &VcpuFd, vp: u32) -> Result<(), kvm::kvm_ioctls::Error> {
+        match hypercall(&self.hv, vcpu, vp)? {
+            HypercallResult::Done => Ok(()),
+            HypercallResult::PostMessage(m) => {
+                set_hypercall_status(vcpu, self.vmbus.post_message(&m))
+            }
+            HypercallResult::SignalEvent(e) => {
+                set_hypercall_status(vcpu, self.vmbus.signal_event(&e))
+            }
+        }
+    }
+}

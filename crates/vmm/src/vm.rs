@@ -1,6 +1,6 @@
 //! The VM: builds the partition, runs one thread per vCPU, and reports why it stopped.
 
-use crate::hyperv::{self, Hv};
+use crate::hyperv::{self, Hv, HvExits};
 use crate::vmbus_host::{IcStatus, ShutdownError, VmbusHost};
 use crate::{acpi, boot, cpu, layout, Error, Result};
 use chipset::{Chipset, PowerRequest};
@@ -264,26 +264,31 @@ impl Vm {
         let _ = register_signal_handler(kick_signal(), on_kick);
         let stopping = Arc::new(AtomicBool::new(false));
         let (tx, rx) = self.events;
-        let threads: Vec<JoinHandle<()>> = self
-            .vcpus
-            .into_iter()
-            .enumerate()
-            .map(|(index, vcpu)| {
-                let ctx = VcpuContext {
-                    index: index as u32,
-                    partition: self.partition.clone(),
-                    hv: self.hv.clone(),
-                    vmbus: self.vmbus.clone(),
-                    chipset: self.chipset.clone(),
-                    events: tx.clone(),
-                    stopping: stopping.clone(),
-                };
-                std::thread::Builder::new()
-                    .name(format!("vcpu{index}"))
-                    .spawn(move || ctx.run(vcpu))
-                    .expect("spawn vCPU thread")
-            })
-            .collect();
+        let threads: Vec<JoinHandle<()>> =
+            self.vcpus
+                .into_iter()
+                .enumerate()
+                .map(|(index, vcpu)| {
+                    let ctx =
+                        VcpuContext {
+                            index: index as u32,
+                            hv: self.hv.clone().zip(self.vmbus.clone()).map(|(hv, vmbus)| {
+                                HvExits {
+                                    hv,
+                                    partition: self.partition.clone(),
+                                    vmbus,
+                                }
+                            }),
+                            chipset: self.chipset.clone(),
+                            events: tx.clone(),
+                            stopping: stopping.clone(),
+                        };
+                    std::thread::Builder::new()
+                        .name(format!("vcpu{index}"))
+                        .spawn(move || ctx.run(vcpu))
+                        .expect("spawn vCPU thread")
+                })
+                .collect();
         drop(tx);
         let ticker = self.vmbus.clone().map(|vmbus| {
             let stopping = stopping.clone();
@@ -316,9 +321,7 @@ impl Vm {
 
 struct VcpuContext {
     index: u32,
-    partition: Arc<Partition>,
-    hv: Option<Hv>,
-    vmbus: Option<Arc<VmbusHost>>,
+    hv: Option<HvExits>,
     chipset: Arc<Mutex<Chipset>>,
     events: mpsc::Sender<ExitReason>,
     stopping: Arc<AtomicBool>,
@@ -352,27 +355,20 @@ impl VcpuContext {
                     match self
                         .hv
                         .as_ref()
-                        .map(|hv| hv.msr_read(self.index, exit.index))
+                        .and_then(|hv| hv.rdmsr(self.index, exit.index))
                     {
-                        Some(Ok(value)) => *exit.data = value,
-                        _ => *exit.error = 1,
+                        Some(value) => *exit.data = value,
+                        None => *exit.error = 1,
                     }
                     None
                 }
                 VcpuExit::X86Wrmsr(exit) => {
-                    match self
+                    let ok = self
                         .hv
                         .as_ref()
-                        .map(|hv| hv.msr_write(self.index, exit.index, exit.data))
-                    {
-                        Some(Ok(None)) => {}
-                        Some(Ok(Some(hv1::MsrAction::Interrupts(list)))) => {
-                            hyperv::inject(&self.partition, &list)
-                        }
-                        Some(Ok(Some(hv1::MsrAction::GuestCrash(report)))) => {
-                            hyperv::log_crash(&report)
-                        }
-                        _ => *exit.error = 1,
+                        .is_some_and(|hv| hv.wrmsr(self.index, exit.index, exit.data));
+                    if !ok {
+                        *exit.error = 1;
                     }
                     None
                 }
@@ -425,26 +421,9 @@ impl VcpuContext {
     }
 
     fn hypercall(&self, vcpu: &VcpuFd) -> std::result::Result<(), kvm::kvm_ioctls::Error> {
-        let hv = self
-            .hv
-            .as_ref()
-            .expect("hypercall port routed only with hv1");
-        match hyperv::hypercall(hv, vcpu, self.index)? {
-            hyperv::HypercallResult::Done => Ok(()),
-            hyperv::HypercallResult::PostMessage(m) => {
-                let status = match &self.vmbus {
-                    Some(v) => v.post_message(&m),
-                    None => hv1::HvStatus::INVALID_CONNECTION_ID,
-                };
-                hyperv::set_hypercall_status(vcpu, status)
-            }
-            hyperv::HypercallResult::SignalEvent(e) => {
-                let status = match &self.vmbus {
-                    Some(v) => v.signal_event(&e),
-                    None => hv1::HvStatus::INVALID_CONNECTION_ID,
-                };
-                hyperv::set_hypercall_status(vcpu, status)
-            }
+        match &self.hv {
+            Some(hv) => hv.hypercall(vcpu, self.index),
+            None => Ok(()),
         }
     }
 
