@@ -121,9 +121,9 @@ fn in_hv_range(function: u32) -> bool {
 ///
 /// * removes every entry in 0x40000000..=0x4000FFFF, which covers each base (in 0x100 steps)
 ///   where a guest looks for a KVM (or any other) hypervisor signature;
-/// * sets CPUID.1:ECX[31] (hypervisor present), adding leaf 1 if it is missing;
+/// * sets CPUID.1:ECX bit 31 (hypervisor present), adding leaf 1 if it is missing;
 /// * inserts the Hyper-V leaves from [`hv_leaves`];
-/// * with `invariant_tsc`, sets CPUID.80000007H:EDX[8], adding the leaf if it is missing and
+/// * with `invariant_tsc`, sets CPUID.80000007H:EDX bit 8, adding the leaf if it is missing and
 ///   raising the max extended leaf (0x80000000 EAX) to cover it. Without it the host's value
 ///   is left as it is.
 ///
