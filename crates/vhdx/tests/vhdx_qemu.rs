@@ -251,3 +251,52 @@ fn our_4k_sector_image_reads_back_and_checks() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn we_write_into_qemu_made_images() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for (i, opts) in [
+        "subformat=dynamic,block_size=1M",
+        "subformat=dynamic,block_size=16M,log_size=2M",
+        "subformat=fixed,block_size=2M",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let size = 48 * MIB;
+        let img = dir.path().join(format!("w{i}.vhdx"));
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                "vhdx",
+                "-o",
+                opts,
+                img.to_str().unwrap(),
+                &size.to_string(),
+            ],
+        );
+        qemu_write(&img, 0x61, 0, 3 * MIB);
+        let mut expected = vec![0u8; size as usize];
+        expected[..3 * MIB as usize].fill(0x61);
+        let d = Vhdx::open(&img, false).unwrap();
+        for _ in 0..30 {
+            let off = rng.random_range(0..size / 512) * 512;
+            let len = (rng.random_range(1..=2048u64) * 512).min(size - off);
+            let mut data = vec![0u8; len as usize];
+            rng.fill(&mut data[..]);
+            d.write_at(&data, off).unwrap();
+            expected[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        d.unmap(MIB, MIB).unwrap();
+        expected[MIB as usize..2 * MIB as usize].fill(0);
+        d.close().unwrap();
+        qemu_check(&img);
+        qemu_compare(&img, &expected);
+    }
+}
