@@ -391,3 +391,112 @@ fn unmap_gives_space_back_and_fixed_is_preallocated() {
     d.close().unwrap();
     assert!(used(&f) >= 48 * MIB, "fixed disk lost its allocation");
 }
+
+#[test]
+fn moved_chain_and_set_parent() {
+    let dir = scratch();
+    let a = dir.path().join("a");
+    std::fs::create_dir(&a).unwrap();
+    let base = a.join("base.vhdx");
+    let d = VhdxBuilder::new(4 * MIB)
+        .block_size(1 << 20)
+        .create(&base)
+        .unwrap();
+    d.write_at(&vec![0x10; 4 * MIB as usize], 0).unwrap();
+    d.close().unwrap();
+    let sub = a.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let child = sub.join("child.vhdx");
+    let d = VhdxBuilder::differencing(&base).create(&child).unwrap();
+    d.write_at(&[0x20; 512], 512).unwrap();
+    d.close().unwrap();
+    let info = Vhdx::open(&child, true).unwrap().info().unwrap();
+    assert!(info
+        .parent_locator
+        .iter()
+        .any(|(k, v)| k == "relative_path" && v == "..\\base.vhdx"));
+    let mut model = vec![0x10; 4 * MIB as usize];
+    model[512..1024].fill(0x20);
+    // Move the whole tree: the relative path still resolves.
+    let b = dir.path().join("b");
+    std::fs::rename(&a, &b).unwrap();
+    let child = b.join("sub/child.vhdx");
+    check(&Vhdx::open(&child, true).unwrap(), &model, "moved chain");
+    // Move only the parent: the child cannot find it...
+    let elsewhere = dir.path().join("moved-base.vhdx");
+    std::fs::rename(b.join("base.vhdx"), &elsewhere).unwrap();
+    assert!(matches!(
+        Vhdx::open(&child, true),
+        Err(vhdx::Error::Corrupt {
+            structure: "parent locator",
+            ..
+        })
+    ));
+    // ...but opens without it for inspection, and set_parent repairs it.
+    let orphan = Vhdx::open_without_parent(&child).unwrap();
+    assert!(orphan.read_at(&mut [0u8; 512], 4096).is_err());
+    let mut s = [0u8; 512];
+    orphan.read_at(&mut s, 512).unwrap();
+    assert_eq!(s, [0x20; 512]);
+    drop(orphan);
+    vhdx::vhdx::set_parent(&child, &elsewhere, false).unwrap();
+    check(
+        &Vhdx::open(&child, true).unwrap(),
+        &model,
+        "after set_parent",
+    );
+    // A different disk as parent is refused unless forced; a loop is always refused.
+    let other = dir.path().join("other.vhdx");
+    VhdxBuilder::new(4 * MIB)
+        .create(&other)
+        .unwrap()
+        .close()
+        .unwrap();
+    assert!(vhdx::vhdx::set_parent(&child, &other, false).is_err());
+    let grandchild = dir.path().join("gc.vhdx");
+    VhdxBuilder::differencing(&child)
+        .create(&grandchild)
+        .unwrap()
+        .close()
+        .unwrap();
+    assert!(vhdx::vhdx::set_parent(&child, &grandchild, true).is_err());
+    vhdx::vhdx::set_parent(&child, &other, true).unwrap();
+    let mut m2 = vec![0u8; 4 * MIB as usize];
+    m2[512..1024].fill(0x20);
+    check(&Vhdx::open(&child, true).unwrap(), &m2, "forced new parent");
+}
+
+#[test]
+fn merge_child_into_parent() {
+    let dir = scratch();
+    let base = dir.path().join("base.vhdx");
+    let d = VhdxBuilder::new(8 * MIB)
+        .block_size(1 << 20)
+        .create(&base)
+        .unwrap();
+    d.write_at(&vec![0x31; 8 * MIB as usize], 0).unwrap();
+    d.close().unwrap();
+    let child = dir.path().join("child.vhdx");
+    let d = VhdxBuilder::differencing(&base)
+        .block_size(1 << 20)
+        .create(&child)
+        .unwrap();
+    let mut model = vec![0x31; 8 * MIB as usize];
+    d.write_at(&[0x42; 1536], 4096).unwrap();
+    model[4096..4096 + 1536].fill(0x42);
+    d.write_at(&vec![0x43; MIB as usize], 2 * MIB).unwrap();
+    model[2 * MIB as usize..3 * MIB as usize].fill(0x43);
+    d.unmap(5 * MIB, MIB).unwrap();
+    model[5 * MIB as usize..6 * MIB as usize].fill(0);
+    check(&d, &model, "child before merge");
+    d.close().unwrap();
+    let p = vhdx::vhdx::merge_into_parent(&child).unwrap();
+    assert_eq!(p, base);
+    check(
+        &Vhdx::open(&base, true).unwrap(),
+        &model,
+        "parent after merge",
+    );
+    // The child is now stale (the parent's DataWriteGuid changed).
+    assert!(Vhdx::open(&child, true).is_err());
+}

@@ -298,7 +298,7 @@ fn preallocate(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<(
     }
 }
 
-fn make_locator(child: &Path, parent_path: &Path, parent: &Vhdx) -> Result<Vec<u8>> {
+pub(super) fn make_locator(child: &Path, parent_path: &Path, parent: &Vhdx) -> Result<Vec<u8>> {
     let parent_abs = parent_path
         .canonicalize()
         .map_err(|e| io_err(parent_path, "open", e))?;

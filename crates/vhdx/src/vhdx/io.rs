@@ -46,7 +46,7 @@ impl Vhdx {
                     bitmap: bat_offset(sb),
                 }
             }
-            PAYLOAD_NOT_PRESENT if self.parent.is_some() => Source::Parent,
+            PAYLOAD_NOT_PRESENT if self.geo.has_parent => Source::Parent,
             _ => Source::Zero,
         }
     }
@@ -72,10 +72,12 @@ impl Vhdx {
     }
 
     fn read_parent(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let parent = self
-            .parent
-            .as_ref()
-            .expect("differencing disk has a parent");
+        let Some(parent) = self.parent.as_ref() else {
+            return Err(Error::Invalid(format!(
+                "{}: opened without its parent; parent data is not readable",
+                self.file.path.display()
+            )));
+        };
         let psize = parent.size();
         if offset >= psize {
             buf.fill(0);
@@ -227,7 +229,7 @@ impl Vhdx {
         // In a differencing disk, a NOT_PRESENT block's other sectors still come from the
         // parent: the new block is partially present. ZERO/UNMAPPED blocks read zeros, which
         // the freshly extended file provides.
-        let partial = self.parent.is_some() && state == PAYLOAD_NOT_PRESENT && !whole;
+        let partial = self.geo.has_parent && state == PAYLOAD_NOT_PRESENT && !whole;
         let mut changes = Vec::new();
         let new_off = meta.alloc_end;
         let mut end = new_off + bs;
@@ -272,7 +274,7 @@ impl Vhdx {
         self.begin_session(true)?;
         let size = self.virtual_size.load(Ordering::Acquire);
         let bs = u64::from(self.geo.block_size);
-        let diff = self.parent.is_some();
+        let diff = self.geo.has_parent;
         let mut changes = Vec::new();
         self.for_each_piece(offset, len, |block, in_block, r| {
             let n = r.len() as u64;

@@ -14,7 +14,7 @@ pub mod log;
 mod ops;
 
 pub use create::VhdxBuilder;
-pub use ops::{merge_into_parent, CompactStats, Reclaim, ShrinkPolicy};
+pub use ops::{merge_into_parent, set_parent, CompactStats, Reclaim, ShrinkPolicy};
 
 use backing::Backing;
 use format::*;
@@ -71,6 +71,8 @@ struct Meta {
     regions: Vec<RegionEntry>,
     bat_offset: u64,
     bat_length: u64,
+    metadata_offset: u64,
+    metadata_length: u64,
     /// File offset of the virtual disk size item.
     vsize_item_offset: u64,
     log_head: u64,
@@ -127,10 +129,22 @@ impl Vhdx {
     /// log is replayed: into the file for read-write opens, in memory for read-only opens.
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<Vhdx> {
         let mut chain = Vec::new();
-        Self::open_in_chain(path.as_ref(), read_only, &mut chain)
+        Self::open_in_chain(path.as_ref(), read_only, &mut chain, true)
     }
 
-    fn open_in_chain(path: &Path, read_only: bool, chain: &mut Vec<PathBuf>) -> Result<Vhdx> {
+    /// Opens a file read-only without following its parent locator: for inspecting (and
+    /// repairing with [`set_parent`]) a differencing disk whose parent is missing. Reads of
+    /// sectors that come from the parent fail with [`Error::Invalid`].
+    pub fn open_without_parent(path: impl AsRef<Path>) -> Result<Vhdx> {
+        Self::open_in_chain(path.as_ref(), true, &mut Vec::new(), false)
+    }
+
+    fn open_in_chain(
+        path: &Path,
+        read_only: bool,
+        chain: &mut Vec<PathBuf>,
+        with_parent: bool,
+    ) -> Result<Vhdx> {
         let canon = path
             .canonicalize()
             .map_err(|e| backing::io_err(path, "open", e))?;
@@ -165,10 +179,15 @@ impl Vhdx {
             .open(path)
             .map_err(|e| backing::io_err(path, "open", e))?;
         let backing = Backing::new(path, file)?;
-        Self::parse(backing, read_only, chain)
+        Self::parse(backing, read_only, chain, with_parent)
     }
 
-    fn parse(mut f: Backing, read_only: bool, chain: &mut Vec<PathBuf>) -> Result<Vhdx> {
+    fn parse(
+        mut f: Backing,
+        read_only: bool,
+        chain: &mut Vec<PathBuf>,
+        with_parent: bool,
+    ) -> Result<Vhdx> {
         let file_len = f.view_len;
         // File identifier.
         let id = f.read_struct(FILE_ID_OFFSET, 8, "file identifier")?;
@@ -396,7 +415,7 @@ impl Vhdx {
         )?;
 
         // Parent.
-        let (parent, parent_path) = if md.has_parent {
+        let (parent, parent_path) = if md.has_parent && with_parent {
             let loc = md.locator.as_ref().expect("checked in parse_metadata");
             let (p, pp) = open_parent(&f, loc, md.locator_offset, chain)?;
             if p.geo.logical_sector_size != geo.logical_sector_size {
@@ -435,6 +454,8 @@ impl Vhdx {
                 regions,
                 bat_offset: bat_off,
                 bat_length: u64::from(bat_region.length),
+                metadata_offset: meta_region.file_offset,
+                metadata_length: u64::from(meta_region.length),
                 vsize_item_offset: md.vsize_item_offset,
                 log_head: 0,
                 log_seq: 1,
@@ -1139,7 +1160,7 @@ fn open_parent(
             continue;
         }
         let depth = chain.len();
-        let p = Vhdx::open_in_chain(&cand, true, chain);
+        let p = Vhdx::open_in_chain(&cand, true, chain, true);
         chain.truncate(depth);
         let p = p?;
         let dwg = p.data_write_guid();

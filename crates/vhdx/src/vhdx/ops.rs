@@ -92,7 +92,7 @@ impl Vhdx {
         }
         let bs = u64::from(self.geo.block_size);
         if new_size < old_size {
-            if self.parent.is_some() {
+            if self.geo.has_parent {
                 return Err(Error::Invalid("a differencing disk cannot shrink".into()));
             }
             // Check (or drop) data past the new size.
@@ -264,7 +264,7 @@ impl Vhdx {
             ));
         }
         let nblocks = self.geo.data_blocks(self.size());
-        let new_state = if self.parent.is_some() {
+        let new_state = if self.geo.has_parent {
             PAYLOAD_ZERO
         } else {
             PAYLOAD_NOT_PRESENT
@@ -325,7 +325,7 @@ impl Vhdx {
                 let is_bitmap = (i + 1).is_multiple_of(cr + 1);
                 let s = bat_state(e);
                 if is_bitmap {
-                    if self.parent.is_some() && s == SB_PRESENT {
+                    if self.geo.has_parent && s == SB_PRESENT {
                         blocks.push((bat_offset(e), SECTOR_BITMAP_BLOCK_SIZE, i));
                     }
                 } else if s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT {
@@ -442,4 +442,100 @@ pub fn merge_into_parent(child: impl AsRef<Path>) -> Result<std::path::PathBuf> 
     parent.flush()?;
     parent.close()?;
     Ok(pp)
+}
+
+/// Points a differencing disk at a (moved or replaced) parent, like `Set-VHD -ParentPath`:
+/// rewrites the parent locator with the new relative and absolute paths. The parent's
+/// DataWriteGuid must match the child's linkage unless `ignore_id_mismatch` (then the linkage
+/// is set to the new parent's). Refuses parents whose own chain contains the child.
+pub fn set_parent(
+    child: impl AsRef<Path>,
+    parent: impl AsRef<Path>,
+    ignore_id_mismatch: bool,
+) -> Result<()> {
+    let child = child.as_ref();
+    let parent_path = parent.as_ref();
+    let c = Vhdx::open_in_chain(child, false, &mut Vec::new(), false)?;
+    if !c.geo.has_parent {
+        return Err(Error::Invalid(format!(
+            "{}: not a differencing disk",
+            child.display()
+        )));
+    }
+    let p = Vhdx::open(parent_path, true)?;
+    let canon_child = child
+        .canonicalize()
+        .map_err(|e| super::backing::io_err(child, "open", e))?;
+    let mut link = Some(&p);
+    while let Some(l) = link {
+        if l.path().canonicalize().ok().as_ref() == Some(&canon_child) {
+            return Err(Error::Invalid(format!(
+                "{} is in the parent's chain: that would make a loop",
+                child.display()
+            )));
+        }
+        link = l.parent().map(|a| &**a);
+    }
+    if p.geo.logical_sector_size != c.geo.logical_sector_size || p.size() != c.size() {
+        return Err(Error::Invalid(
+            "the new parent's size or sector size differs from the child's".into(),
+        ));
+    }
+    let linkage = c
+        .locator
+        .as_ref()
+        .and_then(|l| l.get("parent_linkage"))
+        .and_then(parse_braced_guid);
+    if linkage != Some(p.data_write_guid()) && !ignore_id_mismatch {
+        return Err(Error::Invalid(format!(
+            "{} has DataWriteGuid {} but {} links to {}; the parent changed or is another disk",
+            parent_path.display(),
+            guid_braced(&p.data_write_guid()),
+            child.display(),
+            linkage.map(|g| guid_braced(&g)).unwrap_or_default()
+        )));
+    }
+    let bytes = super::create::make_locator(child, parent_path, &p)?;
+    c.replace_locator(&bytes)?;
+    c.close()
+}
+
+impl Vhdx {
+    fn replace_locator(&self, bytes: &[u8]) -> Result<()> {
+        let mut meta = lock(&self.meta);
+        self.begin_session_locked(&mut meta, true)?;
+        let region = meta.metadata_offset;
+        let t = self
+            .file
+            .read_struct(region, METADATA_TABLE_SIZE, "metadata table")?;
+        let entries =
+            parse_metadata_table(&t).map_err(|e| self.file.corrupt("metadata table", region, e))?;
+        let i = entries
+            .iter()
+            .position(|e| e.item_id == ITEM_PARENT_LOCATOR)
+            .ok_or_else(|| {
+                self.file
+                    .corrupt("metadata table", region, "no parent locator")
+            })?;
+        let old = entries[i];
+        let offset = if bytes.len() as u32 <= old.length {
+            old.offset
+        } else {
+            let end = entries
+                .iter()
+                .map(|e| e.offset + e.length)
+                .max()
+                .unwrap_or(METADATA_TABLE_SIZE as u32);
+            end.div_ceil(8) * 8
+        };
+        if u64::from(offset) + bytes.len() as u64 > meta.metadata_length {
+            return Err(Error::Invalid("no room for the parent locator".into()));
+        }
+        let mut entry = [0u8; 8];
+        put32(&mut entry, 0, offset);
+        put32(&mut entry, 4, bytes.len() as u32);
+        // The item first, then the table entry that points at it.
+        self.meta_log_patch(&mut meta, region + u64::from(offset), bytes)?;
+        self.meta_log_patch(&mut meta, region + 32 + 32 * i as u64 + 16, &entry)
+    }
 }
