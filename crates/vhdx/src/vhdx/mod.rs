@@ -390,11 +390,19 @@ impl Vhdx {
             ));
         }
         let raw = f.read_struct(bat_off, (entries * 8) as usize, "BAT")?;
-        let bat: Vec<u64> = raw
+        let mut bat: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
         drop(raw);
+        // Entries for blocks past the end of the disk (padding of a differencing disk's last
+        // chunk) are never validated or used: forget them, so a later grow starts clean.
+        let data_blocks = geo.data_blocks(md.virtual_size);
+        for b in data_blocks..(data_blocks.div_ceil(geo.chunk_ratio()) * geo.chunk_ratio()) {
+            if let Some(e) = bat.get_mut(geo.payload_index(b) as usize) {
+                *e = 0;
+            }
+        }
         let max_end = validate_bat(
             &f,
             &bat,
