@@ -11,6 +11,7 @@ use vhdx::vhdx::{Vhdx, VhdxBuilder, VhdxKind};
 use vhdx::Disk;
 
 const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
 
 fn have_qemu() -> bool {
     let ok = Command::new("qemu-img")
@@ -298,5 +299,63 @@ fn we_write_into_qemu_made_images() {
         d.close().unwrap();
         qemu_check(&img);
         qemu_compare(&img, &expected);
+    }
+}
+
+#[test]
+fn grow_moves_the_bat_and_qemu_agrees() {
+    use vhdx::vhdx::ShrinkPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("grow.vhdx");
+    // 1 MiB blocks: a 1 MiB BAT region covers 128 GiB; growing to 200 GiB moves the BAT.
+    let mut d = VhdxBuilder::new(GIB)
+        .block_size(1 << 20)
+        .create(&img)
+        .unwrap();
+    d.write_at(&vec![0xab; MIB as usize], 5 * MIB).unwrap();
+    d.resize(200 * GIB, ShrinkPolicy::KeepData).unwrap();
+    assert_eq!(d.size(), 200 * GIB);
+    d.write_at(&vec![0xcd; MIB as usize], 150 * GIB).unwrap();
+    d.write_at(&[0xef; 4096], 200 * GIB - 4096).unwrap();
+    // Shrinking over data is refused; over zeros it works.
+    assert!(d.resize(100 * GIB, ShrinkPolicy::KeepData).is_err());
+    d.resize(190 * GIB, ShrinkPolicy::DropData).unwrap();
+    d.resize(180 * GIB, ShrinkPolicy::KeepData).unwrap();
+    d.close().unwrap();
+    let d = Vhdx::open(&img, true).unwrap();
+    assert_eq!(d.size(), 180 * GIB);
+    let mut b = vec![0u8; MIB as usize];
+    d.read_at(&mut b, 5 * MIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0xab));
+    d.read_at(&mut b, 150 * GIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0xcd));
+    d.read_at(&mut b, 180 * GIB - MIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    drop(d);
+    if !have_qemu() {
+        return;
+    }
+    qemu_check(&img);
+    let info = run(
+        "qemu-img",
+        &["info", "--output=json", "-f", "vhdx", img.to_str().unwrap()],
+    );
+    assert!(
+        info.contains(&format!("\"virtual-size\": {}", 180 * GIB)),
+        "{info}"
+    );
+    for (pat, off) in [(0xab, 5 * MIB), (0xcd, 150 * GIB), (0, 180 * GIB - MIB)] {
+        let out = run(
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "vhdx",
+                "-c",
+                &format!("read -P {pat:#x} {off} {MIB}"),
+                img.to_str().unwrap(),
+            ],
+        );
+        assert!(!out.contains("failed"), "qemu-io at {off}: {out}");
     }
 }
