@@ -124,6 +124,27 @@ fn bench(c: &mut Criterion) {
         );
     }
     g.finish();
+
+    // The raw cost of one packet through the ring, without threads or wake-ups: send one,
+    // receive one, on the same thread.
+    let mut g = c.benchmark_group("ring_same_thread");
+    for size in [64usize, 4096] {
+        g.throughput(Throughput::Elements(1));
+        let mut r = rig(64);
+        let payload = vec![0x5au8; size];
+        let mut buf = Vec::with_capacity(size + 64);
+        g.bench_with_input(BenchmarkId::new("send_recv", size), &size, |b, _| {
+            b.iter(|| {
+                r.host.send_inband(1, &payload, false).unwrap();
+                r.guest
+                    .try_recv(&mut buf)
+                    .unwrap()
+                    .unwrap()
+                    .transaction_id()
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group! {

@@ -1032,3 +1032,105 @@ fn save_and_restore_keeps_open_channels_working() {
         .unwrap();
     assert!(other.restore(&saved).is_err());
 }
+
+#[test]
+fn host_api_misuse_is_an_error_not_a_panic() {
+    let mut c = connected(&[guid::SHUTDOWN_IC]);
+    let server = &mut c.transport_mut().server;
+    assert!(server.open_complete(1, 0).is_err());
+    assert!(server.open_complete(99, 0).is_err());
+    assert!(server.rescind(99).is_err());
+    let mut first = INSTANCE;
+    first.data1 = 0;
+    assert_eq!(
+        server.add_offer(OfferParams::new(guid::SHUTDOWN_IC, first)),
+        Err(vmbus::server::ServerError::DuplicateOffer)
+    );
+    // Relids run out at 2047.
+    for i in 0..2046u32 {
+        let mut inst = INSTANCE;
+        inst.data2 = (i & 0xffff) as u16;
+        inst.data3 = 7;
+        server
+            .add_offer(OfferParams::new(guid::SCSI, inst))
+            .unwrap();
+    }
+    assert_eq!(
+        server.add_offer(OfferParams::new(guid::NETWORK, INSTANCE)),
+        Err(vmbus::server::ServerError::NoRelid)
+    );
+}
+
+#[test]
+fn close_or_rescind_while_the_device_is_still_opening() {
+    let mut server = Server::new(ServerConfig::default());
+    server
+        .add_offer(OfferParams::new(guid::SHUTDOWN_IC, INSTANCE))
+        .unwrap();
+    let mem = GuestMemory::new(&[(0, MEM)]).unwrap();
+    let mut c = Client::new(Loopback::new(server, mem.clone()), mem, 1 << 20, 4 << 20);
+    c.connect(&LINUX_VERSIONS).unwrap();
+    c.request_offers().unwrap();
+    let pfns = c.alloc_pages(4).unwrap();
+    vmbus::Channel::initialize_rings(c.memory(), &pfns, 2).unwrap();
+    let g = c.create_gpadl(1, &pfns).unwrap();
+    // Post OPENCHANNEL straight to the server, so the open request stays pending.
+    let open = hv::OpenChannel {
+        header: MessageHeader::new(msgtype::OPEN_CHANNEL),
+        child_relid: 1,
+        openid: 1,
+        ring_gpadl: g,
+        target_vp: 0,
+        downstream_ring_page_offset: 2,
+        user_data: [0; hv::OPEN_USER_DATA_SIZE],
+    };
+    let server = &mut c.transport_mut().server;
+    server.post_message(1, 0, open.as_bytes()).unwrap().unwrap();
+    let actions = server.take_actions();
+    assert!(matches!(actions[..], [vmbus::Action::OpenChannel(_)]));
+    assert!(matches!(
+        server.channel_state(1),
+        Some(ChannelState::Opening { .. })
+    ));
+    // MODIFYCHANNEL is refused while opening; CLOSECHANNEL closes.
+    let modify = hv::ModifyChannel {
+        header: MessageHeader::new(msgtype::MODIFY_CHANNEL),
+        child_relid: 1,
+        target_vp: 0,
+    };
+    assert_eq!(
+        server.post_message(1, 0, modify.as_bytes()).unwrap(),
+        Err(ProtocolError::ChannelState(1))
+    );
+    let close = hv::RelidMessage {
+        header: MessageHeader::new(msgtype::CLOSE_CHANNEL),
+        child_relid: 1,
+    };
+    server
+        .post_message(1, 0, close.as_bytes())
+        .unwrap()
+        .unwrap();
+    // The late completion of the device is refused; no OPENRESULT goes out.
+    assert!(server.open_complete(1, 0).is_err());
+    let actions = server.take_actions();
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, vmbus::Action::CloseChannel { relid: 1 })));
+    assert!(!actions.iter().any(|a| matches!(
+        a,
+        vmbus::Action::SendMessage { message, .. } if message.msgtype() == msgtype::OPEN_CHANNEL_RESULT
+    )));
+    // Rescind while opening closes the device side too.
+    server.post_message(1, 0, open.as_bytes()).unwrap().unwrap();
+    server.take_actions();
+    server.rescind(1).unwrap();
+    let actions = server.take_actions();
+    assert!(matches!(
+        actions[0],
+        vmbus::Action::CloseChannel { relid: 1 }
+    ));
+    assert!(matches!(
+        &actions[1],
+        vmbus::Action::SendMessage { message, .. } if message.msgtype() == msgtype::RESCIND_CHANNEL_OFFER
+    ));
+}
