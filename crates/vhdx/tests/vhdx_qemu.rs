@@ -359,3 +359,54 @@ fn grow_moves_the_bat_and_qemu_agrees() {
         assert!(!out.contains("failed"), "qemu-io at {off}: {out}");
     }
 }
+
+#[test]
+fn optimize_qemu_fixed_image() {
+    if !have_qemu() {
+        return;
+    }
+    // qemu's default "fixed" image: preallocated, every block in ZERO state.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("qf.vhdx");
+    let size = 32 * MIB;
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "subformat=fixed,block_size=1M",
+            img.to_str().unwrap(),
+            &size.to_string(),
+        ],
+    );
+    qemu_write(&img, 0x71, 3 * MIB, MIB);
+    let mut expected = vec![0u8; size as usize];
+    expected[3 * MIB as usize..4 * MIB as usize].fill(0x71);
+    let before = std::fs::metadata(&img).unwrap().len();
+    let mut d = Vhdx::open(&img, false).unwrap();
+    // A block of zeros written by the guest is reclaimable too.
+    d.write_at(&vec![0u8; MIB as usize], 9 * MIB).unwrap();
+    let r = d.reclaimable_blocks().unwrap();
+    eprintln!("reclaimable: {r:?}");
+    assert!(r.iter().any(|&(b, _)| b == 9));
+    assert!(!r.iter().any(|&(b, _)| b == 3));
+    if d.kind() != VhdxKind::Fixed {
+        d.discard_blocks(&r.iter().map(|x| x.0).collect::<Vec<_>>())
+            .unwrap();
+    }
+    let stats = d.compact().unwrap();
+    eprintln!("{stats:?}");
+    assert_eq!(stats.old_file_size, before.max(stats.old_file_size));
+    assert!(read_all(&d) == expected);
+    d.close().unwrap();
+    qemu_check(&img);
+    qemu_compare(&img, &expected);
+    qemu_write(&img, 0x72, 20 * MIB, MIB);
+    expected[20 * MIB as usize..21 * MIB as usize].fill(0x72);
+    qemu_check(&img);
+    qemu_compare(&img, &expected);
+    let d = Vhdx::open(&img, true).unwrap();
+    assert!(read_all(&d) == expected);
+}

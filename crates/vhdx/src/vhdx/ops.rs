@@ -305,6 +305,24 @@ impl Vhdx {
         }
         let mut meta = lock(&self.meta);
         self.begin_session_locked(&mut meta, false)?;
+        // Zero/unmapped entries may still name file space (other writers reuse it); that
+        // space is about to be handed to moved blocks, so forget it first.
+        let stale: Vec<(u64, u64)> = {
+            let bat = self.bat.read().unwrap();
+            let cr = self.geo.chunk_ratio();
+            bat.iter()
+                .enumerate()
+                .filter(|&(i, &e)| {
+                    let s = bat_state(e);
+                    !(i as u64 + 1).is_multiple_of(cr + 1)
+                        && bat_offset(e) != 0
+                        && s != PAYLOAD_FULLY_PRESENT
+                        && s != PAYLOAD_PARTIALLY_PRESENT
+                })
+                .map(|(i, &e)| (i as u64, bat_entry(bat_state(e), 0)))
+                .collect()
+        };
+        self.commit_bat(&mut meta, &stale)?;
         self.flush_all(&mut meta)?;
         let old_file_size = self.file.file_len()?;
         let mut fixed: Vec<(u64, u64)> = vec![
