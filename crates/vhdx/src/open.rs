@@ -402,7 +402,7 @@ impl Image {
             // The VHDX module does not expose per-layer allocation: report the whole disk
             // (copies then skip zero runs by content).
             Image::Vhdx(d) => Ok(vec![(0, d.size())]),
-            Image::Raw(d) => Ok(vec![(0, d.size())]),
+            Image::Raw(d) => d.data_ranges(),
             Image::Vhd(d) => d.allocated_ranges(),
         }
     }

@@ -113,6 +113,12 @@ impl RawDisk {
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
     }
 
+    /// Byte ranges that hold data in the host file (`SEEK_DATA`/`SEEK_HOLE`); everything else
+    /// is a hole and reads as zeros. The whole disk when the file system cannot tell.
+    pub fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        Ok(file_data_ranges(&self.file, self.size, self.logical as u64))
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<()> {
         let ss = self.logical as u64;
         if !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) {
@@ -162,7 +168,7 @@ impl Disk for RawDisk {
             return Err(Error::ReadOnly);
         }
         self.check(offset, len)?;
-        crate::vhd::write_zeros(&self.file, &self.path, offset, len)
+        crate::vhd::punch_zeros(&self.file, &self.path, offset, len)
     }
 
     fn size(&self) -> u64 {
@@ -182,6 +188,38 @@ impl Disk for RawDisk {
     }
 }
 
+/// Ranges of `file` below `size` that hold data (`SEEK_DATA`/`SEEK_HOLE`), rounded out to
+/// `ss`-byte sectors and merged; `[(0, size)]` when the file system cannot tell.
+pub(crate) fn file_data_ranges(file: &File, size: u64, ss: u64) -> Vec<(u64, u64)> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let data = match seek(file, SeekFrom::Data(off)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return vec![(0, size)],
+        };
+        if data >= size {
+            break;
+        }
+        let hole = match seek(file, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(size),
+            Err(_) => return vec![(0, size)],
+        };
+        if hole <= data {
+            return vec![(0, size)];
+        }
+        let (a, b) = (data / ss * ss, hole.next_multiple_of(ss).min(size));
+        match out.last_mut() {
+            Some((s, l)) if *s + *l >= a => *l = b - *s,
+            _ => out.push((a, b - a)),
+        }
+        off = hole;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +235,14 @@ mod tests {
         d.read_at(&mut b, 8192).unwrap();
         assert_eq!(b, [7u8; 4096]);
         d.unmap(8192, 512).unwrap();
+        d.write_at(&vec![9u8; 1 << 18], 512 << 10).unwrap();
+        d.unmap(512 << 10, 1 << 17).unwrap();
+        let r = d.data_ranges().unwrap();
+        assert!(!r.is_empty() && r.iter().all(|&(s, l)| s % 512 == 0 && s + l <= 1 << 20));
+        assert!(r.iter().any(|&(s, l)| s <= 8192 && s + l >= 8192 + 4096));
+        let mut big = vec![1u8; 1 << 18];
+        d.read_at(&mut big, 512 << 10).unwrap();
+        assert!(big[..1 << 17].iter().all(|&x| x == 0) && big[1 << 17..].iter().all(|&x| x == 9));
         d.read_at(&mut b, 8192).unwrap();
         assert_eq!(&b[..512], &[0u8; 512]);
         assert_eq!(&b[512..], &[7u8; 3584]);

@@ -81,6 +81,21 @@ impl Model {
 
 const MAX: u64 = 12 << 20;
 
+/// Random-looking data, cheap in unoptimized builds: one random sector, tiled, with a random
+/// tag and the sector index in each sector's first 16 bytes.
+fn pattern(rng: &mut StdRng, len: usize) -> Vec<u8> {
+    let mut sector = [0u8; S];
+    rng.fill(&mut sector[..]);
+    let tag: u64 = rng.random();
+    let mut b = vec![0u8; len];
+    for (i, c) in b.chunks_mut(S).enumerate() {
+        c.copy_from_slice(&sector);
+        c[..8].copy_from_slice(&tag.to_le_bytes());
+        c[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    b
+}
+
 fn new_layer(size: u64, present: bool) -> Layer {
     Layer {
         size,
@@ -137,8 +152,7 @@ fn run(seed: u64, base_type: DiskType, block_size: u32, steps: usize) {
             0..45 => {
                 let len = rng.random_range(1..=(3 * block_size as u64 / 512).min(cur / 512)) * 512;
                 let off = rng.random_range(0..=(cur - len) / 512) * 512;
-                let mut b = vec![0u8; len as usize];
-                rng.fill(&mut b[..]);
+                let b = pattern(&mut rng, len as usize);
                 d.write_at(&b, off).unwrap();
                 m.write(off, &b);
             }

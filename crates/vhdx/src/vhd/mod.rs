@@ -722,7 +722,7 @@ impl Vhd {
     pub fn allocated_ranges(&self) -> Result<Vec<(u64, u64)>> {
         let size = self.footer.current_size;
         let Some(s) = &self.sparse else {
-            return Ok(vec![(0, size)]);
+            return Ok(crate::raw::file_data_ranges(&self.file, size, SECTOR));
         };
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut push = |start: u64, len: u64| {
@@ -990,7 +990,7 @@ impl Vhd {
             return self.update_bitmap(s, entry, inb / SECTOR, len / SECTOR, false);
         }
         let data = entry as u64 * SECTOR + s.bitmap_size;
-        write_zeros(&self.file, &self.path, data + inb, len)
+        punch_zeros(&self.file, &self.path, data + inb, len)
     }
 
     /// Writes the dirty BAT entries (after making everything they point to durable).
@@ -1032,6 +1032,24 @@ pub(crate) fn write_zeros(file: &File, path: &Path, mut off: u64, mut len: u64) 
         len -= n;
     }
     Ok(())
+}
+
+/// Makes `len` bytes at `off` read as zeros, punching a hole when the file system can (so the
+/// space returns to the host), else writing zeros.
+pub(crate) fn punch_zeros(file: &File, path: &Path, off: u64, len: u64) -> Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    if len == 0 {
+        return Ok(());
+    }
+    match fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        off,
+        len,
+    ) {
+        Ok(()) => Ok(()),
+        Err(_) => write_zeros(file, path, off, len),
+    }
 }
 
 /// The absolute and relative (".\name") parent paths written into a child's locators.
@@ -1112,7 +1130,7 @@ impl Disk for Vhd {
         }
         self.check_range(offset, len)?;
         let Some(s) = &self.sparse else {
-            return write_zeros(&self.file, &self.path, offset, len);
+            return punch_zeros(&self.file, &self.path, offset, len);
         };
         let len = usize::try_from(len).map_err(|_| Error::Invalid("unmap too long".into()))?;
         for (blk, inb, a, b) in Self::pieces(s.block_size, offset, len) {
