@@ -204,6 +204,8 @@ pub struct RingProducer {
     write: u32,
     /// We set pending_send_sz and must clear it once we get space.
     pending_set: bool,
+    /// The packet and its trailer, assembled for one copy into the ring.
+    scratch: Vec<u8>,
 }
 
 impl RingProducer {
@@ -215,6 +217,7 @@ impl RingProducer {
             ring,
             write,
             pending_set: false,
+            scratch: Vec::new(),
         })
     }
 
@@ -263,17 +266,15 @@ impl RingProducer {
             self.pending_set = false;
         }
         let old = self.write;
-        let mut at = old;
+        // One copy into guest memory: packet pieces and trailer assembled first.
+        self.scratch.clear();
         for p in pieces {
-            if p.is_empty() {
-                continue;
-            }
-            self.ring.write_data(at, p)?;
-            at = (at + p.len() as u32) % data_len;
+            self.scratch.extend_from_slice(p);
         }
-        let trailer = ((old as u64) << 32).to_le_bytes();
-        self.ring.write_data(at, &trailer)?;
-        at = (at + TRAILER) % data_len;
+        self.scratch
+            .extend_from_slice(&((old as u64) << 32).to_le_bytes());
+        self.ring.write_data(old, &self.scratch)?;
+        let at = (old + total) % data_len;
         self.write = at;
         self.ring.store(ctl::WRITE_INDEX, at)?;
         fence(Ordering::SeqCst);
