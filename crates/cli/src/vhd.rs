@@ -388,17 +388,14 @@ fn set(
     if parent.is_none() && !reset_disk_id {
         bail!("nothing to change: give --parent-path or --reset-disk-id");
     }
-    let mut img = if parent.is_some() {
-        open::open_without_parent(path)?
-    } else {
-        open::open(path, false)?
-    };
     if let Some(p) = parent {
-        img.set_parent(p, ignore_id_mismatch)?;
+        open::set_parent(path, p, ignore_id_mismatch)?;
     }
-    if reset_disk_id {
-        img.reset_disk_id()?;
+    if !reset_disk_id {
+        return Ok(());
     }
+    let mut img = open::open(path, false)?;
+    img.reset_disk_id()?;
     img.flush()?;
     Ok(())
 }

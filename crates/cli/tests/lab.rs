@@ -126,7 +126,6 @@ fn boot_time_against_qemu() {
 /// shutdown, heartbeat and timesync services; timesync corrects its clock; `viridian vm stop`
 /// makes it run its orderly power-off; with 2 vCPUs its channels can target vCPU 1.
 #[test]
-#[ignore = "being brought up"]
 fn hyperv_guest_finds_vmbus_and_integration_services() {
     let Some(lab) = lab() else { return };
     let mut one = Scenario::new("hv-1cpu", Vmm::Viridian, Flavor::Amd64, 1, "hyperv");

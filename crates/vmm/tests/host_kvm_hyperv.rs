@@ -1,0 +1,333 @@
+//! A tiny long-mode guest on the host's /dev/kvm that speaks to Viridian's Hyper-V interface:
+//! it enables the hypercall page and its SynIC, calls HvPostMessage with a VMBus
+//! InitiateContact, takes the SynIC interrupt for the VersionResponse message, and writes EOM.
+//! Skipped, with the reason, where KVM is missing.
+
+use guestmem::GuestMemory;
+use kvm::kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm::Partition;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vmm::boot::{self, BootEntry};
+use vmm::cpu;
+use vmm::hyperv::{self, HvExits};
+use vmm::vmbus_host::VmbusHost;
+
+const CODE: u64 = 0x10_0000;
+const HANDLER: u64 = 0x10_1000;
+const HYPERCALL_PAGE: u64 = 0x2000;
+const SIMP: u64 = 0x3000;
+const SIEFP: u64 = 0x4000;
+const INPUT: u64 = 0x5000;
+const IDT: u64 = 0x6000;
+const FLAGS: u64 = 0x7000;
+const VECTOR: u8 = 0x40;
+/// Port the waiting loop writes to on every iteration (not recorded).
+const POLL_PORT: u8 = 0x8f;
+
+/// A little x86-64 assembler: just the instructions these guests use.
+#[derive(Default)]
+struct Asm(Vec<u8>);
+
+impl Asm {
+    fn b(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(bytes);
+        self
+    }
+    fn mov_ecx(&mut self, v: u32) -> &mut Self {
+        self.b(&[0xb9]).b(&v.to_le_bytes())
+    }
+    fn mov_eax(&mut self, v: u32) -> &mut Self {
+        self.b(&[0xb8]).b(&v.to_le_bytes())
+    }
+    fn mov_edx(&mut self, v: u32) -> &mut Self {
+        self.b(&[0xba]).b(&v.to_le_bytes())
+    }
+    /// wrmsr with ECX = msr, EDX:EAX = value (value < 2^32).
+    fn wrmsr(&mut self, msr: u32, value: u32) -> &mut Self {
+        self.mov_ecx(msr)
+            .mov_eax(value)
+            .b(&[0x31, 0xd2, 0x0f, 0x30])
+    }
+    fn load_eax(&mut self, addr: u32) -> &mut Self {
+        self.b(&[0x8b, 0x04, 0x25]).b(&addr.to_le_bytes())
+    }
+    fn store_eax(&mut self, addr: u32) -> &mut Self {
+        self.b(&[0x89, 0x04, 0x25]).b(&addr.to_le_bytes())
+    }
+    fn store_imm(&mut self, addr: u32, v: u32) -> &mut Self {
+        self.b(&[0xc7, 0x04, 0x25])
+            .b(&addr.to_le_bytes())
+            .b(&v.to_le_bytes())
+    }
+    fn out(&mut self, port: u8) -> &mut Self {
+        self.b(&[0xe6, port])
+    }
+    /// call the hypercall page with RCX = control, RDX = input, R8 = 0.
+    fn hypercall(&mut self, control: u32, rdx: u32) -> &mut Self {
+        self.mov_ecx(control)
+            .mov_edx(rdx)
+            .b(&[0x45, 0x31, 0xc0]) // xor r8d, r8d
+            .mov_eax(HYPERCALL_PAGE as u32)
+            .b(&[0xff, 0xd0]) // call rax
+    }
+    fn here(&self) -> usize {
+        self.0.len()
+    }
+    /// A short jump (opcode `op`) to `target`.
+    fn jump(&mut self, op: u8, target: usize) -> &mut Self {
+        let rel = target as isize - (self.here() as isize + 2);
+        self.b(&[op, rel as i8 as u8])
+    }
+}
+
+struct Guest {
+    vcpu: VcpuFd,
+    exits: HvExits,
+    wrmsrs: Vec<(u32, u64)>,
+}
+
+fn guest(code: &[u8]) -> Option<Guest> {
+    let kvm = match kvm::open_kvm() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return None;
+        }
+    };
+    let mem = GuestMemory::new(&[(0, 64 << 20)]).unwrap();
+    let partition = Arc::new(Partition::new(kvm, mem.clone()).unwrap());
+    if let Err(e) = partition.trap_msrs(hvdef::hv::MSR_RANGE_START, 0x200) {
+        eprintln!("SKIPPED: {e}");
+        return None;
+    }
+    let vcpu = partition.vm().create_vcpu(0).unwrap();
+    let tsc_hz = u64::from(vcpu.get_tsc_khz().unwrap()) * 1000;
+    let config = hv1::PartitionConfig {
+        vp_count: 1,
+        invariant_tsc: false,
+    };
+    let hv = Arc::new(
+        hv1::Partition::new(config, mem.clone(), Arc::new(hyperv::KvmTime::new(tsc_hz))).unwrap(),
+    );
+    let supported = cpu::supported_cpuid(partition.kvm()).unwrap();
+    let cpuid = hyperv::patch_cpuid(&supported, &config.cpuid());
+    cpu::configure_vcpu(&vcpu, &cpu::cpuid_for_vcpu(&cpuid, 0, 1)).unwrap();
+    boot::write_boot_structures(&mem).unwrap();
+    cpu::set_boot_state(
+        &vcpu,
+        BootEntry {
+            rip: CODE,
+            zero_page: 0,
+        },
+    )
+    .unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 0xfff;
+    vcpu.set_sregs(&sregs).unwrap();
+    // 64-bit interrupt gate for VECTOR -> HANDLER, code selector 0x10.
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&boot::CODE_SELECTOR.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((HANDLER >> 16) as u16).to_le_bytes());
+    gate[8..12].copy_from_slice(&((HANDLER >> 32) as u32).to_le_bytes());
+    mem.write(IDT + u64::from(VECTOR) * 16, &gate).unwrap();
+    mem.write(HANDLER, &handler()).unwrap();
+    mem.write(CODE, code).unwrap();
+    let vmbus = Arc::new(VmbusHost::new(hv.clone(), partition.clone(), 1));
+    Some(Guest {
+        vcpu,
+        exits: HvExits {
+            hv,
+            partition,
+            vmbus,
+        },
+        wrmsrs: vec![],
+    })
+}
+
+/// The SINT handler: saves the message, frees the slot, writes EOM, EOIs the LAPIC.
+fn handler() -> Vec<u8> {
+    let slot = (SIMP + 2 * 256) as u32;
+    let mut a = Asm::default();
+    a.b(&[0x50, 0x51, 0x52]) // push rax, rcx, rdx
+        .load_eax(slot)
+        .store_eax(FLAGS as u32 + 4) // SynIC message type
+        .load_eax(slot + 16)
+        .store_eax(FLAGS as u32 + 8) // VMBus message type
+        .store_imm(slot, 0)
+        .wrmsr(hvdef::hv::MSR_EOM, 0)
+        .b(&[0x48, 0xb8])
+        .b(&0xfee0_00b0u64.to_le_bytes()) // mov rax, LAPIC EOI register
+        .b(&[0xc7, 0x00, 0, 0, 0, 0]) // mov dword [rax], 0
+        .store_imm(FLAGS as u32, 1)
+        .b(&[0x5a, 0x59, 0x58, 0x48, 0xcf]); // pop rdx, rcx, rax; iretq
+    a.0
+}
+
+/// Software-enables the LAPIC, then enables the guest OS ID, the hypercall page and the SynIC
+/// with SINT2 -> VECTOR.
+fn enable_hyperv(a: &mut Asm) {
+    use hvdef::hv::*;
+    a.b(&[0x48, 0xb8])
+        .b(&0xfee0_00f0u64.to_le_bytes()) // mov rax, LAPIC spurious-vector register
+        .b(&[0xc7, 0x00])
+        .b(&0x1ffu32.to_le_bytes()) // mov dword [rax], 0x1ff: APIC enabled
+        .wrmsr(MSR_GUEST_OS_ID, 1)
+        .wrmsr(MSR_HYPERCALL, HYPERCALL_PAGE as u32 | 1)
+        .wrmsr(MSR_SIMP, SIMP as u32 | 1)
+        .wrmsr(MSR_SIEFP, SIEFP as u32 | 1)
+        .wrmsr(MSR_SINT0 + 2, u32::from(VECTOR))
+        .wrmsr(MSR_SCONTROL, 1)
+        .b(&[0xfb]); // sti
+}
+
+/// Runs the guest until it writes to `last_port`; returns the (port, byte) writes to 0x80..0x8f.
+fn run(g: &mut Guest, last_port: u16, limit: Duration) -> Vec<(u16, u8)> {
+    let start = Instant::now();
+    let mut outs = vec![];
+    while start.elapsed() < limit {
+        let mut hypercall = false;
+        match g.vcpu.run().expect("KVM_RUN") {
+            VcpuExit::X86Rdmsr(e) => match g.exits.rdmsr(0, e.index) {
+                Some(v) => *e.data = v,
+                None => *e.error = 1,
+            },
+            VcpuExit::X86Wrmsr(e) => {
+                g.wrmsrs.push((e.index, e.data));
+                if !g.exits.wrmsr(0, e.index, e.data) {
+                    *e.error = 1;
+                }
+            }
+            VcpuExit::IoOut(port, _) if port == u16::from(hv1::HYPERCALL_PORT) => hypercall = true,
+            VcpuExit::IoOut(port, _) if port == u16::from(POLL_PORT) => {}
+            VcpuExit::IoOut(port, data) => {
+                outs.push((port, data[0]));
+                if port == last_port {
+                    return outs;
+                }
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+        if hypercall {
+            g.exits.hypercall(&g.vcpu, 0).unwrap();
+        }
+    }
+    panic!("guest did not finish in {limit:?}; port writes so far: {outs:x?}");
+}
+
+fn initiate_contact_input(mem: &GuestMemory) {
+    use hvdef::vmbus::{msgtype, version, MESSAGE_CONNECTION_ID_4, MESSAGE_SINT};
+    let mut input = [0u8; 256];
+    input[0..4].copy_from_slice(&MESSAGE_CONNECTION_ID_4.to_le_bytes());
+    input[8..12].copy_from_slice(&1u32.to_le_bytes()); // message type
+    input[12..16].copy_from_slice(&40u32.to_le_bytes()); // payload size
+    let p = &mut input[16..];
+    p[0..4].copy_from_slice(&msgtype::INITIATE_CONTACT.to_le_bytes());
+    p[8..12].copy_from_slice(&version::WIN10_V5_3.to_le_bytes());
+    p[12..16].copy_from_slice(&0u32.to_le_bytes()); // target VP 0
+    p[16] = MESSAGE_SINT;
+    p[24..32].copy_from_slice(&0x10000u64.to_le_bytes());
+    p[32..40].copy_from_slice(&0x11000u64.to_le_bytes());
+    mem.write(INPUT, &input).unwrap();
+}
+
+#[test]
+fn post_message_gets_a_synic_message_and_interrupt() {
+    let mut a = Asm::default();
+    enable_hyperv(&mut a);
+    a.hypercall(u32::from(hvdef::hv::call::POST_MESSAGE), INPUT as u32)
+        .out(0x80); // status
+    let wait = a.here();
+    a.b(&[0x83, 0x3c, 0x25])
+        .b(&(FLAGS as u32).to_le_bytes())
+        .b(&[0x00]); // cmp dword [FLAGS], 0
+    let jne_at = a.here();
+    a.b(&[0x75, 0x00]) // jne done (patched below)
+        .out(POLL_PORT) // an exit per poll, so the host can time out
+        .jump(0xeb, wait);
+    let done = a.here();
+    a.0[jne_at + 1] = (done - (jne_at + 2)) as u8;
+    a.load_eax(FLAGS as u32 + 4)
+        .out(0x81)
+        .load_eax(FLAGS as u32 + 8)
+        .out(0x82)
+        .b(&[0xeb, 0xfe]);
+    let Some(mut g) = guest(&a.0) else { return };
+    initiate_contact_input(g.exits.partition.memory());
+    let outs = run(&mut g, 0x82, Duration::from_secs(60));
+    assert_eq!(outs[0], (0x80, 0), "HvPostMessage status");
+    assert_eq!(outs[1], (0x81, 1), "SynIC message type in slot 2");
+    assert_eq!(
+        outs[2],
+        (0x82, hvdef::vmbus::msgtype::VERSION_RESPONSE as u8),
+        "VMBus message in slot 2"
+    );
+    assert!(
+        g.wrmsrs.iter().any(|&(msr, _)| msr == hvdef::hv::MSR_EOM),
+        "the handler wrote EOM"
+    );
+    let page = g
+        .exits
+        .partition
+        .memory()
+        .read_obj::<[u8; 4]>(HYPERCALL_PAGE)
+        .unwrap();
+    assert_eq!(
+        page,
+        [0xf3, 0x0f, 0x1e, 0xfa],
+        "hypercall page starts with ENDBR64"
+    );
+}
+
+#[test]
+fn unknown_hypercall_code_fails() {
+    let mut a = Asm::default();
+    enable_hyperv(&mut a);
+    a.hypercall(0x7fff, INPUT as u32).out(0x80);
+    let Some(mut g) = guest(&a.0) else { return };
+    let outs = run(&mut g, 0x80, Duration::from_secs(30));
+    assert_eq!(
+        outs,
+        vec![(0x80, hvdef::hv::HvStatus::INVALID_HYPERCALL_CODE.0 as u8)]
+    );
+}
+
+/// Hypercall round trip against a plain port-I/O exit, host-timed over many iterations.
+/// `cargo test --release -p vmm --test host_kvm_hyperv -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+fn hypercall_round_trip_vs_port_io() {
+    const N: u32 = 2000;
+    let mut a = Asm::default();
+    enable_hyperv(&mut a);
+    // Phase 1: N port writes. Phase 2: N fast HvSignalEvent hypercalls (unknown connection).
+    a.out(0x83).mov_ecx(N).b(&[0x41, 0x89, 0xc9]); // mov r9d, ecx
+    let l1 = a.here();
+    a.out(0x84).b(&[0x41, 0xff, 0xc9]); // dec r9d
+    a.jump(0x75, l1).out(0x85); // jnz
+    a.b(&[0x41, 0xb9]).b(&N.to_le_bytes()); // mov r9d, N
+    let l2 = a.here();
+    a.hypercall(u32::from(hvdef::hv::call::SIGNAL_EVENT) | (1 << 16), 0x7777)
+        .b(&[0x41, 0xff, 0xc9]); // dec r9d
+    a.jump(0x75, l2).out(0x86).b(&[0xeb, 0xfe]);
+    let Some(mut g) = guest(&a.0) else { return };
+    let t0 = Instant::now();
+    run(&mut g, 0x83, Duration::from_secs(60));
+    let t1 = Instant::now();
+    run(&mut g, 0x85, Duration::from_secs(600));
+    let t2 = Instant::now();
+    run(&mut g, 0x86, Duration::from_secs(600));
+    let t3 = Instant::now();
+    let _ = t0;
+    let pio = (t2 - t1).as_secs_f64() / f64::from(N);
+    let hc = (t3 - t2).as_secs_f64() / f64::from(N);
+    println!(
+        "port I/O exit round trip {:.1} us, hypercall round trip {:.1} us, ratio {:.2}",
+        pio * 1e6,
+        hc * 1e6,
+        hc / pio
+    );
+}
