@@ -4,7 +4,7 @@
 use crate::vmbus_host::VmbusHost;
 use acpi_tables::{aml, Aml};
 use kvm::kvm_bindings::{kvm_cpuid_entry2, CpuId};
-use kvm::kvm_ioctls::VcpuFd;
+use kvm::kvm_ioctls::{SyncReg, VcpuFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -77,55 +77,6 @@ pub fn inject(partition: &kvm::Partition, interrupts: &[hv1::Interrupt]) {
     }
 }
 
-/// What the vCPU loop must do after a hypercall.
-pub enum HypercallResult {
-    /// Done; RAX is set.
-    Done,
-    /// HvPostMessage for the VMBus server.
-    PostMessage(hv1::PostMessageRequest),
-    /// HvSignalEvent for a device doorbell.
-    SignalEvent(hv1::SignalEventRequest),
-}
-
-/// Handles an `OUT` to the hypercall port: reads RCX/RDX/R8, dispatches, and writes RAX with
-/// the status (the caller may overwrite it for post/signal results). RIP is left alone, so KVM
-/// steps past the OUT.
-pub fn hypercall(
-    hv: &hv1::Partition,
-    vcpu: &VcpuFd,
-    vp: u32,
-) -> Result<HypercallResult, kvm::kvm_ioctls::Error> {
-    let mut regs = vcpu.get_regs()?;
-    let Some(outcome) = hv.hypercall(
-        vp,
-        hv1::HypercallRegs {
-            rcx: regs.rcx,
-            rdx: regs.rdx,
-            r8: regs.r8,
-        },
-    ) else {
-        // Hypercalls are disabled: an ordinary write to an unclaimed port.
-        return Ok(HypercallResult::Done);
-    };
-    regs.rax = outcome.rax();
-    vcpu.set_regs(&regs)?;
-    Ok(match outcome.action {
-        None => HypercallResult::Done,
-        Some(hv1::HypercallAction::PostMessage(m)) => HypercallResult::PostMessage(m),
-        Some(hv1::HypercallAction::SignalEvent(e)) => HypercallResult::SignalEvent(e),
-    })
-}
-
-/// Overwrites RAX with a hypercall status decided after dispatch (e.g. by the VMBus server).
-pub fn set_hypercall_status(
-    vcpu: &VcpuFd,
-    status: hv1::HvStatus,
-) -> Result<(), kvm::kvm_ioctls::Error> {
-    let mut regs = vcpu.get_regs()?;
-    regs.rax = u64::from(status.0);
-    vcpu.set_regs(&regs)
-}
-
 /// The DSDT devices for VMBus: `\_SB.VMOD` (ACPI0004 module device) holding `VMBS` with
 /// `_HID "VMBus"` and an empty `_CRS`, which is what hv_vmbus probes for on x86.
 pub struct VmbusAcpi;
@@ -162,12 +113,30 @@ pub type Hv = Arc<hv1::Partition>;
 /// The Hyper-V side of a vCPU's exits: synthetic MSRs and hypercalls, with VMBus behind them.
 #[derive(Clone)]
 pub struct HvExits {
-    pub hv: Hv,
-    pub partition: Arc<kvm::Partition>,
-    pub vmbus: Arc<VmbusHost>,
+    hv: Hv,
+    partition: Arc<kvm::Partition>,
+    vmbus: Arc<VmbusHost>,
+    sync_regs: bool,
 }
 
 impl HvExits {
+    pub fn new(hv: Hv, partition: Arc<kvm::Partition>, vmbus: Arc<VmbusHost>) -> Self {
+        let sync_regs = partition
+            .kvm()
+            .check_extension(kvm::kvm_ioctls::Cap::SyncRegs);
+        Self {
+            hv,
+            partition,
+            vmbus,
+            sync_regs,
+        }
+    }
+
+    /// The KVM partition.
+    pub fn partition(&self) -> &kvm::Partition {
+        &self.partition
+    }
+
     /// RDMSR of a trapped MSR; `None` means inject #GP.
     pub fn rdmsr(&self, vp: u32, msr: u32) -> Option<u64> {
         self.hv.msr_read(vp, msr).ok()
@@ -189,16 +158,54 @@ impl HvExits {
         }
     }
 
-    /// The `OUT` to [`hv1::HYPERCALL_PORT`]: dispatches the hypercall and sets RAX.
-    pub fn hypercall(&self, vcpu: &VcpuFd, vp: u32) -> Result<(), kvm::kvm_ioctls::Error> {
-        match hypercall(&self.hv, vcpu, vp)? {
-            HypercallResult::Done => Ok(()),
-            HypercallResult::PostMessage(m) => {
-                set_hypercall_status(vcpu, self.vmbus.post_message(&m))
+    /// Makes KVM hand over the registers in `kvm_run` at every exit (KVM_CAP_SYNC_REGS), so
+    /// a hypercall costs no GET/SET_REGS ioctls. Without the capability, hypercalls use them.
+    pub fn prepare_vcpu(&self, vcpu: &mut VcpuFd) {
+        if self.sync_regs {
+            vcpu.set_sync_valid_reg(SyncReg::Register);
+            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
+    }
+
+    /// The `OUT` to [`hv1::HYPERCALL_PORT`]: dispatches the hypercall and writes the result to
+    /// RAX. RIP is left alone, so KVM steps past the OUT. Calls from CPL > 0 get ACCESS_DENIED
+    /// (user mode may not call the hypervisor).
+    pub fn hypercall(&self, vcpu: &mut VcpuFd, vp: u32) -> Result<(), kvm::kvm_ioctls::Error> {
+        let (mut regs, cpl) = if self.sync_regs {
+            let s = vcpu.sync_regs();
+            (s.regs, s.sregs.cs.dpl)
+        } else {
+            (vcpu.get_regs()?, vcpu.get_sregs()?.cs.dpl)
+        };
+        let rax = if cpl != 0 {
+            hvdef::hv::hypercall_result(hv1::HvStatus::ACCESS_DENIED, 0)
+        } else {
+            let call = hv1::HypercallRegs {
+                rcx: regs.rcx,
+                rdx: regs.rdx,
+                r8: regs.r8,
+            };
+            // None: hypercalls are disabled, so this was an ordinary write to an unused port.
+            let Some(outcome) = self.hv.hypercall(vp, call) else {
+                return Ok(());
+            };
+            match outcome.action {
+                None => outcome.rax(),
+                Some(hv1::HypercallAction::PostMessage(m)) => {
+                    outcome.rax_with(self.vmbus.post_message(&m))
+                }
+                Some(hv1::HypercallAction::SignalEvent(e)) => {
+                    outcome.rax_with(self.vmbus.signal_event(&e))
+                }
             }
-            HypercallResult::SignalEvent(e) => {
-                set_hypercall_status(vcpu, self.vmbus.signal_event(&e))
-            }
+        };
+        if self.sync_regs {
+            vcpu.sync_regs_mut().regs.rax = rax;
+            vcpu.set_sync_dirty_reg(SyncReg::Register);
+            Ok(())
+        } else {
+            regs.rax = rax;
+            vcpu.set_regs(&regs)
         }
     }
 }

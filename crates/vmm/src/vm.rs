@@ -264,31 +264,28 @@ impl Vm {
         let _ = register_signal_handler(kick_signal(), on_kick);
         let stopping = Arc::new(AtomicBool::new(false));
         let (tx, rx) = self.events;
-        let threads: Vec<JoinHandle<()>> =
-            self.vcpus
-                .into_iter()
-                .enumerate()
-                .map(|(index, vcpu)| {
-                    let ctx =
-                        VcpuContext {
-                            index: index as u32,
-                            hv: self.hv.clone().zip(self.vmbus.clone()).map(|(hv, vmbus)| {
-                                HvExits {
-                                    hv,
-                                    partition: self.partition.clone(),
-                                    vmbus,
-                                }
-                            }),
-                            chipset: self.chipset.clone(),
-                            events: tx.clone(),
-                            stopping: stopping.clone(),
-                        };
-                    std::thread::Builder::new()
-                        .name(format!("vcpu{index}"))
-                        .spawn(move || ctx.run(vcpu))
-                        .expect("spawn vCPU thread")
-                })
-                .collect();
+        let threads: Vec<JoinHandle<()>> = self
+            .vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(index, vcpu)| {
+                let ctx = VcpuContext {
+                    index: index as u32,
+                    hv: self
+                        .hv
+                        .clone()
+                        .zip(self.vmbus.clone())
+                        .map(|(hv, vmbus)| HvExits::new(hv, self.partition.clone(), vmbus)),
+                    chipset: self.chipset.clone(),
+                    events: tx.clone(),
+                    stopping: stopping.clone(),
+                };
+                std::thread::Builder::new()
+                    .name(format!("vcpu{index}"))
+                    .spawn(move || ctx.run(vcpu))
+                    .expect("spawn vCPU thread")
+            })
+            .collect();
         drop(tx);
         let ticker = self.vmbus.clone().map(|vmbus| {
             let stopping = stopping.clone();
@@ -329,6 +326,9 @@ struct VcpuContext {
 
 impl VcpuContext {
     fn run(self, mut vcpu: VcpuFd) {
+        if let Some(hv) = &self.hv {
+            hv.prepare_vcpu(&mut vcpu);
+        }
         while !self.stopping.load(Ordering::Relaxed) {
             let exit = match vcpu.run() {
                 Ok(exit) => exit,
@@ -412,7 +412,7 @@ impl VcpuContext {
                 return;
             }
             if hypercall {
-                if let Err(e) = self.hypercall(&vcpu) {
+                if let Err(e) = self.hypercall(&mut vcpu) {
                     self.finish(internal(self.index, format!("hypercall: {e}")));
                     return;
                 }
@@ -420,7 +420,7 @@ impl VcpuContext {
         }
     }
 
-    fn hypercall(&self, vcpu: &VcpuFd) -> std::result::Result<(), kvm::kvm_ioctls::Error> {
+    fn hypercall(&self, vcpu: &mut VcpuFd) -> std::result::Result<(), kvm::kvm_ioctls::Error> {
         match &self.hv {
             Some(hv) => hv.hypercall(vcpu, self.index),
             None => Ok(()),

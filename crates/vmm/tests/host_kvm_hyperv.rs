@@ -137,13 +137,12 @@ fn guest(code: &[u8]) -> Option<Guest> {
     mem.write(HANDLER, &handler()).unwrap();
     mem.write(CODE, code).unwrap();
     let vmbus = Arc::new(VmbusHost::new(hv.clone(), partition.clone(), 1));
+    let exits = HvExits::new(hv, partition, vmbus);
+    let mut vcpu = vcpu;
+    exits.prepare_vcpu(&mut vcpu);
     Some(Guest {
         vcpu,
-        exits: HvExits {
-            hv,
-            partition,
-            vmbus,
-        },
+        exits,
         wrmsrs: vec![],
     })
 }
@@ -212,7 +211,7 @@ fn run(g: &mut Guest, last_port: u16, limit: Duration) -> Vec<(u16, u8)> {
             other => panic!("unexpected exit {other:?}"),
         }
         if hypercall {
-            g.exits.hypercall(&g.vcpu, 0).unwrap();
+            g.exits.hypercall(&mut g.vcpu, 0).unwrap();
         }
     }
     panic!("guest did not finish in {limit:?}; port writes so far: {outs:x?}");
@@ -256,7 +255,7 @@ fn post_message_gets_a_synic_message_and_interrupt() {
         .out(0x82)
         .b(&[0xeb, 0xfe]);
     let Some(mut g) = guest(&a.0) else { return };
-    initiate_contact_input(g.exits.partition.memory());
+    initiate_contact_input(g.exits.partition().memory());
     let outs = run(&mut g, 0x82, Duration::from_secs(60));
     assert_eq!(outs[0], (0x80, 0), "HvPostMessage status");
     assert_eq!(outs[1], (0x81, 1), "SynIC message type in slot 2");
@@ -271,7 +270,7 @@ fn post_message_gets_a_synic_message_and_interrupt() {
     );
     let page = g
         .exits
-        .partition
+        .partition()
         .memory()
         .read_obj::<[u8; 4]>(HYPERCALL_PAGE)
         .unwrap();
