@@ -459,17 +459,6 @@ impl Image {
         }
     }
 
-    /// Points a differencing image at a (moved) parent.
-    pub fn set_parent(&mut self, parent: &Path, ignore_id_mismatch: bool) -> Result<()> {
-        match self {
-            Image::Vhd(d) => d.set_parent(parent, ignore_id_mismatch),
-            Image::Vhdx(_) => Err(Error::Invalid(
-                "changing a VHDX parent path is not supported yet".into(),
-            )),
-            Image::Raw(_) => Err(Error::Invalid("raw images have no parent".into())),
-        }
-    }
-
     /// Gives the image a new disk identifier.
     pub fn reset_disk_id(&mut self) -> Result<()> {
         match self {
@@ -556,8 +545,8 @@ pub fn merge_ranges(mut v: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Opens an image read-write without its parent (to repair a broken chain with
-/// [`Image::set_parent`]).
+/// Opens an image without following its parent (to inspect a broken chain). VHD files open
+/// read-write, VHDX files read-only.
 pub fn open_without_parent(path: impl AsRef<Path>) -> Result<Image> {
     let path = path.as_ref();
     match probe(path)? {
@@ -568,6 +557,33 @@ pub fn open_without_parent(path: impl AsRef<Path>) -> Result<Image> {
                 no_parent: true,
             },
         )?))),
-        f => open_as(path, f, false),
+        Format::Vhdx => Ok(Image::Vhdx(Box::new(Vhdx::open_without_parent(path)?))),
+        Format::Raw => open_as(path, Format::Raw, false),
+    }
+}
+
+/// Points a differencing image at a (moved) parent (Set-VHD -ParentPath). The parent's
+/// identity must match what the child recorded unless `ignore_id_mismatch`. The child must not
+/// be open elsewhere.
+pub fn set_parent(
+    child: impl AsRef<Path>,
+    parent: impl AsRef<Path>,
+    ignore_id_mismatch: bool,
+) -> Result<()> {
+    let (child, parent) = (child.as_ref(), parent.as_ref());
+    match probe(child)? {
+        Format::Vhd => Vhd::open(
+            child,
+            &VhdOpenOptions {
+                read_only: false,
+                no_parent: true,
+            },
+        )?
+        .set_parent(parent, ignore_id_mismatch),
+        Format::Vhdx => crate::vhdx::set_parent(child, parent, ignore_id_mismatch),
+        Format::Raw => Err(Error::Invalid(format!(
+            "{}: raw images have no parent",
+            child.display()
+        ))),
     }
 }
