@@ -500,3 +500,35 @@ fn merge_child_into_parent() {
     // The child is now stale (the parent's DataWriteGuid changed).
     assert!(Vhdx::open(&child, true).is_err());
 }
+
+#[test]
+fn locks_keep_writers_exclusive() {
+    let dir = scratch();
+    let base = dir.path().join("base.vhdx");
+    VhdxBuilder::new(4 * MIB)
+        .create(&base)
+        .unwrap()
+        .close()
+        .unwrap();
+    let w = Vhdx::open(&base, false).unwrap();
+    // A second writer is refused; a reader for inspection is allowed.
+    assert!(matches!(
+        Vhdx::open(&base, false),
+        Err(vhdx::Error::Io { .. })
+    ));
+    Vhdx::open(&base, true).unwrap();
+    // A child cannot be created over (or opened on) a parent that is open for writing.
+    let child = dir.path().join("child.vhdx");
+    assert!(VhdxBuilder::differencing(&base).create(&child).is_err());
+    drop(w);
+    VhdxBuilder::differencing(&base)
+        .create(&child)
+        .unwrap()
+        .close()
+        .unwrap();
+    let c = Vhdx::open(&child, false).unwrap();
+    // While the child is open, its parent cannot be opened for writing.
+    assert!(Vhdx::open(&base, false).is_err());
+    drop(c);
+    Vhdx::open(&base, false).unwrap();
+}

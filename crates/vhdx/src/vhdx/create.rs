@@ -91,7 +91,8 @@ impl VhdxBuilder {
         let mut disk_id = self.disk_id.unwrap_or_else(Uuid::new_v4);
         let mut locator = None;
         if let Some(pp) = &self.parent {
-            let parent = Vhdx::open(pp, true)?;
+            // Opened as a chain member: refused while someone has the parent open for writing.
+            let parent = Vhdx::open_as_parent(pp)?;
             if self.size.is_some_and(|s| s != parent.size()) {
                 return Err(Error::Invalid(
                     "a differencing disk has its parent's size".into(),
@@ -283,7 +284,9 @@ impl VhdxBuilder {
             let _ = std::fs::remove_file(path);
             return Err(e);
         }
-        Vhdx::open(path, false)
+        Vhdx::open(path, false).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
     }
 }
 

@@ -139,6 +139,12 @@ impl Vhdx {
         Self::open_in_chain(path.as_ref(), true, &mut Vec::new(), false)
     }
 
+    /// Opens `path` read-only the way a child's chain opens its parent.
+    pub(crate) fn open_as_parent(path: &Path) -> Result<Vhdx> {
+        // A placeholder first link marks this open as a parent's; it matches no real path.
+        Self::open_in_chain(path, true, &mut vec![PathBuf::new()], true)
+    }
+
     fn open_in_chain(
         path: &Path,
         read_only: bool,
@@ -172,12 +178,30 @@ impl Vhdx {
                 problem: format!("differencing chain deeper than {MAX_CHAIN_DEPTH}"),
             });
         }
+        let is_parent = !chain.is_empty();
         chain.push(canon);
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
             .map_err(|e| backing::io_err(path, "open", e))?;
+        // Advisory locks between our own handles and processes: one writer, or any number of
+        // readers. A top-level read-only open of a file in use still proceeds (inspection);
+        // a parent in use for writing does not (its data would change under the child).
+        use rustix::fs::{flock, FlockOperation};
+        if !read_only {
+            flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+                backing::io_err(path, "lock for writing (the file is in use)", e.into())
+            })?;
+        } else if let Err(e) = flock(&file, FlockOperation::NonBlockingLockShared) {
+            if is_parent {
+                return Err(backing::io_err(
+                    path,
+                    "lock parent (it is open for writing)",
+                    e.into(),
+                ));
+            }
+        }
         let backing = Backing::new(path, file)?;
         Self::parse(backing, read_only, chain, with_parent)
     }

@@ -402,12 +402,13 @@ impl Vhdx {
 /// the parent. Afterwards the child (and any other child of the parent) is stale; the caller
 /// deletes it. Returns the parent's path.
 pub fn merge_into_parent(child: impl AsRef<Path>) -> Result<std::path::PathBuf> {
-    let c = Vhdx::open(child.as_ref(), true)?;
-    let pp = c
+    // Open with the chain once to find (and check) the parent, then without it so that no
+    // read-only handle of the parent stays open while it is opened for writing.
+    let pp = Vhdx::open(child.as_ref(), true)?
         .parent_path
         .clone()
         .ok_or_else(|| Error::Invalid("not a differencing disk".into()))?;
-    // Drop the read-only parent handle before opening it for writing.
+    let c = Vhdx::open_without_parent(child.as_ref())?;
     let geo = c.geo;
     let size = c.size();
     let parent = Vhdx::open(&pp, false)?;
@@ -434,7 +435,8 @@ pub fn merge_into_parent(child: impl AsRef<Path>) -> Result<std::path::PathBuf> 
                 let nbits = len as u64 / lss;
                 let mut bits = vec![0u8; nbits.div_ceil(8) as usize + 1];
                 c.file.read_at(&mut bits, bat_offset(sb) + bit0 / 8)?;
-                c.read_at(&mut buf[..len], start)?;
+                // Straight from the child's file: only the present sectors are used.
+                c.file.read_at(&mut buf[..len], bat_offset(e))?;
                 let mut i = 0;
                 while i < nbits {
                     let present = |k: u64| bits[(k / 8) as usize] >> (k % 8) & 1 == 1;
