@@ -12,7 +12,10 @@ fuzz_target!(|data: &[u8]| {
         max_total_pfns: 4096,
         ..Default::default()
     });
-    for (i, g) in [guid::SHUTDOWN_IC, guid::HEARTBEAT_IC, guid::SCSI].iter().enumerate() {
+    for (i, g) in [guid::SHUTDOWN_IC, guid::HEARTBEAT_IC, guid::SCSI]
+        .iter()
+        .enumerate()
+    {
         server
             .add_offer(OfferParams::new(*g, Guid::from_u128(i as u128)))
             .unwrap();
@@ -30,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
                 let _ = server.rescind(1 + (len as u32 % 4));
             }
             13 => {
-                let _ = server.add_offer(OfferParams::new(guid::NETWORK, Guid::from_u128(len as u128)));
+                let _ = server.add_offer(OfferParams::new(
+                    guid::NETWORK,
+                    Guid::from_u128(len as u128),
+                ));
             }
             14 => {
                 let _ = server.signal_event(0x2000 | (len as u32 % 5));

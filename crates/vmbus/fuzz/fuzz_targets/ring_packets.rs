@@ -24,8 +24,10 @@ fuzz_target!(|data: &[u8]| {
     let word = |i: usize| u32::from_le_bytes(data[i * 4..i * 4 + 4].try_into().unwrap());
     // Control fields of both rings.
     for (i, off) in [0u64, 4, 8, 12].iter().enumerate() {
-        mem.store_u32(4096 + off, word(i), Ordering::SeqCst).unwrap();
-        mem.store_u32(4 * 4096 + off, word(4 + i), Ordering::SeqCst).unwrap();
+        mem.store_u32(4096 + off, word(i), Ordering::SeqCst)
+            .unwrap();
+        mem.store_u32(4 * 4096 + off, word(4 + i), Ordering::SeqCst)
+            .unwrap();
     }
     // Data area of the guest->host ring.
     let body = &data[32..];
@@ -51,7 +53,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     for i in 0..8u64 {
-        if ch.send_inband(i, &body[..body.len().min(300)], true).is_err() {
+        if ch
+            .send_inband(i, &body[..body.len().min(300)], true)
+            .is_err()
+        {
             break;
         }
     }
