@@ -4,6 +4,6 @@
 #![forbid(unsafe_code)]
 #![no_std]
 
+pub mod hv;
 pub mod ic;
 pub mod vmbus;
-pub mod hv;
