@@ -2,44 +2,11 @@
 //! yardstick: start under 10 ms, worker overhead under 5 MiB). Benchmarks, not pass/fail
 //! tests: `cargo test --release -p cli --test host_bench -- --ignored --nocapture`.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{kvm_usable, tiny_kernel, POWER_OFF, SPIN};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A bzImage whose 64-bit entry point runs `code`.
-fn tiny_kernel(name: &str, code: &[u8]) -> PathBuf {
-    let setup = 5 * 512;
-    let mut img = vec![0u8; setup + 0x200 + code.len()];
-    img[0x1f1] = 4;
-    img[0x201] = 0x6a;
-    img[0x202..0x206].copy_from_slice(b"HdrS");
-    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    img[0x211] = 1;
-    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
-    img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
-    img[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
-    img[0x260..0x264].copy_from_slice(&0x10_0000u32.to_le_bytes());
-    img[setup + 0x200..].copy_from_slice(code);
-    let path = std::env::temp_dir().join(format!("viridian-bench-{}-{name}", std::process::id()));
-    std::fs::write(&path, img).unwrap();
-    path
-}
-
-/// mov dx, 0x604; mov ax, SLP_TYP(5) | SLP_EN; out dx, ax (ACPI S5: the worker exits 0).
-const POWER_OFF: &[u8] = &[
-    0x66, 0xba, 0x04, 0x06, 0x66, 0xb8, 0x00, 0x34, 0x66, 0xef, 0xeb, 0xfe,
-];
-/// jmp $
-const SPIN: &[u8] = &[0xeb, 0xfe];
-
-fn kvm_usable() -> bool {
-    if std::fs::File::open("/dev/kvm").is_err() {
-        eprintln!("SKIPPED: /dev/kvm cannot be opened");
-        return false;
-    }
-    true
-}
 
 #[test]
 #[ignore = "benchmark; run with --ignored --nocapture"]

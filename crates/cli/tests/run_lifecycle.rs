@@ -1,0 +1,151 @@
+//! How `viridian run` ends, with tiny guests on the host's KVM: power-off exits 0, a reset
+//! exits 3, a triple fault exits 1 with the registers, Ctrl-C exits 130, and
+//! `viridian vm stop --force` turns the VM off through its control socket.
+
+mod common;
+
+use common::{kvm_usable, tiny_kernel, POWER_OFF, RESET, SPIN, TRIPLE_FAULT};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn run_tiny(name: &str, code: &[u8]) -> Output {
+    let kernel = tiny_kernel(name, code);
+    Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["run", "--memory", "64M", "--kernel"])
+        .arg(kernel)
+        .env(
+            "VIRIDIAN_RUN_DIR",
+            std::env::temp_dir().join(format!("viridian-run-{name}")),
+        )
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn power_off_exits_zero() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = run_tiny("off", POWER_OFF);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn reset_exits_three() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = run_tiny("reset", RESET);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reset itself"));
+}
+
+#[test]
+fn triple_fault_exits_one_with_registers() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = run_tiny("fault", TRIPLE_FAULT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // KVM reports a triple fault, or (on hosts whose KVM cannot emulate ud2) an internal
+    // error; both name the vCPU and show its registers.
+    assert!(
+        stderr.contains("triple-faulted") || stderr.contains("vCPU 0:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rip=0x") && stderr.contains("cr0="),
+        "{stderr}"
+    );
+}
+
+fn wait_with_timeout(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("viridian did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ctrl_c_stops_the_vm() {
+    if !kvm_usable() {
+        return;
+    }
+    let kernel = tiny_kernel("spin-int", SPIN);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["run", "--memory", "64M", "--kernel"])
+        .arg(kernel)
+        .env(
+            "VIRIDIAN_RUN_DIR",
+            std::env::temp_dir().join("viridian-run-int"),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(130));
+}
+
+#[test]
+fn vm_stop_force_turns_the_vm_off() {
+    if !kvm_usable() {
+        return;
+    }
+    let run_dir = std::env::temp_dir().join(format!("viridian-run-stop-{}", std::process::id()));
+    let kernel = tiny_kernel("spin-stop", SPIN);
+    let viridian = env!("CARGO_BIN_EXE_viridian");
+    let mut child = Command::new(viridian)
+        .args(["run", "--name", "tiny", "--memory", "64M", "--kernel"])
+        .arg(kernel)
+        .env("VIRIDIAN_RUN_DIR", &run_dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = run_dir.join("tiny.sock");
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no control socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let list = Command::new(viridian)
+        .args(["vm", "list"])
+        .env("VIRIDIAN_RUN_DIR", &run_dir)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains("tiny"));
+    // The guest has no shutdown service, so a polite stop fails and says what to do.
+    let polite = Command::new(viridian)
+        .args(["vm", "stop", "tiny"])
+        .env("VIRIDIAN_RUN_DIR", &run_dir)
+        .output()
+        .unwrap();
+    assert!(!polite.status.success());
+    assert!(String::from_utf8_lossy(&polite.stderr).contains("--force"));
+    let forced = Command::new(viridian)
+        .args(["vm", "stop", "tiny", "--force"])
+        .env("VIRIDIAN_RUN_DIR", &run_dir)
+        .output()
+        .unwrap();
+    assert!(forced.status.success(), "{forced:?}");
+    let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    assert!(!socket.exists(), "the control socket is removed on exit");
+}
