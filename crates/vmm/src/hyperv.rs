@@ -137,6 +137,16 @@ impl HvExits {
         &self.partition
     }
 
+    /// The enlightenment state.
+    pub fn hv(&self) -> &hv1::Partition {
+        &self.hv
+    }
+
+    /// The VMBus host.
+    pub fn vmbus(&self) -> &VmbusHost {
+        &self.vmbus
+    }
+
     /// RDMSR of a trapped MSR; `None` means inject #GP.
     pub fn rdmsr(&self, vp: u32, msr: u32) -> Option<u64> {
         self.hv.msr_read(vp, msr).ok()

@@ -15,6 +15,9 @@ use vmbus::{Action, Channel, Server, ServerConfig, Side};
 const VMBUS_MESSAGE_TYPE: u32 = 1;
 /// NTSTATUS for a failed open.
 const STATUS_UNSUCCESSFUL: u32 = 0xC000_0001;
+/// Replies one guest message can produce at most (REQUESTOFFERS: one per offer, plus
+/// ALLOFFERS_DELIVERED), kept free in the SynIC queue.
+const REPLY_HEADROOM: usize = 8;
 /// How long without a heartbeat answer before the guest counts as lost.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -114,6 +117,19 @@ impl VmbusHost {
     /// HvPostMessage from VP `vp`; returns the hypercall status.
     pub fn post_message(&self, req: &hv1::PostMessageRequest) -> HvStatus {
         let mut inner = self.lock();
+        // Every guest message may produce replies. When the reply queue of the connection's
+        // VP is nearly full, refuse the message so the guest backs off and retries, instead
+        // of the host queueing without bound or dropping replies.
+        if let vmbus::server::ConnectionState::Connected {
+            target_vp, sint, ..
+        } = inner.server.connection()
+        {
+            if self.hv.queued_messages(*target_vp, *sint) + REPLY_HEADROOM
+                >= hv1::MESSAGE_QUEUE_DEPTH
+            {
+                return HvStatus::INSUFFICIENT_BUFFERS;
+            }
+        }
         let status =
             match inner
                 .server

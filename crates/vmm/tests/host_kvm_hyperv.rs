@@ -294,6 +294,34 @@ fn unknown_hypercall_code_fails() {
     );
 }
 
+/// A guest that posts messages but never takes its replies (SIMP disabled) gets
+/// HV_STATUS_INSUFFICIENT_BUFFERS once the reply queue is nearly full; the host's queue stays
+/// bounded.
+#[test]
+fn flood_of_messages_gets_insufficient_buffers() {
+    let Some(g) = guest(&[0xeb, 0xfe]) else {
+        return;
+    };
+    let mem = g.exits.partition().memory().clone();
+    initiate_contact_input(&mem);
+    let mut input = [0u8; 256];
+    mem.read(INPUT, &mut input).unwrap();
+    let request = hv1::PostMessageRequest {
+        vp: 0,
+        connection_id: hvdef::vmbus::MESSAGE_CONNECTION_ID_4,
+        message_type: 1,
+        payload: hv1::MessagePayload::new(&input[16..56]).unwrap(),
+    };
+    let mut refused = 0;
+    for _ in 0..500 {
+        if g.exits.vmbus().post_message(&request) == hv1::HvStatus::INSUFFICIENT_BUFFERS {
+            refused += 1;
+        }
+        assert!(g.exits.hv().queued_messages(0, 2) <= hv1::MESSAGE_QUEUE_DEPTH);
+    }
+    assert!(refused > 400, "only {refused} of 500 refused");
+}
+
 /// Hypercall round trip against a plain port-I/O exit, host-timed over many iterations.
 /// `cargo test --release -p vmm --test host_kvm_hyperv -- --ignored --nocapture`
 #[test]
