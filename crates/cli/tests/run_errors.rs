@@ -1,6 +1,8 @@
 //! `viridian run` with bad input: each case is one line on stderr naming the problem and a
 //! non-zero exit, never a panic.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -21,20 +23,7 @@ fn tmp(name: &str) -> PathBuf {
 
 /// A file with an x86-64 bzImage setup header and a tiny payload.
 fn fake_kernel(name: &str) -> PathBuf {
-    let mut img = vec![0u8; 5 * 512 + 4096];
-    img[0x1f1] = 4; // setup_sects
-    img[0x201] = 0x6a;
-    img[0x202..0x206].copy_from_slice(b"HdrS");
-    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    img[0x211] = 1;
-    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
-    img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
-    img[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
-    img[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes());
-    let path = tmp(name);
-    std::fs::write(&path, img).unwrap();
-    path
+    common::tiny_kernel(name, common::SPIN)
 }
 
 /// Asserts a failed run whose stderr is one line containing every word of `expect`.
