@@ -95,6 +95,8 @@ struct Sparse {
     bat: Vec<AtomicU32>,
     alloc: Mutex<Alloc>,
     stripes: Vec<Mutex<()>>,
+    /// Serializes BAT write-back.
+    flush_lock: Mutex<()>,
     parent: Option<Box<Vhd>>,
     parent_path: Option<PathBuf>,
 }
@@ -392,6 +394,7 @@ impl Vhd {
                 dirty: BTreeSet::new(),
             }),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            flush_lock: Mutex::new(()),
             parent: None,
             parent_path: None,
         };
@@ -995,27 +998,43 @@ impl Vhd {
 
     /// Writes the dirty BAT entries (after making everything they point to durable).
     fn flush_bat(&self, s: &Sparse) -> Result<()> {
-        let dirty = std::mem::take(&mut s.alloc.lock().unwrap().dirty);
+        let _serial = s.flush_lock.lock().unwrap();
+        // Snapshot the changed entries: only these have their blocks (data, bitmap, footer)
+        // written before the fsync below. Entries changed later wait for the next flush.
+        let changes: Vec<(u32, u32)> = {
+            let mut a = s.alloc.lock().unwrap();
+            std::mem::take(&mut a.dirty)
+                .into_iter()
+                .map(|i| (i, s.bat[i as usize].load(Ordering::Acquire)))
+                .collect()
+        };
         self.file.sync_data().map_err(io_err(&self.path, "fsync"))?;
-        if dirty.is_empty() {
+        if changes.is_empty() {
             return Ok(());
         }
         let to = s.header.table_offset;
         let res = (|| {
-            let sectors: BTreeSet<u64> = dirty.iter().map(|&i| i as u64 * 4 / SECTOR).collect();
-            for sec in sectors {
-                let first = (sec * SECTOR / 4) as usize;
-                let last = (first + (SECTOR / 4) as usize).min(s.bat.len());
-                let b: Vec<u8> = s.bat[first..last]
-                    .iter()
-                    .flat_map(|e| e.load(Ordering::Acquire).to_be_bytes())
-                    .collect();
+            let mut i = 0;
+            while i < changes.len() {
+                // One read-modify-write per BAT sector: other entries keep their on-disk value.
+                let sec = changes[i].0 as u64 * 4 / SECTOR;
+                let mut b = [0u8; SECTOR as usize];
+                self.pread(&mut b, to + sec * SECTOR)?;
+                while i < changes.len() && changes[i].0 as u64 * 4 / SECTOR == sec {
+                    let o = (changes[i].0 as u64 * 4 % SECTOR) as usize;
+                    b[o..o + 4].copy_from_slice(&changes[i].1.to_be_bytes());
+                    i += 1;
+                }
                 self.pwrite(&b, to + sec * SECTOR)?;
             }
             self.file.sync_data().map_err(io_err(&self.path, "fsync"))
         })();
         if res.is_err() {
-            s.alloc.lock().unwrap().dirty.extend(dirty);
+            s.alloc
+                .lock()
+                .unwrap()
+                .dirty
+                .extend(changes.iter().map(|c| c.0));
         }
         res
     }
