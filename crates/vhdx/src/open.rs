@@ -498,7 +498,16 @@ impl Image {
 
     /// Smallest size that keeps every non-zero byte: the end of the last allocated range, less
     /// trailing zero sectors.
+    ///
+    /// VHDX images do not expose their allocation here, so finding it means reading the disk:
+    /// refused above 64 GiB (an [`Error::Invalid`]).
     pub fn minimum_size(&self) -> Result<u64> {
+        if matches!(self, Image::Vhdx(_)) && self.size() > 64 << 30 {
+            return Err(Error::Invalid(format!(
+                "{}: the minimum size of a VHDX larger than 64 GiB is not computed",
+                self.path().display()
+            )));
+        }
         let ranges = self.chain_allocated_ranges()?;
         let ss = self.logical_sector_size() as u64;
         let mut buf = vec![0u8; 1 << 20];

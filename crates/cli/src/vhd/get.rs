@@ -7,7 +7,7 @@ use vhdx::open;
 pub fn get(path: &Path, json: bool) -> anyhow::Result<()> {
     let img = open::open(path, true)?;
     let i = img.info()?;
-    let min = img.minimum_size()?;
+    let min = img.minimum_size().ok();
     let path_s = std::fs::canonicalize(path)
         .unwrap_or(path.to_path_buf())
         .display()
