@@ -132,8 +132,9 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
     one.stop_with_control = true;
     let mut two = Scenario::new("hv-2cpu", Vmm::Viridian, Flavor::Cloud, 2, "hyperv");
     two.stop_with_control = true;
+    let panic = Scenario::new("hv-panic", Vmm::Viridian, Flavor::Cloud, 1, "panic");
     let run = lab
-        .run(&[one, two], &mut std::io::stderr())
+        .run(&[one, two, panic], &mut std::io::stderr())
         .expect("lab run");
     assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
     for name in ["hv-1cpu", "hv-2cpu"] {
@@ -173,6 +174,20 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
         );
         assert_eq!(r.exit_code, 0, "{}", ctx());
     }
+    // A guest panic reaches the worker through the crash MSRs; panic=-1 then resets the VM.
+    let p = run.scenario("hv-panic").expect("hv-panic did not run");
+    assert_eq!(p.exit_code, 3, "{}", p.console);
+    assert!(
+        p.console
+            .contains("guest crash reported through the Hyper-V crash MSRs"),
+        "{}",
+        p.console
+    );
+    assert!(
+        p.console.contains("guest panic: "),
+        "no panic text\n{}",
+        p.console
+    );
     let two = run.scenario("hv-2cpu").unwrap();
     let on_vcpu1: u64 = two.guest["vcpu1_interrupts"].parse().unwrap_or(0);
     assert!(

@@ -25,10 +25,17 @@ if [ "$S" != boot ]; then
   say mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
   say kernel=$(uname -r)
 fi
+M=/lib/modules/$(uname -r)
+if [ "$S" = panic ]; then
+  # With hv_vmbus loaded, a panic is reported through the Hyper-V crash MSRs.
+  for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
+  sleep 2
+  say panicking
+  echo c > /proc/sysrq-trigger
+fi
 if [ "$S" = hyperv ]; then
   # Start with a wrong clock so that timesync has something to correct.
   date -s "2001-01-01 00:00:00" >/dev/null
-  M=/lib/modules/$(uname -r)
   for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
   i=0
   while [ $(ls /sys/bus/vmbus/devices 2>/dev/null | wc -l) -lt 3 ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
