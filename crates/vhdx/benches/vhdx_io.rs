@@ -101,6 +101,9 @@ fn qemu_convert(src: &Path, dst: &Path, block: &str) -> Option<f64> {
     let ok = Command::new("qemu-img")
         .args([
             "convert",
+            // qemu-img convert defaults to cache=unsafe (no flush); flush like we do.
+            "-t",
+            "writeback",
             "-f",
             "raw",
             "-O",

@@ -1,13 +1,16 @@
 //! Fuzzes opening and reading VHDX files. The input is a list of 5-byte mutations (u32 offset,
-//! value) applied to a valid template image (a dynamic disk with data, whose first 4 MiB hold
-//! every metadata structure), so the fuzzer spends its time in the parsers instead of
-//! rediscovering the format. The last input byte chooses read-only or read-write (which
-//! replays logs into the file and then writes).
+//! value) applied to a valid template image whose first 4 MiB hold every metadata structure,
+//! so the fuzzer spends its time in the parsers instead of rediscovering the format.
+//! Input byte 0 selects: bit 0 the template with a pending log (copied while a write session
+//! was open, so every open replays it) or the clean one; bit 1 recomputing the header and
+//! region-table checksums after mutating (so mutations get past the CRCs); bit 2 a read-write
+//! open (replay into the file, then writes, close, reopen).
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use vhdx::vhdx::format;
 use vhdx::vhdx::{Vhdx, VhdxBuilder};
 use vhdx::Disk;
 
@@ -20,8 +23,8 @@ fn scratch_dir() -> std::path::PathBuf {
     base.join(format!("vhdx-fuzz-{}", std::process::id()))
 }
 
-fn template() -> &'static Vec<u8> {
-    static T: OnceLock<Vec<u8>> = OnceLock::new();
+fn templates() -> &'static (Vec<u8>, Vec<u8>) {
+    static T: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
     T.get_or_init(|| {
         let dir = scratch_dir();
         std::fs::create_dir_all(&dir).unwrap();
@@ -33,19 +36,45 @@ fn template() -> &'static Vec<u8> {
             .unwrap();
         d.write_at(&vec![0x5a; 1 << 20], 1 << 20).unwrap();
         d.write_at(&vec![0xa5; 4096], 5 << 20).unwrap();
-        // Leave the log populated with the session's entries.
+        d.unmap(1 << 20, 4096).unwrap();
         d.flush().unwrap();
+        // The session is open: the log GUID is set and the log holds the BAT updates.
+        let dirty = std::fs::read(&p).unwrap();
         d.close().unwrap();
-        std::fs::read(&p).unwrap()
+        (std::fs::read(&p).unwrap(), dirty)
     })
 }
 
+fn fix_crcs(img: &mut [u8]) {
+    for off in format::HEADER_OFFSETS {
+        let o = off as usize;
+        let h = &mut img[o..o + format::HEADER_SIZE];
+        format::put32(h, 4, 0);
+        let c = format::crc32c(h);
+        format::put32(h, 4, c);
+    }
+    for off in format::REGION_TABLE_OFFSETS {
+        let o = off as usize;
+        let r = &mut img[o..o + format::REGION_TABLE_SIZE];
+        format::put32(r, 4, 0);
+        let c = format::crc32c(r);
+        format::put32(r, 4, c);
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
-    let t = template();
-    let mut img = t.clone();
-    for rec in data.chunks_exact(5) {
+    let Some((&mode, muts)) = data.split_first() else {
+        return;
+    };
+    let (clean, dirty) = templates();
+    let mut img = if mode & 1 == 1 {
+        dirty.clone()
+    } else {
+        clean.clone()
+    };
+    for rec in muts.chunks_exact(5) {
         let off = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize;
-        // Bias towards the metadata area (first 4 MiB + BAT/metadata), wrap over the file.
+        // Mostly the metadata area (first 4 MiB: headers, log, metadata, BAT).
         let at = if off & 0x8000_0000 != 0 {
             off % img.len()
         } else {
@@ -53,7 +82,10 @@ fuzz_target!(|data: &[u8]| {
         };
         img[at] = rec[4];
     }
-    let read_write = data.len() % 5 == 1 && data.last().is_some_and(|b| b & 1 == 1);
+    if mode & 2 == 2 {
+        fix_crcs(&mut img);
+    }
+    let read_write = mode & 4 == 4;
     let p = scratch_dir().join("case.vhdx");
     std::fs::write(&p, &img).unwrap();
     if let Ok(d) = Vhdx::open(&p, !read_write) {
