@@ -532,3 +532,45 @@ fn locks_keep_writers_exclusive() {
     drop(c);
     Vhdx::open(&base, false).unwrap();
 }
+
+#[test]
+fn deep_chain_opens_up_to_the_limit() {
+    use vhdx::vhdx::MAX_CHAIN_DEPTH;
+    let dir = scratch();
+    let mut top = dir.path().join("l0.vhdx");
+    let d = VhdxBuilder::new(2 * MIB)
+        .block_size(1 << 20)
+        .create(&top)
+        .unwrap();
+    d.write_at(&[1u8; 512], 0).unwrap();
+    d.close().unwrap();
+    // Each layer writes its own sector; the top sees all of them.
+    for i in 1..MAX_CHAIN_DEPTH {
+        let p = dir.path().join(format!("l{i}.vhdx"));
+        let d = VhdxBuilder::differencing(&top)
+            .block_size(1 << 20)
+            .create(&p)
+            .unwrap();
+        d.write_at(&[(i + 1) as u8; 512], i as u64 * 512).unwrap();
+        d.close().unwrap();
+        top = p;
+    }
+    let d = Vhdx::open(&top, true).unwrap();
+    let mut v = vec![0u8; MAX_CHAIN_DEPTH * 512];
+    d.read_at(&mut v, 0).unwrap();
+    for i in 0..MAX_CHAIN_DEPTH {
+        assert!(
+            v[i * 512..(i + 1) * 512]
+                .iter()
+                .all(|&b| b == (i + 1) as u8),
+            "layer {i}"
+        );
+    }
+    drop(d);
+    // One more layer is refused with a clear error.
+    let p = dir.path().join("too-deep.vhdx");
+    match VhdxBuilder::differencing(&top).create(&p) {
+        Err(vhdx::Error::Corrupt { problem, .. }) => assert!(problem.contains("deeper")),
+        other => panic!("expected a depth error, got {other:?}"),
+    }
+}
