@@ -71,20 +71,25 @@ fn debian_guests_boot_count_cpus_and_power_off() {
 #[ignore = "benchmark; run with --ignored"]
 fn boot_time_against_qemu() {
     let Some(lab) = lab() else { return };
+    // VIRIDIAN_BENCH_ROUNDS (default 3) and VIRIDIAN_BENCH_ONLY (a VMM tag) narrow the run.
+    let rounds: u32 = std::env::var("VIRIDIAN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let only = std::env::var("VIRIDIAN_BENCH_ONLY").ok();
     let mut scenarios = vec![];
-    for round in 0..3 {
+    for round in 0..rounds {
         for (vmm, tag) in [
             (Vmm::Viridian, "viridian"),
             (Vmm::QemuPc, "qemu-pc"),
             (Vmm::QemuMicrovm, "qemu-microvm"),
         ] {
-            scenarios.push(Scenario::new(
-                &format!("{tag}-{round}"),
-                vmm,
-                Flavor::Cloud,
-                1,
-                "boot",
-            ));
+            if only.as_deref().is_some_and(|o| o != tag) {
+                continue;
+            }
+            let mut s = Scenario::new(&format!("{tag}-{round}"), vmm, Flavor::Cloud, 1, "boot");
+            s.quiet = std::env::var_os("VIRIDIAN_BENCH_VERBOSE").is_none();
+            scenarios.push(s);
         }
     }
     let run = lab
