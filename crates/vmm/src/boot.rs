@@ -141,9 +141,10 @@ pub fn load_linux(
         path: kernel.to_path_buf(),
         why: why.to_string(),
     };
+    // The protected-mode kernel always goes at 1 MiB (our layout), whatever code32_start says.
     let loaded = BzImage::load(
         mem.vm_memory(),
-        None,
+        Some(GuestAddress(layout::HIGH_MEM)),
         &mut file,
         Some(GuestAddress(layout::HIGH_MEM)),
     )

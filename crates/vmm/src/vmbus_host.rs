@@ -18,6 +18,9 @@ const STATUS_UNSUCCESSFUL: u32 = 0xC000_0001;
 /// Replies one guest message can produce at most (REQUESTOFFERS: one per offer, plus
 /// ALLOFFERS_DELIVERED), kept free in the SynIC queue.
 const REPLY_HEADROOM: usize = 8;
+/// How often the host sends a heartbeat and a time sample.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+const TIME_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long without a heartbeat answer before the guest counts as lost.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -42,6 +45,7 @@ struct Inner {
     server: Server,
     devices: Vec<Device>,
     last_sample: Option<Instant>,
+    last_heartbeat: Option<Instant>,
 }
 
 /// Guest-visible state of the integration services, for `viridian vm` status.
@@ -106,6 +110,7 @@ impl VmbusHost {
                 server,
                 devices,
                 last_sample: None,
+                last_heartbeat: None,
             }),
         }
     }
@@ -238,10 +243,12 @@ impl VmbusHost {
     pub fn tick(&self) {
         let mut inner = self.lock();
         let now = Instant::now();
-        let sample_due = inner
-            .last_sample
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5));
-        let mut sampled = false;
+        let due = |last: Option<Instant>, every: Duration| {
+            last.is_none_or(|t| now.duration_since(t) >= every)
+        };
+        let sample_due = due(inner.last_sample, TIME_SAMPLE_INTERVAL);
+        let heartbeat_due = due(inner.last_heartbeat, HEARTBEAT_INTERVAL);
+        let (mut sampled, mut beat) = (false, false);
         for dev in &mut inner.devices {
             process(dev, now);
             let Some(ch) = dev.channel.as_mut() else {
@@ -251,7 +258,10 @@ impl VmbusHost {
                 continue;
             }
             let result = match dev.ic.kind() {
-                IcKind::Heartbeat => dev.ic.send_heartbeat(ch).map(|_| ()),
+                IcKind::Heartbeat if heartbeat_due => {
+                    beat = true;
+                    dev.ic.send_heartbeat(ch).map(|_| ())
+                }
                 IcKind::Timesync if !dev.ic.time_synced() => dev.ic.send_timesync(ch, true),
                 IcKind::Timesync if sample_due => {
                     sampled = true;
@@ -265,6 +275,9 @@ impl VmbusHost {
         }
         if sampled {
             inner.last_sample = Some(now);
+        }
+        if beat {
+            inner.last_heartbeat = Some(now);
         }
     }
 
