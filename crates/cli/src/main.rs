@@ -49,8 +49,22 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            eprintln!("viridian: {err:#}");
+            eprintln!("viridian: {}", error_chain(&err));
             std::process::exit(1);
         }
     }
+}
+
+/// The error and its causes on one line, leaving out causes that an outer message already
+/// quotes (library errors often include their source in their own text).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut msg = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+    }
+    msg
 }

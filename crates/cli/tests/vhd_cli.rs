@@ -359,12 +359,28 @@ fn set_parent_path_and_reset_disk_id() {
         ok(&["vhd", "set", s(&child), "--parent-path", s(&moved)]);
         ok(&["vhd", "test", s(&child)]);
         assert_eq!(&read_disk(&child)[..4096], &[0x77; 4096], "{ext}");
-        if ext == "vhdx" {
-            continue; // resetting a VHDX disk id is not implemented
-        }
         let id = get(&moved)["DiskIdentifier"].clone();
+        let before = read_disk(&moved);
         ok(&["vhd", "set", s(&moved), "--reset-disk-id"]);
-        assert_ne!(get(&moved)["DiskIdentifier"], id);
+        let new_id = get(&moved)["DiskIdentifier"].clone();
+        assert_ne!(new_id, id, "{ext}");
+        assert_eq!(new_id.as_str().unwrap().len(), 36, "{ext}: {new_id}");
+        ok(&["vhd", "test", s(&moved)]);
+        assert!(read_disk(&moved) == before, "{ext}: data changed");
+        if ext == "vhdx" {
+            qemu(&["check", "-q", "-f", "vhdx", s(&moved)]);
+            // The id survives a reopen and a second reset gives yet another one.
+            assert_eq!(get(&moved)["DiskIdentifier"], new_id);
+            ok(&["vhd", "set", s(&moved), "--reset-disk-id"]);
+            let third = get(&moved)["DiskIdentifier"].clone();
+            assert!(third != new_id && third != id);
+            qemu(&["check", "-q", "-f", "vhdx", s(&moved)]);
+            // The disk's contents did not change: its DataWriteGuid, which the child links
+            // to, is kept and the chain still opens.
+            ok(&["vhd", "test", s(&child)]);
+            assert_eq!(&read_disk(&child)[..4096], &[0x77; 4096]);
+            continue;
+        }
         // The child no longer matches its parent.
         let err = fails(&["vhd", "test", s(&child)]);
         assert!(err.contains("unique id"), "{err}");
