@@ -52,7 +52,7 @@ if [ "$S" = hyperv ]; then
     # Move every channel to vCPU 1 and check that its Hyper-V interrupts arrive there.
     for c in /sys/bus/vmbus/devices/*/channels/*/cpu; do echo 1 > $c 2>/dev/null; done
     before=$(awk '/HYP:/ {print $3}' /proc/interrupts)
-    sleep 4
+    sleep 6
     after=$(awk '/HYP:/ {print $3}' /proc/interrupts)
     say vcpu1_interrupts=$((after - before))
   fi
