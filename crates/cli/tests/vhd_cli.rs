@@ -396,3 +396,92 @@ fn set_parent_path_and_reset_disk_id() {
         ok(&["vhd", "test", s(&child)]);
     }
 }
+
+#[test]
+fn sparse_vhdx_to_raw_skips_unallocated_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    // A sparse raw source; qemu-img makes a dynamic VHDX of it (its zero blocks stay
+    // unallocated).
+    let src = dir.path().join("src.img");
+    let mut data = vec![0u8; 256 << 20];
+    data[1 << 20..3 << 20].copy_from_slice(&random(20, 2 << 20));
+    data[100 << 20..(100 << 20) + 8192].copy_from_slice(&random(21, 8192));
+    data[(200 << 20) + 512..(200 << 20) + 1024].fill(0x42);
+    std::fs::write(&src, &data).unwrap();
+    let img = dir.path().join("q.vhdx");
+    qemu(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        "subformat=dynamic,block_size=1M",
+        s(&src),
+        s(&img),
+    ]);
+    // The copy reads only what the ranges name: the three allocated 1 MiB blocks and the
+    // two of the first range.
+    let opened = vhdx::open::open(&img, true).unwrap();
+    let ranges = opened.chain_allocated_ranges().unwrap();
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    assert!(total <= 4 << 20, "{ranges:?}");
+    for (o, n) in [
+        (1u64 << 20, 2u64 << 20),
+        (100 << 20, 8192),
+        ((200 << 20) + 512, 512),
+    ] {
+        assert!(
+            ranges.iter().any(|&(s, l)| s <= o && o + n <= s + l),
+            "{o:#x}+{n:#x} not in {ranges:?}"
+        );
+    }
+    drop(opened);
+    let ours = dir.path().join("ours.img");
+    let theirs = dir.path().join("theirs.img");
+    ok(&["vhd", "convert", s(&img), s(&ours)]);
+    qemu(&["convert", "-f", "vhdx", "-O", "raw", s(&img), s(&theirs)]);
+    let (a, b) = (
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap(),
+    );
+    assert!(a == b, "our conversion differs from qemu-img's");
+    assert!(a == data);
+    // The destination stays sparse: unallocated blocks were not written either.
+    use std::os::unix::fs::MetadataExt;
+    let used = std::fs::metadata(&ours).unwrap().blocks() * 512;
+    assert!(used < 16 << 20, "{used} bytes used");
+    ok(&["vhd", "test", s(&img)]);
+}
+
+#[test]
+fn vhdx_get_shows_fragmentation_and_minimum_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq.vhdx");
+    let rev = dir.path().join("rev.vhdx");
+    for p in [&seq, &rev] {
+        ok(&["vhd", "new", s(p), "--size", "64M", "--block-size", "1M"]);
+    }
+    for b in 0..8u64 {
+        write_disk(&seq, b << 20, &[1; 4096]);
+        write_disk(&rev, (7 - b) << 20, &[1; 4096]);
+    }
+    let j = get(&seq);
+    assert_eq!(j["FragmentationPercentage"], 0, "{j}");
+    assert_eq!(j["MinimumSize"], (7u64 << 20) + 4096, "{j}");
+    let j = get(&rev);
+    assert_eq!(j["FragmentationPercentage"], 100, "{j}");
+    // A fixed disk's blocks follow each other.
+    let fixed = dir.path().join("fixed.vhdx");
+    ok(&["vhd", "new", s(&fixed), "--size", "16M", "--fixed"]);
+    assert_eq!(get(&fixed)["FragmentationPercentage"], 0);
+    // MinimumSize for a VHDX of any size: 1 TiB with data near 100 GiB.
+    let big = dir.path().join("big.vhdx");
+    ok(&["vhd", "new", s(&big), "--size", "1T"]);
+    write_disk(&big, 100 << 30, &[9; 4096]);
+    let j = get(&big);
+    assert_eq!(j["MinimumSize"], (100u64 << 30) + 4096, "{j}");
+    ok(&["vhd", "resize", s(&big), "--to-minimum-size"]);
+    assert_eq!(get(&big)["Size"], (100u64 << 30) + 4096);
+    qemu(&["check", "-q", "-f", "vhdx", s(&big)]);
+}

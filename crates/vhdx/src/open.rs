@@ -354,7 +354,10 @@ impl Image {
                     block_size: i.block_size,
                     parent_path: i.parent_path,
                     disk_id: Some(i.disk_id.to_string().to_uppercase()),
-                    fragmentation_percent: None,
+                    fragmentation_percent: fragmentation(
+                        &d.allocated_block_offsets(),
+                        u64::from(i.block_size),
+                    ),
                 }
             }
             Image::Raw(d) => ImageInfo {
@@ -399,9 +402,7 @@ impl Image {
     /// Byte ranges this file itself holds data for (not its parents), merged, ascending.
     pub fn allocated_ranges(&self) -> Result<Vec<(u64, u64)>> {
         match self {
-            // The VHDX module does not expose per-layer allocation: report the whole disk
-            // (copies then skip zero runs by content).
-            Image::Vhdx(d) => Ok(vec![(0, d.size())]),
+            Image::Vhdx(d) => d.allocated_ranges(),
             Image::Raw(d) => d.data_ranges(),
             Image::Vhd(d) => d.allocated_ranges(),
         }
@@ -409,6 +410,9 @@ impl Image {
 
     /// Byte ranges any file of the chain holds data for: everything else reads as zeros.
     pub fn chain_allocated_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        if let Image::Vhdx(d) = self {
+            return d.chain_allocated_ranges();
+        }
         let mut all = self.allocated_ranges()?;
         if let Image::Vhd(d) = self {
             let mut p = d.parent();
@@ -463,9 +467,7 @@ impl Image {
     pub fn reset_disk_id(&mut self) -> Result<()> {
         match self {
             Image::Vhd(d) => d.set_unique_id(uuid::Uuid::new_v4()),
-            Image::Vhdx(_) => Err(Error::Invalid(
-                "resetting a VHDX disk identifier is not supported yet".into(),
-            )),
+            Image::Vhdx(d) => d.set_disk_id(uuid::Uuid::new_v4()),
             Image::Raw(_) => Err(Error::Invalid("raw images have no disk identifier".into())),
         }
     }
@@ -498,16 +500,7 @@ impl Image {
 
     /// Smallest size that keeps every non-zero byte: the end of the last allocated range, less
     /// trailing zero sectors.
-    ///
-    /// VHDX images do not expose their allocation here, so finding it means reading the disk:
-    /// refused above 64 GiB (an [`Error::Invalid`]).
     pub fn minimum_size(&self) -> Result<u64> {
-        if matches!(self, Image::Vhdx(_)) && self.size() > 64 << 30 {
-            return Err(Error::Invalid(format!(
-                "{}: the minimum size of a VHDX larger than 64 GiB is not computed",
-                self.path().display()
-            )));
-        }
         let ranges = self.chain_allocated_ranges()?;
         let ss = self.logical_sector_size() as u64;
         let mut buf = vec![0u8; 1 << 20];

@@ -32,6 +32,11 @@ impl Backing {
         self.view_len = self.view_len.max(view_len);
     }
 
+    /// Whether replayed log writes are held in memory (the host file lacks them).
+    pub fn has_patches(&self) -> bool {
+        !self.patches.is_empty()
+    }
+
     pub fn io(&self, op: &'static str, e: std::io::Error) -> Error {
         io_err(&self.path, op, e)
     }

@@ -6,6 +6,7 @@
 //! updates (through the log) and header updates are serialized by one metadata mutex; sector
 //! bitmap read-modify-writes by a small bitmap mutex.
 
+mod alloc;
 mod backing;
 mod create;
 pub mod format;

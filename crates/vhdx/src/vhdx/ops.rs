@@ -5,6 +5,7 @@ use super::{lock, Meta, Vhdx};
 use crate::{Disk, Error, Result};
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use uuid::Uuid;
 
 /// What [`Vhdx::resize`] may do with data past a smaller new size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -557,5 +558,44 @@ impl Vhdx {
         // The item first, then the table entry that points at it.
         self.meta_log_patch(&mut meta, region + u64::from(offset), bytes)?;
         self.meta_log_patch(&mut meta, region + 32 + 32 * i as u64 + 16, &entry)
+    }
+}
+
+impl Vhdx {
+    /// Gives the disk a new Page 83 identifier (`Set-VHD -ResetDiskIdentifier`), written
+    /// through the log like every metadata update. The FileWriteGuid changes; the
+    /// DataWriteGuid does not (the disk's contents are unchanged, so children stay linked).
+    pub fn set_disk_id(&mut self, id: Uuid) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut meta = lock(&self.meta);
+        self.begin_session_locked(&mut meta, false)?;
+        let region = meta.metadata_offset;
+        let t = self
+            .file
+            .read_struct(region, METADATA_TABLE_SIZE, "metadata table")?;
+        let entries =
+            parse_metadata_table(&t).map_err(|e| self.file.corrupt("metadata table", region, e))?;
+        let item = entries
+            .iter()
+            .find(|e| e.item_id == ITEM_PAGE83)
+            .ok_or_else(|| {
+                self.file
+                    .corrupt("metadata table", region, "no page 83 item")
+            })?;
+        // Checked on open: the item lies inside the region and holds at least 16 bytes.
+        if item.length < 16 || u64::from(item.offset) + 16 > meta.metadata_length {
+            return Err(self.file.corrupt(
+                "page 83 data",
+                region + u64::from(item.offset),
+                "item does not fit the metadata region",
+            ));
+        }
+        let off = region + u64::from(item.offset);
+        self.meta_log_patch(&mut meta, off, &id.to_bytes_le())?;
+        drop(meta);
+        self.disk_id = id;
+        Ok(())
     }
 }
