@@ -135,12 +135,19 @@ fn differencing_ranges_follow_sector_bitmaps() {
     c.write_at(&[0xbb; 4096], 5 * MIB + 1536).unwrap();
     c.write_at(&random(2, MIB as usize), 8 * MIB).unwrap();
     c.write_at(&[0u8; 1024], MIB - 512).unwrap();
+    // A scattered bitmap (every other sector of block 6) is reported as the whole block.
+    let bs = u64::from(c.block_size());
+    let scattered = 6 * bs;
+    for k in 0..64u64 {
+        c.write_at(&[0xcc; 512], scattered + k * 1024).unwrap();
+    }
     c.flush().unwrap();
     let want = vec![
         (MIB - 512, 1024),
         (3 * MIB + 1024, 512),
         (5 * MIB + 1536, 4096),
         (8 * MIB, MIB),
+        (scattered, bs),
     ];
     assert_eq!(c.allocated_ranges().unwrap(), want);
     assert_eq!(
@@ -149,14 +156,14 @@ fn differencing_ranges_follow_sector_bitmaps() {
             (0, 2 * MIB),
             (3 * MIB + 1024, 512),
             (5 * MIB + 1536, 4096),
-            (8 * MIB, MIB)
+            (8 * MIB, MIB),
+            (scattered, bs),
         ]
     );
     c.close().unwrap();
     let c = Vhdx::open(&child, true).unwrap();
     assert_eq!(c.allocated_ranges().unwrap(), want);
     check_ranges(&c.chain_allocated_ranges().unwrap(), &read_all(&c), "chain");
-    let bs = u64::from(c.block_size());
     let mut blocks: Vec<u64> = want
         .iter()
         .flat_map(|&(s, l)| s / bs..(s + l).div_ceil(bs))

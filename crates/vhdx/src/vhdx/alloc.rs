@@ -5,6 +5,9 @@ use super::format::*;
 use super::{lock, Vhdx};
 use crate::{Disk, Result};
 
+/// A partially present block whose sector bitmap has more runs than this is reported whole.
+const MAX_PIECES_PER_BLOCK: usize = 16;
+
 /// Appends `(start, len)` to ascending `out`, merging with the last range when they touch.
 fn push_range(out: &mut Vec<(u64, u64)>, start: u64, len: u64) {
     if len == 0 {
@@ -36,7 +39,7 @@ impl Vhdx {
 
     /// Byte ranges of the virtual disk whose data this file itself holds (not its parents):
     /// FULLY_PRESENT blocks, and the present sectors of PARTIALLY_PRESENT blocks by their
-    /// sector bitmap. Ascending, merged, clipped to the disk size. Everything outside them
+    /// sector bitmap (the whole block when the bitmap has more than 16 runs). Ascending, merged, clipped to the disk size. Everything outside them
     /// reads as zeros or comes from the parent.
     ///
     /// For a disk without a parent, holes of the host file inside a block (space never
@@ -111,6 +114,7 @@ impl Vhdx {
                 self.file.read_at(&mut bits, bitmap + bit0 / 8)?;
             }
             let present = |i: u64| bits[(i / 8) as usize] >> (i % 8) & 1 == 1;
+            let first = pieces.len();
             let mut i = 0;
             while i < nsec {
                 if !present(i) {
@@ -123,6 +127,12 @@ impl Vhdx {
                 }
                 pieces.push((start + i * lss, (j - i) * lss));
                 i = j;
+            }
+            if pieces.len() - first > MAX_PIECES_PER_BLOCK {
+                // A scattered bitmap: report the whole block, so the list stays small
+                // (hostile bitmaps would otherwise cost 64 bytes of memory per byte).
+                pieces.truncate(first);
+                pieces.push((start, nsec * lss));
             }
         }
         out.extend(pieces);
