@@ -225,12 +225,15 @@ fn set_disk_id_replays_from_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("a.vhdx");
     let old_id = Uuid::new_v4();
-    VhdxBuilder::new(8 * MIB)
-        .disk_id(old_id)
-        .create(&p)
-        .unwrap()
-        .close()
-        .unwrap();
+    {
+        let d = VhdxBuilder::new(8 * MIB)
+            .block_size(MIB as u32)
+            .disk_id(old_id)
+            .create(&p)
+            .unwrap();
+        d.write_at(&[0x5a; 8192], MIB + 4096).unwrap();
+        d.close().unwrap();
+    }
     let pristine = std::fs::read(&p).unwrap();
     let at: Vec<usize> = find_all(&pristine, &old_id.to_bytes_le());
     assert_eq!(at.len(), 1, "the id is stored once");
@@ -248,6 +251,14 @@ fn set_disk_id_replays_from_the_log() {
         let i = d.info().unwrap();
         assert!(i.log_replayed, "{read_only}");
         assert_eq!(i.disk_id, new_id, "{read_only}");
+        let r = d.allocated_ranges().unwrap();
+        if read_only {
+            // The replayed log lives in memory, not in the host file: whole blocks.
+            assert_eq!(r, vec![(MIB, MIB)]);
+        } else {
+            assert!(covers(&r, MIB + 4096, 8192) && covers(&[(MIB, MIB)], r[0].0, r[0].1));
+            assert_eq!(r.len(), 1, "{r:?}");
+        }
         drop(d);
         if !read_only {
             // Replayed into the file: qemu sees the new id and no pending log.
