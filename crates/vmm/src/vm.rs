@@ -154,15 +154,28 @@ impl Vm {
         } else {
             vec![]
         };
-        let rsdp = acpi::write_tables(&memory, config.vcpus, &dsdt_devices)?;
-        let entry = boot::load_linux(
-            &memory,
-            config.memory,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-            rsdp,
-        )?;
+        // KVM_X86_SET_MSR_FILTER waits for an SRCU grace period (14 ms measured here), so it
+        // runs while the guest is loaded rather than before.
+        let entry = std::thread::scope(|scope| {
+            let filter = config
+                .hyperv
+                .then(|| scope.spawn(|| partition.trap_msrs(hvdef::hv::MSR_RANGE_START, 0x200)));
+            let rsdp = acpi::write_tables(&memory, config.vcpus, &dsdt_devices)?;
+            let entry = boot::load_linux(
+                &memory,
+                config.memory,
+                &config.kernel,
+                config.initrd.as_deref(),
+                &config.cmdline,
+                rsdp,
+            )?;
+            if let Some(filter) = filter {
+                filter
+                    .join()
+                    .expect("the MSR filter thread does not panic")?;
+            }
+            Ok::<_, Error>(entry)
+        })?;
 
         let serial = chipset::serial::Serial::new(console).map_err(Error::Console)?;
         partition
@@ -208,7 +221,6 @@ impl Vm {
             };
             let time = Arc::new(hyperv::KvmTime::new(u64::from(tsc_khz) * 1000));
             let hv = hv1::Partition::new(hv_config, memory.clone(), time).map_err(Error::Hv)?;
-            partition.trap_msrs(hvdef::hv::MSR_RANGE_START, 0x200)?;
             base_cpuid = hyperv::patch_cpuid(&base_cpuid, &hv_config.cpuid());
             Some(Arc::new(hv))
         } else {
@@ -287,13 +299,15 @@ impl Vm {
             })
             .collect();
         drop(tx);
+        // Periodic VMBus work; dropping `stop_ticker` ends it at once.
+        let (stop_ticker, ticker_stopped) = mpsc::channel::<()>();
         let ticker = self.vmbus.clone().map(|vmbus| {
-            let stopping = stopping.clone();
             std::thread::Builder::new()
                 .name("vmbus-tick".into())
                 .spawn(move || {
-                    while !stopping.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(250));
+                    while let Err(mpsc::RecvTimeoutError::Timeout) =
+                        ticker_stopped.recv_timeout(Duration::from_millis(250))
+                    {
                         vmbus.tick();
                     }
                 })
@@ -301,6 +315,7 @@ impl Vm {
         });
         let reason = rx.recv().unwrap_or(ExitReason::Stopped);
         stopping.store(true, Ordering::SeqCst);
+        drop(stop_ticker);
         // Kick every vCPU out of KVM_RUN until all threads have noticed.
         for t in &threads {
             while !t.is_finished() {
