@@ -167,7 +167,9 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())))
         .transpose()?;
     let console = Console::new(file);
+    let started = std::time::Instant::now();
     let vm = Vm::new(config, Box::new(console.clone()))?;
+    tracing::info!("VM built in {:?}", started.elapsed());
     let name = args
         .name
         .clone()
@@ -181,6 +183,7 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     let stop = vm.stop_handle();
     ctrlc::set_handler(move || stop.stop()).context("cannot install the Ctrl-C handler")?;
     let reason = vm.run()?;
+    tracing::info!("VM stopped ({reason:?}) after {:?}", started.elapsed());
     let _ = console.inner.lock().unwrap().drain();
     Ok(match reason {
         ExitReason::PowerOff => 0,

@@ -196,7 +196,8 @@ impl Scenario {
                 self.cpus, self.memory_mib, name = self.name
             ),
             Vmm::Viridian => format!(
-                "viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}'",
+                "{}viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}'",
+                if self.quiet { "" } else { "VIRIDIAN_LOG=info " },
                 self.cpus, self.memory_mib
             ),
             Vmm::QemuPc | Vmm::QemuMicrovm => format!(
