@@ -266,11 +266,6 @@ impl Vm {
         StopHandle(self.events.0.clone())
     }
 
-    /// Guest memory (for tests and inspection).
-    pub fn memory(&self) -> &GuestMemory {
-        self.partition.memory()
-    }
-
     /// Runs the guest until it powers off, resets, fails, or is stopped.
     pub fn run(self) -> Result<ExitReason> {
         let _ = register_signal_handler(kick_signal(), on_kick);
