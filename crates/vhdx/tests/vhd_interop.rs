@@ -2,52 +2,12 @@
 //! library, files we made read correctly through qemu. Data compared byte for byte / by hash.
 //! Needs qemu-utils installed.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
+use common::{qemu_to_raw, read_all, run};
 use rand::{Rng, SeedableRng};
 use vhdx::vhd::{DiskType, Vhd, VhdCreateOptions, VhdOpenOptions};
 use vhdx::Disk;
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} not runnable ({e}); install qemu-utils"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn read_all(d: &dyn Disk) -> Vec<u8> {
-    let mut v = vec![0u8; d.size() as usize];
-    for (i, c) in v.chunks_mut(1 << 20).enumerate() {
-        d.read_at(c, i as u64 * (1 << 20)).unwrap();
-    }
-    v
-}
-
-fn qemu_to_raw(img: &Path, fmt: &str) -> Vec<u8> {
-    let raw = img.with_extension("qemu.raw");
-    let _ = std::fs::remove_file(&raw);
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            fmt,
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(&raw).unwrap()
-}
 
 fn ro() -> VhdOpenOptions {
     VhdOpenOptions {

@@ -6,62 +6,15 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
+use common::{have_qemu, read_all, run};
 use rand::{Rng, SeedableRng};
 use vhdx::vhdx::{Vhdx, VhdxBuilder, VhdxKind};
 use vhdx::Disk;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIPPED: qemu-img not installed (apt-get install qemu-utils)");
-    }
-    ok
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn read_all(d: &dyn Disk) -> Vec<u8> {
-    let mut v = vec![0u8; d.size() as usize];
-    for (i, c) in v.chunks_mut(MIB as usize).enumerate() {
-        d.read_at(c, i as u64 * MIB).unwrap();
-    }
-    v
-}
-
-fn qemu_to_raw(img: &Path) -> Vec<u8> {
-    let raw = img.with_extension("qemu.raw");
-    let _ = std::fs::remove_file(&raw);
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    let v = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    v
-}
 
 fn qemu_check(img: &Path) {
     run("qemu-img", &["check", "-f", "vhdx", img.to_str().unwrap()]);
@@ -152,7 +105,7 @@ fn qemu_made_images_read_correctly() {
             "case {i}: data differs from what qemu wrote"
         );
         assert!(
-            ours == qemu_to_raw(&img),
+            ours == common::qemu_to_raw(&img, "vhdx"),
             "case {i}: differs from qemu's own read"
         );
     }
