@@ -29,6 +29,8 @@ use crate::{Disk, Error, Result};
 
 /// The deepest differencing chain [`Vhdx::open`] follows.
 pub const MAX_CHAIN_DEPTH: usize = 64;
+/// Attempts, 10 ms apart, to take the write lock before reporting the file as in use.
+const LOCK_RETRIES: u32 = 50;
 
 /// The kind of VHDX file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,9 +193,21 @@ impl Vhdx {
         // a parent in use for writing does not (its data would change under the child).
         use rustix::fs::{flock, FlockOperation};
         if !read_only {
-            flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
-                backing::io_err(path, "lock for writing (the file is in use)", e.into())
-            })?;
+            // A lock we just released can stay held for a moment by a child process that this
+            // process forked (it shares the open file until it execs), so retry briefly before
+            // calling the file busy.
+            let mut tries = 0;
+            while let Err(e) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                tries += 1;
+                if e != rustix::io::Errno::WOULDBLOCK || tries >= LOCK_RETRIES {
+                    return Err(backing::io_err(
+                        path,
+                        "lock for writing (the file is in use)",
+                        e.into(),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         } else if let Err(e) = flock(&file, FlockOperation::NonBlockingLockShared) {
             if is_parent {
                 return Err(backing::io_err(
