@@ -178,10 +178,12 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         .control_socket
         .clone()
         .unwrap_or_else(|| crate::control::socket_for(&name));
-    let _control = crate::control::ControlServer::start(&socket, vm.control())?;
-    tracing::info!("control socket {}", socket.display());
+    // Ctrl-C works from the moment the control socket exists (tests rely on that order).
     let stop = vm.stop_handle();
     ctrlc::set_handler(move || stop.stop()).context("cannot install the Ctrl-C handler")?;
+    let _control = crate::control::ControlServer::start(&socket, vm.control())?;
+    tracing::info!("control socket {}", socket.display());
+
     let reason = vm.run()?;
     tracing::info!("VM stopped ({reason:?}) after {:?}", started.elapsed());
     let _ = console.inner.lock().unwrap().drain();

@@ -60,6 +60,18 @@ fn triple_fault_exits_one_with_registers() {
     );
 }
 
+/// Waits until the worker's control socket exists (the VM is built and Ctrl-C is handled).
+fn wait_for_socket(socket: &std::path::Path) {
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no control socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_with_timeout(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let start = Instant::now();
     loop {
@@ -80,17 +92,15 @@ fn ctrl_c_stops_the_vm() {
         return;
     }
     let kernel = tiny_kernel("spin-int", SPIN);
+    let run_dir = std::env::temp_dir().join(format!("viridian-run-int-{}", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
-        .args(["run", "--memory", "64M", "--kernel"])
+        .args(["run", "--name", "int", "--memory", "64M", "--kernel"])
         .arg(kernel)
-        .env(
-            "VIRIDIAN_RUN_DIR",
-            std::env::temp_dir().join("viridian-run-int"),
-        )
+        .env("VIRIDIAN_RUN_DIR", &run_dir)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    wait_for_socket(&run_dir.join("int.sock"));
     let pid = child.id().to_string();
     assert!(Command::new("kill")
         .args(["-INT", &pid])
@@ -117,14 +127,7 @@ fn vm_stop_force_turns_the_vm_off() {
         .spawn()
         .unwrap();
     let socket = run_dir.join("tiny.sock");
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no control socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(&socket);
     let list = Command::new(viridian)
         .args(["vm", "list"])
         .env("VIRIDIAN_RUN_DIR", &run_dir)
