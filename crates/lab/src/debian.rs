@@ -42,6 +42,11 @@ pub fn unpack(cache: &Cache, package: &str) -> Result<PathBuf> {
     if done.exists() {
         return Ok(root);
     }
+    let _lock = cache.lock()?;
+    if done.exists() {
+        // Another lab run unpacked it while this one waited for the lock.
+        return Ok(root);
+    }
     let debs = cache.dir().join("debs");
     std::fs::create_dir_all(&debs).map_err(|e| Error::io(&debs, e))?;
     if find_deb(&debs, package).is_none() {

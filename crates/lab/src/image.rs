@@ -130,9 +130,17 @@ pub fn l2_initramfs(busybox: &Path, kernels: &[&crate::Kernel], out: &Path) -> R
     write(a, out)
 }
 
+/// Writes the archive under a temporary name and renames it into place, so a reader never sees
+/// a partial image even when several lab runs share the cache.
 fn write(a: Archive, out: &Path) -> Result<()> {
-    let mut f = std::fs::File::create(out).map_err(|e| Error::io(out, e))?;
-    a.write_to(&mut f).map_err(|e| Error::io(out, e))
+    let tmp = crate::temporary_sibling(out);
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| a.write_to(&mut f))
+        .and_then(|()| std::fs::rename(&tmp, out));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| Error::io(out, e))
 }
 
 /// What goes into the L1 image.
@@ -173,9 +181,8 @@ pub fn l1_initramfs(contents: &L1Contents, out: &Path) -> Result<()> {
     for d in dirs {
         a.dir(&d);
     }
-    for lib in libs {
-        let data = std::fs::read(&lib).map_err(|e| Error::io(&lib, e))?;
-        let name = lib.file_name().unwrap().to_string_lossy().into_owned();
+    for SharedLibrary { name, real } in libs {
+        let data = std::fs::read(&real).map_err(|e| Error::io(&real, e))?;
         let dest = if name.starts_with("ld-linux") {
             format!("lib64/{name}")
         } else {
@@ -194,8 +201,16 @@ pub fn l1_initramfs(contents: &L1Contents, out: &Path) -> Result<()> {
     write(a, out)
 }
 
-/// The shared libraries `ldd` lists for `program` (resolved to real files).
-fn shared_libraries(program: &Path) -> Result<Vec<std::path::PathBuf>> {
+/// A library `ldd` listed: the name the dynamic loader looks up, and the file it resolves to.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct SharedLibrary {
+    name: String,
+    real: std::path::PathBuf,
+}
+
+/// The shared libraries `ldd` lists for `program`. Nothing is copied: concurrent lab runs
+/// must never see a half-written library.
+fn shared_libraries(program: &Path) -> Result<Vec<SharedLibrary>> {
     let out = Command::new("ldd")
         .arg(program)
         .output()
@@ -217,14 +232,14 @@ fn shared_libraries(program: &Path) -> Result<Vec<std::path::PathBuf>> {
                 .filter(|p| p.starts_with('/')),
         };
         if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            // Keep the name the loader looks up (the symlink's); read the real file's bytes.
             let real = std::fs::canonicalize(p).map_err(|e| Error::io(Path::new(p), e))?;
-            // Keep the name the loader looks up (the symlink's), with the real file's bytes.
-            let name = Path::new(p).file_name().unwrap().to_owned();
-            let dir = std::env::temp_dir().join("viridian-lab-libs");
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            let dest = dir.join(&name);
-            std::fs::copy(&real, &dest).map_err(|e| Error::io(&real, e))?;
-            libs.push(dest);
+            let name = Path::new(p)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            libs.push(SharedLibrary { name, real });
         }
     }
     Ok(libs)

@@ -75,6 +75,39 @@ impl Cache {
     fn image(&self, name: &str) -> PathBuf {
         self.dir.join("images").join(name)
     }
+
+    /// Holds the cache's lock until the returned file is dropped. Taken while packages are
+    /// downloaded and unpacked, so concurrent lab runs never unpack the same package at once.
+    fn lock(&self) -> Result<std::fs::File> {
+        let path = self.dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        file.lock().map_err(|e| Error::io(&path, e))?;
+        Ok(file)
+    }
+}
+
+/// A unique name next to `path` for writing a file that is then renamed over `path`.
+fn temporary_sibling(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}-{n}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Copies `from` to `to` through a temporary file and a rename, so `to` is never partial.
+fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
+    let tmp = temporary_sibling(to);
+    let result = std::fs::copy(from, &tmp).and_then(|_| std::fs::rename(&tmp, to));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|_| ()).map_err(|e| Error::io(to, e))
 }
 
 fn is_root() -> bool {
@@ -190,7 +223,7 @@ impl Scenario {
             Vmm::Viridian if self.stop_with_control => format!(
                 "rm -f /tmp/{name}.log; \
                  viridian run --name {name} --serial /tmp/{name}.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}' & p=$!; \
-                 i=0; until grep -q 'VIRIDIAN-GUEST ready' /tmp/{name}.log 2>/dev/null || [ $i -ge 600 ]; do sleep 1; i=$((i+1)); done; \
+                 i=0; until grep -q 'VIRIDIAN-GUEST ready' /tmp/{name}.log 2>/dev/null || ! kill -0 $p 2>/dev/null || [ $i -ge 600 ]; do sleep 1; i=$((i+1)); done; \
                  echo VIRIDIAN-GUEST host_status=$(viridian vm status {name} | tr ' ' ','); \
                  viridian vm stop {name} --timeout 300 || viridian vm stop {name} --force; wait $p",
                 self.cpus, self.memory_mib, name = self.name
@@ -287,8 +320,7 @@ impl Lab {
                 what: "finding QEMU firmware".into(),
                 detail: format!("{name} is in none of {dirs:?}"),
             })?;
-            let dest = firmware.join(name);
-            std::fs::copy(&resolved, &dest).map_err(|e| Error::io(&resolved, e))?;
+            copy_atomically(&resolved, &firmware.join(name))?;
         }
         Ok(Self {
             cache: cache.dir().to_path_buf(),
