@@ -3,8 +3,9 @@
 //! address), and build the identity page tables and GDT the 64-bit entry point expects.
 
 use crate::layout;
+use crate::payload;
 use guestmem::GuestMemory;
-use linux_loader::loader::{bzimage::BzImage, KernelLoader};
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,14 @@ pub enum Error {
         size: u64,
         available: u64,
     },
+    #[error("{path}: {why} (at file offset {file_offset:#x}); the kernel file is damaged")]
+    CorruptPayload {
+        path: PathBuf,
+        file_offset: u64,
+        why: String,
+    },
+    #[error("{path}: the unpacked vmlinux does not load: {why}")]
+    BadVmlinux { path: PathBuf, why: String },
     #[error("the kernel command line is {len} bytes; this kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: u64 },
     #[error("the kernel command line contains a NUL byte")]
@@ -122,8 +131,81 @@ pub fn preflight(kernel: &Path, initrd: Option<&Path>, mem_size: u64) -> Result<
     Ok(())
 }
 
+/// The setup-header fields the loader uses, read from the bzImage's first 1 KiB.
+struct SetupHeader {
+    setup_sects: u64,
+    initrd_addr_max: u32,
+    cmdline_size: u32,
+    payload_offset: u32,
+    payload_length: u32,
+    pref_address: u64,
+    init_size: u32,
+}
+
+impl SetupHeader {
+    fn parse(head: &[u8; 0x400]) -> Self {
+        let u32_at = |at: usize| u32::from_le_bytes(head[at..at + 4].try_into().unwrap());
+        let setup_sects = match head[0x1f1] {
+            0 => 4,
+            n => u64::from(n),
+        };
+        Self {
+            setup_sects,
+            initrd_addr_max: u32_at(0x22c),
+            cmdline_size: u32_at(0x238),
+            payload_offset: u32_at(0x248),
+            payload_length: u32_at(0x24c),
+            pref_address: u64::from_le_bytes(head[0x258..0x260].try_into().unwrap()),
+            init_size: u32_at(0x260),
+        }
+    }
+}
+
+/// The bzImage's vmlinux, unpacked on the host, when its compression is one the host unpacks
+/// faster than the guest's own decompressor (LZ4). `None` leaves unpacking to the guest.
+fn unpack_on_host(
+    kernel: &Path,
+    file: &mut File,
+    hdr: &SetupHeader,
+    mem_size: u64,
+) -> Result<Option<Vec<u8>>> {
+    use std::io::{Seek, SeekFrom};
+    let read_err = |source| Error::Read {
+        path: kernel.to_path_buf(),
+        source,
+    };
+    let file_len = file.metadata().map_err(read_err)?.len();
+    let start = (hdr.setup_sects + 1) * 512 + u64::from(hdr.payload_offset);
+    let len = u64::from(hdr.payload_length);
+    if len < 16 || start.saturating_add(len) > file_len {
+        return Ok(None);
+    }
+    let mut magic = [0u8; 6];
+    file.seek(SeekFrom::Start(start)).map_err(read_err)?;
+    file.read_exact(&mut magic).map_err(read_err)?;
+    if payload::Compression::detect(&magic) != payload::Compression::Lz4 {
+        return Ok(None);
+    }
+    let mut data = vec![0u8; len as usize];
+    file.seek(SeekFrom::Start(start)).map_err(read_err)?;
+    file.read_exact(&mut data).map_err(read_err)?;
+    let vmlinux =
+        payload::unpack_lz4(&data, mem_size.min(usize::MAX as u64) as usize).map_err(|e| {
+            Error::CorruptPayload {
+                path: kernel.to_path_buf(),
+                file_offset: start + e.offset as u64,
+                why: e.why,
+            }
+        })?;
+    Ok(Some(vmlinux))
+}
+
 /// Loads `kernel` (and `initrd`) into `mem` and writes the zero page. `rsdp` is the guest
 /// address of the ACPI RSDP.
+///
+/// An LZ4-compressed bzImage is unpacked here and its vmlinux entered at its 64-bit entry point
+/// (`phys_startup_64`) with the same zero page the bzImage's own decompressor would pass on;
+/// any other bzImage is loaded at 1 MiB and unpacks itself.
 pub fn load_linux(
     mem: &GuestMemory,
     mem_size: u64,
@@ -137,43 +219,60 @@ pub fn load_linux(
         move |source| Error::Read { path, source }
     };
     let (mut file, head, n) = read_header(kernel)?;
+    let hdr = SetupHeader::parse(&head);
     let not_bz = |why: &str| Error::NotBzImage {
         path: kernel.to_path_buf(),
         why: why.to_string(),
     };
-    // The protected-mode kernel always goes at 1 MiB (our layout), whatever code32_start says.
-    let loaded = BzImage::load(
-        mem.vm_memory(),
-        Some(GuestAddress(layout::HIGH_MEM)),
-        &mut file,
-        Some(GuestAddress(layout::HIGH_MEM)),
-    )
-    .map_err(|e| match e {
-        linux_loader::loader::Error::Bzimage(
-            linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
-        ) => Error::KernelTooLarge {
-            path: kernel.to_path_buf(),
-            size: file.metadata().map(|m| m.len() >> 20).unwrap_or(0),
-            memory: mem_size >> 20,
-        },
-        other => not_bz(&other.to_string()),
-    })?;
-    let hdr = loaded
-        .setup_header
-        .ok_or_else(|| not_bz("no setup header"))?;
-    let kernel_start = loaded.kernel_load.0;
-    // The kernel decompresses into `init_size` bytes starting at its (aligned) load address.
-    let kernel_end = kernel_start
-        .max(u64::from(hdr.pref_address as u32))
-        .saturating_add(u64::from(hdr.init_size));
+    let too_large = |size: u64| Error::KernelTooLarge {
+        path: kernel.to_path_buf(),
+        size: size.div_ceil(1 << 20),
+        memory: mem_size >> 20,
+    };
+    // The kernel ends up in `init_size` bytes from its preferred (or our 1 MiB) load address.
     let low_end = layout::ram_ranges(mem_size)[0].1;
+    let mut kernel_end = hdr
+        .pref_address
+        .max(layout::HIGH_MEM)
+        .saturating_add(u64::from(hdr.init_size));
     if kernel_end > low_end {
-        return Err(Error::KernelTooLarge {
-            path: kernel.to_path_buf(),
-            size: u64::from(hdr.init_size) >> 20,
-            memory: mem_size >> 20,
-        });
+        return Err(too_large(u64::from(hdr.init_size)));
     }
+    let rip = match unpack_on_host(kernel, &mut file, &hdr, low_end)? {
+        Some(vmlinux) => {
+            let loaded = Elf::load(
+                mem.vm_memory(),
+                None,
+                &mut std::io::Cursor::new(&vmlinux),
+                Some(GuestAddress(layout::HIGH_MEM)),
+            )
+            .map_err(|e| Error::BadVmlinux {
+                path: kernel.to_path_buf(),
+                why: e.to_string(),
+            })?;
+            kernel_end = kernel_end.max(loaded.kernel_end);
+            if kernel_end > low_end {
+                return Err(too_large(kernel_end - layout::HIGH_MEM));
+            }
+            loaded.kernel_load.0
+        }
+        None => {
+            // The protected-mode kernel always goes at 1 MiB (our layout).
+            let loaded = BzImage::load(
+                mem.vm_memory(),
+                Some(GuestAddress(layout::HIGH_MEM)),
+                &mut file,
+                Some(GuestAddress(layout::HIGH_MEM)),
+            )
+            .map_err(|e| match e {
+                linux_loader::loader::Error::Bzimage(
+                    linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
+                ) => too_large(file.metadata().map(|m| m.len()).unwrap_or(0)),
+                other => not_bz(&other.to_string()),
+            })?;
+            loaded.kernel_load.0 + 0x200
+        }
+    };
 
     // Command line.
     if cmdline.contains('\0') {
@@ -235,7 +334,7 @@ pub fn load_linux(
 
     write_boot_structures(mem)?;
     Ok(BootEntry {
-        rip: kernel_start + 0x200,
+        rip,
         zero_page: layout::ZERO_PAGE,
     })
 }
@@ -357,6 +456,97 @@ mod tests {
             mem.read_obj::<u64>(layout::ZERO_PAGE + 0x70).unwrap(),
             0xe0000
         );
+    }
+
+    /// A minimal vmlinux: one PT_LOAD segment of `code` at 16 MiB, entered at its start.
+    fn tiny_vmlinux(code: &[u8], memsz: u64) -> Vec<u8> {
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        elf[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // e_entry
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = 64;
+        elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        elf[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        elf[ph + 16..ph + 24].copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes());
+        elf[ph + 24..ph + 32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // p_paddr
+        elf[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        elf[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
+        elf.extend_from_slice(code);
+        elf
+    }
+
+    /// A bzImage whose payload is `vmlinux` packed the way the kernel build packs LZ4.
+    fn lz4_kernel(dir: &Path, name: &str, vmlinux: &[u8], init_size: u32) -> PathBuf {
+        let mut payload = 0x184c_2102u32.to_le_bytes().to_vec();
+        let block = lz4_flex::block::compress(vmlinux);
+        payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&block);
+        payload.extend_from_slice(&(vmlinux.len() as u32).to_le_bytes());
+        let path = fake_kernel(dir, 0x20f, 1, 0x100 + payload.len());
+        let mut img = std::fs::read(&path).unwrap();
+        img[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes()); // payload_offset
+        img[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        img[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
+        img[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+        let at = 5 * 512 + 0x100;
+        img[at..at + payload.len()].copy_from_slice(&payload);
+        let out = dir.join(name);
+        std::fs::write(&out, img).unwrap();
+        out
+    }
+
+    #[test]
+    fn lz4_kernels_are_unpacked_on_the_host_and_entered_at_the_vmlinux() {
+        let dir = tmpdir("lz4");
+        let code: Vec<u8> = (0..5000u32).map(|i| (i % 13) as u8).collect();
+        let kernel = lz4_kernel(&dir, "lz4", &tiny_vmlinux(&code, 0x10_0000), 0x80_0000);
+        let initrd = dir.join("initrd");
+        std::fs::write(&initrd, vec![0x5a; 10_000]).unwrap();
+        let size = 64 << 20;
+        let mem = GuestMemory::new(&layout::ram_ranges(size)).unwrap();
+        let entry = load_linux(&mem, size, &kernel, Some(&initrd), "quiet", 0xe0000).unwrap();
+        assert_eq!(entry.rip, 0x100_0000);
+        let mut loaded = vec![0u8; code.len()];
+        mem.read(0x100_0000, &mut loaded).unwrap();
+        assert_eq!(loaded, code);
+        // The zero page is the same as for a bzImage the guest unpacks.
+        let zp_u32 = |off: u64| mem.read_obj::<u32>(layout::ZERO_PAGE + off).unwrap();
+        assert_eq!(&zp_u32(0x202).to_le_bytes(), b"HdrS");
+        assert_eq!(zp_u32(0x228) as u64, layout::CMDLINE_ADDR);
+        let initrd_start = zp_u32(0x218) as u64;
+        assert!(
+            initrd_start >= 0x180_0000,
+            "initrd overlaps the kernel's init_size"
+        );
+
+        // The same kernel in too little memory for its init_size.
+        let small = 16 << 20;
+        let mem = GuestMemory::new(&layout::ram_ranges(small)).unwrap();
+        let e = load_linux(&mem, small, &kernel, None, "", 0).unwrap_err();
+        assert!(matches!(e, Error::KernelTooLarge { .. }), "{e}");
+
+        // A damaged payload names the file offset; a payload that is no ELF file is refused.
+        let mut img = std::fs::read(&kernel).unwrap();
+        let at = 5 * 512 + 0x100 + 8;
+        for b in &mut img[at..at + 64] {
+            *b = 0xff;
+        }
+        let broken = dir.join("broken");
+        std::fs::write(&broken, &img).unwrap();
+        let e = load_linux(&mem, size, &broken, None, "", 0).unwrap_err();
+        assert!(
+            matches!(e, Error::CorruptPayload { .. }) && e.to_string().contains("file offset"),
+            "{e}"
+        );
+        let not_elf = lz4_kernel(&dir, "not-elf", &[0x90; 4096], 0x80_0000);
+        let e = load_linux(&mem, size, &not_elf, None, "", 0).unwrap_err();
+        assert!(e.to_string().contains("ELF"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cpu;
 pub mod hyperv;
 pub mod layout;
+pub mod payload;
 mod vm;
 pub mod vmbus_host;
 
