@@ -273,8 +273,12 @@ fn verify(path: &Path, kind: Kind, seed: u64, unmap: bool, acked: u64, based: bo
             (tag == at_flush[s] || later[s].contains(&tag)) && sec == sector_data(tag, s as u64);
         assert!(
             ok,
-            "{ctx}: sector {s} holds tag {tag}, expected {} or one of {:?}",
-            at_flush[s], later[s]
+            "{ctx}: sector {s} holds tag {tag}, expected {} or one of {:?}; bytes 0..32 {:02x?}, \
+             {} non-zero bytes",
+            at_flush[s],
+            later[s],
+            &sec[..32],
+            sec.iter().filter(|&&b| b != 0).count()
         );
     }
     // Reopen read-write (recovery path) and check again.
