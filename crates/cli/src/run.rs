@@ -15,7 +15,7 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The guest kernel (an x86-64 bzImage).
+    /// The guest kernel: an x86-64 bzImage, or an uncompressed ELF vmlinux.
     #[arg(long, required_unless_present = "demo")]
     kernel: Option<PathBuf>,
     /// An initrd/initramfs image.

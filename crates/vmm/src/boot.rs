@@ -78,8 +78,18 @@ const E820_MAX: usize = 128;
 const ACPI_RSDP_ADDR: usize = 0x70;
 const XLF_KERNEL_64: u16 = 1;
 
-/// Opens `kernel` and checks that it is an x86-64 bzImage; returns the file and its first 1 KiB.
-fn read_header(kernel: &Path) -> Result<(File, [u8; 0x400], usize)> {
+/// What kind of kernel file `--kernel` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KernelKind {
+    BzImage,
+    /// An uncompressed ELF vmlinux (as Firecracker and cloud-hypervisor also accept).
+    Vmlinux,
+}
+
+/// Opens `kernel` and checks that it is an x86-64 bzImage or an ELF vmlinux; returns the file,
+/// its kind, and the setup header to put in the zero page (the bzImage's own first 1 KiB, or one
+/// made up for a vmlinux).
+fn read_header(kernel: &Path) -> Result<(File, KernelKind, [u8; 0x400], usize)> {
     let read_err = |source| Error::Read {
         path: kernel.to_path_buf(),
         source,
@@ -93,10 +103,19 @@ fn read_header(kernel: &Path) -> Result<(File, [u8; 0x400], usize)> {
             k => n += k,
         }
     }
+    if head.starts_with(b"\x7fELF") {
+        if head[4] != 2 || u16::from_le_bytes([head[18], head[19]]) != 62 {
+            return Err(Error::NotBzImage {
+                path: kernel.to_path_buf(),
+                why: "an ELF file, but not a 64-bit x86 one".into(),
+            });
+        }
+        return Ok((file, KernelKind::Vmlinux, vmlinux_setup_header(), 0x400));
+    }
     if n < 0x260 || &head[0x202..0x206] != b"HdrS" {
         return Err(Error::NotBzImage {
             path: kernel.to_path_buf(),
-            why: "no 'HdrS' boot header at offset 0x202".into(),
+            why: "no 'HdrS' boot header at offset 0x202, and not an ELF vmlinux".into(),
         });
     }
     let version = u16::from_le_bytes([head[BOOT_VERSION], head[BOOT_VERSION + 1]]);
@@ -107,7 +126,27 @@ fn read_header(kernel: &Path) -> Result<(File, [u8; 0x400], usize)> {
             version,
         });
     }
-    Ok((file, head, n))
+    Ok((file, KernelKind::BzImage, head, n))
+}
+
+/// The setup header a vmlinux gets in its zero page: what a boot loader fills in for a kernel
+/// that brings none (boot protocol 2.12, loaded high, 16 MiB alignment).
+fn vmlinux_setup_header() -> [u8; 0x400] {
+    let mut h = [0u8; 0x400];
+    put(&mut h, 0x1fe, &0xaa55u16.to_le_bytes());
+    h[HDR_JUMP_LEN] = 0x66;
+    put(&mut h, 0x202, b"HdrS");
+    put(&mut h, BOOT_VERSION, &0x020cu16.to_le_bytes());
+    h[0x211] = 1; // LOADED_HIGH
+    put(&mut h, 0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    put(&mut h, 0x230, &0x100_0000u32.to_le_bytes()); // kernel_alignment
+    put(&mut h, XLOADFLAGS, &XLF_KERNEL_64.to_le_bytes());
+    put(
+        &mut h,
+        0x238,
+        &((layout::CMDLINE_MAX - 1) as u32).to_le_bytes(),
+    ); // cmdline_size
+    h
 }
 
 /// Checks the kernel and initrd files before any VM resources exist, so a typo costs nothing.
@@ -218,7 +257,7 @@ pub fn load_linux(
         let path = path.to_path_buf();
         move |source| Error::Read { path, source }
     };
-    let (mut file, head, n) = read_header(kernel)?;
+    let (mut file, kind, head, n) = read_header(kernel)?;
     let hdr = SetupHeader::parse(&head);
     let not_bz = |why: &str| Error::NotBzImage {
         path: kernel.to_path_buf(),
@@ -238,24 +277,29 @@ pub fn load_linux(
     if kernel_end > low_end {
         return Err(too_large(u64::from(hdr.init_size)));
     }
-    let rip = match unpack_on_host(kernel, &mut file, &hdr, low_end)? {
-        Some(vmlinux) => {
-            let loaded = Elf::load(
-                mem.vm_memory(),
-                None,
-                &mut std::io::Cursor::new(&vmlinux),
-                Some(GuestAddress(layout::HIGH_MEM)),
-            )
-            .map_err(|e| Error::BadVmlinux {
-                path: kernel.to_path_buf(),
-                why: e.to_string(),
-            })?;
-            kernel_end = kernel_end.max(loaded.kernel_end);
-            if kernel_end > low_end {
-                return Err(too_large(kernel_end - layout::HIGH_MEM));
-            }
-            loaded.kernel_load.0
+    let mut load_elf = |image: &[u8]| -> Result<u64> {
+        let loaded = Elf::load(
+            mem.vm_memory(),
+            None,
+            &mut std::io::Cursor::new(image),
+            Some(GuestAddress(layout::HIGH_MEM)),
+        )
+        .map_err(|e| Error::BadVmlinux {
+            path: kernel.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        kernel_end = kernel_end.max(loaded.kernel_end);
+        if kernel_end > low_end {
+            return Err(too_large(kernel_end - layout::HIGH_MEM));
         }
+        Ok(loaded.kernel_load.0)
+    };
+    let vmlinux = match kind {
+        KernelKind::BzImage => unpack_on_host(kernel, &mut file, &hdr, low_end)?,
+        KernelKind::Vmlinux => Some(std::fs::read(kernel).map_err(read_err(kernel))?),
+    };
+    let rip = match vmlinux {
+        Some(vmlinux) => load_elf(&vmlinux)?,
         None => {
             // The protected-mode kernel always goes at 1 MiB (our layout).
             let loaded = BzImage::load(
@@ -546,6 +590,39 @@ mod tests {
         let not_elf = lz4_kernel(&dir, "not-elf", &[0x90; 4096], 0x80_0000);
         let e = load_linux(&mem, size, &not_elf, None, "", 0).unwrap_err();
         assert!(e.to_string().contains("ELF"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn plain_vmlinux_files_boot_with_a_made_up_setup_header() {
+        let dir = tmpdir("elf");
+        let code = vec![0xf4u8; 300];
+        let path = dir.join("vmlinux");
+        std::fs::write(&path, tiny_vmlinux(&code, 0x20_0000)).unwrap();
+        let initrd = dir.join("initrd");
+        std::fs::write(&initrd, vec![0x5a; 4096]).unwrap();
+        let size = 64 << 20;
+        preflight(&path, Some(&initrd), size).unwrap();
+        let mem = GuestMemory::new(&layout::ram_ranges(size)).unwrap();
+        let entry = load_linux(&mem, size, &path, Some(&initrd), "console=ttyS0", 0).unwrap();
+        assert_eq!(entry.rip, 0x100_0000);
+        assert_eq!(mem.read_obj::<u8>(0x100_0000 + 299).unwrap(), 0xf4);
+        let zp_u32 = |off: u64| mem.read_obj::<u32>(layout::ZERO_PAGE + off).unwrap();
+        assert_eq!(&zp_u32(0x202).to_le_bytes(), b"HdrS");
+        assert_eq!(zp_u32(0x1fe) & 0xffff, 0xaa55);
+        assert_eq!(zp_u32(0x21c), 4096);
+        assert!(
+            u64::from(zp_u32(0x218)) >= 0x120_0000,
+            "initrd overlaps the kernel"
+        );
+
+        // A 32-bit or non-x86 ELF file is refused before anything is loaded.
+        let mut other = tiny_vmlinux(&code, 0x1000);
+        other[18] = 183; // EM_AARCH64
+        let arm = dir.join("arm");
+        std::fs::write(&arm, other).unwrap();
+        let e = preflight(&arm, None, size).unwrap_err();
+        assert!(e.to_string().contains("not a 64-bit x86"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
