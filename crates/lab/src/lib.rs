@@ -230,7 +230,7 @@ impl Scenario {
             ),
             Vmm::Viridian => format!(
                 "{}viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}'",
-                if self.quiet { "" } else { "VIRIDIAN_LOG=info " },
+                if self.quiet { "" } else { "VIRIDIAN_LOG=info,vmm=debug " },
                 self.cpus, self.memory_mib
             ),
             Vmm::QemuPc | Vmm::QemuMicrovm => format!(

@@ -4,8 +4,9 @@
 
 use crate::layout;
 use crate::payload;
+use crate::vmlinux;
 use guestmem::GuestMemory;
-use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,7 @@ pub enum Error {
         file_offset: u64,
         why: String,
     },
-    #[error("{path}: the unpacked vmlinux does not load: {why}")]
+    #[error("{path}: the vmlinux does not load: {why}")]
     BadVmlinux { path: PathBuf, why: String },
     #[error("the kernel command line is {len} bytes; this kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: u64 },
@@ -200,14 +201,15 @@ impl SetupHeader {
     }
 }
 
-/// The bzImage's vmlinux, unpacked on the host, when its compression is one the host unpacks
-/// faster than the guest's own decompressor (LZ4). `None` leaves unpacking to the guest.
-fn unpack_on_host(
+/// Highest physical address a vmlinux segment may name before the RAM check (64 TiB).
+const MAX_SEGMENT_END: u64 = 1 << 46;
+
+/// The bzImage's LZ4 payload, when it has one (read into memory).
+fn lz4_payload(
     kernel: &Path,
     file: &mut File,
     hdr: &SetupHeader,
-    mem_size: u64,
-) -> Result<Option<Vec<u8>>> {
+) -> Result<Option<(u64, Vec<u8>)>> {
     use std::io::{Seek, SeekFrom};
     let read_err = |source| Error::Read {
         path: kernel.to_path_buf(),
@@ -228,15 +230,77 @@ fn unpack_on_host(
     let mut data = vec![0u8; len as usize];
     file.seek(SeekFrom::Start(start)).map_err(read_err)?;
     file.read_exact(&mut data).map_err(read_err)?;
-    let vmlinux =
-        payload::unpack_lz4(&data, mem_size.min(usize::MAX as u64) as usize).map_err(|e| {
-            Error::CorruptPayload {
-                path: kernel.to_path_buf(),
-                file_offset: start + e.offset as u64,
-                why: e.why,
-            }
-        })?;
-    Ok(Some(vmlinux))
+    Ok(Some((start, data)))
+}
+
+/// Unpacks an LZ4 payload (at file offset `start`) straight into guest memory: block 0 holds
+/// the ELF headers; the other blocks are unpacked in parallel, each into a scratch buffer of its
+/// thread, and copied to their segments.
+fn load_lz4_vmlinux(
+    kernel: &Path,
+    mem: &GuestMemory,
+    start: u64,
+    payload: &[u8],
+    max_size: u64,
+) -> Result<vmlinux::Segments> {
+    let corrupt = |e: payload::PayloadError| Error::CorruptPayload {
+        path: kernel.to_path_buf(),
+        file_offset: start + e.offset as u64,
+        why: e.why,
+    };
+    let bad = |why: String| Error::BadVmlinux {
+        path: kernel.to_path_buf(),
+        why,
+    };
+    let started = std::time::Instant::now();
+    let frame = payload::Lz4Frame::parse(payload, max_size.min(usize::MAX as u64) as usize)
+        .map_err(corrupt)?;
+    let mut scratch = vec![0u8; frame.block_len(0)];
+    let n = frame.unpack_block(0, &mut scratch).map_err(corrupt)?;
+    let segments = vmlinux::Segments::parse(
+        &scratch[..n],
+        frame.size() as u64,
+        layout::HIGH_MEM,
+        MAX_SEGMENT_END,
+    )
+    .map_err(bad)?;
+    if segments.end > max_size {
+        return Ok(segments);
+    }
+    segments.scatter(mem, 0, &scratch[..n])?;
+    drop(scratch);
+    let next = std::sync::atomic::AtomicUsize::new(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(frame.block_count().saturating_sub(1))
+        .min(8);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut buf = vec![0u8; payload::LZ4_BLOCK];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= frame.block_count() {
+                            return Ok::<(), Error>(());
+                        }
+                        let n = frame.unpack_block(i, &mut buf).map_err(corrupt)?;
+                        segments.scatter(mem, (i * payload::LZ4_BLOCK) as u64, &buf[..n])?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("unpacking threads do not panic"))
+    })?;
+    tracing::debug!(
+        "unpacked the LZ4 kernel ({} MiB) into guest memory in {:?} on {} threads",
+        frame.size() >> 20,
+        started.elapsed(),
+        threads.max(1)
+    );
+    Ok(segments)
 }
 
 /// Loads `kernel` (and `initrd`) into `mem` and writes the zero page. `rsdp` is the guest
@@ -277,29 +341,39 @@ pub fn load_linux(
     if kernel_end > low_end {
         return Err(too_large(u64::from(hdr.init_size)));
     }
-    let mut load_elf = |image: &[u8]| -> Result<u64> {
-        let loaded = Elf::load(
-            mem.vm_memory(),
-            None,
-            &mut std::io::Cursor::new(image),
-            Some(GuestAddress(layout::HIGH_MEM)),
-        )
-        .map_err(|e| Error::BadVmlinux {
-            path: kernel.to_path_buf(),
-            why: e.to_string(),
-        })?;
-        kernel_end = kernel_end.max(loaded.kernel_end);
-        if kernel_end > low_end {
-            return Err(too_large(kernel_end - layout::HIGH_MEM));
+    let segments = match kind {
+        KernelKind::BzImage => match lz4_payload(kernel, &mut file, &hdr)? {
+            Some((start, payload)) => {
+                Some(load_lz4_vmlinux(kernel, mem, start, &payload, low_end)?)
+            }
+            None => None,
+        },
+        KernelKind::Vmlinux => {
+            let image = std::fs::read(kernel).map_err(read_err(kernel))?;
+            let segments = vmlinux::Segments::parse(
+                &image,
+                image.len() as u64,
+                layout::HIGH_MEM,
+                MAX_SEGMENT_END,
+            )
+            .map_err(|why| Error::BadVmlinux {
+                path: kernel.to_path_buf(),
+                why,
+            })?;
+            if segments.end <= low_end {
+                segments.scatter(mem, 0, &image)?;
+            }
+            Some(segments)
         }
-        Ok(loaded.kernel_load.0)
     };
-    let vmlinux = match kind {
-        KernelKind::BzImage => unpack_on_host(kernel, &mut file, &hdr, low_end)?,
-        KernelKind::Vmlinux => Some(std::fs::read(kernel).map_err(read_err(kernel))?),
-    };
-    let rip = match vmlinux {
-        Some(vmlinux) => load_elf(&vmlinux)?,
+    let rip = match segments {
+        Some(segments) => {
+            kernel_end = kernel_end.max(segments.end);
+            if kernel_end > low_end {
+                return Err(too_large(kernel_end - layout::HIGH_MEM));
+            }
+            segments.entry
+        }
         None => {
             // The protected-mode kernel always goes at 1 MiB (our layout).
             let loaded = BzImage::load(
@@ -527,9 +601,11 @@ mod tests {
     /// A bzImage whose payload is `vmlinux` packed the way the kernel build packs LZ4.
     fn lz4_kernel(dir: &Path, name: &str, vmlinux: &[u8], init_size: u32) -> PathBuf {
         let mut payload = 0x184c_2102u32.to_le_bytes().to_vec();
-        let block = lz4_flex::block::compress(vmlinux);
-        payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
-        payload.extend_from_slice(&block);
+        for chunk in vmlinux.chunks(payload::LZ4_BLOCK) {
+            let block = lz4_flex::block::compress(chunk);
+            payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&block);
+        }
         payload.extend_from_slice(&(vmlinux.len() as u32).to_le_bytes());
         let path = fake_kernel(dir, 0x20f, 1, 0x100 + payload.len());
         let mut img = std::fs::read(&path).unwrap();
@@ -547,8 +623,9 @@ mod tests {
     #[test]
     fn lz4_kernels_are_unpacked_on_the_host_and_entered_at_the_vmlinux() {
         let dir = tmpdir("lz4");
-        let code: Vec<u8> = (0..5000u32).map(|i| (i % 13) as u8).collect();
-        let kernel = lz4_kernel(&dir, "lz4", &tiny_vmlinux(&code, 0x10_0000), 0x80_0000);
+        // 17 MiB of code: three LZ4 blocks, unpacked in parallel.
+        let code: Vec<u8> = (0..17u32 << 20).map(|i| (i % 251) as u8).collect();
+        let kernel = lz4_kernel(&dir, "lz4", &tiny_vmlinux(&code, 0x120_0000), 0x80_0000);
         let initrd = dir.join("initrd");
         std::fs::write(&initrd, vec![0x5a; 10_000]).unwrap();
         let size = 64 << 20;

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod payload;
 mod vm;
 pub mod vmbus_host;
+pub mod vmlinux;
 
 pub use vm::{ExitReason, StopHandle, Vm, VmConfig, VmControl};
 

@@ -44,64 +44,101 @@ fn fail<T>(offset: usize, why: impl Into<String>) -> Result<T, PayloadError> {
 
 /// The LZ4 legacy frame magic (stored little-endian).
 const LZ4_LEGACY_MAGIC: u32 = 0x184c_2102;
-/// Each block of a legacy frame unpacks to at most this many bytes.
-const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+/// Every block of a legacy frame but the last unpacks to exactly this many bytes.
+pub const LZ4_BLOCK: usize = 8 << 20;
 
-/// Unpacks an LZ4 legacy-frame payload (with the kernel's trailing size word) whose output may
-/// be at most `max_output` bytes, and checks that the result is a 64-bit ELF file.
-pub fn unpack_lz4(payload: &[u8], max_output: usize) -> Result<Vec<u8>, PayloadError> {
-    let word = |at: usize| -> Option<u32> {
-        let b = payload.get(at..at.checked_add(4)?)?;
-        Some(u32::from_le_bytes(b.try_into().ok()?))
-    };
-    if payload.len() < 12 {
-        return fail(0, format!("only {} bytes long", payload.len()));
-    }
-    let end = payload.len() - 4;
-    let size = word(end).expect("length checked") as usize;
-    if size > max_output {
-        return fail(
-            end,
-            format!("declares {size} bytes unpacked, more than the {max_output} that fit in guest memory"),
-        );
-    }
-    let mut out = vec![0u8; size];
-    let mut filled = 0;
-    let mut at = 0;
-    while at < end {
-        let n = match word(at) {
-            Some(n) if at + 4 <= end => n,
-            _ => return fail(at, "block header cut short"),
-        };
-        if n == LZ4_LEGACY_MAGIC {
-            // A frame starts (the first one, or another concatenated one).
-            at += 4;
-            continue;
+/// An LZ4 legacy frame, as the kernel build packs a vmlinux: the magic, blocks of `[u32 length]
+/// [LZ4 block]`, then the 4-byte size of the unpacked data. Blocks are independent, so they can
+/// be unpacked in any order and in parallel; block `i` unpacks to offset `i * LZ4_BLOCK`.
+pub struct Lz4Frame<'a> {
+    payload: &'a [u8],
+    /// Where each block's compressed bytes are, with the offset of its length word.
+    blocks: Vec<(usize, std::ops::Range<usize>)>,
+    size: usize,
+}
+
+impl<'a> Lz4Frame<'a> {
+    /// Walks the block headers of `payload`, whose unpacked size may be at most `max_output`.
+    pub fn parse(payload: &'a [u8], max_output: usize) -> Result<Self, PayloadError> {
+        let word = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().unwrap());
+        if payload.len() < 12 || word(0) != LZ4_LEGACY_MAGIC {
+            return fail(0, "not an LZ4 legacy frame");
         }
-        let n = n as usize;
-        let body = at + 4;
-        if n > end - body {
-            return fail(at, format!("block of {n} bytes runs past the end"));
+        let end = payload.len() - 4;
+        let size = word(end) as usize;
+        if size > max_output {
+            return fail(
+                end,
+                format!("declares {size} bytes unpacked, more than the {max_output} that fit in guest memory"),
+            );
         }
-        let room = (size - filled).min(LZ4_LEGACY_BLOCK);
-        let written = lz4_flex::block::decompress_into(
-            &payload[body..body + n],
-            &mut out[filled..filled + room],
-        )
-        .or_else(|e| fail(at, format!("LZ4 block does not decode: {e}")))?;
-        filled += written;
-        at = body + n;
+        let mut blocks = Vec::new();
+        let mut at = 4;
+        while at < end {
+            if end - at < 4 {
+                return fail(at, "block header cut short");
+            }
+            let n = word(at) as usize;
+            let body = at + 4;
+            if n > end - body {
+                return fail(at, format!("block of {n} bytes runs past the end"));
+            }
+            blocks.push((at, body..body + n));
+            at = body + n;
+        }
+        if size.div_ceil(LZ4_BLOCK) != blocks.len() {
+            return fail(
+                end,
+                format!(
+                    "{} blocks cannot unpack to the {size} bytes the size word says",
+                    blocks.len()
+                ),
+            );
+        }
+        Ok(Self {
+            payload,
+            blocks,
+            size,
+        })
     }
-    if filled != size {
-        return fail(
-            end,
-            format!("unpacks to {filled} bytes, but the size word says {size}"),
-        );
+
+    /// The unpacked size.
+    pub fn size(&self) -> usize {
+        self.size
     }
-    if out.get(..5) != Some(b"\x7fELF\x02") {
-        return fail(0, "does not unpack to a 64-bit ELF vmlinux");
+
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
     }
-    Ok(out)
+
+    /// How many bytes block `i` unpacks to.
+    pub fn block_len(&self, i: usize) -> usize {
+        (self.size - i * LZ4_BLOCK).min(LZ4_BLOCK)
+    }
+
+    /// Unpacks block `i` into `out` (at least [`Self::block_len`] bytes); returns its length.
+    pub fn unpack_block(&self, i: usize, out: &mut [u8]) -> Result<usize, PayloadError> {
+        let (header, ref input) = self.blocks[i];
+        let want = self.block_len(i);
+        let got = lz4_flex::block::decompress_into(&self.payload[input.clone()], &mut out[..want])
+            .or_else(|e| fail(header, format!("LZ4 block {i} does not decode: {e}")))?;
+        if got != want {
+            return fail(
+                header,
+                format!("LZ4 block {i} unpacks to {got} bytes, not {want}"),
+            );
+        }
+        Ok(got)
+    }
+
+    /// Unpacks the whole frame into one buffer.
+    pub fn unpack(&self) -> Result<Vec<u8>, PayloadError> {
+        let mut out = vec![0u8; self.size];
+        for (i, chunk) in out.chunks_mut(LZ4_BLOCK).enumerate() {
+            self.unpack_block(i, chunk)?;
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -111,7 +148,7 @@ mod tests {
     /// A payload as the kernel's build makes it: legacy frame, blocks, size word.
     fn pack(data: &[u8]) -> Vec<u8> {
         let mut p = LZ4_LEGACY_MAGIC.to_le_bytes().to_vec();
-        for chunk in data.chunks(LZ4_LEGACY_BLOCK) {
+        for chunk in data.chunks(LZ4_BLOCK) {
             let block = lz4_flex::block::compress(chunk);
             p.extend_from_slice(&(block.len() as u32).to_le_bytes());
             p.extend_from_slice(&block);
@@ -141,15 +178,20 @@ mod tests {
 
     #[test]
     fn unpacks_multi_block_payloads() {
-        let data = elf_like(LZ4_LEGACY_BLOCK * 2 + 12345);
-        assert_eq!(unpack_lz4(&pack(&data), 64 << 20).unwrap(), data);
-        // A second concatenated frame is accepted too.
-        let mut two = pack(&data[..LZ4_LEGACY_BLOCK]);
-        two.truncate(two.len() - 4);
-        let rest = pack(&data[LZ4_LEGACY_BLOCK..]);
-        two.extend_from_slice(&rest[..rest.len() - 4]);
-        two.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        assert_eq!(unpack_lz4(&two, 64 << 20).unwrap(), data);
+        let data = elf_like(LZ4_BLOCK * 2 + 12345);
+        let packed = pack(&data);
+        let frame = Lz4Frame::parse(&packed, 64 << 20).unwrap();
+        assert_eq!(frame.block_count(), 3);
+        assert_eq!(frame.block_len(2), 12345);
+        assert_eq!(frame.unpack().unwrap(), data);
+        // Blocks unpack on their own, in any order.
+        let mut last = vec![0u8; LZ4_BLOCK];
+        assert_eq!(frame.unpack_block(2, &mut last).unwrap(), 12345);
+        assert_eq!(&last[..12345], &data[2 * LZ4_BLOCK..]);
+    }
+
+    fn unpack_lz4(payload: &[u8], max: usize) -> Result<Vec<u8>, PayloadError> {
+        Lz4Frame::parse(payload, max)?.unpack()
     }
 
     #[test]
@@ -168,6 +210,11 @@ mod tests {
         assert!(unpack_lz4(&wrong, 1 << 20)
             .unwrap_err()
             .why
+            .contains("unpacks to 100000 bytes"));
+        wrong[n - 4..].copy_from_slice(&(9u32 << 20).to_le_bytes());
+        assert!(unpack_lz4(&wrong, 10 << 20)
+            .unwrap_err()
+            .why
             .contains("size word"));
         // A block length past the end.
         let mut long = good.clone();
@@ -179,9 +226,6 @@ mod tests {
             *b = 0xff;
         }
         assert!(unpack_lz4(&garbage, 1 << 20).is_err());
-        // Not an ELF file.
-        let plain = pack(&vec![0u8; 4096]);
-        assert!(unpack_lz4(&plain, 1 << 20).unwrap_err().why.contains("ELF"));
         // Truncated anywhere: an error, never a panic.
         for cut in 0..good.len().min(200) {
             let _ = unpack_lz4(&good[..cut], 1 << 20);

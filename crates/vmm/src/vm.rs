@@ -145,8 +145,10 @@ impl Vm {
                 maximum: max_vcpus,
             });
         }
+        let started = std::time::Instant::now();
         let memory = GuestMemory::new(&layout::ram_ranges(config.memory))?;
         let partition = Partition::new(kvm, memory.clone())?;
+        tracing::debug!("partition created after {:?}", started.elapsed());
 
         let vmbus_acpi = hyperv::VmbusAcpi;
         let dsdt_devices: Vec<&dyn acpi_tables::Aml> = if config.hyperv {
@@ -169,10 +171,12 @@ impl Vm {
                 &config.cmdline,
                 rsdp,
             )?;
+            tracing::debug!("guest loaded after {:?}", started.elapsed());
             if let Some(filter) = filter {
                 filter
                     .join()
                     .expect("the MSR filter thread does not panic")?;
+                tracing::debug!("MSR filter set after {:?}", started.elapsed());
             }
             Ok::<_, Error>(entry)
         })?;
