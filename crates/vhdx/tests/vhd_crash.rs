@@ -269,16 +269,28 @@ fn verify(path: &Path, kind: Kind, seed: u64, unmap: bool, acked: u64, based: bo
     img.read_at(&mut buf, 0).unwrap();
     for (s, sec) in buf.chunks(512).enumerate() {
         let tag = u64::from_le_bytes(sec[..8].try_into().unwrap());
-        let ok =
+        let whole =
             (tag == at_flush[s] || later[s].contains(&tag)) && sec == sector_data(tag, s as u64);
+        // A write that was never acknowledged may be torn at any byte: the kernel stops copying
+        // a killed process's write(2) at whatever source page it had not faulted in yet. So a
+        // sector that unacknowledged writes touched may mix, byte by byte, its acknowledged
+        // contents and theirs. A sector no later write touched must hold exactly what the last
+        // flush acknowledged.
+        let candidates: Vec<[u8; 512]> = std::iter::once(at_flush[s])
+            .chain(later[s].iter().copied())
+            .map(|t| sector_data(t, s as u64))
+            .collect();
+        let mixed = !later[s].is_empty()
+            && sec
+                .iter()
+                .enumerate()
+                .all(|(i, b)| candidates.iter().any(|c| c[i] == *b));
         assert!(
-            ok,
-            "{ctx}: sector {s} holds tag {tag}, expected {} or one of {:?}; bytes 0..32 {:02x?}, \
-             {} non-zero bytes",
+            whole || mixed,
+            "{ctx}: sector {s} holds tag {tag}, expected {} or one of {:?}; bytes 0..32 {:02x?}",
             at_flush[s],
             later[s],
             &sec[..32],
-            sec.iter().filter(|&&b| b != 0).count()
         );
     }
     // Reopen read-write (recovery path) and check again.
@@ -333,8 +345,13 @@ fn kill_during_writes() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(42);
+    // VHDX_CRASH_ONLY=VhdxFixed (a kind's name) narrows the run, for chasing one failure.
+    let only = std::env::var("VHDX_CRASH_ONLY").ok();
     let mut total = 0;
     for &kind in kinds.iter().rev() {
+        if only.as_ref().is_some_and(|o| *o != format!("{kind:?}")) {
+            continue;
+        }
         let mut acked_nonzero = 0;
         let t0 = Instant::now();
         for t in 0..trials {
