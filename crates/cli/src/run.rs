@@ -178,7 +178,8 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         .control_socket
         .clone()
         .unwrap_or_else(|| crate::control::socket_for(&name));
-    // Ctrl-C works from the moment the control socket exists (tests rely on that order).
+    // Ctrl-C (and SIGTERM or SIGHUP) works from the moment the control socket exists (tests
+    // rely on that order).
     let stop = vm.stop_handle();
     ctrlc::set_handler(move || stop.stop()).context("cannot install the Ctrl-C handler")?;
     let _control = crate::control::ControlServer::start(&socket, vm.control())?;
@@ -201,7 +202,7 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         }
         ExitReason::Stopped => {
             eprintln!(
-                "viridian: stopped by Ctrl-C; the guest was powered off without shutting down"
+                "viridian: stopped by Ctrl-C or a signal; the guest was powered off without shutting down"
             );
             EXIT_INTERRUPTED
         }

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{kvm_usable, tiny_kernel, POWER_OFF, RESET, SPIN, TRIPLE_FAULT};
+use std::io::Read;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -91,24 +92,40 @@ fn ctrl_c_stops_the_vm() {
     if !kvm_usable() {
         return;
     }
-    let kernel = tiny_kernel("spin-int", SPIN);
-    let run_dir = std::env::temp_dir().join(format!("viridian-run-int-{}", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
-        .args(["run", "--name", "int", "--memory", "64M", "--kernel"])
-        .arg(kernel)
-        .env("VIRIDIAN_RUN_DIR", &run_dir)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&run_dir.join("int.sock"));
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = wait_with_timeout(&mut child, Duration::from_secs(20));
-    assert_eq!(status.code(), Some(130));
+    // SIGTERM and SIGHUP (a service manager, a closed terminal) stop it as Ctrl-C does.
+    for signal in ["INT", "TERM"] {
+        let kernel = tiny_kernel(&format!("spin-{signal}"), SPIN);
+        let run_dir =
+            std::env::temp_dir().join(format!("viridian-run-{signal}-{}", std::process::id()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args(["run", "--name", "int", "--memory", "64M", "--kernel"])
+            .arg(kernel)
+            .env("VIRIDIAN_RUN_DIR", &run_dir)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_socket(&run_dir.join("int.sock"));
+        let pid = child.id().to_string();
+        assert!(Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(130), "SIG{signal}");
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        // Where the guest was, the clue to a hung guest.
+        assert!(
+            stderr.contains("vCPU 0 was stopped at rip=0x"),
+            "SIG{signal}: {stderr}"
+        );
+    }
 }
 
 #[test]

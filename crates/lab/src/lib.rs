@@ -228,8 +228,10 @@ impl Scenario {
                  viridian vm stop {name} --timeout 300 || viridian vm stop {name} --force; wait $p",
                 self.cpus, self.memory_mib, name = self.name
             ),
+            // `exec`, so that the scenario timeout's SIGTERM reaches viridian, which then stops
+            // the VM and reports where each vCPU was.
             Vmm::Viridian => format!(
-                "{}viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}'",
+                "{}exec viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}'",
                 if self.quiet { "" } else { "VIRIDIAN_LOG=info,vmm=debug " },
                 self.cpus, self.memory_mib
             ),
@@ -356,7 +358,7 @@ run() {
   name=$1; shift
   echo "LAB-BEGIN $name"
   t0=$(cut -d' ' -f1 /proc/uptime)
-  timeout 900 sh -c "$*" </dev/null
+  timeout 300 sh -c "$*" </dev/null
   rc=$?
   t1=$(cut -d' ' -f1 /proc/uptime)
   echo
@@ -412,7 +414,7 @@ run() {
         let l1_image = PathBuf::from(&self.cache).join(format!("images/l1-{tag}.cpio"));
         image::l1_initramfs(&contents, &l1_image)?;
 
-        let deadline = 120 + 600 * scenarios.len() as u64;
+        let deadline = 120 + 320 * scenarios.len() as u64;
         let mut child = Command::new("timeout")
             .args(["--signal=KILL", &deadline.to_string()])
             .arg(&self.qemu)

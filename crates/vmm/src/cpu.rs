@@ -215,6 +215,21 @@ pub fn set_boot_state(vcpu: &VcpuFd, entry: BootEntry) -> VcpuResult<()> {
 }
 
 /// The vCPU's registers, for error reports.
+/// One line: where the vCPU is (for a guest stopped from outside).
+pub fn brief_registers(vcpu: &VcpuFd) -> String {
+    let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
+        return "registers unavailable".into();
+    };
+    format!(
+        "rip={:#x} rsp={:#x} rflags={:#x} cr3={:#x} cpl={}",
+        r.rip,
+        r.rsp,
+        r.rflags,
+        s.cr3,
+        s.cs.selector & 3
+    )
+}
+
 pub fn dump_registers(vcpu: &VcpuFd) -> String {
     let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
         return "registers unavailable".into();

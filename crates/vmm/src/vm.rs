@@ -275,7 +275,7 @@ impl Vm {
         let _ = register_signal_handler(kick_signal(), on_kick);
         let stopping = Arc::new(AtomicBool::new(false));
         let (tx, rx) = self.events;
-        let threads: Vec<JoinHandle<()>> = self
+        let threads: Vec<JoinHandle<String>> = self
             .vcpus
             .into_iter()
             .enumerate()
@@ -322,7 +322,14 @@ impl Vm {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        for t in threads.into_iter().chain(ticker) {
+        for (index, t) in threads.into_iter().enumerate() {
+            let last = t.join().unwrap_or_default();
+            if matches!(reason, ExitReason::Stopped) {
+                // Where a guest that had to be stopped from outside was: the clue to a hang.
+                tracing::warn!("vCPU {index} was stopped at {last}");
+            }
+        }
+        if let Some(t) = ticker {
             let _ = t.join();
         }
         self.chipset.lock().unwrap().serial.flush();
@@ -339,7 +346,8 @@ struct VcpuContext {
 }
 
 impl VcpuContext {
-    fn run(self, mut vcpu: VcpuFd) {
+    /// Runs the vCPU until the VM stops; returns where the vCPU was (a register summary).
+    fn run(self, mut vcpu: VcpuFd) -> String {
         if let Some(hv) = &self.hv {
             hv.prepare_vcpu(&mut vcpu);
         }
@@ -354,7 +362,7 @@ impl VcpuContext {
                         what: format!("KVM_RUN failed: {e}"),
                         registers,
                     });
-                    return;
+                    return String::new();
                 }
             };
             let mut hypercall = false;
@@ -423,15 +431,16 @@ impl VcpuContext {
             };
             if let Some(reason) = reason {
                 self.finish(with_registers(reason, &vcpu));
-                return;
+                return String::new();
             }
             if hypercall {
                 if let Err(e) = self.hypercall(&mut vcpu) {
                     self.finish(internal(self.index, format!("hypercall: {e}")));
-                    return;
+                    return String::new();
                 }
             }
         }
+        cpu::brief_registers(&vcpu)
     }
 
     fn hypercall(&self, vcpu: &mut VcpuFd) -> std::result::Result<(), kvm::kvm_ioctls::Error> {
