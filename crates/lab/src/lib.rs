@@ -79,16 +79,20 @@ impl Cache {
     /// Holds the cache's lock until the returned file is dropped. Taken while packages are
     /// downloaded and unpacked, so concurrent lab runs never unpack the same package at once.
     fn lock(&self) -> Result<std::fs::File> {
-        let path = self.dir.join(".lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        file.lock().map_err(|e| Error::io(&path, e))?;
-        Ok(file)
+        lock_file(&self.dir.join(".lock"))
     }
+}
+
+/// Opens `path` and holds an exclusive lock on it until the returned file is dropped.
+fn lock_file(path: &Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.lock().map_err(|e| Error::io(path, e))?;
+    Ok(file)
 }
 
 /// A unique name next to `path` for writing a file that is then renamed over `path`.
@@ -269,6 +273,8 @@ pub struct LabRun {
     pub errors: Vec<String>,
     /// Whether L1 got through its whole script.
     pub completed: bool,
+    /// How often the L1 machine itself failed and the script was started again.
+    pub l1_retries: u32,
     /// L1's uptime when its `/init` started.
     pub l1_init_uptime: Option<f64>,
 }
@@ -377,8 +383,30 @@ run() {
         s
     }
 
-    /// Boots L1 once and runs `scenarios` in order, copying the console to `out`.
+    /// Boots L1 and runs `scenarios` in order, copying the console to `out`.
+    ///
+    /// Lab runs take turns (a lock in the cache): two emulated L1 machines on a small host starve
+    /// each other. If the L1 machine itself dies or hangs before finishing its script (its own
+    /// kernel crashed; seen under TCG's nested SVM with the host loaded), the script runs once
+    /// more in a fresh L1, and the run says so. A scenario that fails or times out is not retried.
     pub fn run(&self, scenarios: &[Scenario], out: &mut dyn Write) -> Result<LabRun> {
+        let lock = PathBuf::from(&self.cache).join("lab.lock");
+        let _turn = lock_file(&lock)?;
+        let first = self.run_once(scenarios, out)?;
+        if first.completed {
+            return Ok(first);
+        }
+        let _ = writeln!(
+            out,
+            "LAB-RETRY the lab VM failed before finishing its script ({:?}); starting a fresh one",
+            first.errors
+        );
+        let mut second = self.run_once(scenarios, out)?;
+        second.l1_retries = 1;
+        Ok(second)
+    }
+
+    fn run_once(&self, scenarios: &[Scenario], out: &mut dyn Write) -> Result<LabRun> {
         let modules = self.l1_kernel.modules_with_deps(&["kvm_amd"])?;
         // Per-run image names: tests may run labs concurrently.
         static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
