@@ -522,22 +522,34 @@ pub fn set_parent(
 }
 
 impl Vhdx {
+    /// The metadata table of the region at `region`, as it is in the file now.
+    fn metadata_table(&self, region: u64) -> Result<Vec<MetadataEntry>> {
+        let t = self
+            .file
+            .read_struct(region, METADATA_TABLE_SIZE, "metadata table")?;
+        parse_metadata_table(&t).map_err(|e| self.file.corrupt("metadata table", region, e))
+    }
+
+    /// The index of item `id` in `entries`, or a corruption error saying `missing`.
+    fn metadata_item(
+        &self,
+        entries: &[MetadataEntry],
+        region: u64,
+        id: Uuid,
+        missing: &str,
+    ) -> Result<usize> {
+        entries
+            .iter()
+            .position(|e| e.item_id == id)
+            .ok_or_else(|| self.file.corrupt("metadata table", region, missing))
+    }
+
     fn replace_locator(&self, bytes: &[u8]) -> Result<()> {
         let mut meta = lock(&self.meta);
         self.begin_session_locked(&mut meta, true)?;
         let region = meta.metadata_offset;
-        let t = self
-            .file
-            .read_struct(region, METADATA_TABLE_SIZE, "metadata table")?;
-        let entries =
-            parse_metadata_table(&t).map_err(|e| self.file.corrupt("metadata table", region, e))?;
-        let i = entries
-            .iter()
-            .position(|e| e.item_id == ITEM_PARENT_LOCATOR)
-            .ok_or_else(|| {
-                self.file
-                    .corrupt("metadata table", region, "no parent locator")
-            })?;
+        let entries = self.metadata_table(region)?;
+        let i = self.metadata_item(&entries, region, ITEM_PARENT_LOCATOR, "no parent locator")?;
         let old = entries[i];
         let offset = if bytes.len() as u32 <= old.length {
             old.offset
@@ -572,18 +584,8 @@ impl Vhdx {
         let mut meta = lock(&self.meta);
         self.begin_session_locked(&mut meta, false)?;
         let region = meta.metadata_offset;
-        let t = self
-            .file
-            .read_struct(region, METADATA_TABLE_SIZE, "metadata table")?;
-        let entries =
-            parse_metadata_table(&t).map_err(|e| self.file.corrupt("metadata table", region, e))?;
-        let item = entries
-            .iter()
-            .find(|e| e.item_id == ITEM_PAGE83)
-            .ok_or_else(|| {
-                self.file
-                    .corrupt("metadata table", region, "no page 83 item")
-            })?;
+        let entries = self.metadata_table(region)?;
+        let item = entries[self.metadata_item(&entries, region, ITEM_PAGE83, "no page 83 item")?];
         // Checked on open: the item lies inside the region and holds at least 16 bytes.
         if item.length < 16 || u64::from(item.offset) + 16 > meta.metadata_length {
             return Err(self.file.corrupt(
