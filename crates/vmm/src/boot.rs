@@ -104,13 +104,11 @@ fn read_header(kernel: &Path) -> Result<(File, KernelKind, [u8; 0x400], usize)> 
             k => n += k,
         }
     }
-    if head.starts_with(b"\x7fELF") {
-        if head[4] != 2 || u16::from_le_bytes([head[18], head[19]]) != 62 {
-            return Err(Error::NotBzImage {
-                path: kernel.to_path_buf(),
-                why: "an ELF file, but not a 64-bit x86 one".into(),
-            });
-        }
+    if vmlinux::is_elf(&head[..n]) {
+        vmlinux::check_ident(&head[..n]).map_err(|why| Error::NotBzImage {
+            path: kernel.to_path_buf(),
+            why,
+        })?;
         return Ok((file, KernelKind::Vmlinux, vmlinux_setup_header(), 0x400));
     }
     if n < 0x260 || &head[0x202..0x206] != b"HdrS" {

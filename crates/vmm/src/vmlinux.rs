@@ -29,6 +29,22 @@ pub struct Segments {
     pub end: u64,
 }
 
+/// Whether `head` starts like an ELF file.
+pub fn is_elf(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF")
+}
+
+/// Checks that `head` starts a 64-bit little-endian x86 ELF file.
+pub fn check_ident(head: &[u8]) -> Result<(), String> {
+    if head.len() < EHDR_LEN || !is_elf(head) {
+        return Err("not an ELF file".into());
+    }
+    if head[4] != 2 || head[5] != 1 || u16::from_le_bytes([head[18], head[19]]) != EM_X86_64 {
+        return Err("not a 64-bit x86 ELF file (little-endian)".into());
+    }
+    Ok(())
+}
+
 impl Segments {
     /// Reads the ELF and program headers from `head` (the first bytes of an image of
     /// `image_len` bytes). Every segment must fit in guest RAM between `min_paddr` and
@@ -41,12 +57,7 @@ impl Segments {
     ) -> Result<Self, String> {
         let u16_at = |at: usize| u16::from_le_bytes([head[at], head[at + 1]]);
         let u64_at = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().unwrap());
-        if head.len() < EHDR_LEN || !head.starts_with(b"\x7fELF") {
-            return Err("not an ELF file".into());
-        }
-        if head[4] != 2 || head[5] != 1 || u16_at(18) != EM_X86_64 {
-            return Err("not a 64-bit little-endian x86 ELF file".into());
-        }
+        check_ident(head)?;
         let entry = u64_at(24);
         let phoff = u64_at(32);
         let phentsize = usize::from(u16_at(54));
