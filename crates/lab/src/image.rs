@@ -133,14 +133,7 @@ pub fn l2_initramfs(busybox: &Path, kernels: &[&crate::Kernel], out: &Path) -> R
 /// Writes the archive under a temporary name and renames it into place, so a reader never sees
 /// a partial image even when several lab runs share the cache.
 fn write(a: Archive, out: &Path) -> Result<()> {
-    let tmp = crate::temporary_sibling(out);
-    let result = std::fs::File::create(&tmp)
-        .and_then(|mut f| a.write_to(&mut f))
-        .and_then(|()| std::fs::rename(&tmp, out));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|e| Error::io(out, e))
+    crate::write_atomically(out, |f| a.write_to(f))
 }
 
 /// What goes into the L1 image.

@@ -95,23 +95,30 @@ fn lock_file(path: &Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
-/// A unique name next to `path` for writing a file that is then renamed over `path`.
-fn temporary_sibling(path: &Path) -> PathBuf {
+/// Creates `path` through a temporary file next to it, filled by `fill`, and a rename, so that
+/// nobody (another lab run sharing the cache) ever sees it partly written.
+fn write_atomically(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp-{}-{n}", std::process::id()));
-    path.with_file_name(name)
-}
-
-/// Copies `from` to `to` through a temporary file and a rename, so `to` is never partial.
-fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
-    let tmp = temporary_sibling(to);
-    let result = std::fs::copy(from, &tmp).and_then(|_| std::fs::rename(&tmp, to));
+    let tmp = path.with_file_name(name);
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| fill(&mut f))
+        .and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map(|_| ()).map_err(|e| Error::io(to, e))
+    result.map_err(|e| Error::io(path, e))
+}
+
+/// Copies `from` to `to` so that `to` is never partial.
+fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
+    let mut src = std::fs::File::open(from).map_err(|e| Error::io(from, e))?;
+    write_atomically(to, |f| std::io::copy(&mut src, f).map(|_| ()))
 }
 
 fn is_root() -> bool {
