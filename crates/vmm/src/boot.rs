@@ -263,6 +263,7 @@ fn load_lz4_vmlinux(
     )
     .map_err(bad)?;
     if segments.end > max_size {
+        // Too large for guest RAM: load nothing; the caller reports the size.
         return Ok(segments);
     }
     segments.scatter(mem, 0, &scratch[..n])?;
@@ -358,6 +359,7 @@ pub fn load_linux(
                 path: kernel.to_path_buf(),
                 why,
             })?;
+            // Loaded only if it fits; below, a kernel that does not is refused with its size.
             if segments.end <= low_end {
                 segments.scatter(mem, 0, &image)?;
             }
