@@ -1,0 +1,564 @@
+//! SCSI-3 persistent reservations (SPC-4 5.13): registrations and one logical-unit-scope
+//! reservation per medium, shared by every initiator (every VM) that uses the medium.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::cdb::{Command, PrInAction, PrOutAction};
+use crate::sense::Sense;
+use crate::InitiatorId;
+
+/// Persistent reservation types (SPC-4 table 180).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ReservationType {
+    WriteExclusive = 1,
+    ExclusiveAccess = 3,
+    WriteExclusiveRegistrantsOnly = 5,
+    ExclusiveAccessRegistrantsOnly = 6,
+    WriteExclusiveAllRegistrants = 7,
+    ExclusiveAccessAllRegistrants = 8,
+}
+
+impl ReservationType {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::WriteExclusive,
+            3 => Self::ExclusiveAccess,
+            5 => Self::WriteExclusiveRegistrantsOnly,
+            6 => Self::ExclusiveAccessRegistrantsOnly,
+            7 => Self::WriteExclusiveAllRegistrants,
+            8 => Self::ExclusiveAccessAllRegistrants,
+            _ => return None,
+        })
+    }
+
+    fn all_registrants(self) -> bool {
+        matches!(
+            self,
+            Self::WriteExclusiveAllRegistrants | Self::ExclusiveAccessAllRegistrants
+        )
+    }
+
+    fn registrants_allowed(self) -> bool {
+        !matches!(self, Self::WriteExclusive | Self::ExclusiveAccess)
+    }
+
+    fn exclusive_access(self) -> bool {
+        matches!(
+            self,
+            Self::ExclusiveAccess
+                | Self::ExclusiveAccessRegistrantsOnly
+                | Self::ExclusiveAccessAllRegistrants
+        )
+    }
+}
+
+/// A plain copy of the reservation state, for save/restore and inspection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReservationSnapshot {
+    pub generation: u32,
+    /// (initiator, reservation key), in registration order.
+    pub registrations: Vec<(InitiatorId, u64)>,
+    /// (holder, type). For the all-registrants types every registrant holds it.
+    pub reservation: Option<(InitiatorId, ReservationType)>,
+}
+
+/// The persistent reservation state of one medium, cheap to clone and share between the
+/// targets (and VMs) that use the medium.
+#[derive(Debug, Clone, Default)]
+pub struct SharedReservations(Arc<Mutex<ReservationSnapshot>>);
+
+/// How a command is treated under a reservation (SPC-4 table 66, SBC-3 table 13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Allowed whatever the reservation.
+    Any,
+    /// Reads the medium: conflicts under the exclusive-access types.
+    Read,
+    /// Changes the medium: conflicts under every type.
+    Write,
+}
+
+pub(crate) fn access(cmd: &Command) -> Access {
+    match cmd {
+        Command::Read { .. } | Command::Verify { .. } | Command::GetLbaStatus { .. } => {
+            Access::Read
+        }
+        Command::Write { .. }
+        | Command::WriteSame16 { .. }
+        | Command::Unmap { .. }
+        | Command::SyncCache { .. }
+        | Command::ModeSelect { .. }
+        | Command::StartStop { .. }
+        | Command::PreventAllow { prevent: true } => Access::Write,
+        _ => Access::Any,
+    }
+}
+
+/// Why PERSISTENT RESERVE OUT failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PrOutError {
+    Conflict,
+    Sense(Sense),
+}
+
+const PARAM_LEN: usize = 24;
+
+impl SharedReservations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn snapshot(&self) -> ReservationSnapshot {
+        self.lock().clone()
+    }
+
+    pub fn restore(&self, snapshot: ReservationSnapshot) {
+        *self.lock() = snapshot;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ReservationSnapshot> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `initiator` may run a command of this kind now.
+    pub(crate) fn allows(&self, initiator: InitiatorId, access: Access) -> bool {
+        if access == Access::Any {
+            return true;
+        }
+        let s = self.lock();
+        let Some((holder, ty)) = s.reservation else {
+            return true;
+        };
+        let registered = key_of(&s, initiator).is_some();
+        if holder == initiator || (ty.all_registrants() && registered) {
+            return true;
+        }
+        if ty.registrants_allowed() && registered {
+            return true;
+        }
+        access == Access::Read && !ty.exclusive_access()
+    }
+
+    /// PERSISTENT RESERVE IN parameter data (before allocation-length truncation).
+    pub(crate) fn reserve_in(&self, action: PrInAction) -> Vec<u8> {
+        let s = self.lock();
+        let mut out = Vec::new();
+        match action {
+            PrInAction::ReadKeys => {
+                out.extend_from_slice(&s.generation.to_be_bytes());
+                let len = (s.registrations.len() * 8) as u32;
+                out.extend_from_slice(&len.to_be_bytes());
+                for &(_, key) in &s.registrations {
+                    out.extend_from_slice(&key.to_be_bytes());
+                }
+            }
+            PrInAction::ReadReservation => {
+                out.extend_from_slice(&s.generation.to_be_bytes());
+                match s.reservation {
+                    None => out.extend_from_slice(&0u32.to_be_bytes()),
+                    Some((holder, ty)) => {
+                        out.extend_from_slice(&16u32.to_be_bytes());
+                        let key = if ty.all_registrants() {
+                            0
+                        } else {
+                            key_of(&s, holder).unwrap_or(0)
+                        };
+                        out.extend_from_slice(&key.to_be_bytes());
+                        out.extend_from_slice(&[0; 4]); // obsolete
+                        out.push(0);
+                        out.push(ty as u8); // scope 0 (logical unit)
+                        out.extend_from_slice(&[0; 2]);
+                    }
+                }
+            }
+            PrInAction::ReportCapabilities => {
+                out.extend_from_slice(&8u16.to_be_bytes());
+                out.push(0x04); // ATP_C; no CRH, SIP_C, PTPL_C
+                out.push(0x80); // TMV; ALLOW COMMANDS 0; PTPL_A 0
+                out.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02); // WR_EX_AR EX_AC_RO WR_EX_RO EX_AC WR_EX
+                out.push(0x01); // EX_AC_AR
+                out.extend_from_slice(&[0; 2]);
+            }
+        }
+        out
+    }
+
+    /// PERSISTENT RESERVE OUT. `params` is the parameter list (`len` bytes, already checked
+    /// to be in the data-out buffer).
+    pub(crate) fn reserve_out(
+        &self,
+        initiator: InitiatorId,
+        action: PrOutAction,
+        scope: u8,
+        ty: u8,
+        params: &[u8],
+    ) -> Result<(), PrOutError> {
+        if params.len() != PARAM_LEN {
+            return Err(PrOutError::Sense(Sense::parameter_list_length_error()));
+        }
+        let be64 = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&params[i..i + 8]);
+            u64::from_be_bytes(b)
+        };
+        let key = be64(0);
+        let sa_key = be64(8);
+        let flags = params[20];
+        if flags & 0x08 != 0 {
+            return Err(PrOutError::Sense(Sense::invalid_param_field(20))); // SPEC_I_PT
+        }
+        if flags & 0x01 != 0 {
+            return Err(PrOutError::Sense(Sense::invalid_param_field(20))); // APTPL
+        }
+        let needs_type = matches!(
+            action,
+            PrOutAction::Reserve
+                | PrOutAction::Release
+                | PrOutAction::Preempt
+                | PrOutAction::PreemptAndAbort
+        );
+        let rtype = if needs_type {
+            if scope != 0 {
+                return Err(PrOutError::Sense(Sense::invalid_cdb_field(2, Some(7))));
+            }
+            Some(
+                ReservationType::from_u8(ty)
+                    .ok_or(PrOutError::Sense(Sense::invalid_cdb_field(2, Some(3))))?,
+            )
+        } else {
+            None
+        };
+
+        let mut s = self.lock();
+        let current = key_of(&s, initiator);
+        match action {
+            PrOutAction::Register | PrOutAction::RegisterAndIgnore => {
+                if action == PrOutAction::Register && current.unwrap_or(0) != key {
+                    return Err(PrOutError::Conflict);
+                }
+                match (current, sa_key) {
+                    (None, 0) => {}
+                    (None, new) => {
+                        s.registrations.push((initiator, new));
+                        s.generation = s.generation.wrapping_add(1);
+                    }
+                    (Some(_), 0) => {
+                        unregister(&mut s, initiator);
+                        s.generation = s.generation.wrapping_add(1);
+                    }
+                    (Some(_), new) => {
+                        if let Some(r) = s.registrations.iter_mut().find(|r| r.0 == initiator) {
+                            r.1 = new;
+                        }
+                        s.generation = s.generation.wrapping_add(1);
+                    }
+                }
+                Ok(())
+            }
+            _ => {
+                if current != Some(key) {
+                    return Err(PrOutError::Conflict);
+                }
+                match action {
+                    PrOutAction::Reserve => reserve(&mut s, initiator, rtype),
+                    PrOutAction::Release => release(&mut s, initiator, rtype),
+                    PrOutAction::Clear => {
+                        s.registrations.clear();
+                        s.reservation = None;
+                        s.generation = s.generation.wrapping_add(1);
+                        Ok(())
+                    }
+                    _ => preempt(&mut s, initiator, key, sa_key, rtype),
+                }
+            }
+        }
+    }
+}
+
+fn key_of(s: &ReservationSnapshot, initiator: InitiatorId) -> Option<u64> {
+    s.registrations
+        .iter()
+        .find(|r| r.0 == initiator)
+        .map(|r| r.1)
+}
+
+fn holds(s: &ReservationSnapshot, initiator: InitiatorId) -> bool {
+    match s.reservation {
+        Some((holder, ty)) => {
+            holder == initiator || (ty.all_registrants() && key_of(s, initiator).is_some())
+        }
+        None => false,
+    }
+}
+
+/// Removes `initiator`'s registration and the reservation it alone held.
+fn unregister(s: &mut ReservationSnapshot, initiator: InitiatorId) {
+    s.registrations.retain(|r| r.0 != initiator);
+    if let Some((holder, ty)) = s.reservation {
+        if ty.all_registrants() {
+            if s.registrations.is_empty() {
+                s.reservation = None;
+            } else if holder == initiator {
+                s.reservation = Some((s.registrations[0].0, ty));
+            }
+        } else if holder == initiator {
+            s.reservation = None;
+        }
+    }
+}
+
+fn reserve(
+    s: &mut ReservationSnapshot,
+    initiator: InitiatorId,
+    ty: Option<ReservationType>,
+) -> Result<(), PrOutError> {
+    let Some(ty) = ty else {
+        return Err(PrOutError::Sense(Sense::invalid_cdb_field(2, Some(3))));
+    };
+    match s.reservation {
+        None => {
+            s.reservation = Some((initiator, ty));
+            Ok(())
+        }
+        Some((_, held)) if held == ty && holds(s, initiator) => Ok(()),
+        Some(_) => Err(PrOutError::Conflict),
+    }
+}
+
+fn release(
+    s: &mut ReservationSnapshot,
+    initiator: InitiatorId,
+    ty: Option<ReservationType>,
+) -> Result<(), PrOutError> {
+    match s.reservation {
+        Some((_, held)) if holds(s, initiator) => {
+            if Some(held) != ty {
+                return Err(PrOutError::Sense(Sense::invalid_release()));
+            }
+            s.reservation = None;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn preempt(
+    s: &mut ReservationSnapshot,
+    initiator: InitiatorId,
+    own_key: u64,
+    sa_key: u64,
+    ty: Option<ReservationType>,
+) -> Result<(), PrOutError> {
+    let Some(ty) = ty else {
+        return Err(PrOutError::Sense(Sense::invalid_cdb_field(2, Some(3))));
+    };
+    // Removes the other initiators registered with `victim`; false when there were none.
+    let remove = |s: &mut ReservationSnapshot, victim: u64| {
+        let before = s.registrations.len();
+        s.registrations
+            .retain(|r| r.0 == initiator || r.1 != victim);
+        s.registrations.len() != before || (victim == own_key && before > 0)
+    };
+    match s.reservation {
+        Some((_, held)) if held.all_registrants() => {
+            if sa_key == 0 {
+                s.registrations.retain(|r| r.0 == initiator);
+                s.reservation = Some((initiator, ty));
+            } else if !remove(s, sa_key) {
+                return Err(PrOutError::Conflict);
+            }
+        }
+        Some((holder, _)) if key_of(s, holder) == Some(sa_key) => {
+            remove(s, sa_key);
+            s.reservation = Some((initiator, ty));
+        }
+        _ => {
+            if sa_key == 0 {
+                return Err(PrOutError::Sense(Sense::invalid_param_field(8)));
+            }
+            if !remove(s, sa_key) {
+                return Err(PrOutError::Conflict);
+            }
+        }
+    }
+    s.generation = s.generation.wrapping_add(1);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: InitiatorId = InitiatorId(1);
+    const B: InitiatorId = InitiatorId(2);
+    const C: InitiatorId = InitiatorId(3);
+
+    fn params(key: u64, sa: u64) -> Vec<u8> {
+        let mut p = vec![0u8; 24];
+        p[..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&sa.to_be_bytes());
+        p
+    }
+
+    fn out(
+        r: &SharedReservations,
+        who: InitiatorId,
+        action: PrOutAction,
+        ty: u8,
+        key: u64,
+        sa: u64,
+    ) -> Result<(), PrOutError> {
+        r.reserve_out(who, action, 0, ty, &params(key, sa))
+    }
+
+    #[test]
+    fn register_reserve_conflict_release() {
+        let r = SharedReservations::new();
+        out(&r, A, PrOutAction::Register, 0, 0, 0xA).unwrap();
+        out(&r, B, PrOutAction::Register, 0, 0, 0xB).unwrap();
+        // Wrong key: conflict.
+        assert_eq!(
+            out(&r, A, PrOutAction::Register, 0, 0x99, 0xC),
+            Err(PrOutError::Conflict)
+        );
+        out(&r, A, PrOutAction::Reserve, 1, 0xA, 0).unwrap();
+        assert_eq!(
+            out(&r, B, PrOutAction::Reserve, 1, 0xB, 0),
+            Err(PrOutError::Conflict)
+        );
+        // Write Exclusive: B may read, not write; C (unregistered) likewise.
+        assert!(r.allows(B, Access::Read));
+        assert!(!r.allows(B, Access::Write));
+        assert!(r.allows(A, Access::Write));
+        // Release with the wrong type.
+        assert_eq!(
+            out(&r, A, PrOutAction::Release, 3, 0xA, 0),
+            Err(PrOutError::Sense(Sense::invalid_release()))
+        );
+        out(&r, A, PrOutAction::Release, 1, 0xA, 0).unwrap();
+        assert!(r.allows(B, Access::Write));
+        let snap = r.snapshot();
+        assert_eq!(snap.generation, 2);
+        assert_eq!(snap.registrations, vec![(A, 0xA), (B, 0xB)]);
+    }
+
+    #[test]
+    fn read_keys_and_reservation_bytes() {
+        let r = SharedReservations::new();
+        out(&r, A, PrOutAction::RegisterAndIgnore, 0, 0x77, 0x1122).unwrap();
+        out(&r, A, PrOutAction::Reserve, 3, 0x1122, 0).unwrap();
+        let keys = r.reserve_in(PrInAction::ReadKeys);
+        assert_eq!(keys, [0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0x11, 0x22]);
+        let res = r.reserve_in(PrInAction::ReadReservation);
+        assert_eq!(res.len(), 24);
+        assert_eq!(&res[4..8], &[0, 0, 0, 16]);
+        assert_eq!(&res[8..16], &0x1122u64.to_be_bytes());
+        assert_eq!(res[21], 3);
+        assert!(!r.allows(B, Access::Read));
+        assert!(r.allows(B, Access::Any));
+    }
+
+    #[test]
+    fn preempt_takes_over_and_removes_victim() {
+        let r = SharedReservations::new();
+        out(&r, A, PrOutAction::Register, 0, 0, 0xA).unwrap();
+        out(&r, B, PrOutAction::Register, 0, 0, 0xB).unwrap();
+        out(&r, A, PrOutAction::Reserve, 3, 0xA, 0).unwrap();
+        out(&r, B, PrOutAction::Preempt, 3, 0xB, 0xA).unwrap();
+        let s = r.snapshot();
+        assert_eq!(s.reservation, Some((B, ReservationType::ExclusiveAccess)));
+        assert_eq!(s.registrations, vec![(B, 0xB)]);
+        // A is no longer registered: its commands conflict.
+        assert_eq!(
+            out(&r, A, PrOutAction::Reserve, 3, 0xA, 0),
+            Err(PrOutError::Conflict)
+        );
+        // Preempting a key nobody holds.
+        assert_eq!(
+            out(&r, B, PrOutAction::Preempt, 3, 0xB, 0x5555),
+            Err(PrOutError::Conflict)
+        );
+        // A zero service-action key with a non-all-registrants reservation.
+        out(&r, B, PrOutAction::Release, 3, 0xB, 0).unwrap();
+        assert_eq!(
+            out(&r, B, PrOutAction::Preempt, 3, 0xB, 0),
+            Err(PrOutError::Sense(Sense::invalid_param_field(8)))
+        );
+    }
+
+    #[test]
+    fn registrants_only_and_all_registrants() {
+        let r = SharedReservations::new();
+        out(&r, A, PrOutAction::Register, 0, 0, 0xA).unwrap();
+        out(&r, B, PrOutAction::Register, 0, 0, 0xB).unwrap();
+        out(&r, A, PrOutAction::Reserve, 5, 0xA, 0).unwrap();
+        assert!(r.allows(B, Access::Write));
+        assert!(!r.allows(C, Access::Write));
+        assert!(r.allows(C, Access::Read));
+        out(&r, A, PrOutAction::Release, 5, 0xA, 0).unwrap();
+        out(&r, A, PrOutAction::Reserve, 8, 0xA, 0).unwrap();
+        // B is a holder too under all-registrants.
+        out(&r, B, PrOutAction::Reserve, 8, 0xB, 0).unwrap();
+        assert!(!r.allows(C, Access::Read));
+        // The reservation key of an all-registrants reservation reads as zero.
+        let res = r.reserve_in(PrInAction::ReadReservation);
+        assert_eq!(&res[8..16], &[0; 8]);
+        // It survives A leaving and ends with the last registrant.
+        out(&r, A, PrOutAction::Register, 0, 0xA, 0).unwrap();
+        assert!(r.snapshot().reservation.is_some());
+        out(&r, B, PrOutAction::Register, 0, 0xB, 0).unwrap();
+        assert_eq!(r.snapshot().reservation, None);
+    }
+
+    #[test]
+    fn holder_unregistering_drops_reservation_and_clear_empties() {
+        let r = SharedReservations::new();
+        out(&r, A, PrOutAction::Register, 0, 0, 0xA).unwrap();
+        out(&r, A, PrOutAction::Reserve, 1, 0xA, 0).unwrap();
+        out(&r, A, PrOutAction::Register, 0, 0xA, 0).unwrap();
+        assert_eq!(r.snapshot().reservation, None);
+        out(&r, A, PrOutAction::Register, 0, 0, 0xA).unwrap();
+        out(&r, B, PrOutAction::Register, 0, 0, 0xB).unwrap();
+        out(&r, A, PrOutAction::Reserve, 1, 0xA, 0).unwrap();
+        out(&r, B, PrOutAction::Clear, 0, 0xB, 0).unwrap();
+        let s = r.snapshot();
+        assert!(s.registrations.is_empty() && s.reservation.is_none());
+    }
+
+    #[test]
+    fn hostile_parameters() {
+        let r = SharedReservations::new();
+        assert_eq!(
+            r.reserve_out(A, PrOutAction::Register, 0, 0, &[0; 23]),
+            Err(PrOutError::Sense(Sense::parameter_list_length_error()))
+        );
+        let mut p = params(0, 1);
+        p[20] = 0x01; // APTPL
+        assert_eq!(
+            r.reserve_out(A, PrOutAction::Register, 0, 0, &p),
+            Err(PrOutError::Sense(Sense::invalid_param_field(20)))
+        );
+        out(&r, A, PrOutAction::Register, 0, 0, 1).unwrap();
+        // Bad type and bad scope.
+        assert!(matches!(
+            out(&r, A, PrOutAction::Reserve, 2, 1, 0),
+            Err(PrOutError::Sense(s)) if s.asc == 0x24
+        ));
+        assert!(matches!(
+            r.reserve_out(A, PrOutAction::Reserve, 1, 1, &params(1, 0)),
+            Err(PrOutError::Sense(s)) if s.asc == 0x24
+        ));
+        // Unregistered initiator: register with a non-zero key conflicts; zero/zero is a no-op.
+        assert_eq!(
+            out(&r, B, PrOutAction::Register, 0, 5, 6),
+            Err(PrOutError::Conflict)
+        );
+        out(&r, B, PrOutAction::Register, 0, 0, 0).unwrap();
+        assert_eq!(r.snapshot().registrations.len(), 1);
+        assert_eq!(
+            r.reserve_in(PrInAction::ReportCapabilities),
+            [0, 8, 0x04, 0x80, 0xEA, 0x01, 0, 0]
+        );
+    }
+}
