@@ -153,6 +153,17 @@ impl MemoryMedium {
         }
     }
 
+    /// A medium holding `data` (its length is the size).
+    pub fn from_vec(data: Vec<u8>, logical: u32, physical: u32) -> Self {
+        let m = Self::new(0, logical, physical);
+        {
+            let mut g = m.lock();
+            g.unmapped = vec![false; data.len() / logical.max(1) as usize];
+            g.data = data;
+        }
+        m
+    }
+
     pub fn read_only(mut self, ro: bool) -> Self {
         self.read_only = ro;
         self
