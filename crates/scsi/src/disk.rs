@@ -124,7 +124,11 @@ impl Geometry {
         } else {
             medium.read_at(&mut data.input()[..io.len], io.offset)
         };
-        match r {
+        self.complete(io, r)
+    }
+
+    pub fn complete(&self, io: BlockIo, result: Result<(), MediumError>) -> Completion {
+        match result {
             Ok(()) => Completion {
                 fua: io.write && io.fua,
                 ..Completion::good(io.len)
@@ -238,11 +242,36 @@ impl ScsiDisk {
         self.geometry.block
     }
 
-    /// Validates a READ or WRITE against the disk and the buffer length and says what I/O it
-    /// asks for, without doing it (`None` for other commands). Write protection and
-    /// reservations are checked by [`LogicalUnit::execute_command`], not here.
-    pub fn plan_io(&self, cmd: &Command, buffer_len: usize) -> Result<Option<BlockIo>, Sense> {
-        self.geometry.io(&*self.medium, cmd, buffer_len)
+    /// The sans-I/O half of READ and WRITE: checks reservations, write protection, the
+    /// maximum transfer, the LBA range and the buffer length, and says what I/O the command
+    /// asks for. `Ok(None)`: not a READ/WRITE, or zero blocks (complete it with
+    /// [`Completion::good`]`(0)`). `Err`: the completion to return at once. A caller that
+    /// does the I/O itself (asynchronously) then calls [`ScsiDisk::complete_io`].
+    pub fn plan_io(
+        &self,
+        initiator: InitiatorId,
+        cmd: &Command,
+        buffer_len: usize,
+    ) -> Result<Option<BlockIo>, Completion> {
+        if !self
+            .reservations
+            .allows(initiator, reservation::access(cmd))
+        {
+            return Err(Completion::conflict());
+        }
+        if matches!(cmd, Command::Write { .. }) && self.medium.is_read_only() {
+            return Err(Completion::check(Sense::write_protected()));
+        }
+        match self.geometry.io(&*self.medium, cmd, buffer_len) {
+            Ok(Some(io)) if io.len == 0 => Ok(None),
+            Ok(io) => Ok(io),
+            Err(s) => Err(Completion::check(s)),
+        }
+    }
+
+    /// The completion of a planned I/O, given how the medium access went.
+    pub fn complete_io(&self, io: BlockIo, result: Result<(), MediumError>) -> Completion {
+        self.geometry.complete(io, result)
     }
 
     fn unmap_supported(&self) -> bool {

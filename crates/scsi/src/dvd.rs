@@ -25,6 +25,16 @@ pub enum MediaEvent {
     MediaRemoval = 3,
 }
 
+/// The drive's own state, for save/restore and inspection (the medium is re-attached by the
+/// caller, which knows where it came from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DvdSnapshot {
+    pub medium_present: bool,
+    pub unit_attention: bool,
+    pub event: MediaEvent,
+    pub prevent: bool,
+}
+
 struct State {
     medium: Option<Arc<dyn Medium>>,
     unit_attention: bool,
@@ -109,6 +119,26 @@ impl ScsiDvd {
     /// The medium loaded now (`None` after an eject by the guest or the host).
     pub fn medium(&self) -> Option<Arc<dyn Medium>> {
         self.lock().medium.clone()
+    }
+
+    pub fn snapshot(&self) -> DvdSnapshot {
+        let s = self.lock();
+        DvdSnapshot {
+            medium_present: s.medium.is_some(),
+            unit_attention: s.unit_attention,
+            event: s.event,
+            prevent: s.prevent,
+        }
+    }
+
+    /// Restores the drive state with `medium` loaded (`snapshot.medium_present` is only
+    /// informational: the medium given here wins).
+    pub fn restore(&self, snapshot: DvdSnapshot, medium: Option<Arc<dyn Medium>>) {
+        let mut s = self.lock();
+        s.unit_attention = snapshot.unit_attention && medium.is_some();
+        s.medium = medium;
+        s.event = snapshot.event;
+        s.prevent = snapshot.prevent;
     }
 
     /// Whether the guest prevents medium removal.

@@ -35,8 +35,8 @@ pub mod sense;
 pub mod target;
 
 pub use cdb::Command;
-pub use disk::{DiskConfig, ScsiDisk};
-pub use dvd::ScsiDvd;
+pub use disk::{BlockIo, ConfigError, DiskConfig, ScsiDisk};
+pub use dvd::{DvdSnapshot, MediaEvent, ScsiDvd};
 pub use medium::{Allocation, Medium, MediumError, MediumErrorKind, MemoryMedium};
 pub use reservation::{ReservationSnapshot, ReservationType, SharedReservations};
 pub use sense::{ScsiStatus, Sense, SenseKey};

@@ -2,15 +2,47 @@
 //!
 //! Shaped after `vhdx::Disk`, so the storage device adapts a disk image in a few lines:
 //!
-//! ```ignore
-//! struct VhdMedium { disk: Arc<dyn vhdx::Disk>, id: [u8; 16] }
-//! impl scsi::Medium for VhdMedium {
+//! ```
+//! # mod vhdx { // stands in for the vhdx crate's `Disk` (crates/vhdx/src/disk.rs)
+//! #     pub type Error = std::io::Error;
+//! #     pub trait Disk: Send + Sync {
+//! #         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error>;
+//! #         fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error>;
+//! #         fn flush(&self) -> Result<(), Error>;
+//! #         fn unmap(&self, offset: u64, len: u64) -> Result<(), Error>;
+//! #         fn size(&self) -> u64;
+//! #         fn logical_sector_size(&self) -> u32;
+//! #         fn physical_sector_size(&self) -> u32;
+//! #         fn is_read_only(&self) -> bool;
+//! #     }
+//! # }
+//! use std::sync::Arc;
+//! use scsi::{Medium, MediumError};
+//!
+//! struct VhdMedium {
+//!     disk: Arc<dyn vhdx::Disk>,
+//!     id: [u8; 16], // the VHDX page-83 id
+//! }
+//!
+//! impl Medium for VhdMedium {
 //!     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), MediumError> {
 //!         self.disk.read_at(buf, off).map_err(|e| MediumError::io(off, e))
 //!     }
-//!     // write_at, flush, unmap alike; size, sector sizes, read-only forward directly;
-//!     fn supports_unmap(&self) -> bool { true }
+//!     fn write_at(&self, buf: &[u8], off: u64) -> Result<(), MediumError> {
+//!         self.disk.write_at(buf, off).map_err(|e| MediumError::io(off, e))
+//!     }
+//!     fn flush(&self) -> Result<(), MediumError> {
+//!         self.disk.flush().map_err(|e| MediumError::io(0, e))
+//!     }
+//!     fn unmap(&self, off: u64, len: u64) -> Result<(), MediumError> {
+//!         self.disk.unmap(off, len).map_err(|e| MediumError::io(off, e))
+//!     }
+//!     fn size(&self) -> u64 { self.disk.size() }
+//!     fn logical_sector_size(&self) -> u32 { self.disk.logical_sector_size() }
+//!     fn physical_sector_size(&self) -> u32 { self.disk.physical_sector_size() }
+//!     fn is_read_only(&self) -> bool { self.disk.is_read_only() }
 //!     fn disk_id(&self) -> [u8; 16] { self.id }
+//!     fn supports_unmap(&self) -> bool { true }
 //! }
 //! ```
 

@@ -727,3 +727,52 @@ fn bad_sector_sizes_are_refused() {
         0,
     );
 }
+
+#[test]
+fn planned_io_for_asynchronous_callers() {
+    let (m, d) = thin();
+    let cmd = scsi::Command::decode(&cdb10(0x2A, 0x08, 3, 2)).unwrap();
+    let io = d.plan_io(InitiatorId(0), &cmd, 1024).unwrap().unwrap();
+    assert_eq!(
+        io,
+        scsi::BlockIo {
+            write: true,
+            lba: 3,
+            offset: 1536,
+            len: 1024,
+            fua: true
+        }
+    );
+    let r = m.write_at(&[5; 1024], io.offset);
+    let c = d.complete_io(io, r);
+    good(&c);
+    assert!(c.fua && c.transferred == 1024);
+    // A failed I/O completes with MEDIUM ERROR at the failing LBA.
+    let c = d.complete_io(
+        io,
+        Err(MediumError::io(
+            1536 + 600,
+            std::io::Error::other("disk gone"),
+        )),
+    );
+    sense(&c, SenseKey::MediumError, 0x0C, 0);
+    assert_eq!(&c.sense_data().unwrap()[3..7], &4u32.to_be_bytes());
+    // Checks before any I/O: buffer, range, zero length, reservations, write protection.
+    let c = d.plan_io(InitiatorId(0), &cmd, 1023).unwrap_err();
+    sense(&c, SenseKey::IllegalRequest, 0x24, 0);
+    let zero = scsi::Command::decode(&cdb10(0x28, 0, 3, 0)).unwrap();
+    assert_eq!(d.plan_io(InitiatorId(0), &zero, 0).unwrap(), None);
+    let other = scsi::Command::decode(&[0, 0, 0, 0, 0, 0]).unwrap();
+    assert_eq!(d.plan_io(InitiatorId(0), &other, 0).unwrap(), None);
+    good(&pr(&d, 1, 0, 0, 0, 7));
+    good(&pr(&d, 1, 1, 1, 7, 0));
+    let c = d.plan_io(InitiatorId(2), &cmd, 1024).unwrap_err();
+    assert_eq!(c.status, ScsiStatus::ReservationConflict);
+    let (_, ro) = disk(MIB, 512, 512, false, true);
+    sense(
+        &ro.plan_io(InitiatorId(0), &cmd, 1024).unwrap_err(),
+        SenseKey::DataProtect,
+        0x27,
+        0,
+    );
+}

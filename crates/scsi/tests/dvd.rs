@@ -293,3 +293,18 @@ fn medium_reads_use_byte_offsets_not_the_medium_sector_size() {
     let (_, b) = run_in(&d, &cdb10(0x28, 0, 2, 1), 2048);
     assert_eq!(b, vec![0x42; 2048]);
 }
+
+#[test]
+fn snapshot_and_restore() {
+    let d = dvd();
+    good(&run(&d, &[0x1E, 0, 0, 0, 1, 0]));
+    d.change_medium(Some(iso(5, 0)));
+    let snap = d.snapshot();
+    assert!(snap.medium_present && snap.unit_attention && snap.prevent);
+    assert_eq!(snap.event, scsi::MediaEvent::NewMedia);
+    let e = ScsiDvd::new(None, [9; 16]);
+    e.restore(snap, Some(iso(5, 0)));
+    assert_eq!(e.snapshot(), snap);
+    sense(&run(&e, &TUR), SenseKey::UnitAttention, 0x28, 0);
+    good(&run(&e, &TUR));
+}
