@@ -1,5 +1,6 @@
 //! The direct-access target (SBC-3): a disk on a [`Medium`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::cdb::Command;
@@ -174,6 +175,7 @@ pub struct ScsiDisk {
     geometry: Geometry,
     physical_exponent: u8,
     reservations: SharedReservations,
+    capacity_changed: AtomicBool,
 }
 
 impl std::fmt::Debug for ScsiDisk {
@@ -221,6 +223,7 @@ impl ScsiDisk {
             identity,
             physical_exponent,
             reservations: SharedReservations::new(),
+            capacity_changed: AtomicBool::new(false),
         })
     }
 
@@ -228,6 +231,20 @@ impl ScsiDisk {
     pub fn with_reservations(mut self, reservations: SharedReservations) -> Self {
         self.reservations = reservations;
         self
+    }
+
+    /// Tells the guest, through UNIT ATTENTION 2Ah/09h (CAPACITY DATA HAS CHANGED) on its next
+    /// command, that the medium was resized.
+    pub fn notify_capacity_changed(&self) {
+        self.capacity_changed.store(true, Ordering::SeqCst);
+    }
+
+    /// Reports (and clears) a pending unit attention for `cmd`.
+    fn unit_attention(&self, cmd: &Command) -> Option<Completion> {
+        if cmd.ignores_unit_attention() || !self.capacity_changed.swap(false, Ordering::SeqCst) {
+            return None;
+        }
+        Some(Completion::check(Sense::capacity_changed()))
     }
 
     pub fn reservations(&self) -> &SharedReservations {
@@ -253,6 +270,9 @@ impl ScsiDisk {
         cmd: &Command,
         buffer_len: usize,
     ) -> Result<Option<BlockIo>, Completion> {
+        if let Some(c) = self.unit_attention(cmd) {
+            return Err(c);
+        }
         if !self
             .reservations
             .allows(initiator, reservation::access(cmd))
@@ -479,6 +499,9 @@ impl LogicalUnit for ScsiDisk {
         cmd: &Command,
         mut data: Data<'_>,
     ) -> Completion {
+        if let Some(c) = self.unit_attention(cmd) {
+            return c;
+        }
         if !self
             .reservations
             .allows(initiator, reservation::access(cmd))
@@ -501,7 +524,12 @@ impl LogicalUnit for ScsiDisk {
                 if desc {
                     return Completion::check(Sense::invalid_cdb_field(1, Some(0)));
                 }
-                Completion::good(data.reply(&Sense::no_sense().to_fixed(), alloc))
+                let sense = if self.capacity_changed.swap(false, Ordering::SeqCst) {
+                    Sense::capacity_changed()
+                } else {
+                    Sense::no_sense()
+                };
+                Completion::good(data.reply(&sense.to_fixed(), alloc))
             }
             Command::Inquiry { evpd, page, alloc } => {
                 let bytes = if evpd {

@@ -40,8 +40,8 @@ pub fn standard(peripheral: u8, removable: bool, product: &[u8; 16]) -> [u8; 36]
     let mut b = [0u8; 36];
     b[0] = peripheral;
     b[1] = if removable { 0x80 } else { 0 };
-    b[2] = 0x06; // SPC-4
-    b[3] = 0x12; // HISUP, response data format 2
+    b[2] = 0x05; // SPC-3, as Hyper-V reports
+    b[3] = 0x02; // response data format 2
     b[4] = 36 - 5; // additional length
     b[7] = 0x02; // CMDQUE
     b[8..16].copy_from_slice(VENDOR);
@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn standard_data_bytes() {
         let b = standard(TYPE_CDROM, true, &product("Virtual DVD-ROM"));
-        assert_eq!(&b[..8], &[0x05, 0x80, 0x06, 0x12, 31, 0, 0, 0x02]);
+        assert_eq!(&b[..8], &[0x05, 0x80, 0x05, 0x02, 31, 0, 0, 0x02]);
         assert_eq!(&b[8..36], b"Msft    Virtual DVD-ROM 1.0 ");
     }
 

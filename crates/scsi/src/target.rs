@@ -119,8 +119,8 @@ fn absent(cmd: &Command, data: &mut Data) -> Completion {
             } else {
                 let mut b = [0u8; 36];
                 b[0] = inquiry::NO_LUN;
-                b[2] = 0x06;
-                b[3] = 0x12;
+                b[2] = 0x05;
+                b[3] = 0x02;
                 b[4] = 31;
                 b.to_vec()
             };

@@ -68,7 +68,7 @@ fn standard_inquiry_and_allocation_lengths() {
     let (c, b) = run_in(&d, &inquiry(false, 0, 255), 4096);
     good(&c);
     assert_eq!(b.len(), 36);
-    assert_eq!(&b[..8], &[0x00, 0x00, 0x06, 0x12, 31, 0, 0, 0x02]);
+    assert_eq!(&b[..8], &[0x00, 0x00, 0x05, 0x02, 31, 0, 0, 0x02]);
     assert_eq!(&b[8..36], b"Msft    Virtual Disk    1.0 ");
     // Allocation length 0 transfers nothing and succeeds.
     let (c, b) = run_in(&d, &inquiry(false, 0, 0), 4096);
@@ -775,4 +775,25 @@ fn planned_io_for_asynchronous_callers() {
         0x27,
         0,
     );
+}
+
+#[test]
+fn capacity_change_unit_attention() {
+    let (_, d) = thin();
+    d.notify_capacity_changed();
+    // INQUIRY neither reports nor clears it; the next READ CAPACITY gets it once.
+    good(&run_in(&d, &inquiry(false, 0, 36), 36).0);
+    sense(
+        &run_in(&d, &cdb16(0x9E, 0x10, 0, 32), 32).0,
+        SenseKey::UnitAttention,
+        0x2A,
+        0x09,
+    );
+    good(&run_in(&d, &cdb16(0x9E, 0x10, 0, 32), 32).0);
+    // REQUEST SENSE collects it instead.
+    d.notify_capacity_changed();
+    let (c, s) = run_in(&d, &[0x03, 0, 0, 0, 18, 0], 18);
+    good(&c);
+    assert_eq!((s[2], s[12], s[13]), (0x06, 0x2A, 0x09));
+    good(&run(&d, &[0; 6]));
 }

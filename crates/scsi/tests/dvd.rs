@@ -24,7 +24,7 @@ fn inquiry_identifies_a_removable_dvd() {
     let d = dvd();
     let (c, b) = run_in(&d, &inquiry(false, 0, 96), 96);
     good(&c);
-    assert_eq!(&b[..8], &[0x05, 0x80, 0x06, 0x12, 31, 0, 0, 0x02]);
+    assert_eq!(&b[..8], &[0x05, 0x80, 0x05, 0x02, 31, 0, 0, 0x02]);
     assert_eq!(&b[8..36], b"Msft    Virtual DVD-ROM 1.0 ");
     let (_, b) = run_in(&d, &inquiry(true, 0, 96), 96);
     assert_eq!(b, [0x05, 0, 0, 3, 0x00, 0x80, 0x83]);
