@@ -116,6 +116,23 @@ impl ScsiDvd {
         }
     }
 
+    /// The host asks for the medium back, as the eject button of a real drive does. Without
+    /// a PREVENT from the guest the medium is removed at once (returns `true`); otherwise the
+    /// guest sees an EjectRequest event, and it ejects the medium itself (START STOP UNIT)
+    /// after unlocking, or keeps it (returns `false`).
+    pub fn request_eject(&self) -> bool {
+        let mut s = self.lock();
+        if s.prevent {
+            s.event = MediaEvent::EjectRequest;
+            return false;
+        }
+        if s.medium.take().is_some() {
+            s.event = MediaEvent::MediaRemoval;
+        }
+        s.unit_attention = false;
+        true
+    }
+
     /// The medium loaded now (`None` after an eject by the guest or the host).
     pub fn medium(&self) -> Option<Arc<dyn Medium>> {
         self.lock().medium.clone()

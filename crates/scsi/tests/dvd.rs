@@ -308,3 +308,16 @@ fn snapshot_and_restore() {
     sense(&run(&e, &TUR), SenseKey::UnitAttention, 0x28, 0);
     good(&run(&e, &TUR));
 }
+
+#[test]
+fn eject_request_goes_through_the_guest_when_locked() {
+    let d = dvd();
+    good(&run(&d, &[0x1E, 0, 0, 0, 1, 0]));
+    assert!(!d.request_eject());
+    assert!(d.medium().is_some());
+    assert_eq!(run_in(&d, &GESN_MEDIA, 8).1[4..6], [1, 0x02]); // EjectRequest, present
+    good(&run(&d, &[0x1E, 0, 0, 0, 0, 0]));
+    assert!(d.request_eject());
+    assert!(d.medium().is_none());
+    assert_eq!(run_in(&d, &GESN_MEDIA, 8).1[4..6], [3, 0x01]);
+}

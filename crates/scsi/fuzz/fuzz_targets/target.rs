@@ -23,16 +23,27 @@ enum Dir {
     Out,
 }
 
+/// Operation codes the targets know, so the fuzzer spends its time past the opcode check.
+const KNOWN: &[u8] = &[
+    0x00, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x1A, 0x1B, 0x1E, 0x25, 0x28, 0x2A, 0x2F, 0x35, 0x42, 0x43,
+    0x46, 0x4A, 0x51, 0x55, 0x5A, 0x5E, 0x5F, 0x88, 0x8A, 0x8F, 0x91, 0x93, 0x9E, 0xA0, 0xA8, 0xAA,
+];
+
 #[derive(Debug, Arbitrary)]
 enum Op {
     Execute {
         lun: u8,
         initiator: u8,
         cdb: Vec<u8>,
+        /// Replaces the opcode with a known one.
+        known: Option<u8>,
+        /// Clears the high bytes of the LBA fields so LBAs land inside the small media.
+        small_lba: bool,
         dir: Dir,
         len: u16,
         fill: Vec<u8>,
     },
+    HostEject,
     ChangeDvd {
         insert: bool,
     },
@@ -79,11 +90,27 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Execute {
                 lun,
                 initiator,
-                cdb,
+                mut cdb,
+                known,
+                small_lba,
                 dir,
                 len,
                 fill,
             } => {
+                if let (Some(k), Some(op)) = (known, cdb.first_mut()) {
+                    *op = KNOWN[usize::from(k) % KNOWN.len()];
+                }
+                if small_lba && cdb.len() >= 10 {
+                    let first = cdb[0];
+                    let zero: &[usize] = match first >> 5 {
+                        1 | 2 | 5 => &[2, 3],
+                        4 => &[2, 3, 4, 5, 6, 7],
+                        _ => &[],
+                    };
+                    for &i in zero {
+                        cdb[i] = 0;
+                    }
+                }
                 // The decoder alone must not panic either.
                 let _ = Command::decode(&cdb);
                 let len = usize::from(len) % (80 * 1024);
@@ -118,6 +145,9 @@ fuzz_target!(|ops: Vec<Op>| {
                 if c.fua {
                     assert_eq!(c.status, ScsiStatus::Good);
                 }
+            }
+            Op::HostEject => {
+                let _ = dvd.request_eject();
             }
             Op::ChangeDvd { insert } => dvd.change_medium(insert.then(|| iso() as _)),
             Op::FailRange { start, len } => {
