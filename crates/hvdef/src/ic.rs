@@ -1,5 +1,6 @@
 //! Integration-service (hv_utils) message layouts: the pipe header, the IC message header,
-//! version negotiation, shutdown, heartbeat and time synchronization.
+//! version negotiation, shutdown, heartbeat, time synchronization and key-value pair exchange
+//! (KVP, [`kvp`]).
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -163,6 +164,175 @@ pub mod timesync_flags {
 
 /// 100 ns intervals between 1601-01-01 and 1970-01-01.
 pub const EPOCH_DELTA_100NS: u64 = 116_444_736_000_000_000;
+
+/// Key-value pair exchange (Linux `drivers/hv/hv_kvp.c`, `include/uapi/linux/hyperv.h`).
+///
+/// Every request is one `KVP_EXCHANGE` IC message. GET, SET, DELETE and ENUMERATE carry a
+/// [`KvpMessage`] (2580 bytes: the 4-byte [`KvpHeader`] and a body big enough for
+/// [`KvpEnumerate`]); GET_IP_INFO and SET_IP_INFO carry a [`KvpIpMessage`] (7428 bytes). The
+/// guest answers in place, in the same buffer, with the IC status set. Keys and values are
+/// UTF-16LE with byte lengths that include the NUL terminator.
+pub mod kvp {
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+    /// Message version 3.0 (Windows 7).
+    pub const VERSION_3_0: super::IcVersion = super::IcVersion::new(3, 0);
+    /// Message version 4.0 (Windows 8): the newest Linux accepts; adds GET/SET_IP_INFO.
+    pub const VERSION_4_0: super::IcVersion = super::IcVersion::new(4, 0);
+    /// Message version 5.0 (binary IP info). Linux does not accept it.
+    pub const VERSION_5_0: super::IcVersion = super::IcVersion::new(5, 0);
+
+    /// Largest key, in bytes, including the NUL terminator (256 UTF-16 units).
+    pub const MAX_KEY_SIZE: usize = 512;
+    /// Largest value, in bytes, including the NUL terminator (1024 UTF-16 units).
+    pub const MAX_VALUE_SIZE: usize = 2048;
+    /// Adapter id field of [`KvpIpAddrValue`], UTF-16 units.
+    pub const MAX_ADAPTER_ID_SIZE: usize = 128;
+    /// Address, subnet and DNS fields of [`KvpIpAddrValue`], UTF-16 units.
+    pub const MAX_IP_ADDR_SIZE: usize = 1024;
+    /// Gateway field of [`KvpIpAddrValue`], UTF-16 units.
+    pub const MAX_GATEWAY_SIZE: usize = 512;
+
+    /// Operations (`enum hv_kvp_exchg_op`).
+    pub mod op {
+        pub const GET: u8 = 0;
+        pub const SET: u8 = 1;
+        pub const DELETE: u8 = 2;
+        pub const ENUMERATE: u8 = 3;
+        pub const GET_IP_INFO: u8 = 4;
+        pub const SET_IP_INFO: u8 = 5;
+    }
+
+    /// Pools (`enum hv_kvp_exchg_pool`). The Linux daemon keeps pool `n` in
+    /// `/var/lib/hyperv/.kvp_pool_n`, except [`AUTO`](pool::AUTO), which it generates.
+    pub mod pool {
+        /// Items the host pushes to the guest.
+        pub const EXTERNAL: u8 = 0;
+        /// Items guest software publishes to the host.
+        pub const GUEST: u8 = 1;
+        /// Items the guest generates (FQDN, OS name and version, addresses).
+        pub const AUTO: u8 = 2;
+        pub const AUTO_EXTERNAL: u8 = 3;
+        pub const AUTO_INTERNAL: u8 = 4;
+        /// Number of pools.
+        pub const COUNT: u8 = 5;
+    }
+
+    /// Value types (registry types; Linux's REG_U64 is 8, Windows' REG_QWORD 11).
+    pub mod value_type {
+        pub const REG_SZ: u32 = 1;
+        pub const REG_EXPAND_SZ: u32 = 2;
+        pub const REG_DWORD: u32 = 4;
+        pub const REG_U64_LINUX: u32 = 8;
+        pub const REG_QWORD: u32 = 11;
+    }
+
+    /// IC status values the Linux driver and daemon answer with.
+    pub mod status {
+        pub const S_OK: u32 = 0;
+        /// The kernel's answer when the daemon is not there, timed out (30 s) or failed.
+        pub const E_FAIL: u32 = 0x8000_4005;
+        /// "No more items" (end of an enumeration), or the daemon's failure for SET, GET
+        /// and DELETE.
+        pub const S_CONT: u32 = 0x8007_0103;
+        pub const NOT_SUPPORTED: u32 = 0x8007_0032;
+        pub const INVALID_ARG: u32 = 0x8007_0057;
+        pub const GUID_NOT_FOUND: u32 = 0x8004_1002;
+    }
+
+    /// Address family bits of [`KvpIpAddrValue::addr_family`].
+    pub mod addr_family {
+        pub const NONE: u8 = 0;
+        pub const IPV4: u8 = 1;
+        pub const IPV6: u8 = 2;
+    }
+
+    /// `struct hv_kvp_hdr`.
+    #[derive(
+        Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+    )]
+    #[repr(C, packed)]
+    pub struct KvpHeader {
+        pub operation: u8,
+        pub pool: u8,
+        pub pad: u16,
+    }
+
+    /// `struct hv_kvp_exchg_msg_value`: the body of GET and SET, and of an ENUMERATE answer.
+    #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C, packed)]
+    pub struct KvpValue {
+        pub value_type: u32,
+        /// Bytes of `key` in use, including the UTF-16 NUL.
+        pub key_size: u32,
+        /// Bytes of `value` in use (strings: including the UTF-16 NUL).
+        pub value_size: u32,
+        pub key: [u8; MAX_KEY_SIZE],
+        pub value: [u8; MAX_VALUE_SIZE],
+    }
+
+    /// `struct hv_kvp_msg_enumerate`.
+    #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C, packed)]
+    pub struct KvpEnumerate {
+        pub index: u32,
+        pub value: KvpValue,
+    }
+
+    /// `struct hv_kvp_msg_delete`.
+    #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C, packed)]
+    pub struct KvpDelete {
+        pub key_size: u32,
+        pub key: [u8; MAX_KEY_SIZE],
+    }
+
+    /// Body size of [`KvpMessage`]: the largest of GET/SET/DELETE/ENUMERATE.
+    pub const KVP_BODY_SIZE: usize = size_of::<KvpEnumerate>();
+
+    /// A GET, SET, DELETE or ENUMERATE message (header + body, zero-padded).
+    #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C, packed)]
+    pub struct KvpMessage {
+        pub header: KvpHeader,
+        pub body: [u8; KVP_BODY_SIZE],
+    }
+
+    /// `struct hv_kvp_ipaddr_value`: strings are UTF-16LE, NUL-terminated unless they fill
+    /// the field; lists are separated by `;`.
+    #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C, packed)]
+    pub struct KvpIpAddrValue {
+        /// The adapter's MAC address as the guest's sysfs shows it, upper case
+        /// ("00:15:5D:00:00:01").
+        pub adapter_id: [u8; 2 * MAX_ADAPTER_ID_SIZE],
+        pub addr_family: u8,
+        pub dhcp_enabled: u8,
+        pub ip_addr: [u8; 2 * MAX_IP_ADDR_SIZE],
+        pub sub_net: [u8; 2 * MAX_IP_ADDR_SIZE],
+        pub gate_way: [u8; 2 * MAX_GATEWAY_SIZE],
+        pub dns_addr: [u8; 2 * MAX_IP_ADDR_SIZE],
+    }
+
+    /// `struct hv_kvp_ip_msg`: GET_IP_INFO and SET_IP_INFO (no padding after the pool).
+    #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C, packed)]
+    pub struct KvpIpMessage {
+        pub operation: u8,
+        pub pool: u8,
+        pub value: KvpIpAddrValue,
+    }
+
+    const _: () = {
+        assert!(size_of::<KvpHeader>() == 4);
+        assert!(size_of::<KvpValue>() == 2572);
+        assert!(size_of::<KvpEnumerate>() == 2576);
+        assert!(size_of::<KvpDelete>() == 516);
+        assert!(size_of::<KvpMessage>() == 2580);
+        assert!(size_of::<KvpIpAddrValue>() == 7426);
+        assert!(size_of::<KvpIpMessage>() == 7428);
+    };
+}
 
 const _: () = {
     assert!(size_of::<PipeHeader>() == 8);

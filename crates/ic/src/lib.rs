@@ -1,29 +1,41 @@
 //! Hyper-V integration services (hv_utils' counterparts) as VMBus devices: shutdown,
-//! heartbeat and time synchronization.
+//! heartbeat, time synchronization ([`Ic`]) and key-value pair exchange ([`Kvp`]).
 //!
-//! Each service is an [`Ic`]: a sans-I/O state machine driven through a
-//! [`vmbus::Channel`]. The worker calls [`Ic::open`] when the guest opens the channel (the
-//! host speaks first: version negotiation), [`Ic::process`] on every doorbell, and the
-//! service requests ([`Ic::request_shutdown`], [`Ic::send_heartbeat`], [`Ic::send_timesync`])
-//! when it wants. Guest answers are hostile input: anything malformed is dropped with an
+//! Each service is a sans-I/O state machine driven through a [`vmbus::Channel`]. The worker
+//! calls `open` when the guest opens the channel (the host speaks first: version
+//! negotiation), `process` on every doorbell, and the service requests
+//! ([`Ic::request_shutdown`], [`Ic::send_heartbeat`], [`Ic::send_timesync`], [`Kvp::set`],
+//! ...) when it wants. Guest answers are hostile input: anything malformed is dropped with an
 //! [`IcError`] and never panics.
+//!
+//! Modules: [`framework`] (pipe header, IC header, negotiation, the receive loop), one per
+//! service: [`shutdown`], [`heartbeat`], [`timesync`], [`kvp`].
 #![forbid(unsafe_code)]
 
-use hvdef::ic::{
-    self as wire, flags, msgtype, HeartbeatMessage, IcMessageHeader, IcVersion, NegotiateHeader,
-    PipeHeader, ShutdownMessage, TimesyncMessage, TimesyncRefMessage, FRAMEWORK_1_0, FRAMEWORK_3_0,
-    IC_BODY_OFFSET,
+pub mod framework;
+pub mod heartbeat;
+pub mod kvp;
+pub mod shutdown;
+pub mod timesync;
+
+pub use framework::{IcError, IcState, SavedNegotiation, SavedVersion, FRAMEWORK_VERSIONS};
+pub use heartbeat::{HeartbeatState, OutstandingHeartbeat};
+pub use kvp::{
+    DaemonState, HostItem, HostItemState, IpAddressInfo, IpInfo, Kvp, KvpEvent, KvpItems, KvpPool,
+    KvpRequest, KvpSavedState, KvpStatus,
 };
-use hvdef::vmbus::{guid, packet_type, Guid};
+pub use shutdown::ShutdownKind;
+pub use timesync::{SystemTimeSource, TimeSource};
+
+use framework::{Framework, Incoming};
+use hvdef::ic::{msgtype, IcVersion};
+use hvdef::vmbus::{guid, Guid};
 use std::time::{Duration, Instant};
-use vmbus::{Channel, ChannelError, OfferParams};
-use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes};
+use vmbus::{Channel, OfferParams};
 
-/// Framework versions offered (Linux picks 3.0, then 1.0).
-pub const FRAMEWORK_VERSIONS: [IcVersion; 2] = [FRAMEWORK_3_0, FRAMEWORK_1_0];
-
-/// Which integration service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which integration service an [`Ic`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum IcKind {
     Shutdown,
     Heartbeat,
@@ -51,22 +63,10 @@ impl IcKind {
 
     /// Message versions offered, newest first.
     pub fn versions(self) -> &'static [IcVersion] {
-        const SHUTDOWN: [IcVersion; 4] = [
-            IcVersion::new(3, 2),
-            IcVersion::new(3, 1),
-            IcVersion::new(3, 0),
-            IcVersion::new(1, 0),
-        ];
-        const TIMESYNC: [IcVersion; 3] = [
-            IcVersion::new(4, 0),
-            IcVersion::new(3, 0),
-            IcVersion::new(1, 0),
-        ];
-        const HEARTBEAT: [IcVersion; 2] = [IcVersion::new(3, 0), IcVersion::new(1, 0)];
         match self {
-            IcKind::Shutdown => &SHUTDOWN,
-            IcKind::Heartbeat => &HEARTBEAT,
-            IcKind::Timesync => &TIMESYNC,
+            IcKind::Shutdown => &shutdown::VERSIONS,
+            IcKind::Heartbeat => &heartbeat::VERSIONS,
+            IcKind::Timesync => &timesync::VERSIONS,
         }
     }
 
@@ -74,60 +74,14 @@ impl IcKind {
     pub fn offer(self, instance_id: Guid) -> OfferParams {
         OfferParams::new(self.interface_type(), instance_id)
     }
-}
 
-/// IC errors. Malformed guest packets are dropped; the state does not change.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum IcError {
-    #[error("channel: {0}")]
-    Channel(#[from] ChannelError),
-    #[error("the service has not finished version negotiation")]
-    NotReady,
-    #[error("a request is already outstanding")]
-    Busy,
-    #[error("malformed IC packet: {0}")]
-    Malformed(&'static str),
-    #[error("unexpected IC message type {0}")]
-    UnexpectedType(u16),
-    #[error("the guest chose version {0}.{1}, which was not offered")]
-    BadVersion(u16, u16),
-    #[error("operation not supported by this service")]
-    WrongService,
-}
-
-/// Negotiation / lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IcState {
-    /// The guest has not opened the channel.
-    Closed,
-    /// NEGOTIATE sent, waiting for the guest's answer.
-    Negotiating,
-    /// Versions agreed.
-    Ready {
-        framework: IcVersion,
-        message: IcVersion,
-    },
-    /// No common version: the service is unusable until reopened.
-    NoCommonVersion,
-}
-
-/// Heartbeat health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeartbeatState {
-    /// No heartbeat answered yet.
-    NoContact,
-    /// The last answer came within the timeout.
-    Healthy,
-    /// Answers stopped arriving.
-    Lost,
-}
-
-/// Kind of shutdown requested.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShutdownKind {
-    PowerOff,
-    Reboot,
-    Hibernate,
+    fn name(self) -> &'static str {
+        match self {
+            IcKind::Shutdown => "shutdown",
+            IcKind::Heartbeat => "heartbeat",
+            IcKind::Timesync => "timesync",
+        }
+    }
 }
 
 /// What a processed guest packet meant.
@@ -152,107 +106,54 @@ pub enum IcEvent {
     },
 }
 
-/// Clock inputs of the timesync service.
-pub trait TimeSource: Send {
-    /// Host wall-clock time, 100 ns units since 1601-01-01 UTC.
-    fn host_time_100ns(&self) -> u64;
-    /// The guest's reference counter (TIME_REF_COUNT, 100 ns units) now.
-    fn guest_reference_time(&self) -> u64;
-}
-
-/// [`TimeSource`] using the host's system clock and a callback for the reference counter.
-pub struct SystemTimeSource<F>(pub F);
-
-impl<F: Fn() -> u64 + Send> TimeSource for SystemTimeSource<F> {
-    fn host_time_100ns(&self) -> u64 {
-        let since_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        wire::EPOCH_DELTA_100NS + (since_unix.as_nanos() / 100) as u64
-    }
-
-    fn guest_reference_time(&self) -> u64 {
-        (self.0)()
-    }
+/// Everything one [`Ic::process_report`] call found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ProcessReport {
+    /// Events, in ring order.
+    pub events: Vec<IcEvent>,
+    /// Guest packets dropped as malformed or unexpected.
+    pub dropped: u32,
+    /// The first reason a packet was dropped.
+    pub first_error: Option<IcError>,
+    /// A send the service wanted to make failed (timesync: the SYNC after negotiation);
+    /// it is retried on the next `process` (see [`Ic::sync_pending`]).
+    pub send_error: Option<IcError>,
 }
 
 enum Service {
-    Shutdown {
-        outstanding: Option<u64>,
-    },
-    Heartbeat {
-        seq: u64,
-        outstanding: Option<u64>,
-        last_ack: Option<Instant>,
-        timeout: Duration,
-    },
-    Timesync {
-        clock: Box<dyn TimeSource>,
-        synced: bool,
-    },
+    Shutdown(shutdown::Shutdown),
+    Heartbeat(heartbeat::Heartbeat),
+    Timesync(timesync::Timesync),
 }
 
-/// One integration service.
+/// One integration service: shutdown, heartbeat or timesync.
 pub struct Ic {
     kind: IcKind,
-    state: IcState,
+    fw: Framework,
     service: Service,
-    next_transaction: u64,
-    buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for Ic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ic")
             .field("kind", &self.kind)
-            .field("state", &self.state)
+            .field("state", &self.fw.state)
             .finish()
     }
-}
-
-fn ic_packet<T: IntoBytes + Immutable + ?Sized>(
-    ty: u16,
-    framework: IcVersion,
-    message: IcVersion,
-    transaction: u8,
-    body: &T,
-) -> Vec<u8> {
-    let body = body.as_bytes();
-    let hdr = IcMessageHeader {
-        framework_version: framework,
-        msgtype: ty,
-        message_version: message,
-        msgsize: body.len() as u16,
-        status: 0,
-        transaction_id: transaction,
-        flags: flags::TRANSACTION | flags::REQUEST,
-        reserved: [0; 2],
-    };
-    let pipe = PipeHeader {
-        pipe_type: wire::PIPE_TYPE_DATA,
-        size: (size_of::<IcMessageHeader>() + body.len()) as u32,
-    };
-    let mut v = Vec::with_capacity(IC_BODY_OFFSET + body.len());
-    v.extend_from_slice(pipe.as_bytes());
-    v.extend_from_slice(hdr.as_bytes());
-    v.extend_from_slice(body);
-    v
 }
 
 impl Ic {
     fn new(kind: IcKind, service: Service) -> Self {
         Self {
             kind,
-            state: IcState::Closed,
+            fw: Framework::new(kind.name(), kind.msgtype(), kind.versions()),
             service,
-            next_transaction: 1,
-            buf: Vec::new(),
         }
     }
 
     /// The shutdown service.
     pub fn shutdown() -> Self {
-        Self::new(IcKind::Shutdown, Service::Shutdown { outstanding: None })
+        Self::new(IcKind::Shutdown, Service::Shutdown(Default::default()))
     }
 
     /// The heartbeat service; the guest counts as lost when no heartbeat was answered for
@@ -260,12 +161,7 @@ impl Ic {
     pub fn heartbeat(timeout: Duration) -> Self {
         Self::new(
             IcKind::Heartbeat,
-            Service::Heartbeat {
-                seq: 0,
-                outstanding: None,
-                last_ack: None,
-                timeout,
-            },
+            Service::Heartbeat(heartbeat::Heartbeat::new(timeout)),
         )
     }
 
@@ -273,10 +169,7 @@ impl Ic {
     pub fn timesync(clock: Box<dyn TimeSource>) -> Self {
         Self::new(
             IcKind::Timesync,
-            Service::Timesync {
-                clock,
-                synced: false,
-            },
+            Service::Timesync(timesync::Timesync::new(clock)),
         )
     }
 
@@ -285,203 +178,85 @@ impl Ic {
     }
 
     pub fn state(&self) -> IcState {
-        self.state
-    }
-
-    fn transaction(&mut self) -> u64 {
-        let t = self.next_transaction;
-        self.next_transaction += 1;
-        t
+        self.fw.state
     }
 
     /// The guest opened the channel: send NEGOTIATE.
     pub fn open(&mut self, ch: &mut Channel) -> Result<(), IcError> {
-        self.state = IcState::Negotiating;
         self.reset_service();
-        let versions = self.kind.versions();
-        let mut body = NegotiateHeader {
-            framework_count: FRAMEWORK_VERSIONS.len() as u16,
-            message_count: versions.len() as u16,
-            reserved: 0,
-        }
-        .as_bytes()
-        .to_vec();
-        for v in FRAMEWORK_VERSIONS.iter().chain(versions) {
-            body.extend_from_slice(v.as_bytes());
-        }
-        let t = self.transaction();
-        let pkt = ic_packet(
-            msgtype::NEGOTIATE,
-            FRAMEWORK_1_0,
-            FRAMEWORK_1_0,
-            0,
-            &body[..],
-        );
-        ch.send_inband(t, &pkt, false)?;
-        Ok(())
+        self.fw.open(ch)
     }
 
     /// The channel closed (or the guest reset).
     pub fn close(&mut self) {
-        self.state = IcState::Closed;
+        self.fw.close();
         self.reset_service();
     }
 
     fn reset_service(&mut self) {
         match &mut self.service {
-            Service::Shutdown { outstanding } => *outstanding = None,
-            Service::Heartbeat {
-                outstanding,
-                last_ack,
-                ..
-            } => {
-                *outstanding = None;
-                *last_ack = None;
-            }
-            Service::Timesync { synced, .. } => *synced = false,
-        }
-    }
-
-    fn ready(&self) -> Result<(IcVersion, IcVersion), IcError> {
-        match self.state {
-            IcState::Ready { framework, message } => Ok((framework, message)),
-            _ => Err(IcError::NotReady),
+            Service::Shutdown(s) => s.reset(),
+            Service::Heartbeat(s) => s.reset(),
+            Service::Timesync(s) => s.reset(),
         }
     }
 
     /// Handles every packet the guest has sent. Malformed packets are dropped (and the first
-    /// such error is returned after the ring is drained); ring corruption is returned at once.
+    /// such error is returned after the ring is drained, when nothing else happened); ring
+    /// corruption is returned at once. A failed send of the timesync SYNC does not lose the
+    /// events: see [`Self::process_report`] and [`Self::sync_pending`].
     pub fn process(&mut self, ch: &mut Channel, now: Instant) -> Result<Vec<IcEvent>, IcError> {
-        let mut events = Vec::new();
-        let mut first_err = None;
-        loop {
-            let mut buf = std::mem::take(&mut self.buf);
-            let r = match ch.try_recv(&mut buf) {
-                Ok(Some(p)) => {
-                    let r = if p.packet_type() == packet_type::DATA_INBAND {
-                        self.handle(p.payload(), now)
-                    } else if p.packet_type() == packet_type::COMPLETION {
-                        Ok(None)
-                    } else {
-                        Err(IcError::Malformed("not an in-band packet"))
-                    };
-                    Some(r)
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    self.buf = buf;
-                    return Err(e.into());
-                }
-            };
-            self.buf = buf;
-            match r {
-                None => break,
-                Some(Ok(Some(ev))) => {
-                    let negotiated = matches!(ev, IcEvent::Negotiated { .. });
-                    events.push(ev);
-                    if negotiated {
-                        if let Service::Timesync { .. } = self.service {
-                            self.send_timesync(ch, true)?;
-                        }
-                    }
-                }
-                Some(Ok(None)) => {}
-                Some(Err(e)) => {
-                    tracing::debug!(service = ?self.kind, error = %e, "ic: dropped packet");
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        match first_err {
-            Some(e) if events.is_empty() => Err(e),
-            _ => Ok(events),
+        let r = self.process_report(ch, now)?;
+        match r.first_error {
+            Some(e) if r.events.is_empty() => Err(e),
+            _ => Ok(r.events),
         }
     }
 
-    fn handle(&mut self, payload: &[u8], now: Instant) -> Result<Option<IcEvent>, IcError> {
-        let (pipe, rest) =
-            PipeHeader::read_from_prefix(payload).map_err(|_| IcError::Malformed("short"))?;
-        let _ = pipe;
-        let (hdr, body) =
-            IcMessageHeader::read_from_prefix(rest).map_err(|_| IcError::Malformed("short"))?;
-        if hdr.flags & flags::RESPONSE == 0 {
-            return Err(IcError::Malformed("not a response"));
-        }
-        let status = hdr.status;
-        let ty = hdr.msgtype;
-        match ty {
-            msgtype::NEGOTIATE => self.negotiated(body),
-            t if t == self.kind.msgtype() => {
-                self.ready()?;
-                self.service_response(status, body, now)
-            }
-            t => Err(IcError::UnexpectedType(t)),
-        }
-    }
-
-    fn negotiated(&mut self, body: &[u8]) -> Result<Option<IcEvent>, IcError> {
-        if self.state != IcState::Negotiating {
-            return Err(IcError::Malformed(
-                "negotiation answer while not negotiating",
-            ));
-        }
-        let (h, rest) =
-            NegotiateHeader::read_from_prefix(body).map_err(|_| IcError::Malformed("short"))?;
-        if h.framework_count == 0 || h.message_count == 0 {
-            self.state = IcState::NoCommonVersion;
-            return Ok(Some(IcEvent::NegotiationFailed));
-        }
-        let (versions, _) = <[IcVersion]>::ref_from_prefix_with_elems(rest, 2)
-            .map_err(|_| IcError::Malformed("short version list"))?;
-        let (fw, msg) = (versions[0], versions[1]);
-        if !FRAMEWORK_VERSIONS.contains(&fw) {
-            return Err(IcError::BadVersion(fw.major, fw.minor));
-        }
-        if !self.kind.versions().contains(&msg) {
-            return Err(IcError::BadVersion(msg.major, msg.minor));
-        }
-        self.state = IcState::Ready {
-            framework: fw,
-            message: msg,
-        };
-        Ok(Some(IcEvent::Negotiated {
-            framework: fw,
-            message: msg,
-        }))
-    }
-
-    fn service_response(
+    /// Like [`Self::process`], with the drop count and send failures reported separately.
+    pub fn process_report(
         &mut self,
-        status: u32,
-        body: &[u8],
+        ch: &mut Channel,
         now: Instant,
-    ) -> Result<Option<IcEvent>, IcError> {
-        match &mut self.service {
-            Service::Shutdown { outstanding } => {
-                if outstanding.take().is_none() {
-                    return Err(IcError::Malformed("unsolicited shutdown response"));
+    ) -> Result<ProcessReport, IcError> {
+        let mut events = Vec::new();
+        let service = &mut self.service;
+        let out = self.fw.drain(ch, now, |incoming| {
+            let ev = match incoming {
+                Incoming::Negotiated { framework, message } => {
+                    if let Service::Timesync(t) = service {
+                        t.sync_owed = true;
+                    }
+                    IcEvent::Negotiated { framework, message }
                 }
-                Ok(Some(IcEvent::ShutdownResponse { status }))
-            }
-            Service::Heartbeat {
-                outstanding,
-                last_ack,
-                ..
-            } => {
-                let (m, _) = HeartbeatMessage::read_from_prefix(body)
-                    .map_err(|_| IcError::Malformed("short heartbeat"))?;
-                let Some(seq) = *outstanding else {
-                    return Err(IcError::Malformed("unsolicited heartbeat response"));
-                };
-                if m.seq_num != seq.wrapping_add(1) {
-                    return Err(IcError::Malformed("heartbeat sequence mismatch"));
+                Incoming::NegotiationFailed => IcEvent::NegotiationFailed,
+                Incoming::Message {
+                    transaction_id,
+                    response,
+                } => match service {
+                    Service::Shutdown(s) => s.response(transaction_id, response)?,
+                    Service::Heartbeat(s) => s.response(transaction_id, response, now)?,
+                    Service::Timesync(s) => s.response(transaction_id, response)?,
+                },
+            };
+            events.push(ev);
+            Ok(())
+        })?;
+        let mut send_error = None;
+        if let Service::Timesync(t) = &mut self.service {
+            if t.sync_owed && self.fw.ready().is_ok() {
+                if let Err(e) = t.send(&mut self.fw, ch, true) {
+                    tracing::debug!(error = %e, "timesync: SYNC not sent yet");
+                    send_error = Some(e);
                 }
-                *outstanding = None;
-                *last_ack = Some(now);
-                Ok(Some(IcEvent::HeartbeatAck { seq }))
             }
-            Service::Timesync { .. } => Ok(Some(IcEvent::TimesyncAck { status })),
         }
+        Ok(ProcessReport {
+            events,
+            dropped: out.dropped,
+            first_error: out.first_error,
+            send_error,
+        })
     }
 
     /// Asks the guest to shut down (power off, reboot or hibernate; `force` sets the force
@@ -493,210 +268,174 @@ impl Ic {
         force: bool,
         reason: &str,
     ) -> Result<(), IcError> {
-        let (fw, ver) = self.ready()?;
-        let Service::Shutdown { outstanding } = &self.service else {
-            return Err(IcError::WrongService);
-        };
-        if outstanding.is_some() {
-            return Err(IcError::Busy);
+        match &mut self.service {
+            Service::Shutdown(s) => s.request(&mut self.fw, ch, kind, force, reason),
+            _ => {
+                self.fw.ready()?;
+                Err(IcError::WrongService)
+            }
         }
-        let mut m = ShutdownMessage::new_zeroed();
-        m.flags = match kind {
-            ShutdownKind::PowerOff => wire::shutdown_flags::POWER_OFF,
-            ShutdownKind::Reboot => wire::shutdown_flags::RESTART,
-            ShutdownKind::Hibernate => wire::shutdown_flags::HIBERNATE,
-        } | if force {
-            wire::shutdown_flags::FORCE
-        } else {
-            0
-        };
-        m.reason_code = 0;
-        m.timeout_seconds = 0;
-        // UTF-16LE text, truncated to the field (leaving a terminator).
-        for (i, u) in reason
-            .encode_utf16()
-            .take(wire::SHUTDOWN_MESSAGE_SIZE / 2 - 1)
-            .enumerate()
-        {
-            m.message[2 * i..2 * i + 2].copy_from_slice(&u.to_le_bytes());
-        }
-        let t = self.transaction();
-        let pkt = ic_packet(msgtype::SHUTDOWN, fw, ver, t as u8, &m);
-        ch.send_inband(t, &pkt, false)?;
-        if let Service::Shutdown { outstanding } = &mut self.service {
-            *outstanding = Some(t);
-        }
-        Ok(())
+    }
+
+    /// Whether a shutdown request is unanswered.
+    pub fn shutdown_pending(&self) -> bool {
+        matches!(&self.service, Service::Shutdown(s) if s.outstanding.is_some())
     }
 
     /// Sends the next heartbeat. A heartbeat still unanswered is replaced.
     pub fn send_heartbeat(&mut self, ch: &mut Channel) -> Result<u64, IcError> {
-        let (fw, ver) = self.ready()?;
-        let Service::Heartbeat { seq, .. } = &self.service else {
-            return Err(IcError::WrongService);
-        };
-        let next = seq.wrapping_add(2);
-        let m = HeartbeatMessage {
-            seq_num: next,
-            reserved: [0; 8],
-        };
-        let t = self.transaction();
-        let pkt = ic_packet(msgtype::HEARTBEAT, fw, ver, t as u8, &m);
-        ch.send_inband(t, &pkt, false)?;
-        if let Service::Heartbeat {
-            seq, outstanding, ..
-        } = &mut self.service
-        {
-            *seq = next;
-            *outstanding = Some(next);
+        match &mut self.service {
+            Service::Heartbeat(s) => s.send(&mut self.fw, ch),
+            _ => {
+                self.fw.ready()?;
+                Err(IcError::WrongService)
+            }
         }
-        Ok(next)
     }
 
     /// Heartbeat health at `now`.
     pub fn heartbeat_state(&self, now: Instant) -> HeartbeatState {
         match &self.service {
-            Service::Heartbeat {
-                last_ack, timeout, ..
-            } => match last_ack {
-                None => HeartbeatState::NoContact,
-                Some(t) if now.saturating_duration_since(*t) <= *timeout => HeartbeatState::Healthy,
-                Some(_) => HeartbeatState::Lost,
-            },
+            Service::Heartbeat(s) => s.state(now),
             _ => HeartbeatState::NoContact,
         }
     }
 
     /// Sends a time sample: `sync` = set the guest clock now (SYNC), otherwise SAMPLE.
     pub fn send_timesync(&mut self, ch: &mut Channel, sync: bool) -> Result<(), IcError> {
-        let (fw, ver) = self.ready()?;
-        let Service::Timesync { clock, synced } = &mut self.service else {
-            return Err(IcError::WrongService);
-        };
-        let f = if sync {
-            wire::timesync_flags::SYNC
-        } else {
-            wire::timesync_flags::SAMPLE
-        };
-        let parent_time = clock.host_time_100ns();
-        let reference = clock.guest_reference_time();
-        let t = self.next_transaction;
-        self.next_transaction += 1;
-        let pkt = if ver.major >= 4 {
-            let m = TimesyncRefMessage {
-                parent_time,
-                vm_reference_time: reference,
-                flags: f,
-                leap_flags: 0,
-                stratum: 0,
-                reserved: [0; 3],
-            };
-            ic_packet(msgtype::TIMESYNC, fw, ver, t as u8, &m)
-        } else {
-            let m = TimesyncMessage {
-                parent_time,
-                child_time: 0,
-                round_trip_time: 0,
-                flags: f,
-            };
-            ic_packet(msgtype::TIMESYNC, fw, ver, t as u8, &m)
-        };
-        ch.send_inband(t, &pkt, false)?;
-        if sync {
-            *synced = true;
+        match &mut self.service {
+            Service::Timesync(s) => s.send(&mut self.fw, ch, sync),
+            _ => {
+                self.fw.ready()?;
+                Err(IcError::WrongService)
+            }
         }
-        Ok(())
     }
 
     /// Whether the timesync service has sent its SYNC.
     pub fn time_synced(&self) -> bool {
-        matches!(self.service, Service::Timesync { synced: true, .. })
+        matches!(&self.service, Service::Timesync(s) if s.synced)
+    }
+
+    /// Timesync: versions are agreed but the SYNC could not be sent yet (e.g. the ring was
+    /// full). The next [`Self::process`] retries it, as does [`Self::send_timesync`].
+    pub fn sync_pending(&self) -> bool {
+        matches!(&self.service, Service::Timesync(s) if s.sync_owed)
     }
 }
 
-/// Saved IC state (also the inspection dump). Versions are (major, minor).
+/// Version of [`IcSavedState`].
+pub const IC_SAVED_STATE_VERSION: u32 = 2;
+
+/// The service-specific part of [`IcSavedState`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "service")]
+pub enum SavedService {
+    Shutdown {
+        /// Transaction of the unanswered request.
+        outstanding: Option<u64>,
+    },
+    Heartbeat {
+        /// Last sequence number sent.
+        seq: u64,
+        outstanding: Option<OutstandingHeartbeat>,
+    },
+    Timesync {
+        /// SYNC already sent.
+        synced: bool,
+        /// SYNC owed (could not be sent yet).
+        sync_owed: bool,
+        /// Transactions of unacknowledged samples, oldest first.
+        outstanding: Vec<u64>,
+    },
+}
+
+/// Saved IC state (also the inspection dump): typed and versioned.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IcSavedState {
-    pub kind: String,
-    /// "closed", "negotiating", "ready" or "no_common_version".
-    pub state: String,
-    pub framework: Option<(u16, u16)>,
-    pub message: Option<(u16, u16)>,
+    /// [`IC_SAVED_STATE_VERSION`].
+    pub version: u32,
+    pub kind: IcKind,
+    pub negotiation: SavedNegotiation,
     pub next_transaction: u64,
-    /// Outstanding shutdown transaction or heartbeat sequence number.
-    pub outstanding: Option<u64>,
-    /// Last heartbeat sequence number sent.
-    pub heartbeat_seq: u64,
-    /// Timesync: SYNC already sent.
-    pub time_synced: bool,
+    pub service: SavedService,
 }
 
 impl Ic {
     /// Snapshot of the state. Heartbeat timing is not saved: after a restore the guest is in
     /// [`HeartbeatState::NoContact`] until it answers again.
     pub fn save(&self) -> IcSavedState {
-        let (state, framework, message) = match self.state {
-            IcState::Closed => ("closed", None, None),
-            IcState::Negotiating => ("negotiating", None, None),
-            IcState::Ready { framework, message } => (
-                "ready",
-                Some((framework.major, framework.minor)),
-                Some((message.major, message.minor)),
-            ),
-            IcState::NoCommonVersion => ("no_common_version", None, None),
-        };
-        let (outstanding, heartbeat_seq, time_synced) = match &self.service {
-            Service::Shutdown { outstanding } => (*outstanding, 0, false),
-            Service::Heartbeat {
-                seq, outstanding, ..
-            } => (*outstanding, *seq, false),
-            Service::Timesync { synced, .. } => (None, 0, *synced),
+        let service = match &self.service {
+            Service::Shutdown(s) => SavedService::Shutdown {
+                outstanding: s.outstanding,
+            },
+            Service::Heartbeat(s) => SavedService::Heartbeat {
+                seq: s.seq,
+                outstanding: s.outstanding,
+            },
+            Service::Timesync(s) => SavedService::Timesync {
+                synced: s.synced,
+                sync_owed: s.sync_owed,
+                outstanding: s.outstanding.iter().copied().collect(),
+            },
         };
         IcSavedState {
-            kind: format!("{:?}", self.kind),
-            state: state.into(),
-            framework,
-            message,
-            next_transaction: self.next_transaction,
-            outstanding,
-            heartbeat_seq,
-            time_synced,
+            version: IC_SAVED_STATE_VERSION,
+            kind: self.kind,
+            negotiation: self.fw.save(),
+            next_transaction: self.fw.next_transaction,
+            service,
         }
     }
 
-    /// Restores a snapshot taken from the same kind of service.
+    /// Restores a snapshot taken from the same kind of service. Everything is validated
+    /// before anything changes.
     pub fn restore(&mut self, s: &IcSavedState) -> Result<(), IcError> {
-        if s.kind != format!("{:?}", self.kind) {
+        if s.version != IC_SAVED_STATE_VERSION {
+            return Err(IcError::BadSavedState("unknown version"));
+        }
+        if s.kind != self.kind {
             return Err(IcError::WrongService);
         }
-        let v = |p: Option<(u16, u16)>| p.map(|(a, b)| IcVersion::new(a, b));
-        self.state = match (s.state.as_str(), v(s.framework), v(s.message)) {
-            ("closed", _, _) => IcState::Closed,
-            ("negotiating", _, _) => IcState::Negotiating,
-            ("no_common_version", _, _) => IcState::NoCommonVersion,
-            ("ready", Some(framework), Some(message))
-                if FRAMEWORK_VERSIONS.contains(&framework)
-                    && self.kind.versions().contains(&message) =>
-            {
-                IcState::Ready { framework, message }
+        let (state, neg_t) = self.fw.check_saved(&s.negotiation, s.next_transaction)?;
+        let ready = matches!(state, IcState::Ready { .. });
+        let issued = |t: u64| t != 0 && t < s.next_transaction;
+        match (&s.service, &mut self.service) {
+            (SavedService::Shutdown { outstanding }, Service::Shutdown(x)) => {
+                if outstanding.is_some_and(|t| !ready || !issued(t)) {
+                    return Err(IcError::BadSavedState("shutdown transaction"));
+                }
+                x.outstanding = *outstanding;
             }
-            _ => return Err(IcError::Malformed("saved IC state")),
-        };
-        self.next_transaction = s.next_transaction;
-        match &mut self.service {
-            Service::Shutdown { outstanding } => *outstanding = s.outstanding,
-            Service::Heartbeat {
-                seq,
-                outstanding,
-                last_ack,
-                ..
-            } => {
-                *seq = s.heartbeat_seq;
-                *outstanding = s.outstanding;
-                *last_ack = None;
+            (SavedService::Heartbeat { seq, outstanding }, Service::Heartbeat(x)) => {
+                if outstanding.is_some_and(|o| !ready || !issued(o.transaction) || o.seq != *seq) {
+                    return Err(IcError::BadSavedState("heartbeat transaction"));
+                }
+                x.seq = *seq;
+                x.outstanding = *outstanding;
+                x.last_ack = None;
             }
-            Service::Timesync { synced, .. } => *synced = s.time_synced,
+            (
+                SavedService::Timesync {
+                    synced,
+                    sync_owed,
+                    outstanding,
+                },
+                Service::Timesync(x),
+            ) => {
+                if outstanding.len() > timesync::MAX_OUTSTANDING
+                    || outstanding.iter().any(|&t| !ready || !issued(t))
+                    || (*sync_owed && (!ready || *synced))
+                {
+                    return Err(IcError::BadSavedState("timesync state"));
+                }
+                x.synced = *synced;
+                x.sync_owed = *sync_owed;
+                x.outstanding = outstanding.iter().copied().collect();
+            }
+            _ => return Err(IcError::WrongService),
         }
+        self.fw.apply_saved(state, neg_t, s.next_transaction);
         Ok(())
     }
 }

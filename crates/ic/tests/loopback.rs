@@ -1,201 +1,19 @@
 //! The ICs against a guest that answers the way Linux's hv_utils does, over the VMBus
 //! loopback (guest client, server, rings in guest memory). No CPU.
 
-use guestmem::GuestMemory;
-use hvdef::ic::{self as wire, flags, msgtype, IcMessageHeader, IcVersion, NegotiateHeader};
+mod common;
+
+use common::*;
+use hvdef::ic::{self as wire, msgtype, IcVersion, NegotiateHeader};
 use hvdef::vmbus::{guid, Guid};
-use ic::{HeartbeatState, Ic, IcError, IcEvent, IcKind, IcState, ShutdownKind, TimeSource};
+use ic::{
+    HeartbeatState, Ic, IcError, IcEvent, IcKind, IcState, OutstandingHeartbeat, SavedNegotiation,
+    SavedService, SavedVersion, ShutdownKind, TimeSource,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmbus::client::{Client, GuestChannel, LINUX_VERSIONS};
-use vmbus::loopback::Loopback;
-use vmbus::{Channel, Server, ServerConfig};
-use zerocopy::{FromBytes, IntoBytes};
-
-const MEM: u64 = 8 << 20;
-const HDR: usize = wire::IC_BODY_OFFSET;
-
-/// What Linux's util drivers support.
-fn linux_versions(kind: IcKind) -> (Vec<IcVersion>, Vec<IcVersion>) {
-    let fw = vec![IcVersion::new(3, 0), IcVersion::new(1, 0)];
-    let msg = match kind {
-        IcKind::Shutdown => vec![
-            IcVersion::new(3, 2),
-            IcVersion::new(3, 1),
-            IcVersion::new(3, 0),
-            IcVersion::new(1, 0),
-        ],
-        IcKind::Timesync => vec![
-            IcVersion::new(4, 0),
-            IcVersion::new(3, 0),
-            IcVersion::new(1, 0),
-        ],
-        IcKind::Heartbeat => vec![IcVersion::new(3, 0), IcVersion::new(1, 0)],
-    };
-    (fw, msg)
-}
-
-/// A guest util driver: answers in place like vmbus_prep_negotiate_resp and the
-/// shutdown/heartbeat/timesync callbacks.
-struct GuestUtil {
-    kind: IcKind,
-    fw: Vec<IcVersion>,
-    msg: Vec<IcVersion>,
-    negotiated: Option<(IcVersion, IcVersion)>,
-    shutdown_flags: Vec<u32>,
-    time_samples: Vec<(u64, u64, u8)>,
-    heartbeats: Vec<u64>,
-}
-
-impl GuestUtil {
-    fn new(kind: IcKind) -> Self {
-        let (fw, msg) = linux_versions(kind);
-        Self {
-            kind,
-            fw,
-            msg,
-            negotiated: None,
-            shutdown_flags: Vec::new(),
-            time_samples: Vec::new(),
-            heartbeats: Vec::new(),
-        }
-    }
-
-    /// Handles every packet waiting; answers each.
-    fn poll(&mut self, c: &mut Client<Loopback>, ch: &mut GuestChannel) -> usize {
-        let mut n = 0;
-        while let Some(p) = c.recv(ch).unwrap() {
-            n += 1;
-            let mut buf = p.payload.clone();
-            assert!(buf.len() <= 4096, "Linux's util buffer is one page");
-            assert!(buf.len() >= HDR);
-            let mut hdr = IcMessageHeader::read_from_prefix(&buf[8..]).unwrap().0;
-            match hdr.msgtype {
-                msgtype::NEGOTIATE => {
-                    hdr.msgsize = 0x10;
-                    let neg = NegotiateHeader::read_from_prefix(&buf[HDR..]).unwrap().0;
-                    let (fc, mc) = (neg.framework_count as usize, neg.message_count as usize);
-                    assert!(HDR + 8 + 4 * (fc + mc) <= buf.len());
-                    let list: Vec<IcVersion> = (0..fc + mc)
-                        .map(|i| {
-                            IcVersion::read_from_prefix(&buf[HDR + 8 + 4 * i..])
-                                .unwrap()
-                                .0
-                        })
-                        .collect();
-                    let fw = self.fw.iter().find(|v| list[..fc].contains(v)).copied();
-                    let msg = self.msg.iter().find(|v| list[fc..].contains(v)).copied();
-                    let found = fw.zip(msg);
-                    let (cnt, f, m) = match found {
-                        Some((f, m)) => (1u16, f, m),
-                        None => (0, IcVersion::default(), IcVersion::default()),
-                    };
-                    self.negotiated = found;
-                    buf[HDR..HDR + 2].copy_from_slice(&cnt.to_le_bytes());
-                    buf[HDR + 2..HDR + 4].copy_from_slice(&cnt.to_le_bytes());
-                    buf[HDR + 8..HDR + 12].copy_from_slice(f.as_bytes());
-                    buf[HDR + 12..HDR + 16].copy_from_slice(m.as_bytes());
-                }
-                msgtype::SHUTDOWN => {
-                    assert!(
-                        buf.len() >= HDR + 2060,
-                        "Linux rejects short shutdown messages"
-                    );
-                    let m = wire::ShutdownMessage::read_from_prefix(&buf[HDR..])
-                        .unwrap()
-                        .0;
-                    self.shutdown_flags.push(m.flags);
-                    hdr.status = if m.flags <= 3 { 0 } else { wire::STATUS_FAIL };
-                }
-                msgtype::HEARTBEAT => {
-                    let mut m = wire::HeartbeatMessage::read_from_prefix(&buf[HDR..])
-                        .unwrap()
-                        .0;
-                    self.heartbeats.push(m.seq_num);
-                    m.seq_num += 1;
-                    buf[HDR..HDR + 40].copy_from_slice(m.as_bytes());
-                }
-                msgtype::TIMESYNC => {
-                    let (_, v) = self.negotiated.unwrap();
-                    if v.major >= 4 {
-                        let m = wire::TimesyncRefMessage::read_from_prefix(&buf[HDR..])
-                            .unwrap()
-                            .0;
-                        self.time_samples
-                            .push((m.parent_time, m.vm_reference_time, m.flags));
-                    } else {
-                        let m = wire::TimesyncMessage::read_from_prefix(&buf[HDR..])
-                            .unwrap()
-                            .0;
-                        self.time_samples.push((m.parent_time, 0, m.flags));
-                    }
-                }
-                t => panic!("unexpected message type {t} for {:?}", self.kind),
-            }
-            hdr.flags = flags::TRANSACTION | flags::RESPONSE;
-            buf[8..HDR].copy_from_slice(hdr.as_bytes());
-            c.send_inband(ch, p.transaction_id, &buf, false).unwrap();
-        }
-        n
-    }
-}
-
-struct Rig {
-    client: Client<Loopback>,
-    relids: Vec<u32>,
-}
-
-fn rig(kinds: &[IcKind]) -> Rig {
-    let mem = GuestMemory::new(&[(0, MEM)]).unwrap();
-    let mut server = Server::new(ServerConfig::default());
-    let relids = kinds
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            server
-                .add_offer(k.offer(Guid::from_u128(0xabc0 + i as u128)))
-                .unwrap()
-        })
-        .collect();
-    let mut client = Client::new(
-        Loopback::new(server, mem.clone()),
-        mem,
-        1 << 20,
-        MEM - (1 << 20),
-    );
-    client.connect(&LINUX_VERSIONS).unwrap();
-    client.request_offers().unwrap();
-    Rig { client, relids }
-}
-
-/// Opens the IC's channel like hv_utils (16 KiB rings... 4 pages each) and starts the IC.
-fn open(r: &mut Rig, i: usize, ic: &mut Ic) -> (GuestChannel, Channel) {
-    let relid = r.relids[i];
-    let ch = r.client.open_channel(relid, 4, 4, 0).unwrap();
-    let mut host = r
-        .client
-        .transport_mut()
-        .host_channels
-        .remove(&relid)
-        .unwrap();
-    ic.open(&mut host).unwrap();
-    (ch, host)
-}
-
-struct FakeClock {
-    host: u64,
-    reference: Arc<AtomicU64>,
-}
-
-impl TimeSource for FakeClock {
-    fn host_time_100ns(&self) -> u64 {
-        self.host
-    }
-    fn guest_reference_time(&self) -> u64 {
-        self.reference.load(Ordering::Relaxed)
-    }
-}
+use zerocopy::IntoBytes;
 
 #[test]
 fn offers_carry_the_ic_guids() {
@@ -413,28 +231,6 @@ fn no_common_version() {
     assert_eq!(ic.send_heartbeat(&mut host), Err(IcError::NotReady));
 }
 
-fn response(ty: u16, fw: IcVersion, msg: IcVersion, body: &[u8]) -> Vec<u8> {
-    let hdr = IcMessageHeader {
-        framework_version: fw,
-        msgtype: ty,
-        message_version: msg,
-        msgsize: body.len() as u16,
-        status: 0,
-        transaction_id: 0,
-        flags: flags::TRANSACTION | flags::RESPONSE,
-        reserved: [0; 2],
-    };
-    let mut v = wire::PipeHeader {
-        pipe_type: 1,
-        size: (20 + body.len()) as u32,
-    }
-    .as_bytes()
-    .to_vec();
-    v.extend_from_slice(hdr.as_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
 #[test]
 fn hostile_guest_answers_are_dropped() {
     let mut r = rig(&[IcKind::Heartbeat]);
@@ -480,24 +276,22 @@ fn hostile_guest_answers_are_dropped() {
     )
     .unwrap();
     let e = ic.process(&mut host, now).unwrap_err();
-    assert_eq!(e, IcError::Malformed("short"));
+    assert_eq!(e, IcError::BadPipeHeader("type is not data"));
     assert_eq!(ic.state(), IcState::Negotiating);
     // The real answer still works, and a response with a wrong sequence is dropped.
     let mut g = GuestUtil::new(IcKind::Heartbeat);
     g.poll(c, &mut gch);
     ic.process(&mut host, now).unwrap();
     let s = ic.send_heartbeat(&mut host).unwrap();
+    let sent = c.recv(&mut gch).unwrap().unwrap();
     let hb = wire::HeartbeatMessage {
         seq_num: s + 5,
         ..Default::default()
     };
-    c.send_inband(
-        &mut gch,
-        1,
-        &response(msgtype::HEARTBEAT, v, v, hb.as_bytes()),
-        false,
-    )
-    .unwrap();
+    let mut bad = response(msgtype::HEARTBEAT, v, v, hb.as_bytes());
+    bad[8 + 16] = sent.transaction_id as u8;
+    c.send_inband(&mut gch, sent.transaction_id, &bad, false)
+        .unwrap();
     assert_eq!(
         ic.process(&mut host, now),
         Err(IcError::Malformed("heartbeat sequence mismatch"))
@@ -563,6 +357,34 @@ fn save_restore_round_trips() {
     // Wrong service or bad versions are refused.
     assert_eq!(Ic::shutdown().restore(&saved), Err(IcError::WrongService));
     let mut bad = saved.clone();
-    bad.message = Some((9, 9));
-    assert!(Ic::heartbeat(Duration::from_secs(1)).restore(&bad).is_err());
+    bad.negotiation = SavedNegotiation::Ready {
+        framework: SavedVersion { major: 3, minor: 0 },
+        message: SavedVersion { major: 9, minor: 9 },
+    };
+    assert_eq!(
+        Ic::heartbeat(Duration::from_secs(1)).restore(&bad),
+        Err(IcError::BadSavedState("version was never offered"))
+    );
+    // An outstanding heartbeat whose transaction was never issued.
+    let mut bad = saved.clone();
+    bad.service = SavedService::Heartbeat {
+        seq: s1,
+        outstanding: Some(OutstandingHeartbeat {
+            transaction: 1000,
+            seq: s1,
+        }),
+    };
+    let mut fresh = Ic::heartbeat(Duration::from_secs(1));
+    assert!(fresh.restore(&bad).is_err());
+    assert_eq!(
+        fresh.state(),
+        IcState::Closed,
+        "a refused restore changes nothing"
+    );
+    let mut bad = saved.clone();
+    bad.version = 1;
+    assert_eq!(
+        Ic::heartbeat(Duration::from_secs(1)).restore(&bad),
+        Err(IcError::BadSavedState("unknown version"))
+    );
 }
