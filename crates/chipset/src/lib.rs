@@ -12,7 +12,8 @@ pub mod pci;
 pub mod pm;
 pub mod serial;
 
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use support::lock;
 
 /// A guest request to change the machine's power state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,97 +27,78 @@ pub enum PowerRequest {
 /// Ports the chipset claims, for documentation and tests.
 pub const COM1: u16 = 0x3f8;
 
-/// The legacy devices of the virtual machine, addressed by I/O port.
+/// The legacy devices of the virtual machine, addressed by I/O port. Each device has its own
+/// lock, so vCPUs touching different devices never wait for each other (the console and the
+/// RTC, for example), and no lock spans the whole chipset.
 pub struct Chipset {
-    pub serial: serial::Serial,
-    pub cmos: cmos::Cmos,
-    pub i8042: i8042::I8042,
-    pub pci: pci::PciConfig,
-    pub pm: pm::AcpiPm,
-    unhandled: RateLimit,
+    pub serial: Mutex<serial::Serial>,
+    pub cmos: Mutex<cmos::Cmos>,
+    pub i8042: Mutex<i8042::I8042>,
+    pub pci: Mutex<pci::PciConfig>,
+    pub pm: Mutex<pm::AcpiPm>,
 }
+
+static UNCLAIMED_LOG: support::RateLimit = support::RateLimit::guest();
 
 impl Chipset {
     pub fn new(serial: serial::Serial, cmos: cmos::Cmos) -> Self {
         Self {
-            serial,
-            cmos,
-            i8042: i8042::I8042::default(),
-            pci: pci::PciConfig::default(),
-            pm: pm::AcpiPm::default(),
-            unhandled: RateLimit::new(Duration::from_secs(5), 20),
+            serial: Mutex::new(serial),
+            cmos: Mutex::new(cmos),
+            i8042: Mutex::default(),
+            pci: Mutex::default(),
+            pm: Mutex::default(),
         }
     }
 
     /// Handles a guest `in` from `port`, filling `data` (1, 2 or 4 bytes).
-    pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         match port {
-            COM1..=0x3ff if data.len() == 1 => data[0] = self.serial.read(port - COM1),
-            cmos::INDEX_PORT | cmos::DATA_PORT => self.cmos.read(port, data),
-            i8042::DATA_PORT | i8042::COMMAND_PORT => self.i8042.read(port, data),
-            pci::ADDRESS_PORT..=pci::DATA_PORT_END => self.pci.read(port, data),
-            pm::PM1A_EVT..=pm::PM1A_CNT_END => self.pm.read(port, data),
+            COM1..=0x3ff if data.len() == 1 => data[0] = lock(&self.serial).read(port - COM1),
+            cmos::INDEX_PORT | cmos::DATA_PORT => lock(&self.cmos).read(port, data),
+            i8042::DATA_PORT | i8042::COMMAND_PORT => lock(&self.i8042).read(port, data),
+            pci::ADDRESS_PORT..=pci::DATA_PORT_END => lock(&self.pci).read(port, data),
+            pm::PM1A_EVT..=pm::PM1A_CNT_END => lock(&self.pm).read(port, data),
             _ => {
                 data.fill(0xff);
-                if self.unhandled.allow() {
-                    tracing::debug!(port, len = data.len(), "read from unclaimed I/O port");
-                }
+                support::limited!(
+                    UNCLAIMED_LOG,
+                    debug,
+                    port,
+                    len = data.len(),
+                    "read from unclaimed I/O port"
+                );
             }
         }
     }
 
     /// Handles a guest `out` of `data` to `port`.
-    pub fn pio_write(&mut self, port: u16, data: &[u8]) -> Option<PowerRequest> {
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<PowerRequest> {
         match port {
             COM1..=0x3ff if data.len() == 1 => {
-                self.serial.write(port - COM1, data[0]);
+                lock(&self.serial).write(port - COM1, data[0]);
                 None
             }
             cmos::INDEX_PORT | cmos::DATA_PORT => {
-                self.cmos.write(port, data);
+                lock(&self.cmos).write(port, data);
                 None
             }
-            i8042::DATA_PORT | i8042::COMMAND_PORT => self.i8042.write(port, data),
-            pci::ADDRESS_PORT..=pci::DATA_PORT_END => self.pci.write(port, data),
-            pm::PM1A_EVT..=pm::PM1A_CNT_END => self.pm.write(port, data),
+            i8042::DATA_PORT | i8042::COMMAND_PORT => lock(&self.i8042).write(port, data),
+            pci::ADDRESS_PORT..=pci::DATA_PORT_END => lock(&self.pci).write(port, data),
+            pm::PM1A_EVT..=pm::PM1A_CNT_END => lock(&self.pm).write(port, data),
             // POST diagnostic codes.
             0x80 => None,
             _ => {
-                if self.unhandled.allow() {
-                    tracing::debug!(port, ?data, "write to unclaimed I/O port");
-                }
+                support::limited!(
+                    UNCLAIMED_LOG,
+                    debug,
+                    port,
+                    ?data,
+                    "write to unclaimed I/O port"
+                );
                 None
             }
         }
-    }
-}
-
-/// Lets at most `burst` events through per `window`, so a guest cannot flood the log.
-pub struct RateLimit {
-    window: Duration,
-    burst: u32,
-    start: Instant,
-    count: u32,
-}
-
-impl RateLimit {
-    pub fn new(window: Duration, burst: u32) -> Self {
-        Self {
-            window,
-            burst,
-            start: Instant::now(),
-            count: 0,
-        }
-    }
-
-    /// Whether one more event may be logged now.
-    pub fn allow(&mut self) -> bool {
-        if self.start.elapsed() >= self.window {
-            self.start = Instant::now();
-            self.count = 0;
-        }
-        self.count += 1;
-        self.count <= self.burst
     }
 }
 
@@ -146,7 +128,7 @@ mod tests {
 
     #[test]
     fn unclaimed_ports_read_all_ones() {
-        let mut c = chipset();
+        let c = chipset();
         let mut data = [0u8; 2];
         c.pio_read(0x1234, &mut data);
         assert_eq!(data, [0xff, 0xff]);
@@ -155,7 +137,7 @@ mod tests {
 
     #[test]
     fn power_requests_are_routed() {
-        let mut c = chipset();
+        let c = chipset();
         assert_eq!(
             c.pio_write(i8042::COMMAND_PORT, &[0xfe]),
             Some(PowerRequest::Reset)

@@ -24,7 +24,7 @@ mod save;
 mod synic;
 pub mod time;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use guestmem::GuestMemory;
@@ -150,7 +150,7 @@ pub struct Partition {
     /// written with `state` locked.
     hypercalls_enabled: AtomicBool,
     vps: Box<[Mutex<synic::VpState>]>,
-    log_limit: RateLimit,
+    log_limit: support::RateLimit,
 }
 
 impl std::fmt::Debug for Partition {
@@ -187,17 +187,12 @@ impl Partition {
             state: Mutex::new(PartitionState::default()),
             hypercalls_enabled: AtomicBool::new(false),
             vps,
-            log_limit: RateLimit::default(),
+            log_limit: support::RateLimit::guest(),
         })
     }
 
     pub fn config(&self) -> &PartitionConfig {
         &self.config
-    }
-
-    /// The CPUID leaves for this partition.
-    pub fn cpuid_leaves(&self) -> [CpuidEntry; 6] {
-        hv_leaves(&self.config.cpuid())
     }
 
     /// Resets every MSR and the SynIC of every VP to the reset values and drops queued
@@ -238,22 +233,7 @@ impl Partition {
     }
 }
 
-/// Locks a mutex, recovering from poisoning: the protected state stays consistent because
-/// no code path panics while holding a lock.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Logs the first 32 events, then one in every 1024.
-#[derive(Debug, Default)]
-struct RateLimit(AtomicU32);
-
-impl RateLimit {
-    fn allow(&self) -> bool {
-        let n = self.0.fetch_add(1, Ordering::Relaxed);
-        n < 32 || n.is_multiple_of(1024)
-    }
-}
+use support::lock;
 
 #[cfg(test)]
 pub(crate) mod testutil {
@@ -314,12 +294,5 @@ mod tests {
     fn partition_is_shareable() {
         fn check<T: Send + Sync>() {}
         check::<Partition>();
-    }
-
-    #[test]
-    fn rate_limit_allows_bursts_then_samples() {
-        let r = RateLimit::default();
-        let allowed = (0..4096).filter(|_| r.allow()).count();
-        assert_eq!(allowed, 32 + 3); // 0..32, then 1024, 2048, 3072
     }
 }

@@ -317,11 +317,6 @@ impl Channel {
         self.scratch = buf;
         r
     }
-
-    /// Largest payload an in-band packet can carry in the outbound ring.
-    pub fn max_inband_payload(&self) -> usize {
-        self.outbound.max_packet_len() - 16
-    }
 }
 
 /// An owned received packet.

@@ -282,14 +282,6 @@ impl RingProducer {
             self.ring.load(ctl::INTERRUPT_MASK)? == 0 && self.ring.load(ctl::READ_INDEX)? == old;
         Ok(WriteOutcome { signal })
     }
-
-    /// Free bytes as seen now (for diagnostics).
-    pub fn free(&self) -> Result<u32, RingError> {
-        let read = self
-            .ring
-            .checked_index(self.ring.load(ctl::READ_INDEX)?, "read index")?;
-        Ok(self.ring.data_len - self.ring.used(self.write, read))
-    }
 }
 
 /// Where a packet was read from, parsed from its validated descriptor.

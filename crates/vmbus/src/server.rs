@@ -355,6 +355,18 @@ impl Server {
             .map(|g| g.ranges.as_slice())
     }
 
+    /// The created GPADLs of channel `relid` (id and ranges), for the device's buffers.
+    pub fn channel_gpadls(&self, relid: u32) -> Vec<(u32, Arc<[PagedRange]>)> {
+        let mut v: Vec<(u32, Arc<[PagedRange]>)> = self
+            .gpadls
+            .iter()
+            .filter(|(_, g)| g.relid == relid && g.state == GpadlState::Created)
+            .map(|(&id, g)| (id, Arc::from(g.ranges.as_slice())))
+            .collect();
+        v.sort_unstable_by_key(|(id, _)| *id);
+        v
+    }
+
     /// Connection id the guest signals for `relid`.
     pub fn connection_id(&self, relid: u32) -> Option<u32> {
         self.channels.get(&relid).map(|c| c.connection_id)
@@ -396,6 +408,18 @@ impl Server {
     /// Registers a device channel and returns its relid (also its id for the host API).
     /// If the guest has already asked for offers, the offer goes out at once.
     pub fn add_offer(&mut self, offer: OfferParams) -> Result<u32, ServerError> {
+        let relid = (1..=hv::MAX_RELID)
+            .find(|r| !self.channels.contains_key(r))
+            .ok_or(ServerError::NoRelid)?;
+        self.add_offer_with_relid(offer, relid)
+    }
+
+    /// [`Server::add_offer`] with a chosen relid (restoring runtime-added subchannels).
+    pub fn add_offer_with_relid(
+        &mut self,
+        offer: OfferParams,
+        relid: u32,
+    ) -> Result<u32, ServerError> {
         if self.channels.values().any(|c| {
             c.offer.interface_type == offer.interface_type
                 && c.offer.instance_id == offer.instance_id
@@ -403,9 +427,9 @@ impl Server {
         }) {
             return Err(ServerError::DuplicateOffer);
         }
-        let relid = (1..=hv::MAX_RELID)
-            .find(|r| !self.channels.contains_key(r))
-            .ok_or(ServerError::NoRelid)?;
+        if !(1..=hv::MAX_RELID).contains(&relid) || self.channels.contains_key(&relid) {
+            return Err(ServerError::NoRelid);
+        }
         self.channels.insert(
             relid,
             ChannelEntry {
@@ -1191,6 +1215,21 @@ impl Server {
                 return Err(RestoreError::OfferMismatch(sc.relid));
             }
         }
+        // Saved state is input from a file: check everything the guest could not have set.
+        if let Some(c) = &saved.connection {
+            if !SUPPORTED_VERSIONS.contains(&c.version) || c.version > self.config.max_version {
+                return Err(RestoreError::Inconsistent("connection version"));
+            }
+            if c.target_vp >= self.config.vp_count {
+                return Err(RestoreError::Inconsistent("connection target VP"));
+            }
+            if !(1..16).contains(&c.sint) {
+                return Err(RestoreError::Inconsistent("connection SINT"));
+            }
+        }
+        if saved.gpadls.len() > self.config.max_gpadls {
+            return Err(RestoreError::Inconsistent("too many GPADLs"));
+        }
         let mut gpadls = HashMap::new();
         let mut total = 0usize;
         for g in &saved.gpadls {
@@ -1246,6 +1285,14 @@ impl Server {
                         .get(ring_gpadl)
                         .filter(|g| g.relid == sc.relid && g.ranges.len() == 1)
                         .ok_or(RestoreError::Inconsistent("ring GPADL"))?;
+                    if *target_vp >= self.config.vp_count {
+                        return Err(RestoreError::Inconsistent("channel target VP"));
+                    }
+                    let pages = g.ranges[0].pfns.len();
+                    let off = *downstream_page_offset as usize;
+                    if saved.connection.is_none() || off < 2 || off + 2 > pages {
+                        return Err(RestoreError::Inconsistent("channel ring layout"));
+                    }
                     let target = SignalTarget {
                         relid: sc.relid,
                         vp: Arc::new(AtomicU32::new(*target_vp)),
@@ -1281,6 +1328,13 @@ impl Server {
             let c = self.channels.get_mut(&relid).expect("checked");
             c.state = state;
             c.downstream_offset = off;
+        }
+        if total > self.config.max_total_pfns
+            || gpadls
+                .values()
+                .any(|g: &GpadlEntry| !self.channels.contains_key(&g.relid))
+        {
+            return Err(RestoreError::Inconsistent("GPADL owners or sizes"));
         }
         self.gpadls = gpadls;
         self.total_pfns = total;

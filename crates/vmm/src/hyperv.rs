@@ -1,7 +1,7 @@
 //! Wiring of the Hyper-V enlightenments (`hv1`) into the KVM vCPUs: CPUID, the synthetic MSR
 //! trap, the hypercall port, interrupt injection, and the VMBus device in the DSDT.
 
-use crate::vmbus_host::VmbusHost;
+use crate::synic::inject;
 use acpi_tables::{aml, Aml};
 use kvm::kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm::kvm_ioctls::{SyncReg, VcpuFd};
@@ -68,15 +68,6 @@ pub fn patch_cpuid(base: &CpuId, config: &hv1::CpuidConfig) -> CpuId {
     CpuId::from_entries(&kvm_entries).expect("patched CPUID fits KVM_MAX_CPUID_ENTRIES")
 }
 
-/// Injects the interrupts hv1 asks for (VP index = APIC ID here).
-pub fn inject(partition: &kvm::Partition, interrupts: &[hv1::Interrupt]) {
-    for i in interrupts {
-        if let Err(e) = partition.signal_msi(i.vp, i.vector) {
-            tracing::warn!("cannot inject vector {:#x} into VP {}: {e}", i.vector, i.vp);
-        }
-    }
-}
-
 /// The DSDT devices for VMBus: `\_SB.VMOD` (ACPI0004 module device) holding `VMBS` with
 /// `_HID "VMBus"` and an empty `_CRS`, which is what hv_vmbus probes for on x86.
 pub struct VmbusAcpi;
@@ -115,12 +106,12 @@ pub type Hv = Arc<hv1::Partition>;
 pub struct HvExits {
     hv: Hv,
     partition: Arc<kvm::Partition>,
-    vmbus: Arc<VmbusHost>,
+    vmbus: vmbus::VmbusHost,
     sync_regs: bool,
 }
 
 impl HvExits {
-    pub fn new(hv: Hv, partition: Arc<kvm::Partition>, vmbus: Arc<VmbusHost>) -> Self {
+    pub fn new(hv: Hv, partition: Arc<kvm::Partition>, vmbus: vmbus::VmbusHost) -> Self {
         let sync_regs = partition
             .kvm()
             .check_extension(kvm::kvm_ioctls::Cap::SyncRegs);
@@ -143,7 +134,7 @@ impl HvExits {
     }
 
     /// The VMBus host.
-    pub fn vmbus(&self) -> &VmbusHost {
+    pub fn vmbus(&self) -> &vmbus::VmbusHost {
         &self.vmbus
     }
 
@@ -201,11 +192,12 @@ impl HvExits {
             };
             match outcome.action {
                 None => outcome.rax(),
-                Some(hv1::HypercallAction::PostMessage(m)) => {
-                    outcome.rax_with(self.vmbus.post_message(&m))
-                }
+                Some(hv1::HypercallAction::PostMessage(m)) => outcome.rax_with(
+                    self.vmbus
+                        .post_message(m.connection_id, m.vp, m.payload.as_slice()),
+                ),
                 Some(hv1::HypercallAction::SignalEvent(e)) => {
-                    outcome.rax_with(self.vmbus.signal_event(&e))
+                    outcome.rax_with(self.vmbus.signal_event(e.connection_id))
                 }
             }
         };

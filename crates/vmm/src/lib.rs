@@ -6,8 +6,11 @@ pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod hyperv;
+pub mod integration;
 pub mod layout;
 pub mod payload;
+pub mod synic;
+pub mod vcpu;
 mod vm;
 pub mod vmbus_host;
 pub mod vmlinux;
@@ -40,6 +43,8 @@ pub enum Error {
     Hv(#[source] hv1::Error),
     #[error("console: {0}")]
     Console(#[source] std::io::Error),
+    #[error("cannot start VMBus: {0}")]
+    Vmbus(#[source] std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

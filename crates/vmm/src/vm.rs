@@ -1,17 +1,18 @@
 //! The VM: builds the partition, runs one thread per vCPU, and reports why it stopped.
 
 use crate::hyperv::{self, Hv, HvExits};
-use crate::vmbus_host::{IcStatus, ShutdownError, VmbusHost};
-use crate::{acpi, boot, cpu, layout, Error, Result};
-use chipset::{Chipset, PowerRequest};
+use crate::integration::ShutdownError;
+use crate::vmbus_host::{IcStatus, Vmbus};
+use crate::{acpi, boot, cpu, layout, vcpu, Error, Result};
+use chipset::Chipset;
 use guestmem::GuestMemory;
-use kvm::kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm::kvm_ioctls::VcpuFd;
 use kvm::Partition;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -71,7 +72,7 @@ impl StopHandle {
 #[derive(Clone)]
 pub struct VmControl {
     stop: StopHandle,
-    vmbus: Option<Arc<VmbusHost>>,
+    vmbus: Option<Arc<Vmbus>>,
 }
 
 impl VmControl {
@@ -92,14 +93,19 @@ impl VmControl {
     pub fn status(&self) -> Option<IcStatus> {
         self.vmbus.as_ref().map(|v| v.status())
     }
+
+    /// A JSON dump of VMBus and its devices (None without Hyper-V enlightenments).
+    pub fn inspect(&self) -> Option<serde_json::Value> {
+        self.vmbus.as_ref().map(|v| v.inspect())
+    }
 }
 
 /// A built, not yet running, VM.
 pub struct Vm {
     partition: Arc<Partition>,
     hv: Option<Hv>,
-    vmbus: Option<Arc<VmbusHost>>,
-    chipset: Arc<Mutex<Chipset>>,
+    vmbus: Option<Arc<Vmbus>>,
+    chipset: Arc<Chipset>,
     vcpus: Vec<VcpuFd>,
     events: (mpsc::Sender<ExitReason>, mpsc::Receiver<ExitReason>),
 }
@@ -191,7 +197,7 @@ impl Vm {
             })?;
         let below_4g = config.memory.min(layout::PCI_HOLE_START);
         let cmos = chipset::cmos::Cmos::new(below_4g, config.memory - below_4g);
-        let chipset = Arc::new(Mutex::new(Chipset::new(serial, cmos)));
+        let chipset = Arc::new(Chipset::new(serial, cmos));
 
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
@@ -244,9 +250,12 @@ impl Vm {
             }
         }
         let partition = Arc::new(partition);
-        let vmbus = hv
-            .as_ref()
-            .map(|hv| Arc::new(VmbusHost::new(hv.clone(), partition.clone(), config.vcpus)));
+        let vmbus = match &hv {
+            Some(hv) => Some(Arc::new(
+                Vmbus::start(hv.clone(), partition.clone(), config.vcpus).map_err(Error::Vmbus)?,
+            )),
+            None => None,
+        };
         Ok(Self {
             partition,
             hv,
@@ -282,11 +291,9 @@ impl Vm {
             .map(|(index, vcpu)| {
                 let ctx = VcpuContext {
                     index: index as u32,
-                    hv: self
-                        .hv
-                        .clone()
-                        .zip(self.vmbus.clone())
-                        .map(|(hv, vmbus)| HvExits::new(hv, self.partition.clone(), vmbus)),
+                    hv: self.hv.clone().zip(self.vmbus.as_ref()).map(|(hv, vmbus)| {
+                        HvExits::new(hv, self.partition.clone(), vmbus.host().clone())
+                    }),
                     chipset: self.chipset.clone(),
                     events: tx.clone(),
                     stopping: stopping.clone(),
@@ -298,23 +305,8 @@ impl Vm {
             })
             .collect();
         drop(tx);
-        // Periodic VMBus work; dropping `stop_ticker` ends it at once.
-        let (stop_ticker, ticker_stopped) = mpsc::channel::<()>();
-        let ticker = self.vmbus.clone().map(|vmbus| {
-            std::thread::Builder::new()
-                .name("vmbus-tick".into())
-                .spawn(move || {
-                    while let Err(mpsc::RecvTimeoutError::Timeout) =
-                        ticker_stopped.recv_timeout(Duration::from_millis(250))
-                    {
-                        vmbus.tick();
-                    }
-                })
-                .expect("spawn vmbus thread")
-        });
         let reason = rx.recv().unwrap_or(ExitReason::Stopped);
         stopping.store(true, Ordering::SeqCst);
-        drop(stop_ticker);
         // Kick every vCPU out of KVM_RUN until all threads have noticed.
         for t in &threads {
             while !t.is_finished() {
@@ -329,10 +321,10 @@ impl Vm {
                 tracing::warn!("vCPU {index} was stopped at {last}");
             }
         }
-        if let Some(t) = ticker {
-            let _ = t.join();
+        if let Some(v) = &self.vmbus {
+            v.stop();
         }
-        self.chipset.lock().unwrap().serial.flush();
+        support::lock(&self.chipset.serial).flush();
         Ok(reason)
     }
 }
@@ -340,7 +332,7 @@ impl Vm {
 struct VcpuContext {
     index: u32,
     hv: Option<HvExits>,
-    chipset: Arc<Mutex<Chipset>>,
+    chipset: Arc<Chipset>,
     events: mpsc::Sender<ExitReason>,
     stopping: Arc<AtomicBool>,
 }
@@ -352,129 +344,18 @@ impl VcpuContext {
             hv.prepare_vcpu(&mut vcpu);
         }
         while !self.stopping.load(Ordering::Relaxed) {
-            let exit = match vcpu.run() {
-                Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => {
-                    let registers = cpu::dump_registers(&vcpu);
-                    self.finish(ExitReason::InternalError {
-                        vcpu: self.index,
-                        what: format!("KVM_RUN failed: {e}"),
-                        registers,
-                    });
-                    return String::new();
-                }
-            };
-            let mut hypercall = false;
-            let reason = match exit {
-                VcpuExit::IoOut(port, _)
-                    if port == u16::from(hv1::HYPERCALL_PORT) && self.hv.is_some() =>
-                {
-                    hypercall = true;
-                    None
-                }
-                VcpuExit::X86Rdmsr(exit) => {
-                    match self
-                        .hv
-                        .as_ref()
-                        .and_then(|hv| hv.rdmsr(self.index, exit.index))
-                    {
-                        Some(value) => *exit.data = value,
-                        None => *exit.error = 1,
-                    }
-                    None
-                }
-                VcpuExit::X86Wrmsr(exit) => {
-                    let ok = self
-                        .hv
-                        .as_ref()
-                        .is_some_and(|hv| hv.wrmsr(self.index, exit.index, exit.data));
-                    if !ok {
-                        *exit.error = 1;
-                    }
-                    None
-                }
-                VcpuExit::IoIn(port, data) => {
-                    self.chipset.lock().unwrap().pio_read(port, data);
-                    None
-                }
-                VcpuExit::IoOut(port, data) => {
-                    match self.chipset.lock().unwrap().pio_write(port, data) {
-                        Some(PowerRequest::PowerOff) => Some(ExitReason::PowerOff),
-                        Some(PowerRequest::Reset) => Some(ExitReason::Reset),
-                        None => None,
-                    }
-                }
-                VcpuExit::MmioRead(_, data) => {
-                    data.fill(0xff);
-                    None
-                }
-                VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
-                VcpuExit::Shutdown => Some(ExitReason::TripleFault {
-                    vcpu: self.index,
-                    registers: String::new(),
-                }),
-                VcpuExit::SystemEvent(kind, _) => Some(match kind {
-                    kvm::kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
-                    kvm::kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
-                    other => internal(self.index, format!("system event {other}")),
-                }),
-                VcpuExit::FailEntry(reason, cpu) => Some(internal(
-                    self.index,
-                    format!("VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"),
-                )),
-                VcpuExit::InternalError => Some(internal(
-                    self.index,
-                    "KVM internal error (emulation failure)".into(),
-                )),
-                other => Some(internal(self.index, format!("unexpected exit {other:?}"))),
-            };
-            if let Some(reason) = reason {
-                self.finish(with_registers(reason, &vcpu));
+            if let Some(reason) =
+                vcpu::step(&mut vcpu, self.index, self.hv.as_ref(), &*self.chipset)
+            {
+                self.finish(reason);
                 return String::new();
-            }
-            if hypercall {
-                if let Err(e) = self.hypercall(&mut vcpu) {
-                    self.finish(internal(self.index, format!("hypercall: {e}")));
-                    return String::new();
-                }
             }
         }
         cpu::brief_registers(&vcpu)
     }
 
-    fn hypercall(&self, vcpu: &mut VcpuFd) -> std::result::Result<(), kvm::kvm_ioctls::Error> {
-        match &self.hv {
-            Some(hv) => hv.hypercall(vcpu, self.index),
-            None => Ok(()),
-        }
-    }
-
     fn finish(&self, reason: ExitReason) {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = self.events.send(reason);
-    }
-}
-
-fn internal(vcpu: u32, what: String) -> ExitReason {
-    ExitReason::InternalError {
-        vcpu,
-        what,
-        registers: String::new(),
-    }
-}
-
-fn with_registers(reason: ExitReason, vcpu: &VcpuFd) -> ExitReason {
-    match reason {
-        ExitReason::TripleFault { vcpu: i, .. } => ExitReason::TripleFault {
-            vcpu: i,
-            registers: cpu::dump_registers(vcpu),
-        },
-        ExitReason::InternalError { vcpu: i, what, .. } => ExitReason::InternalError {
-            vcpu: i,
-            what,
-            registers: cpu::dump_registers(vcpu),
-        },
-        other => other,
     }
 }

@@ -3,15 +3,17 @@
 //! InitiateContact, takes the SynIC interrupt for the VersionResponse message, and writes EOM.
 //! Skipped, with the reason, where KVM is missing.
 
+use chipset::PowerRequest;
 use guestmem::GuestMemory;
-use kvm::kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm::kvm_ioctls::VcpuFd;
 use kvm::Partition;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::boot::{self, BootEntry};
 use vmm::cpu;
 use vmm::hyperv::{self, HvExits};
-use vmm::vmbus_host::VmbusHost;
+use vmm::vcpu::PortIo;
+use vmm::vmbus_host::Vmbus;
 
 const CODE: u64 = 0x10_0000;
 const HANDLER: u64 = 0x10_1000;
@@ -81,10 +83,35 @@ impl Asm {
     }
 }
 
+/// Records the guest's port writes to 0x80..0x8f (except the polling port) and its MSR writes.
+#[derive(Default)]
+struct Recorder {
+    outs: Mutex<Vec<(u16, u8)>>,
+    wrmsrs: Mutex<Vec<(u32, u64)>>,
+}
+
+impl PortIo for Recorder {
+    fn pio_read(&self, _port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn pio_write(&self, port: u16, data: &[u8]) -> Option<PowerRequest> {
+        if (0x80..=0x8f).contains(&port) && port != u16::from(POLL_PORT) {
+            self.outs.lock().unwrap().push((port, data[0]));
+        }
+        None
+    }
+
+    fn msr_written(&self, _vp: u32, msr: u32, value: u64) {
+        self.wrmsrs.lock().unwrap().push((msr, value));
+    }
+}
+
 struct Guest {
     vcpu: VcpuFd,
     exits: HvExits,
-    wrmsrs: Vec<(u32, u64)>,
+    _vmbus: Vmbus,
+    io: Recorder,
 }
 
 fn guest(code: &[u8]) -> Option<Guest> {
@@ -136,14 +163,15 @@ fn guest(code: &[u8]) -> Option<Guest> {
     mem.write(IDT + u64::from(VECTOR) * 16, &gate).unwrap();
     mem.write(HANDLER, &handler()).unwrap();
     mem.write(CODE, code).unwrap();
-    let vmbus = Arc::new(VmbusHost::new(hv.clone(), partition.clone(), 1));
-    let exits = HvExits::new(hv, partition, vmbus);
+    let vmbus = Vmbus::start(hv.clone(), partition.clone(), 1).unwrap();
+    let exits = HvExits::new(hv, partition, vmbus.host().clone());
     let mut vcpu = vcpu;
     exits.prepare_vcpu(&mut vcpu);
     Some(Guest {
         vcpu,
         exits,
-        wrmsrs: vec![],
+        _vmbus: vmbus,
+        io: Recorder::default(),
     })
 }
 
@@ -183,38 +211,23 @@ fn enable_hyperv(a: &mut Asm) {
         .b(&[0xfb]); // sti
 }
 
-/// Runs the guest until it writes to `last_port`; returns the (port, byte) writes to 0x80..0x8f.
+/// Runs the guest through the VMM's own exit handling until it writes to `last_port`;
+/// returns the (port, byte) writes to 0x80..0x8f.
 fn run(g: &mut Guest, last_port: u16, limit: Duration) -> Vec<(u16, u8)> {
     let start = Instant::now();
-    let mut outs = vec![];
     while start.elapsed() < limit {
-        let mut hypercall = false;
-        match g.vcpu.run().expect("KVM_RUN") {
-            VcpuExit::X86Rdmsr(e) => match g.exits.rdmsr(0, e.index) {
-                Some(v) => *e.data = v,
-                None => *e.error = 1,
-            },
-            VcpuExit::X86Wrmsr(e) => {
-                g.wrmsrs.push((e.index, e.data));
-                if !g.exits.wrmsr(0, e.index, e.data) {
-                    *e.error = 1;
-                }
-            }
-            VcpuExit::IoOut(port, _) if port == u16::from(hv1::HYPERCALL_PORT) => hypercall = true,
-            VcpuExit::IoOut(port, _) if port == u16::from(POLL_PORT) => {}
-            VcpuExit::IoOut(port, data) => {
-                outs.push((port, data[0]));
-                if port == last_port {
-                    return outs;
-                }
-            }
-            other => panic!("unexpected exit {other:?}"),
+        if let Some(reason) = vmm::vcpu::step(&mut g.vcpu, 0, Some(&g.exits), &g.io) {
+            panic!("the guest stopped: {reason:?}");
         }
-        if hypercall {
-            g.exits.hypercall(&mut g.vcpu, 0).unwrap();
+        let outs = g.io.outs.lock().unwrap();
+        if outs.last().is_some_and(|&(port, _)| port == last_port) {
+            return outs.clone();
         }
     }
-    panic!("guest did not finish in {limit:?}; port writes so far: {outs:x?}");
+    panic!(
+        "guest did not finish in {limit:?}; port writes so far: {:x?}",
+        g.io.outs.lock().unwrap()
+    );
 }
 
 fn initiate_contact_input(mem: &GuestMemory) {
@@ -265,7 +278,11 @@ fn post_message_gets_a_synic_message_and_interrupt() {
         "VMBus message in slot 2"
     );
     assert!(
-        g.wrmsrs.iter().any(|&(msr, _)| msr == hvdef::hv::MSR_EOM),
+        g.io.wrmsrs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(msr, _)| msr == hvdef::hv::MSR_EOM),
         "the handler wrote EOM"
     );
     let page = g
@@ -306,15 +323,13 @@ fn flood_of_messages_gets_insufficient_buffers() {
     initiate_contact_input(&mem);
     let mut input = [0u8; 256];
     mem.read(INPUT, &mut input).unwrap();
-    let request = hv1::PostMessageRequest {
-        vp: 0,
-        connection_id: hvdef::vmbus::MESSAGE_CONNECTION_ID_4,
-        message_type: 1,
-        payload: hv1::MessagePayload::new(&input[16..56]).unwrap(),
-    };
     let mut refused = 0;
     for _ in 0..500 {
-        if g.exits.vmbus().post_message(&request) == hv1::HvStatus::INSUFFICIENT_BUFFERS {
+        let status =
+            g.exits
+                .vmbus()
+                .post_message(hvdef::vmbus::MESSAGE_CONNECTION_ID_4, 0, &input[16..56]);
+        if status == hv1::HvStatus::INSUFFICIENT_BUFFERS {
             refused += 1;
         }
         assert!(g.exits.hv().queued_messages(0, 2) <= hv1::MESSAGE_QUEUE_DEPTH);

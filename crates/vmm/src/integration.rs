@@ -1,0 +1,296 @@
+//! The integration services (shutdown, heartbeat, timesync) as VMBus devices. Each runs on
+//! the worker thread of its channel with its own timer; the `ic` crate's sans-I/O state
+//! machine does the protocol. The host side (the control socket) talks to a device through
+//! its [`IcDevice`] handle: a status snapshot the worker keeps current, and a command queue
+//! with an eventfd the worker waits on.
+
+use hvdef::vmbus::Guid;
+use ic::{HeartbeatState, Ic, IcError, IcEvent, IcKind, IcState, ShutdownKind};
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmbus::host::Doorbell;
+use vmbus::{Channel, ChannelError, ChannelWorker, DeviceOffer, OpenError, OpenedChannel};
+use vmbus::{Progress, WorkerError};
+
+/// How often the host sends a heartbeat and a time sample.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+pub const TIME_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long without a heartbeat answer before the guest counts as lost.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The guest's reference counter (100 ns units), for timesync.
+pub type ReferenceClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Instance GUIDs of the integration services (constant, so the guest sees the same devices
+/// on every boot).
+pub fn instance_id(kind: IcKind) -> Guid {
+    let n = match kind {
+        IcKind::Shutdown => 1,
+        IcKind::Heartbeat => 2,
+        IcKind::Timesync => 3,
+    };
+    Guid::from_u128(0x5649_5249_4449_414e_0000_0000_0000_0000 | n)
+}
+
+/// What the host last saw of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct IcSnapshot {
+    /// Versions are agreed and the channel is open.
+    pub ready: bool,
+    #[serde(serialize_with = "debug_string")]
+    pub heartbeat: HeartbeatState,
+    pub time_synced: bool,
+}
+
+fn debug_string<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:?}"))
+}
+
+impl Default for IcSnapshot {
+    fn default() -> Self {
+        Self {
+            ready: false,
+            heartbeat: HeartbeatState::NoContact,
+            time_synced: false,
+        }
+    }
+}
+
+enum Command {
+    Shutdown(ShutdownKind),
+}
+
+/// Why a shutdown request could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ShutdownError {
+    #[error("the guest has not connected its shutdown service (no hv_utils driver?); use --force to power off")]
+    NotConnected,
+    #[error("shutdown service: {0}")]
+    Ic(#[from] IcError),
+}
+
+/// One integration service on the bus.
+pub struct IcDevice {
+    kind: IcKind,
+    clock: Option<ReferenceClock>,
+    status: Mutex<IcSnapshot>,
+    commands: Mutex<VecDeque<Command>>,
+    wake: Doorbell,
+}
+
+static LOG: support::RateLimit = support::RateLimit::guest();
+
+impl IcDevice {
+    /// The shutdown or heartbeat service.
+    pub fn new(kind: IcKind) -> std::io::Result<Arc<Self>> {
+        Self::build(kind, None)
+    }
+
+    /// The timesync service, reading the guest's reference counter from `clock`.
+    pub fn timesync(clock: ReferenceClock) -> std::io::Result<Arc<Self>> {
+        Self::build(IcKind::Timesync, Some(clock))
+    }
+
+    fn build(kind: IcKind, clock: Option<ReferenceClock>) -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            kind,
+            clock,
+            status: Mutex::default(),
+            commands: Mutex::default(),
+            wake: Doorbell::new()?,
+        }))
+    }
+
+    pub fn kind(&self) -> IcKind {
+        self.kind
+    }
+
+    /// The latest status the worker published.
+    pub fn snapshot(&self) -> IcSnapshot {
+        *support::lock(&self.status)
+    }
+
+    /// Asks the guest to power off or reboot (shutdown service only).
+    pub fn request_shutdown(&self, kind: ShutdownKind) -> Result<(), ShutdownError> {
+        if self.kind != IcKind::Shutdown {
+            return Err(IcError::WrongService.into());
+        }
+        if !self.snapshot().ready {
+            return Err(ShutdownError::NotConnected);
+        }
+        support::lock(&self.commands).push_back(Command::Shutdown(kind));
+        self.wake.ring();
+        Ok(())
+    }
+
+    fn state_machine(&self) -> Ic {
+        match (self.kind, &self.clock) {
+            (IcKind::Shutdown, _) => Ic::shutdown(),
+            (IcKind::Heartbeat, _) => Ic::heartbeat(HEARTBEAT_TIMEOUT),
+            (IcKind::Timesync, clock) => {
+                let clock = clock.clone().unwrap_or_else(|| Arc::new(|| 0));
+                Ic::timesync(Box::new(ic::SystemTimeSource(move || clock())))
+            }
+        }
+    }
+}
+
+/// An [`IcDevice`] as the bus sees it.
+pub struct IcBusDevice(pub Arc<IcDevice>);
+
+impl vmbus::Device for IcBusDevice {
+    fn offer(&self) -> DeviceOffer {
+        let name = match self.0.kind {
+            IcKind::Shutdown => "shutdown",
+            IcKind::Heartbeat => "heartbeat",
+            IcKind::Timesync => "timesync",
+        };
+        DeviceOffer::new(name, self.0.kind.interface_type(), instance_id(self.0.kind))
+    }
+
+    fn open(&self, _channel: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
+        support::lock(&self.0.commands).clear();
+        Ok(Box::new(IcWorker {
+            device: self.0.clone(),
+            ic: self.0.state_machine(),
+            next_heartbeat: Instant::now(),
+            next_sample: Instant::now() + TIME_SAMPLE_INTERVAL,
+        }))
+    }
+
+    fn close(&self, _index: u16) {
+        *support::lock(&self.0.status) = IcSnapshot::default();
+    }
+
+    fn inspect(&self) -> serde_json::Value {
+        serde_json::to_value(self.0.snapshot()).unwrap_or_default()
+    }
+}
+
+struct IcWorker {
+    device: Arc<IcDevice>,
+    ic: Ic,
+    next_heartbeat: Instant,
+    next_sample: Instant,
+}
+
+/// Maps an IC error: a broken ring stops the worker, a full ring waits for room, anything
+/// else was one bad packet or a refused request and is logged.
+fn outcome(kind: IcKind, r: Result<(), IcError>) -> Result<bool, WorkerError> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(IcError::Channel(ChannelError::Full)) => Ok(false),
+        Err(IcError::Channel(e @ (ChannelError::Broken(_) | ChannelError::InvalidRing(_)))) => {
+            Err(WorkerError::Channel(e))
+        }
+        Err(e) => {
+            support::limited!(LOG, debug, "{kind:?} service: {e}");
+            Ok(true)
+        }
+    }
+}
+
+impl IcWorker {
+    fn ready(&self) -> bool {
+        matches!(self.ic.state(), IcState::Ready { .. })
+    }
+
+    fn publish(&self, now: Instant) {
+        *support::lock(&self.device.status) = IcSnapshot {
+            ready: self.ready(),
+            heartbeat: self.ic.heartbeat_state(now),
+            time_synced: self.ic.time_synced(),
+        };
+    }
+
+    /// Periodic requests and host commands; false when the ring was full.
+    fn send_due(&mut self, ch: &mut Channel, now: Instant) -> Result<bool, WorkerError> {
+        let kind = self.device.kind;
+        if !self.ready() {
+            return Ok(true);
+        }
+        match kind {
+            IcKind::Heartbeat if now >= self.next_heartbeat => {
+                if !outcome(kind, self.ic.send_heartbeat(ch).map(|_| ()))? {
+                    return Ok(false);
+                }
+                self.next_heartbeat = now + HEARTBEAT_INTERVAL;
+            }
+            IcKind::Timesync if !self.ic.time_synced() || now >= self.next_sample => {
+                let sync = !self.ic.time_synced();
+                if !outcome(kind, self.ic.send_timesync(ch, sync))? {
+                    return Ok(false);
+                }
+                self.next_sample = now + TIME_SAMPLE_INTERVAL;
+            }
+            _ => {}
+        }
+        loop {
+            let Some(cmd) = support::lock(&self.device.commands).pop_front() else {
+                return Ok(true);
+            };
+            match cmd {
+                Command::Shutdown(k) => {
+                    let r = self.ic.request_shutdown(ch, k, false, "viridian vm stop");
+                    if !outcome(kind, r)? {
+                        support::lock(&self.device.commands).push_front(Command::Shutdown(k));
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl ChannelWorker for IcWorker {
+    fn start(&mut self, ch: &mut Channel) -> Result<(), WorkerError> {
+        // The host speaks first: version negotiation.
+        outcome(self.device.kind, self.ic.open(ch)).map(|_| ())
+    }
+
+    fn process(&mut self, ch: &mut Channel, now: Instant) -> Result<Progress, WorkerError> {
+        self.device.wake.clear();
+        let kind = self.device.kind;
+        let drained = match self.ic.process(ch, now) {
+            Ok(events) => {
+                for e in events {
+                    match e {
+                        IcEvent::Negotiated { .. } => tracing::info!("{kind:?} service negotiated"),
+                        IcEvent::ShutdownResponse { status } => {
+                            tracing::info!(
+                                "guest answered the shutdown request: status {status:#x}"
+                            )
+                        }
+                        other => tracing::trace!("{kind:?}: {other:?}"),
+                    }
+                }
+                true
+            }
+            Err(e) => outcome(kind, Err(e))?,
+        };
+        let sent = self.send_due(ch, now)?;
+        self.publish(now);
+        Ok(if drained && sent {
+            Progress::Idle
+        } else {
+            Progress::WaitingForRoom
+        })
+    }
+
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.device.wake.as_fd()]
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        if !self.ready() {
+            return None;
+        }
+        match self.device.kind {
+            IcKind::Heartbeat => Some(self.next_heartbeat),
+            IcKind::Timesync => Some(self.next_sample),
+            IcKind::Shutdown => None,
+        }
+    }
+}

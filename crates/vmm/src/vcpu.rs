@@ -1,0 +1,132 @@
+//! One vCPU exit, handled: the loop body every vCPU thread (and the host-KVM tests) runs.
+
+use crate::cpu;
+use crate::hyperv::HvExits;
+use crate::vm::ExitReason;
+use chipset::PowerRequest;
+use kvm::kvm_ioctls::{VcpuExit, VcpuFd};
+
+/// Port I/O devices as a vCPU sees them. The chipset is one; tests plug in recorders.
+pub trait PortIo: Send + Sync {
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    fn pio_write(&self, port: u16, data: &[u8]) -> Option<PowerRequest>;
+    /// A trapped MSR write reached the host (observation for tests; no-op by default).
+    fn msr_written(&self, _vp: u32, _msr: u32, _value: u64) {}
+}
+
+impl PortIo for chipset::Chipset {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        chipset::Chipset::pio_read(self, port, data)
+    }
+
+    fn pio_write(&self, port: u16, data: &[u8]) -> Option<PowerRequest> {
+        chipset::Chipset::pio_write(self, port, data)
+    }
+}
+
+/// Runs the vCPU until its next exit and handles it. `Some` means the VM must stop.
+pub fn step(
+    vcpu: &mut VcpuFd,
+    index: u32,
+    hv: Option<&HvExits>,
+    ports: &dyn PortIo,
+) -> Option<ExitReason> {
+    let exit = match vcpu.run() {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
+        Err(e) => {
+            return Some(ExitReason::InternalError {
+                vcpu: index,
+                what: format!("KVM_RUN failed: {e}"),
+                registers: cpu::dump_registers(vcpu),
+            })
+        }
+    };
+    let mut hypercall = false;
+    let reason = match exit {
+        VcpuExit::IoOut(port, _) if port == u16::from(hv1::HYPERCALL_PORT) && hv.is_some() => {
+            hypercall = true;
+            None
+        }
+        VcpuExit::X86Rdmsr(exit) => {
+            match hv.and_then(|hv| hv.rdmsr(index, exit.index)) {
+                Some(value) => *exit.data = value,
+                None => *exit.error = 1,
+            }
+            None
+        }
+        VcpuExit::X86Wrmsr(exit) => {
+            ports.msr_written(index, exit.index, exit.data);
+            if !hv.is_some_and(|hv| hv.wrmsr(index, exit.index, exit.data)) {
+                *exit.error = 1;
+            }
+            None
+        }
+        VcpuExit::IoIn(port, data) => {
+            ports.pio_read(port, data);
+            None
+        }
+        VcpuExit::IoOut(port, data) => match ports.pio_write(port, data) {
+            Some(PowerRequest::PowerOff) => Some(ExitReason::PowerOff),
+            Some(PowerRequest::Reset) => Some(ExitReason::Reset),
+            None => None,
+        },
+        VcpuExit::MmioRead(_, data) => {
+            data.fill(0xff);
+            None
+        }
+        VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
+        VcpuExit::Shutdown => Some(ExitReason::TripleFault {
+            vcpu: index,
+            registers: String::new(),
+        }),
+        VcpuExit::SystemEvent(kind, _) => Some(match kind {
+            kvm::kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+            kvm::kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+            other => internal(index, format!("system event {other}")),
+        }),
+        VcpuExit::FailEntry(reason, cpu) => Some(internal(
+            index,
+            format!("VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"),
+        )),
+        VcpuExit::InternalError => Some(internal(
+            index,
+            "KVM internal error (emulation failure)".into(),
+        )),
+        other => Some(internal(index, format!("unexpected exit {other:?}"))),
+    };
+    if let Some(reason) = reason {
+        return Some(with_registers(reason, vcpu));
+    }
+    if hypercall {
+        if let Some(hv) = hv {
+            if let Err(e) = hv.hypercall(vcpu, index) {
+                return Some(internal(index, format!("hypercall: {e}")));
+            }
+        }
+    }
+    None
+}
+
+fn internal(vcpu: u32, what: String) -> ExitReason {
+    ExitReason::InternalError {
+        vcpu,
+        what,
+        registers: String::new(),
+    }
+}
+
+fn with_registers(reason: ExitReason, vcpu: &VcpuFd) -> ExitReason {
+    match reason {
+        ExitReason::TripleFault { vcpu: i, .. } => ExitReason::TripleFault {
+            vcpu: i,
+            registers: cpu::dump_registers(vcpu),
+        },
+        ExitReason::InternalError { vcpu: i, what, .. } => ExitReason::InternalError {
+            vcpu: i,
+            what,
+            registers: cpu::dump_registers(vcpu),
+        },
+        other => other,
+    }
+}
