@@ -3,6 +3,7 @@
 
 mod control;
 mod run;
+mod service;
 mod vhd;
 mod vm;
 
@@ -15,6 +16,10 @@ use clap::{Parser, Subcommand};
     about = "Hyper-V-compatible virtualization on KVM"
 )]
 struct Cli {
+    /// The management service's socket (default: $VIRIDIAN_SOCKET, else
+    /// /run/viridian/viridiand.sock).
+    #[arg(long)]
+    socket: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,6 +34,9 @@ enum Command {
     /// Create, inspect, check and convert VHDX/VHD disk images (the *-VHD cmdlets).
     #[command(subcommand)]
     Vhd(vhd::VhdCommand),
+    /// The management service viridiand.
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
 }
 
 fn main() {
@@ -41,10 +49,12 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    service::set_socket(cli.socket);
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Vm(cmd) => vm::main(cmd),
         Command::Vhd(cmd) => vhd::main(cmd).map(|()| 0),
+        Command::Service(cmd) => service::main(cmd),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -13,7 +13,7 @@ pub enum VmCommand {
         #[command(flatten)]
         target: Target,
         /// Power off at once instead of asking the guest (Stop-VM -TurnOff).
-        #[arg(long)]
+        #[arg(long, visible_alias = "turn-off")]
         force: bool,
         /// Seconds to wait for the guest to power off.
         #[arg(long, default_value_t = 120)]
@@ -23,9 +23,16 @@ pub enum VmCommand {
     Status {
         #[command(flatten)]
         target: Target,
+        #[arg(long)]
+        json: bool,
     },
-    /// List running VMs.
-    List,
+    /// List VMs (the service's inventory, else the running foreground VMs).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    #[command(flatten)]
+    Managed(crate::service::vm::ManagedCommand),
 }
 
 #[derive(Args)]
@@ -49,6 +56,26 @@ impl Target {
 }
 
 pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
+    // Through the service when one runs and knows the VM; else the control sockets.
+    let via_service = match &cmd {
+        VmCommand::List { json } => crate::service::vm::list(*json)?,
+        VmCommand::Stop {
+            target,
+            force,
+            timeout,
+        } => match (&target.name, &target.socket) {
+            (Some(n), None) => crate::service::vm::stop(n, *force, *timeout)?,
+            _ => None,
+        },
+        VmCommand::Status { target, json } => match (&target.name, &target.socket) {
+            (Some(n), None) => crate::service::vm::status(n, *json)?,
+            _ => None,
+        },
+        _ => None,
+    };
+    if let Some(code) = via_service {
+        return Ok(code);
+    }
     let result: anyhow::Result<i32> = match cmd {
         VmCommand::Stop {
             target,
@@ -70,11 +97,12 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             eprintln!("viridian: the VM is off");
             Ok(0)
         }
-        VmCommand::Status { target } => {
+        VmCommand::Managed(cmd) => crate::service::vm::managed(cmd),
+        VmCommand::Status { target, .. } => {
             println!("{}", control::send(&target.path(), "status")?);
             Ok(0)
         }
-        VmCommand::List => {
+        VmCommand::List { .. } => {
             let dir = control::socket_dir();
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,

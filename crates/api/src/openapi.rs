@@ -1,0 +1,127 @@
+//! The OpenAPI 3 document, generated from the types in this crate. The service serves it at
+//! `/openapi.json`; the repository keeps a copy (`openapi.json` at its root) that a test
+//! compares with this one.
+//!
+//! The functions below are never called: they carry the description of each operation.
+#![allow(dead_code)]
+
+use crate::*;
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "viridiand",
+        description = "Viridian's management service: VM inventory and lifecycle. Every error \
+                       answer is an ErrorBody. On the Unix socket callers are authorised by \
+                       their credentials (root or the `viridian` group)."
+    ),
+    paths(
+        list_vms, create_vm, get_vm, patch_vm, delete_vm, start_vm, stop_vm, restart_vm,
+        pause_vm, resume_vm, service, events, openapi
+    ),
+    components(schemas(ErrorBody, ErrorDetail, Vm, NewVm, VmPatch, VmState, Heartbeat,
+                       AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo)),
+    tags((name = "vms", description = "Virtual machines"), (name = "service", description = "The service"))
+)]
+struct ApiDoc;
+
+/// The document as a value.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The document as pretty-printed JSON with a final newline, as checked in.
+pub fn document_json() -> String {
+    let mut s = document()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises");
+    s.push('\n');
+    s
+}
+
+/// List the VMs (Get-VM).
+#[utoipa::path(get, path = "/vms", tag = "vms",
+    responses((status = 200, body = [Vm]), (status = 403, body = ErrorBody)))]
+fn list_vms() {}
+
+/// Define a VM (New-VM). Nothing is created when it fails.
+#[utoipa::path(post, path = "/vms", tag = "vms", request_body = NewVm,
+    responses(
+        (status = 201, body = Vm, description = "Defined, Off"),
+        (status = 400, body = ErrorBody, description = "Malformed JSON"),
+        (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A VM of that name exists"),
+        (status = 413, body = ErrorBody, description = "Body over 1 MiB"),
+        (status = 422, body = ErrorBody, description = "A field is invalid; the message names it")))]
+fn create_vm() {}
+
+/// One VM (Get-VM NAME), with its live heartbeat.
+#[utoipa::path(get, path = "/vms/{name}", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = Vm), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+fn get_vm() {}
+
+/// Change a VM's settings (Set-VM, Set-VMProcessor, Set-VMMemory).
+#[utoipa::path(patch, path = "/vms/{name}", tag = "vms", params(("name" = String, Path)),
+    request_body = VmPatch,
+    responses(
+        (status = 200, body = Vm),
+        (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "The change needs the VM Off, or the new name is taken"),
+        (status = 413, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+fn patch_vm() {}
+
+/// Remove a VM and its folder (Remove-VM). The VM must be Off.
+#[utoipa::path(delete, path = "/vms/{name}", tag = "vms", params(("name" = String, Path)),
+    responses((status = 204, description = "Removed"), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+fn delete_vm() {}
+
+/// Start a VM (Start-VM): its worker runs and the VM is Running when this answers.
+#[utoipa::path(post, path = "/vms/{name}/start", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = Vm), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "Not Off, or the worker failed to start")))]
+fn start_vm() {}
+
+/// Stop a VM (Stop-VM): shut down through the guest's shutdown service, and turn it off when
+/// the guest has none or does not finish within the timeout. Answers when the VM is Off.
+#[utoipa::path(post, path = "/vms/{name}/stop", tag = "vms", params(("name" = String, Path), StopParams),
+    responses((status = 200, body = Vm), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Not running")))]
+fn stop_vm() {}
+
+/// Restart a VM (Restart-VM): stop as `stop` does, then start.
+#[utoipa::path(post, path = "/vms/{name}/restart", tag = "vms", params(("name" = String, Path), StopParams),
+    responses((status = 200, body = Vm), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+fn restart_vm() {}
+
+/// Pause a VM (Suspend-VM). Not supported by the worker yet: answers 409 saying so.
+#[utoipa::path(post, path = "/vms/{name}/pause", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = Vm), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+fn pause_vm() {}
+
+/// Resume a paused VM (Resume-VM).
+#[utoipa::path(post, path = "/vms/{name}/resume", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = Vm), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+fn resume_vm() {}
+
+/// The service: version, state directory, counts, cgroup support.
+#[utoipa::path(get, path = "/service", tag = "service",
+    responses((status = 200, body = ServiceInfo), (status = 403, body = ErrorBody)))]
+fn service() {}
+
+/// Server-sent events: one `state` event (a VmEvent as JSON) per state change.
+#[utoipa::path(get, path = "/events", tag = "service",
+    responses((status = 200, content_type = "text/event-stream", body = String), (status = 403, body = ErrorBody)))]
+fn events() {}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, content_type = "application/json", body = Object), (status = 403, body = ErrorBody)))]
+fn openapi() {}

@@ -1,0 +1,128 @@
+//! The CLI's side of the management service: a client on the service's socket
+//! (`viridian --socket PATH`, or `VIRIDIAN_SOCKET`, or /run/viridian/viridiand.sock), and the
+//! verbs that use it.
+
+pub mod table;
+pub mod vm;
+
+use anyhow::Context;
+use api::client::{Client, DEFAULT_SOCKET};
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+static SOCKET: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Records `--socket` from the command line.
+pub fn set_socket(socket: Option<PathBuf>) {
+    let _ = SOCKET.set(socket);
+}
+
+/// The socket given with --socket or VIRIDIAN_SOCKET, if any.
+fn explicit_socket() -> Option<PathBuf> {
+    SOCKET
+        .get()
+        .cloned()
+        .flatten()
+        .or_else(|| std::env::var_os("VIRIDIAN_SOCKET").map(PathBuf::from))
+}
+
+pub fn client() -> Client {
+    Client::new(explicit_socket().unwrap_or_else(|| DEFAULT_SOCKET.into()))
+}
+
+/// The client when a service answers there; `None` means "no service: fall back to the
+/// control sockets". A socket named explicitly must answer.
+pub fn client_if_up() -> anyhow::Result<Option<Client>> {
+    let c = client();
+    if c.reachable() {
+        Ok(Some(c))
+    } else if explicit_socket().is_some() {
+        // Let the request itself report why.
+        Ok(Some(c))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Percent-encodes a path segment.
+pub fn segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One request; a non-2xx answer becomes an error with the service's message. Returns the
+/// status code and the JSON body (Null when empty).
+pub fn call(
+    c: &Client,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let bytes = body.map(|b| serde_json::to_vec(b).expect("JSON serialises"));
+    let r = c
+        .request(method, path, bytes.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    if (200..300).contains(&r.status) {
+        let v = if r.body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&r.body).context("viridiand sent malformed JSON")?
+        };
+        return Ok((r.status, v));
+    }
+    match r.error() {
+        Some(e) => Err(ServiceError {
+            status: r.status,
+            message: e.to_string(),
+        }
+        .into()),
+        None => anyhow::bail!("viridiand answered {}: {}", r.status, r.text()),
+    }
+}
+
+/// An error answer from the service.
+#[derive(Debug)]
+pub struct ServiceError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ServiceError {}
+
+#[derive(Subcommand)]
+pub enum ServiceCommand {
+    /// Show the service: version, state directory, VM counts, cgroups.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main(cmd: ServiceCommand) -> anyhow::Result<i32> {
+    match cmd {
+        ServiceCommand::Status { json } => {
+            let (_, v) = call(&client(), "GET", "/service", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let info: api::ServiceInfo = serde_json::from_value(v)?;
+                table::service(&info);
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! `viridian vm ...` through the service: New-VM, Get-VM, Set-VM, Start-VM, Stop-VM,
+//! Restart-VM, Suspend-VM, Resume-VM, Remove-VM.
+
+use super::{call, client, client_if_up, segment, table, ServiceError};
+use anyhow::Context;
+use api::client::Client;
+use clap::{Args, Subcommand};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum ManagedCommand {
+    /// Define a VM in the service's inventory (New-VM).
+    New {
+        name: String,
+        #[command(flatten)]
+        settings: Box<Settings>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM (Get-VM NAME).
+    Get {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a VM's settings (Set-VM, Set-VMProcessor, Set-VMMemory).
+    Set {
+        name: String,
+        /// A new name.
+        #[arg(long)]
+        new_name: Option<String>,
+        #[command(flatten)]
+        settings: Box<Settings>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a VM (Start-VM).
+    Start { name: String },
+    /// Stop, then start a VM (Restart-VM).
+    Restart {
+        name: String,
+        /// Turn it off instead of shutting it down.
+        #[arg(long, visible_alias = "force")]
+        turn_off: bool,
+    },
+    /// Pause a VM (Suspend-VM).
+    Pause { name: String },
+    /// Resume a paused VM (Resume-VM).
+    Resume { name: String },
+    /// Remove a VM and its folder (Remove-VM); it must be off.
+    Remove { name: String },
+}
+
+/// Settings of `vm new` and `vm set`.
+#[derive(Args)]
+pub struct Settings {
+    /// Virtual processors.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory with a unit, e.g. 512M or 2G.
+    #[arg(long)]
+    memory: Option<String>,
+    /// The guest kernel (bzImage or ELF vmlinux).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// An initrd (`vm set --initrd ""` removes it).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Present plain KVM instead of Hyper-V.
+    #[arg(long)]
+    no_hyperv: bool,
+    /// CPU limit in percent (Set-VMProcessor -Maximum).
+    #[arg(long)]
+    cpu_limit: Option<u32>,
+    /// CPU reserve in percent (Set-VMProcessor -Reserve).
+    #[arg(long)]
+    cpu_reserve: Option<u32>,
+    /// Relative CPU weight, 1..=10000 (Set-VMProcessor -RelativeWeight).
+    #[arg(long)]
+    cpu_weight: Option<u32>,
+    /// Nothing, Start or StartIfRunning (AutomaticStartAction).
+    #[arg(long)]
+    auto_start: Option<String>,
+    /// ShutDown or TurnOff (AutomaticStopAction).
+    #[arg(long)]
+    auto_stop: Option<String>,
+    /// None or Restart: what happens when the worker dies.
+    #[arg(long)]
+    recovery: Option<String>,
+}
+
+fn path_arg(p: &std::path::Path) -> anyhow::Result<String> {
+    if p.as_os_str().is_empty() {
+        return Ok(String::new());
+    }
+    // The service does not share this working directory.
+    let abs = std::path::absolute(p).with_context(|| format!("{}", p.display()))?;
+    Ok(abs.to_string_lossy().into_owned())
+}
+
+impl Settings {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.into(), v);
+        };
+        if let Some(v) = self.cpus {
+            put("cpus", json!(v));
+        }
+        if let Some(v) = &self.memory {
+            put("memory", json!(v));
+        }
+        if let Some(v) = &self.kernel {
+            put("kernel", json!(path_arg(v)?));
+        }
+        if let Some(v) = &self.initrd {
+            put("initrd", json!(path_arg(v)?));
+        }
+        if let Some(v) = &self.cmdline {
+            put("cmdline", json!(v));
+        }
+        if self.no_hyperv {
+            put("hyperv", json!(false));
+        }
+        for (k, v) in [
+            ("cpu_limit", self.cpu_limit),
+            ("cpu_reserve", self.cpu_reserve),
+            ("cpu_weight", self.cpu_weight),
+        ] {
+            if let Some(v) = v {
+                put(k, json!(v));
+            }
+        }
+        for (k, v) in [
+            ("auto_start", &self.auto_start),
+            ("auto_stop", &self.auto_stop),
+            ("recovery", &self.recovery),
+        ] {
+            if let Some(v) = v {
+                put(k, json!(v));
+            }
+        }
+        Ok(m)
+    }
+}
+
+fn vm_path(name: &str) -> String {
+    format!("/vms/{}", segment(name))
+}
+
+fn show(v: Value, json: bool) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        table::vm(&serde_json::from_value(v)?);
+    }
+    Ok(0)
+}
+
+fn report(v: Value) -> anyhow::Result<i32> {
+    let vm: api::Vm = serde_json::from_value(v)?;
+    println!("{}: {} ({})", vm.name, vm.state, vm.status);
+    Ok(0)
+}
+
+pub fn managed(cmd: ManagedCommand) -> anyhow::Result<i32> {
+    let c = client();
+    match cmd {
+        ManagedCommand::New {
+            name,
+            settings,
+            json,
+        } => {
+            let mut body = settings.to_json()?;
+            body.insert("name".into(), json!(name));
+            if !body.contains_key("kernel") {
+                anyhow::bail!("--kernel is required: the guest kernel to boot");
+            }
+            let (_, v) = call(&c, "POST", "/vms", Some(&Value::Object(body)))?;
+            show(v, json)
+        }
+        ManagedCommand::Get { name, json } => show(call(&c, "GET", &vm_path(&name), None)?.1, json),
+        ManagedCommand::Set {
+            name,
+            new_name,
+            settings,
+            json,
+        } => {
+            let mut body = settings.to_json()?;
+            if let Some(n) = new_name {
+                body.insert("name".into(), json!(n));
+            }
+            let (_, v) = call(&c, "PATCH", &vm_path(&name), Some(&Value::Object(body)))?;
+            show(v, json)
+        }
+        ManagedCommand::Start { name } => action(&c, &name, "start", ""),
+        ManagedCommand::Restart { name, turn_off } => action(
+            &c,
+            &name,
+            "restart",
+            if turn_off { "?turn_off=true" } else { "" },
+        ),
+        ManagedCommand::Pause { name } => action(&c, &name, "pause", ""),
+        ManagedCommand::Resume { name } => action(&c, &name, "resume", ""),
+        ManagedCommand::Remove { name } => {
+            call(&c, "DELETE", &vm_path(&name), None)?;
+            println!("{name}: removed");
+            Ok(0)
+        }
+    }
+}
+
+fn action(c: &Client, name: &str, verb: &str, query: &str) -> anyhow::Result<i32> {
+    let (_, v) = call(c, "POST", &format!("{}/{verb}{query}", vm_path(name)), None)?;
+    report(v)
+}
+
+/// `vm list` through the service, or `None` when no service runs.
+pub fn list(json: bool) -> anyhow::Result<Option<i32>> {
+    let Some(c) = client_if_up()? else {
+        return Ok(None);
+    };
+    let (_, v) = call(&c, "GET", "/vms", None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        table::vms(&serde_json::from_value::<Vec<api::Vm>>(v)?);
+    }
+    Ok(Some(0))
+}
+
+/// Whether an error is the service saying it has no such VM.
+fn unknown_vm(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ServiceError>()
+        .is_some_and(|s| s.status == 404)
+}
+
+/// `vm stop NAME` through the service; `None` when no service runs or it has no such VM
+/// (a foreground `viridian run --name NAME`).
+pub fn stop(name: &str, turn_off: bool, timeout: u64) -> anyhow::Result<Option<i32>> {
+    let Some(c) = client_if_up()? else {
+        return Ok(None);
+    };
+    let q = format!("?turn_off={turn_off}&timeout={}", timeout.min(3600));
+    match call(&c, "POST", &format!("{}/stop{q}", vm_path(name)), None) {
+        Ok((_, v)) => report(v).map(Some),
+        Err(e) if unknown_vm(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `vm status NAME` through the service; `None` as for `stop`.
+pub fn status(name: &str, json: bool) -> anyhow::Result<Option<i32>> {
+    let Some(c) = client_if_up()? else {
+        return Ok(None);
+    };
+    match call(&c, "GET", &vm_path(name), None) {
+        Ok((_, v)) => show(v, json).map(Some),
+        Err(e) if unknown_vm(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,662 @@
+//! The management service against a real `viridiand` on a temporary state directory and
+//! socket, with real workers (`viridian run`) running tiny guests on this host's KVM: the
+//! API's answers and errors, the lifecycle, dying workers, a killed service adopting its
+//! workers again, the socket's authorisation, and the CLI verbs.
+
+mod common;
+
+use api::client::Client;
+use common::{kvm_usable, tiny_kernel, POWER_OFF, SPIN};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running viridiand; killed (with its VMs' workers) when dropped.
+struct Service {
+    child: Child,
+    dir: tempfile::TempDir,
+    client: Client,
+}
+
+impl Service {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Other users must reach the socket for the 403 test.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let child = spawn_service(dir.path());
+        let s = Service {
+            child,
+            client: Client::new(dir.path().join("d.sock")),
+            dir,
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("d.sock")
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        while !self.client.reachable() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "viridiand did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("viridiand.log")).unwrap_or_default()
+    }
+
+    /// `kill -9` of the service, then a new one on the same state directory.
+    fn kill9_and_restart(&mut self) {
+        kill9(self.child.id());
+        let _ = self.child.wait();
+        self.child = spawn_service(self.dir.path());
+        self.wait_ready();
+    }
+
+    fn req(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let bytes = body.map(|b| serde_json::to_vec(&b).unwrap());
+        let r = self.client.request(method, path, bytes.as_deref()).unwrap();
+        (r.status, r.json())
+    }
+
+    fn vm(&self, name: &str) -> Value {
+        let (status, v) = self.req("GET", &format!("/vms/{name}"), None);
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    fn define(&self, name: &str, kernel: &Path, extra: Value) -> Value {
+        let mut body = json!({"name": name, "memory": "64M", "kernel": kernel});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, v) = self.req("POST", "/vms", Some(body));
+        assert_eq!(status, 201, "{v}");
+        v
+    }
+
+    /// Runs the CLI against this service.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        limit: Duration,
+        f: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            let v = self.vm(name);
+            if f(&v) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{name}: not {what} within {limit:?}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // No spinning guest outlives its test.
+        if let Ok(r) = self.client.get("/vms") {
+            for vm in r.json().as_array().into_iter().flatten() {
+                if let Some(pid) = vm["pid"].as_u64() {
+                    kill9(pid as u32);
+                }
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_service(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("viridiand.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_viridiand"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--socket")
+        .arg(dir.join("d.sock"))
+        .arg("--worker")
+        .arg(env!("CARGO_BIN_EXE_viridian"))
+        .env("VIRIDIAN_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn kill9(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// An error answer: the status and the envelope's code; the message must not be empty.
+fn assert_error(r: (u16, Value), status: u16, code: &str) -> String {
+    let (s, v) = r;
+    assert_eq!(s, status, "{v}");
+    let e = &v["error"];
+    assert_eq!(e["code"], code, "{v}");
+    assert!(e["causes"].is_array(), "{v}");
+    let msg = e["message"].as_str().unwrap_or_default().to_string();
+    assert!(!msg.is_empty(), "{v}");
+    msg
+}
+
+#[test]
+fn crud_and_bad_input() {
+    let s = Service::start();
+    let kernel = tiny_kernel("svc-crud", SPIN);
+    let vm = s.define("web", &kernel, json!({"cpus": 1, "cmdline": "quiet"}));
+    assert_eq!(vm["state"], "Off");
+    assert_eq!(vm["heartbeat"], "NoContact");
+    assert_eq!(vm["memory_bytes"], 64 << 20);
+    let folder = PathBuf::from(vm["folder"].as_str().unwrap());
+    assert!(folder.is_dir(), "each VM has its folder");
+    assert_eq!(s.vm("web")["id"], vm["id"]);
+    let (status, list) = s.req("GET", "/vms", None);
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    // 409: the name is taken; nothing new is created.
+    let body = json!({"name": "web", "memory": "64M", "kernel": kernel});
+    assert_error(s.req("POST", "/vms", Some(body)), 409, "duplicate_name");
+    assert_eq!(
+        std::fs::read_dir(folder.parent().unwrap()).unwrap().count(),
+        1
+    );
+    // 404.
+    assert_error(s.req("GET", "/vms/nope", None), 404, "not_found");
+    assert_error(s.req("DELETE", "/vms/nope", None), 404, "not_found");
+    assert_error(s.req("POST", "/vms/nope/start", None), 404, "not_found");
+    assert_error(s.req("GET", "/nothing/here", None), 404, "no_route");
+    // 409: wrong state.
+    assert_error(s.req("POST", "/vms/web/stop", None), 409, "wrong_state");
+    assert_error(s.req("POST", "/vms/web/pause", None), 409, "wrong_state");
+    assert_error(s.req("POST", "/vms/web/resume", None), 409, "wrong_state");
+
+    // 400: not JSON.
+    for raw in [&b"{\"name\": "[..], b"not json", b""] {
+        let r = s.client.request("POST", "/vms", Some(raw)).unwrap();
+        assert_error((r.status, r.json()), 400, "malformed_json");
+    }
+    // 413: a huge body.
+    let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(4 << 20));
+    let r = s
+        .client
+        .request("POST", "/vms", Some(huge.as_bytes()))
+        .unwrap();
+    assert_error((r.status, r.json()), 413, "body_too_large");
+
+    // 422: each bad field is named.
+    let too_long = "n".repeat(101);
+    let cases = [
+        (json!({"name": "a/b", "kernel": kernel}), "name"),
+        (json!({"name": "..", "kernel": kernel}), "name"),
+        (json!({"name": "", "kernel": kernel}), "name"),
+        (json!({"name": too_long, "kernel": kernel}), "name"),
+        (json!({"name": "x", "kernel": "/no/such/kernel"}), "kernel"),
+        (json!({"name": "x", "kernel": "relative/kernel"}), "kernel"),
+        (
+            json!({"name": "x", "kernel": kernel, "initrd": "/no/such/initrd"}),
+            "initrd",
+        ),
+        (json!({"name": "x", "kernel": kernel, "cpus": 0}), "cpus"),
+        (
+            json!({"name": "x", "kernel": kernel, "cpus": 100000}),
+            "cpus",
+        ),
+        (
+            json!({"name": "x", "kernel": kernel, "cpus": "two"}),
+            "cpus",
+        ),
+        (
+            json!({"name": "x", "kernel": kernel, "memory": "16M"}),
+            "memory",
+        ),
+        (
+            json!({"name": "x", "kernel": kernel, "memory": "100T"}),
+            "memory",
+        ),
+        (
+            json!({"name": "x", "kernel": kernel, "memory": "lots"}),
+            "memory",
+        ),
+        (
+            json!({"name": "x", "kernel": kernel, "cpu_weight": 0}),
+            "cpu_weight",
+        ),
+        (
+            json!({"name": "x", "kernel": kernel, "cpu_limit": 101}),
+            "cpu_limit",
+        ),
+        (
+            json!({"name": "x", "kernel": kernel, "recovery": "Sometimes"}),
+            "recovery",
+        ),
+        (
+            json!({"name": "x", "kernel": kernel, "colour": "green"}),
+            "colour",
+        ),
+        (json!({"kernel": kernel}), "name"),
+    ];
+    for (body, field) in cases {
+        let msg = assert_error(
+            s.req("POST", "/vms", Some(body.clone())),
+            422,
+            "invalid_field",
+        );
+        assert!(msg.contains(field), "{body} -> {msg}");
+    }
+    assert_eq!(
+        s.req("GET", "/vms", None).1.as_array().unwrap().len(),
+        1,
+        "no half-created VM"
+    );
+
+    // PATCH: settings and a rename; a bad value changes nothing.
+    let (status, v) = s.req(
+        "PATCH",
+        "/vms/web",
+        Some(json!({"cpus": 2, "memory": "128M", "cpu_weight": 200})),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["cpus"].as_u64(), v["memory_bytes"].as_u64()),
+        (Some(2), Some(128 << 20))
+    );
+    let msg = assert_error(
+        s.req("PATCH", "/vms/web", Some(json!({"cpus": 1, "memory": "1"}))),
+        422,
+        "invalid_field",
+    );
+    assert!(msg.starts_with("memory"), "{msg}");
+    assert_eq!(s.vm("web")["cpus"], 2, "a failed PATCH changes nothing");
+    s.define("db", &kernel, json!({}));
+    assert_error(
+        s.req("PATCH", "/vms/db", Some(json!({"name": "web"}))),
+        409,
+        "duplicate_name",
+    );
+    let (status, v) = s.req("PATCH", "/vms/db", Some(json!({"name": "db 2"})));
+    assert_eq!((status, v["name"].as_str()), (200, Some("db 2")));
+    assert_eq!(s.vm("db%202")["name"], "db 2");
+
+    // DELETE removes the row and the folder.
+    let (status, _) = s.req("DELETE", "/vms/web", None);
+    assert_eq!(status, 204);
+    assert_error(s.req("GET", "/vms/web", None), 404, "not_found");
+    assert!(!folder.exists(), "the folder goes with the VM");
+
+    // The service and its document.
+    let (status, info) = s.req("GET", "/service", None);
+    assert_eq!(status, 200);
+    assert_eq!(info["vms_defined"], 1);
+    let r = s.client.get("/openapi.json").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), api::openapi::document_json());
+}
+
+#[test]
+fn cli_verbs() {
+    let s = Service::start();
+    let kernel = tiny_kernel("svc-cli", SPIN);
+    let k = kernel.to_str().unwrap();
+    let out = s.cli(&[
+        "vm", "new", "app", "--cpus", "1", "--memory", "64M", "--kernel", k, "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "app");
+
+    let out = s.cli(&["vm", "get", "app", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["name", "id", "state", "heartbeat"] {
+        assert!(!v[key].is_null(), "vm get --json lacks {key}: {v}");
+    }
+    assert_eq!(
+        (v["state"].as_str(), v["heartbeat"].as_str()),
+        (Some("Off"), Some("NoContact"))
+    );
+
+    let out = s.cli(&["vm", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "Name",
+            "State",
+            "CPUUsage(%)",
+            "MemoryAssigned(M)",
+            "Uptime",
+            "Status"
+        ]
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("app ") && l.contains("Off")),
+        "{text}"
+    );
+    let out = s.cli(&["vm", "list", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "app");
+
+    let out = s.cli(&[
+        "vm",
+        "set",
+        "app",
+        "--cpu-limit",
+        "50",
+        "--auto-start",
+        "Start",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["cpu_limit"].as_u64(), v["auto_start"].as_str()),
+        (Some(50), Some("Start"))
+    );
+
+    // Errors name the field and exit 1.
+    let out = s.cli(&["vm", "set", "app", "--memory", "12Q"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("memory"),
+        "{out:?}"
+    );
+    let out = s.cli(&["vm", "new", "app", "--kernel", k]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists already"),
+        "{out:?}"
+    );
+    let out = s.cli(&["vm", "get", "ghost"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no VM called 'ghost'"),
+        "{out:?}"
+    );
+
+    let out = s.cli(&["service", "status", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["vms_defined"], 1);
+    let out = s.cli(&["service", "status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Cgroups"),
+        "{out:?}"
+    );
+
+    let out = s.cli(&["vm", "remove", "app"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(s.req("GET", "/vms", None).1, json!([]));
+}
+
+#[test]
+fn other_users_are_forbidden() {
+    let s = Service::start();
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: setpriv (util-linux) is not installed");
+        return;
+    }
+    // nobody, without the viridian group.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_viridian"))
+        .arg("--socket")
+        .arg(s.socket())
+        .args(["service", "status"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("Permission denied") && !stderr.contains("viridian' group") {
+        eprintln!("SKIPPED: user nobody cannot run the test binary here: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("neither root nor in the 'viridian' group"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn lifecycle_with_a_tiny_guest() {
+    if !kvm_usable() {
+        return;
+    }
+    let s = Service::start();
+    let kernel = tiny_kernel("svc-life", SPIN);
+    s.define("spin", &kernel, json!({}));
+
+    // Watch the events stream while the VM starts and stops.
+    let mut events = std::os::unix::net::UnixStream::connect(s.socket()).unwrap();
+    events
+        .write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    events
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(events).lines() {
+            let Ok(line) = line else { break };
+            if let Some(data) = line.strip_prefix("data: ") {
+                let v: Value = serde_json::from_str(data).unwrap();
+                seen.push(v["state"].as_str().unwrap().to_string());
+                if seen.last().map(String::as_str) == Some("Off") {
+                    break;
+                }
+            }
+        }
+        seen
+    });
+    std::thread::sleep(Duration::from_millis(100));
+
+    let started = Instant::now();
+    let (status, v) = s.req("POST", "/vms/spin/start", None);
+    assert_eq!(status, 200, "{v}");
+    eprintln!("start answered Running after {:?}", started.elapsed());
+    assert_eq!(v["state"], "Running");
+    let pid = v["pid"].as_u64().unwrap();
+    assert!(alive(pid));
+    assert_eq!(v["memory_assigned_bytes"], 64 << 20);
+
+    assert_error(s.req("POST", "/vms/spin/start", None), 409, "wrong_state");
+    assert_error(s.req("DELETE", "/vms/spin", None), 409, "wrong_state");
+    assert_error(
+        s.req("PATCH", "/vms/spin", Some(json!({"cpus": 2}))),
+        409,
+        "wrong_state",
+    );
+    let msg = assert_error(s.req("POST", "/vms/spin/pause", None), 409, "not_supported");
+    assert!(msg.contains("not supported"), "{msg}");
+    // Limits change on a running VM.
+    let (status, v) = s.req("PATCH", "/vms/spin", Some(json!({"cpu_limit": 50})));
+    assert_eq!((status, v["cpu_limit"].as_u64()), (200, Some(50)));
+
+    let v = s.vm("spin");
+    assert_eq!(
+        v["heartbeat"], "NoContact",
+        "a tiny guest has no heartbeat service"
+    );
+    let out = s.cli(&["vm", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("spin ") && l.contains("Running")),
+        "{text}"
+    );
+
+    // The guest has no shutdown service: stop turns it off, and says so.
+    let (status, v) = s.req("POST", "/vms/spin/stop", None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["state"], "Off");
+    assert!(v["status"].as_str().unwrap().contains("Turned off"), "{v}");
+    assert!(!alive(pid), "the worker is gone");
+    assert!(v["pid"].is_null());
+    let seen = reader.join().unwrap();
+    assert_eq!(seen, ["Starting", "Running", "Stopping", "Off"], "events");
+
+    // Through the CLI: start, stop --turn-off, restart.
+    let out = s.cli(&["vm", "start", "spin"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Running"),
+        "{out:?}"
+    );
+    let out = s.cli(&["vm", "restart", "spin", "--turn-off"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Running"),
+        "{out:?}"
+    );
+    let out = s.cli(&["vm", "stop", "spin", "--turn-off"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Off (Turned off)"),
+        "{out:?}"
+    );
+    assert_eq!(s.vm("spin")["state"], "Off");
+}
+
+#[test]
+fn a_guest_that_powers_off_goes_off() {
+    if !kvm_usable() {
+        return;
+    }
+    let s = Service::start();
+    s.define("off", &tiny_kernel("svc-off", POWER_OFF), json!({}));
+    let (status, v) = s.req("POST", "/vms/off/start", None);
+    assert_eq!(status, 200, "{v}");
+    let v = s.wait_for("off", "Off", Duration::from_secs(10), |v| {
+        v["state"] == "Off"
+    });
+    assert_eq!(v["status"], "the guest powered off");
+}
+
+#[test]
+fn a_killed_worker_goes_off_at_once_and_recovery_restarts_it() {
+    if !kvm_usable() {
+        return;
+    }
+    let s = Service::start();
+    let kernel = tiny_kernel("svc-kill", SPIN);
+    s.define("victim", &kernel, json!({}));
+    s.define("phoenix", &kernel, json!({"recovery": "Restart"}));
+    let pid = s.req("POST", "/vms/victim/start", None).1["pid"]
+        .as_u64()
+        .unwrap();
+    kill9(pid as u32);
+    let killed = Instant::now();
+    let v = s.wait_for("victim", "Off", Duration::from_secs(1), |v| {
+        v["state"] == "Off"
+    });
+    eprintln!("Off {:?} after kill -9", killed.elapsed());
+    assert!(v["status"].as_str().unwrap().contains("signal 9"), "{v}");
+
+    let first = s.req("POST", "/vms/phoenix/start", None).1["pid"]
+        .as_u64()
+        .unwrap();
+    kill9(first as u32);
+    let v = s.wait_for("phoenix", "restarted", Duration::from_secs(20), |v| {
+        v["state"] == "Running" && v["pid"].as_u64().is_some_and(|p| p != first)
+    });
+    assert!(alive(v["pid"].as_u64().unwrap()));
+}
+
+#[test]
+fn a_restarted_service_adopts_running_workers() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut s = Service::start();
+    s.define("keep", &tiny_kernel("svc-adopt", SPIN), json!({}));
+    let pid = s.req("POST", "/vms/keep/start", None).1["pid"]
+        .as_u64()
+        .unwrap();
+    s.kill9_and_restart();
+    assert!(alive(pid), "the VM survives its service");
+    let v = s.vm("keep");
+    assert_eq!(
+        (v["state"].as_str(), v["pid"].as_u64()),
+        (Some("Running"), Some(pid)),
+        "{v}"
+    );
+    assert!(v["status"].as_str().unwrap().contains("adopted"), "{v}");
+    // Managed as before: the adopted worker is stopped, and its end is noticed.
+    let (status, v) = s.req("POST", "/vms/keep/stop?turn_off=true", None);
+    assert_eq!((status, v["state"].as_str()), (200, Some("Off")), "{v}");
+    let start = Instant::now();
+    while alive(pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the worker still runs"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A worker killed while no service runs is Off, with the reason, after the restart.
+    let pid = s.req("POST", "/vms/keep/start", None).1["pid"]
+        .as_u64()
+        .unwrap();
+    kill9(s.child.id());
+    let _ = s.child.wait();
+    kill9(pid as u32);
+    let start = Instant::now();
+    while alive(pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "kill -9 did not end the worker"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.kill9_and_restart();
+    let v = s.vm("keep");
+    assert_eq!(v["state"], "Off", "{v}");
+    assert!(
+        v["status"]
+            .as_str()
+            .unwrap()
+            .contains("ended while the service was not running"),
+        "{v}"
+    );
+}

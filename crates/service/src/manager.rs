@@ -1,0 +1,766 @@
+//! The VM manager: inventory operations and the lifecycle of each VM's worker.
+//!
+//! Locks: one async lock per VM serialises its operations (start, stop, patch, remove); the
+//! database and the worker table sit behind short synchronous locks never held across an
+//! await.
+
+use crate::cgroup::Cgroups;
+use crate::db::{Db, VmRow};
+use crate::error::ApiError;
+use crate::{validate, worker};
+use api::{Heartbeat, NewVm, Recovery, Vm, VmEvent, VmPatch, VmState};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, watch};
+
+/// How long a worker may take to build its VM and open its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a worker may take to exit after `turn-off` before it is killed.
+const TURN_OFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default wait for a guest shutdown before turning the VM off.
+pub const DEFAULT_STOP_TIMEOUT: u64 = 30;
+/// Recovery restarts allowed per minute.
+const RESTARTS_PER_MINUTE: usize = 3;
+
+pub struct Manager {
+    db: Mutex<Db>,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub worker: PathBuf,
+    pub cgroups: Cgroups,
+    pub socket: PathBuf,
+    pub started: Instant,
+    pub events: broadcast::Sender<VmEvent>,
+    workers: Mutex<HashMap<String, Worker>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    restarts: Mutex<HashMap<String, Vec<Instant>>>,
+}
+
+/// A running worker.
+struct Worker {
+    pid: u32,
+    socket: PathBuf,
+    started_ms: u64,
+    pidfd: Arc<OwnedFd>,
+    /// Becomes `Some(reason)` when the worker has exited and its VM is Off.
+    exit: watch::Receiver<Option<String>>,
+    /// Set when the service itself stops the worker: the status to show afterwards.
+    stop_reason: Option<String>,
+    /// Whether the VM reached Running (recovery applies only then).
+    ready: bool,
+    cpu_sample: Option<(Instant, u64)>,
+    cpu_percent: f64,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Manager {
+    pub fn new(
+        db: Db,
+        state_dir: PathBuf,
+        worker: PathBuf,
+        cgroups: Cgroups,
+        socket: PathBuf,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            db: Mutex::new(db),
+            run_dir: state_dir.join("run"),
+            state_dir,
+            worker,
+            cgroups,
+            socket,
+            started: Instant::now(),
+            events: broadcast::channel(1024).0,
+            workers: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            restarts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+
+    fn folder(&self, id: &str) -> PathBuf {
+        self.vms_dir().join(id)
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn find(&self, name: &str) -> Result<VmRow, ApiError> {
+        self.db()
+            .by_name(name)?
+            .ok_or_else(|| ApiError::not_found(name))
+    }
+
+    fn find_id(&self, id: &str, name: &str) -> Result<VmRow, ApiError> {
+        self.db()
+            .by_id(id)?
+            .ok_or_else(|| ApiError::not_found(name))
+    }
+
+    fn emit(&self, row: &VmRow, state: VmState, status: &str) {
+        let _ = self.events.send(VmEvent {
+            name: row.name.clone(),
+            id: row.id.clone(),
+            state,
+            status: status.to_string(),
+            time_ms: now_ms(),
+        });
+    }
+
+    fn set_state(&self, row: &VmRow, state: VmState, status: &str) -> Result<(), ApiError> {
+        self.db().update_state(&row.id, state, status)?;
+        self.emit(row, state, status);
+        Ok(())
+    }
+
+    /// The API view of a row, with live figures from its worker.
+    fn view(&self, row: &VmRow, heartbeat: Heartbeat) -> Vm {
+        let mut workers = self.workers.lock().unwrap();
+        let w = workers.get_mut(&row.id);
+        let (pid, uptime, cpu) = match w {
+            Some(w) => {
+                let now = Instant::now();
+                if let Some(ticks) = crate::host::cpu_ticks(w.pid) {
+                    let ncpu = f64::from(crate::host::cpus());
+                    match w.cpu_sample {
+                        Some((t, old)) if now.duration_since(t) >= Duration::from_millis(500) => {
+                            let secs = now.duration_since(t).as_secs_f64();
+                            let used = ticks.saturating_sub(old) as f64
+                                / crate::host::TICKS_PER_SEC as f64;
+                            w.cpu_percent = (used / secs / ncpu * 100.0).clamp(0.0, 100.0);
+                            w.cpu_sample = Some((now, ticks));
+                        }
+                        Some(_) => {}
+                        None => {
+                            let secs =
+                                (now_ms().saturating_sub(w.started_ms) as f64 / 1000.0).max(0.001);
+                            let used = ticks as f64 / crate::host::TICKS_PER_SEC as f64;
+                            w.cpu_percent = (used / secs / ncpu * 100.0).clamp(0.0, 100.0);
+                            w.cpu_sample = Some((now, ticks));
+                        }
+                    }
+                }
+                let cpu = (w.cpu_percent * 10.0).round() / 10.0;
+                (
+                    Some(w.pid),
+                    now_ms().saturating_sub(w.started_ms) / 1000,
+                    cpu,
+                )
+            }
+            None => (None, 0, 0.0),
+        };
+        let s = &row.settings;
+        Vm {
+            name: row.name.clone(),
+            id: row.id.clone(),
+            state: row.state,
+            status: row.status.clone(),
+            heartbeat,
+            cpus: s.cpus,
+            memory_bytes: s.memory,
+            kernel: s.kernel.clone(),
+            initrd: s.initrd.clone(),
+            cmdline: s.cmdline.clone(),
+            hyperv: s.hyperv,
+            cpu_limit: s.cpu_limit,
+            cpu_reserve: s.cpu_reserve,
+            cpu_weight: s.cpu_weight,
+            auto_start: s.auto_start,
+            auto_stop: s.auto_stop,
+            recovery: s.recovery,
+            folder: self.folder(&row.id).to_string_lossy().into_owned(),
+            pid,
+            uptime_secs: uptime,
+            cpu_usage_percent: cpu,
+            memory_assigned_bytes: if pid.is_some() { s.memory } else { 0 },
+            created_at: row.created_at / 1000,
+        }
+    }
+
+    async fn heartbeat(&self, row: &VmRow) -> Heartbeat {
+        if row.state != VmState::Running {
+            return Heartbeat::NoContact;
+        }
+        let socket = match self.workers.lock().unwrap().get(&row.id) {
+            Some(w) => w.socket.clone(),
+            None => return Heartbeat::NoContact,
+        };
+        match worker::control(&socket, "status", Duration::from_secs(1)).await {
+            Ok(s) => worker::heartbeat(&s),
+            Err(_) => Heartbeat::NoContact,
+        }
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Vm, ApiError> {
+        let row = self.find(name)?;
+        let hb = self.heartbeat(&row).await;
+        Ok(self.view(&row, hb))
+    }
+
+    pub async fn list(&self) -> Result<Vec<Vm>, ApiError> {
+        let rows = self.db().all()?;
+        let beats = futures_util::future::join_all(rows.iter().map(|r| self.heartbeat(r))).await;
+        Ok(rows
+            .iter()
+            .zip(beats)
+            .map(|(r, hb)| self.view(r, hb))
+            .collect())
+    }
+
+    pub fn counts(&self) -> Result<(u64, u64), ApiError> {
+        let rows = self.db().all()?;
+        let running = rows.iter().filter(|r| r.state.has_worker()).count();
+        Ok((rows.len() as u64, running as u64))
+    }
+
+    /// New-VM: the folder first, then the row in one transaction; a crash between the two
+    /// leaves a folder without a row, which the next start removes.
+    pub async fn create(&self, req: NewVm) -> Result<Vm, ApiError> {
+        let settings = validate::new_vm(&req)?;
+        if self.db().by_name(&req.name)?.is_some() {
+            return Err(duplicate(&req.name));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let folder = self.folder(&id);
+        std::fs::create_dir_all(&folder)
+            .map_err(|e| ApiError::internal("cannot create the VM's folder", e))?;
+        let row = VmRow {
+            id,
+            name: req.name.clone(),
+            settings,
+            state: VmState::Off,
+            status: "Defined".into(),
+            pid: None,
+            control_socket: None,
+            started_at: None,
+            created_at: now_ms(),
+        };
+        if let Err(e) = self.db().insert(&row) {
+            let _ = std::fs::remove_dir_all(&folder);
+            return Err(if is_unique_violation(&e) {
+                duplicate(&req.name)
+            } else {
+                e.into()
+            });
+        }
+        tracing::info!("defined VM '{}' ({})", row.name, row.id);
+        self.emit(&row, VmState::Off, "Defined");
+        Ok(self.view(&row, Heartbeat::NoContact))
+    }
+
+    pub async fn patch(&self, name: &str, p: VmPatch) -> Result<Vm, ApiError> {
+        let id = self.find(name)?.id;
+        let lock = self.lock_for(&id);
+        let _g = lock.lock().await;
+        let row = self.find_id(&id, name)?;
+        if let Some(field) = validate::needs_off(&p) {
+            if row.state != VmState::Off {
+                return Err(ApiError::wrong_state(
+                    &row.name,
+                    row.state,
+                    &format!(
+                        "{field} changes only while it is Off (`viridian vm stop {}` first)",
+                        row.name
+                    ),
+                ));
+            }
+        }
+        let settings = validate::patch(&row.settings, &p)?;
+        let new_name = p.name.clone().unwrap_or_else(|| row.name.clone());
+        if new_name != row.name && self.db().by_name(&new_name)?.is_some() {
+            return Err(duplicate(&new_name));
+        }
+        if let Err(e) = self.db().update_settings(&id, &new_name, &settings) {
+            return Err(if is_unique_violation(&e) {
+                duplicate(&new_name)
+            } else {
+                e.into()
+            });
+        }
+        if row.state.has_worker() {
+            self.cgroups.update(&id, &settings);
+        }
+        let row = self.find_id(&id, name)?;
+        let hb = self.heartbeat(&row).await;
+        Ok(self.view(&row, hb))
+    }
+
+    /// Remove-VM: the row goes in one transaction, then the folder.
+    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
+        let id = self.find(name)?.id;
+        let lock = self.lock_for(&id);
+        let _g = lock.lock().await;
+        let row = self.find_id(&id, name)?;
+        if row.state.has_worker() {
+            return Err(ApiError::wrong_state(
+                &row.name,
+                row.state,
+                &format!("stop it first (`viridian vm stop {}`)", row.name),
+            ));
+        }
+        self.db().delete(&id)?;
+        let _ = std::fs::remove_dir_all(self.folder(&id));
+        self.locks.lock().unwrap().remove(&id);
+        tracing::info!("removed VM '{}' ({id})", row.name);
+        self.emit(&row, VmState::Off, "Removed");
+        Ok(())
+    }
+
+    /// Start-VM. Answers once the worker's control socket is up (Running), or the worker has
+    /// ended (Off; an error unless the guest simply powered off).
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
+        let id = self.find(name)?.id;
+        let lock = self.lock_for(&id);
+        let _g = lock.lock().await;
+        self.start_locked(&id, name).await
+    }
+
+    async fn start_locked(self: &Arc<Self>, id: &str, name: &str) -> Result<Vm, ApiError> {
+        let row = self.find_id(id, name)?;
+        if row.state != VmState::Off && row.state != VmState::Saved {
+            return Err(ApiError::wrong_state(
+                &row.name,
+                row.state,
+                "start needs it Off",
+            ));
+        }
+        let s = &row.settings;
+        for (field, path) in [("kernel", Some(&s.kernel)), ("initrd", s.initrd.as_ref())] {
+            if let Some(p) = path {
+                if !Path::new(p).is_file() {
+                    return Err(ApiError::conflict(format!(
+                        "{field} '{p}' no longer exists; set another with `viridian vm set {} --{field} PATH`",
+                        row.name
+                    )));
+                }
+            }
+        }
+        let folder = self.folder(id);
+        let socket = self.run_dir.join(format!("{id}.sock"));
+        let _ = std::fs::create_dir_all(&folder);
+        self.set_state(&row, VmState::Starting, "Starting the worker")?;
+        let paths = worker::Paths {
+            worker: &self.worker,
+            run_dir: &self.run_dir,
+            folder: &folder,
+            socket: &socket,
+        };
+        let spawned = worker::spawn(&paths, &row.name, s).and_then(|child| {
+            let fd = worker::pidfd(child.id());
+            fd.map(|fd| (child, fd))
+        });
+        let (child, pidfd) = match spawned {
+            Ok(x) => x,
+            Err(e) => {
+                let msg = format!("cannot start the worker {}: {e}", self.worker.display());
+                self.db().update_runtime(id, VmState::Off, &msg, None)?;
+                self.emit(&row, VmState::Off, &msg);
+                return Err(ApiError::internal("cannot start the worker", msg));
+            }
+        };
+        let pid = child.id();
+        let started = now_ms();
+        self.db().update_runtime(
+            id,
+            VmState::Starting,
+            "Starting the worker",
+            Some((pid, &socket.to_string_lossy(), started)),
+        )?;
+        self.cgroups.attach(id, pid, s);
+        let mut exit = self.watch(id, pid, socket.clone(), started, pidfd, Some(child));
+        tracing::info!("VM '{}': worker {pid} started", row.name);
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(reason) = exit.borrow().clone() {
+                let row = self.find_id(id, name)?;
+                return if reason == "the guest powered off" {
+                    Ok(self.view(&row, Heartbeat::NoContact))
+                } else {
+                    Err(ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "start_failed",
+                        format!("VM '{}' did not start: {reason}", row.name),
+                    )
+                    .with_cause(format!(
+                        "the worker's log: {}",
+                        folder.join("worker.log").display()
+                    )))
+                };
+            }
+            if worker::ready(&socket).await {
+                break;
+            }
+            if Instant::now() > deadline {
+                self.turn_off(id, "the worker did not get ready within 60 s; turned off")
+                    .await;
+                let row = self.find_id(id, name)?;
+                return Err(ApiError::conflict(format!(
+                    "VM '{}' did not start: {}",
+                    row.name, row.status
+                )));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(10), exit.changed()).await;
+        }
+        {
+            let mut workers = self.workers.lock().unwrap();
+            if let Some(w) = workers.get_mut(id) {
+                w.ready = true;
+            }
+        }
+        // The worker may end right after getting ready; its watcher then wrote Off already.
+        if exit.borrow().is_none() {
+            self.set_state(&row, VmState::Running, "Operating normally")?;
+        }
+        let row = self.find_id(id, name)?;
+        Ok(self.view(&row, Heartbeat::NoContact))
+    }
+
+    /// Records a worker and watches its pidfd; returns the receiver that reports its end.
+    fn watch(
+        self: &Arc<Self>,
+        id: &str,
+        pid: u32,
+        socket: PathBuf,
+        started_ms: u64,
+        pidfd: OwnedFd,
+        child: Option<std::process::Child>,
+    ) -> watch::Receiver<Option<String>> {
+        let (tx, rx) = watch::channel(None);
+        let pidfd = Arc::new(pidfd);
+        self.workers.lock().unwrap().insert(
+            id.to_string(),
+            Worker {
+                pid,
+                socket,
+                started_ms,
+                pidfd: pidfd.clone(),
+                exit: rx.clone(),
+                stop_reason: None,
+                ready: child.is_none(),
+                cpu_sample: None,
+                cpu_percent: 0.0,
+            },
+        );
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let fd = match pidfd.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::error!("cannot watch worker {pid}: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = worker::exited(fd).await {
+                tracing::error!("cannot watch worker {pid}: {e}");
+                return;
+            }
+            let status = child.and_then(|mut c| c.wait().ok());
+            this.worker_exited(&id, status, tx).await;
+        });
+        rx
+    }
+
+    /// A worker ended: its VM goes Off with the reason, and may be restarted.
+    async fn worker_exited(
+        self: &Arc<Self>,
+        id: &str,
+        status: Option<std::process::ExitStatus>,
+        tx: watch::Sender<Option<String>>,
+    ) {
+        let w = self.workers.lock().unwrap().remove(id);
+        let log = self.folder(id).join("worker.log");
+        let (described, clean) = worker::describe(status, &log);
+        let requested = w.as_ref().and_then(|w| w.stop_reason.clone());
+        let reason = requested.clone().unwrap_or(described);
+        if let Some(w) = &w {
+            let _ = std::fs::remove_file(&w.socket);
+        }
+        self.cgroups.remove(id);
+        let row = match self.db().by_id(id) {
+            Ok(Some(r)) => r,
+            _ => {
+                let _ = tx.send(Some(reason));
+                return;
+            }
+        };
+        if let Err(e) = self.db().update_runtime(id, VmState::Off, &reason, None) {
+            tracing::error!("cannot record that VM '{}' is off: {e}", row.name);
+        }
+        tracing::info!("VM '{}' is off: {reason}", row.name);
+        self.emit(&row, VmState::Off, &reason);
+        let _ = tx.send(Some(reason.clone()));
+        let was_ready = w.as_ref().is_some_and(|w| w.ready);
+        if requested.is_none() && !clean && was_ready && row.settings.recovery == Recovery::Restart
+        {
+            self.recover(row);
+        }
+    }
+
+    fn recover(self: &Arc<Self>, row: VmRow) {
+        let now = Instant::now();
+        let allowed = {
+            let mut r = self.restarts.lock().unwrap();
+            let times = r.entry(row.id.clone()).or_default();
+            times.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+            if times.len() >= RESTARTS_PER_MINUTE {
+                false
+            } else {
+                times.push(now);
+                true
+            }
+        };
+        if !allowed {
+            let msg = format!(
+                "{}; not restarted: {RESTARTS_PER_MINUTE} recovery restarts in the last minute",
+                row.status
+            );
+            let _ = self.db().update_state(&row.id, VmState::Off, &msg);
+            self.emit(&row, VmState::Off, &msg);
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tracing::info!("VM '{}': recovery restart", row.name);
+            if let Err(e) = this.start(&row.name).await {
+                tracing::warn!("VM '{}': recovery restart failed: {e}", row.name);
+            }
+        });
+    }
+
+    /// Turns a worker off (`turn-off`, then SIGKILL) and waits until it has ended.
+    async fn turn_off(&self, id: &str, reason: &str) {
+        let (socket, pidfd, mut exit) = {
+            let mut workers = self.workers.lock().unwrap();
+            let Some(w) = workers.get_mut(id) else { return };
+            w.stop_reason = Some(reason.to_string());
+            (w.socket.clone(), w.pidfd.clone(), w.exit.clone())
+        };
+        let _ = worker::control(&socket, "turn-off", Duration::from_secs(2)).await;
+        if !wait_exit(&mut exit, TURN_OFF_TIMEOUT).await {
+            tracing::warn!("worker did not turn off within {TURN_OFF_TIMEOUT:?}; killing it");
+            worker::kill(&pidfd);
+            wait_exit(&mut exit, TURN_OFF_TIMEOUT).await;
+        }
+    }
+
+    /// Stop-VM: the guest's shutdown service within `timeout`, else (or with `turn_off`) a
+    /// turn-off. Answers when the VM is Off.
+    pub async fn stop(&self, name: &str, turn_off: bool, timeout: u64) -> Result<Vm, ApiError> {
+        let id = self.find(name)?.id;
+        let lock = self.lock_for(&id);
+        let _g = lock.lock().await;
+        self.stop_locked(&id, name, turn_off, timeout).await
+    }
+
+    async fn stop_locked(
+        &self,
+        id: &str,
+        name: &str,
+        turn_off: bool,
+        timeout: u64,
+    ) -> Result<Vm, ApiError> {
+        let row = self.find_id(id, name)?;
+        let socket = self
+            .workers
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|w| (w.socket.clone(), w.exit.clone()));
+        let Some((socket, mut exit)) = socket.filter(|_| row.state.has_worker()) else {
+            return Err(ApiError::wrong_state(
+                &row.name,
+                row.state,
+                "it is not running",
+            ));
+        };
+        if turn_off {
+            self.set_state(&row, VmState::Stopping, "Turning off")?;
+            self.turn_off(id, "Turned off").await;
+        } else {
+            self.set_state(
+                &row,
+                VmState::Stopping,
+                "Shutting down through the guest's shutdown service",
+            )?;
+            if let Some(w) = self.workers.lock().unwrap().get_mut(id) {
+                w.stop_reason = Some("Shut down by the guest's shutdown service".into());
+            }
+            match worker::control(&socket, "shutdown", Duration::from_secs(5)).await {
+                Ok(_) => {
+                    if !wait_exit(&mut exit, Duration::from_secs(timeout)).await {
+                        self.turn_off(
+                            id,
+                            &format!("The guest did not shut down within {timeout} s; turned off"),
+                        )
+                        .await;
+                    }
+                }
+                Err(e) => {
+                    self.turn_off(
+                        id,
+                        &format!("Turned off: the guest could not shut down ({e})"),
+                    )
+                    .await;
+                }
+            }
+        }
+        let row = self.find_id(id, name)?;
+        Ok(self.view(&row, Heartbeat::NoContact))
+    }
+
+    pub async fn restart(
+        self: &Arc<Self>,
+        name: &str,
+        turn_off: bool,
+        timeout: u64,
+    ) -> Result<Vm, ApiError> {
+        let id = self.find(name)?.id;
+        let lock = self.lock_for(&id);
+        let _g = lock.lock().await;
+        self.stop_locked(&id, name, turn_off, timeout).await?;
+        self.start_locked(&id, name).await
+    }
+
+    pub async fn pause(&self, name: &str, resume: bool) -> Result<Vm, ApiError> {
+        let row = self.find(name)?;
+        let verb = if resume { "resume" } else { "pause" };
+        match (row.state, resume) {
+            (VmState::Running, false) | (VmState::Paused, true) => Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "not_supported",
+                format!(
+                    "{verb} is not supported by the worker yet; `viridian vm stop {}` stops the VM",
+                    row.name
+                ),
+            )),
+            (state, _) => Err(ApiError::wrong_state(
+                &row.name,
+                state,
+                if resume {
+                    "resume needs it Paused"
+                } else {
+                    "pause needs it Running"
+                },
+            )),
+        }
+    }
+
+    /// At start-up: adopt the workers that still run, mark the rest Off, remove folders
+    /// without a VM, then apply each VM's automatic start action.
+    pub async fn recover_inventory(self: &Arc<Self>) -> Result<(), ApiError> {
+        let rows = self.db().all()?;
+        let mut was_running = Vec::new();
+        for row in &rows {
+            if !row.state.has_worker() && row.pid.is_none() {
+                continue;
+            }
+            let adopted = match (row.pid, row.control_socket.as_deref()) {
+                (Some(pid), Some(socket)) => self.adopt(row, pid, Path::new(socket)),
+                _ => false,
+            };
+            if !adopted {
+                let msg = match row.pid {
+                    Some(pid) => {
+                        format!("The worker (pid {pid}) ended while the service was not running")
+                    }
+                    None => "The service stopped while the VM was starting".to_string(),
+                };
+                self.db()
+                    .update_runtime(&row.id, VmState::Off, &msg, None)?;
+                self.emit(row, VmState::Off, &msg);
+                was_running.push(row.id.clone());
+            }
+        }
+        self.remove_orphan_folders(&rows);
+        for row in rows {
+            use api::AutoStart;
+            let start = match row.settings.auto_start {
+                AutoStart::Nothing => false,
+                AutoStart::Start => true,
+                AutoStart::StartIfRunning => was_running.contains(&row.id),
+            };
+            if start && !self.workers.lock().unwrap().contains_key(&row.id) {
+                tracing::info!("VM '{}': automatic start", row.name);
+                if let Err(e) = self.start(&row.name).await {
+                    tracing::warn!("VM '{}': automatic start failed: {e}", row.name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes over a worker from an earlier service, if `pid` still is that worker.
+    fn adopt(self: &Arc<Self>, row: &VmRow, pid: u32, socket: &Path) -> bool {
+        // The pidfd first, then the check: the pidfd then refers to the process checked.
+        let Ok(fd) = worker::pidfd(pid) else {
+            return false;
+        };
+        if !crate::host::is_worker(pid, socket) {
+            return false;
+        }
+        let started = row.started_at.unwrap_or_else(now_ms);
+        self.watch(&row.id, pid, socket.to_path_buf(), started, fd, None);
+        let status = "Operating normally (adopted after a service restart)";
+        let _ = self.db().update_state(&row.id, VmState::Running, status);
+        self.emit(row, VmState::Running, status);
+        tracing::info!("VM '{}': adopted worker {pid}", row.name);
+        true
+    }
+
+    fn remove_orphan_folders(&self, rows: &[VmRow]) {
+        let Ok(entries) = std::fs::read_dir(self.vms_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !rows.iter().any(|r| r.id == name) {
+                tracing::info!(
+                    "removing {}: no VM has it (a create or remove was cut short)",
+                    e.path().display()
+                );
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+async fn wait_exit(exit: &mut watch::Receiver<Option<String>>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, exit.wait_for(|r| r.is_some()))
+        .await
+        .is_ok()
+}
+
+fn duplicate(name: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "duplicate_name",
+        format!("a VM called '{name}' exists already; pick another name"),
+    )
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
