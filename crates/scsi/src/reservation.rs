@@ -61,12 +61,19 @@ pub struct ReservationSnapshot {
     pub registrations: Vec<(InitiatorId, u64)>,
     /// (holder, type). For the all-registrants types every registrant holds it.
     pub reservation: Option<(InitiatorId, ReservationType)>,
+    /// Persist through power loss activated (APTPL of the last REGISTER): the caller should
+    /// save this snapshot with the medium and restore it when the medium is opened again.
+    pub aptpl: bool,
 }
 
 /// The persistent reservation state of one medium, cheap to clone and share between the
 /// targets (and VMs) that use the medium.
 #[derive(Debug, Clone, Default)]
-pub struct SharedReservations(Arc<Mutex<ReservationSnapshot>>);
+pub struct SharedReservations {
+    state: Arc<Mutex<ReservationSnapshot>>,
+    /// Whether APTPL is accepted (PTPL_C): the caller persists the state.
+    ptpl_capable: bool,
+}
 
 /// How a command is treated under a reservation (SPC-4 table 66, SBC-3 table 13).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +116,15 @@ impl SharedReservations {
         Self::default()
     }
 
+    /// Reservations that may persist through power loss: APTPL is accepted and recorded in
+    /// [`ReservationSnapshot::aptpl`]; saving and restoring the snapshot is the caller's job.
+    pub fn persistent() -> Self {
+        Self {
+            ptpl_capable: true,
+            ..Self::default()
+        }
+    }
+
     pub fn snapshot(&self) -> ReservationSnapshot {
         self.lock().clone()
     }
@@ -118,7 +134,7 @@ impl SharedReservations {
     }
 
     fn lock(&self) -> MutexGuard<'_, ReservationSnapshot> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `initiator` may run a command of this kind now.
@@ -174,8 +190,8 @@ impl SharedReservations {
             }
             PrInAction::ReportCapabilities => {
                 out.extend_from_slice(&8u16.to_be_bytes());
-                out.push(0x04); // ATP_C; no CRH, SIP_C, PTPL_C
-                out.push(0x80); // TMV; ALLOW COMMANDS 0; PTPL_A 0
+                out.push(0x04 | u8::from(self.ptpl_capable)); // ATP_C, PTPL_C; no CRH, SIP_C
+                out.push(0x80 | u8::from(s.aptpl)); // TMV; ALLOW COMMANDS 0; PTPL_A
                 out.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02); // WR_EX_AR EX_AC_RO WR_EX_RO EX_AC WR_EX
                 out.push(0x01); // EX_AC_AR
                 out.extend_from_slice(&[0; 2]);
@@ -208,8 +224,14 @@ impl SharedReservations {
         if flags & 0x08 != 0 {
             return Err(PrOutError::Sense(Sense::invalid_param_field(20))); // SPEC_I_PT
         }
-        if flags & 0x01 != 0 {
-            return Err(PrOutError::Sense(Sense::invalid_param_field(20))); // APTPL
+        let register = matches!(
+            action,
+            PrOutAction::Register | PrOutAction::RegisterAndIgnore
+        );
+        // APTPL matters only to the register actions (SPC-4 6.16.4).
+        let aptpl = flags & 0x01 != 0;
+        if register && aptpl && !self.ptpl_capable {
+            return Err(PrOutError::Sense(Sense::invalid_param_field(20)));
         }
         let needs_type = matches!(
             action,
@@ -253,6 +275,9 @@ impl SharedReservations {
                         }
                         s.generation = s.generation.wrapping_add(1);
                     }
+                }
+                if current.is_some() || sa_key != 0 {
+                    s.aptpl = aptpl;
                 }
                 Ok(())
             }
@@ -527,6 +552,30 @@ mod tests {
     }
 
     #[test]
+    fn persist_through_power_loss() {
+        let r = SharedReservations::persistent();
+        assert_eq!(
+            r.reserve_in(PrInAction::ReportCapabilities)[2..4],
+            [0x05, 0x80]
+        );
+        let mut p = params(0, 9);
+        p[20] = 0x01;
+        r.reserve_out(A, PrOutAction::Register, 0, 0, &p).unwrap();
+        assert!(r.snapshot().aptpl);
+        assert_eq!(
+            r.reserve_in(PrInAction::ReportCapabilities)[2..4],
+            [0x05, 0x81]
+        );
+        // A later REGISTER without APTPL turns it off; the state survives save/restore.
+        out(&r, A, PrOutAction::Register, 0, 9, 10).unwrap();
+        let snap = r.snapshot();
+        assert!(!snap.aptpl);
+        let again = SharedReservations::persistent();
+        again.restore(snap.clone());
+        assert_eq!(again.snapshot(), snap);
+    }
+
+    #[test]
     fn hostile_parameters() {
         let r = SharedReservations::new();
         assert_eq!(
@@ -540,6 +589,11 @@ mod tests {
             Err(PrOutError::Sense(Sense::invalid_param_field(20)))
         );
         out(&r, A, PrOutAction::Register, 0, 0, 1).unwrap();
+        // APTPL is ignored by the other actions.
+        let mut p = params(1, 0);
+        p[20] = 0x01;
+        r.reserve_out(A, PrOutAction::Reserve, 0, 1, &p).unwrap();
+        r.reserve_out(A, PrOutAction::Release, 0, 1, &p).unwrap();
         // Bad type and bad scope.
         assert!(matches!(
             out(&r, A, PrOutAction::Reserve, 2, 1, 0),
