@@ -28,7 +28,9 @@ pub struct DiskConfig {
     pub max_unmap_blocks: u32,
     /// Most UNMAP block descriptors in one command.
     pub max_unmap_descriptors: u32,
-    /// Largest WRITE SAME in blocks.
+    /// Largest WRITE SAME in blocks. A WRITE SAME that cannot unmap writes its block this
+    /// many times, synchronously, so keep it to what the medium writes well within the
+    /// guest's command timeout.
     pub max_write_same_blocks: u32,
     /// Overrides [`Medium::disk_id`] for the serial number and designators.
     pub id: Option<[u8; 16]>,
@@ -41,7 +43,7 @@ impl Default for DiskConfig {
             max_transfer_blocks: 2048,
             max_unmap_blocks: 0x0040_0000,
             max_unmap_descriptors: 256,
-            max_write_same_blocks: 0x0040_0000,
+            max_write_same_blocks: 0x0001_0000,
             id: None,
         }
     }

@@ -104,7 +104,7 @@ fn vpd_pages() {
     assert_eq!(&b[24..28], &256u32.to_be_bytes()); // max unmap descriptors
     assert_eq!(&b[28..32], &8u32.to_be_bytes()); // optimal unmap granularity
     assert_eq!(&b[32..36], &[0x80, 0, 0, 0]); // UGAVALID, alignment 0
-    assert_eq!(&b[36..44], &0x0040_0000u64.to_be_bytes()); // max write same
+    assert_eq!(&b[36..44], &0x0001_0000u64.to_be_bytes()); // max write same
 
     let (_, b) = run_in(&d, &inquiry(true, 0xB1, 255), 255);
     assert_eq!(&b[..6], &[0, 0xB1, 0, 0x3C, 0, 1]);
@@ -432,7 +432,7 @@ fn write_same_and_get_lba_status() {
     let bad = SenseKey::IllegalRequest;
     sense(&run_out(&d, &cdb16(0x93, 0, 0, 0), &pattern), bad, 0x24, 0);
     sense(
-        &run_out(&d, &cdb16(0x93, 0, 0, 0x0040_0001), &pattern),
+        &run_out(&d, &cdb16(0x93, 0, 0, 0x0001_0001), &pattern),
         bad,
         0x24,
         0,
