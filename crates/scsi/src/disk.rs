@@ -540,8 +540,7 @@ impl LogicalUnit for ScsiDisk {
                         Err(s) => return Completion::check(s),
                     }
                 } else {
-                    inquiry::standard(self.identity.peripheral, false, &self.identity.product)
-                        .to_vec()
+                    inquiry::standard(&self.identity).to_vec()
                 };
                 Completion::good(data.reply(&bytes, alloc))
             }

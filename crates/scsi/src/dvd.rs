@@ -364,8 +364,7 @@ impl LogicalUnit for ScsiDvd {
                         Err(s) => return Completion::check(s),
                     }
                 } else {
-                    inquiry::standard(self.identity.peripheral, true, &self.identity.product)
-                        .to_vec()
+                    inquiry::standard(&self.identity).to_vec()
                 };
                 Completion::good(data.reply(&bytes, alloc))
             }

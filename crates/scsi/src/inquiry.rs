@@ -36,16 +36,16 @@ pub fn product(s: &str) -> [u8; 16] {
 }
 
 /// Standard INQUIRY data, 36 bytes.
-pub fn standard(peripheral: u8, removable: bool, product: &[u8; 16]) -> [u8; 36] {
+pub fn standard(identity: &Identity) -> [u8; 36] {
     let mut b = [0u8; 36];
-    b[0] = peripheral;
-    b[1] = if removable { 0x80 } else { 0 };
+    b[0] = identity.peripheral;
+    b[1] = if identity.removable { 0x80 } else { 0 };
     b[2] = 0x05; // SPC-3, as Hyper-V reports
     b[3] = 0x02; // response data format 2
     b[4] = 36 - 5; // additional length
     b[7] = 0x02; // CMDQUE
     b[8..16].copy_from_slice(VENDOR);
-    b[16..32].copy_from_slice(product);
+    b[16..32].copy_from_slice(&identity.product);
     b[32..36].copy_from_slice(REVISION);
     b
 }
@@ -188,7 +188,12 @@ mod tests {
 
     #[test]
     fn standard_data_bytes() {
-        let b = standard(TYPE_CDROM, true, &product("Virtual DVD-ROM"));
+        let b = standard(&Identity {
+            peripheral: TYPE_CDROM,
+            removable: true,
+            product: product("Virtual DVD-ROM"),
+            id: [0; 16],
+        });
         assert_eq!(&b[..8], &[0x05, 0x80, 0x05, 0x02, 31, 0, 0, 0x02]);
         assert_eq!(&b[8..36], b"Msft    Virtual DVD-ROM 1.0 ");
     }
