@@ -241,12 +241,20 @@ impl ScsiDisk {
         self.capacity_changed.store(true, Ordering::SeqCst);
     }
 
+    /// Takes the unit attention pending for `initiator`, if any.
+    fn take_unit_attention(&self, initiator: InitiatorId) -> Option<Sense> {
+        if self.capacity_changed.swap(false, Ordering::SeqCst) {
+            return Some(Sense::capacity_changed());
+        }
+        self.reservations.take_unit_attention(initiator)
+    }
+
     /// Reports (and clears) a pending unit attention for `cmd`.
-    fn unit_attention(&self, cmd: &Command) -> Option<Completion> {
-        if cmd.ignores_unit_attention() || !self.capacity_changed.swap(false, Ordering::SeqCst) {
+    fn unit_attention(&self, initiator: InitiatorId, cmd: &Command) -> Option<Completion> {
+        if cmd.ignores_unit_attention() {
             return None;
         }
-        Some(Completion::check(Sense::capacity_changed()))
+        self.take_unit_attention(initiator).map(Completion::check)
     }
 
     pub fn reservations(&self) -> &SharedReservations {
@@ -272,7 +280,7 @@ impl ScsiDisk {
         cmd: &Command,
         buffer_len: usize,
     ) -> Result<Option<BlockIo>, Completion> {
-        if let Some(c) = self.unit_attention(cmd) {
+        if let Some(c) = self.unit_attention(initiator, cmd) {
             return Err(c);
         }
         if !self
@@ -501,7 +509,7 @@ impl LogicalUnit for ScsiDisk {
         cmd: &Command,
         mut data: Data<'_>,
     ) -> Completion {
-        if let Some(c) = self.unit_attention(cmd) {
+        if let Some(c) = self.unit_attention(initiator, cmd) {
             return c;
         }
         if !self
@@ -526,11 +534,9 @@ impl LogicalUnit for ScsiDisk {
                 if desc {
                     return Completion::check(Sense::invalid_cdb_field(1, Some(0)));
                 }
-                let sense = if self.capacity_changed.swap(false, Ordering::SeqCst) {
-                    Sense::capacity_changed()
-                } else {
-                    Sense::no_sense()
-                };
+                let sense = self
+                    .take_unit_attention(initiator)
+                    .unwrap_or(Sense::no_sense());
                 Completion::good(data.reply(&sense.to_fixed(), alloc))
             }
             Command::Inquiry { evpd, page, alloc } => {

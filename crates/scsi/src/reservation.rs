@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::cdb::{Command, PrInAction, PrOutAction};
-use crate::sense::Sense;
+use crate::sense::{asc, Sense, SenseKey};
 use crate::InitiatorId;
 
 /// Persistent reservation types (SPC-4 table 180).
@@ -64,6 +64,9 @@ pub struct ReservationSnapshot {
     /// Persist through power loss activated (APTPL of the last REGISTER): the caller should
     /// save this snapshot with the medium and restore it when the medium is opened again.
     pub aptpl: bool,
+    /// Unit attentions owed to initiators whose registration or reservation another
+    /// initiator took away (SPC-4 5.13.11), one per initiator, reported on its next command.
+    pub unit_attentions: Vec<(InitiatorId, Sense)>,
 }
 
 /// The persistent reservation state of one medium, cheap to clone and share between the
@@ -135,6 +138,13 @@ impl SharedReservations {
 
     fn lock(&self) -> MutexGuard<'_, ReservationSnapshot> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the unit attention owed to `initiator`, if any.
+    pub(crate) fn take_unit_attention(&self, initiator: InitiatorId) -> Option<Sense> {
+        let mut s = self.lock();
+        let i = s.unit_attentions.iter().position(|u| u.0 == initiator)?;
+        Some(s.unit_attentions.remove(i).1)
     }
 
     /// Whether `initiator` may run a command of this kind now.
@@ -253,49 +263,128 @@ impl SharedReservations {
         };
 
         let mut s = self.lock();
-        let current = key_of(&s, initiator);
-        match action {
-            PrOutAction::Register | PrOutAction::RegisterAndIgnore => {
-                if action == PrOutAction::Register && current.unwrap_or(0) != key {
-                    return Err(PrOutError::Conflict);
-                }
-                match (current, sa_key) {
-                    (None, 0) => {}
-                    (None, new) => {
-                        s.registrations.push((initiator, new));
-                        s.generation = s.generation.wrapping_add(1);
-                    }
-                    (Some(_), 0) => {
-                        unregister(&mut s, initiator);
-                        s.generation = s.generation.wrapping_add(1);
-                    }
-                    (Some(_), new) => {
-                        if let Some(r) = s.registrations.iter_mut().find(|r| r.0 == initiator) {
-                            r.1 = new;
-                        }
-                        s.generation = s.generation.wrapping_add(1);
-                    }
-                }
-                if current.is_some() || sa_key != 0 {
-                    s.aptpl = aptpl;
-                }
-                Ok(())
+        let before = (s.registrations.clone(), s.reservation);
+        let r = apply(&mut s, initiator, action, key, sa_key, aptpl, rtype);
+        if r.is_ok() {
+            notify(&mut s, initiator, action, before);
+        }
+        r
+    }
+}
+
+/// Owes the initiators that lost something in `action` a unit attention.
+fn notify(
+    s: &mut ReservationSnapshot,
+    initiator: InitiatorId,
+    action: PrOutAction,
+    (registrations, reservation): (
+        Vec<(InitiatorId, u64)>,
+        Option<(InitiatorId, ReservationType)>,
+    ),
+) {
+    let ua = |code| Sense::new(SenseKey::UnitAttention, code);
+    let mut owed: Vec<(InitiatorId, Sense)> = Vec::new();
+    let others = |s: &ReservationSnapshot| -> Vec<InitiatorId> {
+        s.registrations
+            .iter()
+            .map(|r| r.0)
+            .filter(|&i| i != initiator)
+            .collect()
+    };
+    let released = |s: &ReservationSnapshot| match (reservation, s.reservation) {
+        (Some((_, ty)), None) => ty.registrants_allowed(),
+        _ => false,
+    };
+    match action {
+        PrOutAction::Clear => {
+            for &(i, _) in registrations.iter().filter(|r| r.0 != initiator) {
+                owed.push((i, ua(asc::RESERVATIONS_PREEMPTED)));
             }
-            _ => {
-                if current != Some(key) {
-                    return Err(PrOutError::Conflict);
+        }
+        PrOutAction::Preempt | PrOutAction::PreemptAndAbort => {
+            for &(i, _) in &registrations {
+                if i != initiator && key_of(s, i).is_none() {
+                    owed.push((i, ua(asc::REGISTRATIONS_PREEMPTED)));
                 }
-                match action {
-                    PrOutAction::Reserve => reserve(&mut s, initiator, rtype),
-                    PrOutAction::Release => release(&mut s, initiator, rtype),
-                    PrOutAction::Clear => {
-                        s.registrations.clear();
-                        s.reservation = None;
-                        s.generation = s.generation.wrapping_add(1);
-                        Ok(())
+            }
+            let changed = match (reservation, s.reservation) {
+                (Some((_, a)), Some((_, b))) => a != b,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if changed {
+                for i in others(s) {
+                    owed.push((i, ua(asc::RESERVATIONS_RELEASED)));
+                }
+            }
+        }
+        PrOutAction::Release | PrOutAction::Register | PrOutAction::RegisterAndIgnore => {
+            if released(s) {
+                for i in others(s) {
+                    owed.push((i, ua(asc::RESERVATIONS_RELEASED)));
+                }
+            }
+        }
+        PrOutAction::Reserve => {}
+    }
+    for (i, sense) in owed {
+        if !s.unit_attentions.iter().any(|u| u.0 == i) {
+            s.unit_attentions.push((i, sense));
+        }
+    }
+}
+
+fn apply(
+    s: &mut ReservationSnapshot,
+    initiator: InitiatorId,
+    action: PrOutAction,
+    key: u64,
+    sa_key: u64,
+    aptpl: bool,
+    rtype: Option<ReservationType>,
+) -> Result<(), PrOutError> {
+    let current = key_of(s, initiator);
+    match action {
+        PrOutAction::Register | PrOutAction::RegisterAndIgnore => {
+            if action == PrOutAction::Register && current.unwrap_or(0) != key {
+                return Err(PrOutError::Conflict);
+            }
+            match (current, sa_key) {
+                (None, 0) => {}
+                (None, new) => {
+                    s.registrations.push((initiator, new));
+                    s.generation = s.generation.wrapping_add(1);
+                }
+                (Some(_), 0) => {
+                    unregister(s, initiator);
+                    s.generation = s.generation.wrapping_add(1);
+                }
+                (Some(_), new) => {
+                    if let Some(r) = s.registrations.iter_mut().find(|r| r.0 == initiator) {
+                        r.1 = new;
                     }
-                    _ => preempt(&mut s, initiator, key, sa_key, rtype),
+                    s.generation = s.generation.wrapping_add(1);
                 }
+            }
+            if current.is_some() || sa_key != 0 {
+                s.aptpl = aptpl;
+            }
+            Ok(())
+        }
+        _ => {
+            if current != Some(key) {
+                return Err(PrOutError::Conflict);
+            }
+            match action {
+                PrOutAction::Reserve => reserve(s, initiator, rtype),
+                PrOutAction::Release => release(s, initiator, rtype),
+                PrOutAction::Clear => {
+                    s.registrations.clear();
+                    s.reservation = None;
+                    s.generation = s.generation.wrapping_add(1);
+                    Ok(())
+                }
+                _ => preempt(s, initiator, key, sa_key, rtype),
             }
         }
     }
@@ -549,6 +638,39 @@ mod tests {
         out(&r, B, PrOutAction::Clear, 0, 0xB, 0).unwrap();
         let s = r.snapshot();
         assert!(s.registrations.is_empty() && s.reservation.is_none());
+    }
+
+    #[test]
+    fn losers_are_owed_unit_attentions() {
+        let r = SharedReservations::new();
+        out(&r, A, PrOutAction::Register, 0, 0, 0xA).unwrap();
+        out(&r, B, PrOutAction::Register, 0, 0, 0xB).unwrap();
+        out(&r, C, PrOutAction::Register, 0, 0, 0xC).unwrap();
+        out(&r, A, PrOutAction::Reserve, 5, 0xA, 0).unwrap();
+        // Releasing a registrants-only reservation tells the other registrants.
+        out(&r, A, PrOutAction::Release, 5, 0xA, 0).unwrap();
+        let released = Sense::new(SenseKey::UnitAttention, asc::RESERVATIONS_RELEASED);
+        assert_eq!(r.take_unit_attention(B), Some(released));
+        assert_eq!(r.take_unit_attention(C), Some(released));
+        assert_eq!(r.take_unit_attention(A), None);
+        assert_eq!(r.take_unit_attention(B), None);
+        // B preempts A's reservation (type unchanged): only A hears about it.
+        out(&r, A, PrOutAction::Reserve, 1, 0xA, 0).unwrap();
+        out(&r, B, PrOutAction::Preempt, 1, 0xB, 0xA).unwrap();
+        let preempted = Sense::new(SenseKey::UnitAttention, asc::REGISTRATIONS_PREEMPTED);
+        assert_eq!(r.take_unit_attention(A), Some(preempted));
+        assert_eq!(r.take_unit_attention(C), None);
+        // CLEAR preempts everyone else.
+        out(&r, B, PrOutAction::Clear, 0, 0xB, 0).unwrap();
+        let cleared = Sense::new(SenseKey::UnitAttention, asc::RESERVATIONS_PREEMPTED);
+        assert_eq!(r.take_unit_attention(C), Some(cleared));
+        assert_eq!(r.take_unit_attention(B), None);
+        // A failed command owes nothing.
+        assert_eq!(
+            out(&r, A, PrOutAction::Clear, 0, 0xA, 0),
+            Err(PrOutError::Conflict)
+        );
+        assert!(r.snapshot().unit_attentions.is_empty());
     }
 
     #[test]

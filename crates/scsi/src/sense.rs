@@ -39,6 +39,9 @@ pub mod asc {
     pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: (u8, u8) = (0x26, 0x04);
     pub const WRITE_PROTECTED: (u8, u8) = (0x27, 0x00);
     pub const NOT_READY_TO_READY_CHANGE: (u8, u8) = (0x28, 0x00);
+    pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
+    pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2A, 0x04);
+    pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x05);
     pub const CAPACITY_DATA_HAS_CHANGED: (u8, u8) = (0x2A, 0x09);
     pub const SAVING_PARAMETERS_NOT_SUPPORTED: (u8, u8) = (0x39, 0x00);
     pub const MEDIUM_NOT_PRESENT: (u8, u8) = (0x3A, 0x00);

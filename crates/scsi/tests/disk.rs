@@ -656,6 +656,9 @@ fn persistent_reservations_across_disks_and_initiators() {
 
     // Node 2 preempts node 1 (failover): node 1 is unregistered and fenced.
     good(&pr(&b, 2, 4, 1, 0xBBBB, 0xAAAA)); // PREEMPT to Write Exclusive
+                                            // Node 1 first learns that its registration was preempted, then is fenced.
+    let c = run_out_as(&a, InitiatorId(1), &cdb10(0x2A, 0, 0, 1), &[0; 512]);
+    sense(&c, SenseKey::UnitAttention, 0x2A, 0x05);
     let c = run_out_as(&a, InitiatorId(1), &cdb10(0x2A, 0, 0, 1), &[0; 512]);
     assert_eq!(c.status, ScsiStatus::ReservationConflict);
     good(&run_in_as(&a, InitiatorId(1), &cdb10(0x28, 0, 0, 1), 512).0);
