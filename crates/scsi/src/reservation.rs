@@ -263,10 +263,10 @@ impl SharedReservations {
         };
 
         let mut s = self.lock();
-        let before = (s.registrations.clone(), s.reservation);
+        let before = s.clone();
         let r = apply(&mut s, initiator, action, key, sa_key, aptpl, rtype);
         if r.is_ok() {
-            notify(&mut s, initiator, action, before);
+            notify(&mut s, initiator, action, &before);
         }
         r
     }
@@ -277,11 +277,9 @@ fn notify(
     s: &mut ReservationSnapshot,
     initiator: InitiatorId,
     action: PrOutAction,
-    (registrations, reservation): (
-        Vec<(InitiatorId, u64)>,
-        Option<(InitiatorId, ReservationType)>,
-    ),
+    before: &ReservationSnapshot,
 ) {
+    let (registrations, reservation) = (&before.registrations, before.reservation);
     let ua = |code| Sense::new(SenseKey::UnitAttention, code);
     let mut owed: Vec<(InitiatorId, Sense)> = Vec::new();
     let others = |s: &ReservationSnapshot| -> Vec<InitiatorId> {
@@ -302,7 +300,7 @@ fn notify(
             }
         }
         PrOutAction::Preempt | PrOutAction::PreemptAndAbort => {
-            for &(i, _) in &registrations {
+            for &(i, _) in registrations {
                 if i != initiator && key_of(s, i).is_none() {
                     owed.push((i, ua(asc::REGISTRATIONS_PREEMPTED)));
                 }
