@@ -90,8 +90,7 @@ impl Geometry {
         Ok((lba * u64::from(self.block), blocks * u64::from(self.block)))
     }
 
-    /// Validates a READ/WRITE/VERIFY against the maximum transfer, the capacity and the
-    /// buffer. `len_field` is the CDB byte of the transfer length, for the field pointer.
+    /// Validates a READ/WRITE against the maximum transfer, the capacity and the buffer.
     pub fn io(
         &self,
         medium: &dyn Medium,
@@ -122,10 +121,17 @@ impl Geometry {
 
     /// Runs a validated block I/O.
     pub fn run(&self, medium: &dyn Medium, io: BlockIo, data: &mut Data) -> Completion {
+        let short = || Completion::check(Sense::invalid_cdb_field(7, None));
         let r = if io.write {
-            medium.write_at(&data.output()[..io.len], io.offset)
+            match data.output().get(..io.len) {
+                Some(buf) => medium.write_at(buf, io.offset),
+                None => return short(),
+            }
         } else {
-            medium.read_at(&mut data.input()[..io.len], io.offset)
+            match data.input().get_mut(..io.len) {
+                Some(buf) => medium.read_at(buf, io.offset),
+                None => return short(),
+            }
         };
         self.complete(io, r)
     }

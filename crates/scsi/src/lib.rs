@@ -22,6 +22,13 @@
 //!   (the caching page reports WCE = 1).
 //! - **Backend errors** complete with MEDIUM ERROR, the failing LBA in the INFORMATION field,
 //!   and the [`MediumError`] in [`Completion::error`] for the caller to log.
+//! - **Unit attentions** (a DVD medium change, a disk resize, a preempted or released
+//!   persistent reservation) are reported once, on the next command other than INQUIRY,
+//!   REPORT LUNS, REQUEST SENSE and the DVD's event and configuration queries; REQUEST SENSE
+//!   returns (and clears) them as parameter data.
+//! - **Persistent reservations** live in a [`SharedReservations`] that the caller shares
+//!   between every target (in every VM) on the same medium; the caller names initiators with
+//!   [`InitiatorId`]. A command the reservation forbids completes with RESERVATION CONFLICT.
 #![forbid(unsafe_code)]
 
 pub mod cdb;
