@@ -31,4 +31,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# schemathesis, pinned, for the API test in crates/cli/tests/service_api.rs (it skips, saying
+# so, without it).
+st_version=4.32.5
+if ! python3 -m pip show schemathesis 2>/dev/null | grep -qx "Version: $st_version"; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    echo "setup: installing python3-pip"
+    apt-get install -y -q --no-install-recommends python3-pip >/dev/null
+  fi
+  echo "setup: installing schemathesis $st_version (pip)"
+  python3 -m pip install -q "schemathesis==$st_version" 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages "schemathesis==$st_version"
+fi
 echo "setup: done"
