@@ -630,7 +630,9 @@ impl Core {
         };
         let req = o.request;
         match self.answer(&req, resp, events) {
-            Ok(()) => Ok(()),
+            // Answered; an item in it may have been skipped.
+            Ok(None) => Ok(()),
+            Ok(Some(skipped)) => Err(skipped),
             Err(e) => {
                 // The guest answered this transaction, badly: it will not answer again.
                 self.finish(req, KvpStatus::BadResponse, events);
@@ -639,12 +641,14 @@ impl Core {
         }
     }
 
+    /// Handles the answer to `req`. `Err`: the answer is unusable (the request failed);
+    /// `Ok(Some(e))`: answered, but an enumerated item was malformed and skipped.
     fn answer(
         &mut self,
         req: &KvpRequest,
         resp: Response<'_>,
         events: &mut Vec<KvpEvent>,
-    ) -> Result<(), IcError> {
+    ) -> Result<Option<IcError>, IcError> {
         let (want_op, want_pool) = operation(req);
         let body = resp.body;
         let (got_op, got_pool) = match (body.first(), body.get(1)) {
@@ -677,7 +681,7 @@ impl Core {
                 self.set_daemon(daemon, events);
                 if st != KvpStatus::Ok {
                     self.finish(req.clone(), st, events);
-                    return Ok(());
+                    return Ok(None);
                 }
                 if e.index != *index {
                     return Err(IcError::Malformed("enumeration answer for another index"));
@@ -701,7 +705,7 @@ impl Core {
                     });
                 }
                 // A bad item is skipped (and reported); the enumeration goes on.
-                item.map(|_| ())?;
+                return Ok(item.err());
             }
             KvpRequest::GetIpInfo { adapter_id } => {
                 let (m, _) = wire::KvpIpMessage::read_from_prefix(body)
@@ -722,7 +726,7 @@ impl Core {
                 self.finish(req.clone(), st, events);
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     fn check_timeout(&mut self, now: Instant, events: &mut Vec<KvpEvent>) {
@@ -966,45 +970,53 @@ impl Kvp {
             return Ok(());
         }
         self.core.retry_at = None;
-        let Some(req) = self.core.queue.pop_front() else {
-            return Ok(());
-        };
-        let (_, version) = self.fw.ready()?;
-        if matches!(req, KvpRequest::GetIpInfo { .. }) && version.major < wire::VERSION_4_0.major {
-            self.core.finish(req, KvpStatus::NotSent, events);
-            return Ok(());
-        }
-        let msg = request_message(&req);
-        match self.fw.send_request(ch, &msg[..]) {
-            Ok(transaction) => {
-                if let KvpRequest::Enumerate { pool, index: 0 } = req {
-                    self.core.enumeration = Enumeration {
-                        pool: Some(pool),
-                        collected: BTreeMap::new(),
-                    };
+        // Requests that cannot go out are finished at once; stop at the first one sent.
+        while let Some(req) = self.core.queue.pop_front() {
+            if let KvpRequest::Enumerate { pool, index } = req {
+                if index > 0 && self.core.enumeration.pool != Some(pool) {
+                    // The enumeration this continued has ended (close, timeout): drop it.
+                    continue;
                 }
-                self.core.outstanding = Some(Outstanding {
-                    request: req,
-                    transaction,
-                    sent_at: Some(now),
-                });
-                Ok(())
             }
-            Err(IcError::Channel(ChannelError::Full)) => {
-                self.core.queue.push_front(req);
-                self.core.retry_at = Some(now + RETRY_DELAY);
-                Ok(())
-            }
-            Err(IcError::Channel(ChannelError::TooLarge { .. })) => {
-                tracing::debug!(request = ?req, "kvp: request does not fit the ring");
+            let (_, version) = self.fw.ready()?;
+            if matches!(req, KvpRequest::GetIpInfo { .. })
+                && version.major < wire::VERSION_4_0.major
+            {
                 self.core.finish(req, KvpStatus::NotSent, events);
-                Ok(())
+                continue;
             }
-            Err(e) => {
-                self.core.queue.push_front(req);
-                Err(e)
+            let msg = request_message(&req);
+            match self.fw.send_request(ch, &msg[..]) {
+                Ok(transaction) => {
+                    if let KvpRequest::Enumerate { pool, index: 0 } = req {
+                        self.core.enumeration = Enumeration {
+                            pool: Some(pool),
+                            collected: BTreeMap::new(),
+                        };
+                    }
+                    self.core.outstanding = Some(Outstanding {
+                        request: req,
+                        transaction,
+                        sent_at: Some(now),
+                    });
+                    return Ok(());
+                }
+                Err(IcError::Channel(ChannelError::Full)) => {
+                    self.core.queue.push_front(req);
+                    self.core.retry_at = Some(now + RETRY_DELAY);
+                    return Ok(());
+                }
+                Err(IcError::Channel(ChannelError::TooLarge { .. })) => {
+                    tracing::debug!(request = ?req, "kvp: request does not fit the ring");
+                    self.core.finish(req, KvpStatus::NotSent, events);
+                }
+                Err(e) => {
+                    self.core.queue.push_front(req);
+                    return Err(e);
+                }
             }
         }
+        Ok(())
     }
 
     /// Handles every packet the guest has sent, then polls (timeouts, next request).
@@ -1146,7 +1158,8 @@ impl Kvp {
         }
         let (state, neg_t) = self.fw.check_saved(&s.negotiation, s.next_transaction)?;
         let ready = matches!(state, IcState::Ready { .. });
-        if s.queue.len() > MAX_QUEUE {
+        // Continuations and requeued requests may add two to what `enqueue` allows.
+        if s.queue.len() > MAX_QUEUE + 2 {
             return Err(IcError::BadSavedState("queue too long"));
         }
         for r in &s.queue {
@@ -1156,6 +1169,11 @@ impl Kvp {
             check_request(&o.request).map_err(|_| IcError::BadSavedState("outstanding"))?;
             if !ready || o.transaction == 0 || o.transaction >= s.next_transaction {
                 return Err(IcError::BadSavedState("outstanding transaction"));
+            }
+            if let KvpRequest::Enumerate { pool, .. } = o.request {
+                if s.enumeration.as_ref().map(|e| e.pool) != Some(pool) {
+                    return Err(IcError::BadSavedState("enumeration without its state"));
+                }
             }
         }
         if let Some(e) = &s.enumeration {
