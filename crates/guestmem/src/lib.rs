@@ -105,6 +105,30 @@ impl GuestMemory {
         &self.mem
     }
 
+    /// Test aid: makes the whole pages `gpa..gpa+len` inaccessible to the host, so that any
+    /// later access to them (for example a device worker touching a ring after its close)
+    /// kills the process instead of passing unnoticed. The pages stay revoked until the
+    /// memory is dropped.
+    #[cfg(feature = "test-util")]
+    pub fn revoke(&self, gpa: u64, len: u64) -> Result<()> {
+        let out = Error::OutOfRange { gpa, len };
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || len == 0 {
+            return Err(out);
+        }
+        let r = self.mem.find_region(GuestAddress(gpa)).ok_or(out)?;
+        let offset = gpa - r.start_addr().raw_value();
+        if offset.checked_add(len).is_none_or(|end| end > r.len()) {
+            return Err(Error::OutOfRange { gpa, len });
+        }
+        mapping::protect_none(r.as_ptr() as usize + offset as usize, len as usize).map_err(|e| {
+            Error::Map {
+                gpa,
+                len,
+                reason: e.to_string(),
+            }
+        })
+    }
+
     /// Total bytes of RAM.
     pub fn total_size(&self) -> u64 {
         self.mem.iter().map(|r| r.len()).sum()

@@ -63,6 +63,22 @@ impl Mapping {
     }
 }
 
+/// Removes all access to the page-aligned host range `[addr, addr+len)`, which lies inside a
+/// guest RAM mapping (the caller checked).
+#[cfg(feature = "test-util")]
+pub fn protect_none(addr: usize, len: usize) -> std::io::Result<()> {
+    // SAFETY: changing the protection of pages inside a mapping this crate owns cannot break
+    // Rust's memory model: every access to guest RAM goes through vm-memory's volatile
+    // accessors, and an access to a revoked page faults the process (which is what the test
+    // that asks for it wants to see), it never reads or writes other memory.
+    let r = unsafe { libc::mprotect(addr as *mut libc::c_void, len, libc::PROT_NONE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: the range is the mapping this object owns, and no view of it outlives `self`.

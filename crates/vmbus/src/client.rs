@@ -59,6 +59,8 @@ pub struct GuestChannel {
     pub relid: u32,
     pub connection_id: u32,
     pub ring_gpadl: u32,
+    /// The pages of both rings, in GPADL order.
+    pub ring_pfns: Vec<u64>,
     pub channel: Channel,
 }
 
@@ -410,6 +412,7 @@ impl<T: Transport> Client<T> {
             relid,
             connection_id: offer.connection_id,
             ring_gpadl: gpadl,
+            ring_pfns: pfns,
             channel,
         })
     }

@@ -40,7 +40,10 @@ impl DeviceOffer {
 /// The guest's GPADLs of one channel, kept current by the control thread while the channel
 /// is open (devices that map guest buffers, such as netvsp's receive buffer, look them up).
 #[derive(Debug, Clone, Default)]
-pub struct Gpadls(pub(crate) Arc<RwLock<Vec<(u32, Arc<[PagedRange]>)>>>);
+pub struct Gpadls(pub(crate) Arc<RwLock<Vec<GpadlEntry>>>);
+
+/// A GPADL id and its ranges.
+pub type GpadlEntry = (u32, Arc<[PagedRange]>);
 
 impl Gpadls {
     /// The ranges of created GPADL `id`, if the guest created it for this channel.
@@ -51,7 +54,7 @@ impl Gpadls {
             .map(|(_, r)| r.clone())
     }
 
-    pub(crate) fn set(&self, list: Vec<(u32, Arc<[PagedRange]>)>) {
+    pub(crate) fn set(&self, list: Vec<GpadlEntry>) {
         *support::lock_write(&self.0) = list;
     }
 }

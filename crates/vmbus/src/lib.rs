@@ -16,6 +16,8 @@ pub mod loopback;
 pub mod packet;
 pub mod ring;
 pub mod server;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 pub use channel::{Channel, ChannelError, OwnedPacket, Side, SignalFn};
 pub use device::{

@@ -356,8 +356,8 @@ impl Server {
     }
 
     /// The created GPADLs of channel `relid` (id and ranges), for the device's buffers.
-    pub fn channel_gpadls(&self, relid: u32) -> Vec<(u32, Arc<[PagedRange]>)> {
-        let mut v: Vec<(u32, Arc<[PagedRange]>)> = self
+    pub fn channel_gpadls(&self, relid: u32) -> Vec<crate::device::GpadlEntry> {
+        let mut v: Vec<crate::device::GpadlEntry> = self
             .gpadls
             .iter()
             .filter(|(_, g)| g.relid == relid && g.state == GpadlState::Created)
