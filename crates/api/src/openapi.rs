@@ -18,11 +18,13 @@ use utoipa::OpenApi;
     ),
     paths(
         list_vms, create_vm, get_vm, patch_vm, delete_vm, start_vm, stop_vm, restart_vm,
-        pause_vm, resume_vm, service, events, openapi
+        pause_vm, resume_vm, list_tokens, create_token, revoke_token, service, events, openapi
     ),
     components(schemas(ErrorBody, ErrorDetail, Vm, NewVm, VmPatch, VmState, Heartbeat,
-                       AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo)),
-    tags((name = "vms", description = "Virtual machines"), (name = "service", description = "The service"))
+                       AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo, NewToken,
+                       TokenCreated, TokenInfo)),
+    tags((name = "vms", description = "Virtual machines"), (name = "service", description = "The service"),
+          (name = "tokens", description = "Bearer tokens for callers over TLS (--listen)"))
 )]
 struct ApiDoc;
 
@@ -110,6 +112,23 @@ fn pause_vm() {}
     responses((status = 200, body = Vm), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
 fn resume_vm() {}
+
+/// The API tokens (names and creation times; the secrets are not kept).
+#[utoipa::path(get, path = "/tokens", tag = "tokens",
+    responses((status = 200, body = [TokenInfo]), (status = 403, body = ErrorBody)))]
+fn list_tokens() {}
+
+/// Make a token (`viridian token new NAME`). The answer holds the secret, shown only once.
+#[utoipa::path(post, path = "/tokens", tag = "tokens", request_body = NewToken,
+    responses((status = 201, body = TokenCreated), (status = 400, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody, description = "A token of that name exists"),
+              (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+fn create_token() {}
+
+/// Revoke a token (`viridian token revoke NAME`).
+#[utoipa::path(delete, path = "/tokens/{name}", tag = "tokens", params(("name" = String, Path)),
+    responses((status = 204, description = "Revoked"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+fn revoke_token() {}
 
 /// The service: version, state directory, counts, cgroup support.
 #[utoipa::path(get, path = "/service", tag = "service",

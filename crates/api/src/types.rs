@@ -261,3 +261,28 @@ pub struct ServiceInfo {
     pub host_cpus: u32,
     pub host_memory_bytes: u64,
 }
+
+/// A new API token for remote callers (`viridian token new NAME`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// 1 to 100 characters, no `/`; unique.
+    pub name: String,
+}
+
+/// A token just made: the secret is shown this once; the service keeps only its hash.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    pub name: String,
+    /// Present it as `Authorization: Bearer TOKEN` (or `VIRIDIAN_TOKEN` for the CLI).
+    pub token: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// A token as listed (without its secret).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    pub name: String,
+    pub created_at: u64,
+}

@@ -37,6 +37,9 @@ enum Command {
     /// The management service viridiand.
     #[command(subcommand)]
     Service(service::ServiceCommand),
+    /// Bearer tokens for the service's TLS listener (--listen).
+    #[command(subcommand)]
+    Token(service::token::TokenCommand),
 }
 
 fn main() {
@@ -55,6 +58,7 @@ fn main() {
         Command::Vm(cmd) => vm::main(cmd),
         Command::Vhd(cmd) => vhd::main(cmd).map(|()| 0),
         Command::Service(cmd) => service::main(cmd),
+        Command::Token(cmd) => service::token::main(cmd),
     };
     match result {
         Ok(code) => std::process::exit(code),

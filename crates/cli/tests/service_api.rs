@@ -19,18 +19,25 @@ struct Service {
     child: Child,
     dir: tempfile::TempDir,
     client: Client,
+    args: Vec<String>,
 }
 
 impl Service {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Other users must reach the socket for the 403 test.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let child = spawn_service(dir.path());
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = spawn_service(dir.path(), &args);
         let s = Service {
             child,
             client: Client::new(dir.path().join("d.sock")),
             dir,
+            args,
         };
         s.wait_ready();
         s
@@ -60,7 +67,7 @@ impl Service {
     fn kill9_and_restart(&mut self) {
         kill9(self.child.id());
         let _ = self.child.wait();
-        self.child = spawn_service(self.dir.path());
+        self.child = spawn_service(self.dir.path(), &self.args);
         self.wait_ready();
     }
 
@@ -133,7 +140,7 @@ impl Drop for Service {
     }
 }
 
-fn spawn_service(dir: &Path) -> Child {
+fn spawn_service(dir: &Path, args: &[String]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -146,6 +153,7 @@ fn spawn_service(dir: &Path) -> Child {
         .arg(dir.join("d.sock"))
         .arg("--worker")
         .arg(env!("CARGO_BIN_EXE_viridian"))
+        .args(args)
         .env("VIRIDIAN_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
@@ -705,7 +713,7 @@ fn service_killed_50_times() {
         kill9(s.child.id());
         let _ = s.child.wait();
         acked.extend(creator.join().unwrap());
-        s.child = spawn_service(s.dir.path());
+        s.child = spawn_service(s.dir.path(), &s.args);
         s.wait_ready();
 
         let (status, list) = s.req("GET", "/vms", None);
@@ -813,4 +821,84 @@ fn schemathesis_finds_no_server_errors_or_schema_violations() {
         "schemathesis failed:\n{stdout}\n{stderr}\nservice log:\n{}",
         s.log()
     );
+}
+
+/// Over TLS (`--listen`, with the certificate made on first start), every request needs a
+/// bearer token made with `viridian token new`; a missing, wrong or revoked one gets 401.
+#[test]
+fn tls_listener_needs_a_valid_token() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: curl is not installed");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let s = Service::start_with(&["--listen", &format!("127.0.0.1:{port}")]);
+    let cert = s.dir.path().join("state/tls/cert.pem");
+    assert!(
+        cert.is_file(),
+        "a self-signed certificate is made on first start"
+    );
+    let curl = |token: Option<&str>| -> (u16, Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(&cert)
+        .arg(format!("https://127.0.0.1:{port}/vms"));
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        assert!(
+            out.status.success(),
+            "curl: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            code.parse().unwrap(),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    };
+    assert_error(curl(None), 401, "unauthorized");
+    assert_error(curl(Some("vrd_0000")), 401, "unauthorized");
+
+    let out = s.cli(&["token", "new", "ci"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let token = stdout.lines().last().unwrap().trim().to_string();
+    assert!(token.starts_with("vrd_"), "{stdout}");
+    let (status, v) = curl(Some(&token));
+    assert_eq!((status, v), (200, json!([])));
+    let out = s.cli(&["token", "new", "ci"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists already"),
+        "{out:?}"
+    );
+    let out = s.cli(&["token", "list", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "ci");
+    assert!(v[0].get("token").is_none(), "a listed token has no secret");
+    // Only the hash is stored.
+    for f in ["inventory.db", "inventory.db-wal"] {
+        let bytes = std::fs::read(s.dir.path().join("state").join(f)).unwrap_or_default();
+        let hay = String::from_utf8_lossy(&bytes);
+        assert!(!hay.contains(&token[4..]), "{f} holds the token in clear");
+    }
+
+    let out = s.cli(&["token", "revoke", "ci"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_error(curl(Some(&token)), 401, "unauthorized");
+    let out = s.cli(&["token", "revoke", "ci"]);
+    assert_eq!(out.status.code(), Some(1));
 }

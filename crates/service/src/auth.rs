@@ -3,7 +3,7 @@
 
 use crate::error::ApiError;
 use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
@@ -72,4 +72,34 @@ pub async fn authorise(ConnectInfo(peer): ConnectInfo<Peer>, req: Request, next:
         Ok(()) => next.run(req).await,
         Err(why) => ApiError::forbidden(why).into_response(),
     }
+}
+
+/// Middleware for TCP: a valid bearer token, else 401.
+pub async fn bearer(
+    State(m): State<std::sync::Arc<crate::manager::Manager>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let token = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let message = match token {
+        Some(t) if m.token_valid(t) => return next.run(req).await,
+        Some(_) => "the bearer token is not valid (revoked, or never made here); make one with `viridian token new NAME` on the host",
+        None => "give a token as `Authorization: Bearer TOKEN` (VIRIDIAN_TOKEN for the CLI); make one with `viridian token new NAME` on the host",
+    };
+    let mut r = ApiError::new(
+        axum::http::StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        message,
+    )
+    .into_response();
+    r.headers_mut().insert(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    r
 }

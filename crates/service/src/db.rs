@@ -22,6 +22,12 @@ const MIGRATIONS: &[&str] = &[
         started_at INTEGER,
         created_at INTEGER NOT NULL
     );",
+    // 2: API tokens, stored as SHA-256 hashes.
+    "CREATE TABLE tokens (
+        name TEXT PRIMARY KEY NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );",
 ];
 
 /// A VM's settings, stored as JSON so that adding one needs no migration.
@@ -156,6 +162,40 @@ impl Db {
             params![id, state.as_str(), status],
         )?;
         Ok(())
+    }
+
+    /// Adds a token; false when the name is taken.
+    pub fn add_token(&mut self, name: &str, hash: &str, created_at: u64) -> rusqlite::Result<bool> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO tokens (name, hash, created_at) VALUES (?1, ?2, ?3)",
+            params![name, hash, created_at as i64],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Token names and creation times (seconds).
+    pub fn tokens(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, created_at FROM tokens ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        rows.collect()
+    }
+
+    /// Whether a token with this hash exists.
+    pub fn token_hash_known(&self, hash: &str) -> rusqlite::Result<bool> {
+        self.conn
+            .query_row("SELECT 1 FROM tokens WHERE hash = ?1", [hash], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+    }
+
+    /// Removes a token; false when there was none of that name.
+    pub fn revoke_token(&mut self, name: &str) -> rusqlite::Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM tokens WHERE name = ?1", [name])?
+            == 1)
     }
 
     pub fn delete(&mut self, id: &str) -> rusqlite::Result<()> {

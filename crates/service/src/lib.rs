@@ -13,6 +13,8 @@ mod host;
 mod manager;
 mod routes;
 mod server;
+mod tls;
+mod token;
 mod validate;
 mod worker;
 

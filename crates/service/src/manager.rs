@@ -764,3 +764,56 @@ fn duplicate(name: &str) -> ApiError {
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
 }
+
+/// API tokens.
+impl Manager {
+    pub fn create_token(&self, name: &str) -> Result<api::TokenCreated, ApiError> {
+        validate::name(name)?;
+        let token = crate::token::generate()
+            .map_err(|_| ApiError::internal("the system's random source failed", "ring"))?;
+        let created_at = now_ms() / 1000;
+        if !self
+            .db()
+            .add_token(name, &crate::token::hash(&token), created_at)?
+        {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "duplicate_name",
+                format!("a token called '{name}' exists already; revoke it (`viridian token revoke {name}`) or pick another name"),
+            ));
+        }
+        tracing::info!("made API token '{name}'");
+        Ok(api::TokenCreated {
+            name: name.to_string(),
+            token,
+            created_at,
+        })
+    }
+
+    pub fn tokens(&self) -> Result<Vec<api::TokenInfo>, ApiError> {
+        Ok(self
+            .db()
+            .tokens()?
+            .into_iter()
+            .map(|(name, created_at)| api::TokenInfo { name, created_at })
+            .collect())
+    }
+
+    pub fn revoke_token(&self, name: &str) -> Result<(), ApiError> {
+        if !self.db().revoke_token(name)? {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                format!("there is no token called '{name}' (`viridian token list` shows them)"),
+            ));
+        }
+        tracing::info!("revoked API token '{name}'");
+        Ok(())
+    }
+
+    pub fn token_valid(&self, token: &str) -> bool {
+        self.db()
+            .token_hash_known(&crate::token::hash(token))
+            .unwrap_or(false)
+    }
+}

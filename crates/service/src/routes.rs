@@ -3,7 +3,7 @@
 use crate::error::ApiError;
 use crate::extract::{Json, Name, Query, BODY_LIMIT};
 use crate::manager::{Manager, DEFAULT_STOP_TIMEOUT};
-use api::{NewVm, ServiceInfo, StopParams, Vm, VmPatch};
+use api::{NewToken, NewVm, ServiceInfo, StopParams, TokenCreated, TokenInfo, Vm, VmPatch};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -26,6 +26,8 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/vms/{name}/restart", post(restart))
         .route("/vms/{name}/pause", post(pause))
         .route("/vms/{name}/resume", post(resume))
+        .route("/tokens", get(tokens).post(new_token))
+        .route("/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/service", get(service))
         .route("/events", get(events))
         .route("/openapi.json", get(openapi))
@@ -106,6 +108,22 @@ async fn pause(State(m): S, Name(name): Name) -> R<axum::Json<Vm>> {
 
 async fn resume(State(m): S, Name(name): Name) -> R<axum::Json<Vm>> {
     m.pause(&name, true).await.map(sized)
+}
+
+async fn tokens(State(m): S) -> R<axum::Json<Vec<TokenInfo>>> {
+    m.tokens().map(sized)
+}
+
+async fn new_token(
+    State(m): S,
+    Json(req): Json<NewToken>,
+) -> R<(StatusCode, axum::Json<TokenCreated>)> {
+    let t = m.create_token(&req.name)?;
+    Ok((StatusCode::CREATED, axum::Json(t)))
+}
+
+async fn revoke_token(State(m): S, Name(name): Name) -> R<StatusCode> {
+    m.revoke_token(&name).map(|()| StatusCode::NO_CONTENT)
 }
 
 async fn service(State(m): S) -> R<axum::Json<ServiceInfo>> {

@@ -21,6 +21,8 @@ pub struct Config {
     pub worker: Option<PathBuf>,
     /// The cgroup v2 mount.
     pub cgroup_root: PathBuf,
+    /// Certificate and key (PEM) for `listen`; made on first start when not given.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +39,10 @@ pub enum StartupError {
     Bind(PathBuf, std::io::Error),
     #[error("no worker binary at {0}; give --worker PATH or set VIRIDIAN_WORKER to the `viridian` binary")]
     NoWorker(PathBuf),
-    #[error("--listen (TLS with bearer tokens) is not implemented yet; use the Unix socket")]
-    ListenUnsupported,
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -61,9 +65,6 @@ fn mkdir(p: &Path) -> Result<(), StartupError> {
 
 /// Runs the service until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> Result<(), StartupError> {
-    if cfg.listen.is_some() {
-        return Err(StartupError::ListenUnsupported);
-    }
     let worker = worker_path(&cfg)?;
     mkdir(&cfg.state_dir)?;
     mkdir(&cfg.state_dir.join("vms"))?;
@@ -118,8 +119,43 @@ async fn serve(cfg: Config, worker: PathBuf, db: Db, cgroups: Cgroups) -> Result
     tracing::info!("viridiand listening on {}", cfg.socket.display());
     let app =
         crate::routes::router(manager.clone()).layer(axum::middleware::from_fn(auth::authorise));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    if let Some(addr) = cfg.listen {
+        let (cert, key) = crate::tls::cert_paths(&cfg.state_dir, cfg.tls.clone())?;
+        let tls = crate::tls::server_config(&cert, &key)?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| StartupError::Listen(addr, e))?;
+        tracing::info!(
+            "viridiand listening on https://{addr} (certificate {})",
+            cert.display()
+        );
+        let listener = crate::tls::TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(tls),
+        };
+        let remote = crate::routes::router(manager.clone()).layer(
+            axum::middleware::from_fn_with_state(manager.clone(), auth::bearer),
+        );
+        let done = stopped();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, remote.into_make_service())
+                .with_graceful_shutdown(done)
+                .await;
+        });
+    }
+    tokio::spawn(async move {
+        signal().await;
+        let _ = stop_tx.send(true);
+    });
     let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(signal())
+        .with_graceful_shutdown(stopped())
         .await;
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!(

@@ -19,9 +19,17 @@ struct Args {
     /// The Unix socket of the API.
     #[arg(long, default_value = api::client::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Also serve the API over TLS on this TCP address (not implemented yet).
+    /// Also serve the API over TLS on this TCP address; callers need a bearer token
+    /// (`viridian token new NAME`).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// The TLS certificate (PEM) for --listen (default: STATE_DIR/tls/cert.pem, made
+    /// self-signed on first start).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// The `viridian` binary that runs each VM (default: $VIRIDIAN_WORKER, else the one next
     /// to viridiand).
     #[arg(long)]
@@ -47,6 +55,7 @@ fn main() {
         listen: args.listen,
         worker: args.worker,
         cgroup_root: args.cgroup_root,
+        tls: args.tls_cert.zip(args.tls_key),
     });
     if let Err(e) = result {
         eprintln!("viridiand: {e}");

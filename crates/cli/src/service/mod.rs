@@ -3,6 +3,7 @@
 //! verbs that use it.
 
 pub mod table;
+pub mod token;
 pub mod vm;
 
 use anyhow::Context;
