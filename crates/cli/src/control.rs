@@ -1,6 +1,7 @@
 //! The worker's control socket: a Unix stream socket per running VM that takes one-line
-//! commands (`shutdown`, `reboot`, `turn-off`, `status`) and answers with one line (`ok ...` or
-//! `error: ...`). `viridian vm` is its client.
+//! commands (`shutdown`, `reboot`, `turn-off`, `status`, `kvp`, `kvp-set KEY=VALUE`,
+//! `kvp-delete KEY`, `inspect`) and answers with one line (`ok ...` or `error: ...`; `kvp` and
+//! `inspect` answer `ok ` and one line of JSON). `viridian vm` is its client.
 
 use anyhow::Context;
 use std::io::{BufRead, BufReader, Write};
@@ -84,14 +85,57 @@ fn serve(stream: UnixStream, control: &VmControl) {
         Err(_) => return,
     };
     let mut line = String::new();
-    // Commands are short; a longer line is an error, not an allocation.
-    if BufReader::new(std::io::Read::take(stream, 256))
+    // Commands are short (a KVP item at most 2 KiB of UTF-16); a longer line is cut, not an
+    // allocation.
+    if BufReader::new(std::io::Read::take(stream, MAX_COMMAND))
         .read_line(&mut line)
         .is_err()
     {
         return;
     }
-    let reply = match line.trim() {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
+    let reply = match verb {
+        "kvp" => match control.kvp() {
+            Some(k) => format!(
+                "ok {}",
+                serde_json::to_string(&k.items()).unwrap_or_default()
+            ),
+            None => "error: this VM has no Hyper-V enlightenments (no KVP)".to_string(),
+        },
+        "kvp-set" | "kvp-delete" => match (control.kvp(), arg.split_once('=')) {
+            (None, _) => "error: this VM has no Hyper-V enlightenments (no KVP)".to_string(),
+            (Some(k), _) if !k.ready() => {
+                "error: the guest has not connected its KVP service (is hv_utils loaded?)"
+                    .to_string()
+            }
+            (Some(k), Some((key, value))) if verb == "kvp-set" => match k.set(key, value) {
+                Ok(()) => format!("ok: {key} queued for the guest"),
+                Err(e) => format!("error: {e}"),
+            },
+            (Some(k), None) if verb == "kvp-delete" => match k.delete(arg) {
+                Ok(()) => format!("ok: deleting {arg}"),
+                Err(e) => format!("error: {e}"),
+            },
+            _ => format!(
+                "error: usage: {verb} KEY{}",
+                if verb == "kvp-set" { "=VALUE" } else { "" }
+            ),
+        },
+        "inspect" => match control.inspect() {
+            Some(v) => format!("ok {v}"),
+            None => "error: this VM has no Hyper-V enlightenments (no VMBus)".to_string(),
+        },
+        _ => command(line.trim(), control),
+    };
+    let _ = writeln!(writer, "{reply}");
+}
+
+/// Longest command line read.
+const MAX_COMMAND: u64 = 16 * 1024;
+
+fn command(line: &str, control: &VmControl) -> String {
+    match line {
         "shutdown" | "reboot" => match control.shutdown(line.trim() == "reboot") {
             Ok(()) => "ok: the guest was asked to shut down".to_string(),
             Err(e) => format!("error: {e}"),
@@ -112,9 +156,11 @@ fn serve(stream: UnixStream, control: &VmControl) {
             ),
             None => "ok: running (no Hyper-V enlightenments)".to_string(),
         },
-        other => format!("error: unknown command '{other}'"),
-    };
-    let _ = writeln!(writer, "{reply}");
+        other => format!(
+            "error: unknown command '{}'",
+            other.chars().take(64).collect::<String>()
+        ),
+    }
 }
 
 /// Sends one command and returns the reply line.
@@ -133,6 +179,10 @@ pub fn send(path: &Path, command: &str) -> anyhow::Result<String> {
     match reply.strip_prefix("error: ") {
         Some(e) => anyhow::bail!("{e}"),
         None if reply.is_empty() => anyhow::bail!("the VM closed the control connection"),
-        None => Ok(reply.trim_start_matches("ok: ").to_string()),
+        None => Ok(reply
+            .strip_prefix("ok: ")
+            .or_else(|| reply.strip_prefix("ok "))
+            .unwrap_or(&reply)
+            .to_string()),
     }
 }

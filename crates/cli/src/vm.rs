@@ -26,6 +26,25 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show the key-value pairs the guest publishes (host name, OS, addresses) and the ones
+    /// the host pushed (Get-VMKeyValuePair); `--set` and `--delete` change the host's items.
+    Kvp {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+        /// Push KEY=VALUE into the guest's external pool (repeatable).
+        #[arg(long, value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Remove KEY from the guest's external pool (repeatable).
+        #[arg(long, value_name = "KEY")]
+        delete: Vec<String>,
+    },
+    /// Dump the VM's VMBus state: connection, channels, GPADLs, devices and their workers (JSON).
+    Inspect {
+        #[command(flatten)]
+        target: Target,
+    },
     /// List VMs (the service's inventory, else the running foreground VMs).
     List {
         #[arg(long)]
@@ -98,6 +117,16 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         VmCommand::Managed(cmd) => crate::service::vm::managed(cmd),
+        VmCommand::Kvp {
+            target,
+            json,
+            set,
+            delete,
+        } => kvp(&target.path(), json, &set, &delete),
+        VmCommand::Inspect { target } => {
+            println!("{}", control::send(&target.path(), "inspect")?);
+            Ok(0)
+        }
         VmCommand::Status { target, .. } => {
             println!("{}", control::send(&target.path(), "status")?);
             Ok(0)
@@ -121,4 +150,59 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
         }
     };
     result.context("viridian vm")
+}
+
+/// `viridian vm kvp`.
+fn kvp(
+    path: &std::path::Path,
+    json: bool,
+    set: &[String],
+    delete: &[String],
+) -> anyhow::Result<i32> {
+    for item in set {
+        if !item.contains('=') {
+            anyhow::bail!("--set {item}: expected KEY=VALUE");
+        }
+        eprintln!(
+            "viridian: {}",
+            control::send(path, &format!("kvp-set {item}"))?
+        );
+    }
+    for key in delete {
+        eprintln!(
+            "viridian: {}",
+            control::send(path, &format!("kvp-delete {key}"))?
+        );
+    }
+    if !set.is_empty() || !delete.is_empty() {
+        return Ok(0);
+    }
+    let reply = control::send(path, "kvp")?;
+    if json {
+        println!("{reply}");
+        return Ok(0);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).context("the VM sent a KVP answer that is not JSON")?;
+    println!("{:<14} {:<32} VALUE", "POOL", "KEY");
+    for (side, pools) in [("guest", &v["guest"]), ("host", &v["host"])] {
+        let Some(pools) = pools.as_object() else {
+            continue;
+        };
+        for (pool, items) in pools {
+            for (key, value) in items.as_object().into_iter().flatten() {
+                let value = match value {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => format!(
+                        "{} ({})",
+                        other["value"].as_str().unwrap_or(""),
+                        other["state"].as_str().unwrap_or("")
+                    ),
+                };
+                println!("{:<14} {key:<32} {value}", format!("{side}:{pool}"));
+            }
+        }
+    }
+    println!("daemon: {}", v["daemon"].as_str().unwrap_or("unknown"));
+    Ok(0)
 }

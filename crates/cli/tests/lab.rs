@@ -138,8 +138,11 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
     let mut two = Scenario::new("hv-2cpu", Vmm::Viridian, Flavor::Cloud, 2, "hyperv");
     two.stop_with_control = true;
     let panic = Scenario::new("hv-panic", Vmm::Viridian, Flavor::Cloud, 1, "panic");
+    let mut kvp = Scenario::new("hv-kvp", Vmm::Viridian, Flavor::Cloud, 1, "kvp");
+    kvp.stop_with_control = true;
+    kvp.kvp = true;
     let run = lab
-        .run(&[one, two, panic], &mut std::io::stderr())
+        .run(&[one, two, panic, kvp], &mut std::io::stderr())
         .expect("lab run");
     assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
     for name in ["hv-1cpu", "hv-2cpu"] {
@@ -157,8 +160,8 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
             .collect();
         assert_eq!(
             bound.iter().filter(|b| **b == "hv_utils").count(),
-            3,
-            "shutdown, heartbeat and timesync must bind hv_utils: {bound:?}\n{}",
+            4,
+            "shutdown, heartbeat, timesync and KVP must bind hv_utils: {bound:?}\n{}",
             ctx()
         );
         assert_eq!(g("unchecked_msr"), "0", "{}", ctx());
@@ -193,6 +196,41 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
         "no panic text\n{}",
         p.console
     );
+    // Debian's own hv_kvp_daemon: the host reads the guest's name and OS from its auto pool,
+    // and an item the host sets lands in the guest's pool file.
+    let k = run.scenario("hv-kvp").expect("hv-kvp did not run");
+    assert_eq!(
+        k.guest.get("kvp_pool0").map(String::as_str),
+        Some("LabKey"),
+        "the guest never found LabKey in /var/lib/hyperv/.kvp_pool_0\n{}",
+        k.console
+    );
+    let line = k
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("LAB-KVP "))
+        .unwrap_or_else(|| panic!("no `viridian vm kvp --json` output\n{}", k.console));
+    let items: serde_json::Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("vm kvp --json is not JSON ({e}): {line}"));
+    let auto = &items["guest"]["auto"];
+    assert!(
+        auto["FullyQualifiedDomainName"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("viridian-kvp-guest")),
+        "guest host name missing: {items:#}"
+    );
+    assert!(
+        auto["OSName"]
+            .as_str()
+            .is_some_and(|n| n.contains("Debian")),
+        "guest OS name missing: {items:#}"
+    );
+    assert_eq!(
+        items["host"]["external"]["LabKey"]["state"], "applied",
+        "{items:#}"
+    );
+    assert_eq!(items["daemon"], "running", "{items:#}");
+    assert_eq!(k.exit_code, 0, "{}", k.console);
     let two = run.scenario("hv-2cpu").unwrap();
     let on_vcpu1: u64 = two.guest["vcpu1_interrupts"].parse().unwrap_or(0);
     assert!(

@@ -61,6 +61,25 @@ if [ "$S" = hyperv ]; then
   # Wait for `viridian vm stop`: hv_utils runs /sbin/poweroff (below).
   while true; do sleep 1; done
 fi
+if [ "$S" = kvp ]; then
+  # Debian's hv_kvp_daemon publishes this guest's name, OS and addresses over KVP and writes
+  # what the host sets into /var/lib/hyperv/.kvp_pool_0.
+  hostname viridian-kvp-guest
+  ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+  for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
+  i=0
+  while [ ! -e /dev/vmbus/hv_kvp ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+  [ -e /dev/vmbus/hv_kvp ] || say kvp_device=missing
+  mkdir -p /var/lib/hyperv
+  /usr/sbin/hv_kvp_daemon -n > /tmp/kvp.log 2>&1 &
+  sleep 2
+  say ready
+  i=0
+  while ! grep -a -q LabValue /var/lib/hyperv/.kvp_pool_0 2>/dev/null && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+  grep -a -q LabValue /var/lib/hyperv/.kvp_pool_0 2>/dev/null && say kvp_pool0=LabKey
+  sed 's/^/GUEST-KVP /' /tmp/kvp.log
+  while true; do sleep 1; done
+fi
 if [ "$S" = demo ]; then
   echo
   echo "  Hello from a Debian Linux guest running on Viridian."
@@ -105,14 +124,25 @@ fn base(archive: &mut Archive, busybox: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The L2 guest's initramfs.
+/// What a Debian guest's `/etc/os-release` says (hv_kvp_daemon reads it for OSName and
+/// OSVersion).
+pub const L2_OS_RELEASE: &str = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nVERSION=\"12 (bookworm)\"\nID=debian\n";
+
 /// The L2 guest's initramfs, with the Hyper-V modules of each kernel under
-/// `/lib/modules/VERSION/` and their load order in `load-order`.
-pub fn l2_initramfs(busybox: &Path, kernels: &[&crate::Kernel], out: &Path) -> Result<()> {
+/// `/lib/modules/VERSION/` and their load order in `load-order`, and `programs` (path in the
+/// image, host path) with their shared libraries.
+pub fn l2_initramfs(
+    busybox: &Path,
+    kernels: &[&crate::Kernel],
+    programs: &[(String, std::path::PathBuf)],
+    out: &Path,
+) -> Result<()> {
     let mut a = Archive::new();
     base(&mut a, busybox)?;
     a.file("init", 0o755, L2_INIT.as_bytes());
     a.file("sbin/poweroff", 0o755, L2_POWEROFF.as_bytes());
+    a.file("etc/os-release", 0o644, L2_OS_RELEASE.as_bytes());
+    add_programs(&mut a, programs, &[])?;
     a.dir("lib/modules");
     for k in kernels {
         let dir = format!("lib/modules/{}", k.version);
@@ -157,12 +187,23 @@ pub fn l1_initramfs(contents: &L1Contents, out: &Path) -> Result<()> {
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         a.file(&format!("modules/{name}.ko"), 0o644, &data);
     }
+    add_programs(&mut a, &contents.programs, &contents.files)?;
+    write(a, out)
+}
+
+/// Adds executables with the shared libraries `ldd` lists for them, and plain files, creating
+/// their directories.
+fn add_programs(
+    a: &mut Archive,
+    programs: &[(String, std::path::PathBuf)],
+    files: &[(String, std::path::PathBuf)],
+) -> Result<()> {
     let mut libs = std::collections::BTreeSet::new();
-    for (_, host) in &contents.programs {
+    for (_, host) in programs {
         libs.extend(shared_libraries(host)?);
     }
     let mut dirs = std::collections::BTreeSet::new();
-    for (image, _) in contents.programs.iter().chain(&contents.files) {
+    for (image, _) in programs.iter().chain(files) {
         let mut p = Path::new(image).parent();
         while let Some(d) = p {
             if !d.as_os_str().is_empty() {
@@ -183,15 +224,15 @@ pub fn l1_initramfs(contents: &L1Contents, out: &Path) -> Result<()> {
         };
         a.file(&dest, 0o755, &data);
     }
-    for (image, host) in &contents.programs {
+    for (image, host) in programs {
         let data = std::fs::read(host).map_err(|e| Error::io(host, e))?;
         a.file(image, 0o755, &data);
     }
-    for (image, host) in &contents.files {
+    for (image, host) in files {
         let data = std::fs::read(host).map_err(|e| Error::io(host, e))?;
         a.file(image, 0o644, &data);
     }
-    write(a, out)
+    Ok(())
 }
 
 /// A library `ldd` listed: the name the dynamic loader looks up, and the file it resolves to.

@@ -164,7 +164,7 @@ impl DemoGuest {
     pub fn prepare(cache: &Cache) -> Result<Self> {
         let kernel = Kernel::fetch(cache, Flavor::Cloud)?;
         let initrd = cache.image("l2-initrd.cpio");
-        image::l2_initramfs(&busybox(cache)?, &[&kernel], &initrd)?;
+        image::l2_initramfs(&busybox(cache)?, &[&kernel], &[], &initrd)?;
         Ok(Self {
             kernel: kernel.vmlinuz(),
             initrd,
@@ -198,6 +198,10 @@ pub struct Scenario {
     /// Run the VM in the background and stop it with `viridian vm stop` once the guest prints
     /// `VIRIDIAN-GUEST ready` (Viridian only).
     pub stop_with_control: bool,
+    /// Before stopping it (with `stop_with_control`), push `LabKey=LabValue` with
+    /// `viridian vm kvp --set`, wait until the guest reports it in its pool file and the host
+    /// sees the guest's OS name, and print `viridian vm kvp --json` as a `LAB-KVP` line.
+    pub kvp: bool,
 }
 
 impl Scenario {
@@ -211,6 +215,7 @@ impl Scenario {
             guest: guest.into(),
             quiet: true,
             stop_with_control: false,
+            kvp: false,
         }
     }
 
@@ -221,6 +226,16 @@ impl Scenario {
             quiet: false,
             ..Self::new("demo", Vmm::Viridian, Flavor::Cloud, cpus, "demo")
         }
+    }
+
+    /// The host side of the KVP checks (see [`Scenario::kvp`]).
+    fn kvp_steps(name: &str) -> String {
+        format!(
+            "viridian vm kvp {name} --set LabKey=LabValue; \
+             i=0; until grep -q 'kvp_pool0=' /tmp/{name}.log || [ $i -ge 120 ]; do sleep 1; i=$((i+1)); done; \
+             i=0; until viridian vm kvp {name} --json | grep -q OSName || [ $i -ge 60 ]; do sleep 1; i=$((i+1)); done; \
+             echo LAB-KVP $(viridian vm kvp {name} --json); viridian vm kvp {name}; "
+        )
     }
 
     fn command(&self) -> String {
@@ -236,8 +251,9 @@ impl Scenario {
                  viridian run --name {name} --serial /tmp/{name}.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}' & p=$!; \
                  i=0; until grep -q 'VIRIDIAN-GUEST ready' /tmp/{name}.log 2>/dev/null || ! kill -0 $p 2>/dev/null || [ $i -ge 600 ]; do sleep 1; i=$((i+1)); done; \
                  echo VIRIDIAN-GUEST host_status=$(viridian vm status {name} | tr ' ' ','); \
+                 {kvp}\
                  viridian vm stop {name} --timeout 300 || viridian vm stop {name} --force; wait $p",
-                self.cpus, self.memory_mib, name = self.name
+                self.cpus, self.memory_mib, name = self.name, kvp = if self.kvp { Self::kvp_steps(&self.name) } else { String::new() }
             ),
             // `exec`, so that the scenario timeout's SIGTERM reaches viridian, which then stops
             // the VM and reports where each vCPU was.
@@ -298,6 +314,8 @@ pub struct Lab {
     l1_kernel: Kernel,
     l2_kernels: Vec<Kernel>,
     busybox: PathBuf,
+    /// Debian's hv_kvp_daemon (package hyperv-daemons), for the L2 guest.
+    kvp_daemon: PathBuf,
     viridian: PathBuf,
     qemu: PathBuf,
     /// QEMU's loadable modules (the TCG accelerator is one).
@@ -319,6 +337,7 @@ impl Lab {
         let amd64 = Kernel::fetch(cache, Flavor::Amd64)?;
         let l1_kernel = Kernel::fetch(cache, Flavor::Cloud)?;
         let busybox = busybox(cache)?;
+        let kvp_daemon = debian::unpack(cache, "hyperv-daemons")?.join("usr/sbin/hv_kvp_daemon");
         let qemu_root = debian::unpack(cache, "qemu-system-x86")?;
         let common = debian::unpack(cache, "qemu-system-common")?;
         let data = debian::unpack(cache, "qemu-system-data")?;
@@ -342,6 +361,7 @@ impl Lab {
             l1_kernel,
             l2_kernels: vec![cloud, amd64],
             busybox,
+            kvp_daemon,
             viridian: viridian.to_path_buf(),
             qemu: qemu_root.join("usr/bin/qemu-system-x86_64"),
             qemu_modules: common.join("usr/lib/x86_64-linux-gnu/qemu"),
@@ -424,7 +444,11 @@ run() {
         );
         let l2_initrd = PathBuf::from(&self.cache).join(format!("images/l2-initrd-{tag}.cpio"));
         let kernels: Vec<&Kernel> = self.l2_kernels.iter().collect();
-        image::l2_initramfs(&self.busybox, &kernels, &l2_initrd)?;
+        let l2_programs = [(
+            "usr/sbin/hv_kvp_daemon".to_string(),
+            self.kvp_daemon.clone(),
+        )];
+        image::l2_initramfs(&self.busybox, &kernels, &l2_programs, &l2_initrd)?;
         let mut programs = vec![("bin/viridian".to_string(), self.viridian.clone())];
         let contents_l2 = l2_initrd.clone();
         let mut files = vec![("l2/initrd.cpio".to_string(), l2_initrd)];

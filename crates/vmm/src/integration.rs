@@ -34,6 +34,14 @@ pub fn instance_id(kind: IcKind) -> Guid {
     Guid::from_u128(0x5649_5249_4449_414e_0000_0000_0000_0000 | n)
 }
 
+fn name(kind: IcKind) -> &'static str {
+    match kind {
+        IcKind::Shutdown => "shutdown",
+        IcKind::Heartbeat => "heartbeat",
+        IcKind::Timesync => "timesync",
+    }
+}
+
 /// What the host last saw of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct IcSnapshot {
@@ -142,12 +150,8 @@ pub struct IcBusDevice(pub Arc<IcDevice>);
 
 impl vmbus::Device for IcBusDevice {
     fn offer(&self) -> DeviceOffer {
-        let name = match self.0.kind {
-            IcKind::Shutdown => "shutdown",
-            IcKind::Heartbeat => "heartbeat",
-            IcKind::Timesync => "timesync",
-        };
-        DeviceOffer::new(name, self.0.kind.interface_type(), instance_id(self.0.kind))
+        let kind = self.0.kind;
+        DeviceOffer::new(name(kind), kind.interface_type(), instance_id(kind))
     }
 
     fn open(&self, _channel: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
@@ -178,7 +182,7 @@ struct IcWorker {
 
 /// Maps an IC error: a broken ring stops the worker, a full ring waits for room, anything
 /// else was one bad packet or a refused request and is logged.
-fn outcome(kind: IcKind, r: Result<(), IcError>) -> Result<bool, WorkerError> {
+pub(crate) fn outcome(service: &str, r: Result<(), IcError>) -> Result<bool, WorkerError> {
     match r {
         Ok(()) => Ok(true),
         Err(IcError::Channel(ChannelError::Full)) => Ok(false),
@@ -186,7 +190,7 @@ fn outcome(kind: IcKind, r: Result<(), IcError>) -> Result<bool, WorkerError> {
             Err(WorkerError::Channel(e))
         }
         Err(e) => {
-            support::limited!(LOG, debug, "{kind:?} service: {e}");
+            support::limited!(LOG, debug, "{service} service: {e}");
             Ok(true)
         }
     }
@@ -213,14 +217,14 @@ impl IcWorker {
         }
         match kind {
             IcKind::Heartbeat if now >= self.next_heartbeat => {
-                if !outcome(kind, self.ic.send_heartbeat(ch).map(|_| ()))? {
+                if !outcome(name(kind), self.ic.send_heartbeat(ch).map(|_| ()))? {
                     return Ok(false);
                 }
                 self.next_heartbeat = now + HEARTBEAT_INTERVAL;
             }
             IcKind::Timesync if !self.ic.time_synced() || now >= self.next_sample => {
                 let sync = !self.ic.time_synced();
-                if !outcome(kind, self.ic.send_timesync(ch, sync))? {
+                if !outcome(name(kind), self.ic.send_timesync(ch, sync))? {
                     return Ok(false);
                 }
                 self.next_sample = now + TIME_SAMPLE_INTERVAL;
@@ -234,7 +238,7 @@ impl IcWorker {
             match cmd {
                 Command::Shutdown(k) => {
                     let r = self.ic.request_shutdown(ch, k, false, "viridian vm stop");
-                    if !outcome(kind, r)? {
+                    if !outcome(name(kind), r)? {
                         support::lock(&self.device.commands).push_front(Command::Shutdown(k));
                         return Ok(false);
                     }
@@ -247,7 +251,7 @@ impl IcWorker {
 impl ChannelWorker for IcWorker {
     fn start(&mut self, ch: &mut Channel) -> Result<(), WorkerError> {
         // The host speaks first: version negotiation.
-        outcome(self.device.kind, self.ic.open(ch)).map(|_| ())
+        outcome(name(self.device.kind), self.ic.open(ch)).map(|_| ())
     }
 
     fn process(&mut self, ch: &mut Channel, now: Instant) -> Result<Progress, WorkerError> {
@@ -268,7 +272,7 @@ impl ChannelWorker for IcWorker {
                 }
                 true
             }
-            Err(e) => outcome(kind, Err(e))?,
+            Err(e) => outcome(name(kind), Err(e))?,
         };
         let sent = self.send_due(ch, now)?;
         self.publish(now);

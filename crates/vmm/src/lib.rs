@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cpu;
 pub mod hyperv;
 pub mod integration;
+pub mod kvp;
 pub mod layout;
 pub mod payload;
 pub mod synic;

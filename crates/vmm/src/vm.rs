@@ -94,6 +94,11 @@ impl VmControl {
         self.vmbus.as_ref().map(|v| v.status())
     }
 
+    /// The KVP service (None without Hyper-V enlightenments).
+    pub fn kvp(&self) -> Option<&crate::kvp::KvpDevice> {
+        self.vmbus.as_ref().map(|v| v.kvp())
+    }
+
     /// A JSON dump of VMBus and its devices (None without Hyper-V enlightenments).
     pub fn inspect(&self) -> Option<serde_json::Value> {
         self.vmbus.as_ref().map(|v| v.inspect())

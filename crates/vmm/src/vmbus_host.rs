@@ -2,6 +2,7 @@
 //! one worker thread per open channel) with the integration services as its devices.
 
 use crate::integration::{IcBusDevice, IcDevice, IcSnapshot, ShutdownError};
+use crate::kvp::{KvpBusDevice, KvpDevice};
 use crate::synic::HvSynic;
 use ic::{HeartbeatState, IcKind, ShutdownKind};
 use std::sync::Arc;
@@ -22,10 +23,11 @@ pub struct Vmbus {
     shutdown: Arc<IcDevice>,
     heartbeat: Arc<IcDevice>,
     timesync: Arc<IcDevice>,
+    kvp: Arc<KvpDevice>,
 }
 
 impl Vmbus {
-    /// Starts the bus with the shutdown, heartbeat and timesync services.
+    /// Starts the bus with the shutdown, heartbeat, timesync and KVP services.
     pub fn start(
         hv: Arc<hv1::Partition>,
         kvm: Arc<kvm::Partition>,
@@ -48,11 +50,15 @@ impl Vmbus {
             host.add_device(Arc::new(IcBusDevice(dev.clone())))
                 .map_err(std::io::Error::other)?;
         }
+        let kvp = KvpDevice::new()?;
+        host.add_device(Arc::new(KvpBusDevice(kvp.clone())))
+            .map_err(std::io::Error::other)?;
         Ok(Self {
             host,
             shutdown,
             heartbeat,
             timesync,
+            kvp,
         })
     }
 
@@ -79,6 +85,11 @@ impl Vmbus {
             shutdown_ready: s(&self.shutdown).ready,
             time_synced: s(&self.timesync).time_synced,
         }
+    }
+
+    /// The KVP service.
+    pub fn kvp(&self) -> &KvpDevice {
+        &self.kvp
     }
 
     /// A JSON dump of the bus and its devices.
