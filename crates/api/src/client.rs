@@ -2,9 +2,10 @@
 //! connection, no dependencies, quick to start (the CLI uses it, and so do the tests).
 
 use crate::ErrorBody;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where the service listens by default.
@@ -47,7 +48,7 @@ impl std::fmt::Display for ClientError {
         match self {
             Self::Connect(p, e) => write!(
                 f,
-                "cannot reach viridiand at {} ({e}); start it (`systemctl start viridiand`) or point --socket / VIRIDIAN_SOCKET at it",
+                "cannot reach viridiand at {} ({e}); start it (`systemctl start viridiand`) or point --socket / VIRIDIAN_SOCKET (or --host / VIRIDIAN_HOST) at it",
                 p.display()
             ),
             Self::Io(e) => write!(f, "the connection to viridiand broke: {e}"),
@@ -64,28 +65,94 @@ impl From<std::io::Error> for ClientError {
     }
 }
 
-/// The client: a socket path and a read timeout.
-#[derive(Debug, Clone)]
+/// A byte stream to the service.
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Opens a connection for a remote transport (TLS over TCP, set up by the caller).
+pub type Connector = Arc<dyn Fn() -> std::io::Result<Box<dyn Stream>> + Send + Sync>;
+
+#[derive(Clone)]
+enum Transport {
+    Unix(PathBuf),
+    Remote { url: String, connect: Connector },
+}
+
+/// The client: where the service is, extra headers (a bearer token), a read timeout.
+#[derive(Clone)]
 pub struct Client {
-    socket: PathBuf,
+    transport: Transport,
+    headers: Vec<(String, String)>,
     timeout: Duration,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.target())
+    }
+}
+
 impl Client {
+    /// A client for the service's Unix socket.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
-            socket: socket.into(),
+            transport: Transport::Unix(socket.into()),
+            headers: Vec::new(),
             timeout: Duration::from_secs(600),
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// A client for a remote service: `connect` opens a (TLS) stream, `url` names it.
+    pub fn remote(url: impl Into<String>, connect: Connector) -> Self {
+        Self {
+            transport: Transport::Remote {
+                url: url.into(),
+                connect,
+            },
+            headers: Vec::new(),
+            timeout: Duration::from_secs(600),
+        }
     }
 
-    /// Whether something accepts connections on the socket.
+    /// Sends `Authorization: Bearer TOKEN` with each request.
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.headers
+            .push(("Authorization".into(), format!("Bearer {token}")));
+        self
+    }
+
+    /// The socket path or URL, for messages.
+    pub fn target(&self) -> String {
+        match &self.transport {
+            Transport::Unix(p) => p.display().to_string(),
+            Transport::Remote { url, .. } => url.clone(),
+        }
+    }
+
+    /// The Unix socket, if that is the transport.
+    pub fn socket(&self) -> Option<&Path> {
+        match &self.transport {
+            Transport::Unix(p) => Some(p),
+            Transport::Remote { .. } => None,
+        }
+    }
+
+    /// Whether something accepts connections there.
     pub fn reachable(&self) -> bool {
-        UnixStream::connect(&self.socket).is_ok()
+        self.connect().is_ok()
+    }
+
+    fn connect(&self) -> Result<Box<dyn Stream>, ClientError> {
+        match &self.transport {
+            Transport::Unix(p) => {
+                let s = UnixStream::connect(p).map_err(|e| ClientError::Connect(p.clone(), e))?;
+                s.set_read_timeout(Some(self.timeout))?;
+                Ok(Box::new(s))
+            }
+            Transport::Remote { url, connect } => {
+                connect().map_err(|e| ClientError::Connect(PathBuf::from(url), e))
+            }
+        }
     }
 
     pub fn get(&self, path: &str) -> Result<Response, ClientError> {
@@ -99,11 +166,12 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Response, ClientError> {
-        let mut stream = UnixStream::connect(&self.socket)
-            .map_err(|e| ClientError::Connect(self.socket.clone(), e))?;
-        stream.set_read_timeout(Some(self.timeout))?;
+        let mut stream = self.connect()?;
         let mut head =
             format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        for (k, v) in &self.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
         if let Some(b) = body {
             head.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -124,6 +192,7 @@ impl Client {
                 }
             }
         }
+        stream.flush()?;
         read_response(BufReader::new(stream))
     }
 }

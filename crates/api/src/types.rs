@@ -105,9 +105,11 @@ pub enum Recovery {
 #[serde(deny_unknown_fields)]
 pub struct NewVm {
     /// 1 to 100 characters, no `/`, not `.` or `..`; unique.
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
     /// Virtual processors, 1 up to the host's count.
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1)]
     pub cpus: u32,
     /// Guest memory with a unit, e.g. `512M` or `2G` (a plain number means MiB); 32M up to
     /// the host's memory.
@@ -126,12 +128,15 @@ pub struct NewVm {
     pub hyperv: Option<bool>,
     /// CPU limit in percent of the VM's processors, 1..=100 (Set-VMProcessor -Maximum).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
     pub cpu_limit: Option<u32>,
     /// CPU reserve in percent, 0..=100 (Set-VMProcessor -Reserve).
     #[serde(default)]
+    #[schema(maximum = 100)]
     pub cpu_reserve: Option<u32>,
     /// Relative CPU weight, 1..=10000, default 100 (Set-VMProcessor -RelativeWeight).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 10000)]
     pub cpu_weight: Option<u32>,
     #[serde(default)]
     pub auto_start: Option<AutoStart>,
@@ -156,8 +161,10 @@ fn default_memory() -> String {
 #[serde(deny_unknown_fields)]
 pub struct VmPatch {
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 100)]
     pub name: Option<String>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub cpus: Option<u32>,
     #[serde(default)]
     pub memory: Option<String>,
@@ -170,10 +177,13 @@ pub struct VmPatch {
     #[serde(default)]
     pub hyperv: Option<bool>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
     pub cpu_limit: Option<u32>,
     #[serde(default)]
+    #[schema(maximum = 100)]
     pub cpu_reserve: Option<u32>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 10000)]
     pub cpu_weight: Option<u32>,
     #[serde(default)]
     pub auto_start: Option<AutoStart>,
@@ -230,6 +240,7 @@ pub struct StopParams {
     /// Seconds to wait for the guest's shutdown before turning it off (default 30, at most
     /// 3600).
     #[serde(default)]
+    #[param(maximum = 3600)]
     pub timeout: Option<u64>,
 }
 
@@ -267,6 +278,7 @@ pub struct ServiceInfo {
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     /// 1 to 100 characters, no `/`; unique.
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
 }
 

@@ -20,6 +20,13 @@ struct Cli {
     /// /run/viridian/viridiand.sock).
     #[arg(long)]
     socket: Option<std::path::PathBuf>,
+    /// A remote service, `https://HOST:PORT` (default: $VIRIDIAN_HOST); the token comes from
+    /// $VIRIDIAN_TOKEN.
+    #[arg(long)]
+    host: Option<String>,
+    /// The remote service's certificate, PEM (default: $VIRIDIAN_CA_CERT).
+    #[arg(long)]
+    ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,7 +59,7 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    service::set_socket(cli.socket);
+    service::set_target(cli.socket, cli.host, cli.ca_cert);
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Vm(cmd) => vm::main(cmd),

@@ -896,6 +896,28 @@ fn tls_listener_needs_a_valid_token() {
         assert!(!hay.contains(&token[4..]), "{f} holds the token in clear");
     }
 
+    // The CLI against the remote service.
+    s.define("far", &tiny_kernel("svc-tls", IDLE), json!({}));
+    let remote = |token: &str| {
+        Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args(["--host", &format!("https://127.0.0.1:{port}"), "--ca-cert"])
+            .arg(&cert)
+            .args(["vm", "list", "--json"])
+            .env("VIRIDIAN_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let out = remote(&token);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "far");
+    let out = remote("vrd_wrong");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("token"),
+        "{out:?}"
+    );
+
     let out = s.cli(&["token", "revoke", "ci"]);
     assert!(out.status.success(), "{out:?}");
     assert_error(curl(Some(&token)), 401, "unauthorized");

@@ -2,6 +2,7 @@
 //! (`viridian --socket PATH`, or `VIRIDIAN_SOCKET`, or /run/viridian/viridiand.sock), and the
 //! verbs that use it.
 
+mod remote;
 pub mod table;
 pub mod token;
 pub mod vm;
@@ -13,10 +14,24 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 static SOCKET: OnceLock<Option<PathBuf>> = OnceLock::new();
+static HOST: OnceLock<(Option<String>, Option<PathBuf>)> = OnceLock::new();
 
-/// Records `--socket` from the command line.
-pub fn set_socket(socket: Option<PathBuf>) {
+/// Records `--socket`, `--host` and `--ca-cert` from the command line.
+pub fn set_target(socket: Option<PathBuf>, host: Option<String>, ca_cert: Option<PathBuf>) {
     let _ = SOCKET.set(socket);
+    let _ = HOST.set((host, ca_cert));
+}
+
+/// The remote service named with --host or VIRIDIAN_HOST, and its certificate.
+fn remote_host() -> Option<(String, Option<PathBuf>)> {
+    let (host, ca) = HOST.get().cloned().unwrap_or_default();
+    let host = host.or_else(|| {
+        std::env::var("VIRIDIAN_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+    })?;
+    let ca = ca.or_else(|| std::env::var_os("VIRIDIAN_CA_CERT").map(PathBuf::from));
+    Some((host, ca))
 }
 
 /// The socket given with --socket or VIRIDIAN_SOCKET, if any.
@@ -28,7 +43,18 @@ fn explicit_socket() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("VIRIDIAN_SOCKET").map(PathBuf::from))
 }
 
+/// The client for the service: remote over TLS with `--host`, else the Unix socket. A remote
+/// host that cannot be set up (bad URL, unreadable certificate) ends the command.
 pub fn client() -> Client {
+    if let Some((host, ca)) = remote_host() {
+        match remote::client(&host, ca.as_deref()) {
+            Ok(c) => return c,
+            Err(e) => {
+                eprintln!("viridian: --host {host}: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     Client::new(explicit_socket().unwrap_or_else(|| DEFAULT_SOCKET.into()))
 }
 
@@ -38,7 +64,7 @@ pub fn client_if_up() -> anyhow::Result<Option<Client>> {
     let c = client();
     if c.reachable() {
         Ok(Some(c))
-    } else if explicit_socket().is_some() {
+    } else if explicit_socket().is_some() || remote_host().is_some() {
         // Let the request itself report why.
         Ok(Some(c))
     } else {
