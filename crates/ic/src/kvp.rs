@@ -324,7 +324,9 @@ fn check_str(
     Ok(())
 }
 
-fn check_key(key: &str) -> Result<(), IcError> {
+/// Checks a key as [`Kvp::set`] does: not empty, no NUL, at most [`MAX_KEY_UNITS`] UTF-16
+/// units and 511 UTF-8 bytes (the daemon's record field).
+pub fn check_key(key: &str) -> Result<(), IcError> {
     if key.is_empty() {
         return Err(IcError::InvalidArgument("empty key"));
     }
@@ -336,7 +338,9 @@ fn check_key(key: &str) -> Result<(), IcError> {
     )
 }
 
-fn check_value(value: &str) -> Result<(), IcError> {
+/// Checks a value as [`Kvp::set`] does: no NUL, at most [`MAX_VALUE_UNITS`] UTF-16 units and
+/// 2047 UTF-8 bytes.
+pub fn check_value(value: &str) -> Result<(), IcError> {
     check_str(
         value,
         MAX_VALUE_UNITS,
