@@ -70,6 +70,7 @@ fn run(vcpu: &mut VcpuFd, in_value: u8, limit: usize) -> Vec<Seen> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn real_mode_port_io_and_hlt() {
     let Some(p) = partition(1 << 20, false) else {
         return;
@@ -92,6 +93,7 @@ fn real_mode_port_io_and_hlt() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn long_mode_entry_with_mmio_and_port_io() {
     let Some(p) = partition(64 << 20, true) else {
         return;
@@ -136,6 +138,7 @@ fn long_mode_entry_with_mmio_and_port_io() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn two_vcpus_run_at_once() {
     let Some(p) = partition(1 << 20, false) else {
         return;

@@ -247,6 +247,7 @@ fn initiate_contact_input(mem: &GuestMemory) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn post_message_gets_a_synic_message_and_interrupt() {
     let mut a = Asm::default();
     enable_hyperv(&mut a);
@@ -299,6 +300,7 @@ fn post_message_gets_a_synic_message_and_interrupt() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn unknown_hypercall_code_fails() {
     let mut a = Asm::default();
     enable_hyperv(&mut a);
@@ -315,6 +317,7 @@ fn unknown_hypercall_code_fails() {
 /// HV_STATUS_INSUFFICIENT_BUFFERS once the reply queue is nearly full; the host's queue stays
 /// bounded.
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn flood_of_messages_gets_insufficient_buffers() {
     let Some(g) = guest(&[0xeb, 0xfe]) else {
         return;
