@@ -551,6 +551,21 @@ mod tests {
     }
 
     #[test]
+    fn dropped_packet_log_is_rate_limited() {
+        let mut log = DropLog::default();
+        let t0 = Instant::now();
+        let e = IcError::Malformed("x");
+        for i in 0..1000 {
+            log.dropped("t", &e, t0 + Duration::from_micros(i));
+        }
+        assert_eq!(log.suppressed, 999);
+        assert_eq!(log.last, Some(t0));
+        log.dropped("t", &e, t0 + LOG_INTERVAL);
+        assert_eq!(log.suppressed, 0);
+        assert_eq!(log.last, Some(t0 + LOG_INTERVAL));
+    }
+
+    #[test]
     fn negotiate_answer_needs_one_offered_version_each() {
         let offered = [IcVersion::new(3, 0)];
         let mut b = NegotiateHeader {
