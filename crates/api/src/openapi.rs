@@ -18,7 +18,7 @@ use utoipa::OpenApi;
     ),
     paths(
         list_vms, create_vm, get_vm, patch_vm, delete_vm, start_vm, stop_vm, restart_vm,
-        pause_vm, resume_vm, list_tokens, create_token, revoke_token, service, events, openapi
+        pause_vm, resume_vm, list_tokens, create_token, revoke_token, service, stop_vms, events, openapi
     ),
     components(schemas(ErrorBody, ErrorDetail, Vm, NewVm, VmPatch, VmState, Heartbeat,
                        AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo, NewToken,
@@ -134,6 +134,13 @@ fn revoke_token() {}
 #[utoipa::path(get, path = "/service", tag = "service",
     responses((status = 200, body = ServiceInfo), (status = 403, body = ErrorBody)))]
 fn service() {}
+
+/// Stop every running VM as its AutomaticStopAction says (ShutDown: the guest's shutdown
+/// service within 30 s, then turn off; TurnOff), for a host that is shutting down. Answers
+/// with the VMs stopped, once they are off.
+#[utoipa::path(post, path = "/service/stop-vms", tag = "service",
+    responses((status = 200, body = [Vm]), (status = 403, body = ErrorBody)))]
+fn stop_vms() {}
 
 /// Server-sent events: one `state` event (a VmEvent as JSON) per state change.
 #[utoipa::path(get, path = "/events", tag = "service",

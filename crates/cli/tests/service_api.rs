@@ -924,3 +924,139 @@ fn tls_listener_needs_a_valid_token() {
     let out = s.cli(&["token", "revoke", "ci"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// AutomaticStopAction: `POST /service/stop-vms` (`viridian service stop-vms`) stops each
+/// running VM as its setting says, and leaves the others alone.
+#[test]
+fn automatic_stop_action() {
+    if !kvm_usable() {
+        return;
+    }
+    let s = Service::start();
+    let kernel = tiny_kernel("svc-autostop", IDLE);
+    s.define("polite", &kernel, json!({"auto_stop": "ShutDown"}));
+    s.define("blunt", &kernel, json!({"auto_stop": "TurnOff"}));
+    s.define("idle", &kernel, json!({}));
+    for n in ["polite", "blunt"] {
+        assert_eq!(s.req("POST", &format!("/vms/{n}/start"), None).0, 200);
+    }
+    let out = s.cli(&["service", "stop-vms"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("blunt: Off (Turned off)"), "{text}");
+    // No shutdown service in a tiny guest: asked, then turned off.
+    assert!(
+        text.contains("polite: Off (Turned off: the guest could not shut down"),
+        "{text}"
+    );
+    assert!(!text.contains("idle"), "{text}");
+    for n in ["polite", "blunt", "idle"] {
+        assert_eq!(s.vm(n)["state"], "Off");
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Figures: creates per second, `GET /vms` per second with 1,000 VMs defined and the
+/// service's memory then, start latency through the service against `viridian run`, and
+/// density (idle 64 MiB guests started through the service).
+/// `cargo test --release -p cli --test service_api -- --ignored --nocapture service_bench`
+#[test]
+#[ignore]
+fn service_bench() {
+    if !kvm_usable() {
+        return;
+    }
+    let s = Service::start();
+    let kernel = tiny_kernel("svc-bench", IDLE);
+    let t = Instant::now();
+    for i in 0..1000 {
+        s.define(&format!("vm{i:04}"), &kernel, json!({}));
+    }
+    let created = t.elapsed();
+    let t = Instant::now();
+    let n = 100;
+    for _ in 0..n {
+        let r = s.client.get("/vms").unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let listed = t.elapsed();
+    eprintln!(
+        "BENCH create: {:.0} VMs/s; GET /vms with 1000 VMs: {:.1} requests/s; service RSS {} MiB",
+        1000.0 / created.as_secs_f64(),
+        n as f64 / listed.as_secs_f64(),
+        rss_kib(s.child.id()) / 1024
+    );
+
+    // Start latency: the service (until POST start answers Running) against viridian run
+    // (until its control socket is up).
+    let rounds = 10;
+    let mut via_service = Duration::ZERO;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let (status, v) = s.req("POST", "/vms/vm0000/start", None);
+        via_service += t.elapsed();
+        assert_eq!(status, 200, "{v}");
+        s.req("POST", "/vms/vm0000/stop?turn_off=true", None);
+    }
+    let mut direct = Duration::ZERO;
+    for i in 0..rounds {
+        let run_dir = s.dir.path().join(format!("direct-{i}"));
+        let t = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args(["run", "--name", "d", "--memory", "64M", "--kernel"])
+            .arg(&kernel)
+            .env("VIRIDIAN_RUN_DIR", &run_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while std::os::unix::net::UnixStream::connect(run_dir.join("d.sock")).is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        direct += t.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    eprintln!(
+        "BENCH start: via the service {:?}, viridian run {:?}, ratio {:.2}",
+        via_service / rounds,
+        direct / rounds,
+        via_service.as_secs_f64() / direct.as_secs_f64()
+    );
+
+    // Density.
+    let count: usize = std::env::var("VIRIDIAN_DENSITY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(100);
+    let t = Instant::now();
+    let mut pids = Vec::new();
+    for i in 0..count {
+        let (status, v) = s.req("POST", &format!("/vms/vm{i:04}/start"), None);
+        if status != 200 {
+            eprintln!("BENCH density: start {i} failed: {v}");
+            break;
+        }
+        pids.push(v["pid"].as_u64().unwrap() as u32);
+    }
+    let started = t.elapsed();
+    let workers: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    eprintln!(
+        "BENCH density: {} idle 64 MiB guests started in {:?} ({:.1}/s); worker RSS {:.1} MiB per VM; service RSS {} MiB",
+        pids.len(),
+        started,
+        pids.len() as f64 / started.as_secs_f64(),
+        workers as f64 / 1024.0 / pids.len().max(1) as f64,
+        rss_kib(s.child.id()) / 1024
+    );
+}

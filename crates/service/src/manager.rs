@@ -421,7 +421,7 @@ impl Manager {
                     row.name, row.status
                 )));
             }
-            let _ = tokio::time::timeout(Duration::from_millis(10), exit.changed()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(2), exit.changed()).await;
         }
         {
             let mut workers = self.workers.lock().unwrap();
@@ -815,5 +815,30 @@ impl Manager {
         self.db()
             .token_hash_known(&crate::token::hash(token))
             .unwrap_or(false)
+    }
+}
+
+/// AutomaticStopAction.
+impl Manager {
+    /// Stops every running VM as its `auto_stop` says (ShutDown within the default timeout,
+    /// then TurnOff; or TurnOff), all at once; answers when they are off.
+    pub async fn stop_all(&self) -> Result<Vec<Vm>, ApiError> {
+        let rows = self.db().all()?;
+        let running: Vec<VmRow> = rows.into_iter().filter(|r| r.state.has_worker()).collect();
+        let stops = running.iter().map(|r| {
+            let turn_off = r.settings.auto_stop == api::AutoStop::TurnOff;
+            self.stop(&r.name, turn_off, DEFAULT_STOP_TIMEOUT)
+        });
+        let results = futures_util::future::join_all(stops).await;
+        let mut out = Vec::new();
+        for (row, r) in running.iter().zip(results) {
+            match r {
+                Ok(vm) => out.push(vm),
+                // It ended by itself meanwhile.
+                Err(e) if e.code == "wrong_state" => {}
+                Err(e) => tracing::warn!("VM '{}': automatic stop: {e}", row.name),
+            }
+        }
+        Ok(out)
     }
 }

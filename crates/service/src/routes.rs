@@ -29,6 +29,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/tokens", get(tokens).post(new_token))
         .route("/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/service", get(service))
+        .route("/service/stop-vms", post(stop_vms))
         .route("/events", get(events))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
@@ -141,6 +142,10 @@ async fn service(State(m): S) -> R<axum::Json<ServiceInfo>> {
         host_cpus: crate::host::cpus(),
         host_memory_bytes: crate::host::memory(),
     }))
+}
+
+async fn stop_vms(State(m): S) -> R<axum::Json<Vec<Vm>>> {
+    m.stop_all().await.map(sized)
 }
 
 async fn events(State(m): S) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {

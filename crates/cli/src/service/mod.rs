@@ -137,6 +137,8 @@ pub enum ServiceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Stop every running VM as its AutomaticStopAction says (for host shutdown).
+    StopVms,
 }
 
 pub fn main(cmd: ServiceCommand) -> anyhow::Result<i32> {
@@ -148,6 +150,13 @@ pub fn main(cmd: ServiceCommand) -> anyhow::Result<i32> {
             } else {
                 let info: api::ServiceInfo = serde_json::from_value(v)?;
                 table::service(&info);
+            }
+            Ok(0)
+        }
+        ServiceCommand::StopVms => {
+            let (_, v) = call(&client(), "POST", "/service/stop-vms", None)?;
+            for vm in serde_json::from_value::<Vec<api::Vm>>(v)? {
+                println!("{}: {} ({})", vm.name, vm.state, vm.status);
             }
             Ok(0)
         }
