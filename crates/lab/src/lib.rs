@@ -6,6 +6,8 @@
 //! L1 runs under `qemu-system-x86_64 -accel tcg -cpu max`, which emulates AMD SVM with nested
 //! paging, so L1's `kvm-amd` gives Viridian a real `/dev/kvm`. See shared/docs/lab.md.
 
+#![forbid(unsafe_code)]
+
 pub mod cpio;
 mod debian;
 pub mod image;

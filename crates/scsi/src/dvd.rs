@@ -92,7 +92,7 @@ impl ScsiDvd {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        support::lock(&self.state)
     }
 
     /// The host inserts, replaces (`Some`) or removes (`None`) the medium. This is the

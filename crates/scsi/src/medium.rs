@@ -230,7 +230,7 @@ impl MemoryMedium {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        support::lock(&self.inner)
     }
 
     fn range(g: &MemInner, offset: u64, len: usize) -> Result<std::ops::Range<usize>, MediumError> {

@@ -137,7 +137,7 @@ impl SharedReservations {
     }
 
     fn lock(&self) -> MutexGuard<'_, ReservationSnapshot> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        support::lock(&self.state)
     }
 
     /// Takes the unit attention owed to `initiator`, if any.

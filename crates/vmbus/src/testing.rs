@@ -4,7 +4,8 @@
 //! the hypercalls, so the guest-side [`crate::client::Client`] runs on its own thread against
 //! the real control thread and device workers.
 
-use crate::client::Transport;
+use crate::channel::{Channel, ChannelError};
+use crate::client::{GuestChannel, Transport};
 use crate::host::{Doorbell, PostFailure, Synic, VmbusHost};
 use hvdef::hv::HvStatus;
 use hvdef::vmbus::MAX_RELID;
@@ -147,4 +148,239 @@ pub fn wait_event(event: &Doorbell, timeout: Duration) -> bool {
         event.clear();
     }
     ready
+}
+
+/// Interface type of the [`Echo`] test device.
+pub const ECHO: hvdef::vmbus::Guid =
+    hvdef::vmbus::Guid::from_u128(0xec40_0000_0000_0000_0000_0000_0000_0000);
+
+/// A test device that answers every in-band packet with a completion carrying the same
+/// payload. One packet in seven is held back and completed after the ones behind it, so
+/// completions arrive out of order. With `subchannels`, it asks for that many subchannels
+/// when its primary opens, and it records MODIFYCHANNEL retargets.
+#[derive(Default)]
+pub struct Echo {
+    pub subchannels: u16,
+    pub retargets: Arc<Mutex<Vec<(u16, u32)>>>,
+}
+
+impl crate::Device for Echo {
+    fn offer(&self) -> crate::DeviceOffer {
+        let mut o = crate::DeviceOffer::new("echo", ECHO, hvdef::vmbus::Guid::ZERO);
+        o.max_subchannels = self.subchannels;
+        o
+    }
+
+    fn open(
+        &self,
+        ch: crate::OpenedChannel,
+    ) -> Result<Box<dyn crate::ChannelWorker>, crate::OpenError> {
+        if ch.index == 0 && self.subchannels > 0 {
+            ch.bus.add_subchannels(self.subchannels);
+        }
+        Ok(Box::new(EchoWorker::default()))
+    }
+
+    fn retarget(&self, index: u16, vp: u32) {
+        support::lock(&self.retargets).push((index, vp));
+    }
+
+    fn inspect(&self) -> serde_json::Value {
+        serde_json::json!({ "kind": "echo" })
+    }
+}
+
+#[derive(Default)]
+struct EchoWorker {
+    buf: Vec<u8>,
+    held: Option<(u64, Vec<u8>)>,
+    out: VecDeque<(u64, Vec<u8>)>,
+}
+
+impl EchoWorker {
+    fn flush(&mut self, ch: &mut Channel) -> Result<bool, crate::WorkerError> {
+        while let Some((id, payload)) = self.out.front() {
+            match ch.send_completion(*id, payload) {
+                Ok(()) => {
+                    self.out.pop_front();
+                }
+                Err(ChannelError::Full) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl crate::ChannelWorker for EchoWorker {
+    fn process(
+        &mut self,
+        ch: &mut Channel,
+        _now: Instant,
+    ) -> Result<crate::Progress, crate::WorkerError> {
+        use crate::Progress;
+        if !self.flush(ch)? {
+            return Ok(Progress::WaitingForRoom);
+        }
+        while let Some(p) = ch.try_recv(&mut self.buf)? {
+            let (id, payload) = (p.transaction_id(), p.payload().to_vec());
+            if id % 7 == 3 && self.held.is_none() {
+                self.held = Some((id, payload));
+                continue;
+            }
+            self.out.push_back((id, payload));
+            if let Some(h) = self.held.take() {
+                self.out.push_back(h);
+            }
+            if !self.flush(ch)? {
+                return Ok(Progress::WaitingForRoom);
+            }
+        }
+        if let Some(h) = self.held.take() {
+            self.out.push_back(h);
+        }
+        Ok(if self.flush(ch)? {
+            Progress::Idle
+        } else {
+            Progress::WaitingForRoom
+        })
+    }
+}
+
+/// What the guest end of an echo channel sends.
+#[derive(Debug, Clone)]
+pub struct EchoLoad {
+    /// Packets to send (`u64::MAX` with `stop` for "until stopped").
+    pub count: u64,
+    /// Most packets outstanding at once.
+    pub window: usize,
+    /// Payload size; `None` for random sizes below 2000 bytes.
+    pub size: Option<usize>,
+    pub seed: u64,
+    /// Ends the load early when set.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Record each packet's round trip (meaningful with `window` 1).
+    pub latencies: bool,
+}
+
+impl EchoLoad {
+    pub fn new(count: u64) -> Self {
+        Self {
+            count,
+            window: 256,
+            size: None,
+            seed: 1,
+            stop: None,
+            latencies: false,
+        }
+    }
+}
+
+/// What a guest thread saw on one echo channel.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub sent: u64,
+    pub completed: u64,
+    /// Times the guest slept on its channel event.
+    pub waits: u64,
+    /// Round trips, when asked for.
+    pub latencies: Vec<Duration>,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The guest end of an [`Echo`] channel: sends packets (at most `window` outstanding), checks
+/// every completion (each id exactly once, same bytes), and follows the signalling rules:
+/// HvSignalEvent when the ring says so, and sleep on the channel's event only when nothing
+/// could be done. Panics on a lost, duplicated or changed packet, and on a stall of 10 s.
+pub fn run_echo(
+    mut ch: GuestChannel,
+    host: &VmbusHost,
+    synic: &GuestSynic,
+    load: &EchoLoad,
+) -> (Traffic, GuestChannel) {
+    let event = synic.event(ch.relid);
+    let mut rng = Rng(load.seed | 1);
+    let mut outstanding: HashMap<u64, (usize, u8, Instant)> = HashMap::new();
+    let mut t = Traffic::default();
+    let signal = |ch: &mut GuestChannel| {
+        if ch.channel.take_signal() {
+            let _ = host.signal_event(ch.connection_id);
+        }
+    };
+    let stopped = || {
+        load.stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    };
+    let mut idle_since = Instant::now();
+    let mut payload = Vec::new();
+    while t.completed < load.count && !stopped() {
+        let mut progress = false;
+        while t.sent < load.count && outstanding.len() < load.window {
+            let len = load.size.unwrap_or((rng.next() % 2000) as usize);
+            let byte = rng.next() as u8;
+            payload.clear();
+            payload.resize(len, byte);
+            match ch.channel.send_inband(t.sent, &payload, true) {
+                Ok(()) => {
+                    outstanding.insert(t.sent, (len, byte, Instant::now()));
+                    t.sent += 1;
+                    progress = true;
+                }
+                Err(ChannelError::Full) => break,
+                Err(e) => panic!("guest send: {e}"),
+            }
+        }
+        signal(&mut ch);
+        loop {
+            match ch.channel.recv_owned() {
+                Ok(Some(p)) => {
+                    assert_eq!(p.packet_type, hvdef::vmbus::packet_type::COMPLETION);
+                    let (len, byte, sent_at) =
+                        outstanding.remove(&p.transaction_id).unwrap_or_else(|| {
+                            panic!("completion {} unknown or twice", p.transaction_id)
+                        });
+                    if load.latencies {
+                        t.latencies.push(sent_at.elapsed());
+                    }
+                    assert_eq!(p.payload.len(), len.next_multiple_of(8));
+                    assert!(
+                        p.payload[..len].iter().all(|&b| b == byte),
+                        "payload changed"
+                    );
+                    t.completed += 1;
+                    progress = true;
+                }
+                Ok(None) => break,
+                Err(e) => panic!("guest receive: {e}"),
+            }
+        }
+        signal(&mut ch);
+        if progress {
+            idle_since = Instant::now();
+            continue;
+        }
+        t.waits += 1;
+        let patience = if load.stop.is_some() { 10 } else { 1000 };
+        if !wait_event(&event, Duration::from_millis(patience)) && load.stop.is_none() {
+            assert!(
+                idle_since.elapsed() < Duration::from_secs(10),
+                "stalled: {} sent, {} completed, {} outstanding",
+                t.sent,
+                t.completed,
+                outstanding.len()
+            );
+        }
+    }
+    (t, ch)
 }

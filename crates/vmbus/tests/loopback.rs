@@ -1134,3 +1134,60 @@ fn close_or_rescind_while_the_device_is_still_opening() {
         vmbus::Action::SendMessage { message, .. } if message.msgtype() == msgtype::RESCIND_CHANNEL_OFFER
     ));
 }
+
+/// Saved state comes from a file: a tampered version, target VP, SINT or ring layout is
+/// refused, not trusted.
+#[test]
+fn restore_refuses_a_tampered_connection_or_channel() {
+    use vmbus::server::{SavedChannelState, SavedState};
+    let mut c = connected(&[guid::SHUTDOWN_IC]);
+    let _ch = c.open_channel(1, 1, 1, 0).unwrap();
+    let saved = c.transport().server.save();
+    let fresh = || {
+        let mut s = Server::new(ServerConfig::default());
+        let mut inst = INSTANCE;
+        inst.data1 = 0;
+        s.add_offer(OfferParams::new(guid::SHUTDOWN_IC, inst))
+            .unwrap();
+        s
+    };
+    assert!(
+        fresh().restore(&saved).is_ok(),
+        "the untouched state restores"
+    );
+    let tamper = |f: &dyn Fn(&mut SavedState)| {
+        let mut s = saved.clone();
+        f(&mut s);
+        fresh().restore(&s)
+    };
+    type Tamper<'a> = &'a dyn Fn(&mut SavedState);
+    let cases: [(&str, Tamper); 6] = [
+        ("version", &|s| {
+            s.connection.as_mut().unwrap().version = 0x0009_0000
+        }),
+        ("6.0", &|s| {
+            s.connection.as_mut().unwrap().version = version::V6_0
+        }),
+        ("target VP", &|s| {
+            s.connection.as_mut().unwrap().target_vp = 7
+        }),
+        ("SINT", &|s| s.connection.as_mut().unwrap().sint = 0),
+        ("channel VP", &|s| {
+            if let SavedChannelState::Open { target_vp, .. } = &mut s.channels[0].state {
+                *target_vp = 5;
+            }
+        }),
+        ("ring layout", &|s| {
+            if let SavedChannelState::Open {
+                downstream_page_offset,
+                ..
+            } = &mut s.channels[0].state
+            {
+                *downstream_page_offset = 1;
+            }
+        }),
+    ];
+    for (what, f) in cases {
+        assert!(tamper(f).is_err(), "a tampered {what} was restored");
+    }
+}

@@ -3,14 +3,15 @@
 //! the other, joined only by the hypercall entry points and the [`GuestSynic`] stand-in.
 
 use guestmem::GuestMemory;
-use hvdef::vmbus::{self as hv, msgtype, packet_type, Guid, MessageHeader};
-use std::collections::HashMap;
+use hvdef::vmbus::{self as hv, msgtype, Guid, MessageHeader};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmbus::client::{Client, GuestChannel, LINUX_VERSIONS};
 use vmbus::host::DeviceId;
-use vmbus::testing::{wait_event, GuestSynic, ThreadedTransport};
+use vmbus::testing::{
+    run_echo, wait_event, Echo, EchoLoad, GuestSynic, ThreadedTransport, Traffic,
+};
 use vmbus::{
     Channel, ChannelError, ChannelWorker, Device, DeviceOffer, HostConfig, OpenError,
     OpenedChannel, Progress, ServerConfig, VmbusHost, WorkerError,
@@ -18,94 +19,10 @@ use vmbus::{
 use zerocopy::IntoBytes;
 
 const MEM: u64 = 64 << 20;
-const ECHO: Guid = Guid::from_u128(0xec40_0000_0000_0000_0000_0000_0000_0000);
 const FLOOD: Guid = Guid::from_u128(0xf100_0000_0000_0000_0000_0000_0000_0000);
 
 fn instance(n: u32) -> Guid {
     Guid::from_u128(0x1234_0000_0000_0000_0000_0000_0000_0000 | u128::from(n))
-}
-
-/// Answers every in-band packet with a completion carrying the same payload. One packet in
-/// seven is held back and completed after the ones behind it, so completions arrive out of
-/// order. With `subchannels`, asks for that many subchannels when its primary opens.
-struct Echo {
-    subchannels: u16,
-    retargets: Arc<Mutex<Vec<(u16, u32)>>>,
-}
-
-impl Device for Echo {
-    fn offer(&self) -> DeviceOffer {
-        let mut o = DeviceOffer::new("echo", ECHO, instance(0));
-        o.max_subchannels = self.subchannels;
-        o
-    }
-
-    fn open(&self, ch: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
-        if ch.index == 0 && self.subchannels > 0 {
-            ch.bus.add_subchannels(self.subchannels);
-        }
-        Ok(Box::new(EchoWorker::default()))
-    }
-
-    fn retarget(&self, index: u16, vp: u32) {
-        self.retargets.lock().unwrap().push((index, vp));
-    }
-
-    fn inspect(&self) -> serde_json::Value {
-        serde_json::json!({ "kind": "echo" })
-    }
-}
-
-#[derive(Default)]
-struct EchoWorker {
-    buf: Vec<u8>,
-    held: Option<(u64, Vec<u8>)>,
-    out: std::collections::VecDeque<(u64, Vec<u8>)>,
-}
-
-impl EchoWorker {
-    fn flush(&mut self, ch: &mut Channel) -> Result<bool, WorkerError> {
-        while let Some((id, payload)) = self.out.front() {
-            match ch.send_completion(*id, payload) {
-                Ok(()) => {
-                    self.out.pop_front();
-                }
-                Err(ChannelError::Full) => return Ok(false),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(true)
-    }
-}
-
-impl ChannelWorker for EchoWorker {
-    fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
-        if !self.flush(ch)? {
-            return Ok(Progress::WaitingForRoom);
-        }
-        while let Some(p) = ch.try_recv(&mut self.buf)? {
-            let (id, payload) = (p.transaction_id(), p.payload().to_vec());
-            if id % 7 == 3 && self.held.is_none() {
-                self.held = Some((id, payload));
-                continue;
-            }
-            self.out.push_back((id, payload));
-            if let Some(h) = self.held.take() {
-                self.out.push_back(h);
-            }
-            if !self.flush(ch)? {
-                return Ok(Progress::WaitingForRoom);
-            }
-        }
-        if let Some(h) = self.held.take() {
-            self.out.push_back(h);
-        }
-        Ok(if self.flush(ch)? {
-            Progress::Idle
-        } else {
-            Progress::WaitingForRoom
-        })
-    }
 }
 
 /// Sends packets to the guest until the ring is full, and again whenever there is room.
@@ -145,8 +62,25 @@ struct Rig {
 fn echo(subchannels: u16) -> Arc<Echo> {
     Arc::new(Echo {
         subchannels,
-        retargets: Arc::default(),
+        ..Default::default()
     })
+}
+
+/// The guest end of an echo channel on its own thread (see [`run_echo`]).
+fn guest_echo(
+    ch: GuestChannel,
+    host: VmbusHost,
+    synic: Arc<GuestSynic>,
+    count: u64,
+    seed: u64,
+    stop: Option<Arc<AtomicBool>>,
+) -> (Traffic, GuestChannel) {
+    let load = EchoLoad {
+        seed,
+        stop,
+        ..EchoLoad::new(count)
+    };
+    run_echo(ch, &host, &synic, &load)
 }
 
 /// A host with `devices` (each with its own instance GUID), and a connected guest.
@@ -217,105 +151,6 @@ fn packets() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000)
-}
-
-/// What a guest thread saw on one channel.
-#[derive(Debug, Default)]
-struct Traffic {
-    sent: u64,
-    completed: u64,
-    waits: u64,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// The guest end of an echo channel: sends `count` packets of random sizes (at most `window`
-/// outstanding), checks every completion (each id exactly once, same bytes), and follows the
-/// signalling rules: HvSignalEvent when the ring says so, and sleep on the channel's event
-/// only when nothing could be done. Stops early when `stop` is set.
-fn guest_echo(
-    mut ch: GuestChannel,
-    host: VmbusHost,
-    synic: Arc<GuestSynic>,
-    count: u64,
-    seed: u64,
-    stop: Option<Arc<AtomicBool>>,
-) -> (Traffic, GuestChannel) {
-    let event = synic.event(ch.relid);
-    let mut rng = Rng(seed | 1);
-    let mut outstanding: HashMap<u64, (usize, u8)> = HashMap::new();
-    let mut t = Traffic::default();
-    let signal = |ch: &mut GuestChannel| {
-        if ch.channel.take_signal() {
-            let _ = host.signal_event(ch.connection_id);
-        }
-    };
-    let mut idle_since = Instant::now();
-    while t.completed < count {
-        if stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
-            break;
-        }
-        let mut progress = false;
-        while t.sent < count && outstanding.len() < 256 {
-            let len = (rng.next() % 2000) as usize;
-            let byte = rng.next() as u8;
-            match ch.channel.send_inband(t.sent, &vec![byte; len], true) {
-                Ok(()) => {
-                    outstanding.insert(t.sent, (len, byte));
-                    t.sent += 1;
-                    progress = true;
-                }
-                Err(ChannelError::Full) => break,
-                Err(e) => panic!("guest send: {e}"),
-            }
-        }
-        signal(&mut ch);
-        loop {
-            match ch.channel.recv_owned() {
-                Ok(Some(p)) => {
-                    assert_eq!(p.packet_type, packet_type::COMPLETION);
-                    let (len, byte) = outstanding.remove(&p.transaction_id).unwrap_or_else(|| {
-                        panic!("completion {} unknown or twice", p.transaction_id)
-                    });
-                    assert_eq!(p.payload.len(), len.next_multiple_of(8));
-                    assert!(
-                        p.payload[..len].iter().all(|&b| b == byte),
-                        "payload changed"
-                    );
-                    t.completed += 1;
-                    progress = true;
-                }
-                Ok(None) => break,
-                Err(e) => panic!("guest receive: {e}"),
-            }
-        }
-        signal(&mut ch);
-        if progress {
-            idle_since = Instant::now();
-        } else {
-            t.waits += 1;
-            let patience = if stop.is_some() { 10 } else { 5000 };
-            if !wait_event(&event, Duration::from_millis(patience)) && stop.is_none() {
-                assert!(
-                    idle_since.elapsed() < Duration::from_secs(10),
-                    "deadlock: {} sent, {} completed, {} outstanding",
-                    t.sent,
-                    t.completed,
-                    outstanding.len()
-                );
-            }
-        }
-    }
-    (t, ch)
 }
 
 fn worker_stat(host: &VmbusHost, device: usize, channel: usize, key: &str) -> u64 {
@@ -635,4 +470,36 @@ fn hypercall_errors_and_a_full_guest_queue() {
     }
     assert_eq!(replies, accepted, "every accepted UNLOAD gets its answer");
     r.host.stop();
+}
+
+/// Save a running bus, stop it, and restore it into a new host (as a worker process that
+/// took over the VM would): the guest's open channel keeps working on a new worker thread.
+#[test]
+fn a_saved_bus_restores_into_a_new_host_with_its_channels_open() {
+    let (mut r, _) = rig(vec![echo(0) as Arc<dyn Device>], 1);
+    let relid = relid_of(&r.client, 0, 0);
+    let ch = r.client.open_channel(relid, 4, 4, 0).unwrap();
+    let (t, ch) = guest_echo(ch, r.host.clone(), r.synic.clone(), 500, 3, None);
+    assert_eq!(t.completed, 500);
+    let saved = r.host.save().unwrap();
+    let json = serde_json::to_string(&saved).unwrap();
+    r.host.stop();
+
+    let config = HostConfig {
+        server: ServerConfig {
+            vp_count: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let host = VmbusHost::start(config, r.mem.clone(), r.synic.clone()).unwrap();
+    host.add_device(Arc::new(Renamed(echo(0), 0))).unwrap();
+    host.restore(serde_json::from_str(&json).unwrap()).unwrap();
+    assert_eq!(host.version(), Some(hvdef::vmbus::version::WIN10_V5_3));
+    assert_eq!(host.open_ports(), 1);
+    let (t, _ch) = guest_echo(ch, host.clone(), r.synic.clone(), 500, 4, None);
+    assert_eq!(t.completed, 500);
+    // A second restore onto a bus in use is refused.
+    assert!(host.restore(serde_json::from_str(&json).unwrap()).is_err());
+    host.stop();
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmbus::host::Doorbell;
 use vmbus::{Channel, ChannelError, ChannelWorker, DeviceOffer, OpenError, OpenedChannel};
-use vmbus::{Progress, WorkerError};
+use vmbus::{DeviceRestoreError, Progress, SavedDevice, WorkerError};
 
 /// How often the host sends a heartbeat and a time sample.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
@@ -84,6 +84,10 @@ pub struct IcDevice {
     kind: IcKind,
     clock: Option<ReferenceClock>,
     status: Mutex<IcSnapshot>,
+    /// The open channel's protocol state as of the worker's last pass (for save).
+    saved: Mutex<Option<ic::IcSavedState>>,
+    /// State to resume from when the channel reopens after a restore.
+    restored: Mutex<Option<ic::IcSavedState>>,
     commands: Mutex<VecDeque<Command>>,
     wake: Doorbell,
 }
@@ -106,6 +110,8 @@ impl IcDevice {
             kind,
             clock,
             status: Mutex::default(),
+            saved: Mutex::default(),
+            restored: Mutex::default(),
             commands: Mutex::default(),
             wake: Doorbell::new()?,
         }))
@@ -156,9 +162,19 @@ impl vmbus::Device for IcBusDevice {
 
     fn open(&self, _channel: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
         support::lock(&self.0.commands).clear();
+        let mut ic = self.0.state_machine();
+        let resumed = match support::lock(&self.0.restored).take() {
+            Some(saved) => {
+                ic.restore(&saved)
+                    .map_err(|e| OpenError(format!("cannot resume the saved state: {e}")))?;
+                true
+            }
+            None => false,
+        };
         Ok(Box::new(IcWorker {
             device: self.0.clone(),
-            ic: self.0.state_machine(),
+            ic,
+            resumed,
             next_heartbeat: Instant::now(),
             next_sample: Instant::now() + TIME_SAMPLE_INTERVAL,
         }))
@@ -166,6 +182,29 @@ impl vmbus::Device for IcBusDevice {
 
     fn close(&self, _index: u16) {
         *support::lock(&self.0.status) = IcSnapshot::default();
+        *support::lock(&self.0.saved) = None;
+    }
+
+    fn save(&self) -> SavedDevice {
+        SavedDevice {
+            version: SAVED_VERSION,
+            data: serde_json::to_value(&*support::lock(&self.0.saved)).unwrap_or_default(),
+        }
+    }
+
+    fn restore(&self, saved: &SavedDevice) -> Result<(), DeviceRestoreError> {
+        if saved.version != SAVED_VERSION {
+            return Err(DeviceRestoreError::Version(saved.version));
+        }
+        let state: Option<ic::IcSavedState> = serde_json::from_value(saved.data.clone())
+            .map_err(|e| DeviceRestoreError::Invalid(e.to_string()))?;
+        if state.as_ref().is_some_and(|s| s.kind != self.0.kind) {
+            return Err(DeviceRestoreError::Invalid(
+                "saved for another service".into(),
+            ));
+        }
+        *support::lock(&self.0.restored) = state;
+        Ok(())
     }
 
     fn inspect(&self) -> serde_json::Value {
@@ -173,9 +212,14 @@ impl vmbus::Device for IcBusDevice {
     }
 }
 
+/// Layout of [`SavedDevice::data`] for the integration services: `Option<IcSavedState>`.
+const SAVED_VERSION: u32 = 1;
+
 struct IcWorker {
     device: Arc<IcDevice>,
     ic: Ic,
+    /// Resumed from a saved state: the versions are already agreed.
+    resumed: bool,
     next_heartbeat: Instant,
     next_sample: Instant,
 }
@@ -207,6 +251,7 @@ impl IcWorker {
             heartbeat: self.ic.heartbeat_state(now),
             time_synced: self.ic.time_synced(),
         };
+        *support::lock(&self.device.saved) = Some(self.ic.save());
     }
 
     /// Periodic requests and host commands; false when the ring was full.
@@ -250,6 +295,9 @@ impl IcWorker {
 
 impl ChannelWorker for IcWorker {
     fn start(&mut self, ch: &mut Channel) -> Result<(), WorkerError> {
+        if self.resumed {
+            return Ok(());
+        }
         // The host speaks first: version negotiation.
         outcome(name(self.device.kind), self.ic.open(ch)).map(|_| ())
     }

@@ -5,14 +5,17 @@
 
 use crate::integration::outcome;
 use hvdef::vmbus::Guid;
-use ic::kvp::{Kvp, KvpEvent, KvpItems, KvpPool, MAX_KEY_UNITS, MAX_VALUE_UNITS};
+use ic::kvp::{Kvp, KvpEvent, KvpItems, KvpPool, KvpSavedState, MAX_KEY_UNITS, MAX_VALUE_UNITS};
 use ic::IcState;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmbus::host::Doorbell;
-use vmbus::{Channel, ChannelWorker, DeviceOffer, OpenError, OpenedChannel, Progress, WorkerError};
+use vmbus::{
+    Channel, ChannelWorker, DeviceOffer, DeviceRestoreError, OpenError, OpenedChannel, Progress,
+    SavedDevice, WorkerError,
+};
 
 /// How often the guest's pools are read again.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
@@ -42,6 +45,10 @@ enum Command {
 /// The KVP service on the bus.
 pub struct KvpDevice {
     items: Mutex<KvpItems>,
+    /// The open channel's protocol state as of the worker's last pass (for save).
+    saved: Mutex<Option<KvpSavedState>>,
+    /// State to resume from when the channel reopens after a restore.
+    restored: Mutex<Option<KvpSavedState>>,
     ready: Mutex<bool>,
     commands: Mutex<VecDeque<Command>>,
     wake: Doorbell,
@@ -72,6 +79,8 @@ impl KvpDevice {
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             items: Mutex::default(),
+            saved: Mutex::default(),
+            restored: Mutex::default(),
             ready: Mutex::new(false),
             commands: Mutex::default(),
             wake: Doorbell::new()?,
@@ -132,15 +141,43 @@ impl vmbus::Device for KvpBusDevice {
     }
 
     fn open(&self, _channel: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
+        let mut kvp = Kvp::new();
+        let resumed = match support::lock(&self.0.restored).take() {
+            Some(saved) => {
+                kvp.restore(&saved, Instant::now())
+                    .map_err(|e| OpenError(format!("cannot resume the saved KVP state: {e}")))?;
+                true
+            }
+            None => false,
+        };
         Ok(Box::new(KvpWorker {
             device: self.0.clone(),
-            kvp: Kvp::new(),
+            kvp,
+            resumed,
             next_refresh: None,
         }))
     }
 
     fn close(&self, _index: u16) {
         *support::lock(&self.0.ready) = false;
+        *support::lock(&self.0.saved) = None;
+    }
+
+    fn save(&self) -> SavedDevice {
+        SavedDevice {
+            version: SAVED_VERSION,
+            data: serde_json::to_value(&*support::lock(&self.0.saved)).unwrap_or_default(),
+        }
+    }
+
+    fn restore(&self, saved: &SavedDevice) -> Result<(), DeviceRestoreError> {
+        if saved.version != SAVED_VERSION {
+            return Err(DeviceRestoreError::Version(saved.version));
+        }
+        let state: Option<KvpSavedState> = serde_json::from_value(saved.data.clone())
+            .map_err(|e| DeviceRestoreError::Invalid(e.to_string()))?;
+        *support::lock(&self.0.restored) = state;
+        Ok(())
     }
 
     fn inspect(&self) -> serde_json::Value {
@@ -151,9 +188,14 @@ impl vmbus::Device for KvpBusDevice {
     }
 }
 
+/// Layout of [`SavedDevice::data`] for KVP: `Option<KvpSavedState>`.
+const SAVED_VERSION: u32 = 1;
+
 struct KvpWorker {
     device: Arc<KvpDevice>,
     kvp: Kvp,
+    /// Resumed from a saved state: the versions are already agreed.
+    resumed: bool,
     next_refresh: Option<Instant>,
 }
 
@@ -173,6 +215,9 @@ impl KvpWorker {
 
 impl ChannelWorker for KvpWorker {
     fn start(&mut self, ch: &mut Channel) -> Result<(), WorkerError> {
+        if self.resumed {
+            return Ok(());
+        }
         outcome("KVP", self.kvp.open(ch)).map(|_| ())
     }
 
@@ -208,6 +253,7 @@ impl ChannelWorker for KvpWorker {
             }
         }
         *support::lock(&self.device.items) = self.kvp.items();
+        *support::lock(&self.device.saved) = Some(self.kvp.save());
         *support::lock(&self.device.ready) = ready;
         Ok(if room {
             Progress::Idle

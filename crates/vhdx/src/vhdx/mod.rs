@@ -123,9 +123,7 @@ pub fn is_vhdx_file(path: impl AsRef<Path>) -> Result<bool> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use support::lock;
 
 impl Vhdx {
     /// Opens a VHDX file (and, for a differencing disk, its parent chain, read-only). A pending
