@@ -870,6 +870,8 @@ fn tls_listener_needs_a_valid_token() {
             serde_json::from_str(body).unwrap_or(Value::Null),
         )
     };
+    // A client that connects and never says anything holds up no one.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     assert_error(curl(None), 401, "unauthorized");
     assert_error(curl(Some("vrd_0000")), 401, "unauthorized");
 

@@ -136,10 +136,7 @@ async fn serve(cfg: Config, worker: PathBuf, db: Db, cgroups: Cgroups) -> Result
             "viridiand listening on https://{addr} (certificate {})",
             cert.display()
         );
-        let listener = crate::tls::TlsListener {
-            tcp,
-            acceptor: tokio_rustls::TlsAcceptor::from(tls),
-        };
+        let listener = crate::tls::TlsListener::new(tcp, tokio_rustls::TlsAcceptor::from(tls))?;
         let remote = crate::routes::router(manager.clone()).layer(
             axum::middleware::from_fn_with_state(manager.clone(), auth::bearer),
         );
