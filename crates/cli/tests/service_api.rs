@@ -747,6 +747,40 @@ fn service_killed_50_times() {
             "round {round}: the running worker is adopted again: {steady}"
         );
     }
+    // Killed while VMs start: each is Running with its worker adopted, or Off with no worker
+    // left behind.
+    for round in 0..10 {
+        let name = format!("starting-{round}");
+        s.define(&name, &kernel, json!({}));
+        let client = s.client.clone();
+        let path = format!("/vms/{name}/start");
+        let starter = std::thread::spawn(move || client.request("POST", &path, None));
+        std::thread::sleep(Duration::from_millis(rand::random_range(0..40)));
+        kill9(s.child.id());
+        let _ = s.child.wait();
+        let _ = starter.join();
+        s.child = spawn_service(s.dir.path(), &s.args);
+        s.wait_ready();
+        let v = s.vm(&name);
+        let workers = Command::new("pgrep")
+            .args(["-f", &format!("{}.sock", v["id"].as_str().unwrap())])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .count()
+            })
+            .unwrap_or(0);
+        match v["state"].as_str() {
+            Some("Running") => assert_eq!(workers, 1, "round {round}: {v}"),
+            Some("Off") => assert_eq!(workers, 0, "round {round}: a worker was left behind: {v}"),
+            _ => panic!("round {round}: {v}"),
+        }
+        if v["state"] == "Running" {
+            let (status, v) = s.req("POST", &format!("/vms/{name}/stop?turn_off=true"), None);
+            assert_eq!(status, 200, "{v}");
+        }
+    }
     eprintln!(
         "{rounds} rounds in {:?}; {} VMs created and acknowledged",
         started.elapsed(),

@@ -112,3 +112,84 @@ fn apply(group: &Path, s: &Settings) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::{AutoStart, AutoStop, Recovery};
+
+    fn settings(cpus: u32, limit: u32, weight: u32) -> Settings {
+        Settings {
+            cpus,
+            memory: 512 << 20,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            hyperv: true,
+            cpu_limit: limit,
+            cpu_reserve: 0,
+            cpu_weight: weight,
+            auto_start: AutoStart::Nothing,
+            auto_stop: AutoStop::ShutDown,
+            recovery: Recovery::None,
+        }
+    }
+
+    #[test]
+    fn mapping() {
+        let v = values(&settings(2, 50, 300));
+        assert_eq!(
+            v[0],
+            ("cpu.max", "100000 100000".to_string()),
+            "50 % of 2 CPUs = 1 CPU"
+        );
+        assert_eq!(v[1], ("cpu.weight", "300".to_string()));
+        assert_eq!(
+            v[2],
+            ("memory.max", ((512u64 << 20) + WORKER_OVERHEAD).to_string())
+        );
+        assert_eq!(values(&settings(4, 100, 100))[0].1, "max 100000");
+    }
+
+    /// A directory laid out like a cgroup v2 root (the files are plain files here).
+    #[test]
+    fn probe_attach_update_remove() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(matches!(Cgroups::probe(root.path()), Cgroups::Disabled(_)));
+        std::fs::write(root.path().join("cgroup.controllers"), "cpuset io\n").unwrap();
+        let Cgroups::Disabled(why) = Cgroups::probe(root.path()) else {
+            panic!()
+        };
+        assert!(why.contains("'cpu'"), "{why}");
+        std::fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        let cg = Cgroups::probe(root.path());
+        let Cgroups::Enabled(slice) = &cg else {
+            panic!("{cg:?}")
+        };
+        assert_eq!(
+            std::fs::read_to_string(slice.join("cgroup.subtree_control")).unwrap(),
+            "+cpu +memory"
+        );
+        cg.attach("id1", 42, &settings(1, 25, 50));
+        let group = slice.join("vm-id1");
+        let read = |f: &str| std::fs::read_to_string(group.join(f)).unwrap();
+        assert_eq!(read("cgroup.procs"), "42");
+        assert_eq!(read("cpu.max"), "25000 100000");
+        assert_eq!(read("cpu.weight"), "50");
+        cg.update("id1", &settings(1, 100, 70));
+        assert_eq!(
+            (read("cpu.max").as_str(), read("cpu.weight").as_str()),
+            ("max 100000", "70")
+        );
+        // A real group is empty once its process is gone; rmdir then works.
+        for f in ["cgroup.procs", "cpu.max", "cpu.weight", "memory.max"] {
+            std::fs::remove_file(group.join(f)).unwrap();
+        }
+        cg.remove("id1");
+        assert!(!group.exists());
+    }
+}

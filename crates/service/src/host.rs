@@ -42,6 +42,15 @@ pub fn is_worker(pid: u32, socket: &Path) -> bool {
     args.iter().any(|a| a == "run") && args.iter().any(|a| *a == socket)
 }
 
+/// The pid of the worker serving `socket`, found by its command line.
+pub fn find_worker(socket: &Path) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| is_worker(*pid, socket))
+}
+
 /// CPU time (user + system) of a process, in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

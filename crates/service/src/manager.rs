@@ -679,7 +679,14 @@ impl Manager {
             }
             let adopted = match (row.pid, row.control_socket.as_deref()) {
                 (Some(pid), Some(socket)) => self.adopt(row, pid, Path::new(socket)),
-                _ => false,
+                // The service died between starting the worker and recording it.
+                _ => {
+                    let socket = self.run_dir.join(format!("{}.sock", row.id));
+                    match crate::host::find_worker(&socket) {
+                        Some(pid) => self.adopt(row, pid, &socket),
+                        None => false,
+                    }
+                }
             };
             if !adopted {
                 let msg = match row.pid {
@@ -724,7 +731,12 @@ impl Manager {
         let started = row.started_at.unwrap_or_else(now_ms);
         self.watch(&row.id, pid, socket.to_path_buf(), started, fd, None);
         let status = "Operating normally (adopted after a service restart)";
-        let _ = self.db().update_state(&row.id, VmState::Running, status);
+        let _ = self.db().update_runtime(
+            &row.id,
+            VmState::Running,
+            status,
+            Some((pid, &socket.to_string_lossy(), started)),
+        );
         self.emit(row, VmState::Running, status);
         tracing::info!("VM '{}': adopted worker {pid}", row.name);
         true
