@@ -335,15 +335,7 @@ mod tests {
     use hvdef::vmbus::ring as ctl;
     use std::sync::atomic::Ordering;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
+    use crate::testing::Rng;
 
     /// Rings over scattered, non-contiguous pages in a shuffled order.
     fn pair(pages_each: usize) -> (GuestMemory, Vec<u64>, Channel, Channel) {

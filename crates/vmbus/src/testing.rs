@@ -287,10 +287,12 @@ pub struct Traffic {
     pub latencies: Vec<Duration>,
 }
 
-struct Rng(u64);
+/// A small deterministic PRNG (xorshift) for tests.
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;

@@ -870,16 +870,7 @@ fn modify_channel_before_5_3_has_no_response() {
     assert!(c.drain_messages().is_empty());
 }
 
-/// Small deterministic PRNG for the garbage tests.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use vmbus::testing::Rng;
 
 #[test]
 fn random_messages_never_panic() {

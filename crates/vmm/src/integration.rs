@@ -84,10 +84,7 @@ pub struct IcDevice {
     kind: IcKind,
     clock: Option<ReferenceClock>,
     status: Mutex<IcSnapshot>,
-    /// The open channel's protocol state as of the worker's last pass (for save).
-    saved: Mutex<Option<ic::IcSavedState>>,
-    /// State to resume from when the channel reopens after a restore.
-    restored: Mutex<Option<ic::IcSavedState>>,
+    resume: ResumeSlot<ic::IcSavedState>,
     commands: Mutex<VecDeque<Command>>,
     wake: Doorbell,
 }
@@ -110,8 +107,7 @@ impl IcDevice {
             kind,
             clock,
             status: Mutex::default(),
-            saved: Mutex::default(),
-            restored: Mutex::default(),
+            resume: ResumeSlot::default(),
             commands: Mutex::default(),
             wake: Doorbell::new()?,
         }))
@@ -163,7 +159,7 @@ impl vmbus::Device for IcBusDevice {
     fn open(&self, _channel: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
         support::lock(&self.0.commands).clear();
         let mut ic = self.0.state_machine();
-        let resumed = match support::lock(&self.0.restored).take() {
+        let resumed = match self.0.resume.take_restored() {
             Some(saved) => {
                 ic.restore(&saved)
                     .map_err(|e| OpenError(format!("cannot resume the saved state: {e}")))?;
@@ -182,29 +178,20 @@ impl vmbus::Device for IcBusDevice {
 
     fn close(&self, _index: u16) {
         *support::lock(&self.0.status) = IcSnapshot::default();
-        *support::lock(&self.0.saved) = None;
+        self.0.resume.clear();
     }
 
     fn save(&self) -> SavedDevice {
-        SavedDevice {
-            version: SAVED_VERSION,
-            data: serde_json::to_value(&*support::lock(&self.0.saved)).unwrap_or_default(),
-        }
+        self.0.resume.save()
     }
 
     fn restore(&self, saved: &SavedDevice) -> Result<(), DeviceRestoreError> {
-        if saved.version != SAVED_VERSION {
-            return Err(DeviceRestoreError::Version(saved.version));
-        }
-        let state: Option<ic::IcSavedState> = serde_json::from_value(saved.data.clone())
-            .map_err(|e| DeviceRestoreError::Invalid(e.to_string()))?;
-        if state.as_ref().is_some_and(|s| s.kind != self.0.kind) {
-            return Err(DeviceRestoreError::Invalid(
-                "saved for another service".into(),
-            ));
-        }
-        *support::lock(&self.0.restored) = state;
-        Ok(())
+        let kind = self.0.kind;
+        self.0.resume.restore(saved, |s| {
+            (s.kind == kind)
+                .then_some(())
+                .ok_or_else(|| "saved for another service".to_string())
+        })
     }
 
     fn inspect(&self) -> serde_json::Value {
@@ -212,8 +199,64 @@ impl vmbus::Device for IcBusDevice {
     }
 }
 
-/// Layout of [`SavedDevice::data`] for the integration services: `Option<IcSavedState>`.
+/// Layout of [`SavedDevice::data`] for the integration services and KVP: the open channel's
+/// protocol state, `Option<T>` of the service's own saved-state struct.
 const SAVED_VERSION: u32 = 1;
+
+/// A service's protocol state for save/restore: what the worker published after its last
+/// pass, and what to resume from when the channel reopens after a restore.
+pub(crate) struct ResumeSlot<T> {
+    saved: Mutex<Option<T>>,
+    restored: Mutex<Option<T>>,
+}
+
+impl<T> Default for ResumeSlot<T> {
+    fn default() -> Self {
+        Self {
+            saved: Mutex::new(None),
+            restored: Mutex::new(None),
+        }
+    }
+}
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned> ResumeSlot<T> {
+    pub fn publish(&self, state: T) {
+        *support::lock(&self.saved) = Some(state);
+    }
+
+    pub fn clear(&self) {
+        *support::lock(&self.saved) = None;
+    }
+
+    pub fn take_restored(&self) -> Option<T> {
+        support::lock(&self.restored).take()
+    }
+
+    pub fn save(&self) -> SavedDevice {
+        SavedDevice {
+            version: SAVED_VERSION,
+            data: serde_json::to_value(&*support::lock(&self.saved)).unwrap_or_default(),
+        }
+    }
+
+    /// Keeps a saved state for the next open, after `check` accepted it.
+    pub fn restore(
+        &self,
+        saved: &SavedDevice,
+        check: impl FnOnce(&T) -> Result<(), String>,
+    ) -> Result<(), DeviceRestoreError> {
+        if saved.version != SAVED_VERSION {
+            return Err(DeviceRestoreError::Version(saved.version));
+        }
+        let state: Option<T> = serde_json::from_value(saved.data.clone())
+            .map_err(|e| DeviceRestoreError::Invalid(e.to_string()))?;
+        if let Some(s) = &state {
+            check(s).map_err(DeviceRestoreError::Invalid)?;
+        }
+        *support::lock(&self.restored) = state;
+        Ok(())
+    }
+}
 
 struct IcWorker {
     device: Arc<IcDevice>,
@@ -251,7 +294,7 @@ impl IcWorker {
             heartbeat: self.ic.heartbeat_state(now),
             time_synced: self.ic.time_synced(),
         };
-        *support::lock(&self.device.saved) = Some(self.ic.save());
+        self.device.resume.publish(self.ic.save());
     }
 
     /// Periodic requests and host commands; false when the ring was full.
@@ -344,5 +387,51 @@ impl ChannelWorker for IcWorker {
             IcKind::Timesync => Some(self.next_sample),
             IcKind::Shutdown => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmbus::Device;
+
+    #[test]
+    fn saved_state_is_versioned_and_checked_before_it_is_kept() {
+        let hb = IcBusDevice(IcDevice::new(IcKind::Heartbeat).unwrap());
+        // Nothing open: the saved state says so.
+        let empty = hb.save();
+        assert_eq!(empty.version, SAVED_VERSION);
+        assert!(empty.data.is_null());
+        assert!(hb.restore(&empty).is_ok());
+        let other_version = SavedDevice {
+            version: 99,
+            ..empty.clone()
+        };
+        assert!(matches!(
+            hb.restore(&other_version),
+            Err(DeviceRestoreError::Version(99))
+        ));
+        // A timesync state offered to the heartbeat service is refused.
+        let ts = Ic::timesync(Box::new(ic::SystemTimeSource(|| 0)));
+        let wrong = SavedDevice {
+            version: SAVED_VERSION,
+            data: serde_json::to_value(Some(ts.save())).unwrap(),
+        };
+        assert!(matches!(
+            hb.restore(&wrong),
+            Err(DeviceRestoreError::Invalid(_))
+        ));
+        let garbage = SavedDevice {
+            version: SAVED_VERSION,
+            data: serde_json::json!({"kind": 7}),
+        };
+        assert!(hb.restore(&garbage).is_err());
+        // Its own kind is kept for the next open.
+        let own = SavedDevice {
+            version: SAVED_VERSION,
+            data: serde_json::to_value(Some(Ic::heartbeat(HEARTBEAT_TIMEOUT).save())).unwrap(),
+        };
+        hb.restore(&own).unwrap();
+        assert!(hb.0.resume.take_restored().is_some());
     }
 }

@@ -3,7 +3,7 @@
 //! after negotiation and then periodically, and sends the items the host sets. The host side
 //! reads the latest snapshot and queues requests through [`KvpDevice`].
 
-use crate::integration::outcome;
+use crate::integration::{outcome, ResumeSlot};
 use hvdef::vmbus::Guid;
 use ic::kvp::{Kvp, KvpEvent, KvpItems, KvpPool, KvpSavedState, MAX_KEY_UNITS, MAX_VALUE_UNITS};
 use ic::IcState;
@@ -45,10 +45,7 @@ enum Command {
 /// The KVP service on the bus.
 pub struct KvpDevice {
     items: Mutex<KvpItems>,
-    /// The open channel's protocol state as of the worker's last pass (for save).
-    saved: Mutex<Option<KvpSavedState>>,
-    /// State to resume from when the channel reopens after a restore.
-    restored: Mutex<Option<KvpSavedState>>,
+    resume: ResumeSlot<KvpSavedState>,
     ready: Mutex<bool>,
     commands: Mutex<VecDeque<Command>>,
     wake: Doorbell,
@@ -79,8 +76,7 @@ impl KvpDevice {
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             items: Mutex::default(),
-            saved: Mutex::default(),
-            restored: Mutex::default(),
+            resume: ResumeSlot::default(),
             ready: Mutex::new(false),
             commands: Mutex::default(),
             wake: Doorbell::new()?,
@@ -142,7 +138,7 @@ impl vmbus::Device for KvpBusDevice {
 
     fn open(&self, _channel: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
         let mut kvp = Kvp::new();
-        let resumed = match support::lock(&self.0.restored).take() {
+        let resumed = match self.0.resume.take_restored() {
             Some(saved) => {
                 kvp.restore(&saved, Instant::now())
                     .map_err(|e| OpenError(format!("cannot resume the saved KVP state: {e}")))?;
@@ -160,24 +156,15 @@ impl vmbus::Device for KvpBusDevice {
 
     fn close(&self, _index: u16) {
         *support::lock(&self.0.ready) = false;
-        *support::lock(&self.0.saved) = None;
+        self.0.resume.clear();
     }
 
     fn save(&self) -> SavedDevice {
-        SavedDevice {
-            version: SAVED_VERSION,
-            data: serde_json::to_value(&*support::lock(&self.0.saved)).unwrap_or_default(),
-        }
+        self.0.resume.save()
     }
 
     fn restore(&self, saved: &SavedDevice) -> Result<(), DeviceRestoreError> {
-        if saved.version != SAVED_VERSION {
-            return Err(DeviceRestoreError::Version(saved.version));
-        }
-        let state: Option<KvpSavedState> = serde_json::from_value(saved.data.clone())
-            .map_err(|e| DeviceRestoreError::Invalid(e.to_string()))?;
-        *support::lock(&self.0.restored) = state;
-        Ok(())
+        self.0.resume.restore(saved, |_| Ok(()))
     }
 
     fn inspect(&self) -> serde_json::Value {
@@ -187,9 +174,6 @@ impl vmbus::Device for KvpBusDevice {
         })
     }
 }
-
-/// Layout of [`SavedDevice::data`] for KVP: `Option<KvpSavedState>`.
-const SAVED_VERSION: u32 = 1;
 
 struct KvpWorker {
     device: Arc<KvpDevice>,
@@ -253,7 +237,7 @@ impl ChannelWorker for KvpWorker {
             }
         }
         *support::lock(&self.device.items) = self.kvp.items();
-        *support::lock(&self.device.saved) = Some(self.kvp.save());
+        self.device.resume.publish(self.kvp.save());
         *support::lock(&self.device.ready) = ready;
         Ok(if room {
             Progress::Idle
@@ -271,5 +255,37 @@ impl ChannelWorker for KvpWorker {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_items_are_checked_before_they_are_queued() {
+        assert_eq!(check_item("Owner", "ops"), Ok(()));
+        assert_eq!(check_item("", "x"), Err(KvpSetError::EmptyKey));
+        assert_eq!(check_item("a\0b", "x"), Err(KvpSetError::Nul));
+        assert_eq!(check_item("k", "v\0"), Err(KvpSetError::Nul));
+        let long_key = "k".repeat(MAX_KEY_UNITS + 1);
+        assert!(matches!(
+            check_item(&long_key, ""),
+            Err(KvpSetError::KeyTooLong(_))
+        ));
+        assert_eq!(check_item(&"k".repeat(MAX_KEY_UNITS), ""), Ok(()));
+        // Counted in UTF-16 units, as the wire carries them: one emoji is two.
+        let emoji = "\u{1F600}".repeat(MAX_VALUE_UNITS / 2 + 1);
+        assert!(matches!(
+            check_item("k", &emoji),
+            Err(KvpSetError::ValueTooLong(_))
+        ));
+        let dev = KvpDevice::new().unwrap();
+        assert!(dev.set("", "x").is_err());
+        // A flood of requests stays bounded.
+        for i in 0..1000 {
+            dev.set(&format!("k{i}"), "v").unwrap();
+        }
+        assert_eq!(support::lock(&dev.commands).len(), ic::kvp::MAX_QUEUE);
     }
 }
