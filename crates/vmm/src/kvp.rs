@@ -5,7 +5,7 @@
 
 use crate::integration::{outcome, ResumeSlot};
 use hvdef::vmbus::Guid;
-use ic::kvp::{Kvp, KvpEvent, KvpItems, KvpPool, KvpSavedState, MAX_KEY_UNITS, MAX_VALUE_UNITS};
+use ic::kvp::{Kvp, KvpEvent, KvpItems, KvpPool, KvpSavedState};
 use ic::IcState;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -23,17 +23,14 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// Instance GUID of the KVP service.
 pub const INSTANCE_ID: Guid = Guid::from_u128(0x5649_5249_4449_414e_0000_0000_0000_0004);
 
-/// Why an item was not accepted.
+/// Why an item was not accepted (the same checks `ic::kvp::Kvp::set` applies: not empty, no
+/// NUL, and within KVP's key and value sizes in both UTF-16 units and UTF-8 bytes).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KvpSetError {
-    #[error("the key is empty")]
-    EmptyKey,
-    #[error("the key has {0} UTF-16 units; KVP allows {MAX_KEY_UNITS}")]
-    KeyTooLong(usize),
-    #[error("the value has {0} UTF-16 units; KVP allows {MAX_VALUE_UNITS}")]
-    ValueTooLong(usize),
-    #[error("keys and values may not contain NUL characters")]
-    Nul,
+    #[error("key: {0}")]
+    Key(ic::IcError),
+    #[error("value: {0}")]
+    Value(ic::IcError),
 }
 
 enum Command {
@@ -55,21 +52,8 @@ static LOG: support::RateLimit = support::RateLimit::guest();
 
 /// Checks an item before it is queued, so the caller hears about a bad one at once.
 pub fn check_item(key: &str, value: &str) -> Result<(), KvpSetError> {
-    if key.is_empty() {
-        return Err(KvpSetError::EmptyKey);
-    }
-    if key.contains('\0') || value.contains('\0') {
-        return Err(KvpSetError::Nul);
-    }
-    let k = key.encode_utf16().count();
-    if k > MAX_KEY_UNITS {
-        return Err(KvpSetError::KeyTooLong(k));
-    }
-    let v = value.encode_utf16().count();
-    if v > MAX_VALUE_UNITS {
-        return Err(KvpSetError::ValueTooLong(v));
-    }
-    Ok(())
+    ic::kvp::check_key(key).map_err(KvpSetError::Key)?;
+    ic::kvp::check_value(value).map_err(KvpSetError::Value)
 }
 
 impl KvpDevice {
@@ -264,21 +248,22 @@ mod tests {
 
     #[test]
     fn host_items_are_checked_before_they_are_queued() {
+        use ic::kvp::{MAX_KEY_UNITS, MAX_VALUE_UNITS};
         assert_eq!(check_item("Owner", "ops"), Ok(()));
-        assert_eq!(check_item("", "x"), Err(KvpSetError::EmptyKey));
-        assert_eq!(check_item("a\0b", "x"), Err(KvpSetError::Nul));
-        assert_eq!(check_item("k", "v\0"), Err(KvpSetError::Nul));
+        assert!(matches!(check_item("", "x"), Err(KvpSetError::Key(_))));
+        assert!(matches!(check_item("a\0b", "x"), Err(KvpSetError::Key(_))));
+        assert!(matches!(check_item("k", "v\0"), Err(KvpSetError::Value(_))));
         let long_key = "k".repeat(MAX_KEY_UNITS + 1);
         assert!(matches!(
             check_item(&long_key, ""),
-            Err(KvpSetError::KeyTooLong(_))
+            Err(KvpSetError::Key(_))
         ));
         assert_eq!(check_item(&"k".repeat(MAX_KEY_UNITS), ""), Ok(()));
-        // Counted in UTF-16 units, as the wire carries them: one emoji is two.
+        // Counted as the wire carries them: one emoji is two UTF-16 units and 4 UTF-8 bytes.
         let emoji = "\u{1F600}".repeat(MAX_VALUE_UNITS / 2 + 1);
         assert!(matches!(
             check_item("k", &emoji),
-            Err(KvpSetError::ValueTooLong(_))
+            Err(KvpSetError::Value(_))
         ));
         let dev = KvpDevice::new().unwrap();
         assert!(dev.set("", "x").is_err());
