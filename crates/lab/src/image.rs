@@ -65,6 +65,9 @@ if [ "$S" = kvp ]; then
   # Debian's hv_kvp_daemon publishes this guest's name, OS and addresses over KVP and writes
   # what the host sets into /var/lib/hyperv/.kvp_pool_0.
   hostname viridian-kvp-guest
+  # As on an installed Debian: the host name resolves through /etc/hosts (the daemon reports
+  # it as FullyQualifiedDomainName).
+  printf '127.0.0.1 localhost\n127.0.1.1 viridian-kvp-guest\n' > /etc/hosts
   ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
   for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
   i=0
