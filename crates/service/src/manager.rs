@@ -220,7 +220,13 @@ impl Manager {
 
     pub async fn list(&self) -> Result<Vec<Vm>, ApiError> {
         let rows = self.db().all()?;
-        let beats = futures_util::future::join_all(rows.iter().map(|r| self.heartbeat(r))).await;
+        // At most 32 control connections at a time (file descriptors).
+        let mut beats = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(32) {
+            beats.extend(
+                futures_util::future::join_all(chunk.iter().map(|r| self.heartbeat(r))).await,
+            );
+        }
         Ok(rows
             .iter()
             .zip(beats)

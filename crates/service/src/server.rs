@@ -108,15 +108,6 @@ async fn serve(cfg: Config, worker: PathBuf, db: Db, cgroups: Cgroups) -> Result
     if let Some(dir) = cfg.socket.parent() {
         mkdir(dir)?;
     }
-    if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
-        return Err(StartupError::SocketInUse(cfg.socket.clone()));
-    }
-    let _ = std::fs::remove_file(&cfg.socket);
-    let listener = tokio::net::UnixListener::bind(&cfg.socket)
-        .map_err(|e| StartupError::Bind(cfg.socket.clone(), e))?;
-    // Anyone may connect; each request is authorised by the caller's credentials.
-    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o666))?;
-    tracing::info!("viridiand listening on {}", cfg.socket.display());
     let app =
         crate::routes::router(manager.clone()).layer(axum::middleware::from_fn(auth::authorise));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -147,6 +138,16 @@ async fn serve(cfg: Config, worker: PathBuf, db: Db, cgroups: Cgroups) -> Result
                 .await;
         });
     }
+    // The Unix socket last: once it answers, everything else is up.
+    if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
+        return Err(StartupError::SocketInUse(cfg.socket.clone()));
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let listener = tokio::net::UnixListener::bind(&cfg.socket)
+        .map_err(|e| StartupError::Bind(cfg.socket.clone(), e))?;
+    // Anyone may connect; each request is authorised by the caller's credentials.
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o666))?;
+    tracing::info!("viridiand listening on {}", cfg.socket.display());
     tokio::spawn(async move {
         signal().await;
         let _ = stop_tx.send(true);
