@@ -56,7 +56,10 @@ impl AcpiPm {
                     return Some(PowerRequest::PowerOff);
                 }
             }
-            _ => tracing::debug!(port, ?data, "unsupported PM1 register access"),
+            _ => {
+                static LOG: support::RateLimit = support::RateLimit::guest();
+                support::limited!(LOG, debug, port, ?data, "unsupported PM1 register access");
+            }
         }
         None
     }

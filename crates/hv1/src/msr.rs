@@ -176,7 +176,7 @@ impl Partition {
                 s.simp = value;
                 if value & hv::OVERLAY_ENABLE == 0 {
                     let dropped = s.drop_queues();
-                    if dropped != 0 {
+                    if dropped != 0 && self.log_limit.allow() {
                         tracing::info!(vp, dropped, "SIMP disabled; dropped queued messages");
                     }
                 } else if old & hv::OVERLAY_ENABLE == 0 {
@@ -327,7 +327,9 @@ impl Partition {
         let len = size.min(CRASH_MESSAGE_MAX as u64) as usize;
         let mut buf = vec![0u8; len];
         if let Err(e) = self.mem.read(gpa, &mut buf) {
-            tracing::warn!(gpa, size, error = %e, "guest crash message is not in guest RAM");
+            if self.log_limit.allow() {
+                tracing::warn!(gpa, size, error = %e, "guest crash message is not in guest RAM");
+            }
             return None;
         }
         while buf.last() == Some(&0) {

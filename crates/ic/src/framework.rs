@@ -12,7 +12,7 @@ use hvdef::ic::{
     FRAMEWORK_1_0, FRAMEWORK_3_0, IC_BODY_OFFSET,
 };
 use hvdef::vmbus::packet_type;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmbus::{Channel, ChannelError};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -252,34 +252,8 @@ pub(crate) struct DrainOutcome {
     pub first_error: Option<IcError>,
 }
 
-/// Logs dropped guest packets at most once per interval, counting what it suppressed.
-#[derive(Debug, Default)]
-pub(crate) struct DropLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
+/// Dropped guest packets are logged at most once per interval (the rest are counted).
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
-
-impl DropLog {
-    pub(crate) fn dropped(&mut self, service: &str, e: &IcError, now: Instant) {
-        let due = self
-            .last
-            .is_none_or(|t| now.saturating_duration_since(t) >= LOG_INTERVAL);
-        if due {
-            tracing::debug!(
-                service,
-                error = %e,
-                suppressed = self.suppressed,
-                "ic: dropped guest packet"
-            );
-            self.last = Some(now);
-            self.suppressed = 0;
-        } else {
-            self.suppressed = self.suppressed.saturating_add(1);
-        }
-    }
-}
 
 /// Negotiation state, transaction numbering and the receive loop of one service.
 pub(crate) struct Framework {
@@ -291,7 +265,7 @@ pub(crate) struct Framework {
     /// Transaction of the NEGOTIATE request, when it went out.
     pub(crate) negotiate_transaction: Option<u64>,
     buf: Vec<u8>,
-    log: DropLog,
+    log: support::RateLimit,
 }
 
 impl Framework {
@@ -304,7 +278,7 @@ impl Framework {
             next_transaction: 1,
             negotiate_transaction: None,
             buf: Vec::new(),
-            log: DropLog::default(),
+            log: support::RateLimit::new(LOG_INTERVAL, 1),
         }
     }
 
@@ -391,7 +365,6 @@ impl Framework {
     pub(crate) fn drain(
         &mut self,
         ch: &mut Channel,
-        now: Instant,
         mut service: impl FnMut(Incoming<'_>) -> Result<(), IcError>,
     ) -> Result<DrainOutcome, IcError> {
         let mut out = DrainOutcome::default();
@@ -430,7 +403,13 @@ impl Framework {
                 None => break,
                 Some(Ok(())) => {}
                 Some(Err(e)) => {
-                    self.log.dropped(self.name, &e, now);
+                    support::limited!(
+                        self.log,
+                        debug,
+                        service = self.name,
+                        error = %e,
+                        "ic: dropped guest packet"
+                    );
                     out.dropped = out.dropped.saturating_add(1);
                     out.first_error.get_or_insert(e);
                 }
@@ -548,21 +527,6 @@ mod tests {
             parse_response(&[1, 0, 0]).unwrap_err(),
             IcError::Malformed("short")
         );
-    }
-
-    #[test]
-    fn dropped_packet_log_is_rate_limited() {
-        let mut log = DropLog::default();
-        let t0 = Instant::now();
-        let e = IcError::Malformed("x");
-        for i in 0..1000 {
-            log.dropped("t", &e, t0 + Duration::from_micros(i));
-        }
-        assert_eq!(log.suppressed, 999);
-        assert_eq!(log.last, Some(t0));
-        log.dropped("t", &e, t0 + LOG_INTERVAL);
-        assert_eq!(log.suppressed, 0);
-        assert_eq!(log.last, Some(t0 + LOG_INTERVAL));
     }
 
     #[test]

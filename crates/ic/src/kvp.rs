@@ -742,7 +742,8 @@ impl Core {
             return;
         }
         if let Some(o) = self.outstanding.take() {
-            tracing::debug!(request = ?o.request, "kvp: request timed out");
+            static LOG: support::RateLimit = support::RateLimit::guest();
+            support::limited!(LOG, debug, request = ?o.request, "kvp: request timed out");
             self.items.daemon = DaemonState::NotResponding;
             self.finish(o.request, KvpStatus::TimedOut, events);
         }
@@ -1038,7 +1039,7 @@ impl Kvp {
     pub fn process_report(&mut self, ch: &mut Channel, now: Instant) -> Result<KvpReport, IcError> {
         let mut events = Vec::new();
         let core = &mut self.core;
-        let out = self.fw.drain(ch, now, |incoming| match incoming {
+        let out = self.fw.drain(ch, |incoming| match incoming {
             Incoming::Negotiated { framework, message } => {
                 events.push(KvpEvent::Negotiated { framework, message });
                 Ok(())

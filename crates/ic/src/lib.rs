@@ -221,7 +221,7 @@ impl Ic {
     ) -> Result<ProcessReport, IcError> {
         let mut events = Vec::new();
         let service = &mut self.service;
-        let out = self.fw.drain(ch, now, |incoming| {
+        let out = self.fw.drain(ch, |incoming| {
             let ev = match incoming {
                 Incoming::Negotiated { framework, message } => {
                     if let Service::Timesync(t) = service {
@@ -246,7 +246,8 @@ impl Ic {
         if let Service::Timesync(t) = &mut self.service {
             if t.sync_owed && self.fw.ready().is_ok() {
                 if let Err(e) = t.send(&mut self.fw, ch, true) {
-                    tracing::debug!(error = %e, "timesync: SYNC not sent yet");
+                    static LOG: support::RateLimit = support::RateLimit::guest();
+                    support::limited!(LOG, debug, error = %e, "timesync: SYNC not sent yet");
                     send_error = Some(e);
                 }
             }

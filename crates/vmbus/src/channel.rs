@@ -157,7 +157,8 @@ impl Channel {
             RingError::TooLarge { len, ring } => ChannelError::TooLarge { len, ring },
             e => {
                 let reason = e.to_string();
-                tracing::warn!(%reason, "vmbus channel broken");
+                static LOG: support::RateLimit = support::RateLimit::guest();
+                support::limited!(LOG, warn, %reason, "vmbus channel broken");
                 self.state = ChannelState::Broken(reason.clone());
                 ChannelError::Broken(reason)
             }

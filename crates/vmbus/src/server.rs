@@ -588,7 +588,8 @@ impl Server {
         }
         let r = self.handle(vp, data);
         if let Err(e) = &r {
-            tracing::debug!(error = %e, "vmbus: refused guest message");
+            static LOG: support::RateLimit = support::RateLimit::guest();
+            support::limited!(LOG, debug, error = %e, "vmbus: refused guest message");
         }
         Ok(r)
     }

@@ -87,6 +87,12 @@ impl Aml for VmbusAcpi {
 
 /// Logs a guest crash report (the best diagnostic of a dead guest).
 pub fn log_crash(report: &hv1::CrashReport) {
+    // A guest can write the crash MSRs as often as it likes; the first reports are the ones
+    // that matter.
+    static LOG: support::RateLimit = support::RateLimit::new(std::time::Duration::from_secs(60), 3);
+    if !LOG.allow() {
+        return;
+    }
     tracing::error!(
         "guest crash reported through the Hyper-V crash MSRs: P0..P4 = {:#x?}",
         report.params

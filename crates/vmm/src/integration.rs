@@ -352,7 +352,9 @@ impl ChannelWorker for IcWorker {
             Ok(events) => {
                 for e in events {
                     match e {
-                        IcEvent::Negotiated { .. } => tracing::info!("{kind:?} service negotiated"),
+                        IcEvent::Negotiated { .. } => {
+                            support::limited!(LOG, info, "{kind:?} service negotiated")
+                        }
                         IcEvent::ShutdownResponse { status } => {
                             tracing::info!(
                                 "guest answered the shutdown request: status {status:#x}"

@@ -171,7 +171,9 @@ impl KvpWorker {
     fn log(&self, events: &[KvpEvent]) {
         for e in events {
             match e {
-                KvpEvent::Negotiated { .. } => tracing::info!("KVP service negotiated"),
+                KvpEvent::Negotiated { .. } => {
+                    support::limited!(LOG, info, "KVP service negotiated")
+                }
                 KvpEvent::NoDaemon => {
                     support::limited!(LOG, info, "KVP: the guest's hv_kvp_daemon is not running")
                 }
