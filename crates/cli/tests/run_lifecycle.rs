@@ -23,6 +23,7 @@ fn run_tiny(name: &str, code: &[u8]) -> Output {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn power_off_exits_zero() {
     if !kvm_usable() {
         return;
@@ -32,6 +33,7 @@ fn power_off_exits_zero() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn reset_exits_three() {
     if !kvm_usable() {
         return;
@@ -42,6 +44,7 @@ fn reset_exits_three() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn triple_fault_exits_one_with_registers() {
     if !kvm_usable() {
         return;
@@ -88,6 +91,7 @@ fn wait_with_timeout(child: &mut std::process::Child, limit: Duration) -> std::p
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn ctrl_c_stops_the_vm() {
     if !kvm_usable() {
         return;
@@ -129,6 +133,7 @@ fn ctrl_c_stops_the_vm() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn vm_stop_force_turns_the_vm_off() {
     if !kvm_usable() {
         return;

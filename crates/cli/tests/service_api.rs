@@ -470,6 +470,7 @@ fn other_users_are_forbidden() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn lifecycle_with_a_tiny_guest() {
     if !kvm_usable() {
         return;
@@ -568,6 +569,7 @@ fn lifecycle_with_a_tiny_guest() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn a_guest_that_powers_off_goes_off() {
     if !kvm_usable() {
         return;
@@ -583,6 +585,7 @@ fn a_guest_that_powers_off_goes_off() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn a_killed_worker_goes_off_at_once_and_recovery_restarts_it() {
     if !kvm_usable() {
         return;
@@ -613,6 +616,7 @@ fn a_killed_worker_goes_off_at_once_and_recovery_restarts_it() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn a_restarted_service_adopts_running_workers() {
     if !kvm_usable() {
         return;
@@ -676,6 +680,7 @@ const IDLE: &[u8] = &[0xfa, 0xf4, 0xeb, 0xfd];
 /// the database opens, each VM is defined or not (with its folder, or without a trace), every
 /// acknowledged create is kept, and the running worker is adopted again every time.
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn service_killed_50_times() {
     if !kvm_usable() {
         return;
@@ -964,6 +969,7 @@ fn tls_listener_needs_a_valid_token() {
 /// AutomaticStopAction: `POST /service/stop-vms` (`viridian service stop-vms`) stops each
 /// running VM as its setting says, and leaves the others alone.
 #[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn automatic_stop_action() {
     if !kvm_usable() {
         return;
@@ -1008,6 +1014,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// `cargo test --release -p cli --test service_api -- --ignored --nocapture service_bench`
 #[test]
 #[ignore]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
 fn service_bench() {
     if !kvm_usable() {
         return;
