@@ -6,4 +6,5 @@
 
 pub mod hv;
 pub mod ic;
+pub mod storvsp;
 pub mod vmbus;

@@ -1,0 +1,171 @@
+//! Disk images as SCSI media: a `vhdx` crate image (VHDX, VHD or raw, detected from the
+//! content) behind [`scsi::Medium`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use scsi::{Medium, MediumError};
+use vhdx::Disk;
+
+/// Why a disk could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenDiskError {
+    #[error("disk {path}: {source}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: vhdx::Error,
+    },
+    #[error("disk {path}: {source}")]
+    Target {
+        path: PathBuf,
+        #[source]
+        source: scsi::ConfigError,
+    },
+}
+
+/// An open image as a medium. Keeps the image (and with it the VHDX file lock) until dropped.
+pub struct ImageMedium {
+    image: vhdx::open::Image,
+    id: [u8; 16],
+    read_only: bool,
+}
+
+impl std::fmt::Debug for ImageMedium {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageMedium")
+            .field("path", &self.image.path())
+            .field("format", &self.image.format())
+            .finish()
+    }
+}
+
+/// A stable 16-byte id for images without one of their own (raw files): FNV-1a of the
+/// canonical path, so the guest's /dev/disk/by-id names survive a reboot.
+fn path_id(path: &Path) -> [u8; 16] {
+    let p = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = [0u8; 16];
+    for (half, seed) in [
+        (0usize, 0xcbf2_9ce4_8422_2325u64),
+        (8, 0x8422_2325_cbf2_9ce4),
+    ] {
+        let mut h = seed;
+        for b in p.as_os_str().as_encoded_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        out[half..half + 8].copy_from_slice(&h.to_le_bytes());
+    }
+    out
+}
+
+impl ImageMedium {
+    /// Opens `path` (format probed from the content). A VHDX opened for writing holds its
+    /// file lock, so a second writer fails with an error naming the file.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenDiskError> {
+        let image = vhdx::open::open(path, read_only).map_err(|source| OpenDiskError::Image {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let id = match &image {
+            vhdx::open::Image::Vhdx(d) => *d.disk_id().as_bytes(),
+            vhdx::open::Image::Vhd(d) => *d.unique_id().as_bytes(),
+            vhdx::open::Image::Raw(_) => path_id(path),
+        };
+        Ok(Self {
+            image,
+            id,
+            read_only,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.image.path()
+    }
+
+    pub fn format(&self) -> vhdx::open::Format {
+        self.image.format()
+    }
+}
+
+impl Medium for ImageMedium {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), MediumError> {
+        self.image
+            .read_at(buf, off)
+            .map_err(|e| MediumError::io(off, e))
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<(), MediumError> {
+        if self.read_only {
+            return Err(MediumError::read_only(off));
+        }
+        self.image
+            .write_at(buf, off)
+            .map_err(|e| MediumError::io(off, e))
+    }
+    fn flush(&self) -> Result<(), MediumError> {
+        self.image.flush().map_err(|e| MediumError::io(0, e))
+    }
+    fn unmap(&self, off: u64, len: u64) -> Result<(), MediumError> {
+        self.image
+            .unmap(off, len)
+            .map_err(|e| MediumError::io(off, e))
+    }
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.image.logical_sector_size()
+    }
+    fn physical_sector_size(&self) -> u32 {
+        self.image.physical_sector_size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only || self.image.is_read_only()
+    }
+    fn disk_id(&self) -> [u8; 16] {
+        self.id
+    }
+    fn supports_unmap(&self) -> bool {
+        !self.is_read_only()
+    }
+}
+
+/// A disk for the controller: a medium and what inspection shows about it.
+#[derive(Clone)]
+pub struct DiskSpec {
+    pub medium: Arc<dyn Medium>,
+    /// The file, for logs and inspection.
+    pub path: PathBuf,
+    /// "VHDX", "VHD", "raw", or whatever the caller's medium is.
+    pub format: String,
+}
+
+impl std::fmt::Debug for DiskSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskSpec")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+impl DiskSpec {
+    /// Opens an image file.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenDiskError> {
+        let m = ImageMedium::open(path, read_only)?;
+        Ok(Self {
+            path: m.path().to_path_buf(),
+            format: m.format().name().to_string(),
+            medium: Arc::new(m),
+        })
+    }
+
+    /// Any medium (tests use a failing one).
+    pub fn from_medium(medium: Arc<dyn Medium>, path: impl Into<PathBuf>, format: &str) -> Self {
+        Self {
+            medium,
+            path: path.into(),
+            format: format.into(),
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! The storage VSP: a synthetic SCSI controller on VMBus, served to the guest's own
+//! `hv_storvsc`.
+//!
+//! - [`protocol`] is the sans-I/O core: packet parsing, the init handshake, completions.
+//! - [`StorvspDevice`] is the [`vmbus::Device`]: one worker per open channel (primary and
+//!   subchannels, each on its own thread, see `vmbus::host`), all sharing one
+//!   [`scsi::Target`] and its disks through an `Arc`.
+//! - [`disk`] opens image files (VHDX, VHD, raw) as SCSI media.
+//!
+//! Requests run synchronously on the worker thread: a worker drains its ring, executes each
+//! SRB against the target, moves data between the disk and the guest pages the GPA_DIRECT
+//! packet lists, and completes it. A completion that does not fit stays queued and the
+//! worker reports [`vmbus::Progress::WaitingForRoom`]. Every request gets a completion,
+//! hostile ones and backend failures included (Linux's driver waits for ever).
+//!
+//! **Maximum transfer**: [`MAX_TRANSFER_BYTES`] = 1 MiB. Linux turns it into max_sectors
+//! (2048) and its scatter list (257 pages, a 2.1 KiB GPA_DIRECT header that fits its 128 KiB
+//! ring many times over), so 1 MiB sequential I/O goes out as single commands; it is also
+//! the scsi crate's default VPD B0h maximum for 512-byte blocks, and it bounds the one
+//! bounce buffer each worker keeps.
+#![forbid(unsafe_code)]
+
+pub mod disk;
+pub mod protocol;
+
+use guestmem::GuestMemory;
+use hvdef::storvsp::{self as sp, VstorPacket};
+use hvdef::vmbus::{packet_type, Guid};
+use protocol::{Handshake, Phase, Properties, Request, Srb, SrbResult};
+use scsi::{Data, InitiatorId, ScsiDisk, Target};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmbus::{
+    BusControl, Channel, ChannelError, ChannelWorker, DeviceOffer, DeviceRestoreError, OpenError,
+    OpenedChannel, PagedRange, Progress, SavedDevice, WorkerError,
+};
+use zerocopy::IntoBytes;
+
+pub use disk::{DiskSpec, ImageMedium, OpenDiskError};
+
+/// Largest data transfer of one SRB (see the crate docs for why).
+pub const MAX_TRANSFER_BYTES: u32 = 1 << 20;
+/// Version of [`SavedState`].
+pub const SAVED_STATE_VERSION: u32 = 1;
+/// Hyper-V's limit of LUNs per controller.
+pub const MAX_LUNS: usize = 64;
+
+const PAGE: u64 = 4096;
+
+static LOG: support::RateLimit = support::RateLimit::guest();
+
+/// Why a controller could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("LUN {0} is used twice")]
+    DuplicateLun(u8),
+    #[error("LUN {0} is past the controller's {MAX_LUNS} locations")]
+    LunOutOfRange(u8),
+    #[error("disk {path}: {source}")]
+    Target {
+        path: std::path::PathBuf,
+        #[source]
+        source: scsi::ConfigError,
+    },
+}
+
+/// Tunables of one controller.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Instance GUID of the VMBus offer (one per controller).
+    pub instance_id: Guid,
+    /// Most subchannels the guest may ask for (Linux asks for up to one per CPU it has).
+    pub max_subchannels: u16,
+    /// Name in logs and inspection.
+    pub name: String,
+}
+
+impl ControllerConfig {
+    pub fn new(instance_id: Guid, max_subchannels: u16) -> Self {
+        Self {
+            instance_id,
+            max_subchannels,
+            name: "scsi0".into(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    srbs: AtomicU64,
+    srb_errors: AtomicU64,
+    invalid_requests: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    flushes: AtomicU64,
+    medium_errors: AtomicU64,
+    completions_deferred: AtomicU64,
+}
+
+impl Counters {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+struct Lun {
+    spec: DiskSpec,
+}
+
+struct Shared {
+    config: ControllerConfig,
+    mem: GuestMemory,
+    target: Target,
+    /// Paths behind present LUNs (for FUA flushes, logs and inspection).
+    luns: BTreeMap<u8, Lun>,
+    handshake: Mutex<Handshake>,
+    counters: Counters,
+    open_channels: Mutex<Vec<u16>>,
+}
+
+/// The synthetic SCSI controller.
+pub struct StorvspDevice {
+    shared: Arc<Shared>,
+}
+
+/// The device's saved state (version [`SAVED_STATE_VERSION`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedState {
+    pub handshake: Handshake,
+}
+
+/// The answer for targets and paths that have no LUNs (storvsc scans paths 0–7, targets
+/// 0–1).
+fn empty_target() -> &'static Target {
+    static EMPTY: std::sync::OnceLock<Target> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Target::new)
+}
+
+impl StorvspDevice {
+    /// A controller with `disks` at the given LUNs; the worker reads and writes guest
+    /// memory through `mem`.
+    pub fn new(
+        config: ControllerConfig,
+        mem: GuestMemory,
+        disks: Vec<(u8, DiskSpec)>,
+    ) -> Result<Arc<Self>, ControllerError> {
+        let target = Target::new();
+        let mut luns = BTreeMap::new();
+        for (lun, spec) in disks {
+            if lun as usize >= MAX_LUNS {
+                return Err(ControllerError::LunOutOfRange(lun));
+            }
+            if luns.contains_key(&lun) {
+                return Err(ControllerError::DuplicateLun(lun));
+            }
+            let disk = ScsiDisk::new(spec.medium.clone(), scsi::DiskConfig::default()).map_err(
+                |source| ControllerError::Target {
+                    path: spec.path.clone(),
+                    source,
+                },
+            )?;
+            target.insert(lun, Arc::new(disk));
+            luns.insert(lun, Lun { spec });
+        }
+        Ok(Arc::new(Self {
+            shared: Arc::new(Shared {
+                config,
+                mem,
+                target,
+                luns,
+                handshake: Mutex::default(),
+                counters: Counters::default(),
+                open_channels: Mutex::default(),
+            }),
+        }))
+    }
+
+    /// The handshake as it stands.
+    pub fn handshake(&self) -> Handshake {
+        *support::lock(&self.shared.handshake)
+    }
+
+    fn properties(&self) -> Properties {
+        Properties {
+            max_transfer_bytes: MAX_TRANSFER_BYTES,
+            max_subchannels: self.shared.config.max_subchannels,
+        }
+    }
+}
+
+impl vmbus::Device for StorvspDevice {
+    fn offer(&self) -> DeviceOffer {
+        let mut o = DeviceOffer::new(
+            &self.shared.config.name,
+            sp::INTERFACE,
+            self.shared.config.instance_id,
+        );
+        o.max_subchannels = self.shared.config.max_subchannels;
+        o
+    }
+
+    fn open(&self, ch: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
+        support::lock(&self.shared.open_channels).push(ch.index);
+        Ok(Box::new(Worker {
+            shared: self.shared.clone(),
+            props: self.properties(),
+            index: ch.index,
+            bus: ch.bus,
+            initiator: InitiatorId(u64::from(ch.index)),
+            recv: Vec::new(),
+            data: Vec::new(),
+            out: VecDeque::new(),
+        }))
+    }
+
+    fn close(&self, index: u16) {
+        let mut open = support::lock(&self.shared.open_channels);
+        open.retain(|&i| i != index);
+        if index == 0 {
+            // The guest's driver is gone (or reloading): it starts over with BEGIN_INIT.
+            *support::lock(&self.shared.handshake) = Handshake::default();
+        }
+    }
+
+    fn save(&self) -> SavedDevice {
+        let s = SavedState {
+            handshake: self.handshake(),
+        };
+        SavedDevice {
+            version: SAVED_STATE_VERSION,
+            data: serde_json::to_value(s).unwrap_or(serde_json::Value::Null),
+        }
+    }
+
+    fn restore(&self, saved: &SavedDevice) -> Result<(), DeviceRestoreError> {
+        if saved.version != SAVED_STATE_VERSION {
+            return Err(DeviceRestoreError::Version(saved.version));
+        }
+        let s: SavedState = serde_json::from_value(saved.data.clone())
+            .map_err(|e| DeviceRestoreError::Invalid(e.to_string()))?;
+        let h = s.handshake;
+        if let Some(v) = h.version {
+            if !protocol::VERSIONS.contains(&v) {
+                return Err(DeviceRestoreError::Invalid(format!(
+                    "protocol version {v:#06x} is not one this controller speaks"
+                )));
+            }
+        }
+        if h.phase == Phase::Ready && h.version.is_none() {
+            return Err(DeviceRestoreError::Invalid(
+                "ready without a protocol version".into(),
+            ));
+        }
+        if h.subchannels > self.shared.config.max_subchannels {
+            return Err(DeviceRestoreError::Invalid(format!(
+                "{} subchannels, more than the {} allowed",
+                h.subchannels, self.shared.config.max_subchannels
+            )));
+        }
+        *support::lock(&self.shared.handshake) = h;
+        Ok(())
+    }
+
+    fn inspect(&self) -> serde_json::Value {
+        let s = &self.shared;
+        let h = self.handshake();
+        let c = &s.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let disks: Vec<_> = s
+            .luns
+            .iter()
+            .map(|(lun, l)| {
+                let m = &l.spec.medium;
+                serde_json::json!({
+                    "lun": lun,
+                    "path": l.spec.path.display().to_string(),
+                    "format": l.spec.format,
+                    "size": m.size(),
+                    "logical_sector_size": m.logical_sector_size(),
+                    "physical_sector_size": m.physical_sector_size(),
+                    "read_only": m.is_read_only(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "kind": "storvsp",
+            "name": s.config.name,
+            "protocol_version": h.version.map(|v| format!("{}.{}", v >> 8, v & 0xff)),
+            "phase": h.phase,
+            "subchannels": h.subchannels,
+            "max_subchannels": s.config.max_subchannels,
+            "max_transfer_bytes": MAX_TRANSFER_BYTES,
+            "open_channels": *support::lock(&s.open_channels),
+            "disks": disks,
+            "counters": {
+                "requests": n(&c.requests),
+                "srbs": n(&c.srbs),
+                "srb_errors": n(&c.srb_errors),
+                "invalid_requests": n(&c.invalid_requests),
+                "bytes_read": n(&c.bytes_read),
+                "bytes_written": n(&c.bytes_written),
+                "flushes": n(&c.flushes),
+                "medium_errors": n(&c.medium_errors),
+                "completions_deferred": n(&c.completions_deferred),
+            },
+        })
+    }
+}
+
+/// Why an SRB's data buffer is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BufferError {
+    #[error("the GPA_DIRECT header is malformed")]
+    BadRanges,
+    #[error("the SRB claims {claimed} bytes but the packet describes {described}")]
+    Short { claimed: u64, described: u64 },
+    #[error("page {0:#x} is not guest RAM")]
+    OutsideRam(u64),
+    #[error("data direction {0} with a data buffer")]
+    Direction(u8),
+    #[error("transfer of {0} bytes exceeds the maximum")]
+    TooLong(u32),
+}
+
+/// The guest pages an SRB's data lives in: `(gpa, len)` pieces in order, exactly
+/// `data_transfer_length` bytes, each checked to be guest RAM.
+pub fn data_pieces(
+    mem: &GuestMemory,
+    ranges: &[PagedRange],
+    len: u32,
+) -> Result<Vec<(u64, usize)>, BufferError> {
+    if len > MAX_TRANSFER_BYTES {
+        return Err(BufferError::TooLong(len));
+    }
+    let described: u64 = ranges.iter().map(|r| u64::from(r.byte_count)).sum();
+    if described < u64::from(len) {
+        return Err(BufferError::Short {
+            claimed: len.into(),
+            described,
+        });
+    }
+    let mut left = u64::from(len);
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut off = u64::from(r.byte_offset);
+        let mut count = u64::from(r.byte_count).min(left);
+        for &pfn in &r.pfns {
+            if count == 0 {
+                break;
+            }
+            let n = (PAGE - off).min(count);
+            let gpa = pfn
+                .checked_mul(PAGE)
+                .and_then(|g| g.checked_add(off))
+                .ok_or(BufferError::OutsideRam(pfn))?;
+            if !mem.contains(gpa, n) {
+                return Err(BufferError::OutsideRam(pfn));
+            }
+            out.push((gpa, n as usize));
+            count -= n;
+            left -= n;
+            off = 0;
+        }
+        if count > 0 {
+            return Err(BufferError::BadRanges);
+        }
+        if left == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// One channel's worker.
+struct Worker {
+    shared: Arc<Shared>,
+    props: Properties,
+    index: u16,
+    bus: Arc<dyn BusControl>,
+    initiator: InitiatorId,
+    recv: Vec<u8>,
+    /// The bounce buffer for SRB data (at most [`MAX_TRANSFER_BYTES`]).
+    data: Vec<u8>,
+    /// Completions that did not fit the ring yet.
+    out: VecDeque<(u64, VstorPacket)>,
+}
+
+impl Worker {
+    fn flush_out(&mut self, ch: &mut Channel) -> Result<bool, WorkerError> {
+        while let Some((id, p)) = self.out.front() {
+            match ch.send_completion(*id, p.as_bytes()) {
+                Ok(()) => {
+                    self.out.pop_front();
+                }
+                Err(ChannelError::Full) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Handles one guest packet; returns the completion to send, if any.
+    fn handle(
+        &mut self,
+        ptype: u16,
+        payload: &[u8],
+        ranges: Option<Result<Vec<PagedRange>, vmbus::packet::PacketError>>,
+    ) -> Option<VstorPacket> {
+        let shared = self.shared.clone();
+        let c = &shared.counters;
+        Counters::add(&c.requests, 1);
+        if ptype != packet_type::DATA_INBAND && ptype != packet_type::DATA_USING_GPA_DIRECT {
+            support::limited!(LOG, warn, ptype, "storvsp: packet type ignored");
+            return None;
+        }
+        let req = match protocol::parse(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                Counters::add(&c.invalid_requests, 1);
+                support::limited!(LOG, warn, error = %e, "storvsp: bad request");
+                return Some(protocol::complete(e.status()));
+            }
+        };
+        let Request::ExecuteSrb(srb) = req else {
+            let r =
+                support::lock(&self.shared.handshake).control(&req, &self.props, self.index == 0);
+            if r.add_subchannels > 0 {
+                let added = self.bus.add_subchannels(r.add_subchannels);
+                if added < r.add_subchannels {
+                    support::limited!(
+                        LOG,
+                        warn,
+                        asked = r.add_subchannels,
+                        added,
+                        "storvsp: fewer subchannels offered"
+                    );
+                }
+            }
+            return Some(r.packet);
+        };
+        Counters::add(&c.srbs, 1);
+        if !support::lock(&self.shared.handshake).ready() {
+            Counters::add(&c.invalid_requests, 1);
+            let mut p = SrbResult::invalid_request().packet(&srb);
+            p.status = sp::status::INVALID_DEVICE_STATE;
+            return Some(p);
+        }
+        let result = self.execute(&srb, ranges);
+        if result.srb_status != sp::srb_status::SUCCESS {
+            Counters::add(&c.srb_errors, 1);
+        }
+        Some(result.packet(&srb))
+    }
+
+    fn execute(
+        &mut self,
+        srb: &Srb,
+        ranges: Option<Result<Vec<PagedRange>, vmbus::packet::PacketError>>,
+    ) -> SrbResult {
+        let shared = self.shared.clone();
+        let c = &shared.counters;
+        let invalid = |e: BufferError| {
+            Counters::add(&c.invalid_requests, 1);
+            support::limited!(LOG, warn, error = %e, "storvsp: SRB data buffer refused");
+            SrbResult::invalid_request()
+        };
+        let Some(cdb) = srb.cdb() else {
+            return invalid(BufferError::BadRanges);
+        };
+        let len = srb.data_transfer_length;
+        let pieces = if len == 0 {
+            Vec::new()
+        } else {
+            let ranges = match ranges {
+                Some(Ok(r)) => r,
+                Some(Err(_)) => return invalid(BufferError::BadRanges),
+                None => {
+                    return invalid(BufferError::Short {
+                        claimed: len.into(),
+                        described: 0,
+                    })
+                }
+            };
+            match data_pieces(&self.shared.mem, &ranges, len) {
+                Ok(p) => p,
+                Err(e) => return invalid(e),
+            }
+        };
+        if len > 0 && srb.data_in != sp::data_in::READ && srb.data_in != sp::data_in::WRITE {
+            return invalid(BufferError::Direction(srb.data_in));
+        }
+        let (target, present) = if srb.path_id == 0 && srb.target_id == 0 {
+            let t = &self.shared.target;
+            (t, t.get(srb.lun).is_some())
+        } else {
+            (empty_target(), false)
+        };
+        let len = len as usize;
+        self.data.clear();
+        self.data.resize(len, 0);
+        let write = len > 0 && srb.data_in == sp::data_in::WRITE;
+        if write {
+            let mut at = 0;
+            for &(gpa, n) in &pieces {
+                if self
+                    .shared
+                    .mem
+                    .read(gpa, &mut self.data[at..at + n])
+                    .is_err()
+                {
+                    return invalid(BufferError::OutsideRam(gpa / PAGE));
+                }
+                at += n;
+            }
+        }
+        let data = if len == 0 {
+            Data::None
+        } else if write {
+            Data::Out(&self.data)
+        } else {
+            Data::In(&mut self.data)
+        };
+        let mut completion = target.execute(srb.lun, self.initiator, cdb, data);
+        if let Some(e) = &completion.error {
+            Counters::add(&c.medium_errors, 1);
+            let path = self
+                .shared
+                .luns
+                .get(&srb.lun)
+                .map(|l| l.spec.path.display().to_string())
+                .unwrap_or_default();
+            support::limited!(LOG, error, %path, offset = e.offset, error = %e, "storvsp: disk I/O failed");
+        }
+        if completion.fua && completion.status == scsi::ScsiStatus::Good {
+            Counters::add(&c.flushes, 1);
+            if let Some(l) = self.shared.luns.get(&srb.lun) {
+                if let Err(e) = l.spec.medium.flush() {
+                    Counters::add(&c.medium_errors, 1);
+                    support::limited!(LOG, error, path = %l.spec.path.display(), error = %e, "storvsp: flush after FUA write failed");
+                    completion = scsi::Completion::check(scsi::Sense::new(
+                        scsi::SenseKey::MediumError,
+                        scsi::sense::asc::WRITE_ERROR,
+                    ));
+                }
+            }
+        }
+        let transferred = completion.transferred.min(len);
+        if write {
+            Counters::add(&c.bytes_written, transferred as u64);
+        } else if transferred > 0 {
+            let mut at = 0;
+            for &(gpa, n) in &pieces {
+                if at >= transferred {
+                    break;
+                }
+                let n = n.min(transferred - at);
+                if self.shared.mem.write(gpa, &self.data[at..at + n]).is_err() {
+                    return invalid(BufferError::OutsideRam(gpa / PAGE));
+                }
+                at += n;
+            }
+            Counters::add(&c.bytes_read, transferred as u64);
+        }
+        SrbResult::from_scsi(&completion, present)
+    }
+}
+
+impl ChannelWorker for Worker {
+    fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
+        if !self.flush_out(ch)? {
+            return Ok(Progress::WaitingForRoom);
+        }
+        let mut buf = std::mem::take(&mut self.recv);
+        let r = loop {
+            let p = match ch.try_recv(&mut buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break Ok(Progress::Idle),
+                Err(e) => break Err(e.into()),
+            };
+            let id = p.transaction_id();
+            let ptype = p.packet_type();
+            let ranges =
+                (ptype == packet_type::DATA_USING_GPA_DIRECT).then(|| p.gpa_direct_ranges());
+            if let Some(reply) = self.handle(ptype, p.payload(), ranges) {
+                self.out.push_back((id, reply));
+            }
+            match self.flush_out(ch) {
+                Ok(true) => {}
+                Ok(false) => {
+                    Counters::add(&self.shared.counters.completions_deferred, 1);
+                    break Ok(Progress::WaitingForRoom);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.recv = buf;
+        r
+    }
+}
+
+/// Sends ENUMERATE_BUS (the guest rescans its LUNs), as after a hot add. In-band, no
+/// completion requested, transaction id 0, as storvsc expects.
+pub fn send_enumerate_bus(ch: &mut Channel) -> Result<(), ChannelError> {
+    let p = VstorPacket::new(sp::operation::ENUMERATE_BUS, 0);
+    ch.send_inband(0, p.as_bytes(), false)
+}

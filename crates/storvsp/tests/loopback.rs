@@ -1,0 +1,738 @@
+//! storvsp against a guest that plays Linux's storvsc: the real VMBus host (control thread,
+//! one worker thread per channel) and guest threads over `vmbus::testing`, with disks on
+//! real files (raw and dynamic VHDX).
+
+use guestmem::GuestMemory;
+use hvdef::storvsp::{self as sp, operation, ScsiRequest, VstorPacket};
+use hvdef::vmbus::{packet_type, Guid, PACKET_FLAG_COMPLETION_REQUESTED};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storvsp::{ControllerConfig, DiskSpec, StorvspDevice};
+use vmbus::client::{Client, GuestChannel, LINUX_VERSIONS};
+use vmbus::host::Doorbell;
+use vmbus::testing::{wait_event, GuestSynic, ThreadedTransport};
+use vmbus::{ChannelError, Device, HostConfig, OwnedPacket, PagedRange, ServerConfig, VmbusHost};
+use zerocopy::{FromBytes, IntoBytes};
+
+const MEM: u64 = 64 << 20;
+const INIT_ID: u64 = u64::MAX - 2;
+const INSTANCE: Guid = Guid::from_u128(0x5649_5249_4449_414e_5343_5349_0000_0000);
+
+struct Rig {
+    host: VmbusHost,
+    synic: Arc<GuestSynic>,
+    client: Client<ThreadedTransport>,
+    mem: GuestMemory,
+    dev: Arc<StorvspDevice>,
+}
+
+fn rig(disks: Vec<(u8, DiskSpec)>, max_subchannels: u16) -> Rig {
+    let mem = GuestMemory::new(&[(0, MEM)]).unwrap();
+    let synic = GuestSynic::new(64);
+    let config = HostConfig {
+        server: ServerConfig {
+            vp_count: 4,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let host = VmbusHost::start(config, mem.clone(), synic.clone()).unwrap();
+    let dev = StorvspDevice::new(
+        ControllerConfig::new(INSTANCE, max_subchannels),
+        mem.clone(),
+        disks,
+    )
+    .unwrap();
+    host.add_device(dev.clone()).unwrap();
+    let mut client = Client::new(
+        ThreadedTransport::new(host.clone(), synic.clone()),
+        mem.clone(),
+        1 << 20,
+        MEM - (1 << 20),
+    );
+    client.connect(&LINUX_VERSIONS).unwrap();
+    client.request_offers().unwrap();
+    Rig {
+        host,
+        synic,
+        client,
+        mem,
+        dev,
+    }
+}
+
+/// One channel's guest end, on whatever thread owns it.
+struct Guest {
+    ch: GuestChannel,
+    host: VmbusHost,
+    event: Arc<Doorbell>,
+    mem: GuestMemory,
+    /// Guest pages for data buffers.
+    pages: Vec<u64>,
+}
+
+impl Rig {
+    fn open(&mut self, sub: u16, ring_pages: u64) -> Guest {
+        let relid = self
+            .client
+            .offers()
+            .find(|o| o.interface_type == sp::INTERFACE && o.sub_channel_index == sub)
+            .expect("scsi offer")
+            .relid;
+        let ch = self
+            .client
+            .open_channel(relid, ring_pages, ring_pages, 0)
+            .unwrap();
+        let pages = self.client.alloc_pages(300).unwrap();
+        Guest {
+            event: self.synic.event(ch.relid),
+            ch,
+            host: self.host.clone(),
+            mem: self.mem.clone(),
+            pages,
+        }
+    }
+}
+
+fn packet(op: u32) -> VstorPacket {
+    let mut p = VstorPacket::new(op, 0);
+    p.flags = sp::REQUEST_COMPLETION_FLAG;
+    p
+}
+
+impl Guest {
+    fn signal(&mut self) {
+        if self.ch.channel.take_signal() {
+            let _ = self.host.signal_event(self.ch.connection_id);
+        }
+    }
+
+    fn send(&mut self, id: u64, ptype: u16, header: &[u8], payload: &[u8]) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.ch.channel.try_send(
+                ptype,
+                PACKET_FLAG_COMPLETION_REQUESTED,
+                id,
+                header,
+                payload,
+            ) {
+                Ok(()) => break,
+                Err(ChannelError::Full) if Instant::now() < deadline => {
+                    self.signal();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("guest send: {e}"),
+            }
+        }
+        self.signal();
+    }
+
+    fn recv(&mut self) -> OwnedPacket {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = self.ch.channel.recv_owned().unwrap();
+            self.signal();
+            if let Some(p) = p {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "no completion");
+            wait_event(&self.event, Duration::from_millis(100));
+        }
+    }
+
+    /// Receives a completion and checks it is what storvsc expects: a COMP of exactly
+    /// 64 bytes with operation COMPLETE_IO echoing `id`.
+    fn completion(&mut self, id: u64) -> VstorPacket {
+        let p = self.recv();
+        assert_eq!(p.packet_type, packet_type::COMPLETION);
+        assert_eq!(p.transaction_id, id);
+        assert_eq!(p.payload.len(), 64, "completion size");
+        let v = VstorPacket::read_from_bytes(&p.payload).unwrap();
+        assert_eq!({ v.operation }, operation::COMPLETE_IO);
+        v
+    }
+
+    fn control(&mut self, p: VstorPacket) -> VstorPacket {
+        self.send(INIT_ID, packet_type::DATA_INBAND, &[], p.as_bytes());
+        self.completion(INIT_ID)
+    }
+
+    /// storvsc_channel_init: BEGIN_INIT, versions newest first, properties, END_INIT.
+    fn handshake(&mut self, versions: &[u16]) -> (u16, sp::ChannelProperties) {
+        assert_eq!(
+            { self.control(packet(operation::BEGIN_INITIALIZATION)).status },
+            0
+        );
+        let mut chosen = None;
+        for &v in versions {
+            let mut p = packet(operation::QUERY_PROTOCOL_VERSION);
+            p.set_version(&sp::ProtocolVersion {
+                major_minor: v,
+                revision: 0,
+            });
+            if self.control(p).status == 0 {
+                chosen = Some(v);
+                break;
+            }
+        }
+        let props = self.control(packet(operation::QUERY_PROPERTIES));
+        assert_eq!({ props.status }, 0);
+        assert_eq!(
+            { self.control(packet(operation::END_INITIALIZATION)).status },
+            0
+        );
+        (chosen.expect("a version accepted"), props.properties())
+    }
+
+    fn srb_packet(&self, lun: u8, cdb: &[u8], data_in: u8, len: u32) -> VstorPacket {
+        let mut p = packet(operation::EXECUTE_SRB);
+        let mut s = ScsiRequest {
+            length: sp::SCSI_REQUEST_LEN,
+            lun,
+            cdb_length: cdb.len() as u8,
+            sense_info_length: sp::SENSE_LEN as u8,
+            data_in,
+            data_transfer_length: len,
+            ..Default::default()
+        };
+        s.cdb_or_sense[..cdb.len()].copy_from_slice(cdb);
+        p.set_srb(&s);
+        p
+    }
+
+    /// A GPA_DIRECT SRB whose buffer starts `offset` bytes into the guest's data pages.
+    fn srb(
+        &mut self,
+        id: u64,
+        lun: u8,
+        cdb: &[u8],
+        data_in: u8,
+        len: u32,
+        offset: u32,
+    ) -> ScsiRequest {
+        let p = self.srb_packet(lun, cdb, data_in, len);
+        if len == 0 {
+            self.send(id, packet_type::DATA_INBAND, &[], p.as_bytes());
+        } else {
+            let n = PagedRange::pfn_count(offset, len) as usize;
+            let r = PagedRange {
+                byte_offset: offset,
+                byte_count: len,
+                pfns: self.pages[..n].to_vec(),
+            };
+            let h = vmbus::packet::gpa_direct_header(&[r]);
+            self.send(id, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
+        }
+        self.completion(id).srb()
+    }
+
+    fn buf_gpa(&self, offset: u32) -> u64 {
+        self.pages[0] * 4096 + u64::from(offset)
+    }
+
+    fn write_guest(&self, offset: u32, data: &[u8]) {
+        // The pages are consecutive in the pool.
+        self.mem.write(self.buf_gpa(offset), data).unwrap();
+    }
+
+    fn read_guest(&self, offset: u32, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        self.mem.read(self.buf_gpa(offset), &mut v).unwrap();
+        v
+    }
+
+    fn write10(
+        &mut self,
+        id: u64,
+        lun: u8,
+        lba: u32,
+        data: &[u8],
+        offset: u32,
+        fua: bool,
+    ) -> ScsiRequest {
+        self.write_guest(offset, data);
+        let blocks = (data.len() / 512) as u16;
+        let mut cdb = [0x2a, if fua { 0x08 } else { 0 }, 0, 0, 0, 0, 0, 0, 0, 0];
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        self.srb(id, lun, &cdb, sp::data_in::WRITE, data.len() as u32, offset)
+    }
+
+    fn read10(
+        &mut self,
+        id: u64,
+        lun: u8,
+        lba: u32,
+        blocks: u16,
+        offset: u32,
+    ) -> (ScsiRequest, Vec<u8>) {
+        let mut cdb = [0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        let len = u32::from(blocks) * 512;
+        self.write_guest(offset, &vec![0xEE; len as usize]);
+        let s = self.srb(id, lun, &cdb, sp::data_in::READ, len, offset);
+        (s, self.read_guest(offset, len as usize))
+    }
+}
+
+fn raw_disk(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    path
+}
+
+fn vhdx_disk(dir: &Path, size: u64) -> std::path::PathBuf {
+    use vhdx::open::{create, CreateOptions, Format, ImageType};
+    let path = dir.join("disk.vhdx");
+    let img = create(
+        &path,
+        &CreateOptions {
+            format: Format::Vhdx,
+            image_type: ImageType::Dynamic,
+            size,
+            block_size: 0,
+            logical_sector_size: 0,
+            physical_sector_size: 0,
+            parent: None,
+        },
+    )
+    .unwrap();
+    drop(img);
+    path
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+#[test]
+fn handshake_for_each_linux_version_with_exact_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = raw_disk(dir.path(), "a.img", 1 << 20);
+    for v in storvsp::protocol::VERSIONS {
+        let mut r = rig(vec![(0, DiskSpec::open(&path, true).unwrap())], 0);
+        let mut g = r.open(0, 32);
+        // Older and unknown versions first: each declined with a non-zero status.
+        let (chosen, props) = g.handshake(&[0x0700, 0x0603, v]);
+        assert_eq!(chosen, v);
+        assert_eq!({ props.max_transfer_bytes }, storvsp::MAX_TRANSFER_BYTES);
+        assert!(props.max_transfer_bytes >= 1 << 20);
+        assert_eq!(({ props.max_channel_cnt }, { props.flags }), (0, 0));
+        let i = r.dev.inspect();
+        assert_eq!(i["protocol_version"], format!("{}.{}", v >> 8, v & 0xff));
+        assert_eq!(i["phase"], "ready");
+        // INQUIRY works at once.
+        let s = g.srb(1, 0, &[0x12, 0, 0, 0, 36, 0], sp::data_in::READ, 36, 0);
+        assert_eq!(
+            (s.srb_status, s.scsi_status, { s.data_transfer_length }),
+            (1, 0, 36)
+        );
+        r.host.stop();
+    }
+}
+
+#[test]
+fn srb_before_end_init_and_out_of_order_steps_still_complete() {
+    let mut r = rig(vec![], 0);
+    let mut g = r.open(0, 8);
+    let s = g.srb(5, 0, &[0, 0, 0, 0, 0, 0], sp::data_in::UNKNOWN, 0, 0);
+    assert_eq!(s.srb_status, sp::srb_status::INVALID_REQUEST);
+    assert_ne!(
+        { g.control(packet(operation::END_INITIALIZATION)).status },
+        0
+    );
+    assert_ne!({ g.control(packet(operation::QUERY_PROPERTIES)).status }, 0);
+    r.host.stop();
+}
+
+fn inquiry_capacity_write_read(spec: DiskSpec, size: u64) -> Rig {
+    let mut r = rig(vec![(0, spec)], 0);
+    let mut g = r.open(0, 32);
+    g.handshake(&[0x0602]);
+    let s = g.srb(1, 0, &[0x12, 0, 0, 0, 96, 0], sp::data_in::READ, 96, 0);
+    assert_eq!((s.srb_status, s.scsi_status), (1, 0));
+    let inq = g.read_guest(0, 36);
+    assert_eq!(inq[0], 0, "direct-access device");
+    assert!(s.data_transfer_length >= 36 && s.data_transfer_length <= 96);
+    // READ CAPACITY(16).
+    let s = g.srb(
+        2,
+        0,
+        &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        sp::data_in::READ,
+        32,
+        8,
+    );
+    assert_eq!((s.srb_status, { s.data_transfer_length }), (1, 32));
+    let cap = g.read_guest(8, 32);
+    assert_eq!(
+        u64::from_be_bytes(cap[..8].try_into().unwrap()),
+        size / 512 - 1
+    );
+    assert_eq!(u32::from_be_bytes(cap[8..12].try_into().unwrap()), 512);
+    // WRITE(10) then READ(10) of 64 KiB, buffers starting mid-page (GPA_DIRECT over 17 pages).
+    let data = pattern(7, 64 << 10);
+    let s = g.write10(3, 0, 100, &data, 512, false);
+    assert_eq!(
+        (s.srb_status, s.scsi_status, { s.data_transfer_length }),
+        (1, 0, 64 << 10)
+    );
+    let (s, back) = g.read10(4, 0, 100, 128, 1000);
+    assert_eq!((s.srb_status, { s.data_transfer_length }), (1, 64 << 10));
+    assert!(back == data, "read back differs");
+    // A FUA write is flushed before it completes; SYNCHRONIZE CACHE(10) succeeds.
+    let s = g.write10(5, 0, 7, &pattern(9, 4096), 0, true);
+    assert_eq!(s.srb_status, 1);
+    assert_eq!(r.dev.inspect()["counters"]["flushes"], 1);
+    let s = g.srb(
+        6,
+        0,
+        &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        sp::data_in::UNKNOWN,
+        0,
+        0,
+    );
+    assert_eq!(s.srb_status, 1);
+    // A 1 MiB read (the maximum) in one command.
+    let (s, _) = g.read10(7, 0, 0, 2048, 0);
+    assert_eq!((s.srb_status, { s.data_transfer_length }), (1, 1 << 20));
+    r.host.stop();
+    r
+}
+
+#[test]
+fn raw_file_inquiry_capacity_and_gpa_direct_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 << 20;
+    let path = raw_disk(dir.path(), "raw.img", size);
+    let r = inquiry_capacity_write_read(DiskSpec::open(&path, false).unwrap(), size);
+    drop(r);
+    // The bytes are in the file where the guest put them.
+    let file = std::fs::read(&path).unwrap();
+    assert!(file[100 * 512..100 * 512 + (64 << 10)] == pattern(7, 64 << 10)[..]);
+    assert!(file[7 * 512..8 * 512] == pattern(9, 4096)[..512]);
+}
+
+#[test]
+fn dynamic_vhdx_round_trip_and_the_image_stays_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 << 20;
+    let path = vhdx_disk(dir.path(), size);
+    let spec = DiskSpec::open(&path, false).unwrap();
+    assert_eq!(spec.format, "VHDX");
+    let r = inquiry_capacity_write_read(spec, size);
+    // The disk is still open for writing: a second writer is refused, naming the file.
+    let e = DiskSpec::open(&path, false).unwrap_err().to_string();
+    assert!(e.contains("disk.vhdx"), "{e}");
+    drop(r);
+    let img = vhdx::open::open(&path, true).unwrap();
+    assert!(img.check().is_empty(), "{:?}", img.check());
+    let mut back = vec![0; 64 << 10];
+    vhdx::Disk::read_at(&img, &mut back, 100 * 512).unwrap();
+    assert!(back == pattern(7, 64 << 10));
+}
+
+#[test]
+fn absent_luns_and_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = raw_disk(dir.path(), "a.img", 1 << 20);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 0);
+    let mut g = r.open(0, 32);
+    g.handshake(&[0x0602]);
+    // INQUIRY to an absent LUN: peripheral qualifier 3, type 1Fh.
+    let s = g.srb(1, 5, &[0x12, 0, 0, 0, 36, 0], sp::data_in::READ, 36, 0);
+    assert_eq!(s.srb_status, 1);
+    assert_eq!(g.read_guest(0, 1)[0], 0x7f);
+    // Anything else: SRB_STATUS_INVALID_LUN.
+    let s = g.srb(2, 5, &[0, 0, 0, 0, 0, 0], sp::data_in::UNKNOWN, 0, 0);
+    assert_eq!(s.srb_status, sp::srb_status::INVALID_LUN);
+    let (s, _) = g.read10(3, 9, 0, 1, 0);
+    assert_eq!(
+        (s.srb_status, { s.data_transfer_length }),
+        (sp::srb_status::INVALID_LUN, 0)
+    );
+    // Another target id on the same path has no LUNs at all.
+    let mut p = g.srb_packet(0, &[0, 0, 0, 0, 0, 0], sp::data_in::UNKNOWN, 0);
+    let mut srb = p.srb();
+    srb.target_id = 1;
+    p.set_srb(&srb);
+    g.send(4, packet_type::DATA_INBAND, &[], p.as_bytes());
+    assert_eq!(
+        g.completion(4).srb().srb_status,
+        sp::srb_status::INVALID_LUN
+    );
+    // REPORT LUNS lists LUN 0; an unknown opcode gets ILLEGAL REQUEST sense.
+    let s = g.srb(
+        5,
+        0,
+        &[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0],
+        sp::data_in::READ,
+        64,
+        0,
+    );
+    assert_eq!(s.srb_status, 1);
+    assert_eq!(g.read_guest(0, 4), [0, 0, 0, 8]);
+    let s = g.srb(6, 0, &[0xc7, 0, 0, 0, 0, 0], sp::data_in::UNKNOWN, 0, 0);
+    assert_eq!((s.srb_status, s.scsi_status), (0x84, 2));
+    assert_eq!((s.cdb_or_sense[2] & 0xf, s.cdb_or_sense[12]), (5, 0x20));
+    assert_eq!(s.sense_info_length, 18);
+    r.host.stop();
+}
+
+#[test]
+fn hostile_packets_get_error_completions_and_the_channel_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = raw_disk(dir.path(), "a.img", 1 << 20);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 0);
+    let mut g = r.open(0, 32);
+    g.handshake(&[0x0602]);
+    let read1 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    // A read that claims 512 bytes but carries no buffer (in-band).
+    let p = g.srb_packet(0, &read1, sp::data_in::READ, 512);
+    g.send(1, packet_type::DATA_INBAND, &[], p.as_bytes());
+    assert_eq!(
+        g.completion(1).srb().srb_status,
+        sp::srb_status::INVALID_REQUEST
+    );
+    // A GPA_DIRECT range smaller than the SRB claims.
+    let p = g.srb_packet(
+        0,
+        &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0],
+        sp::data_in::READ,
+        4096,
+    );
+    let h = vmbus::packet::gpa_direct_header(&[PagedRange {
+        byte_offset: 0,
+        byte_count: 512,
+        pfns: vec![g.pages[0]],
+    }]);
+    g.send(2, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
+    assert_eq!(
+        g.completion(2).srb().srb_status,
+        sp::srb_status::INVALID_REQUEST
+    );
+    // Pages outside guest RAM, for a read and for a write: nothing is written to the disk.
+    for (id, pfn, data_in, op) in [
+        (3, 1u64 << 40, sp::data_in::READ, 0x28),
+        (4, MEM / 4096, sp::data_in::WRITE, 0x2a),
+        (5, u64::MAX, sp::data_in::WRITE, 0x2a),
+    ] {
+        let p = g.srb_packet(0, &[op, 0, 0, 0, 0, 0, 0, 0, 1, 0], data_in, 512);
+        let h = vmbus::packet::gpa_direct_header(&[PagedRange {
+            byte_offset: 0,
+            byte_count: 512,
+            pfns: vec![pfn],
+        }]);
+        g.send(id, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
+        assert_eq!(
+            g.completion(id).srb().srb_status,
+            sp::srb_status::INVALID_REQUEST
+        );
+    }
+    // A range whose page list is cut short (header claims 2 pages, carries 1).
+    let mut h = vmbus::packet::gpa_direct_header(&[PagedRange {
+        byte_offset: 0,
+        byte_count: 8192,
+        pfns: vec![g.pages[0], g.pages[1]],
+    }]);
+    h.truncate(h.len() - 8);
+    let p = g.srb_packet(
+        0,
+        &[0x28, 0, 0, 0, 0, 0, 0, 0, 16, 0],
+        sp::data_in::READ,
+        8192,
+    );
+    g.send(6, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
+    assert_eq!(
+        g.completion(6).srb().srb_status,
+        sp::srb_status::INVALID_REQUEST
+    );
+    // A transfer past the maximum, a CDB length of 0 and of 17, an unknown direction.
+    let p = g.srb_packet(
+        0,
+        &read1,
+        sp::data_in::READ,
+        storvsp::MAX_TRANSFER_BYTES + 512,
+    );
+    g.send(7, packet_type::DATA_INBAND, &[], p.as_bytes());
+    assert_eq!(
+        g.completion(7).srb().srb_status,
+        sp::srb_status::INVALID_REQUEST
+    );
+    for (id, len) in [(8, 0u8), (9, 17)] {
+        let mut p = g.srb_packet(0, &[0; 6], sp::data_in::UNKNOWN, 0);
+        let mut s = p.srb();
+        s.cdb_length = len;
+        p.set_srb(&s);
+        g.send(id, packet_type::DATA_INBAND, &[], p.as_bytes());
+        assert_eq!(
+            g.completion(id).srb().srb_status,
+            sp::srb_status::INVALID_REQUEST
+        );
+    }
+    let s = g.srb(10, 0, &read1, 7, 512, 0);
+    assert_eq!(s.srb_status, sp::srb_status::INVALID_REQUEST);
+    // Packets too short to be a vstor_packet, and unknown or host-only operations: a
+    // completion with a failure status.
+    for (id, bytes) in [
+        (11u64, vec![3u8; 20]),
+        (12, packet(99).as_bytes().to_vec()),
+        (13, packet(operation::ENUMERATE_BUS).as_bytes().to_vec()),
+    ] {
+        g.send(id, packet_type::DATA_INBAND, &[], &bytes);
+        assert_ne!({ g.completion(id).status }, 0);
+    }
+    // The disk is untouched and the channel still works.
+    let (s, back) = g.read10(14, 0, 0, 1, 0);
+    assert_eq!(s.srb_status, 1);
+    assert!(back.iter().all(|&b| b == 0));
+    assert!(
+        r.dev.inspect()["counters"]["invalid_requests"]
+            .as_u64()
+            .unwrap()
+            >= 12
+    );
+    r.host.stop();
+}
+
+#[test]
+fn a_failing_backend_gets_medium_error_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = raw_disk(dir.path(), "shrinks.img", 1 << 20);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 0);
+    let mut g = r.open(0, 32);
+    g.handshake(&[0x0602]);
+    // The file shrinks under the VM: reads past its new end fail on the host.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let (s, _) = g.read10(1, 0, 100, 8, 0);
+    assert_eq!((s.srb_status, s.scsi_status), (0x84, 2));
+    assert_eq!(s.cdb_or_sense[2] & 0xf, 3, "MEDIUM ERROR");
+    assert_eq!(s.sense_info_length, 18);
+    assert_eq!(r.dev.inspect()["counters"]["medium_errors"], 1);
+    // Reads the file still has succeed.
+    let (s, _) = g.read10(2, 0, 0, 8, 0);
+    assert_eq!(s.srb_status, 1);
+    r.host.stop();
+}
+
+#[test]
+fn many_requests_in_flight_with_a_small_ring_all_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = raw_disk(dir.path(), "a.img", 1 << 20);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 0);
+    // One data page each way: about 50 completions fit.
+    let mut g = r.open(0, 1);
+    g.handshake(&[0x0602]);
+    let n = 40;
+    let tur = g.srb_packet(0, &[0, 0, 0, 0, 0, 0], sp::data_in::UNKNOWN, 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for round in 0..5u64 {
+        for i in 0..n {
+            g.send(
+                round * 1000 + i,
+                packet_type::DATA_INBAND,
+                &[],
+                tur.as_bytes(),
+            );
+        }
+        // Read only after everything was sent (the host filled its ring and waited).
+        for _ in 0..n {
+            let p = g.recv();
+            assert_eq!(p.payload.len(), 64);
+            assert!(seen.insert(p.transaction_id), "twice: {}", p.transaction_id);
+        }
+    }
+    assert_eq!(seen.len(), 5 * n as usize);
+    r.host.stop();
+}
+
+#[test]
+fn subchannels_are_offered_and_carry_io_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = raw_disk(dir.path(), "a.img", 8 << 20);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 2);
+    let mut g = r.open(0, 32);
+    let (_, props) = g.handshake(&[0x0602]);
+    assert_eq!(({ props.max_channel_cnt }, { props.flags }), (2, 1));
+    // Linux asks for one per CPU; the controller grants at most its maximum.
+    let mut p = packet(operation::CREATE_SUB_CHANNELS);
+    p.set_sub_channel_count(3);
+    assert_eq!({ g.control(p).status }, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r
+        .client
+        .offers()
+        .filter(|o| o.interface_type == sp::INTERFACE)
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < deadline, "no subchannel offers");
+        r.client.drain_messages();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(r.dev.handshake().subchannels, 2);
+    let subs: Vec<Guest> = (1..=2).map(|i| r.open(i, 32)).collect();
+    let threads: Vec<_> = std::iter::once(g)
+        .chain(subs)
+        .enumerate()
+        .map(|(t, mut g)| {
+            std::thread::spawn(move || {
+                for i in 0..50u32 {
+                    let lba = (t as u32) * 4096 + i * 16;
+                    let data = pattern((t * 50 + i as usize) as u8, 8192);
+                    let s = g.write10(u64::from(i) * 2 + 1, 0, lba, &data, 100, false);
+                    assert_eq!(s.srb_status, 1);
+                    let (s, back) = g.read10(u64::from(i) * 2 + 2, 0, lba, 16, 300);
+                    assert_eq!(s.srb_status, 1);
+                    assert!(back == data, "channel {t} request {i}");
+                }
+                g
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("guest thread");
+    }
+    let v = r.host.inspect().unwrap();
+    let chans = v["devices"][0]["channels"].as_array().unwrap();
+    assert_eq!(chans.len(), 3, "{v:#}");
+    assert_eq!(r.dev.inspect()["counters"]["bytes_written"], 3 * 50 * 8192);
+    r.host.stop();
+}
+
+#[test]
+fn save_and_restore_keep_the_negotiated_state() {
+    let mut r = rig(vec![], 1);
+    let mut g = r.open(0, 8);
+    g.handshake(&[0x0600]);
+    let saved = r.dev.save();
+    r.host.stop();
+    let mem = GuestMemory::new(&[(0, 1 << 20)]).unwrap();
+    let fresh =
+        StorvspDevice::new(ControllerConfig::new(INSTANCE, 1), mem.clone(), vec![]).unwrap();
+    fresh.restore(&saved).unwrap();
+    assert_eq!(fresh.handshake(), r.dev.handshake());
+    assert_eq!(fresh.handshake().version, Some(0x0600));
+    // Tampered states are refused.
+    let mut bad = saved.clone();
+    bad.version = 9;
+    assert!(fresh.restore(&bad).is_err());
+    let mut bad = saved.clone();
+    bad.data["handshake"]["version"] = 0x0402.into();
+    assert!(fresh.restore(&bad).is_err());
+    let mut bad = saved.clone();
+    bad.data["handshake"]["subchannels"] = 5.into();
+    assert!(fresh.restore(&bad).is_err());
+    let none = StorvspDevice::new(ControllerConfig::new(INSTANCE, 0), mem, vec![]).unwrap();
+    assert!(none.restore(&saved).is_ok());
+}
