@@ -46,6 +46,43 @@ pub struct RunArgs {
     /// host's KVM cannot run Linux, the demo runs inside the lab VM instead.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
     demo: bool,
+    /// A disk on SCSI controller 0 (repeatable; LUN 0, 1, 2 ... in order): a VHDX, VHD or raw
+    /// image, detected from its content. `PATH,readonly` attaches it read-only. A disk
+    /// opened for writing is locked; a file another VM is writing fails to open.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<String>,
+}
+
+/// Splits a `--disk` value into the path and whether it is read-only.
+pub fn parse_disk(value: &str) -> anyhow::Result<(PathBuf, bool)> {
+    let (path, read_only) = match value.rsplit_once(',') {
+        Some((path, opt)) if opt == "readonly" || opt == "ro" => (path, true),
+        Some((path, opt)) if !path.is_empty() && !opt.contains('/') => {
+            anyhow::bail!("--disk {value}: unknown option {opt:?} (PATH or PATH,readonly)")
+        }
+        _ => (value, false),
+    };
+    anyhow::ensure!(!path.is_empty(), "--disk needs a path");
+    Ok((PathBuf::from(path), read_only))
+}
+
+/// Opens every `--disk` before the VM is built, so a missing or locked file fails at once
+/// with one line naming it.
+fn open_disks(args: &RunArgs) -> anyhow::Result<Vec<vmm::vmbus_host::DiskSpec>> {
+    if !args.disks.is_empty() && args.no_hyperv {
+        anyhow::bail!("--disk needs the Hyper-V interface (its SCSI controller is on VMBus); drop --no-hyperv");
+    }
+    anyhow::ensure!(
+        args.disks.len() <= 64,
+        "at most 64 disks fit on SCSI controller 0"
+    );
+    args.disks
+        .iter()
+        .map(|d| {
+            let (path, read_only) = parse_disk(d)?;
+            Ok(vmm::vmbus_host::open_disk(&path, read_only)?)
+        })
+        .collect()
 }
 
 /// Parses a memory size: a number with an optional K, M, G or T suffix (binary units);
@@ -147,6 +184,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
         return demo(&args);
     }
     let kernel = args.kernel.clone().expect("clap requires --kernel");
+    let disks = open_disks(&args)?;
     run_vm(
         &VmConfig {
             kernel,
@@ -155,6 +193,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
             vcpus: args.cpus,
             memory: args.memory,
             hyperv: !args.no_hyperv,
+            disks,
         },
         &args,
     )
@@ -238,6 +277,7 @@ fn demo(args: &RunArgs) -> anyhow::Result<i32> {
                 vcpus: args.cpus,
                 memory: args.memory,
                 hyperv: !args.no_hyperv,
+                disks: open_disks(args)?,
             },
             args,
         ),
@@ -259,7 +299,26 @@ fn demo(args: &RunArgs) -> anyhow::Result<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_disk, parse_size};
+    use std::path::PathBuf;
+
+    #[test]
+    fn disk_values() {
+        let d = |v: &str| parse_disk(v).map_err(|e| e.to_string());
+        assert_eq!(d("a.vhdx").unwrap(), (PathBuf::from("a.vhdx"), false));
+        assert_eq!(
+            d("/x/a.vhdx,readonly").unwrap(),
+            (PathBuf::from("/x/a.vhdx"), true)
+        );
+        assert_eq!(d("a,b.img,ro").unwrap(), (PathBuf::from("a,b.img"), true));
+        assert_eq!(
+            d("/dir,1/a.img").unwrap(),
+            (PathBuf::from("/dir,1/a.img"), false)
+        );
+        assert!(d("a.vhdx,writable").unwrap_err().contains("writable"));
+        assert!(d(",readonly").is_err());
+        assert!(d("").is_err());
+    }
 
     #[test]
     fn sizes() {

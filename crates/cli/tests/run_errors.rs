@@ -134,3 +134,78 @@ fn kvm_without_permission() {
         .unwrap();
     assert_one_line_error(&out, &["permission denied", "/dev/kvm", "kvm' group"]);
 }
+
+#[test]
+fn missing_disk_names_the_file() {
+    let kernel = fake_kernel("bz-missing-disk");
+    let out = viridian(
+        &[
+            "run",
+            "--kernel",
+            p(&kernel),
+            "--disk",
+            "/nonexistent/disk.vhdx",
+        ],
+        &[("VIRIDIAN_KVM_DEVICE", "/nonexistent/kvm")],
+    );
+    assert_one_line_error(&out, &["/nonexistent/disk.vhdx", "No such file"]);
+}
+
+#[test]
+fn disk_in_use_by_another_writer_names_the_file() {
+    use vhdx::open::{create, CreateOptions, Format, ImageType};
+    let kernel = fake_kernel("bz-locked-disk");
+    let disk = tmp("locked.vhdx");
+    let _ = std::fs::remove_file(&disk);
+    // This process holds the VHDX open for writing, as a running VM does.
+    let _held = create(
+        &disk,
+        &CreateOptions {
+            format: Format::Vhdx,
+            image_type: ImageType::Dynamic,
+            size: 16 << 20,
+            block_size: 0,
+            logical_sector_size: 0,
+            physical_sector_size: 0,
+            parent: None,
+        },
+    )
+    .unwrap();
+    let out = viridian(
+        &["run", "--kernel", p(&kernel), "--disk", p(&disk)],
+        &[("VIRIDIAN_KVM_DEVICE", "/nonexistent/kvm")],
+    );
+    assert_one_line_error(&out, &[p(&disk), "in use"]);
+    // A read-only attach of the same file is allowed past the lock (it then fails on the
+    // missing KVM device, not on the disk).
+    let disk_ro = format!("{},readonly", p(&disk));
+    let out = viridian(
+        &["run", "--kernel", p(&kernel), "--disk", &disk_ro],
+        &[("VIRIDIAN_KVM_DEVICE", "/nonexistent/kvm")],
+    );
+    assert_one_line_error(&out, &["no KVM"]);
+    drop(_held);
+    let _ = std::fs::remove_file(&disk);
+}
+
+#[test]
+fn disk_with_an_unknown_option_or_without_hyperv() {
+    let kernel = fake_kernel("bz-disk-opts");
+    let disk = tmp("plain.img");
+    std::fs::write(&disk, vec![0; 1 << 20]).unwrap();
+    let bad = format!("{},cache=none", p(&disk));
+    let out = viridian(&["run", "--kernel", p(&kernel), "--disk", &bad], &[]);
+    assert_one_line_error(&out, &["cache=none", "readonly"]);
+    let out = viridian(
+        &[
+            "run",
+            "--kernel",
+            p(&kernel),
+            "--no-hyperv",
+            "--disk",
+            p(&disk),
+        ],
+        &[],
+    );
+    assert_one_line_error(&out, &["--disk", "--no-hyperv"]);
+}

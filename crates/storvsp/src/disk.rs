@@ -10,17 +10,14 @@ use vhdx::Disk;
 /// Why a disk could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenDiskError {
-    #[error("disk {path}: {source}")]
+    /// The image could not be opened (missing, in use, not an image, ...).
+    #[error("disk {}: {reason}", path.display())]
     Image {
         path: PathBuf,
+        /// The image error without the path it repeats.
+        reason: String,
         #[source]
         source: vhdx::Error,
-    },
-    #[error("disk {path}: {source}")]
-    Target {
-        path: PathBuf,
-        #[source]
-        source: scsi::ConfigError,
     },
 }
 
@@ -63,9 +60,15 @@ impl ImageMedium {
     /// Opens `path` (format probed from the content). A VHDX opened for writing holds its
     /// file lock, so a second writer fails with an error naming the file.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenDiskError> {
-        let image = vhdx::open::open(path, read_only).map_err(|source| OpenDiskError::Image {
-            path: path.to_path_buf(),
-            source,
+        let image = vhdx::open::open(path, read_only).map_err(|source| {
+            let text = source.to_string();
+            let prefix = format!("{}: ", path.display());
+            let reason = text.strip_prefix(&prefix).unwrap_or(&text).to_string();
+            OpenDiskError::Image {
+                path: path.to_path_buf(),
+                reason,
+                source,
+            }
         })?;
         let id = match &image {
             vhdx::open::Image::Vhdx(d) => *d.disk_id().as_bytes(),

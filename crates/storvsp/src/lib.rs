@@ -58,7 +58,7 @@ pub enum ControllerError {
     DuplicateLun(u8),
     #[error("LUN {0} is past the controller's {MAX_LUNS} locations")]
     LunOutOfRange(u8),
-    #[error("disk {path}: {source}")]
+    #[error("disk {}: {source}", path.display())]
     Target {
         path: std::path::PathBuf,
         #[source]

@@ -29,6 +29,9 @@ pub struct VmConfig {
     /// Present the Hyper-V interface (CPUID leaves, synthetic MSRs, hypercalls, VMBus device).
     /// When false the guest sees plain KVM (kvmclock and friends).
     pub hyperv: bool,
+    /// Disks on SCSI controller 0, at LUN 0, 1, 2 ... in order (opened, and locked, by
+    /// [`crate::vmbus_host::open_disk`] before the VM is built). Needs `hyperv`.
+    pub disks: Vec<crate::vmbus_host::DiskSpec>,
 }
 
 /// Why the VM stopped.
@@ -257,7 +260,13 @@ impl Vm {
         let partition = Arc::new(partition);
         let vmbus = match &hv {
             Some(hv) => Some(Arc::new(
-                Vmbus::start(hv.clone(), partition.clone(), config.vcpus).map_err(Error::Vmbus)?,
+                Vmbus::start_with_disks(
+                    hv.clone(),
+                    partition.clone(),
+                    config.vcpus,
+                    config.disks.clone(),
+                )
+                .map_err(Error::Vmbus)?,
             )),
             None => None,
         };
