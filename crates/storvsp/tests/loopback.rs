@@ -668,6 +668,8 @@ fn subchannels_are_offered_and_carry_io_concurrently() {
     let mut p = packet(operation::CREATE_SUB_CHANNELS);
     p.set_sub_channel_count(3);
     assert_eq!({ g.control(p).status }, 0);
+    // drain_messages waits the transport's timeout for more: keep it short here.
+    r.client.transport_mut().timeout = Duration::from_millis(20);
     let deadline = Instant::now() + Duration::from_secs(5);
     while r
         .client
@@ -680,6 +682,7 @@ fn subchannels_are_offered_and_carry_io_concurrently() {
         r.client.drain_messages();
         std::thread::sleep(Duration::from_millis(10));
     }
+    r.client.transport_mut().timeout = Duration::from_secs(10);
     assert_eq!(r.dev.handshake().subchannels, 2);
     let subs: Vec<Guest> = (1..=2).map(|i| r.open(i, 32)).collect();
     let threads: Vec<_> = std::iter::once(g)
