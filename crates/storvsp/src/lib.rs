@@ -29,8 +29,9 @@ use hvdef::vmbus::{packet_type, Guid};
 use protocol::{Handshake, Phase, Properties, Request, Srb, SrbResult};
 use scsi::{Data, InitiatorId, ScsiDisk, Target};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use vmbus::{
     BusControl, Channel, ChannelError, ChannelWorker, DeviceOffer, DeviceRestoreError, OpenError,
@@ -64,6 +65,8 @@ pub enum ControllerError {
         #[source]
         source: scsi::ConfigError,
     },
+    #[error("cannot create the controller's eventfd: {0}")]
+    Io(#[source] std::io::Error),
 }
 
 /// Tunables of one controller.
@@ -98,6 +101,7 @@ struct Counters {
     flushes: AtomicU64,
     medium_errors: AtomicU64,
     completions_deferred: AtomicU64,
+    rescans: AtomicU64,
 }
 
 impl Counters {
@@ -115,7 +119,10 @@ struct Shared {
     mem: GuestMemory,
     target: Target,
     /// Paths behind present LUNs (for FUA flushes, logs and inspection).
-    luns: BTreeMap<u8, Lun>,
+    luns: RwLock<BTreeMap<u8, Lun>>,
+    /// Rung after a hot add or remove: the primary's worker sends ENUMERATE_BUS.
+    rescan: vmbus::host::Doorbell,
+    rescan_pending: AtomicBool,
     handshake: Mutex<Handshake>,
     counters: Counters,
     open_channels: Mutex<Vec<u16>>,
@@ -147,35 +154,69 @@ impl StorvspDevice {
         mem: GuestMemory,
         disks: Vec<(u8, DiskSpec)>,
     ) -> Result<Arc<Self>, ControllerError> {
-        let target = Target::new();
-        let mut luns = BTreeMap::new();
-        for (lun, spec) in disks {
-            if lun as usize >= MAX_LUNS {
-                return Err(ControllerError::LunOutOfRange(lun));
-            }
-            if luns.contains_key(&lun) {
-                return Err(ControllerError::DuplicateLun(lun));
-            }
-            let disk = ScsiDisk::new(spec.medium.clone(), scsi::DiskConfig::default()).map_err(
-                |source| ControllerError::Target {
-                    path: spec.path.clone(),
-                    source,
-                },
-            )?;
-            target.insert(lun, Arc::new(disk));
-            luns.insert(lun, Lun { spec });
-        }
-        Ok(Arc::new(Self {
+        let dev = Self {
             shared: Arc::new(Shared {
                 config,
                 mem,
-                target,
-                luns,
+                target: Target::new(),
+                luns: RwLock::default(),
+                rescan: vmbus::host::Doorbell::new().map_err(ControllerError::Io)?,
+                rescan_pending: AtomicBool::new(false),
                 handshake: Mutex::default(),
                 counters: Counters::default(),
                 open_channels: Mutex::default(),
             }),
-        }))
+        };
+        for (lun, spec) in disks {
+            dev.insert(lun, spec)?;
+        }
+        Ok(Arc::new(dev))
+    }
+
+    fn insert(&self, lun: u8, spec: DiskSpec) -> Result<(), ControllerError> {
+        if lun as usize >= MAX_LUNS {
+            return Err(ControllerError::LunOutOfRange(lun));
+        }
+        let mut luns = support::lock_write(&self.shared.luns);
+        if luns.contains_key(&lun) {
+            return Err(ControllerError::DuplicateLun(lun));
+        }
+        let disk =
+            ScsiDisk::new(spec.medium.clone(), scsi::DiskConfig::default()).map_err(|source| {
+                ControllerError::Target {
+                    path: spec.path.clone(),
+                    source,
+                }
+            })?;
+        self.shared.target.insert(lun, Arc::new(disk));
+        luns.insert(lun, Lun { spec });
+        Ok(())
+    }
+
+    fn rescan(&self) {
+        self.shared.rescan_pending.store(true, Ordering::Release);
+        self.shared.rescan.ring();
+    }
+
+    /// Hot add: puts a disk at `lun` while the VM runs and tells the guest to rescan
+    /// (ENUMERATE_BUS on the primary channel).
+    pub fn add_disk(&self, lun: u8, spec: DiskSpec) -> Result<(), ControllerError> {
+        self.insert(lun, spec)?;
+        self.rescan();
+        Ok(())
+    }
+
+    /// Hot remove: takes the disk at `lun` away and tells the guest to rescan. Requests
+    /// already executing keep their own reference to the medium, so the file is closed (and
+    /// unlocked) only once the last of them has completed.
+    pub fn remove_disk(&self, lun: u8) -> Option<DiskSpec> {
+        let spec = {
+            let mut luns = support::lock_write(&self.shared.luns);
+            self.shared.target.remove(lun);
+            luns.remove(&lun)?.spec
+        };
+        self.rescan();
+        Some(spec)
     }
 
     /// The handshake as it stands.
@@ -269,8 +310,8 @@ impl vmbus::Device for StorvspDevice {
         let h = self.handshake();
         let c = &s.counters;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let disks: Vec<_> = s
-            .luns
+        let luns = support::lock_read(&s.luns);
+        let disks: Vec<_> = luns
             .iter()
             .map(|(lun, l)| {
                 let m = &l.spec.medium;
@@ -305,6 +346,7 @@ impl vmbus::Device for StorvspDevice {
                 "flushes": n(&c.flushes),
                 "medium_errors": n(&c.medium_errors),
                 "completions_deferred": n(&c.completions_deferred),
+                "rescans": n(&c.rescans),
             },
         })
     }
@@ -384,14 +426,20 @@ struct Worker {
     recv: Vec<u8>,
     /// The bounce buffer for SRB data (at most [`MAX_TRANSFER_BYTES`]).
     data: Vec<u8>,
-    /// Completions that did not fit the ring yet.
-    out: VecDeque<(u64, VstorPacket)>,
+    /// Completions (transaction id) and host-initiated packets (`None`) that did not fit
+    /// the ring yet.
+    out: VecDeque<(Option<u64>, VstorPacket)>,
 }
 
 impl Worker {
     fn flush_out(&mut self, ch: &mut Channel) -> Result<bool, WorkerError> {
         while let Some((id, p)) = self.out.front() {
-            match ch.send_completion(*id, p.as_bytes()) {
+            let r = match id {
+                Some(id) => ch.send_completion(*id, p.as_bytes()),
+                // storvsc takes an unsolicited packet as in-band with transaction id 0.
+                None => ch.send_inband(0, p.as_bytes(), false),
+            };
+            match r {
                 Ok(()) => {
                     self.out.pop_front();
                 }
@@ -526,9 +574,7 @@ impl Worker {
         let mut completion = target.execute(srb.lun, self.initiator, cdb, data);
         if let Some(e) = &completion.error {
             Counters::add(&c.medium_errors, 1);
-            let path = self
-                .shared
-                .luns
+            let path = support::lock_read(&self.shared.luns)
                 .get(&srb.lun)
                 .map(|l| l.spec.path.display().to_string())
                 .unwrap_or_default();
@@ -536,10 +582,13 @@ impl Worker {
         }
         if completion.fua && completion.status == scsi::ScsiStatus::Good {
             Counters::add(&c.flushes, 1);
-            if let Some(l) = self.shared.luns.get(&srb.lun) {
-                if let Err(e) = l.spec.medium.flush() {
+            let lun = support::lock_read(&self.shared.luns)
+                .get(&srb.lun)
+                .map(|l| l.spec.clone());
+            if let Some(l) = lun {
+                if let Err(e) = l.medium.flush() {
                     Counters::add(&c.medium_errors, 1);
-                    support::limited!(LOG, error, path = %l.spec.path.display(), error = %e, "storvsp: flush after FUA write failed");
+                    support::limited!(LOG, error, path = %l.path.display(), error = %e, "storvsp: flush after FUA write failed");
                     completion = scsi::Completion::check(scsi::Sense::new(
                         scsi::SenseKey::MediumError,
                         scsi::sense::asc::WRITE_ERROR,
@@ -570,6 +619,15 @@ impl Worker {
 
 impl ChannelWorker for Worker {
     fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
+        if self.index == 0 && self.shared.rescan_pending.swap(false, Ordering::AcqRel) {
+            self.shared.rescan.clear();
+            // Only a guest past END_INIT has a SCSI host to rescan.
+            if support::lock(&self.shared.handshake).ready() {
+                Counters::add(&self.shared.counters.rescans, 1);
+                self.out
+                    .push_back((None, VstorPacket::new(sp::operation::ENUMERATE_BUS, 0)));
+            }
+        }
         if !self.flush_out(ch)? {
             return Ok(Progress::WaitingForRoom);
         }
@@ -585,7 +643,7 @@ impl ChannelWorker for Worker {
             let ranges =
                 (ptype == packet_type::DATA_USING_GPA_DIRECT).then(|| p.gpa_direct_ranges());
             if let Some(reply) = self.handle(ptype, p.payload(), ranges) {
-                self.out.push_back((id, reply));
+                self.out.push_back((Some(id), reply));
             }
             match self.flush_out(ch) {
                 Ok(true) => {}
@@ -599,11 +657,12 @@ impl ChannelWorker for Worker {
         self.recv = buf;
         r
     }
-}
 
-/// Sends ENUMERATE_BUS (the guest rescans its LUNs), as after a hot add. In-band, no
-/// completion requested, transaction id 0, as storvsc expects.
-pub fn send_enumerate_bus(ch: &mut Channel) -> Result<(), ChannelError> {
-    let p = VstorPacket::new(sp::operation::ENUMERATE_BUS, 0);
-    ch.send_inband(0, p.as_bytes(), false)
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        if self.index == 0 {
+            vec![self.shared.rescan.as_fd()]
+        } else {
+            Vec::new()
+        }
+    }
 }

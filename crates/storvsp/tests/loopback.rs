@@ -739,3 +739,89 @@ fn save_and_restore_keep_the_negotiated_state() {
     let none = StorvspDevice::new(ControllerConfig::new(INSTANCE, 0), mem, vec![]).unwrap();
     assert!(none.restore(&saved).is_ok());
 }
+
+#[test]
+fn hot_add_and_remove_during_io_send_enumerate_bus() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_disk(dir.path(), "a.img", 4 << 20);
+    let vhdx = vhdx_disk(dir.path(), 8 << 20);
+    let mut r = rig(vec![(0, DiskSpec::open(&raw, false).unwrap())], 0);
+    let mut g = r.open(0, 32);
+    g.handshake(&[0x0602]);
+    let expect_rescan = |g: &mut Guest| {
+        let p = g.recv();
+        assert_eq!(
+            (p.packet_type, p.transaction_id),
+            (packet_type::DATA_INBAND, 0)
+        );
+        let v = VstorPacket::read_from_prefix(&p.payload).unwrap().0;
+        assert_eq!({ v.operation }, operation::ENUMERATE_BUS);
+    };
+    // I/O to LUN 0 before, between and after the changes.
+    let data = pattern(3, 4096);
+    assert_eq!(g.write10(1, 0, 8, &data, 0, false).srb_status, 1);
+    r.dev
+        .add_disk(1, DiskSpec::open(&vhdx, false).unwrap())
+        .unwrap();
+    expect_rescan(&mut g);
+    assert!(
+        r.dev
+            .add_disk(1, DiskSpec::open(&raw, true).unwrap())
+            .is_err(),
+        "LUN 1 taken"
+    );
+    let s = g.srb(2, 1, &[0x12, 0, 0, 0, 36, 0], sp::data_in::READ, 36, 0);
+    assert_eq!((s.srb_status, g.read_guest(0, 1)[0]), (1, 0));
+    assert_eq!(g.write10(3, 1, 0, &data, 0, false).srb_status, 1);
+    let (s, back) = g.read10(4, 0, 8, 8, 0);
+    assert_eq!(s.srb_status, 1);
+    assert!(back == data);
+    // Remove LUN 1: the guest is told, its commands get INVALID_LUN, and the VHDX is
+    // unlocked once the controller lets go.
+    let spec = r.dev.remove_disk(1).expect("LUN 1 present");
+    expect_rescan(&mut g);
+    let s = g.srb(5, 1, &[0, 0, 0, 0, 0, 0], sp::data_in::UNKNOWN, 0, 0);
+    assert_eq!(s.srb_status, sp::srb_status::INVALID_LUN);
+    drop(spec);
+    let reopened = DiskSpec::open(&vhdx, false).expect("unlocked after removal");
+    let mut back = vec![0; 4096];
+    reopened.medium.read_at(&mut back, 0).unwrap();
+    assert!(back == data);
+    assert_eq!(r.dev.inspect()["counters"]["rescans"], 2);
+    assert!(r.dev.remove_disk(1).is_none());
+    r.host.stop();
+}
+
+#[test]
+fn a_reset_between_requests_is_answered_and_io_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_disk(dir.path(), "a.img", 4 << 20);
+    let mut r = rig(vec![(0, DiskSpec::open(&raw, false).unwrap())], 0);
+    let mut g = r.open(0, 32);
+    g.handshake(&[0x0602]);
+    // Requests queued around resets, as storvsc's error handler does (RESET_BUS with
+    // VMBUS_RQST_RESET): every one completes.
+    let reset_id = u64::MAX - 3;
+    let tur = g.srb_packet(0, &[0, 0, 0, 0, 0, 0], sp::data_in::UNKNOWN, 0);
+    for (i, op) in [
+        operation::RESET_BUS,
+        operation::RESET_LUN,
+        operation::RESET_ADAPTER,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        g.send(10 + i as u64, packet_type::DATA_INBAND, &[], tur.as_bytes());
+        g.send(
+            reset_id,
+            packet_type::DATA_INBAND,
+            &[],
+            packet(op).as_bytes(),
+        );
+        g.send(20 + i as u64, packet_type::DATA_INBAND, &[], tur.as_bytes());
+        assert_eq!(g.completion(10 + i as u64).srb().srb_status, 1);
+        assert_eq!({ g.completion(reset_id).status }, 0);
+        assert_eq!(g.completion(20 + i as u64).srb().srb_status, 1);
+    }
+    r.host.stop();
+}
