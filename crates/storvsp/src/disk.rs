@@ -10,6 +10,13 @@ use vhdx::Disk;
 /// Why a disk could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenDiskError {
+    /// A raw or VHD image another writer holds.
+    #[error("disk {}: lock for writing (the file is in use): {source}", path.display())]
+    InUse {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The image could not be opened (missing, in use, not an image, ...).
     #[error("disk {}: {reason}", path.display())]
     Image {
@@ -24,6 +31,8 @@ pub enum OpenDiskError {
 /// An open image as a medium. Keeps the image (and with it the VHDX file lock) until dropped.
 pub struct ImageMedium {
     image: vhdx::open::Image,
+    /// The advisory lock on raw and VHD files (the vhdx crate locks VHDX files itself).
+    _lock: Option<std::fs::File>,
     id: [u8; 16],
     read_only: bool,
 }
@@ -56,6 +65,24 @@ fn path_id(path: &Path) -> [u8; 16] {
     out
 }
 
+/// The same policy as the vhdx crate's for VHDX files: one writer, or any number of readers;
+/// a read-only open of a file in use still proceeds.
+fn lock(path: &Path, read_only: bool) -> Result<Option<std::fs::File>, OpenDiskError> {
+    use rustix::fs::{flock, FlockOperation};
+    let in_use = |source: std::io::Error| OpenDiskError::InUse {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(in_use)?;
+    if read_only {
+        return Ok(flock(&file, FlockOperation::NonBlockingLockShared)
+            .ok()
+            .map(|()| file));
+    }
+    flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| in_use(e.into()))?;
+    Ok(Some(file))
+}
+
 impl ImageMedium {
     /// Opens `path` (format probed from the content). A VHDX opened for writing holds its
     /// file lock, so a second writer fails with an error naming the file.
@@ -70,6 +97,10 @@ impl ImageMedium {
                 source,
             }
         })?;
+        let lock = match image.format() {
+            vhdx::open::Format::Vhdx => None,
+            _ => lock(path, read_only)?,
+        };
         let id = match &image {
             vhdx::open::Image::Vhdx(d) => *d.disk_id().as_bytes(),
             vhdx::open::Image::Vhd(d) => *d.unique_id().as_bytes(),
@@ -77,6 +108,7 @@ impl ImageMedium {
         };
         Ok(Self {
             image,
+            _lock: lock,
             id,
             read_only,
         })

@@ -825,3 +825,22 @@ fn a_reset_between_requests_is_answered_and_io_continues() {
     }
     r.host.stop();
 }
+
+#[test]
+fn raw_images_are_locked_like_vhdx_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_disk(dir.path(), "shared.img", 1 << 20);
+    let writer = DiskSpec::open(&raw, false).unwrap();
+    assert_eq!(writer.format, "raw");
+    let e = DiskSpec::open(&raw, false).unwrap_err().to_string();
+    assert!(e.contains("shared.img") && e.contains("in use"), "{e}");
+    // Readers proceed; once the writer is gone a new writer gets the file, and readers
+    // then keep writers out.
+    let reader = DiskSpec::open(&raw, true).unwrap();
+    drop(writer);
+    drop(reader);
+    let reader = DiskSpec::open(&raw, true).unwrap();
+    assert!(DiskSpec::open(&raw, false).is_err(), "a reader holds it");
+    drop(reader);
+    DiskSpec::open(&raw, false).unwrap();
+}
