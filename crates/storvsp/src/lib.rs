@@ -454,6 +454,7 @@ impl Worker {
     fn handle(
         &mut self,
         ptype: u16,
+        completion_requested: bool,
         payload: &[u8],
         ranges: Option<Result<Vec<PagedRange>, vmbus::packet::PacketError>>,
     ) -> Option<VstorPacket> {
@@ -461,8 +462,14 @@ impl Worker {
         let c = &shared.counters;
         Counters::add(&c.requests, 1);
         if ptype != packet_type::DATA_INBAND && ptype != packet_type::DATA_USING_GPA_DIRECT {
-            support::limited!(LOG, warn, ptype, "storvsp: packet type ignored");
-            return None;
+            // Completions of our own ENUMERATE_BUS packets need no answer; anything else
+            // that asks for one gets a refusal.
+            if ptype == packet_type::COMPLETION || !completion_requested {
+                return None;
+            }
+            Counters::add(&c.invalid_requests, 1);
+            support::limited!(LOG, warn, ptype, "storvsp: packet type not supported");
+            return Some(protocol::complete(sp::status::NOT_SUPPORTED));
         }
         let req = match protocol::parse(payload) {
             Ok(r) => r,
@@ -642,7 +649,7 @@ impl ChannelWorker for Worker {
             let ptype = p.packet_type();
             let ranges =
                 (ptype == packet_type::DATA_USING_GPA_DIRECT).then(|| p.gpa_direct_ranges());
-            if let Some(reply) = self.handle(ptype, p.payload(), ranges) {
+            if let Some(reply) = self.handle(ptype, p.completion_requested(), p.payload(), ranges) {
                 self.out.push_back((Some(id), reply));
             }
             match self.flush_out(ch) {

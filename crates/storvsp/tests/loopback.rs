@@ -587,6 +587,15 @@ fn hostile_packets_get_error_completions_and_the_channel_keeps_working() {
         g.send(id, packet_type::DATA_INBAND, &[], &bytes);
         assert_ne!({ g.completion(id).status }, 0);
     }
+    // An XFER_PAGES packet (netvsc's kind) asking for a completion gets a refusal.
+    let xfer = [0u8; 8];
+    g.send(
+        15,
+        packet_type::DATA_USING_XFER_PAGES,
+        &xfer,
+        packet(operation::EXECUTE_SRB).as_bytes(),
+    );
+    assert_ne!({ g.completion(15).status }, 0);
     // The disk is untouched and the channel still works.
     let (s, back) = g.read10(14, 0, 0, 1, 0);
     assert_eq!(s.srb_status, 1);
