@@ -317,8 +317,9 @@ fn handshake_for_each_linux_version_with_exact_completions() {
     for v in storvsp::protocol::VERSIONS {
         let mut r = rig(vec![(0, DiskSpec::open(&path, true).unwrap())], 0);
         let mut g = r.open(0, 32);
-        // Older and unknown versions first: each declined with a non-zero status.
-        let (chosen, props) = g.handshake(&[0x0700, 0x0603, v]);
+        // Newer (10.0, proposed by later kernels) and unknown versions first: each declined
+        // with a non-zero status, so Linux tries the next.
+        let (chosen, props) = g.handshake(&[0x0a00, 0x0700, 0x0603, v]);
         assert_eq!(chosen, v);
         assert_eq!({ props.max_transfer_bytes }, storvsp::MAX_TRANSFER_BYTES);
         assert!(props.max_transfer_bytes >= 1 << 20);
