@@ -61,6 +61,29 @@ if [ "$S" = hyperv ]; then
   # Wait for `viridian vm stop`: hv_utils runs /sbin/poweroff (below).
   while true; do sleep 1; done
 fi
+if [ "$S" = storage ]; then
+  # Debian's own hv_storvsc drives the synthetic SCSI controller: find the disk, write a
+  # pattern through the page cache and fsync it, drop the cache, read it back.
+  for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
+  i=0
+  while [ ! -e /sys/block/sda ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+  if [ -e /sys/block/sda ]; then
+    say disk_sectors=$(cat /sys/block/sda/size)
+    say disk_logical_block=$(cat /sys/block/sda/queue/logical_block_size)
+    say disk_vendor=$(cat /sys/block/sda/device/vendor | tr -d ' ')
+    for d in /sys/bus/vmbus/devices/*; do
+      [ "$(cat $d/class_id 2>/dev/null)" = "{ba6163d9-04a1-4d29-b605-72e2ffb1dc7f}" ] && say disk_channels=$(ls $d/channels | wc -l)
+    done
+    dd if=/dev/urandom of=/tmp/pattern bs=1024 count=4096 2>/dev/null
+    dd if=/tmp/pattern of=/dev/sda bs=65536 conv=fsync 2>/dev/null && say disk_written=1
+    echo 3 > /proc/sys/vm/drop_caches
+    say pattern_md5=$(md5sum < /tmp/pattern | cut -c1-32)
+    say readback_md5=$(dd if=/dev/sda bs=65536 count=64 2>/dev/null | md5sum | cut -c1-32)
+  else
+    say disk=missing
+  fi
+  dmesg | grep -i -E "scsi|sd |storvsc" | sed 's/^/GUEST-DMESG /'
+fi
 if [ "$S" = kvp ]; then
   # Debian's hv_kvp_daemon publishes this guest's name, OS and addresses over KVP and writes
   # what the host sets into /var/lib/hyperv/.kvp_pool_0.
@@ -99,7 +122,7 @@ pub const L2_POWEROFF: &str =
     "#!/bin/busybox sh\necho \"VIRIDIAN-GUEST orderly_poweroff\" > /dev/console\nexec /bin/busybox poweroff -f\n";
 
 /// Hyper-V guest modules loaded by the `hyperv` scenario (with their dependencies).
-pub const HYPERV_MODULES: &[&str] = &["hv_vmbus", "hv_utils"];
+pub const HYPERV_MODULES: &[&str] = &["hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod"];
 
 /// Adds busybox and the base directories and device nodes.
 fn base(archive: &mut Archive, busybox: &Path) -> Result<()> {

@@ -204,6 +204,10 @@ pub struct Scenario {
     /// `viridian vm kvp --set`, wait until the guest reports it in its pool file and the host
     /// sees the guest's OS name, and print `viridian vm kvp --json` as a `LAB-KVP` line.
     pub kvp: bool,
+    /// Give the VM a new dynamic VHDX of this many MiB (`viridian vhd new` inside L1) with
+    /// `--disk`; after the VM exits, print the MD5 of its first 4 MiB as `VIRIDIAN-GUEST
+    /// host_md5=` (converted to raw by `viridian vhd convert`) and `viridian vhd test`'s verdict.
+    pub disk_mib: Option<u64>,
 }
 
 impl Scenario {
@@ -218,6 +222,7 @@ impl Scenario {
             quiet: true,
             stop_with_control: false,
             kvp: false,
+            disk_mib: None,
         }
     }
 
@@ -256,6 +261,15 @@ impl Scenario {
                  {kvp}\
                  viridian vm stop {name} --timeout 300 || viridian vm stop {name} --force; wait $p",
                 self.cpus, self.memory_mib, name = self.name, kvp = if self.kvp { Self::kvp_steps(&self.name) } else { String::new() }
+            ),
+            Vmm::Viridian if self.disk_mib.is_some() => format!(
+                "rm -f /tmp/{name}.vhdx /tmp/{name}.img; viridian vhd new /tmp/{name}.vhdx --size {mib}M >/dev/null || echo LAB-ERROR vhd new failed; \
+                 viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --disk /tmp/{name}.vhdx --cmdline '{cmdline}'; rc=$?; \
+                 viridian vhd test /tmp/{name}.vhdx >/dev/null && echo VIRIDIAN-GUEST host_vhd_test=ok; \
+                 viridian vhd convert /tmp/{name}.vhdx /tmp/{name}.img >/dev/null 2>&1; \
+                 echo VIRIDIAN-GUEST host_md5=$(dd if=/tmp/{name}.img bs=65536 count=64 2>/dev/null | md5sum | cut -c1-32); \
+                 rm -f /tmp/{name}.vhdx /tmp/{name}.img; exit $rc",
+                self.cpus, self.memory_mib, name = self.name, mib = self.disk_mib.unwrap_or(64)
             ),
             // `exec`, so that the scenario timeout's SIGTERM reaches viridian, which then stops
             // the VM and reports where each vCPU was.
