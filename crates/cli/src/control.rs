@@ -1,7 +1,8 @@
 //! The worker's control socket: a Unix stream socket per running VM that takes one-line
 //! commands (`shutdown`, `reboot`, `turn-off`, `status`, `kvp`, `kvp-set KEY=VALUE`,
-//! `kvp-delete KEY`, `inspect`) and answers with one line (`ok ...` or `error: ...`; `kvp` and
-//! `inspect` answer `ok ` and one line of JSON). `viridian vm` is its client.
+//! `kvp-delete KEY`, `inspect`, `disks`, `disk-add LUN|auto rw|ro PATH`, `disk-remove LUN`) and
+//! answers with one line (`ok ...` or `error: ...`; `kvp`, `disks` and `inspect` answer `ok `
+//! and one line of JSON). `viridian vm` is its client.
 
 use anyhow::Context;
 use std::io::{BufRead, BufReader, Write};
@@ -121,6 +122,42 @@ fn serve(stream: UnixStream, control: &VmControl) {
                 "error: usage: {verb} KEY{}",
                 if verb == "kvp-set" { "=VALUE" } else { "" }
             ),
+        },
+        "disks" => {
+            let list: Vec<serde_json::Value> = control
+                .disks()
+                .into_iter()
+                .map(|(lun, path, format)| {
+                    serde_json::json!({"location": lun, "path": path, "format": format})
+                })
+                .collect();
+            format!("ok {}", serde_json::Value::Array(list))
+        }
+        // disk-add LUN|auto rw|ro PATH (the path last: it may hold spaces)
+        "disk-add" => {
+            let mut parts = arg.splitn(3, ' ');
+            let (lun, mode, path) = (parts.next(), parts.next(), parts.next());
+            let lun = match lun {
+                Some("auto") => Ok(None),
+                Some(l) => l.parse::<u8>().map(Some).map_err(|_| ()),
+                None => Err(()),
+            };
+            match (lun, mode, path) {
+                (Ok(lun), Some(m @ ("rw" | "ro")), Some(path)) if !path.is_empty() => {
+                    match control.add_disk(std::path::Path::new(path), m == "ro", lun) {
+                        Ok(l) => format!("ok: {path} attached at location {l}"),
+                        Err(e) => format!("error: {e}"),
+                    }
+                }
+                _ => "error: usage: disk-add LUN|auto rw|ro PATH".to_string(),
+            }
+        }
+        "disk-remove" => match arg.parse::<u8>() {
+            Ok(lun) => match control.remove_disk(lun) {
+                Ok(path) => format!("ok: {} detached from location {lun}", path.display()),
+                Err(e) => format!("error: {e}"),
+            },
+            Err(_) => "error: usage: disk-remove LUN".to_string(),
         },
         "inspect" => match control.inspect() {
             Some(v) => format!("ok {v}"),

@@ -89,3 +89,14 @@ fn error_chain(err: &anyhow::Error) -> String {
     }
     msg
 }
+
+#[cfg(test)]
+mod cli_definition {
+    /// clap checks the argument definitions only when a subcommand is first parsed; check
+    /// them all here, so a bad definition fails a test instead of a user's command.
+    #[test]
+    fn every_command_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

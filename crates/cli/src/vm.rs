@@ -40,6 +40,9 @@ pub enum VmCommand {
         #[arg(long, value_name = "KEY")]
         delete: Vec<String>,
     },
+    /// Add, remove or list the disks of a running VM (Add-/Remove-/Get-VMHardDiskDrive).
+    #[command(subcommand)]
+    Disk(DiskCommand),
     /// Dump the VM's VMBus state: connection, channels, GPADLs, devices and their workers (JSON).
     Inspect {
         #[command(flatten)]
@@ -52,6 +55,36 @@ pub enum VmCommand {
     },
     #[command(flatten)]
     Managed(crate::service::vm::ManagedCommand),
+}
+
+#[derive(Subcommand)]
+pub enum DiskCommand {
+    /// Attach a VHDX, VHD or raw image to the running VM's SCSI controller; the guest's
+    /// hv_storvsc sees a new disk without a reboot.
+    Add {
+        /// The VM's name (`viridian run --name`).
+        name: String,
+        path: PathBuf,
+        /// The SCSI location (LUN); default: the lowest free one.
+        #[arg(long)]
+        location: Option<u8>,
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// Detach the disk at a location; its file is closed once its last request is done.
+    Remove {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        location: u8,
+    },
+    /// List the running VM's disks.
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -123,6 +156,7 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             set,
             delete,
         } => kvp(&target.path(), json, &set, &delete),
+        VmCommand::Disk(cmd) => disk(cmd),
         VmCommand::Inspect { target } => {
             println!("{}", control::send(&target.path(), "inspect")?);
             Ok(0)
@@ -204,5 +238,51 @@ fn kvp(
         }
     }
     println!("daemon: {}", v["daemon"].as_str().unwrap_or("unknown"));
+    Ok(0)
+}
+
+/// `viridian vm disk`.
+fn disk(cmd: DiskCommand) -> anyhow::Result<i32> {
+    match cmd {
+        DiskCommand::Add {
+            name,
+            path,
+            location,
+            readonly,
+        } => {
+            // The worker opens the file: give it an absolute path.
+            let path = std::path::absolute(&path)
+                .with_context(|| format!("{}: cannot resolve the path", path.display()))?;
+            let lun = location.map_or("auto".to_string(), |l| l.to_string());
+            let mode = if readonly { "ro" } else { "rw" };
+            let command = format!("disk-add {lun} {mode} {}", path.display());
+            eprintln!(
+                "viridian: {}",
+                control::send(&control::socket_for(&name), &command)?
+            );
+        }
+        DiskCommand::Remove { target, location } => {
+            let reply = control::send(&target.path(), &format!("disk-remove {location}"))?;
+            eprintln!("viridian: {reply}");
+        }
+        DiskCommand::List { target, json } => {
+            let reply = control::send(&target.path(), "disks")?;
+            if json {
+                println!("{reply}");
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&reply)
+                    .context("the VM sent a disk list that is not JSON")?;
+                println!("{:<9} {:<6} PATH", "LOCATION", "FORMAT");
+                for d in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<9} {:<6} {}",
+                        d["location"],
+                        d["format"].as_str().unwrap_or(""),
+                        d["path"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
     Ok(0)
 }

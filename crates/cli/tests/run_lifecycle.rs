@@ -174,3 +174,100 @@ fn vm_stop_force_turns_the_vm_off() {
     assert_eq!(status.code(), Some(0));
     assert!(!socket.exists(), "the control socket is removed on exit");
 }
+
+/// Disks come and go on a running VM through its control socket (Add-/Remove-VMHardDiskDrive):
+/// a second writer of an attached file is refused, and a detached file is unlocked again.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn disks_are_hot_added_and_removed_through_the_control_socket() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("viridian-hotdisk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    for p in [&a, &b] {
+        std::fs::File::create(p).unwrap().set_len(1 << 20).unwrap();
+    }
+    let kernel = tiny_kernel("spin-disks", SPIN);
+    let run_dir = dir.join("run");
+    // Killed when the test ends, whatever happens.
+    struct Vm(std::process::Child);
+    impl Drop for Vm {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut vm_process = Vm(Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["run", "--name", "hd", "--memory", "64M", "--kernel"])
+        .arg(kernel)
+        .arg("--disk")
+        .arg(&a)
+        .env("VIRIDIAN_RUN_DIR", &run_dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    wait_for_socket(&run_dir.join("hd.sock"));
+    let vm = |args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .arg("vm")
+            .args(args)
+            .env("VIRIDIAN_RUN_DIR", &run_dir)
+            .output()
+            .unwrap()
+    };
+    let list = || -> serde_json::Value {
+        let out = vm(&["disk", "list", "hd", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(list().as_array().unwrap().len(), 1);
+    assert_eq!(list()[0]["location"], 0);
+    // Hot add at the lowest free location.
+    let out = vm(&["disk", "add", "hd", b.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("location 1"),
+        "{out:?}"
+    );
+    let l = list();
+    assert_eq!(l.as_array().unwrap().len(), 2);
+    assert_eq!(l[1]["path"], b.to_str().unwrap());
+    assert_eq!(l[1]["format"], "raw");
+    // The same file again is a second writer: refused, naming the file.
+    let out = vm(&["disk", "add", "hd", b.to_str().unwrap(), "--location", "5"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("b.img"), "{err}");
+    // A taken location and a missing disk are errors too.
+    let out = vm(&[
+        "disk",
+        "add",
+        "hd",
+        a.to_str().unwrap(),
+        "--location",
+        "0",
+        "--readonly",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("LUN 0 already has a disk"),
+        "{out:?}"
+    );
+    let out = vm(&["disk", "remove", "hd", "--location", "9"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no disk at LUN 9"),
+        "{out:?}"
+    );
+    // Hot remove: the file is unlocked again, so it can be attached once more.
+    let out = vm(&["disk", "remove", "hd", "--location", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(list().as_array().unwrap().len(), 1);
+    let out = vm(&["disk", "add", "hd", b.to_str().unwrap(), "--location", "3"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(list()[1]["location"], 3);
+    let out = vm(&["stop", "hd", "--force"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_with_timeout(&mut vm_process.0, Duration::from_secs(20));
+    let _ = std::fs::remove_dir_all(&dir);
+}

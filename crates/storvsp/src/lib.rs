@@ -30,6 +30,7 @@ use protocol::{Handshake, Phase, Properties, Request, Srb, SrbResult};
 use scsi::{Data, InitiatorId, ScsiDisk, Target};
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -204,6 +205,16 @@ impl StorvspDevice {
         self.insert(lun, spec)?;
         self.rescan();
         Ok(())
+    }
+
+    /// The attached disks: LUN, file and format, by LUN.
+    pub fn disks(&self) -> Vec<(u8, PathBuf, String)> {
+        let mut v: Vec<(u8, PathBuf, String)> = support::lock_read(&self.shared.luns)
+            .iter()
+            .map(|(&lun, l)| (lun, l.spec.path.clone(), l.spec.format.clone()))
+            .collect();
+        v.sort_by_key(|d| d.0);
+        v
     }
 
     /// Hot remove: takes the disk at `lun` away and tells the guest to rescan. Requests

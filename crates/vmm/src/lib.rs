@@ -16,7 +16,7 @@ mod vm;
 pub mod vmbus_host;
 pub mod vmlinux;
 
-pub use vm::{ExitReason, StopHandle, Vm, VmConfig, VmControl};
+pub use vm::{DiskError, ExitReason, StopHandle, Vm, VmConfig, VmControl};
 
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]

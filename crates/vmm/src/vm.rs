@@ -97,6 +97,52 @@ impl VmControl {
         self.vmbus.as_ref().map(|v| v.status())
     }
 
+    /// Hot-adds a disk at `lun`, or at the lowest free LUN (Add-VMHardDiskDrive); returns the
+    /// LUN. The file is opened and locked as `--disk` does.
+    pub fn add_disk(
+        &self,
+        path: &std::path::Path,
+        read_only: bool,
+        lun: Option<u8>,
+    ) -> std::result::Result<u8, DiskError> {
+        let storage = self.storage()?;
+        let used: Vec<u8> = storage.disks().iter().map(|d| d.0).collect();
+        let lun = match lun {
+            Some(l) => l,
+            None => (0..storvsp::MAX_LUNS as u8)
+                .find(|l| !used.contains(l))
+                .ok_or(DiskError::Full)?,
+        };
+        if used.contains(&lun) {
+            return Err(DiskError::InUse(lun));
+        }
+        let spec = storvsp::DiskSpec::open(path, read_only).map_err(DiskError::Open)?;
+        storage.add_disk(lun, spec).map_err(DiskError::Controller)?;
+        Ok(lun)
+    }
+
+    /// Hot-removes the disk at `lun` (Remove-VMHardDiskDrive); its file is closed and unlocked
+    /// once its last request is done. Returns the file.
+    pub fn remove_disk(&self, lun: u8) -> std::result::Result<std::path::PathBuf, DiskError> {
+        let spec = self
+            .storage()?
+            .remove_disk(lun)
+            .ok_or(DiskError::NoDisk(lun))?;
+        Ok(spec.path)
+    }
+
+    /// The attached disks: LUN, file, format.
+    pub fn disks(&self) -> Vec<(u8, std::path::PathBuf, String)> {
+        self.storage().map(|s| s.disks()).unwrap_or_default()
+    }
+
+    fn storage(&self) -> std::result::Result<&Arc<storvsp::StorvspDevice>, DiskError> {
+        self.vmbus
+            .as_ref()
+            .and_then(|v| v.storage())
+            .ok_or(DiskError::NoController)
+    }
+
     /// The KVP service (None without Hyper-V enlightenments).
     pub fn kvp(&self) -> Option<&crate::kvp::KvpDevice> {
         self.vmbus.as_ref().map(|v| v.kvp())
@@ -106,6 +152,23 @@ impl VmControl {
     pub fn inspect(&self) -> Option<serde_json::Value> {
         self.vmbus.as_ref().map(|v| v.inspect())
     }
+}
+
+/// Why a disk could not be added or removed on a running VM.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("this VM has no SCSI controller: start it with at least one --disk to hot-add more")]
+    NoController,
+    #[error("LUN {0} already has a disk")]
+    InUse(u8),
+    #[error("no disk at LUN {0}")]
+    NoDisk(u8),
+    #[error("every LUN of the controller is in use")]
+    Full,
+    #[error(transparent)]
+    Open(storvsp::OpenDiskError),
+    #[error(transparent)]
+    Controller(storvsp::ControllerError),
 }
 
 /// A built, not yet running, VM.
