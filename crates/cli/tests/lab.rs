@@ -251,8 +251,9 @@ fn storvsc_guest_writes_and_reads_a_vhdx() {
     one.disk_mib = Some(64);
     let mut two = Scenario::new("disk-2cpu", Vmm::Viridian, Flavor::Cloud, 2, "storage");
     two.disk_mib = Some(64);
+    let hot = Scenario::new("disk-hotplug", Vmm::Viridian, Flavor::Cloud, 1, "hotplug");
     let run = lab
-        .run(&[one, two], &mut std::io::stderr())
+        .run(&[one, two, hot], &mut std::io::stderr())
         .expect("lab run");
     assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
     for (name, channels) in [("disk-1cpu", 1), ("disk-2cpu", 2)] {
@@ -277,4 +278,18 @@ fn storvsc_guest_writes_and_reads_a_vhdx() {
         assert_eq!(g("disk_channels"), channels.to_string(), "{}", ctx());
         assert_eq!(r.exit_code, 0, "{}", ctx());
     }
+    // `viridian vm disk add` and `remove` while the guest runs: sdb appears (ENUMERATE_BUS,
+    // then the guest's own scan) with the new disk's size, and goes away again.
+    let h = run
+        .scenario("disk-hotplug")
+        .expect("disk-hotplug did not run");
+    let g = |k: &str| h.guest.get(k).map(String::as_str).unwrap_or("");
+    assert_eq!(
+        g("sdb_sectors"),
+        (32u64 * 2048).to_string(),
+        "{}",
+        h.console
+    );
+    assert_eq!(g("sdb_removed"), "1", "{}", h.console);
+    assert_eq!(h.exit_code, 0, "{}", h.console);
 }

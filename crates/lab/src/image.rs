@@ -84,6 +84,20 @@ if [ "$S" = storage ]; then
   fi
   dmesg | grep -i -E "scsi|sd |storvsc" | sed 's/^/GUEST-DMESG /'
 fi
+if [ "$S" = hotplug ]; then
+  # The host adds a second disk while the guest runs, then removes it.
+  for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
+  i=0
+  while [ ! -e /sys/block/sda ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+  say hotplug_ready
+  i=0
+  while [ ! -e /sys/block/sdb ] && [ $i -lt 90 ]; do sleep 1; i=$((i+1)); done
+  [ -e /sys/block/sdb ] && say sdb_sectors=$(cat /sys/block/sdb/size)
+  say hotplug_added
+  i=0
+  while [ -e /sys/block/sdb ] && [ $i -lt 90 ]; do sleep 1; i=$((i+1)); done
+  [ -e /sys/block/sdb ] || say sdb_removed=1
+fi
 if [ "$S" = kvp ]; then
   # Debian's hv_kvp_daemon publishes this guest's name, OS and addresses over KVP and writes
   # what the host sets into /var/lib/hyperv/.kvp_pool_0.

@@ -262,6 +262,17 @@ impl Scenario {
                  viridian vm stop {name} --timeout 300 || viridian vm stop {name} --force; wait $p",
                 self.cpus, self.memory_mib, name = self.name, kvp = if self.kvp { Self::kvp_steps(&self.name) } else { String::new() }
             ),
+            Vmm::Viridian if self.guest == "hotplug" => format!(
+                "rm -f /tmp/{name}-a.vhdx /tmp/{name}-b.vhdx /tmp/{name}.log; \
+                 viridian vhd new /tmp/{name}-a.vhdx --size 16M >/dev/null; viridian vhd new /tmp/{name}-b.vhdx --size 32M >/dev/null; \
+                 viridian run --name {name} --serial /tmp/{name}.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --disk /tmp/{name}-a.vhdx --cmdline '{cmdline}' & p=$!; \
+                 i=0; until grep -q hotplug_ready /tmp/{name}.log 2>/dev/null || ! kill -0 $p 2>/dev/null || [ $i -ge 120 ]; do sleep 1; i=$((i+1)); done; \
+                 viridian vm disk add {name} /tmp/{name}-b.vhdx; \
+                 i=0; until grep -q hotplug_added /tmp/{name}.log 2>/dev/null || ! kill -0 $p 2>/dev/null || [ $i -ge 120 ]; do sleep 1; i=$((i+1)); done; \
+                 viridian vm disk remove {name} --location 1; \
+                 wait $p; rc=$?; rm -f /tmp/{name}-a.vhdx /tmp/{name}-b.vhdx; exit $rc",
+                self.cpus, self.memory_mib, name = self.name
+            ),
             Vmm::Viridian if self.disk_mib.is_some() => format!(
                 "rm -f /tmp/{name}.vhdx /tmp/{name}.img; viridian vhd new /tmp/{name}.vhdx --size {mib}M >/dev/null || echo LAB-ERROR vhd new failed; \
                  viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --disk /tmp/{name}.vhdx --cmdline '{cmdline}'; rc=$?; \
