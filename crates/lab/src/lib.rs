@@ -17,8 +17,14 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
 
 pub use kernel::{Flavor, Kernel};
+
+/// How long L1 may print nothing before it counts as hung. Longer than a scenario's own
+/// timeout inside L1 (300 s), after which L1's script always prints its verdict.
+const L1_SILENCE: Duration = Duration::from_secs(330);
 
 /// Kernel command-line word that makes the L2 guest's `/init` run the demo.
 pub const SCENARIO_DEMO: &str = "viridian.scenario=demo";
@@ -500,10 +506,8 @@ run() {
         let l1_image = PathBuf::from(&self.cache).join(format!("images/l1-{tag}.cpio"));
         image::l1_initramfs(&contents, &l1_image)?;
 
-        let deadline = 120 + 320 * scenarios.len() as u64;
-        let mut child = Command::new("timeout")
-            .args(["--signal=KILL", &deadline.to_string()])
-            .arg(&self.qemu)
+        let deadline = Instant::now() + Duration::from_secs(120 + 320 * scenarios.len() as u64);
+        let mut child = Command::new(&self.qemu)
             .env("QEMU_MODULE_DIR", &self.qemu_modules)
             .args([
                 "-accel",
@@ -536,16 +540,42 @@ run() {
             .spawn()
             .map_err(|e| Error::io(&self.qemu, e))?;
         let stdout = child.stdout.take().expect("piped stdout");
+        let (lines, console) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let mut run = LabRun::default();
         let mut current: Option<ScenarioResult> = None;
-        for line in BufReader::new(stdout).split(b'\n') {
-            let line = line.map_err(|e| Error::io(&self.qemu, e))?;
+        let mut stalled = None;
+        loop {
+            let now = Instant::now();
+            let wait = L1_SILENCE.min(deadline.saturating_duration_since(now));
+            let line = match console.recv_timeout(wait) {
+                Ok(line) => line.map_err(|e| Error::io(&self.qemu, e))?,
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    stalled = Some(if Instant::now() >= deadline {
+                        "it ran past its deadline".to_string()
+                    } else {
+                        format!("it printed nothing for {} s", L1_SILENCE.as_secs())
+                    });
+                    let _ = child.kill();
+                    break;
+                }
+            };
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\r', '\n']);
             let _ = writeln!(out, "{line}");
             parse_line(line, &mut run, &mut current);
         }
         let status = child.wait().map_err(|e| Error::io(&self.qemu, e))?;
+        if let (Some(why), false) = (stalled, run.completed) {
+            run.errors.push(format!("the lab VM was killed: {why}"));
+        }
         let _ = std::fs::remove_file(&l1_image);
         let _ = std::fs::remove_file(&contents_l2);
         if !run.completed {
