@@ -47,23 +47,54 @@ pub struct RunArgs {
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
     demo: bool,
     /// A disk on SCSI controller 0 (repeatable; LUN 0, 1, 2 ... in order): a VHDX, VHD or raw
-    /// image, detected from its content. `PATH,readonly` attaches it read-only. A disk
-    /// opened for writing is locked; a file another VM is writing fails to open.
-    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    /// image, detected from its content, which must agree with a .vhdx or .vhd name; a raw
+    /// image must be whole 512-byte sectors unless given `format=raw`. `readonly` attaches it
+    /// read-only. A disk opened for writing is locked; a file another VM is writing fails to
+    /// open.
+    #[arg(long = "disk", value_name = "PATH[,readonly][,format=raw|vhd|vhdx]")]
     disks: Vec<String>,
 }
 
-/// Splits a `--disk` value into the path and whether it is read-only.
-pub fn parse_disk(value: &str) -> anyhow::Result<(PathBuf, bool)> {
-    let (path, read_only) = match value.rsplit_once(',') {
-        Some((path, opt)) if opt == "readonly" || opt == "ro" => (path, true),
-        Some((path, opt)) if !path.is_empty() && !opt.contains('/') => {
-            anyhow::bail!("--disk {value}: unknown option {opt:?} (PATH or PATH,readonly)")
-        }
-        _ => (value, false),
+/// One `--disk` value: `PATH[,readonly][,format=raw|vhd|vhdx]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskArg {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// `None`: the format the content and the name agree on.
+    pub format: Option<vmm::vmbus_host::ImageFormat>,
+}
+
+/// Parses a `--disk` value. Options follow the path after commas, in any order; a path may
+/// itself hold commas (the options are taken off its end).
+pub fn parse_disk(value: &str) -> anyhow::Result<DiskArg> {
+    let mut arg = DiskArg {
+        path: PathBuf::new(),
+        read_only: false,
+        format: None,
     };
-    anyhow::ensure!(!path.is_empty(), "--disk needs a path");
-    Ok((PathBuf::from(path), read_only))
+    let mut rest = value;
+    let mut took_option = false;
+    while let Some((head, opt)) = rest.rsplit_once(',') {
+        match opt.split_once('=') {
+            None if opt == "readonly" || opt == "ro" => arg.read_only = true,
+            Some(("format", f)) => {
+                arg.format = Some(
+                    f.parse()
+                        .map_err(|e| anyhow::anyhow!("--disk {value}: {e}"))?,
+                )
+            }
+            // A comma inside the path, once an option was taken or where a directory follows.
+            _ if took_option || opt.contains('/') => break,
+            _ => anyhow::bail!(
+                "--disk {value}: unknown option {opt:?} (PATH[,readonly][,format=raw|vhd|vhdx])"
+            ),
+        }
+        took_option = true;
+        rest = head;
+    }
+    anyhow::ensure!(!rest.is_empty(), "--disk needs a path");
+    arg.path = PathBuf::from(rest);
+    Ok(arg)
 }
 
 /// Opens every `--disk` before the VM is built, so a missing or locked file fails at once
@@ -79,8 +110,8 @@ fn open_disks(args: &RunArgs) -> anyhow::Result<Vec<vmm::vmbus_host::DiskSpec>> 
     args.disks
         .iter()
         .map(|d| {
-            let (path, read_only) = parse_disk(d)?;
-            Ok(vmm::vmbus_host::open_disk(&path, read_only)?)
+            let d = parse_disk(d)?;
+            Ok(vmm::vmbus_host::open_disk(&d.path, d.format, d.read_only)?)
         })
         .collect()
 }
@@ -299,22 +330,34 @@ fn demo(args: &RunArgs) -> anyhow::Result<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_disk, parse_size};
+    use super::{parse_disk, parse_size, DiskArg};
     use std::path::PathBuf;
 
     #[test]
     fn disk_values() {
+        use vmm::vmbus_host::ImageFormat;
         let d = |v: &str| parse_disk(v).map_err(|e| e.to_string());
-        assert_eq!(d("a.vhdx").unwrap(), (PathBuf::from("a.vhdx"), false));
+        let arg = |path: &str, read_only, format| DiskArg {
+            path: PathBuf::from(path),
+            read_only,
+            format,
+        };
+        assert_eq!(d("a.vhdx").unwrap(), arg("a.vhdx", false, None));
         assert_eq!(
             d("/x/a.vhdx,readonly").unwrap(),
-            (PathBuf::from("/x/a.vhdx"), true)
+            arg("/x/a.vhdx", true, None)
         );
-        assert_eq!(d("a,b.img,ro").unwrap(), (PathBuf::from("a,b.img"), true));
+        assert_eq!(d("a,b.img,ro").unwrap(), arg("a,b.img", true, None));
+        assert_eq!(d("/dir,1/a.img").unwrap(), arg("/dir,1/a.img", false, None));
         assert_eq!(
-            d("/dir,1/a.img").unwrap(),
-            (PathBuf::from("/dir,1/a.img"), false)
+            d("odd.bin,format=raw,ro").unwrap(),
+            arg("odd.bin", true, Some(ImageFormat::Raw))
         );
+        assert_eq!(
+            d("x.img,readonly,format=VHDX").unwrap(),
+            arg("x.img", true, Some(ImageFormat::Vhdx))
+        );
+        assert!(d("a.img,format=qcow2").unwrap_err().contains("qcow2"));
         assert!(d("a.vhdx,writable").unwrap_err().contains("writable"));
         assert!(d(",readonly").is_err());
         assert!(d("").is_err());

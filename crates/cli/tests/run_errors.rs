@@ -209,3 +209,36 @@ fn disk_with_an_unknown_option_or_without_hyperv() {
     );
     assert_one_line_error(&out, &["--disk", "--no-hyperv"]);
 }
+
+#[test]
+fn disk_whose_content_is_not_its_format_or_not_whole_sectors() {
+    let kernel = fake_kernel("bz-disk-junk");
+    let no_kvm = [("VIRIDIAN_KVM_DEVICE", "/nonexistent/kvm")];
+    let junk: Vec<u8> = (0..700u32).map(|i| (i * 37 + 11) as u8).collect();
+    for (name, words) in [
+        (
+            "junk.vhdx",
+            &["VHDX file identifier", "\"vhdxfile\"", "offset 0x0"][..],
+        ),
+        (
+            "junk.vhd",
+            &["VHD footer", "\"conectix\"", "offset 0xbc"][..],
+        ),
+        ("junk.img", &["512-byte sectors", "format=raw"][..]),
+    ] {
+        let disk = tmp(name);
+        std::fs::write(&disk, &junk).unwrap();
+        let out = viridian(
+            &["run", "--kernel", p(&kernel), "--disk", p(&disk)],
+            &no_kvm,
+        );
+        let mut expect = vec![p(&disk)];
+        expect.extend_from_slice(words);
+        assert_one_line_error(&out, &expect);
+    }
+    // Explicitly raw, the odd-sized file is accepted (the run then fails on the missing KVM
+    // device, not on the disk).
+    let raw = format!("{},format=raw", p(&tmp("junk.img")));
+    let out = viridian(&["run", "--kernel", p(&kernel), "--disk", &raw], &no_kvm);
+    assert_one_line_error(&out, &["no KVM"]);
+}

@@ -485,3 +485,55 @@ fn vhdx_get_shows_fragmentation_and_minimum_size() {
     assert_eq!(get(&big)["Size"], (100u64 << 30) + 4096);
     qemu(&["check", "-q", "-f", "vhdx", s(&big)]);
 }
+
+/// Files whose content is not what their name says, or raw files that are not whole sectors:
+/// `vhd test` says False with the reason, `vhd get` and `vhd convert` fail with one line naming
+/// the file and the missing signature.
+#[test]
+fn junk_named_vhdx_or_vhd_is_refused_by_every_verb() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = random(7, 700);
+    for (name, words) in [
+        (
+            "junk.vhdx",
+            &["VHDX file identifier at offset 0x0", "\"vhdxfile\" missing"][..],
+        ),
+        (
+            "junk.vhd",
+            &["VHD footer at offset 0xbc", "\"conectix\" missing"][..],
+        ),
+        (
+            "junk.img",
+            &["raw image at offset 0x2bc", "512-byte sectors"][..],
+        ),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, &junk).unwrap();
+        let o = viridian(&["vhd", "test", s(&p)]);
+        assert_eq!(o.status.code(), Some(1));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(stdout.trim(), format!("{}: False", p.display()));
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        for w in words {
+            assert!(stderr.contains(w), "vhd test: {stderr} lacks {w}");
+        }
+        let out = dir.path().join("out.vhdx");
+        for args in [
+            vec!["vhd", "get", s(&p)],
+            vec!["vhd", "convert", s(&p), s(&out)],
+        ] {
+            let e = fails(&args);
+            let lines: Vec<&str> = e.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert_eq!(lines.len(), 1, "{args:?}: {e}");
+            assert!(lines[0].contains(s(&p)), "{args:?}: {e}");
+            for w in words {
+                assert!(lines[0].contains(w), "{args:?}: {e} lacks {w}");
+            }
+            assert!(!out.exists(), "convert left {}", out.display());
+        }
+    }
+    // A real image under its own name still tests True.
+    let good = dir.path().join("good.vhdx");
+    ok(&["vhd", "new", s(&good), "--size", "8M"]);
+    assert!(ok(&["vhd", "test", s(&good)]).contains("True"));
+}

@@ -84,10 +84,19 @@ fn lock(path: &Path, read_only: bool) -> Result<Option<std::fs::File>, OpenDiskE
 }
 
 impl ImageMedium {
-    /// Opens `path` (format probed from the content). A VHDX opened for writing holds its
-    /// file lock, so a second writer fails with an error naming the file.
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenDiskError> {
-        let image = vhdx::open::open(path, read_only).map_err(|source| {
+    /// Opens `path` in `format`, or probed from the content and checked against the name
+    /// (`vhdx::open::probe`) when `None`. A VHDX opened for writing holds its file lock, so a
+    /// second writer fails with an error naming the file.
+    pub fn open(
+        path: &Path,
+        format: Option<vhdx::open::Format>,
+        read_only: bool,
+    ) -> Result<Self, OpenDiskError> {
+        let image = match format {
+            Some(f) => vhdx::open::open_as(path, f, read_only),
+            None => vhdx::open::open(path, read_only),
+        }
+        .map_err(|source| {
             let text = source.to_string();
             let prefix = format!("{}: ", path.display());
             let reason = text.strip_prefix(&prefix).unwrap_or(&text).to_string();
@@ -185,9 +194,13 @@ impl std::fmt::Debug for DiskSpec {
 }
 
 impl DiskSpec {
-    /// Opens an image file.
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenDiskError> {
-        let m = ImageMedium::open(path, read_only)?;
+    /// Opens an image file, in `format` or (`None`) the one its content and name agree on.
+    pub fn open(
+        path: &Path,
+        format: Option<vhdx::open::Format>,
+        read_only: bool,
+    ) -> Result<Self, OpenDiskError> {
+        let m = ImageMedium::open(path, format, read_only)?;
         Ok(Self {
             path: m.path().to_path_buf(),
             format: m.format().name().to_string(),

@@ -41,6 +41,8 @@ use vmbus::{
 use zerocopy::IntoBytes;
 
 pub use disk::{DiskSpec, ImageMedium, OpenDiskError};
+/// The image formats a disk file can be opened in.
+pub use vhdx::open::Format as ImageFormat;
 
 /// Largest data transfer of one SRB (see the crate docs for why).
 pub const MAX_TRANSFER_BYTES: u32 = 1 << 20;

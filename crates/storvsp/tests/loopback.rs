@@ -315,7 +315,7 @@ fn handshake_for_each_linux_version_with_exact_completions() {
     let dir = tempfile::tempdir().unwrap();
     let path = raw_disk(dir.path(), "a.img", 1 << 20);
     for v in storvsp::protocol::VERSIONS {
-        let mut r = rig(vec![(0, DiskSpec::open(&path, true).unwrap())], 0);
+        let mut r = rig(vec![(0, DiskSpec::open(&path, None, true).unwrap())], 0);
         let mut g = r.open(0, 32);
         // Newer (10.0, proposed by later kernels) and unknown versions first: each declined
         // with a non-zero status, so Linux tries the next.
@@ -411,7 +411,7 @@ fn raw_file_inquiry_capacity_and_gpa_direct_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let size = 16 << 20;
     let path = raw_disk(dir.path(), "raw.img", size);
-    let r = inquiry_capacity_write_read(DiskSpec::open(&path, false).unwrap(), size);
+    let r = inquiry_capacity_write_read(DiskSpec::open(&path, None, false).unwrap(), size);
     drop(r);
     // The bytes are in the file where the guest put them.
     let file = std::fs::read(&path).unwrap();
@@ -424,11 +424,11 @@ fn dynamic_vhdx_round_trip_and_the_image_stays_clean() {
     let dir = tempfile::tempdir().unwrap();
     let size = 32 << 20;
     let path = vhdx_disk(dir.path(), size);
-    let spec = DiskSpec::open(&path, false).unwrap();
+    let spec = DiskSpec::open(&path, None, false).unwrap();
     assert_eq!(spec.format, "VHDX");
     let r = inquiry_capacity_write_read(spec, size);
     // The disk is still open for writing: a second writer is refused, naming the file.
-    let e = DiskSpec::open(&path, false).unwrap_err().to_string();
+    let e = DiskSpec::open(&path, None, false).unwrap_err().to_string();
     assert!(e.contains("disk.vhdx"), "{e}");
     drop(r);
     let img = vhdx::open::open(&path, true).unwrap();
@@ -442,7 +442,7 @@ fn dynamic_vhdx_round_trip_and_the_image_stays_clean() {
 fn absent_luns_and_targets() {
     let dir = tempfile::tempdir().unwrap();
     let path = raw_disk(dir.path(), "a.img", 1 << 20);
-    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 0);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, None, false).unwrap())], 0);
     let mut g = r.open(0, 32);
     g.handshake(&[0x0602]);
     // INQUIRY to an absent LUN: peripheral qualifier 3, type 1Fh.
@@ -489,7 +489,7 @@ fn absent_luns_and_targets() {
 fn hostile_packets_get_error_completions_and_the_channel_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
     let path = raw_disk(dir.path(), "a.img", 1 << 20);
-    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 0);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, None, false).unwrap())], 0);
     let mut g = r.open(0, 32);
     g.handshake(&[0x0602]);
     let read1 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
@@ -614,7 +614,7 @@ fn hostile_packets_get_error_completions_and_the_channel_keeps_working() {
 fn a_failing_backend_gets_medium_error_completions() {
     let dir = tempfile::tempdir().unwrap();
     let path = raw_disk(dir.path(), "shrinks.img", 1 << 20);
-    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 0);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, None, false).unwrap())], 0);
     let mut g = r.open(0, 32);
     g.handshake(&[0x0602]);
     // The file shrinks under the VM: reads past its new end fail on the host.
@@ -639,7 +639,7 @@ fn a_failing_backend_gets_medium_error_completions() {
 fn many_requests_in_flight_with_a_small_ring_all_complete() {
     let dir = tempfile::tempdir().unwrap();
     let path = raw_disk(dir.path(), "a.img", 1 << 20);
-    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 0);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, None, false).unwrap())], 0);
     // One data page each way: about 50 completions fit.
     let mut g = r.open(0, 1);
     g.handshake(&[0x0602]);
@@ -670,7 +670,7 @@ fn many_requests_in_flight_with_a_small_ring_all_complete() {
 fn subchannels_are_offered_and_carry_io_concurrently() {
     let dir = tempfile::tempdir().unwrap();
     let path = raw_disk(dir.path(), "a.img", 8 << 20);
-    let mut r = rig(vec![(0, DiskSpec::open(&path, false).unwrap())], 2);
+    let mut r = rig(vec![(0, DiskSpec::open(&path, None, false).unwrap())], 2);
     let mut g = r.open(0, 32);
     let (_, props) = g.handshake(&[0x0602]);
     assert_eq!(({ props.max_channel_cnt }, { props.flags }), (2, 1));
@@ -755,7 +755,7 @@ fn hot_add_and_remove_during_io_send_enumerate_bus() {
     let dir = tempfile::tempdir().unwrap();
     let raw = raw_disk(dir.path(), "a.img", 4 << 20);
     let vhdx = vhdx_disk(dir.path(), 8 << 20);
-    let mut r = rig(vec![(0, DiskSpec::open(&raw, false).unwrap())], 0);
+    let mut r = rig(vec![(0, DiskSpec::open(&raw, None, false).unwrap())], 0);
     let mut g = r.open(0, 32);
     g.handshake(&[0x0602]);
     let expect_rescan = |g: &mut Guest| {
@@ -771,12 +771,12 @@ fn hot_add_and_remove_during_io_send_enumerate_bus() {
     let data = pattern(3, 4096);
     assert_eq!(g.write10(1, 0, 8, &data, 0, false).srb_status, 1);
     r.dev
-        .add_disk(1, DiskSpec::open(&vhdx, false).unwrap())
+        .add_disk(1, DiskSpec::open(&vhdx, None, false).unwrap())
         .unwrap();
     expect_rescan(&mut g);
     assert!(
         r.dev
-            .add_disk(1, DiskSpec::open(&raw, true).unwrap())
+            .add_disk(1, DiskSpec::open(&raw, None, true).unwrap())
             .is_err(),
         "LUN 1 taken"
     );
@@ -793,7 +793,7 @@ fn hot_add_and_remove_during_io_send_enumerate_bus() {
     let s = g.srb(5, 1, &[0, 0, 0, 0, 0, 0], sp::data_in::UNKNOWN, 0, 0);
     assert_eq!(s.srb_status, sp::srb_status::INVALID_LUN);
     drop(spec);
-    let reopened = DiskSpec::open(&vhdx, false).expect("unlocked after removal");
+    let reopened = DiskSpec::open(&vhdx, None, false).expect("unlocked after removal");
     let mut back = vec![0; 4096];
     reopened.medium.read_at(&mut back, 0).unwrap();
     assert!(back == data);
@@ -806,7 +806,7 @@ fn hot_add_and_remove_during_io_send_enumerate_bus() {
 fn a_reset_between_requests_is_answered_and_io_continues() {
     let dir = tempfile::tempdir().unwrap();
     let raw = raw_disk(dir.path(), "a.img", 4 << 20);
-    let mut r = rig(vec![(0, DiskSpec::open(&raw, false).unwrap())], 0);
+    let mut r = rig(vec![(0, DiskSpec::open(&raw, None, false).unwrap())], 0);
     let mut g = r.open(0, 32);
     g.handshake(&[0x0602]);
     // Requests queued around resets, as storvsc's error handler does (RESET_BUS with
@@ -840,17 +840,20 @@ fn a_reset_between_requests_is_answered_and_io_continues() {
 fn raw_images_are_locked_like_vhdx_ones() {
     let dir = tempfile::tempdir().unwrap();
     let raw = raw_disk(dir.path(), "shared.img", 1 << 20);
-    let writer = DiskSpec::open(&raw, false).unwrap();
+    let writer = DiskSpec::open(&raw, None, false).unwrap();
     assert_eq!(writer.format, "raw");
-    let e = DiskSpec::open(&raw, false).unwrap_err().to_string();
+    let e = DiskSpec::open(&raw, None, false).unwrap_err().to_string();
     assert!(e.contains("shared.img") && e.contains("in use"), "{e}");
     // Readers proceed; once the writer is gone a new writer gets the file, and readers
     // then keep writers out.
-    let reader = DiskSpec::open(&raw, true).unwrap();
+    let reader = DiskSpec::open(&raw, None, true).unwrap();
     drop(writer);
     drop(reader);
-    let reader = DiskSpec::open(&raw, true).unwrap();
-    assert!(DiskSpec::open(&raw, false).is_err(), "a reader holds it");
+    let reader = DiskSpec::open(&raw, None, true).unwrap();
+    assert!(
+        DiskSpec::open(&raw, None, false).is_err(),
+        "a reader holds it"
+    );
     drop(reader);
-    DiskSpec::open(&raw, false).unwrap();
+    DiskSpec::open(&raw, None, false).unwrap();
 }

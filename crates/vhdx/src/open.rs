@@ -50,8 +50,43 @@ impl std::str::FromStr for Format {
     }
 }
 
-/// Identifies a file's format from its contents: the VHDX file identifier at offset 0, a VHD
-/// footer at the end (or its copy at offset 0), else raw.
+/// What a file's bytes say it is: the VHDX file identifier at offset 0, a VHD footer at the
+/// end (or its copy at offset 0), else nothing (raw data).
+fn content_format(file: &File, len: u64) -> std::io::Result<Format> {
+    let mut sig = [0u8; 8];
+    if len >= 8 {
+        file.read_exact_at(&mut sig, 0)?;
+        if &sig == b"vhdxfile" {
+            return Ok(Format::Vhdx);
+        }
+        if &sig == b"conectix" {
+            return Ok(Format::Vhd);
+        }
+    }
+    if len >= 512 {
+        file.read_exact_at(&mut sig, len - 512)?;
+        if &sig == b"conectix" {
+            return Ok(Format::Vhd);
+        }
+    }
+    Ok(Format::Raw)
+}
+
+fn found(content: Format) -> &'static str {
+    match content {
+        Format::Vhdx => "the file is a VHDX image",
+        Format::Vhd => "the file is a VHD image",
+        Format::Raw => "the file holds neither VHDX nor VHD structures",
+    }
+}
+
+/// Identifies a file's format from its contents (see [`content_format`]) and checks it
+/// against the name: a `.vhdx`/`.avhdx` file must carry the VHDX file identifier
+/// ("vhdxfile" at offset 0), a `.vhd`/`.avhd` file the VHD footer cookie ("conectix" in its
+/// last 512 bytes). A file with neither is raw only if its size is a whole number of 512-byte
+/// sectors; anything else is refused with an error naming the file, the missing signature and
+/// its offset. Opening a file explicitly as raw ([`open_as`] with [`Format::Raw`]) skips these
+/// checks.
 pub fn probe(path: impl AsRef<Path>) -> Result<Format> {
     let path = path.as_ref();
     let io = |op, source| Error::Io {
@@ -61,24 +96,54 @@ pub fn probe(path: impl AsRef<Path>) -> Result<Format> {
     };
     let file = File::open(path).map_err(|e| io("open", e))?;
     let len = file.metadata().map_err(|e| io("stat", e))?.len();
-    let mut sig = [0u8; 8];
-    if len >= 8 {
-        file.read_exact_at(&mut sig, 0).map_err(|e| io("read", e))?;
-        if &sig == b"vhdxfile" {
-            return Ok(Format::Vhdx);
+    let content = content_format(&file, len).map_err(|e| io("read", e))?;
+    let refuse = |structure, offset, problem: String| {
+        Err(Error::Corrupt {
+            path: path.to_path_buf(),
+            structure,
+            offset,
+            problem,
+        })
+    };
+    match (Format::from_extension(path), content) {
+        (Some(Format::Vhdx), c) if c != Format::Vhdx => refuse(
+            "VHDX file identifier",
+            0,
+            format!(
+                "signature \"vhdxfile\" missing: the name says VHDX but {}",
+                found(c)
+            ),
+        ),
+        (Some(Format::Vhd), c) if c != Format::Vhd => {
+            let (offset, problem) = if len < 512 {
+                (
+                    0,
+                    format!("the file is {len} bytes, too short for the 512-byte VHD footer"),
+                )
+            } else {
+                (
+                    len - 512,
+                    format!(
+                        "cookie \"conectix\" missing (here and in the copy at offset 0): the \
+                         name says VHD but {}",
+                        found(c)
+                    ),
+                )
+            };
+            refuse("VHD footer", offset, problem)
         }
-        if &sig == b"conectix" {
-            return Ok(Format::Vhd);
-        }
+        (_, Format::Raw) if !len.is_multiple_of(512) => refuse(
+            "raw image",
+            len,
+            format!(
+                "{len} bytes is not a whole number of 512-byte sectors, and there is no VHDX \
+                 signature (\"vhdxfile\" at offset 0) or VHD footer (\"conectix\"); open it \
+                 explicitly as raw (format=raw) to use its first {} bytes",
+                len / 512 * 512
+            ),
+        ),
+        (_, c) => Ok(c),
     }
-    if len >= 512 {
-        file.read_exact_at(&mut sig, len - 512)
-            .map_err(|e| io("read", e))?;
-        if &sig == b"conectix" {
-            return Ok(Format::Vhd);
-        }
-    }
-    Ok(Format::Raw)
 }
 
 /// An open image of any format.
@@ -120,7 +185,8 @@ pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<Image> {
     open_as(path, probe(path)?, read_only)
 }
 
-/// Opens an image in a known format.
+/// Opens an image in a known format, without [`probe`]'s checks of the name and size: a raw
+/// file of any length presents its whole 512-byte sectors.
 pub fn open_as(path: impl AsRef<Path>, format: Format, read_only: bool) -> Result<Image> {
     let path = path.as_ref();
     match format {

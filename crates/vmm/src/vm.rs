@@ -116,7 +116,7 @@ impl VmControl {
         if used.contains(&lun) {
             return Err(DiskError::InUse(lun));
         }
-        let spec = storvsp::DiskSpec::open(path, read_only).map_err(DiskError::Open)?;
+        let spec = storvsp::DiskSpec::open(path, None, read_only).map_err(DiskError::Open)?;
         storage.add_disk(lun, spec).map_err(DiskError::Controller)?;
         Ok(lun)
     }

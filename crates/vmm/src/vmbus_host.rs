@@ -12,17 +12,22 @@ use std::sync::Arc;
 use storvsp::{ControllerConfig, StorvspDevice};
 use vmbus::{HostConfig, ServerConfig, VmbusHost};
 
-pub use storvsp::{DiskSpec, OpenDiskError};
+pub use storvsp::{DiskSpec, ImageFormat, OpenDiskError};
 
 /// Instance GUID of SCSI controller 0.
 pub const SCSI0_INSTANCE_ID: Guid = Guid::from_u128(0x5649_5249_4449_414e_0000_0000_5c51_0000);
 /// Most subchannels a controller offers, whatever the vCPU count.
 pub const MAX_SCSI_SUBCHANNELS: u16 = 64;
 
-/// Opens a `--disk` image (VHDX, VHD or raw, detected from the content). A VHDX opened for
-/// writing holds its file lock until the VM exits; a file in use fails here, naming it.
-pub fn open_disk(path: &Path, read_only: bool) -> Result<DiskSpec, OpenDiskError> {
-    DiskSpec::open(path, read_only)
+/// Opens a `--disk` image: in `format`, or VHDX, VHD or raw as its content and name agree
+/// (`None`). An image opened for writing holds its file lock until the VM exits; a file in
+/// use fails here, naming it.
+pub fn open_disk(
+    path: &Path,
+    format: Option<storvsp::ImageFormat>,
+    read_only: bool,
+) -> Result<DiskSpec, OpenDiskError> {
+    DiskSpec::open(path, format, read_only)
 }
 
 /// Guest-visible state of the integration services, for `viridian vm status`.
