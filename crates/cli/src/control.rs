@@ -1,8 +1,8 @@
 //! The worker's control socket: a Unix stream socket per running VM that takes one-line
 //! commands (`shutdown`, `reboot`, `turn-off`, `status`, `kvp`, `kvp-set KEY=VALUE`,
-//! `kvp-delete KEY`, `inspect`, `disks`, `disk-add LUN|auto rw|ro PATH`, `disk-remove LUN`) and
-//! answers with one line (`ok ...` or `error: ...`; `kvp`, `disks` and `inspect` answer `ok `
-//! and one line of JSON). `viridian vm` is its client.
+//! `kvp-delete KEY`, `inspect`, and the storage commands of [`storage_command`]) and answers
+//! with one line (`ok ...` or `error: ...`; `kvp`, `disks` and `inspect` answer `ok ` and one
+//! line of JSON). `viridian vm` is its client.
 
 use anyhow::Context;
 use std::io::{BufRead, BufReader, Write};
@@ -123,42 +123,9 @@ fn serve(stream: UnixStream, control: &VmControl) {
                 if verb == "kvp-set" { "=VALUE" } else { "" }
             ),
         },
-        "disks" => {
-            let list: Vec<serde_json::Value> = control
-                .disks()
-                .into_iter()
-                .map(|(lun, path, format)| {
-                    serde_json::json!({"location": lun, "path": path, "format": format})
-                })
-                .collect();
-            format!("ok {}", serde_json::Value::Array(list))
+        "disks" | "disk-add" | "disk-remove" | "dvd-set" | "dvd-eject" => {
+            storage_command(verb, arg, control)
         }
-        // disk-add LUN|auto rw|ro PATH (the path last: it may hold spaces)
-        "disk-add" => {
-            let mut parts = arg.splitn(3, ' ');
-            let (lun, mode, path) = (parts.next(), parts.next(), parts.next());
-            let lun = match lun {
-                Some("auto") => Ok(None),
-                Some(l) => l.parse::<u8>().map(Some).map_err(|_| ()),
-                None => Err(()),
-            };
-            match (lun, mode, path) {
-                (Ok(lun), Some(m @ ("rw" | "ro")), Some(path)) if !path.is_empty() => {
-                    match control.add_disk(std::path::Path::new(path), m == "ro", lun) {
-                        Ok(l) => format!("ok: {path} attached at location {l}"),
-                        Err(e) => format!("error: {e}"),
-                    }
-                }
-                _ => "error: usage: disk-add LUN|auto rw|ro PATH".to_string(),
-            }
-        }
-        "disk-remove" => match arg.parse::<u8>() {
-            Ok(lun) => match control.remove_disk(lun) {
-                Ok(path) => format!("ok: {} detached from location {lun}", path.display()),
-                Err(e) => format!("error: {e}"),
-            },
-            Err(_) => "error: usage: disk-remove LUN".to_string(),
-        },
         "inspect" => match control.inspect() {
             Some(v) => format!("ok {v}"),
             None => "error: this VM has no Hyper-V enlightenments (no VMBus)".to_string(),
@@ -166,6 +133,109 @@ fn serve(stream: UnixStream, control: &VmControl) {
         _ => command(line.trim(), control),
     };
     let _ = writeln!(writer, "{reply}");
+}
+
+/// A controller or location argument: a number, or `auto` (`None`).
+fn place_arg(s: Option<&str>) -> Option<Option<u8>> {
+    match s? {
+        "auto" => Some(None),
+        n => n.parse().ok().map(Some),
+    }
+}
+
+/// The storage commands (paths come last: they may hold spaces):
+/// - `disks`: every drive as JSON (controller, location, kind, path, format, read_only, size,
+///   sector sizes; an empty DVD drive has no path);
+/// - `disk-add C|auto L|auto rw|ro FORMAT|auto PATH` (Add-VMHardDiskDrive);
+/// - `disk-remove C L` (Remove-VMHardDiskDrive);
+/// - `dvd-set C|auto L|auto PATH` and `dvd-eject C|auto L|auto` (Set-VMDvdDrive).
+fn storage_command(verb: &str, arg: &str, control: &VmControl) -> String {
+    let place = |c: u8, l: u8| format!("location {l} of controller {c}");
+    match verb {
+        "disks" => {
+            let list: Vec<serde_json::Value> = control
+                .drives()
+                .into_iter()
+                .map(|(c, d)| {
+                    serde_json::json!({
+                        "controller": c,
+                        "location": d.lun,
+                        "kind": d.kind,
+                        "path": d.path,
+                        "format": d.format,
+                        "read_only": d.read_only,
+                        "size": d.size,
+                        "logical_sector_size": d.logical_sector_size,
+                        "physical_sector_size": d.physical_sector_size,
+                    })
+                })
+                .collect();
+            format!("ok {}", serde_json::Value::Array(list))
+        }
+        "disk-add" => {
+            let mut parts = arg.splitn(5, ' ');
+            let (c, l) = (place_arg(parts.next()), place_arg(parts.next()));
+            let (mode, format, path) = (parts.next(), parts.next(), parts.next());
+            let format = match format {
+                Some("auto") => Some(None),
+                Some(f) => f.parse().ok().map(Some),
+                None => None,
+            };
+            match (c, l, mode, format, path) {
+                (Some(c), Some(l), Some(m @ ("rw" | "ro")), Some(f), Some(path))
+                    if !path.is_empty() =>
+                {
+                    match control.add_disk(Path::new(path), f, m == "ro", c, l) {
+                        Ok((c, l)) => format!("ok: {path} attached at {}", place(c, l)),
+                        Err(e) => format!("error: {e}"),
+                    }
+                }
+                _ => "error: usage: disk-add CONTROLLER|auto LOCATION|auto rw|ro FORMAT|auto PATH"
+                    .to_string(),
+            }
+        }
+        "disk-remove" => {
+            let mut parts = arg.split(' ');
+            let c = parts.next().and_then(|c| c.parse::<u8>().ok());
+            let l = parts.next().and_then(|l| l.parse::<u8>().ok());
+            match (c, l, parts.next()) {
+                (Some(c), Some(l), None) => match control.remove_disk(c, l) {
+                    Ok(Some(path)) => {
+                        format!("ok: {} detached from {}", path.display(), place(c, l))
+                    }
+                    Ok(None) => format!("ok: the empty DVD drive at {} is removed", place(c, l)),
+                    Err(e) => format!("error: {e}"),
+                },
+                _ => "error: usage: disk-remove CONTROLLER LOCATION".to_string(),
+            }
+        }
+        _ => {
+            let eject = verb == "dvd-eject";
+            let mut parts = arg.splitn(3, ' ');
+            let (c, l, path) = (
+                place_arg(parts.next()),
+                place_arg(parts.next()),
+                parts.next(),
+            );
+            match (c, l, path) {
+                (Some(c), Some(l), None) if eject => match control.change_dvd(None, c, l) {
+                    Ok((c, l, Some(old))) => {
+                        format!("ok: {} ejected from {}", old.display(), place(c, l))
+                    }
+                    Ok((c, l, None)) => format!("ok: the DVD drive at {} is empty", place(c, l)),
+                    Err(e) => format!("error: {e}"),
+                },
+                (Some(c), Some(l), Some(path)) if !eject && !path.is_empty() => {
+                    match control.change_dvd(Some(Path::new(path)), c, l) {
+                        Ok((c, l, _)) => format!("ok: {path} inserted at {}", place(c, l)),
+                        Err(e) => format!("error: {e}"),
+                    }
+                }
+                _ if eject => "error: usage: dvd-eject CONTROLLER|auto LOCATION|auto".to_string(),
+                _ => "error: usage: dvd-set CONTROLLER|auto LOCATION|auto PATH".to_string(),
+            }
+        }
+    }
 }
 
 /// Longest command line read.

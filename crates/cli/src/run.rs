@@ -46,72 +46,128 @@ pub struct RunArgs {
     /// host's KVM cannot run Linux, the demo runs inside the lab VM instead.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
     demo: bool,
-    /// A disk on SCSI controller 0 (repeatable; LUN 0, 1, 2 ... in order): a VHDX, VHD or raw
-    /// image, detected from its content, which must agree with a .vhdx or .vhd name; a raw
-    /// image must be whole 512-byte sectors unless given `format=raw`. `readonly` attaches it
-    /// read-only. A disk opened for writing is locked; a file another VM is writing fails to
-    /// open.
-    #[arg(long = "disk", value_name = "PATH[,readonly][,format=raw|vhd|vhdx]")]
+    /// A disk (repeatable): a VHDX, VHD or raw image, detected from its content, which must
+    /// agree with a .vhdx or .vhd name; a raw image must be whole 512-byte sectors unless
+    /// given `format=raw`. `readonly` attaches it read-only. `controller=N` (0-3) and
+    /// `location=M` (0-63) place it; by default disks go on controller 0 at locations 0, 1,
+    /// 2 ... in order. Each controller used is a SCSI controller of its own on VMBus. A disk
+    /// opened for writing is locked; a file another VM is writing fails to open.
+    #[arg(long = "disk", value_name = DISK_USAGE)]
     disks: Vec<String>,
+    /// A DVD drive (repeatable) with an ISO image loaded, read-only and shared with other
+    /// readers, or empty with `none`; it takes the next free location after the disks
+    /// unless placed. `viridian vm dvd NAME --path ISO | --eject` changes the medium.
+    #[arg(long = "dvd", value_name = DVD_USAGE)]
+    dvds: Vec<String>,
 }
 
-/// One `--disk` value: `PATH[,readonly][,format=raw|vhd|vhdx]`.
+/// One `--disk` or `--dvd` value: `PATH[,readonly][,format=raw|vhd|vhdx][,controller=N]
+/// [,location=M]` (a DVD takes no `readonly` or `format`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskArg {
     pub path: PathBuf,
     pub read_only: bool,
     /// `None`: the format the content and the name agree on.
     pub format: Option<vmm::vmbus_host::ImageFormat>,
+    pub controller: Option<u8>,
+    pub location: Option<u8>,
 }
+
+const DISK_USAGE: &str = "PATH[,readonly][,format=raw|vhd|vhdx][,controller=N][,location=M]";
+const DVD_USAGE: &str = "ISO|none[,controller=N][,location=M]";
 
 /// Parses a `--disk` value. Options follow the path after commas, in any order; a path may
 /// itself hold commas (the options are taken off its end).
 pub fn parse_disk(value: &str) -> anyhow::Result<DiskArg> {
+    parse_drive("--disk", value, DISK_USAGE)
+}
+
+/// Parses a `--dvd` value: an ISO, or `none` for an empty drive (path left empty).
+pub fn parse_dvd(value: &str) -> anyhow::Result<DiskArg> {
+    let mut arg = parse_drive("--dvd", value, DVD_USAGE)?;
+    if arg.path.as_os_str() == "none" {
+        arg.path = PathBuf::new();
+    }
+    Ok(arg)
+}
+
+fn parse_drive(flag: &str, value: &str, usage: &str) -> anyhow::Result<DiskArg> {
+    let dvd = flag == "--dvd";
     let mut arg = DiskArg {
         path: PathBuf::new(),
         read_only: false,
         format: None,
+        controller: None,
+        location: None,
+    };
+    let number = |what: &str, v: &str| -> anyhow::Result<u8> {
+        v.parse()
+            .map_err(|_| anyhow::anyhow!("{flag} {value}: {what}={v:?} is not a number"))
     };
     let mut rest = value;
     let mut took_option = false;
     while let Some((head, opt)) = rest.rsplit_once(',') {
         match opt.split_once('=') {
-            None if opt == "readonly" || opt == "ro" => arg.read_only = true,
-            Some(("format", f)) => {
+            None if !dvd && (opt == "readonly" || opt == "ro") => arg.read_only = true,
+            Some(("format", f)) if !dvd => {
                 arg.format = Some(
                     f.parse()
-                        .map_err(|e| anyhow::anyhow!("--disk {value}: {e}"))?,
+                        .map_err(|e| anyhow::anyhow!("{flag} {value}: {e}"))?,
                 )
             }
+            Some(("controller", n)) => arg.controller = Some(number("controller", n)?),
+            Some(("location", n)) => arg.location = Some(number("location", n)?),
             // A comma inside the path, once an option was taken or where a directory follows.
             _ if took_option || opt.contains('/') => break,
-            _ => anyhow::bail!(
-                "--disk {value}: unknown option {opt:?} (PATH[,readonly][,format=raw|vhd|vhdx])"
-            ),
+            _ => anyhow::bail!("{flag} {value}: unknown option {opt:?} ({usage})"),
         }
         took_option = true;
         rest = head;
     }
-    anyhow::ensure!(!rest.is_empty(), "--disk needs a path");
+    anyhow::ensure!(!rest.is_empty(), "{flag} needs a path ({usage})");
     arg.path = PathBuf::from(rest);
     Ok(arg)
 }
 
-/// Opens every `--disk` before the VM is built, so a missing or locked file fails at once
-/// with one line naming it.
-fn open_disks(args: &RunArgs) -> anyhow::Result<Vec<vmm::vmbus_host::DiskSpec>> {
-    if !args.disks.is_empty() && args.no_hyperv {
-        anyhow::bail!("--disk needs the Hyper-V interface (its SCSI controller is on VMBus); drop --no-hyperv");
+/// Places and opens every `--disk` and `--dvd` before the VM is built, so a bad place or a
+/// missing or locked file fails at once with one line naming it. Disks come first; places
+/// not given are the lowest free locations of controller 0 (or of the controller given).
+fn open_disks(args: &RunArgs) -> anyhow::Result<Vec<vmm::vmbus_host::Drive>> {
+    use vmm::vmbus_host::{self as vh, Drive, Media};
+    if (!args.disks.is_empty() || !args.dvds.is_empty()) && args.no_hyperv {
+        anyhow::bail!("--disk and --dvd need the Hyper-V interface (the SCSI controller is on VMBus); drop --no-hyperv");
     }
-    anyhow::ensure!(
-        args.disks.len() <= 64,
-        "at most 64 disks fit on SCSI controller 0"
-    );
-    args.disks
+    let mut parsed = Vec::new();
+    for d in &args.disks {
+        parsed.push(("--disk", d, parse_disk(d)?));
+    }
+    for d in &args.dvds {
+        parsed.push(("--dvd", d, parse_dvd(d)?));
+    }
+    let wanted: Vec<vh::Wanted> = parsed
         .iter()
-        .map(|d| {
-            let d = parse_disk(d)?;
-            Ok(vmm::vmbus_host::open_disk(&d.path, d.format, d.read_only)?)
+        .map(|(_, _, a)| (a.controller, a.location))
+        .collect();
+    let places = vh::place(&wanted).map_err(|(i, e)| {
+        let (flag, value, _) = &parsed[i];
+        anyhow::anyhow!("{flag} {value}: {e}")
+    })?;
+    parsed
+        .into_iter()
+        .zip(places)
+        .map(|((flag, _, a), (controller, location))| {
+            let media = if flag == "--disk" {
+                Media::Disk(vh::open_disk(&a.path, a.format, a.read_only)?)
+            } else if a.path.as_os_str().is_empty() {
+                Media::Dvd(None)
+            } else {
+                Media::Dvd(Some(vh::DiskSpec::open_iso(&a.path)?))
+            };
+            Ok(Drive {
+                controller,
+                location,
+                media,
+            })
         })
         .collect()
 }
@@ -330,7 +386,7 @@ fn demo(args: &RunArgs) -> anyhow::Result<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_disk, parse_size, DiskArg};
+    use super::{parse_disk, parse_dvd, parse_size, DiskArg};
     use std::path::PathBuf;
 
     #[test]
@@ -341,6 +397,8 @@ mod tests {
             path: PathBuf::from(path),
             read_only,
             format,
+            controller: None,
+            location: None,
         };
         assert_eq!(d("a.vhdx").unwrap(), arg("a.vhdx", false, None));
         assert_eq!(
@@ -357,6 +415,27 @@ mod tests {
             d("x.img,readonly,format=VHDX").unwrap(),
             arg("x.img", true, Some(ImageFormat::Vhdx))
         );
+        assert_eq!(
+            d("a.vhdx,controller=1,location=7,readonly").unwrap(),
+            DiskArg {
+                controller: Some(1),
+                location: Some(7),
+                ..arg("a.vhdx", true, None)
+            }
+        );
+        assert!(d("a.vhdx,location=x").unwrap_err().contains("\"x\""));
+        assert!(d("a.vhdx,location=300").is_err());
+        let v = |v: &str| parse_dvd(v).map_err(|e| e.to_string());
+        assert_eq!(
+            v("none,location=3").unwrap(),
+            DiskArg {
+                location: Some(3),
+                ..arg("", false, None)
+            }
+        );
+        assert_eq!(v("/isos/d.iso").unwrap(), arg("/isos/d.iso", false, None));
+        assert!(v("d.iso,readonly").unwrap_err().contains("readonly"));
+        assert!(v("d.iso,format=raw").is_err());
         assert!(d("a.img,format=qcow2").unwrap_err().contains("qcow2"));
         assert!(d("a.vhdx,writable").unwrap_err().contains("writable"));
         assert!(d(",readonly").is_err());

@@ -43,6 +43,26 @@ pub enum VmCommand {
     /// Add, remove or list the disks of a running VM (Add-/Remove-/Get-VMHardDiskDrive).
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Insert or eject the medium of a running VM's DVD drive (Set-VMDvdDrive), or list its
+    /// DVD drives (Get-VMDvdDrive). The guest sees the new medium on its next command.
+    Dvd {
+        #[command(flatten)]
+        target: Target,
+        /// Insert this ISO image (read-only, shared with other readers).
+        #[arg(long, conflicts_with = "eject")]
+        path: Option<PathBuf>,
+        /// Take the medium out.
+        #[arg(long)]
+        eject: bool,
+        /// The drive's controller (default: that of the VM's first DVD drive).
+        #[arg(long)]
+        controller: Option<u8>,
+        /// The drive's location (default: the controller's first DVD drive).
+        #[arg(long)]
+        location: Option<u8>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Dump the VM's VMBus state: connection, channels, GPADLs, devices and their workers (JSON).
     Inspect {
         #[command(flatten)]
@@ -59,26 +79,35 @@ pub enum VmCommand {
 
 #[derive(Subcommand)]
 pub enum DiskCommand {
-    /// Attach a VHDX, VHD or raw image to the running VM's SCSI controller; the guest's
-    /// hv_storvsc sees a new disk without a reboot.
+    /// Attach a VHDX, VHD or raw image to a running VM; the guest's hv_storvsc sees a new
+    /// disk without a reboot. A controller the VM does not have yet is added (hot-plug).
     Add {
         /// The VM's name (`viridian run --name`).
         name: String,
         path: PathBuf,
-        /// The SCSI location (LUN); default: the lowest free one.
+        /// The SCSI controller (0-3; default 0).
+        #[arg(long)]
+        controller: Option<u8>,
+        /// The location (LUN, 0-63) on the controller; default: the lowest free one.
         #[arg(long)]
         location: Option<u8>,
         #[arg(long)]
         readonly: bool,
+        /// Open the image in this format (vhdx, vhd, raw) instead of the one its content and
+        /// name agree on.
+        #[arg(long)]
+        format: Option<vmm::vmbus_host::ImageFormat>,
     },
-    /// Detach the disk at a location; its file is closed once its last request is done.
+    /// Detach the drive at a location; its file is closed once its last request is done.
     Remove {
         #[command(flatten)]
         target: Target,
+        #[arg(long, default_value_t = 0)]
+        controller: u8,
         #[arg(long)]
         location: u8,
     },
-    /// List the running VM's disks.
+    /// List the running VM's drives (disks and DVD drives).
     List {
         #[command(flatten)]
         target: Target,
@@ -157,6 +186,14 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             delete,
         } => kvp(&target.path(), json, &set, &delete),
         VmCommand::Disk(cmd) => disk(cmd),
+        VmCommand::Dvd {
+            target,
+            path,
+            eject,
+            controller,
+            location,
+            json,
+        } => dvd(&target.path(), path, eject, (controller, location), json),
         VmCommand::Inspect { target } => {
             println!("{}", control::send(&target.path(), "inspect")?);
             Ok(0)
@@ -241,48 +278,122 @@ fn kvp(
     Ok(0)
 }
 
+fn auto(v: Option<u8>) -> String {
+    v.map_or("auto".to_string(), |v| v.to_string())
+}
+
+/// The drive list from the control socket.
+fn drives(path: &std::path::Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let reply = control::send(path, "disks")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).context("the VM sent a drive list that is not JSON")?;
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+fn print_drives(list: &[serde_json::Value]) {
+    println!(
+        "{:<10} {:<8} {:<5} {:<6} {:>12} {:<4} PATH",
+        "CONTROLLER", "LOCATION", "KIND", "FORMAT", "SIZE", "MODE"
+    );
+    for d in list {
+        let path = d["path"].as_str().unwrap_or("(empty)");
+        println!(
+            "{:<10} {:<8} {:<5} {:<6} {:>12} {:<4} {path}",
+            d["controller"],
+            d["location"],
+            d["kind"].as_str().unwrap_or(""),
+            d["format"].as_str().unwrap_or("-"),
+            d["size"],
+            if d["read_only"].as_bool() == Some(true) {
+                "ro"
+            } else {
+                "rw"
+            },
+        );
+    }
+}
+
 /// `viridian vm disk`.
 fn disk(cmd: DiskCommand) -> anyhow::Result<i32> {
     match cmd {
         DiskCommand::Add {
             name,
             path,
+            controller,
             location,
             readonly,
+            format,
         } => {
             // The worker opens the file: give it an absolute path.
             let path = std::path::absolute(&path)
                 .with_context(|| format!("{}: cannot resolve the path", path.display()))?;
-            let lun = location.map_or("auto".to_string(), |l| l.to_string());
             let mode = if readonly { "ro" } else { "rw" };
-            let command = format!("disk-add {lun} {mode} {}", path.display());
+            let format = format.map_or("auto", |f| f.name());
+            let command = format!(
+                "disk-add {} {} {mode} {format} {}",
+                auto(controller),
+                auto(location),
+                path.display()
+            );
             eprintln!(
                 "viridian: {}",
                 control::send(&control::socket_for(&name), &command)?
             );
         }
-        DiskCommand::Remove { target, location } => {
-            let reply = control::send(&target.path(), &format!("disk-remove {location}"))?;
+        DiskCommand::Remove {
+            target,
+            controller,
+            location,
+        } => {
+            let reply = control::send(
+                &target.path(),
+                &format!("disk-remove {controller} {location}"),
+            )?;
             eprintln!("viridian: {reply}");
         }
         DiskCommand::List { target, json } => {
-            let reply = control::send(&target.path(), "disks")?;
+            let list = drives(&target.path())?;
             if json {
-                println!("{reply}");
+                println!("{}", serde_json::Value::Array(list));
             } else {
-                let v: serde_json::Value = serde_json::from_str(&reply)
-                    .context("the VM sent a disk list that is not JSON")?;
-                println!("{:<9} {:<6} PATH", "LOCATION", "FORMAT");
-                for d in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<9} {:<6} {}",
-                        d["location"],
-                        d["format"].as_str().unwrap_or(""),
-                        d["path"].as_str().unwrap_or("")
-                    );
-                }
+                print_drives(&list);
             }
         }
+    }
+    Ok(0)
+}
+
+/// `viridian vm dvd`.
+fn dvd(
+    socket: &std::path::Path,
+    iso: Option<PathBuf>,
+    eject: bool,
+    (controller, location): (Option<u8>, Option<u8>),
+    json: bool,
+) -> anyhow::Result<i32> {
+    let place = format!("{} {}", auto(controller), auto(location));
+    if let Some(iso) = iso {
+        let iso = std::path::absolute(&iso)
+            .with_context(|| format!("{}: cannot resolve the path", iso.display()))?;
+        let reply = control::send(socket, &format!("dvd-set {place} {}", iso.display()))?;
+        eprintln!("viridian: {reply}");
+        return Ok(0);
+    }
+    if eject {
+        eprintln!(
+            "viridian: {}",
+            control::send(socket, &format!("dvd-eject {place}"))?
+        );
+        return Ok(0);
+    }
+    let list: Vec<serde_json::Value> = drives(socket)?
+        .into_iter()
+        .filter(|d| d["kind"] == "dvd")
+        .collect();
+    if json {
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        print_drives(&list);
     }
     Ok(0)
 }

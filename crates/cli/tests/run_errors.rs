@@ -242,3 +242,46 @@ fn disk_whose_content_is_not_its_format_or_not_whole_sectors() {
     let out = viridian(&["run", "--kernel", p(&kernel), "--disk", &raw], &no_kvm);
     assert_one_line_error(&out, &["no KVM"]);
 }
+
+#[test]
+fn disk_and_dvd_places_out_of_range_or_taken_name_the_value() {
+    let kernel = fake_kernel("bz-disk-places");
+    for (drives, words) in [
+        (
+            &["--disk", "/d/a.vhdx,controller=4"][..],
+            &[
+                "--disk /d/a.vhdx,controller=4",
+                "controller 4 is out of range",
+            ][..],
+        ),
+        (
+            &["--disk", "/d/a.vhdx,location=64,readonly"][..],
+            &["location 64 is out of range"][..],
+        ),
+        (
+            &[
+                "--disk",
+                "/d/a.vhdx,location=1",
+                "--dvd",
+                "/d/x.iso,location=1",
+            ][..],
+            &[
+                "--dvd /d/x.iso,location=1",
+                "location 1 of controller 0 is in use",
+            ][..],
+        ),
+        (
+            &["--disk", "/d/a.vhdx,location=two"][..],
+            &["location=\"two\" is not a number"][..],
+        ),
+        (
+            &["--dvd", "/d/x.iso,readonly"][..],
+            &["unknown option \"readonly\""][..],
+        ),
+    ] {
+        let mut args = vec!["run", "--kernel", p(&kernel)];
+        args.extend_from_slice(drives);
+        let out = viridian(&args, &[]);
+        assert_one_line_error(&out, words);
+    }
+}

@@ -250,13 +250,26 @@ fn disks_are_hot_added_and_removed_through_the_control_socket() {
         "0",
         "--readonly",
     ]);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("LUN 0 already has a disk"),
+        err.contains("location 0 of controller 0 is in use") && err.contains("a.img"),
         "{out:?}"
     );
     let out = vm(&["disk", "remove", "hd", "--location", "9"]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no disk at LUN 9"),
+        String::from_utf8_lossy(&out.stderr).contains("no drive at location 9 of controller 0"),
+        "{out:?}"
+    );
+    let out = vm(&[
+        "disk",
+        "add",
+        "hd",
+        a.to_str().unwrap(),
+        "--controller",
+        "4",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("controller 4 is out of range"),
         "{out:?}"
     );
     // Hot remove: the file is unlocked again, so it can be attached once more.
@@ -267,6 +280,146 @@ fn disks_are_hot_added_and_removed_through_the_control_socket() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(list()[1]["location"], 3);
     let out = vm(&["stop", "hd", "--force"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_with_timeout(&mut vm_process.0, Duration::from_secs(20));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Placement and DVD drives on a running VM: disks and DVDs placed with `controller=` and
+/// `location=` at start, DVDs after the disks by default, each used controller its own VMBus
+/// device; a disk hot-added on a controller the VM lacks adds (offers) that controller; the
+/// DVD medium is ejected and inserted through `viridian vm dvd`.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn drives_are_placed_on_controllers_and_dvd_media_change() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("viridian-placed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b, c) = (dir.join("a.img"), dir.join("b.img"), dir.join("c.img"));
+    let (iso1, iso2) = (dir.join("one.iso"), dir.join("two.iso"));
+    for p in [&a, &b, &c, &iso1, &iso2] {
+        std::fs::File::create(p).unwrap().set_len(1 << 20).unwrap();
+    }
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let kernel = tiny_kernel("spin-placed", SPIN);
+    let run_dir = dir.join("run");
+    struct Vm(std::process::Child);
+    impl Drop for Vm {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut vm_process = Vm(Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["run", "--name", "pl", "--memory", "64M", "--kernel"])
+        .arg(kernel)
+        .args(["--disk", &s(&a)])
+        .args([
+            "--disk",
+            &format!("{},controller=1,location=7,readonly", s(&b)),
+        ])
+        .args(["--dvd", &s(&iso1)])
+        .args(["--dvd", "none,controller=1"])
+        .env("VIRIDIAN_RUN_DIR", &run_dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    wait_for_socket(&run_dir.join("pl.sock"));
+    let vm = |args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .arg("vm")
+            .args(args)
+            .env("VIRIDIAN_RUN_DIR", &run_dir)
+            .output()
+            .unwrap()
+    };
+    let list = || -> Vec<serde_json::Value> {
+        let out = vm(&["disk", "list", "pl", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let places = |l: &[serde_json::Value]| -> Vec<(u64, u64, String, String)> {
+        l.iter()
+            .map(|d| {
+                (
+                    d["controller"].as_u64().unwrap(),
+                    d["location"].as_u64().unwrap(),
+                    d["kind"].as_str().unwrap().to_string(),
+                    d["path"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let dvd = "dvd".to_string();
+    let disk = "disk".to_string();
+    assert_eq!(
+        places(&list()),
+        vec![
+            (0, 0, disk.clone(), s(&a)),
+            (0, 1, dvd.clone(), s(&iso1)),
+            (1, 0, dvd.clone(), String::new()),
+            (1, 7, disk.clone(), s(&b)),
+        ]
+    );
+    let l = list();
+    assert_eq!(l[1]["read_only"], true);
+    assert_eq!(l[1]["format"], "ISO");
+    assert_eq!(l[3]["read_only"], true);
+    // Two controllers, two VMBus devices with their own instance ids.
+    let out = vm(&["inspect", "pl"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("5c510000") && text.contains("5c510001") && !text.contains("5c510002"),
+        "{text}"
+    );
+    // A disk on controller 2, which the VM does not have yet: the controller is offered.
+    let out = vm(&[
+        "disk",
+        "add",
+        "pl",
+        &s(&c),
+        "--controller",
+        "2",
+        "--location",
+        "5",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("location 5 of controller 2"),
+        "{out:?}"
+    );
+    let text = String::from_utf8_lossy(&vm(&["inspect", "pl"]).stdout).into_owned();
+    assert!(text.contains("5c510002"), "{text}");
+    assert_eq!(places(&list()).last(), Some(&(2, 5, disk.clone(), s(&c))));
+    // DVD media: eject the first drive, insert into the empty one, and errors by name.
+    let out = vm(&["dvd", "pl", "--eject"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("one.iso ejected from location 1 of controller 0"),
+        "{out:?}"
+    );
+    let out = vm(&["dvd", "pl", "--path", &s(&iso2), "--controller", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = vm(&["dvd", "pl", "--json"]);
+    let dvds: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        places(&dvds),
+        vec![(0, 1, dvd.clone(), String::new()), (1, 0, dvd, s(&iso2))]
+    );
+    let out = vm(&["dvd", "pl", "--path", &s(&iso1), "--location", "0"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("the drive at location 0 of controller 0 is not a DVD drive"),
+        "{out:?}"
+    );
+    // The loaded ISO takes no write lock: it can be attached again as a read-only disk.
+    let out = vm(&["disk", "add", "pl", &s(&iso2), "--readonly"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = vm(&["stop", "pl", "--force"]);
     assert!(out.status.success(), "{out:?}");
     wait_with_timeout(&mut vm_process.0, Duration::from_secs(20));
     let _ = std::fs::remove_dir_all(&dir);

@@ -208,6 +208,14 @@ impl DiskSpec {
         })
     }
 
+    /// Opens an ISO image for a DVD drive: raw, read-only, and shared with other readers
+    /// (it takes no write lock, so several VMs can load the same ISO).
+    pub fn open_iso(path: &Path) -> Result<Self, OpenDiskError> {
+        let mut spec = Self::open(path, Some(vhdx::open::Format::Raw), true)?;
+        spec.format = "ISO".into();
+        Ok(spec)
+    }
+
     /// Any medium (tests use a failing one).
     pub fn from_medium(medium: Arc<dyn Medium>, path: impl Into<PathBuf>, format: &str) -> Self {
         Self {

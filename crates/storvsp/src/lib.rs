@@ -27,7 +27,7 @@ use guestmem::GuestMemory;
 use hvdef::storvsp::{self as sp, VstorPacket};
 use hvdef::vmbus::{packet_type, Guid};
 use protocol::{Handshake, Phase, Properties, Request, Srb, SrbResult};
-use scsi::{Data, InitiatorId, ScsiDisk, Target};
+use scsi::{Data, InitiatorId, ScsiDisk, ScsiDvd, Target};
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
@@ -70,6 +70,8 @@ pub enum ControllerError {
     },
     #[error("cannot create the controller's eventfd: {0}")]
     Io(#[source] std::io::Error),
+    #[error("no DVD drive at LUN {0}")]
+    NotDvd(u8),
 }
 
 /// Tunables of one controller.
@@ -113,8 +115,58 @@ impl Counters {
     }
 }
 
-struct Lun {
-    spec: DiskSpec,
+/// What sits at a LUN.
+enum Lun {
+    Disk(DiskSpec),
+    /// A DVD drive and the file of the medium the host loaded (dropped, closing the file,
+    /// once the drive has let go of it after an eject).
+    Dvd {
+        drive: Arc<ScsiDvd>,
+        medium: Option<DiskSpec>,
+    },
+}
+
+impl Lun {
+    /// The file a request at this LUN is served from now.
+    fn spec(&self) -> Option<&DiskSpec> {
+        match self {
+            Lun::Disk(spec) => Some(spec),
+            Lun::Dvd { drive, medium } => medium.as_ref().filter(|_| drive.medium().is_some()),
+        }
+    }
+
+    /// Forgets a DVD medium the guest ejected.
+    fn settle(&mut self) {
+        if let Lun::Dvd { drive, medium } = self {
+            if drive.medium().is_none() {
+                *medium = None;
+            }
+        }
+    }
+}
+
+/// What a LUN holds, for listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveKind {
+    Disk,
+    Dvd,
+}
+
+/// One LUN of the controller as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveInfo {
+    pub lun: u8,
+    pub kind: DriveKind,
+    /// The image file; `None` for an empty DVD drive.
+    pub path: Option<PathBuf>,
+    /// "VHDX", "VHD", "raw" (an ISO is raw); `None` for an empty DVD drive.
+    pub format: Option<String>,
+    pub read_only: bool,
+    /// Bytes; 0 for an empty DVD drive.
+    pub size: u64,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
 }
 
 struct Shared {
@@ -176,14 +228,23 @@ impl StorvspDevice {
         Ok(Arc::new(dev))
     }
 
-    fn insert(&self, lun: u8, spec: DiskSpec) -> Result<(), ControllerError> {
+    /// Locks the LUN table for a change at `lun`: the lock and whether `lun` may be taken.
+    fn free_lun(
+        &self,
+        lun: u8,
+    ) -> Result<std::sync::RwLockWriteGuard<'_, BTreeMap<u8, Lun>>, ControllerError> {
         if lun as usize >= MAX_LUNS {
             return Err(ControllerError::LunOutOfRange(lun));
         }
-        let mut luns = support::lock_write(&self.shared.luns);
+        let luns = support::lock_write(&self.shared.luns);
         if luns.contains_key(&lun) {
             return Err(ControllerError::DuplicateLun(lun));
         }
+        Ok(luns)
+    }
+
+    fn insert(&self, lun: u8, spec: DiskSpec) -> Result<(), ControllerError> {
+        let mut luns = self.free_lun(lun)?;
         let disk =
             ScsiDisk::new(spec.medium.clone(), scsi::DiskConfig::default()).map_err(|source| {
                 ControllerError::Target {
@@ -192,8 +253,18 @@ impl StorvspDevice {
                 }
             })?;
         self.shared.target.insert(lun, Arc::new(disk));
-        luns.insert(lun, Lun { spec });
+        luns.insert(lun, Lun::Disk(spec));
         Ok(())
+    }
+
+    /// The DVD drive's own identifier (VPD page 83h): the controller's instance and the LUN,
+    /// so it stays the same whatever medium is loaded.
+    fn dvd_id(&self, lun: u8) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(self.shared.config.instance_id.as_bytes());
+        id[15] ^= lun;
+        id[14] ^= 0xdd;
+        id
     }
 
     fn rescan(&self) {
@@ -209,24 +280,84 @@ impl StorvspDevice {
         Ok(())
     }
 
-    /// The attached disks: LUN, file and format, by LUN.
-    pub fn disks(&self) -> Vec<(u8, PathBuf, String)> {
-        let mut v: Vec<(u8, PathBuf, String)> = support::lock_read(&self.shared.luns)
-            .iter()
-            .map(|(&lun, l)| (lun, l.spec.path.clone(), l.spec.format.clone()))
-            .collect();
-        v.sort_by_key(|d| d.0);
-        v
+    /// Puts a DVD drive at `lun`, loaded with `medium` (an ISO, see [`DiskSpec::open_iso`])
+    /// or empty, and tells a running guest to rescan.
+    pub fn add_dvd(&self, lun: u8, medium: Option<DiskSpec>) -> Result<(), ControllerError> {
+        let mut luns = self.free_lun(lun)?;
+        let drive = Arc::new(ScsiDvd::new(
+            medium.as_ref().map(|m| m.medium.clone()),
+            self.dvd_id(lun),
+        ));
+        self.shared.target.insert(lun, drive.clone());
+        luns.insert(lun, Lun::Dvd { drive, medium });
+        drop(luns);
+        self.rescan();
+        Ok(())
     }
 
-    /// Hot remove: takes the disk at `lun` away and tells the guest to rescan. Requests
+    /// Changes the medium of the DVD drive at `lun` (Set-VMDvdDrive): `Some` inserts or
+    /// replaces it, and the guest sees UNIT ATTENTION 28h (medium may have changed) on its
+    /// next command; `None` ejects it, whatever the guest's PREVENT MEDIUM REMOVAL says (the
+    /// administrator's action). Returns the medium taken out, if any.
+    pub fn change_dvd(
+        &self,
+        lun: u8,
+        medium: Option<DiskSpec>,
+    ) -> Result<Option<DiskSpec>, ControllerError> {
+        let mut luns = support::lock_write(&self.shared.luns);
+        let Some(Lun::Dvd {
+            drive,
+            medium: loaded,
+        }) = luns.get_mut(&lun)
+        else {
+            return Err(ControllerError::NotDvd(lun));
+        };
+        drive.change_medium(medium.as_ref().map(|m| m.medium.clone()));
+        let old = std::mem::replace(loaded, medium);
+        Ok(old)
+    }
+
+    /// The attached drives, by LUN. A DVD medium the guest has ejected is let go of (its
+    /// file closed) here.
+    pub fn drives(&self) -> Vec<DriveInfo> {
+        let mut luns = support::lock_write(&self.shared.luns);
+        luns.values_mut().for_each(Lun::settle);
+        luns.iter()
+            .map(|(&lun, l)| {
+                let kind = match l {
+                    Lun::Disk(_) => DriveKind::Disk,
+                    Lun::Dvd { .. } => DriveKind::Dvd,
+                };
+                let spec = l.spec();
+                let m = spec.map(|s| &s.medium);
+                DriveInfo {
+                    lun,
+                    kind,
+                    path: spec.map(|s| s.path.clone()),
+                    format: spec.map(|s| s.format.clone()),
+                    read_only: kind == DriveKind::Dvd || m.is_some_and(|m| m.is_read_only()),
+                    size: m.map_or(0, |m| m.size()),
+                    logical_sector_size: m.map_or(0, |m| m.logical_sector_size()),
+                    physical_sector_size: m.map_or(0, |m| m.physical_sector_size()),
+                }
+            })
+            .collect()
+    }
+
+    /// Hot remove: takes the drive at `lun` away and tells the guest to rescan. Requests
     /// already executing keep their own reference to the medium, so the file is closed (and
-    /// unlocked) only once the last of them has completed.
-    pub fn remove_disk(&self, lun: u8) -> Option<DiskSpec> {
+    /// unlocked) only once the last of them has completed. Returns the file (`None` inside
+    /// for an empty DVD drive).
+    pub fn remove_disk(&self, lun: u8) -> Option<Option<DiskSpec>> {
         let spec = {
             let mut luns = support::lock_write(&self.shared.luns);
+            let mut l = luns.remove(&lun)?;
             self.shared.target.remove(lun);
-            luns.remove(&lun)?.spec
+            l.settle();
+            match l {
+                Lun::Disk(spec) => Some(spec),
+                Lun::Dvd { medium, .. } => medium,
+            }
         };
         self.rescan();
         Some(spec)
@@ -323,22 +454,32 @@ impl vmbus::Device for StorvspDevice {
         let h = self.handshake();
         let c = &s.counters;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let luns = support::lock_read(&s.luns);
-        let disks: Vec<_> = luns
-            .iter()
-            .map(|(lun, l)| {
-                let m = &l.spec.medium;
-                serde_json::json!({
-                    "lun": lun,
-                    "path": l.spec.path.display().to_string(),
-                    "format": l.spec.format,
-                    "size": m.size(),
-                    "logical_sector_size": m.logical_sector_size(),
-                    "physical_sector_size": m.physical_sector_size(),
-                    "read_only": m.is_read_only(),
-                })
-            })
-            .collect();
+        let mut disks = Vec::new();
+        let mut dvds = Vec::new();
+        for d in self.drives() {
+            let mut v = serde_json::json!({
+                "lun": d.lun,
+                "path": d.path.as_ref().map(|p| p.display().to_string()),
+                "format": d.format,
+                "size": d.size,
+                "logical_sector_size": d.logical_sector_size,
+                "physical_sector_size": d.physical_sector_size,
+                "read_only": d.read_only,
+            });
+            match d.kind {
+                DriveKind::Disk => disks.push(v),
+                DriveKind::Dvd => {
+                    if let Some(Lun::Dvd { drive, .. }) = support::lock_read(&s.luns).get(&d.lun) {
+                        let snap = drive.snapshot();
+                        v["medium_present"] = snap.medium_present.into();
+                        v["removal_prevented"] = snap.prevent.into();
+                        v["unit_attention_pending"] = snap.unit_attention.into();
+                        v["media_event"] = format!("{:?}", snap.event).into();
+                    }
+                    dvds.push(v);
+                }
+            }
+        }
         serde_json::json!({
             "kind": "storvsp",
             "name": s.config.name,
@@ -349,6 +490,7 @@ impl vmbus::Device for StorvspDevice {
             "max_transfer_bytes": MAX_TRANSFER_BYTES,
             "open_channels": *support::lock(&s.open_channels),
             "disks": disks,
+            "dvds": dvds,
             "counters": {
                 "requests": n(&c.requests),
                 "srbs": n(&c.srbs),
@@ -596,7 +738,7 @@ impl Worker {
             Counters::add(&c.medium_errors, 1);
             let path = support::lock_read(&self.shared.luns)
                 .get(&srb.lun)
-                .map(|l| l.spec.path.display().to_string())
+                .and_then(|l| l.spec().map(|s| s.path.display().to_string()))
                 .unwrap_or_default();
             support::limited!(LOG, error, %path, offset = e.offset, error = %e, "storvsp: disk I/O failed");
         }
@@ -604,7 +746,7 @@ impl Worker {
             Counters::add(&c.flushes, 1);
             let lun = support::lock_read(&self.shared.luns)
                 .get(&srb.lun)
-                .map(|l| l.spec.clone());
+                .and_then(|l| l.spec().cloned());
             if let Some(l) = lun {
                 if let Err(e) = l.medium.flush() {
                     Counters::add(&c.medium_errors, 1);

@@ -2,7 +2,8 @@
 
 use crate::hyperv::{self, Hv, HvExits};
 use crate::integration::ShutdownError;
-use crate::vmbus_host::{IcStatus, Vmbus};
+pub use crate::vmbus_host::DiskError;
+use crate::vmbus_host::{DriveInfo, IcStatus, Media, Vmbus};
 use crate::{acpi, boot, cpu, layout, vcpu, Error, Result};
 use chipset::Chipset;
 use guestmem::GuestMemory;
@@ -29,9 +30,10 @@ pub struct VmConfig {
     /// Present the Hyper-V interface (CPUID leaves, synthetic MSRs, hypercalls, VMBus device).
     /// When false the guest sees plain KVM (kvmclock and friends).
     pub hyperv: bool,
-    /// Disks on SCSI controller 0, at LUN 0, 1, 2 ... in order (opened, and locked, by
-    /// [`crate::vmbus_host::open_disk`] before the VM is built). Needs `hyperv`.
-    pub disks: Vec<crate::vmbus_host::DiskSpec>,
+    /// Disks and DVD drives at their places (see [`crate::vmbus_host::place`]), each used
+    /// controller its own storvsp device; files opened, and locked, by
+    /// [`crate::vmbus_host::open_disk`] before the VM is built. Needs `hyperv`.
+    pub disks: Vec<crate::vmbus_host::Drive>,
 }
 
 /// Why the VM stopped.
@@ -97,50 +99,72 @@ impl VmControl {
         self.vmbus.as_ref().map(|v| v.status())
     }
 
-    /// Hot-adds a disk at `lun`, or at the lowest free LUN (Add-VMHardDiskDrive); returns the
-    /// LUN. The file is opened and locked as `--disk` does.
+    /// Hot-adds a disk (Add-VMHardDiskDrive) at `location` of `controller`, or at the lowest
+    /// free location (of controller 0); a controller the VM lacks is offered on VMBus then.
+    /// The file is opened and locked as `--disk` does. Returns the place.
     pub fn add_disk(
         &self,
         path: &std::path::Path,
+        format: Option<storvsp::ImageFormat>,
         read_only: bool,
-        lun: Option<u8>,
-    ) -> std::result::Result<u8, DiskError> {
-        let storage = self.storage()?;
-        let used: Vec<u8> = storage.disks().iter().map(|d| d.0).collect();
-        let lun = match lun {
-            Some(l) => l,
-            None => (0..storvsp::MAX_LUNS as u8)
-                .find(|l| !used.contains(l))
-                .ok_or(DiskError::Full)?,
-        };
-        if used.contains(&lun) {
-            return Err(DiskError::InUse(lun));
-        }
-        let spec = storvsp::DiskSpec::open(path, None, read_only).map_err(DiskError::Open)?;
-        storage.add_disk(lun, spec).map_err(DiskError::Controller)?;
-        Ok(lun)
+        controller: Option<u8>,
+        location: Option<u8>,
+    ) -> std::result::Result<(u8, u8), DiskError> {
+        self.vmbus()?.attach(controller, location, || {
+            storvsp::DiskSpec::open(path, format, read_only)
+                .map(Media::Disk)
+                .map_err(|e| DiskError::Open(Box::new(e)))
+        })
     }
 
-    /// Hot-removes the disk at `lun` (Remove-VMHardDiskDrive); its file is closed and unlocked
-    /// once its last request is done. Returns the file.
-    pub fn remove_disk(&self, lun: u8) -> std::result::Result<std::path::PathBuf, DiskError> {
-        let spec = self
-            .storage()?
-            .remove_disk(lun)
-            .ok_or(DiskError::NoDisk(lun))?;
-        Ok(spec.path)
+    /// Hot-adds a DVD drive (Add-VMDvdDrive), loaded with `iso` or empty.
+    pub fn add_dvd(
+        &self,
+        iso: Option<&std::path::Path>,
+        controller: Option<u8>,
+        location: Option<u8>,
+    ) -> std::result::Result<(u8, u8), DiskError> {
+        self.vmbus()?.attach(controller, location, || {
+            iso.map(storvsp::DiskSpec::open_iso)
+                .transpose()
+                .map(Media::Dvd)
+                .map_err(|e| DiskError::Open(Box::new(e)))
+        })
     }
 
-    /// The attached disks: LUN, file, format.
-    pub fn disks(&self) -> Vec<(u8, std::path::PathBuf, String)> {
-        self.storage().map(|s| s.disks()).unwrap_or_default()
+    /// Hot-removes the drive at `location` of `controller` (Remove-VMHardDiskDrive); its
+    /// file is closed and unlocked once its last request is done. Returns the file.
+    pub fn remove_disk(
+        &self,
+        controller: u8,
+        location: u8,
+    ) -> std::result::Result<Option<std::path::PathBuf>, DiskError> {
+        self.vmbus()?.detach(controller, location)
     }
 
-    fn storage(&self) -> std::result::Result<&Arc<storvsp::StorvspDevice>, DiskError> {
-        self.vmbus
-            .as_ref()
-            .and_then(|v| v.storage())
-            .ok_or(DiskError::NoController)
+    /// Inserts (`Some`) or ejects (`None`) a DVD drive's medium (Set-VMDvdDrive); see
+    /// [`Vmbus::change_dvd`] for which drive. Returns its place and the file taken out.
+    pub fn change_dvd(
+        &self,
+        iso: Option<&std::path::Path>,
+        controller: Option<u8>,
+        location: Option<u8>,
+    ) -> std::result::Result<(u8, u8, Option<std::path::PathBuf>), DiskError> {
+        let vmbus = self.vmbus()?;
+        let iso = iso
+            .map(storvsp::DiskSpec::open_iso)
+            .transpose()
+            .map_err(|e| DiskError::Open(Box::new(e)))?;
+        vmbus.change_dvd(controller, location, iso)
+    }
+
+    /// Every drive: controller and what is at each location.
+    pub fn drives(&self) -> Vec<(u8, DriveInfo)> {
+        self.vmbus.as_ref().map(|v| v.drives()).unwrap_or_default()
+    }
+
+    fn vmbus(&self) -> std::result::Result<&Vmbus, DiskError> {
+        self.vmbus.as_deref().ok_or(DiskError::NoVmbus)
     }
 
     /// The KVP service (None without Hyper-V enlightenments).
@@ -152,23 +176,6 @@ impl VmControl {
     pub fn inspect(&self) -> Option<serde_json::Value> {
         self.vmbus.as_ref().map(|v| v.inspect())
     }
-}
-
-/// Why a disk could not be added or removed on a running VM.
-#[derive(Debug, thiserror::Error)]
-pub enum DiskError {
-    #[error("this VM has no SCSI controller: start it with at least one --disk to hot-add more")]
-    NoController,
-    #[error("LUN {0} already has a disk")]
-    InUse(u8),
-    #[error("no disk at LUN {0}")]
-    NoDisk(u8),
-    #[error("every LUN of the controller is in use")]
-    Full,
-    #[error(transparent)]
-    Open(storvsp::OpenDiskError),
-    #[error(transparent)]
-    Controller(storvsp::ControllerError),
 }
 
 /// A built, not yet running, VM.
