@@ -22,7 +22,9 @@ apt-get update -q >/dev/null
 # replace the newer qemu-utils that the disk-image tests compare against).
 libs=$(apt-cache depends --no-recommends --no-suggests --no-enhances qemu-system-x86 qemu-system-common \
   | awk '/Depends: lib/ {print $2}' | grep -v '^<' | sort -u)
-need=(qemu-utils dpkg apt coreutils $libs)
+# nftables and dnsmasq-base (the binary, without Debian's system-wide dnsmasq service): the
+# Default Switch's NAT and its guests' DHCP and DNS (crates/vswitch and its tests).
+need=(qemu-utils dpkg apt coreutils nftables dnsmasq-base $libs)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

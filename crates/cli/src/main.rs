@@ -4,6 +4,7 @@
 mod control;
 mod run;
 mod service;
+mod switch;
 mod vhd;
 mod vm;
 
@@ -47,6 +48,8 @@ enum Command {
     /// Bearer tokens for the service's TLS listener (--listen).
     #[command(subcommand)]
     Token(service::token::TokenCommand),
+    /// Virtual switches: private, internal, external and the Default Switch (*-VMSwitch).
+    Switch(switch::SwitchArgs),
 }
 
 fn main() {
@@ -66,6 +69,7 @@ fn main() {
         Command::Vhd(cmd) => vhd::main(cmd).map(|()| 0),
         Command::Service(cmd) => service::main(cmd),
         Command::Token(cmd) => service::token::main(cmd),
+        Command::Switch(args) => switch::main(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

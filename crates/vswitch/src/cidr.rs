@@ -32,11 +32,15 @@ impl Cidr {
     pub fn network(&self) -> Cidr {
         let addr = match self.addr {
             IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 IpAddr::V4((u32::from(a) & mask).into())
             }
             IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 IpAddr::V6((u128::from(a) & mask).into())
             }
         };
@@ -109,16 +113,39 @@ mod tests {
         assert_eq!(c.network().to_string(), "192.168.50.0/24");
         let c: Cidr = "fd00::1/64".parse().unwrap();
         assert_eq!(c.network().to_string(), "fd00::/64");
-        assert_eq!("10.0.0.1/0".parse::<Cidr>().unwrap().network().to_string(), "0.0.0.0/0");
+        assert_eq!(
+            "10.0.0.1/0".parse::<Cidr>().unwrap().network().to_string(),
+            "0.0.0.0/0"
+        );
     }
 
     #[test]
     fn rejects_bad_input() {
-        for bad in ["192.168.50.1", "192.168.50.1/33", "300.1.1.1/24", "x/24", "fd00::1/129", "1.2.3.4/-1", "/"] {
+        for bad in [
+            "192.168.50.1",
+            "192.168.50.1/33",
+            "300.1.1.1/24",
+            "x/24",
+            "fd00::1/129",
+            "1.2.3.4/-1",
+            "/",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
-        assert!("127.0.0.1/8".parse::<Cidr>().unwrap().check_host_address().is_err());
-        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().check_host_address().is_err());
-        assert!("10.1.2.3/8".parse::<Cidr>().unwrap().check_host_address().is_ok());
+        assert!("127.0.0.1/8"
+            .parse::<Cidr>()
+            .unwrap()
+            .check_host_address()
+            .is_err());
+        assert!("0.0.0.0/0"
+            .parse::<Cidr>()
+            .unwrap()
+            .check_host_address()
+            .is_err());
+        assert!("10.1.2.3/8"
+            .parse::<Cidr>()
+            .unwrap()
+            .check_host_address()
+            .is_ok());
     }
 }

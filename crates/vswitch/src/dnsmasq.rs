@@ -123,7 +123,9 @@ pub fn ensure(dir: &Path, name: &str, bridge: &str, host: Cidr) -> Result<()> {
         .output()
         .map_err(|e| helper(format!("cannot run it ({e}); install dnsmasq-base")))?;
     if !out.status.success() {
-        return Err(helper(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(helper(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     Ok(())
 }
@@ -159,8 +161,21 @@ mod tests {
     #[test]
     fn ranges() {
         let r = dhcp_range("172.30.254.1/24".parse().unwrap()).unwrap();
-        assert_eq!(r, ("172.30.254.2".parse().unwrap(), "172.30.254.254".parse().unwrap(), "255.255.255.0".parse().unwrap()));
-        for bad in ["172.30.254.0/24", "172.30.254.254/24", "10.0.0.1/30", "fd00::1/64", "10.0.0.1/7"] {
+        assert_eq!(
+            r,
+            (
+                "172.30.254.2".parse().unwrap(),
+                "172.30.254.254".parse().unwrap(),
+                "255.255.255.0".parse().unwrap()
+            )
+        );
+        for bad in [
+            "172.30.254.0/24",
+            "172.30.254.254/24",
+            "10.0.0.1/30",
+            "fd00::1/64",
+            "10.0.0.1/7",
+        ] {
             assert!(dhcp_range(bad.parse().unwrap()).is_err(), "{bad}");
         }
     }

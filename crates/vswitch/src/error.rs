@@ -14,7 +14,9 @@ pub enum Error {
     Exists(String),
     #[error("no switch named {0:?}")]
     NotFound(String),
-    #[error("interface {ifname} already exists; switch {switch:?} would need that name for its bridge")]
+    #[error(
+        "interface {ifname} already exists; switch {switch:?} would need that name for its bridge"
+    )]
     BridgeNameTaken { switch: String, ifname: String },
     #[error("interface {0} exists but is not a bridge")]
     NotABridge(String),
@@ -43,7 +45,10 @@ pub enum Error {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error("{program}: {reason}")]
-    Helper { program: &'static str, reason: String },
+    Helper {
+        program: &'static str,
+        reason: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -122,7 +122,10 @@ fn create_locked(store: &Store, def: SwitchDef) -> Result<SwitchDef> {
     store.save(&def)?;
     if let Err(e) = reconcile::apply(&nl, store.dir(), &def) {
         if let Err(undo) = reconcile::teardown(&nl, store.dir(), &def) {
-            tracing::warn!("taking switch {} down again after a failed create: {undo}", def.name);
+            tracing::warn!(
+                "taking switch {} down again after a failed create: {undo}",
+                def.name
+            );
         }
         store.delete(&def.name)?;
         return Err(e);
@@ -355,7 +358,31 @@ pub fn detach(state_dir: &Path, switch: &str, ifname: &str) -> Result<()> {
 /// The state directory: the given one, else `$VIRIDIAN_STATE_DIR`, else
 /// [`DEFAULT_STATE_DIR`].
 pub fn state_dir(given: Option<PathBuf>) -> PathBuf {
+    state_dir_from(given, std::env::var_os("VIRIDIAN_STATE_DIR"))
+}
+
+fn state_dir_from(given: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
     given
-        .or_else(|| std::env::var_os("VIRIDIAN_STATE_DIR").map(PathBuf::from))
+        .or_else(|| env.filter(|e| !e.is_empty()).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_dir_order() {
+        let env = Some("/env".into());
+        assert_eq!(
+            state_dir_from(Some("/given".into()), env.clone()),
+            Path::new("/given")
+        );
+        assert_eq!(state_dir_from(None, env), Path::new("/env"));
+        assert_eq!(
+            state_dir_from(None, Some("".into())),
+            Path::new(DEFAULT_STATE_DIR)
+        );
+        assert_eq!(state_dir_from(None, None), Path::new(DEFAULT_STATE_DIR));
+    }
 }

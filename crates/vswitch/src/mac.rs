@@ -54,7 +54,9 @@ mod tests {
 
     #[test]
     fn few_collisions() {
-        let macs: HashSet<[u8; 6]> = (0..1000).map(|i| stable_mac(&format!("vm{i}"), 0)).collect();
+        let macs: HashSet<[u8; 6]> = (0..1000)
+            .map(|i| stable_mac(&format!("vm{i}"), 0))
+            .collect();
         assert!(macs.len() >= 995, "{} distinct of 1000", macs.len());
     }
 }

@@ -59,7 +59,12 @@ pub fn check_ifname(field: &'static str, name: &str) -> Result<(), Error> {
     if name.is_empty() || name.len() > 15 {
         return Err(invalid(field, name, "an interface name is 1 to 15 bytes"));
     }
-    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
         return Err(invalid(field, name, "not a valid interface name"));
     }
     Ok(())

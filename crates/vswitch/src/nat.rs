@@ -52,7 +52,9 @@ fn nft(script: &str) -> Result<()> {
         .wait_with_output()
         .map_err(|e| helper(e.to_string()))?;
     if !out.status.success() {
-        return Err(helper(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(helper(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     Ok(())
 }
@@ -74,7 +76,13 @@ mod tests {
     #[test]
     fn ruleset_names_the_subnet_and_bridge() {
         let r = super::ruleset("vs-default", "172.30.254.0/24".parse().unwrap());
-        assert!(r.contains("ip saddr 172.30.254.0/24 oifname != \"vs-default\" masquerade"), "{r}");
-        assert!(r.starts_with("table inet viridian {}\ndelete table inet viridian\n"), "{r}");
+        assert!(
+            r.contains("ip saddr 172.30.254.0/24 oifname != \"vs-default\" masquerade"),
+            "{r}"
+        );
+        assert!(
+            r.starts_with("table inet viridian {}\ndelete table inet viridian\n"),
+            "{r}"
+        );
     }
 }

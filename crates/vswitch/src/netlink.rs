@@ -10,7 +10,8 @@ use futures_util::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
     AfSpecBridge, AfSpecInet6, AfSpecUnspec, BridgeFlag, BridgeVlanInfo, BridgeVlanInfoFlags,
-    In6AddrGenMode, InfoBridge, InfoData, InfoKind, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
+    In6AddrGenMode, InfoBridge, InfoData, InfoKind, LinkAttribute, LinkExtentMask, LinkFlags,
+    LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use netlink_packet_route::AddressFamily;
@@ -211,7 +212,9 @@ impl Netlink {
             .vlan_filtering(true)
             .vlan_default_pvid(0)
             .build();
-        match self.change(msg, || format!("turning on VLAN filtering on bridge {name}")) {
+        match self.change(msg, || {
+            format!("turning on VLAN filtering on bridge {name}")
+        }) {
             Ok(()) => Ok(true),
             Err(e) if errno(&e.source) == Some(EOPNOTSUPP) => Ok(false),
             Err(e) => Err(e),
@@ -223,9 +226,9 @@ impl Netlink {
     pub fn set_no_ipv6_addresses(&self, link: &Link) -> Result<()> {
         let mut msg = LinkUnspec::new_with_index(link.index).build();
         msg.attributes
-            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![
-                AfSpecInet6::AddrGenMode(In6AddrGenMode::None),
-            ])]));
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]));
         self.change(msg, || {
             format!("turning off IPv6 address generation on {}", link.name)
         })
@@ -252,7 +255,9 @@ impl Netlink {
     }
 
     pub fn set_nomaster(&self, port: &Link) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(port.index).nocontroller().build();
+        let msg = LinkUnspec::new_with_index(port.index)
+            .nocontroller()
+            .build();
         self.change(msg, || format!("releasing {} from its bridge", port.name))
     }
 
@@ -302,15 +307,15 @@ impl Netlink {
                 .handle
                 .link()
                 .get()
-                .set_filter_mask(AddressFamily::Bridge, vec![LinkExtentMask::BrvlanCompressed])
+                .set_filter_mask(
+                    AddressFamily::Bridge,
+                    vec![LinkExtentMask::BrvlanCompressed],
+                )
                 .execute()
                 .try_collect()
                 .await
                 .map_err(ctx(|| "listing bridge VLANs".into()))?;
-            Ok(msgs
-                .iter()
-                .map(|m| (m.header.index, vlans_of(m)))
-                .collect())
+            Ok(msgs.iter().map(|m| (m.header.index, vlans_of(m))).collect())
         })
     }
 
@@ -391,7 +396,13 @@ impl Netlink {
 
     pub fn del_address(&self, link: &Link, addr: &Address) -> Result<()> {
         self.rt.block_on(async {
-            match self.handle.address().del(addr.message.clone()).execute().await {
+            match self
+                .handle
+                .address()
+                .del(addr.message.clone())
+                .execute()
+                .await
+            {
                 Err(e) if errno(&e) == Some(EADDRNOTAVAIL) => Ok(()),
                 r => r.map_err(ctx(|| {
                     format!("removing address {} from {}", addr.cidr, link.name)
@@ -416,7 +427,10 @@ impl Netlink {
                     .await
                     .map_err(ctx(|| "listing routes".into()))
             })?;
-            routes.extend(msgs.into_iter().filter_map(|m| gateway_route(m, link.index)));
+            routes.extend(
+                msgs.into_iter()
+                    .filter_map(|m| gateway_route(m, link.index)),
+            );
         }
         Ok(routes)
     }
@@ -460,7 +474,13 @@ impl Netlink {
 
     pub fn del_route(&self, route: &GatewayRoute) -> Result<()> {
         self.rt.block_on(async {
-            match self.handle.route().del(route.message.clone()).execute().await {
+            match self
+                .handle
+                .route()
+                .del(route.message.clone())
+                .execute()
+                .await
+            {
                 Err(e) if errno(&e) == Some(ESRCH) => Ok(()),
                 r => r.map_err(ctx(|| format!("removing the route via {}", route.gateway))),
             }

@@ -18,7 +18,8 @@ pub fn apply(nl: &Netlink, dir: &Path, def: &SwitchDef) -> Result<Link> {
         Some(_) => return Err(Error::NotABridge(name)),
         None => {
             nl.create_bridge(&name)?;
-            nl.link(&name)?.ok_or_else(|| Error::NoInterface(name.clone()))?
+            nl.link(&name)?
+                .ok_or_else(|| Error::NoInterface(name.clone()))?
         }
     };
     if def.kind != SwitchKind::External {

@@ -80,7 +80,9 @@ impl SwitchDef {
             (None, SwitchKind::External) => {
                 return Err(invalid("adapter", "an External switch needs an adapter"))
             }
-            (Some(_), _) => return Err(invalid("adapter", "only an External switch has an adapter")),
+            (Some(_), _) => {
+                return Err(invalid("adapter", "only an External switch has an adapter"))
+            }
             (None, _) => {}
         }
         if let Some(a) = &self.host_address {
@@ -137,11 +139,12 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| Error::Io {
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+            Error::Io {
                 path,
                 source: e.into(),
-            })?;
+            }
+        })?;
         Ok(StoreLock { _file: file })
     }
 
@@ -163,7 +166,10 @@ impl Store {
         };
         let def: SwitchDef = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         if def.name != name {
-            return Err(bad(format!("it defines switch {:?}, not {name:?}", def.name)));
+            return Err(bad(format!(
+                "it defines switch {:?}, not {name:?}",
+                def.name
+            )));
         }
         def.check().map_err(|e| bad(e.to_string()))?;
         Ok(Some(def))
@@ -254,7 +260,10 @@ mod tests {
         store.save(&internal("a1")).unwrap();
         let text = fs::read_to_string(dir.path().join("switches/lab.json")).unwrap();
         assert!(text.contains("\"type\": \"internal\""), "{text}");
-        assert!(text.contains("\"host_address\": \"192.168.50.1/24\""), "{text}");
+        assert!(
+            text.contains("\"host_address\": \"192.168.50.1/24\""),
+            "{text}"
+        );
         let names: Vec<_> = store.list().unwrap().into_iter().map(|d| d.name).collect();
         assert_eq!(names, ["a1", "lab"]);
         assert_eq!(store.load("lab").unwrap(), Some(internal("lab")));
@@ -278,7 +287,10 @@ mod tests {
             ("z", r#"{"name":"z","type":"external"}"#),
             ("w", r#"{"name":"w","type":"private","adapter":"eth0"}"#),
             ("v", r#"{"name":"v","type":"default"}"#),
-            ("u", r#"{"name":"u","type":"internal","host_address":"1.2.3.4/40"}"#),
+            (
+                "u",
+                r#"{"name":"u","type":"internal","host_address":"1.2.3.4/40"}"#,
+            ),
             ("t", r#"{"name":"t","type":"internal","bridge":"eth0"}"#),
             ("s", r#"{"name":"s","type":"external","adapter":"../../x"}"#),
         ];

@@ -47,7 +47,11 @@ fn kill_namespace_processes(ns: std::path::PathBuf) {
     };
     for e in dir.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().filter(|n| *n != me).and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| *n != me)
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if netns_id(&pid.to_string()).as_ref() == Some(&ns) {
@@ -105,9 +109,13 @@ impl Net {
     /// The interface's state, or None if there is no such interface.
     pub fn link(&self, name: &str) -> Option<LinkState> {
         let l = self.nl.link(name).unwrap()?;
-        let master = l
-            .master
-            .map(|m| self.nl.link_by_index(m).unwrap().map(|b| b.name).unwrap_or_default());
+        let master = l.master.map(|m| {
+            self.nl
+                .link_by_index(m)
+                .unwrap()
+                .map(|b| b.name)
+                .unwrap_or_default()
+        });
         let addrs = self.nl.addresses(&l).unwrap();
         Some(LinkState {
             name: l.name.clone(),
@@ -117,8 +125,16 @@ impl Net {
             mac: l.mac,
             master,
             vlans: self.nl.vlans(&l).unwrap(),
-            addresses: addrs.iter().filter(|a| !a.link_scope).map(|a| a.cidr).collect(),
-            link_local: addrs.iter().filter(|a| a.link_scope).map(|a| a.cidr).collect(),
+            addresses: addrs
+                .iter()
+                .filter(|a| !a.link_scope)
+                .map(|a| a.cidr)
+                .collect(),
+            link_local: addrs
+                .iter()
+                .filter(|a| a.link_scope)
+                .map(|a| a.cidr)
+                .collect(),
         })
     }
 

@@ -23,7 +23,10 @@ pub enum Vlan {
     /// In one VLAN, untagged on the port.
     Access(u16),
     /// Several VLANs tagged on the port; `native`, if given, untagged.
-    Trunk { allowed: Vec<u16>, native: Option<u16> },
+    Trunk {
+        allowed: Vec<u16>,
+        native: Option<u16>,
+    },
 }
 
 /// A port's configuration on its switch.
@@ -161,22 +164,41 @@ mod tests {
 
     #[test]
     fn settings_become_entries() {
-        assert_eq!(Vlan::Untagged.entries().unwrap(), vec![VlanEntry::access(1)]);
-        assert_eq!(Vlan::Access(42).entries().unwrap(), vec![VlanEntry::access(42)]);
+        assert_eq!(
+            Vlan::Untagged.entries().unwrap(),
+            vec![VlanEntry::access(1)]
+        );
+        assert_eq!(
+            Vlan::Access(42).entries().unwrap(),
+            vec![VlanEntry::access(42)]
+        );
         let trunk = Vlan::Trunk {
             allowed: vec![30, 10, 20, 10],
             native: Some(20),
         };
         assert_eq!(
             trunk.entries().unwrap(),
-            vec![VlanEntry::tagged(10), VlanEntry::access(20), VlanEntry::tagged(30)]
+            vec![
+                VlanEntry::tagged(10),
+                VlanEntry::access(20),
+                VlanEntry::tagged(30)
+            ]
         );
         for bad in [
             Vlan::Access(0),
             Vlan::Access(4095),
-            Vlan::Trunk { allowed: vec![], native: None },
-            Vlan::Trunk { allowed: vec![5000], native: None },
-            Vlan::Trunk { allowed: vec![2], native: Some(0) },
+            Vlan::Trunk {
+                allowed: vec![],
+                native: None,
+            },
+            Vlan::Trunk {
+                allowed: vec![5000],
+                native: None,
+            },
+            Vlan::Trunk {
+                allowed: vec![2],
+                native: Some(0),
+            },
         ] {
             assert!(bad.entries().is_err(), "{bad:?}");
         }
@@ -188,19 +210,41 @@ mod tests {
         assert_eq!(
             r,
             vec![
-                Run { first: 1, last: 1, pvid: true, untagged: true },
-                Run { first: 2, last: 4094, pvid: false, untagged: false },
+                Run {
+                    first: 1,
+                    last: 1,
+                    pvid: true,
+                    untagged: true
+                },
+                Run {
+                    first: 2,
+                    last: 4094,
+                    pvid: false,
+                    untagged: false
+                },
             ]
         );
-        let r = runs(&[VlanEntry::tagged(5), VlanEntry::tagged(7), VlanEntry::tagged(8)]);
+        let r = runs(&[
+            VlanEntry::tagged(5),
+            VlanEntry::tagged(7),
+            VlanEntry::tagged(8),
+        ]);
         assert_eq!(r.len(), 2);
         assert_eq!((r[1].first, r[1].last), (7, 8));
     }
 
     #[test]
     fn diff_updates_flags_and_drops_strays() {
-        let current = [VlanEntry::access(1), VlanEntry::tagged(5), VlanEntry::tagged(9)];
-        let wanted = [VlanEntry::tagged(1), VlanEntry::tagged(5), VlanEntry::access(7)];
+        let current = [
+            VlanEntry::access(1),
+            VlanEntry::tagged(5),
+            VlanEntry::tagged(9),
+        ];
+        let wanted = [
+            VlanEntry::tagged(1),
+            VlanEntry::tagged(5),
+            VlanEntry::access(7),
+        ];
         let (remove, add) = diff(&current, &wanted);
         assert_eq!(remove, vec![VlanEntry::tagged(9)]);
         assert_eq!(add, vec![VlanEntry::tagged(1), VlanEntry::access(7)]);

@@ -80,10 +80,15 @@ fn private_switch_keeps_the_host_off_and_ports_in_their_vlans() {
 
         let err = vswitch::remove(dir, "p1", false).unwrap_err();
         assert!(err.to_string().contains("tap1"), "{err}");
-        assert!(net.link("vs-p1").is_some(), "refused removal leaves the switch");
+        assert!(
+            net.link("vs-p1").is_some(),
+            "refused removal leaves the switch"
+        );
         vswitch::remove(dir, "p1", true).unwrap();
         assert!(net.link("vs-p1").is_none());
-        let tap1 = net.link("tap1").expect("a forced removal leaves the port interface");
+        let tap1 = net
+            .link("tap1")
+            .expect("a forced removal leaves the port interface");
         assert_eq!(tap1.master, None);
         assert!(!dir.join("switches/p1.json").exists());
     });
@@ -100,8 +105,16 @@ fn internal_switch_gives_the_host_an_address_in_the_untagged_vlan() {
         vswitch::create(dir, d.clone()).unwrap();
         let br = net.link("vs-lab").unwrap();
         assert_eq!(br.addresses, cidrs(&["198.51.100.1/24"]));
-        assert_eq!(br.mac.unwrap()[..3], vswitch::HYPERV_OUI, "a stable MAC in Hyper-V's range");
-        assert_eq!(br.vlans, untagged_port(), "the host is in the untagged VLAN");
+        assert_eq!(
+            br.mac.unwrap()[..3],
+            vswitch::HYPERV_OUI,
+            "a stable MAC in Hyper-V's range"
+        );
+        assert_eq!(
+            br.vlans,
+            untagged_port(),
+            "the host is in the untagged VLAN"
+        );
         let saved: SwitchDef =
             serde_json::from_slice(&std::fs::read(dir.join("switches/lab.json")).unwrap()).unwrap();
         assert_eq!(saved, d);
@@ -112,12 +125,18 @@ fn internal_switch_gives_the_host_an_address_in_the_untagged_vlan() {
         // A VM interface may not join a second switch while on the first.
         vswitch::create(dir, def("other", SwitchKind::Private)).unwrap();
         let err = vswitch::attach(dir, "other", "tap0", PortSettings::default()).unwrap_err();
-        assert!(err.to_string().contains("already a port of vs-lab"), "{err}");
+        assert!(
+            err.to_string().contains("already a port of vs-lab"),
+            "{err}"
+        );
     });
 }
 
 #[test]
-#[cfg_attr(no_bridge_vlan, ignore = "this kernel's bridge has no VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)")]
+#[cfg_attr(
+    no_bridge_vlan,
+    ignore = "this kernel's bridge has no VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)"
+)]
 fn ports_get_access_and_trunk_vlans() {
     in_netns(|| {
         let state = tempfile::tempdir().unwrap();
@@ -165,8 +184,15 @@ fn without_vlan_filtering_only_untagged_ports_attach() {
         assert!(!vswitch::list(dir).unwrap()[0].vlan_filtering);
         net.add_port("tap0");
         let err = vswitch::attach(dir, "v", "tap0", port(Vlan::Access(10))).unwrap_err();
-        assert!(err.to_string().contains("CONFIG_BRIDGE_VLAN_FILTERING"), "{err}");
-        assert_eq!(net.link("tap0").unwrap().master, None, "a refused port is not attached");
+        assert!(
+            err.to_string().contains("CONFIG_BRIDGE_VLAN_FILTERING"),
+            "{err}"
+        );
+        assert_eq!(
+            net.link("tap0").unwrap().master,
+            None,
+            "a refused port is not attached"
+        );
         vswitch::attach(dir, "v", "tap0", PortSettings::default()).unwrap();
         assert_eq!(net.link("tap0").unwrap().master.as_deref(), Some("vs-v"));
     });
@@ -184,15 +210,24 @@ fn uplink(net: &Net, name: &str) {
 
 fn check_uplink_on(net: &Net, name: &str) {
     let l = net.link(name).unwrap();
-    assert_eq!(l.addresses, cidrs(&["203.0.113.5/24", "2001:db8::5/64"]), "{name}");
+    assert_eq!(
+        l.addresses,
+        cidrs(&["203.0.113.5/24", "2001:db8::5/64"]),
+        "{name}"
+    );
     let routes = net.gateway_routes(name);
     let gateways: Vec<IpAddr> = routes.iter().map(|r| r.gateway).collect();
     assert_eq!(
         gateways,
-        ["203.0.113.1".parse::<IpAddr>().unwrap(), "2001:db8::1".parse().unwrap()],
+        [
+            "203.0.113.1".parse::<IpAddr>().unwrap(),
+            "2001:db8::1".parse().unwrap()
+        ],
         "{routes:?}"
     );
-    assert!(routes.iter().all(|r| r.destination.is_none() || r.destination.unwrap().prefix() == 0));
+    assert!(routes
+        .iter()
+        .all(|r| r.destination.is_none() || r.destination.unwrap().prefix() == 0));
     assert_eq!(routes[0].metric, Some(100));
 }
 
@@ -218,18 +253,28 @@ fn external_switch_moves_the_hosts_addresses_and_routes_and_gives_them_back() {
         assert_eq!(phys.addresses, vec![]);
         assert_eq!(net.gateway_routes("phys0"), vec![]);
         if VLANS {
-            let trunk: Vec<_> = std::iter::once(VlanEntry::access(1)).chain(tagged(2..=4094)).collect();
+            let trunk: Vec<_> = std::iter::once(VlanEntry::access(1))
+                .chain(tagged(2..=4094))
+                .collect();
             assert_eq!(phys.vlans, trunk, "the adapter is a trunk");
         } else {
             assert_eq!(phys.vlans, vec![]);
         }
 
         // Applying again changes nothing.
-        let before = (net.link("vs-ext"), net.link("phys0"), net.gateway_routes("vs-ext"));
+        let before = (
+            net.link("vs-ext"),
+            net.link("phys0"),
+            net.gateway_routes("vs-ext"),
+        );
         for a in vswitch::apply(dir).unwrap() {
             a.result.unwrap();
         }
-        let after = (net.link("vs-ext"), net.link("phys0"), net.gateway_routes("vs-ext"));
+        let after = (
+            net.link("vs-ext"),
+            net.link("phys0"),
+            net.gateway_routes("vs-ext"),
+        );
         assert_eq!(before, after);
 
         // The adapter cannot serve a second switch, nor be attached as a VM port.
@@ -240,7 +285,10 @@ fn external_switch_moves_the_hosts_addresses_and_routes_and_gives_them_back() {
         assert!(net.link("vs-ext2").is_none());
         vswitch::create(dir, def("p", SwitchKind::Private)).unwrap();
         let err = vswitch::attach(dir, "p", "phys0", PortSettings::default()).unwrap_err();
-        assert!(err.to_string().contains("adapter of switch \"ext\""), "{err}");
+        assert!(
+            err.to_string().contains("adapter of switch \"ext\""),
+            "{err}"
+        );
 
         vswitch::remove(dir, "ext", false).unwrap();
         assert!(net.link("vs-ext").is_none());
@@ -266,11 +314,12 @@ fn apply_recreates_every_switch_after_a_reboot_without_duplicates() {
             vswitch::create(dir, d).unwrap();
         }
         let snapshot = || {
-            ["vs-ext", "vs-lab", "vs-iso", "phys0"]
-                .map(|n| net.link(n).map(|mut l| {
+            ["vs-ext", "vs-lab", "vs-iso", "phys0"].map(|n| {
+                net.link(n).map(|mut l| {
                     l.index = 0; // a re-created bridge has a new index
                     l
-                }))
+                })
+            })
         };
         let before = snapshot();
 
@@ -305,22 +354,36 @@ fn bad_input_is_refused_naming_what_is_wrong() {
         let net = Net::open();
         let msg = |r: vswitch::Result<SwitchDef>| r.unwrap_err().to_string();
 
-        assert!(msg(vswitch::create(dir, def("much-too-long", SwitchKind::Private))).contains("switch name"));
+        assert!(msg(vswitch::create(
+            dir,
+            def("much-too-long", SwitchKind::Private)
+        ))
+        .contains("switch name"));
         let mut ext = def("ext", SwitchKind::External);
         ext.adapter = Some("nosuch0".into());
-        assert_eq!(msg(vswitch::create(dir, ext.clone())), "no network adapter named \"nosuch0\"");
+        assert_eq!(
+            msg(vswitch::create(dir, ext.clone())),
+            "no network adapter named \"nosuch0\""
+        );
         ext.adapter = None;
         assert!(msg(vswitch::create(dir, ext)).contains("adapter"));
         let mut p = def("p", SwitchKind::Private);
         p.host_address = Some("198.51.100.1/24".parse().unwrap());
         assert!(msg(vswitch::create(dir, p)).contains("host address"));
-        assert!(msg(vswitch::create(dir, def("default", SwitchKind::Internal))).contains("Default Switch"));
+        assert!(
+            msg(vswitch::create(dir, def("default", SwitchKind::Internal)))
+                .contains("Default Switch")
+        );
 
         vswitch::create(dir, def("dup", SwitchKind::Private)).unwrap();
-        assert_eq!(msg(vswitch::create(dir, def("dup", SwitchKind::Internal))), "switch \"dup\" already exists");
+        assert_eq!(
+            msg(vswitch::create(dir, def("dup", SwitchKind::Internal))),
+            "switch \"dup\" already exists"
+        );
 
         net.add_port("vs-taken");
-        assert!(msg(vswitch::create(dir, def("taken", SwitchKind::Private))).contains("vs-taken already exists"));
+        assert!(msg(vswitch::create(dir, def("taken", SwitchKind::Private)))
+            .contains("vs-taken already exists"));
         assert!(!dir.join("switches/taken.json").exists());
 
         // An adapter that is a port of some other bridge is refused, and nothing is left over.
@@ -358,14 +421,23 @@ fn default_switch_serves_dhcp_and_dns_behind_nat() {
         let net = Net::open();
         let d = vswitch::ensure_default(&dir).unwrap();
         assert_eq!(d.kind, SwitchKind::Default);
-        assert_eq!(d.host_address.unwrap().to_string(), vswitch::DEFAULT_HOST_ADDRESS);
+        assert_eq!(
+            d.host_address.unwrap().to_string(),
+            vswitch::DEFAULT_HOST_ADDRESS
+        );
         // Ensuring it again finds it.
         assert_eq!(vswitch::ensure_default(&dir).unwrap(), d);
         let br = net.link("vs-default").unwrap();
         assert_eq!(br.addresses, cidrs(&["172.30.254.1/24"]));
-        assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(), "1\n");
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+            "1\n"
+        );
         let table = nft_table();
-        assert!(table.contains("ip saddr 172.30.254.0/24 oifname != \"vs-default\" masquerade"), "{table}");
+        assert!(
+            table.contains("ip saddr 172.30.254.0/24 oifname != \"vs-default\" masquerade"),
+            "{table}"
+        );
         let status = vswitch::list(&dir).unwrap();
         assert_eq!(status[0].dhcp_running, Some(true));
 
@@ -384,10 +456,17 @@ fn default_switch_serves_dhcp_and_dns_behind_nat() {
         assert!((2..=254).contains(&octets[3]), "{:?}", lease.address);
         assert_eq!(lease.router.to_string(), "172.30.254.1");
         assert_eq!(lease.dns.to_string(), "172.30.254.1");
-        assert_eq!(resolved, Some(lease.address), "dnsmasq resolves the guest's name");
+        assert_eq!(
+            resolved,
+            Some(lease.address),
+            "dnsmasq resolves the guest's name"
+        );
         let leases = std::fs::read_to_string(dir.join("switches/default.leases")).unwrap();
         let mac_text = mac.map(|b| format!("{b:02x}")).join(":");
-        assert!(leases.contains(&mac_text) && leases.contains("guest1"), "{leases}");
+        assert!(
+            leases.contains(&mac_text) && leases.contains("guest1"),
+            "{leases}"
+        );
 
         let err = vswitch::remove(&dir, "default", false).unwrap_err();
         assert!(err.to_string().contains("vm0"), "{err}");
@@ -410,7 +489,11 @@ fn nft_table() -> String {
         .args(["list", "table", "inet", "viridian"])
         .output()
         .expect("nft (apt-get install nftables)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -423,7 +506,10 @@ fn nft_has_table() -> bool {
 }
 
 fn dnsmasq_running(dir: &Path) -> bool {
-    let needle = format!("--pid-file={}", dir.join("switches/default.dnsmasq.pid").display());
+    let needle = format!(
+        "--pid-file={}",
+        dir.join("switches/default.dnsmasq.pid").display()
+    );
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
         std::fs::read(e.path().join("cmdline"))
             .map(|c| c.split(|b| *b == 0).any(|a| a == needle.as_bytes()))
@@ -450,7 +536,9 @@ mod guest {
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let t = std::thread::spawn(move || {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            ns_tx.send(std::fs::File::open("/proc/thread-self/ns/net").unwrap()).unwrap();
+            ns_tx
+                .send(std::fs::File::open("/proc/thread-self/ns/net").unwrap())
+                .unwrap();
             go_rx.recv().unwrap();
             let net = Net::open();
             net.up(ifname);
@@ -497,8 +585,14 @@ mod guest {
     }
 
     /// (yiaddr, message type, options) of a reply to us.
-    fn parse(reply: &[u8]) -> Option<(Ipv4Addr, u8, Vec<(u8, Vec<u8>)>)> {
-        if reply.len() < 240 || reply[0] != 2 || reply[4..8] != XID || reply[236..240] != [99, 130, 83, 99] {
+    type Options = Vec<(u8, Vec<u8>)>;
+
+    fn parse(reply: &[u8]) -> Option<(Ipv4Addr, u8, Options)> {
+        if reply.len() < 240
+            || reply[0] != 2
+            || reply[4..8] != XID
+            || reply[236..240] != [99, 130, 83, 99]
+        {
             return None;
         }
         let yiaddr = Ipv4Addr::new(reply[16], reply[17], reply[18], reply[19]);
@@ -521,7 +615,7 @@ mod guest {
         Some((yiaddr, kind, opts))
     }
 
-    fn exchange(sock: &UdpSocket, msg: &[u8], want: u8) -> (Ipv4Addr, Vec<(u8, Vec<u8>)>) {
+    fn exchange(sock: &UdpSocket, msg: &[u8], want: u8) -> (Ipv4Addr, Options) {
         let server = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
         let mut buf = [0u8; 1500];
         for _ in 0..10 {
@@ -547,14 +641,18 @@ mod guest {
         let sock = UdpSocket::bind("0.0.0.0:68").unwrap();
         sock.set_broadcast(true).unwrap();
         setsockopt(&sock, sockopt::BindToDevice, &OsString::from(ifname)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         let (offered, opts) = exchange(&sock, &message(1, mac, hostname, &[]), 2);
         let server = ip_opt(&opts, 54);
         let request = message(
             3,
             mac,
             hostname,
-            &[(50, offered.octets().to_vec()), (54, server.octets().to_vec())],
+            &[
+                (50, offered.octets().to_vec()),
+                (54, server.octets().to_vec()),
+            ],
         );
         let (address, opts) = exchange(&sock, &request, 5);
         Lease {
@@ -567,7 +665,8 @@ mod guest {
     /// The first A record for `name` from the DNS server `server`.
     pub fn dns_a(name: &str, server: Ipv4Addr) -> Option<Ipv4Addr> {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
         for label in name.split('.') {
             q.push(label.len() as u8);
