@@ -160,7 +160,7 @@ pub struct DriveInfo {
     pub kind: DriveKind,
     /// The image file; `None` for an empty DVD drive.
     pub path: Option<PathBuf>,
-    /// "VHDX", "VHD", "raw" (an ISO is raw); `None` for an empty DVD drive.
+    /// "VHDX", "VHD", "raw" or "ISO"; `None` for an empty DVD drive.
     pub format: Option<String>,
     pub read_only: bool,
     /// Bytes; 0 for an empty DVD drive.
