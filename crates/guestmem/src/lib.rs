@@ -5,9 +5,13 @@
 //! The memory is shared with running vCPUs, so reads may race with guest writes; callers copy
 //! data out once, validate the copy, and never re-read a field they have validated.
 //!
-//! `unsafe` is confined to [`mapping`], which creates the 2 MiB-aligned anonymous mappings.
+//! `unsafe` is confined to [`mapping`], which creates the 2 MiB-aligned anonymous mappings, and
+//! [`fdio`], which reads from a descriptor into guest pages.
 
+mod fdio;
 mod mapping;
+
+pub use fdio::MAX_PIECES;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -6,5 +6,7 @@
 
 pub mod hv;
 pub mod ic;
+pub mod netvsp;
+pub mod rndis;
 pub mod storvsp;
 pub mod vmbus;
