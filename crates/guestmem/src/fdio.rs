@@ -27,7 +27,12 @@ impl GuestMemory {
             iov_len: head.len(),
         });
         for &(gpa, len) in pieces {
-            let out = || std::io::Error::other(Error::OutOfRange { gpa, len: len as u64 });
+            let out = || {
+                std::io::Error::other(Error::OutOfRange {
+                    gpa,
+                    len: len as u64,
+                })
+            };
             let slice = self
                 .mem
                 .get_slice(GuestAddress(gpa), len)

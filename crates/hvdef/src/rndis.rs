@@ -213,7 +213,14 @@ wire!(
     /// The header of every RNDIS message.
     Header { msg_type: u32, msg_len: u32 } = 8
 );
-wire!(InitRequest { request_id: u32, major_version: u32, minor_version: u32, max_transfer_size: u32 } = 16);
+wire!(
+    InitRequest {
+        request_id: u32,
+        major_version: u32,
+        minor_version: u32,
+        max_transfer_size: u32
+    } = 16
+);
 wire!(
     InitComplete {
         request_id: u32,
@@ -234,13 +241,31 @@ wire!(
     /// `request_id`.
     OidRequest { request_id: u32, oid: u32, info_len: u32, info_offset: u32, device_vc_handle: u32 } = 20
 );
-wire!(QueryComplete { request_id: u32, status: u32, info_len: u32, info_offset: u32 } = 16);
+wire!(
+    QueryComplete {
+        request_id: u32,
+        status: u32,
+        info_len: u32,
+        info_offset: u32
+    } = 16
+);
 wire!(
     /// SET, KEEPALIVE completions (and HALT's request id).
     RequestComplete { request_id: u32, status: u32 } = 8
 );
-wire!(ResetComplete { status: u32, addressing_reset: u32 } = 8);
-wire!(IndicateStatus { status: u32, status_len: u32, status_offset: u32 } = 12);
+wire!(
+    ResetComplete {
+        status: u32,
+        addressing_reset: u32
+    } = 8
+);
+wire!(
+    IndicateStatus {
+        status: u32,
+        status_len: u32,
+        status_offset: u32
+    } = 12
+);
 wire!(
     /// The data packet; offsets count from `data_offset`'s own position.
     Packet {
@@ -263,7 +288,13 @@ wire!(
     /// `rndis_pktinfo_id`.
     PktInfoId { version: u8, flag: u8, packet_id: u16 } = 4
 );
-wire!(ObjectHeader { object_type: u8, revision: u8, size: u16 } = 4);
+wire!(
+    ObjectHeader {
+        object_type: u8,
+        revision: u8,
+        size: u16
+    } = 4
+);
 wire!(
     /// NDIS_OFFLOAD up to revision 3 (NDIS 6.30); shorter revisions are prefixes.
     Offload {

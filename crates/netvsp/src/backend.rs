@@ -120,8 +120,7 @@ impl MemoryPort {
         timeout: std::time::Duration,
     ) -> Vec<(VirtioNetHdr, Vec<u8>)> {
         let deadline = std::time::Instant::now() + timeout;
-        while support::lock(&self.from_guest).len() < n && std::time::Instant::now() < deadline
-        {
+        while support::lock(&self.from_guest).len() < n && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         self.take_sent()

@@ -70,6 +70,10 @@ impl GuestBuffer {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Appends the guest pieces `(gpa, len)` of `offset..offset+len`, merging pages that are
     /// adjacent in guest memory. False if the range leaves the buffer.
     pub fn pieces(&self, offset: u32, len: u32, out: &mut Vec<(u64, usize)>) -> bool {

@@ -108,6 +108,9 @@ pub struct SavedState {
     pub link_up: bool,
 }
 
+/// A buffer's GPADL and id.
+type BufferRef = (u32, u16);
+
 #[derive(Default)]
 struct Control {
     nvsp: NvspState,
@@ -115,7 +118,7 @@ struct Control {
     recv: Option<Arc<ReceiveBuffer>>,
     send: Option<Arc<SendBuffer>>,
     /// Saved buffer GPADLs to map again when the primary reopens after a restore.
-    restored_buffers: Option<(Option<(u32, u16)>, Option<(u32, u16)>)>,
+    restored_buffers: Option<(Option<BufferRef>, Option<BufferRef>)>,
     subchannels: u16,
 }
 
@@ -303,7 +306,11 @@ impl vmbus::Device for NetvspDevice {
             support::limited!(LOG, warn, error = %e, queue = i, "netvsp: cannot enable a backend queue");
         }
         support::lock(&self.shared.open_channels).push(ch.index);
-        Ok(Box::new(worker::Worker::new(self.shared.clone(), ch, queue)))
+        Ok(Box::new(worker::Worker::new(
+            self.shared.clone(),
+            ch,
+            queue,
+        )))
     }
 
     fn close(&self, index: u16) {
@@ -360,7 +367,12 @@ impl vmbus::Device for NetvspDevice {
                 s.subchannels, self.shared.config.max_queues
             )));
         }
-        if s.rndis.rss.table.iter().any(|&q| q >= u32::from(self.shared.config.max_queues)) {
+        if s.rndis
+            .rss
+            .table
+            .iter()
+            .any(|&q| q >= u32::from(self.shared.config.max_queues))
+        {
             return Err(DeviceRestoreError::Invalid(
                 "RSS table names a queue the NIC does not have".into(),
             ));
@@ -375,7 +387,8 @@ impl vmbus::Device for NetvspDevice {
             subchannels: s.subchannels,
         };
         let sh = &self.shared;
-        sh.packet_filter.store(s.rndis.packet_filter, Ordering::Relaxed);
+        sh.packet_filter
+            .store(s.rndis.packet_filter, Ordering::Relaxed);
         sh.rndis_ready.store(s.rndis.initialized, Ordering::Release);
         sh.link_reported
             .store(if s.link_up { 2 } else { 1 }, Ordering::Relaxed);

@@ -17,18 +17,44 @@ pub const VERSIONS: [u32; 6] = [
 /// A typed guest message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
-    Init { min: u32, max: u32 },
-    NdisVersion { major: u32, minor: u32 },
-    NdisConfig { mtu: u32, capabilities: u64 },
-    ReceiveBuffer { gpadl: u32, id: u16 },
-    SendBuffer { gpadl: u32, id: u16 },
-    RevokeReceiveBuffer { id: u16 },
-    RevokeSendBuffer { id: u16 },
+    Init {
+        min: u32,
+        max: u32,
+    },
+    NdisVersion {
+        major: u32,
+        minor: u32,
+    },
+    NdisConfig {
+        mtu: u32,
+        capabilities: u64,
+    },
+    ReceiveBuffer {
+        gpadl: u32,
+        id: u16,
+    },
+    SendBuffer {
+        gpadl: u32,
+        id: u16,
+    },
+    RevokeReceiveBuffer {
+        id: u16,
+    },
+    RevokeSendBuffer {
+        id: u16,
+    },
     RndisPacket(nv::RndisPacket),
     /// The guest completing one of the host's RNDIS packets (sent as a completion packet).
-    RndisPacketComplete { status: u32 },
-    Subchannel { op: u32, count: u32 },
-    SwitchDataPath { datapath: u32 },
+    RndisPacketComplete {
+        status: u32,
+    },
+    Subchannel {
+        op: u32,
+        count: u32,
+    },
+    SwitchDataPath {
+        datapath: u32,
+    },
 }
 
 /// Why a message could not be parsed.
@@ -211,6 +237,9 @@ mod tests {
             })
         );
         let c = init_complete(None);
-        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), status::FAIL);
+        assert_eq!(
+            u32::from_le_bytes(c[12..16].try_into().unwrap()),
+            status::FAIL
+        );
     }
 }

@@ -197,7 +197,11 @@ mod tests {
         let mcast = [0x01, 0, 0x5e, 0, 0, 1];
         assert!(!rx_accepts(&MAC, &MAC, 0));
         assert!(rx_accepts(&MAC, &MAC, filter::DIRECTED));
-        assert!(!rx_accepts(&other, &MAC, filter::DIRECTED | filter::BROADCAST));
+        assert!(!rx_accepts(
+            &other,
+            &MAC,
+            filter::DIRECTED | filter::BROADCAST
+        ));
         assert!(rx_accepts(&other, &MAC, filter::PROMISCUOUS));
         assert!(rx_accepts(&[0xff; 6], &MAC, filter::BROADCAST));
         assert!(!rx_accepts(&[0xff; 6], &MAC, filter::DIRECTED));

@@ -362,9 +362,9 @@ fn query(state: &RndisState, nic: &NicInfo, which: u32) -> Option<Vec<u8>> {
         oid::GEN_MAXIMUM_FRAME_SIZE | oid::GEN_MAXIMUM_LOOKAHEAD | oid::GEN_CURRENT_LOOKAHEAD => {
             u32_info(nic.mtu)
         }
-        oid::GEN_MAXIMUM_TOTAL_SIZE | oid::GEN_TRANSMIT_BLOCK_SIZE | oid::GEN_RECEIVE_BLOCK_SIZE => {
-            u32_info(nic.mtu + 14)
-        }
+        oid::GEN_MAXIMUM_TOTAL_SIZE
+        | oid::GEN_TRANSMIT_BLOCK_SIZE
+        | oid::GEN_RECEIVE_BLOCK_SIZE => u32_info(nic.mtu + 14),
         oid::ETH_PERMANENT_ADDRESS | oid::ETH_CURRENT_ADDRESS => nic.mac.to_vec(),
         oid::GEN_MEDIA_CONNECT_STATUS => u32_info(if nic.link_up {
             r::MEDIA_STATE_CONNECTED
@@ -418,7 +418,13 @@ fn set_offload(state: &mut RndisState, info: &[u8]) -> u32 {
     {
         return status::INVALID_DATA;
     }
-    let csum = [p.ip4_csum, p.tcp4_csum, p.udp4_csum, p.tcp6_csum, p.udp6_csum];
+    let csum = [
+        p.ip4_csum,
+        p.tcp4_csum,
+        p.udp4_csum,
+        p.tcp6_csum,
+        p.udp6_csum,
+    ];
     if csum.iter().any(|&v| v > r::offload_param::TX_RX_ENABLED)
         || p.lsov2_ip4 > r::offload_param::LSOV2_ENABLED
         || p.lsov2_ip6 > r::offload_param::LSOV2_ENABLED
@@ -464,7 +470,7 @@ fn set_rss(state: &mut RndisState, nic: &NicInfo, info: &[u8]) -> u32 {
     let Some(key) = slice(p.hash_key_offset, usize::from(p.hash_key_size)) else {
         return status::INVALID_DATA;
     };
-    if tsize % 4 != 0 || tsize / 4 > 2 * usize::from(RSS_TABLE_ENTRIES) {
+    if !tsize.is_multiple_of(4) || tsize / 4 > 2 * usize::from(RSS_TABLE_ENTRIES) {
         return status::INVALID_DATA;
     }
     let table: Vec<u32> = table
@@ -495,7 +501,7 @@ fn set(state: &mut RndisState, nic: &NicInfo, which: u32, info: &[u8]) -> u32 {
         oid::TCP_OFFLOAD_PARAMETERS => set_offload(state, info),
         oid::GEN_RECEIVE_SCALE_PARAMETERS => set_rss(state, nic, info),
         oid::ETH_MULTICAST_LIST => {
-            if info.len() % 6 != 0 || info.len() / 6 > MULTICAST_LIST_SIZE as usize {
+            if !info.len().is_multiple_of(6) || info.len() / 6 > MULTICAST_LIST_SIZE as usize {
                 status::INVALID_LENGTH
             } else {
                 state.multicast_addresses = (info.len() / 6) as u32;
@@ -642,7 +648,10 @@ mod tests {
         let mut s = RndisState::default();
         let mut q = |which: u32| {
             let m = oid_request(msg::QUERY, 7, which, &[]);
-            let r = control(&mut s, &NIC, msg::QUERY, &m).unwrap().response.unwrap();
+            let r = control(&mut s, &NIC, msg::QUERY, &m)
+                .unwrap()
+                .response
+                .unwrap();
             query_result(&r)
         };
         assert_eq!(q(oid::ETH_PERMANENT_ADDRESS), (7, 0, NIC.mac.to_vec()));
@@ -670,7 +679,11 @@ mod tests {
             c.status
         };
         assert_eq!(
-            set_status(&mut s, oid::GEN_CURRENT_PACKET_FILTER, &0xbu32.to_le_bytes()),
+            set_status(
+                &mut s,
+                oid::GEN_CURRENT_PACKET_FILTER,
+                &0xbu32.to_le_bytes()
+            ),
             0
         );
         assert_eq!(s.packet_filter, 0xb);
@@ -705,7 +718,10 @@ mod tests {
         // An info buffer past the message.
         let mut m = oid_request(msg::SET, 3, oid::GEN_CURRENT_PACKET_FILTER, &[0; 4]);
         m[8 + 12..8 + 16].copy_from_slice(&1000u32.to_le_bytes());
-        let r = control(&mut s, &NIC, msg::SET, &m).unwrap().response.unwrap();
+        let r = control(&mut s, &NIC, msg::SET, &m)
+            .unwrap()
+            .response
+            .unwrap();
         let st = RequestComplete::read_from_prefix(&r[8..]).unwrap().0.status;
         assert_eq!(st, status::INVALID_DATA);
     }

@@ -100,7 +100,12 @@ pub struct TapQueue {
 fn open_queue(name: &str, multi: bool, offload: bool) -> std::io::Result<(OwnedFd, String)> {
     let path = c"/dev/net/tun";
     // SAFETY: a plain open of a NUL-terminated path; the descriptor is owned at once.
-    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    let raw = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
     if raw < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -117,7 +122,11 @@ fn open_queue(name: &str, multi: bool, offload: bool) -> std::io::Result<(OwnedF
         0
     };
     // TUNSETOFFLOAD takes the flags by value.
-    ioctl(fd.as_fd(), TUNSETOFFLOAD, flags as usize as *mut libc::c_void)?;
+    ioctl(
+        fd.as_fd(),
+        TUNSETOFFLOAD,
+        flags as usize as *mut libc::c_void,
+    )?;
     Ok((fd, req.name()))
 }
 

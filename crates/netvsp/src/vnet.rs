@@ -7,7 +7,9 @@ use hvdef::rndis::{lso, rx_csum, tx_csum};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// `struct virtio_net_hdr` (little-endian, as TUNSETVNETHDRSZ 10 on x86).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C, packed)]
 pub struct VirtioNetHdr {
     pub flags: u8,

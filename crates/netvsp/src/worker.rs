@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use vmbus::{
-    BusControl, Channel, ChannelError, ChannelWorker, Gpadls, OpenedChannel, PagedRange,
-    Progress, WorkerError,
+    BusControl, Channel, ChannelError, ChannelWorker, Gpadls, OpenedChannel, PagedRange, Progress,
+    WorkerError,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -248,17 +248,19 @@ impl Worker {
         ranges: Option<Result<Vec<PagedRange>, vmbus::packet::PacketError>>,
     ) {
         if ptype == packet_type::COMPLETION {
-            match nvsp::parse(payload) {
-                Ok(nvsp::Request::RndisPacketComplete { .. }) => {
-                    if let Some(s) = self.inflight.remove(&tid) {
-                        self.free.extend(s);
-                        return;
-                    }
+            if let Ok(nvsp::Request::RndisPacketComplete { .. }) = nvsp::parse(payload) {
+                if let Some(s) = self.inflight.remove(&tid) {
+                    self.free.extend(s);
+                    return;
                 }
-                Ok(_) | Err(_) => {}
             }
             bump(&self.counters().drop_malformed);
-            support::limited!(LOG, warn, tid, "netvsp: completion for nothing the host sent");
+            support::limited!(
+                LOG,
+                warn,
+                tid,
+                "netvsp: completion for nothing the host sent"
+            );
             return;
         }
         if ptype != packet_type::DATA_INBAND && ptype != packet_type::DATA_USING_GPA_DIRECT {
@@ -302,7 +304,11 @@ impl Worker {
     }
 
     /// NVSP control messages (primary channel only).
-    fn control(&mut self, req: nvsp::Request, completion_requested: bool) -> Option<[u8; MESSAGE_SIZE]> {
+    fn control(
+        &mut self,
+        req: nvsp::Request,
+        completion_requested: bool,
+    ) -> Option<[u8; MESSAGE_SIZE]> {
         let shared = self.shared.clone();
         let mut c = support::lock(&shared.control);
         match req {
@@ -404,12 +410,14 @@ impl Worker {
                 c.recv = None;
                 shared.rndis_ready.store(false, Ordering::Release);
                 shared.generation.fetch_add(1, Ordering::AcqRel);
-                completion_requested.then(|| nvsp::message(msg::REVOKE_RECEIVE_BUFFER, &status::SUCCESS))
+                completion_requested
+                    .then(|| nvsp::message(msg::REVOKE_RECEIVE_BUFFER, &status::SUCCESS))
             }
             nvsp::Request::RevokeSendBuffer { .. } => {
                 c.send = None;
                 shared.generation.fetch_add(1, Ordering::AcqRel);
-                completion_requested.then(|| nvsp::message(msg::REVOKE_SEND_BUFFER, &status::SUCCESS))
+                completion_requested
+                    .then(|| nvsp::message(msg::REVOKE_SEND_BUFFER, &status::SUCCESS))
             }
             nvsp::Request::Subchannel { op, count } => {
                 let fail = nvsp::message(
@@ -419,7 +427,10 @@ impl Worker {
                         count: 0,
                     },
                 );
-                let v5 = c.nvsp.version.is_some_and(|v| v >= hvdef::netvsp::version::V5);
+                let v5 = c
+                    .nvsp
+                    .version
+                    .is_some_and(|v| v >= hvdef::netvsp::version::V5);
                 if !v5 || op != nv::SUBCHANNEL_ALLOCATE || count == 0 || c.recv.is_none() {
                     bump(&self.counters().drop_malformed);
                     return Some(fail);
@@ -452,7 +463,10 @@ impl Worker {
 
     /// Gives each of `subchannels` queues an equal share of the primary's free sections.
     fn share_sections(&mut self, subchannels: u16) {
-        let Some(r) = self.recv.clone().or_else(|| support::lock(&self.shared.control).recv.clone())
+        let Some(r) = self
+            .recv
+            .clone()
+            .or_else(|| support::lock(&self.shared.control).recv.clone())
         else {
             return;
         };
@@ -573,7 +587,11 @@ impl Worker {
             bump(&c.drop_filtered);
             return true;
         }
-        match policy::check_tx(&self.tx[data.clone()], &shared.config.mac, &shared.config.policy) {
+        match policy::check_tx(
+            &self.tx[data.clone()],
+            &shared.config.mac,
+            &shared.config.policy,
+        ) {
             TxVerdict::Pass => {}
             TxVerdict::SpoofedMac => {
                 bump(&c.drop_spoofed_mac);
@@ -636,7 +654,9 @@ impl Worker {
         let info = shared.nic_info(c.nvsp.version.unwrap_or(0));
         let r = rn::control(&mut c.rndis, &info, t, &self.tx[range]);
         let ready = c.rndis.initialized && c.recv.is_some();
-        shared.packet_filter.store(c.rndis.packet_filter, Ordering::Relaxed);
+        shared
+            .packet_filter
+            .store(c.rndis.packet_filter, Ordering::Relaxed);
         shared.rndis_ready.store(ready, Ordering::Release);
         drop(c);
         bump(&self.counters().control_requests);
@@ -644,13 +664,19 @@ impl Worker {
             Ok(o) => {
                 if t == rmsg::INIT {
                     let up = shared.link_up.load(Ordering::Relaxed);
-                    shared.link_reported.store(if up { 2 } else { 1 }, Ordering::Relaxed);
+                    shared
+                        .link_reported
+                        .store(if up { 2 } else { 1 }, Ordering::Relaxed);
                 }
                 if let Some(resp) = o.response {
                     if self.pending_control.len() < MAX_PENDING_CONTROL {
                         self.pending_control.push_back(resp);
                     } else {
-                        support::limited!(LOG, warn, "netvsp: RNDIS answers pile up; the guest returns no receive sections");
+                        support::limited!(
+                            LOG,
+                            warn,
+                            "netvsp: RNDIS answers pile up; the guest returns no receive sections"
+                        );
                     }
                 }
                 true
@@ -869,6 +895,8 @@ impl ChannelWorker for Worker {
         let mut buf = std::mem::take(&mut self.ring_buf);
         let mut result = Ok(());
         for _ in 0..TX_BUDGET {
+            // A buffer given by the previous packet is used by the next one.
+            self.refresh();
             let p = match ch.try_recv(&mut buf) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,

@@ -387,14 +387,19 @@ impl Control {
         let data = &m.data[..m.len as usize];
         // The connection id and length were checked on the vCPU thread.
         let _ = self.server.post_message(m.connection_id, m.vp, data);
-        self.pump();
         let ty = data
             .get(..4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        // Workers see a new GPADL before the guest hears GPADL_CREATED (the guest may name
+        // it in its very next packet).
         if matches!(
             ty,
             Some(hv::msgtype::GPADL_HEADER | hv::msgtype::GPADL_BODY | hv::msgtype::GPADL_TEARDOWN)
         ) {
+            self.refresh_gpadls();
+        }
+        self.pump();
+        if ty == Some(hv::msgtype::GPADL_TEARDOWN) {
             self.refresh_gpadls();
         }
     }
