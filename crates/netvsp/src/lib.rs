@@ -317,12 +317,8 @@ impl vmbus::Device for NetvspDevice {
         support::lock(&self.shared.open_channels).retain(|&i| i != index);
         if index == 0 {
             // The guest's driver is gone or reloading: it starts over with INIT.
-            let mut c = support::lock(&self.shared.control);
-            let subchannels = c.subchannels;
-            *c = Control {
-                subchannels,
-                ..Default::default()
-            };
+            // Its subchannels are rescinded with it.
+            *support::lock(&self.shared.control) = Control::default();
             self.shared.rndis_ready.store(false, Ordering::Release);
             self.shared.packet_filter.store(0, Ordering::Relaxed);
             self.shared.link_reported.store(0, Ordering::Relaxed);
