@@ -25,6 +25,20 @@ pub enum MediaEvent {
     MediaRemoval = 3,
 }
 
+impl MediaEvent {
+    /// The event with this MMC event code (for restoring a saved drive).
+    pub fn from_code(code: u8) -> Option<Self> {
+        [
+            Self::NoChange,
+            Self::EjectRequest,
+            Self::NewMedia,
+            Self::MediaRemoval,
+        ]
+        .into_iter()
+        .find(|e| *e as u8 == code)
+    }
+}
+
 /// The drive's own state, for save/restore and inspection (the medium is re-attached by the
 /// caller, which knows where it came from).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

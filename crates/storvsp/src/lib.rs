@@ -21,12 +21,15 @@
 #![forbid(unsafe_code)]
 
 pub mod disk;
+pub mod inflight;
 pub mod protocol;
+mod save;
 
 use guestmem::GuestMemory;
 use hvdef::storvsp::{self as sp, VstorPacket};
 use hvdef::vmbus::{packet_type, Guid};
-use protocol::{Handshake, Phase, Properties, Request, Srb, SrbResult};
+use inflight::{Registry, SavedRequest};
+use protocol::{Handshake, Properties, Request, Srb, SrbResult};
 use scsi::{Data, InitiatorId, ScsiDisk, ScsiDvd, Target};
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -38,7 +41,7 @@ use vmbus::{
     BusControl, Channel, ChannelError, ChannelWorker, DeviceOffer, DeviceRestoreError, OpenError,
     OpenedChannel, PagedRange, Progress, SavedDevice, WorkerError,
 };
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 pub use disk::{DiskSpec, ImageMedium, OpenDiskError};
 /// The image formats a disk file can be opened in.
@@ -46,8 +49,8 @@ pub use vhdx::open::Format as ImageFormat;
 
 /// Largest data transfer of one SRB (see the crate docs for why).
 pub const MAX_TRANSFER_BYTES: u32 = 1 << 20;
-/// Version of [`SavedState`].
-pub const SAVED_STATE_VERSION: u32 = 1;
+/// Version of [`SavedState`] (version 1, the handshake alone, is still restored).
+pub const SAVED_STATE_VERSION: u32 = 2;
 /// Hyper-V's limit of LUNs per controller.
 pub const MAX_LUNS: usize = 64;
 
@@ -180,7 +183,13 @@ struct Shared {
     rescan_pending: AtomicBool,
     handshake: Mutex<Handshake>,
     counters: Counters,
-    open_channels: Mutex<Vec<u16>>,
+    /// Set by save: workers take nothing off their rings and send nothing until
+    /// [`StorvspDevice::resume`].
+    paused: AtomicBool,
+    /// Each open channel's in-flight requests.
+    channels: Mutex<BTreeMap<u16, Arc<Registry>>>,
+    /// Requests restored for channels the guest has not reopened yet.
+    restored: Mutex<BTreeMap<u16, Vec<SavedRequest>>>,
 }
 
 /// The synthetic SCSI controller.
@@ -188,11 +197,7 @@ pub struct StorvspDevice {
     shared: Arc<Shared>,
 }
 
-/// The device's saved state (version [`SAVED_STATE_VERSION`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SavedState {
-    pub handshake: Handshake,
-}
+pub use save::{SavedDvd, SavedState};
 
 /// The answer for targets and paths that have no LUNs (storvsc scans paths 0–7, targets
 /// 0–1).
@@ -219,7 +224,9 @@ impl StorvspDevice {
                 rescan_pending: AtomicBool::new(false),
                 handshake: Mutex::default(),
                 counters: Counters::default(),
-                open_channels: Mutex::default(),
+                paused: AtomicBool::new(false),
+                channels: Mutex::default(),
+                restored: Mutex::default(),
             }),
         };
         for (lun, spec) in disks {
@@ -388,13 +395,20 @@ impl vmbus::Device for StorvspDevice {
     }
 
     fn open(&self, ch: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
-        support::lock(&self.shared.open_channels).push(ch.index);
+        let registry = Registry::new(ch.index)
+            .map_err(|e| OpenError(format!("cannot create the channel's eventfd: {e}")))?;
+        support::lock(&self.shared.channels).insert(ch.index, registry.clone());
+        let replay = support::lock(&self.shared.restored)
+            .remove(&ch.index)
+            .unwrap_or_default();
         Ok(Box::new(Worker {
             shared: self.shared.clone(),
             props: self.properties(),
             index: ch.index,
             bus: ch.bus,
             initiator: InitiatorId(u64::from(ch.index)),
+            registry,
+            replay: replay.into(),
             recv: Vec::new(),
             data: Vec::new(),
             out: VecDeque::new(),
@@ -402,51 +416,27 @@ impl vmbus::Device for StorvspDevice {
     }
 
     fn close(&self, index: u16) {
-        let mut open = support::lock(&self.shared.open_channels);
-        open.retain(|&i| i != index);
+        // The guest gets no completion on a closed channel: its requests are forgotten.
+        support::lock(&self.shared.channels).remove(&index);
         if index == 0 {
             // The guest's driver is gone (or reloading): it starts over with BEGIN_INIT.
             *support::lock(&self.shared.handshake) = Handshake::default();
         }
     }
 
+    /// Pauses the controller (see [`StorvspDevice::resume`]) and saves the handshake, each
+    /// channel's in-flight requests, a pending rescan and the DVD drives' state.
     fn save(&self) -> SavedDevice {
-        let s = SavedState {
-            handshake: self.handshake(),
-        };
         SavedDevice {
             version: SAVED_STATE_VERSION,
-            data: serde_json::to_value(s).unwrap_or(serde_json::Value::Null),
+            data: serde_json::to_value(self.save_state()).unwrap_or(serde_json::Value::Null),
         }
     }
 
+    /// Restores a saved state into a controller built with the same drives, before the
+    /// guest's channels reopen; each reopened channel first finishes its saved requests.
     fn restore(&self, saved: &SavedDevice) -> Result<(), DeviceRestoreError> {
-        if saved.version != SAVED_STATE_VERSION {
-            return Err(DeviceRestoreError::Version(saved.version));
-        }
-        let s: SavedState = serde_json::from_value(saved.data.clone())
-            .map_err(|e| DeviceRestoreError::Invalid(e.to_string()))?;
-        let h = s.handshake;
-        if let Some(v) = h.version {
-            if !protocol::VERSIONS.contains(&v) {
-                return Err(DeviceRestoreError::Invalid(format!(
-                    "protocol version {v:#06x} is not one this controller speaks"
-                )));
-            }
-        }
-        if h.phase == Phase::Ready && h.version.is_none() {
-            return Err(DeviceRestoreError::Invalid(
-                "ready without a protocol version".into(),
-            ));
-        }
-        if h.subchannels > self.shared.config.max_subchannels {
-            return Err(DeviceRestoreError::Invalid(format!(
-                "{} subchannels, more than the {} allowed",
-                h.subchannels, self.shared.config.max_subchannels
-            )));
-        }
-        *support::lock(&self.shared.handshake) = h;
-        Ok(())
+        self.restore_state(saved)
     }
 
     fn inspect(&self) -> serde_json::Value {
@@ -488,7 +478,18 @@ impl vmbus::Device for StorvspDevice {
             "subchannels": h.subchannels,
             "max_subchannels": s.config.max_subchannels,
             "max_transfer_bytes": MAX_TRANSFER_BYTES,
-            "open_channels": *support::lock(&s.open_channels),
+            "paused": s.paused.load(Ordering::SeqCst),
+            "channels": support::lock(&s.channels)
+                .values()
+                .map(|r| {
+                    let q = r.lock();
+                    serde_json::json!({
+                        "index": r.index,
+                        "in_flight": q.entries.len(),
+                        "executed_not_sent": q.entries.iter().filter(|e| e.completion.is_some()).count(),
+                    })
+                })
+                .collect::<Vec<_>>(),
             "disks": disks,
             "dvds": dvds,
             "counters": {
@@ -578,24 +579,47 @@ struct Worker {
     index: u16,
     bus: Arc<dyn BusControl>,
     initiator: InitiatorId,
+    /// This channel's in-flight requests, shared with save.
+    registry: Arc<Registry>,
+    /// Requests restored from a saved state, finished before the ring is read.
+    replay: VecDeque<SavedRequest>,
     recv: Vec<u8>,
     /// The bounce buffer for SRB data (at most [`MAX_TRANSFER_BYTES`]).
     data: Vec<u8>,
-    /// Completions (transaction id) and host-initiated packets (`None`) that did not fit
-    /// the ring yet.
-    out: VecDeque<(Option<u64>, VstorPacket)>,
+    /// Completions and host-initiated packets that are not in the ring yet.
+    out: VecDeque<Outgoing>,
+}
+
+/// A packet for the guest.
+struct Outgoing {
+    /// The in-flight request it completes, or `None` for a host-initiated packet.
+    request: Option<(u64, u64)>,
+    packet: VstorPacket,
 }
 
 impl Worker {
+    /// Sends what is queued, in order; false while the ring is full or the controller is
+    /// paused.
     fn flush_out(&mut self, ch: &mut Channel) -> Result<bool, WorkerError> {
-        while let Some((id, p)) = self.out.front() {
-            let r = match id {
-                Some(id) => ch.send_completion(*id, p.as_bytes()),
+        if self.out.is_empty() {
+            return Ok(true);
+        }
+        let registry = self.registry.clone();
+        let Some(mut requests) = registry.lock_unless(&self.shared.paused) else {
+            return Ok(false);
+        };
+        while let Some(o) = self.out.front() {
+            let r = match o.request {
+                Some((_, id)) => ch.send_completion(id, o.packet.as_bytes()),
                 // storvsc takes an unsolicited packet as in-band with transaction id 0.
-                None => ch.send_inband(0, p.as_bytes(), false),
+                None => ch.send_inband(0, o.packet.as_bytes(), false),
             };
             match r {
                 Ok(()) => {
+                    match o.request {
+                        Some((seq, _)) => requests.done(seq),
+                        None => requests.notices = requests.notices.saturating_sub(1),
+                    }
                     self.out.pop_front();
                 }
                 Err(ChannelError::Full) => return Ok(false),
@@ -603,6 +627,60 @@ impl Worker {
             }
         }
         Ok(true)
+    }
+
+    /// Runs the request `seq` (a packet taken off the ring, or restored) and queues its
+    /// completion.
+    fn run(&mut self, seq: u64, p: &vmbus::packet::Packet<'_>) {
+        let ptype = p.packet_type();
+        let ranges = (ptype == packet_type::DATA_USING_GPA_DIRECT).then(|| p.gpa_direct_ranges());
+        let reply = self.handle(ptype, p.completion_requested(), p.payload(), ranges);
+        let mut requests = self.registry.lock();
+        match reply {
+            Some(packet) => {
+                requests.executed(seq, packet);
+                self.out.push_back(Outgoing {
+                    request: Some((seq, p.transaction_id())),
+                    packet,
+                });
+            }
+            None => requests.done(seq),
+        }
+    }
+
+    /// Finishes the requests of a restored state: a saved completion is sent again, a
+    /// request saved while it executed runs once more. False while paused.
+    fn replay_restored(&mut self) -> bool {
+        while let Some(saved) = self.replay.pop_front() {
+            let registry = self.registry.clone();
+            let Some(mut requests) = registry.lock_unless(&self.shared.paused) else {
+                self.replay.push_front(saved);
+                return false;
+            };
+            // restore() checked that both parse.
+            let Ok(p) = vmbus::packet::Packet::parse(&saved.packet) else {
+                continue;
+            };
+            let seq = requests.taken(&saved.packet);
+            let done = saved
+                .completion
+                .as_deref()
+                .and_then(|c| VstorPacket::read_from_bytes(c).ok());
+            match done {
+                Some(packet) => {
+                    requests.executed(seq, packet);
+                    self.out.push_back(Outgoing {
+                        request: Some((seq, p.transaction_id())),
+                        packet,
+                    });
+                }
+                None => {
+                    drop(requests);
+                    self.run(seq, &p);
+                }
+            }
+        }
+        true
     }
 
     /// Handles one guest packet; returns the completion to send, if any.
@@ -781,32 +859,37 @@ impl Worker {
 
 impl ChannelWorker for Worker {
     fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
+        self.registry.wake.clear();
         if self.index == 0 && self.shared.rescan_pending.swap(false, Ordering::AcqRel) {
             self.shared.rescan.clear();
             // Only a guest past END_INIT has a SCSI host to rescan.
             if support::lock(&self.shared.handshake).ready() {
                 Counters::add(&self.shared.counters.rescans, 1);
-                self.out
-                    .push_back((None, VstorPacket::new(sp::operation::ENUMERATE_BUS, 0)));
+                self.registry.lock().notices += 1;
+                self.out.push_back(Outgoing {
+                    request: None,
+                    packet: VstorPacket::new(sp::operation::ENUMERATE_BUS, 0),
+                });
             }
         }
-        if !self.flush_out(ch)? {
+        if !self.replay_restored() || !self.flush_out(ch)? {
             return Ok(Progress::WaitingForRoom);
         }
         let mut buf = std::mem::take(&mut self.recv);
+        let registry = self.registry.clone();
         let r = loop {
-            let p = match ch.try_recv(&mut buf) {
-                Ok(Some(p)) => p,
-                Ok(None) => break Ok(Progress::Idle),
-                Err(e) => break Err(e.into()),
+            // Taking a packet off the ring and recording it are one step for save.
+            let (seq, p) = {
+                let Some(mut requests) = registry.lock_unless(&self.shared.paused) else {
+                    break Ok(Progress::WaitingForRoom);
+                };
+                match ch.try_recv(&mut buf) {
+                    Ok(Some(p)) => (requests.taken(p.bytes()), p),
+                    Ok(None) => break Ok(Progress::Idle),
+                    Err(e) => break Err(e.into()),
+                }
             };
-            let id = p.transaction_id();
-            let ptype = p.packet_type();
-            let ranges =
-                (ptype == packet_type::DATA_USING_GPA_DIRECT).then(|| p.gpa_direct_ranges());
-            if let Some(reply) = self.handle(ptype, p.completion_requested(), p.payload(), ranges) {
-                self.out.push_back((Some(id), reply));
-            }
+            self.run(seq, &p);
             match self.flush_out(ch) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -821,10 +904,10 @@ impl ChannelWorker for Worker {
     }
 
     fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.registry.wake.as_fd()];
         if self.index == 0 {
-            vec![self.shared.rescan.as_fd()]
-        } else {
-            Vec::new()
+            fds.push(self.shared.rescan.as_fd());
         }
+        fds
     }
 }
