@@ -473,6 +473,7 @@ impl vmbus::Device for StorvspDevice {
         serde_json::json!({
             "kind": "storvsp",
             "name": s.config.name,
+            "instance_id": s.config.instance_id.to_string(),
             "protocol_version": h.version.map(|v| format!("{}.{}", v >> 8, v & 0xff)),
             "phase": h.phase,
             "subchannels": h.subchannels,

@@ -134,7 +134,10 @@ impl StorvspDevice {
                 if vmbus::packet::Packet::parse(&r.packet).is_err() {
                     return Err(invalid(format!("channel {}: a malformed packet", c.index)));
                 }
-                if r.completion.as_ref().is_some_and(|c| c.len() != size_of::<VstorPacket>()) {
+                if r.completion
+                    .as_ref()
+                    .is_some_and(|c| c.len() != size_of::<VstorPacket>())
+                {
                     return Err(invalid(format!(
                         "channel {}: a completion of the wrong size",
                         c.index

@@ -221,6 +221,12 @@ impl Guest {
         len: u32,
         offset: u32,
     ) -> ScsiRequest {
+        self.send_srb(id, lun, cdb, data_in, len, offset);
+        self.completion(id).srb()
+    }
+
+    /// Sends an SRB as [`Guest::srb`] does, without waiting for its completion.
+    pub fn send_srb(&mut self, id: u64, lun: u8, cdb: &[u8], data_in: u8, len: u32, offset: u32) {
         let p = self.srb_packet(lun, cdb, data_in, len);
         if len == 0 {
             self.send(id, packet_type::DATA_INBAND, &[], p.as_bytes());
@@ -234,7 +240,6 @@ impl Guest {
             let h = vmbus::packet::gpa_direct_header(&[r]);
             self.send(id, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
         }
-        self.completion(id).srb()
     }
 
     pub fn buf_gpa(&self, offset: u32) -> u64 {
