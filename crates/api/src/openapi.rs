@@ -101,13 +101,13 @@ fn stop_vm() {}
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 fn restart_vm() {}
 
-/// Pause a VM (Suspend-VM). Not supported by the worker yet: answers 409 saying so.
+/// Pause a VM (Suspend-VM): its vCPUs stop and its state stays in memory. 409 unless it is Running.
 #[utoipa::path(post, path = "/vms/{name}/pause", tag = "vms", params(("name" = String, Path)),
     responses((status = 200, body = Vm), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
 fn pause_vm() {}
 
-/// Resume a paused VM (Resume-VM).
+/// Resume a paused VM (Resume-VM). 409 unless it is Paused.
 #[utoipa::path(post, path = "/vms/{name}/resume", tag = "vms", params(("name" = String, Path)),
     responses((status = 200, body = Vm), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]

@@ -1,8 +1,8 @@
 //! The worker's control socket: a Unix stream socket per running VM that takes one-line
-//! commands (`shutdown`, `reboot`, `turn-off`, `status`, `kvp`, `kvp-set KEY=VALUE`,
-//! `kvp-delete KEY`, `inspect`, and the storage commands of [`storage_command`]) and answers
-//! with one line (`ok ...` or `error: ...`; `kvp`, `disks` and `inspect` answer `ok ` and one
-//! line of JSON). `viridian vm` is its client.
+//! commands (`shutdown`, `reboot`, `turn-off`, `pause`, `resume`, `status`, `kvp`,
+//! `kvp-set KEY=VALUE`, `kvp-delete KEY`, `inspect`, and the storage commands of
+//! [`storage_command`]) and answers with one line (`ok ...` or `error: ...`; `kvp`, `disks` and
+//! `inspect` answer `ok ` and one line of JSON). `viridian vm` is its client.
 
 use anyhow::Context;
 use std::io::{BufRead, BufReader, Write};
@@ -251,9 +251,22 @@ fn command(line: &str, control: &VmControl) -> String {
             control.turn_off();
             "ok: turned off".to_string()
         }
+        "pause" => match control.pause() {
+            Ok(()) => "ok: paused".to_string(),
+            Err(e) => format!("error: {e}"),
+        },
+        "resume" => match control.resume() {
+            Ok(()) => "ok: running".to_string(),
+            Err(e) => format!("error: {e}"),
+        },
         "status" => match control.status() {
             Some(s) => format!(
-                "ok: running vmbus={} heartbeat={:?} shutdown-service={} time-synced={}",
+                "ok: {} vmbus={} heartbeat={:?} shutdown-service={} time-synced={}",
+                if control.is_paused() {
+                    "paused"
+                } else {
+                    "running"
+                },
                 s.vmbus_version
                     .map(|v| format!("{}.{}", v >> 16, v & 0xffff))
                     .unwrap_or_else(|| "none".into()),
@@ -261,7 +274,14 @@ fn command(line: &str, control: &VmControl) -> String {
                 if s.shutdown_ready { "ready" } else { "absent" },
                 s.time_synced
             ),
-            None => "ok: running (no Hyper-V enlightenments)".to_string(),
+            None => format!(
+                "ok: {} (no Hyper-V enlightenments)",
+                if control.is_paused() {
+                    "paused"
+                } else {
+                    "running"
+                }
+            ),
         },
         other => format!(
             "error: unknown command '{}'",

@@ -1,6 +1,7 @@
 //! How `viridian run` ends, with tiny guests on the host's KVM: power-off exits 0, a reset
 //! exits 3, a triple fault exits 1 with the registers, Ctrl-C exits 130, and
-//! `viridian vm stop --force` turns the VM off through its control socket.
+//! `viridian vm stop --force` turns the VM off through its control socket, and `vm pause` /
+//! `vm resume` park and release its vCPUs.
 
 mod common;
 
@@ -164,6 +165,35 @@ fn vm_stop_force_turns_the_vm_off() {
         .unwrap();
     assert!(!polite.status.success());
     assert!(String::from_utf8_lossy(&polite.stderr).contains("--force"));
+    // Suspend-VM and Resume-VM on the control socket; a paused VM still turns off.
+    let vm = |args: &[&str]| {
+        Command::new(viridian)
+            .arg("vm")
+            .args(args)
+            .env("VIRIDIAN_RUN_DIR", &run_dir)
+            .output()
+            .unwrap()
+    };
+    let out = vm(&["pause", "tiny"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = vm(&["status", "tiny"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("paused"),
+        "{out:?}"
+    );
+    let again = vm(&["pause", "tiny"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already paused"),
+        "{again:?}"
+    );
+    assert!(vm(&["resume", "tiny"]).status.success());
+    let out = vm(&["status", "tiny"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("running"),
+        "{out:?}"
+    );
+    assert!(vm(&["pause", "tiny"]).status.success());
     let forced = Command::new(viridian)
         .args(["vm", "stop", "tiny", "--force"])
         .env("VIRIDIAN_RUN_DIR", &run_dir)

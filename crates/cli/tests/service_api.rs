@@ -168,6 +168,26 @@ fn kill9(pid: u32) {
         .status();
 }
 
+/// CPU time (clock ticks, user and system) process `pid` uses during `span`.
+fn cpu_ticks_over(pid: u64, span: Duration) -> u64 {
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields.iter().sum::<u64>()
+    };
+    let before = ticks();
+    std::thread::sleep(span);
+    ticks() - before
+}
+
 fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
@@ -519,8 +539,23 @@ fn lifecycle_with_a_tiny_guest() {
         409,
         "wrong_state",
     );
-    let msg = assert_error(s.req("POST", "/vms/spin/pause", None), 409, "not_supported");
-    assert!(msg.contains("not supported"), "{msg}");
+    // Suspend-VM: the spinning vCPU stops using the host's CPU; Resume-VM: it spins again.
+    assert_error(s.req("POST", "/vms/spin/resume", None), 409, "wrong_state");
+    assert!(
+        cpu_ticks_over(pid, Duration::from_secs(1)) >= 5,
+        "the guest spins"
+    );
+    let (status, v) = s.req("POST", "/vms/spin/pause", None);
+    assert_eq!((status, v["state"].as_str()), (200, Some("Paused")), "{v}");
+    assert_error(s.req("POST", "/vms/spin/pause", None), 409, "wrong_state");
+    let paused = cpu_ticks_over(pid, Duration::from_secs(1));
+    assert!(paused <= 3, "a paused VM used {paused} ticks in 1 s");
+    let (status, v) = s.req("POST", "/vms/spin/resume", None);
+    assert_eq!((status, v["state"].as_str()), (200, Some("Running")), "{v}");
+    assert!(
+        cpu_ticks_over(pid, Duration::from_secs(1)) >= 5,
+        "the guest spins again"
+    );
     // Limits change on a running VM.
     let (status, v) = s.req("PATCH", "/vms/spin", Some(json!({"cpu_limit": 50})));
     assert_eq!((status, v["cpu_limit"].as_u64()), (200, Some(50)));
@@ -546,7 +581,11 @@ fn lifecycle_with_a_tiny_guest() {
     assert!(!alive(pid), "the worker is gone");
     assert!(v["pid"].is_null());
     let seen = reader.join().unwrap();
-    assert_eq!(seen, ["Starting", "Running", "Stopping", "Off"], "events");
+    assert_eq!(
+        seen,
+        ["Starting", "Running", "Paused", "Running", "Stopping", "Off"],
+        "events"
+    );
 
     // Through the CLI: start, stop --turn-off, restart.
     let out = s.cli(&["vm", "start", "spin"]);

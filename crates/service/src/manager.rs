@@ -602,6 +602,10 @@ impl Manager {
                 "it is not running",
             ));
         };
+        if row.state == VmState::Paused && !turn_off {
+            // A paused guest cannot answer its shutdown service: let it run first.
+            let _ = worker::control(&socket, "resume", Duration::from_secs(15)).await;
+        }
         if turn_off {
             self.set_state(&row, VmState::Stopping, "Turning off")?;
             self.turn_off(id, "Turned off").await;
@@ -650,28 +654,52 @@ impl Manager {
         self.start_locked(&id, name).await
     }
 
+    /// Suspend-VM and Resume-VM: the worker parks its vCPUs (the guest stays in memory) or
+    /// lets them run again.
     pub async fn pause(&self, name: &str, resume: bool) -> Result<Vm, ApiError> {
-        let row = self.find(name)?;
-        let verb = if resume { "resume" } else { "pause" };
-        match (row.state, resume) {
-            (VmState::Running, false) | (VmState::Paused, true) => Err(ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "not_supported",
-                format!(
-                    "{verb} is not supported by the worker yet; `viridian vm stop {}` stops the VM",
-                    row.name
-                ),
-            )),
-            (state, _) => Err(ApiError::wrong_state(
+        let id = self.find(name)?.id;
+        let lock = self.lock_for(&id);
+        let _g = lock.lock().await;
+        let row = self.find_id(&id, name)?;
+        let (verb, from, to, status) = if resume {
+            ("resume", VmState::Paused, VmState::Running, "Running")
+        } else {
+            ("pause", VmState::Running, VmState::Paused, "Paused")
+        };
+        if row.state != from {
+            return Err(ApiError::wrong_state(
                 &row.name,
-                state,
+                row.state,
                 if resume {
                     "resume needs it Paused"
                 } else {
                     "pause needs it Running"
                 },
-            )),
+            ));
         }
+        let socket = self
+            .workers
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|w| w.socket.clone());
+        let Some(socket) = socket else {
+            return Err(ApiError::wrong_state(
+                &row.name,
+                row.state,
+                "its worker is gone",
+            ));
+        };
+        if let Err(e) = worker::control(&socket, verb, Duration::from_secs(15)).await {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "worker_refused",
+                format!("the worker of {} could not {verb} it: {e}", row.name),
+            ));
+        }
+        self.set_state(&row, to, status)?;
+        let row = self.find_id(&id, name)?;
+        Ok(self.view(&row, Heartbeat::NoContact))
     }
 
     /// At start-up: adopt the workers that still run, mark the rest Off, remove folders

@@ -9,6 +9,7 @@ pub mod hyperv;
 pub mod integration;
 pub mod kvp;
 pub mod layout;
+mod pause;
 pub mod payload;
 pub mod synic;
 pub mod vcpu;
@@ -16,7 +17,7 @@ mod vm;
 pub mod vmbus_host;
 pub mod vmlinux;
 
-pub use vm::{DiskError, ExitReason, StopHandle, Vm, VmConfig, VmControl};
+pub use vm::{DiskError, ExitReason, PauseError, StopHandle, Vm, VmConfig, VmControl};
 
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]

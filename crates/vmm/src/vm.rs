@@ -2,6 +2,7 @@
 
 use crate::hyperv::{self, Hv, HvExits};
 use crate::integration::ShutdownError;
+use crate::pause::PauseGate;
 pub use crate::vmbus_host::DiskError;
 use crate::vmbus_host::{DriveInfo, IcStatus, Media, Vmbus};
 use crate::{acpi, boot, cpu, layout, vcpu, Error, Result};
@@ -57,30 +58,83 @@ pub enum ExitReason {
     TurnedOff,
 }
 
+/// What the thread running the VM is told: an exit, or a pause or resume to carry out.
+enum Event {
+    Exit(ExitReason),
+    Pause {
+        paused: bool,
+        done: mpsc::Sender<std::result::Result<(), PauseError>>,
+    },
+}
+
 /// Stops a running VM from another thread.
 #[derive(Clone)]
-pub struct StopHandle(mpsc::Sender<ExitReason>);
+pub struct StopHandle(mpsc::Sender<Event>);
 
 impl StopHandle {
     /// Stops the VM as Ctrl-C does.
     pub fn stop(&self) {
-        let _ = self.0.send(ExitReason::Stopped);
+        let _ = self.0.send(Event::Exit(ExitReason::Stopped));
     }
 
     /// Powers the VM off without asking the guest.
     pub fn turn_off(&self) {
-        let _ = self.0.send(ExitReason::TurnedOff);
+        let _ = self.0.send(Event::Exit(ExitReason::TurnedOff));
     }
 }
+
+/// Why a pause or resume did not happen.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("the VM is not running")]
+    NotRunning,
+    #[error("{0} of the VM's vCPUs did not stop within {PAUSE_TIMEOUT:?}")]
+    Timeout(u32),
+}
+
+/// How long a pause waits for the vCPUs to leave the guest.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Controls a running VM from another thread (the control socket).
 #[derive(Clone)]
 pub struct VmControl {
     stop: StopHandle,
     vmbus: Option<Arc<Vmbus>>,
+    gate: Arc<PauseGate>,
 }
 
 impl VmControl {
+    /// Stops the vCPUs; the guest's state stays in memory (Suspend-VM). Returns once every
+    /// vCPU is out of the guest.
+    pub fn pause(&self) -> std::result::Result<(), PauseError> {
+        self.set_paused(true)
+    }
+
+    /// Lets a paused VM's vCPUs run again (Resume-VM).
+    pub fn resume(&self) -> std::result::Result<(), PauseError> {
+        self.set_paused(false)
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.gate.is_paused()
+    }
+
+    fn set_paused(&self, paused: bool) -> std::result::Result<(), PauseError> {
+        let (done, answer) = mpsc::channel();
+        self.stop
+            .0
+            .send(Event::Pause { paused, done })
+            .map_err(|_| PauseError::NotRunning)?;
+        answer
+            .recv_timeout(PAUSE_TIMEOUT * 2)
+            .map_err(|_| PauseError::NotRunning)?
+    }
+
     /// Asks the guest to shut down (or reboot) through the shutdown integration service.
     pub fn shutdown(&self, reboot: bool) -> std::result::Result<(), ShutdownError> {
         match &self.vmbus {
@@ -185,7 +239,8 @@ pub struct Vm {
     vmbus: Option<Arc<Vmbus>>,
     chipset: Arc<Chipset>,
     vcpus: Vec<VcpuFd>,
-    events: (mpsc::Sender<ExitReason>, mpsc::Receiver<ExitReason>),
+    events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
+    gate: Arc<PauseGate>,
 }
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
@@ -347,6 +402,7 @@ impl Vm {
             chipset,
             vcpus,
             events: mpsc::channel(),
+            gate: Arc::new(PauseGate::default()),
         })
     }
 
@@ -355,6 +411,7 @@ impl Vm {
         VmControl {
             stop: self.stop_handle(),
             vmbus: self.vmbus.clone(),
+            gate: self.gate.clone(),
         }
     }
 
@@ -381,6 +438,7 @@ impl Vm {
                     chipset: self.chipset.clone(),
                     events: tx.clone(),
                     stopping: stopping.clone(),
+                    gate: self.gate.clone(),
                 };
                 std::thread::Builder::new()
                     .name(format!("vcpu{index}"))
@@ -388,9 +446,19 @@ impl Vm {
                     .expect("spawn vCPU thread")
             })
             .collect();
+        let reason = loop {
+            match rx.recv() {
+                Ok(Event::Exit(reason)) => break reason,
+                Ok(Event::Pause { paused, done }) => {
+                    let _ = done.send(self.gate.carry_out(paused, &threads));
+                }
+                Err(_) => break ExitReason::Stopped,
+            }
+        };
         drop(tx);
-        let reason = rx.recv().unwrap_or(ExitReason::Stopped);
         stopping.store(true, Ordering::SeqCst);
+        // A paused VM that is stopped: its vCPUs leave the gate and see `stopping`.
+        self.gate.resume();
         // Kick every vCPU out of KVM_RUN until all threads have noticed.
         for t in &threads {
             while !t.is_finished() {
@@ -417,8 +485,9 @@ struct VcpuContext {
     index: u32,
     hv: Option<HvExits>,
     chipset: Arc<Chipset>,
-    events: mpsc::Sender<ExitReason>,
+    events: mpsc::Sender<Event>,
     stopping: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
 }
 
 impl VcpuContext {
@@ -428,6 +497,10 @@ impl VcpuContext {
             hv.prepare_vcpu(&mut vcpu);
         }
         while !self.stopping.load(Ordering::Relaxed) {
+            if self.gate.is_paused() {
+                self.gate.park_while_paused(&self.stopping);
+                continue;
+            }
             if let Some(reason) =
                 vcpu::step(&mut vcpu, self.index, self.hv.as_ref(), &*self.chipset)
             {
@@ -440,6 +513,42 @@ impl VcpuContext {
 
     fn finish(&self, reason: ExitReason) {
         self.stopping.store(true, Ordering::SeqCst);
-        let _ = self.events.send(reason);
+        let _ = self.events.send(Event::Exit(reason));
+    }
+}
+
+impl PauseGate {
+    /// Pauses or resumes on the thread that runs the VM, which owns the vCPU threads: a pause
+    /// kicks them out of KVM_RUN until each has parked.
+    fn carry_out(
+        &self,
+        paused: bool,
+        threads: &[JoinHandle<String>],
+    ) -> std::result::Result<(), PauseError> {
+        match (paused, self.is_paused()) {
+            (true, true) => return Err(PauseError::AlreadyPaused),
+            (false, false) => return Err(PauseError::NotPaused),
+            (false, true) => {
+                self.resume();
+                return Ok(());
+            }
+            (true, false) => self.pause(),
+        }
+        let end = std::time::Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let running = threads.iter().filter(|t| !t.is_finished()).count() as u32;
+            let parked = self.parked();
+            if parked >= running {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= end {
+                self.resume();
+                return Err(PauseError::Timeout(running - parked));
+            }
+            for t in threads {
+                let _ = t.kill(kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

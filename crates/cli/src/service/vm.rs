@@ -204,14 +204,28 @@ pub fn managed(cmd: ManagedCommand) -> anyhow::Result<i32> {
             "restart",
             if turn_off { "?turn_off=true" } else { "" },
         ),
-        ManagedCommand::Pause { name } => action(&c, &name, "pause", ""),
-        ManagedCommand::Resume { name } => action(&c, &name, "resume", ""),
+        ManagedCommand::Pause { name } => pause(&c, &name, "pause"),
+        ManagedCommand::Resume { name } => pause(&c, &name, "resume"),
         ManagedCommand::Remove { name } => {
             call(&c, "DELETE", &vm_path(&name), None)?;
             println!("{name}: removed");
             Ok(0)
         }
     }
+}
+
+/// Suspend-VM / Resume-VM: through the service when it runs and knows the VM, else on the
+/// control socket of a foreground `viridian run --name NAME`.
+fn pause(c: &Client, name: &str, verb: &str) -> anyhow::Result<i32> {
+    if client_if_up()?.is_some() {
+        match action(c, name, verb, "") {
+            Err(e) if unknown_vm(&e) => {}
+            other => return other,
+        }
+    }
+    let reply = crate::control::send(&crate::control::socket_for(name), verb)?;
+    println!("{name}: {reply}");
+    Ok(0)
 }
 
 fn action(c: &Client, name: &str, verb: &str, query: &str) -> anyhow::Result<i32> {
