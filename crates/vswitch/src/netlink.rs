@@ -254,11 +254,16 @@ impl Netlink {
         })
     }
 
+    /// Takes a port off its bridge; one that has gone away meanwhile (a VM's TAP closing) is
+    /// not an error.
     pub fn set_nomaster(&self, port: &Link) -> Result<()> {
         let msg = LinkUnspec::new_with_index(port.index)
             .nocontroller()
             .build();
-        self.change(msg, || format!("releasing {} from its bridge", port.name))
+        match self.change(msg, || format!("releasing {} from its bridge", port.name)) {
+            Err(e) if errno(&e.source) == Some(ENODEV) => Ok(()),
+            r => r,
+        }
     }
 
     pub fn set_up(&self, link: &Link) -> Result<()> {

@@ -15,12 +15,17 @@ fn def(name: &str, kind: SwitchKind) -> SwitchDef {
     }
 }
 
-/// Whether this kernel's bridge filters by VLAN (see build.rs).
-const VLANS: bool = !cfg!(no_bridge_vlan);
+/// Whether the bridges of the switches in `dir` filter by VLAN, as the kernel reports them
+/// (build.rs only decides which tests are marked ignored).
+fn filtering(dir: &Path) -> bool {
+    let list = vswitch::list(dir).unwrap();
+    assert!(!list.is_empty());
+    list.iter().all(|s| s.vlan_filtering)
+}
 
 /// The VLAN entries of an untagged port: VLAN 1 as PVID, untagged; none without filtering.
-fn untagged_port() -> Vec<VlanEntry> {
-    if VLANS {
+fn untagged_port(dir: &Path) -> Vec<VlanEntry> {
+    if filtering(dir) {
         vec![VlanEntry::access(1)]
     } else {
         vec![]
@@ -63,8 +68,8 @@ fn private_switch_keeps_the_host_off_and_ports_in_their_vlans() {
         let t0 = net.link("tap0").unwrap();
         assert_eq!(t0.master.as_deref(), Some("vs-p1"));
         assert!(t0.up);
-        assert_eq!(t0.vlans, untagged_port());
-        assert_eq!(net.link("tap1").unwrap().vlans, untagged_port());
+        assert_eq!(t0.vlans, untagged_port(dir));
+        assert_eq!(net.link("tap1").unwrap().vlans, untagged_port(dir));
 
         vswitch::detach(dir, "p1", "tap0").unwrap();
         assert_eq!(net.link("tap0").unwrap().master, None);
@@ -112,7 +117,7 @@ fn internal_switch_gives_the_host_an_address_in_the_untagged_vlan() {
         );
         assert_eq!(
             br.vlans,
-            untagged_port(),
+            untagged_port(dir),
             "the host is in the untagged VLAN"
         );
         let saved: SwitchDef =
@@ -121,7 +126,11 @@ fn internal_switch_gives_the_host_an_address_in_the_untagged_vlan() {
 
         net.add_port("tap0");
         vswitch::attach(dir, "lab", "tap0", port(Vlan::Untagged)).unwrap();
-        assert_eq!(net.link("tap0").unwrap().vlans, untagged_port());
+        assert_eq!(net.link("tap0").unwrap().vlans, untagged_port(dir));
+        // The host reaches a guest on the switch through the bridge.
+        net.add_port("tap1");
+        vswitch::attach(dir, "lab", "tap1", port(Vlan::Untagged)).unwrap();
+        assert!(guest::host_reaches(&net, "tap1p", "198.51.100.2/24"));
         // A VM interface may not join a second switch while on the first.
         vswitch::create(dir, def("other", SwitchKind::Private)).unwrap();
         let err = vswitch::attach(dir, "other", "tap0", PortSettings::default()).unwrap_err();
@@ -170,6 +179,45 @@ fn ports_get_access_and_trunk_vlans() {
         assert_eq!(net.link("tap0").unwrap().vlans, vec![VlanEntry::tagged(5)]);
         // The bridge itself stays in no VLAN.
         assert_eq!(net.link("vs-v").unwrap().vlans, vec![]);
+    });
+}
+
+#[test]
+#[cfg_attr(
+    no_bridge_vlan,
+    ignore = "this kernel's bridge has no VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)"
+)]
+fn access_vlans_carry_traffic_within_a_vlan_only() {
+    in_netns(|| {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path();
+        let net = Net::open();
+        vswitch::create(dir, def("v", SwitchKind::Private)).unwrap();
+        for (a, b, va, vb, reaches) in [("a0", "b0", 10, 10, true), ("a1", "b1", 10, 20, false)] {
+            net.add_port(a);
+            net.add_port(b);
+            vswitch::attach(dir, "v", a, port(Vlan::Access(va))).unwrap();
+            vswitch::attach(dir, "v", b, port(Vlan::Access(vb))).unwrap();
+            // The guests are the far ends of the veth pairs, each in a namespace of its own.
+            let (ga, gb): (&'static str, &'static str) = match a {
+                "a0" => ("a0p", "b0p"),
+                _ => ("a1p", "b1p"),
+            };
+            assert_eq!(
+                guest::udp_reaches(&net, ga, gb),
+                reaches,
+                "VLAN {va} to VLAN {vb}"
+            );
+            // The guests' namespaces are going away, and with them both veth pairs (the kernel
+            // does that in the background); detaching one that is gone, or going, is fine.
+            vswitch::detach(dir, "v", a).unwrap();
+        }
+        // The private bridge itself is in no VLAN: even given an address by hand, the host
+        // cannot reach a guest on the switch.
+        net.add_address("vs-v", "192.0.2.9/24");
+        net.add_port("c0");
+        vswitch::attach(dir, "v", "c0", PortSettings::default()).unwrap();
+        assert!(!guest::host_reaches(&net, "c0p", "192.0.2.2/24"));
     });
 }
 
@@ -247,12 +295,12 @@ fn external_switch_moves_the_hosts_addresses_and_routes_and_gives_them_back() {
         let br = net.link("vs-ext").unwrap();
         check_uplink_on(&net, "vs-ext");
         assert_eq!(br.mac, mac, "the bridge takes the adapter's MAC address");
-        assert_eq!(br.vlans, untagged_port());
+        assert_eq!(br.vlans, untagged_port(dir));
         let phys = net.link("phys0").unwrap();
         assert_eq!(phys.master.as_deref(), Some("vs-ext"));
         assert_eq!(phys.addresses, vec![]);
         assert_eq!(net.gateway_routes("phys0"), vec![]);
-        if VLANS {
+        if filtering(dir) {
             let trunk: Vec<_> = std::iter::once(VlanEntry::access(1))
                 .chain(tagged(2..=4094))
                 .collect();
@@ -262,20 +310,21 @@ fn external_switch_moves_the_hosts_addresses_and_routes_and_gives_them_back() {
         }
 
         // Applying again changes nothing.
-        let before = (
-            net.link("vs-ext"),
-            net.link("phys0"),
-            net.gateway_routes("vs-ext"),
-        );
+        let before = comparable(&net, &["vs-ext", "phys0"]);
         for a in vswitch::apply(dir).unwrap() {
             a.result.unwrap();
         }
-        let after = (
-            net.link("vs-ext"),
-            net.link("phys0"),
-            net.gateway_routes("vs-ext"),
-        );
-        assert_eq!(before, after);
+        let after = comparable(&net, &["vs-ext", "phys0"]);
+        for (now, then) in after.iter().zip(&before) {
+            assert!(
+                now == then,
+                "now {} {:?}\nbefore {} {:?}",
+                brief(&now.0),
+                now.1,
+                brief(&then.0),
+                then.1
+            );
+        }
 
         // The adapter cannot serve a second switch, nor be attached as a VM port.
         let mut d2 = def("ext2", SwitchKind::External);
@@ -299,6 +348,46 @@ fn external_switch_moves_the_hosts_addresses_and_routes_and_gives_them_back() {
     });
 }
 
+/// The links' states and their gateway routes, for comparing before and after an apply:
+/// without interface indexes (a re-created bridge has a new one) and IPv6 link-local
+/// addresses (the kernel adds them on its own once a bridge has carrier; when is not ours).
+fn comparable(
+    net: &Net,
+    names: &[&str],
+) -> Vec<(
+    Option<vswitch::testing::LinkState>,
+    Vec<vswitch::testing::RouteState>,
+)> {
+    names
+        .iter()
+        .map(|n| {
+            let link = net.link(n).map(|mut l| {
+                l.index = 0;
+                l.link_local.clear();
+                l
+            });
+            let routes = if link.is_some() {
+                net.gateway_routes(n)
+            } else {
+                vec![]
+            };
+            (link, routes)
+        })
+        .collect()
+}
+
+/// A link's state for a failure message, with at most the first few of its VLAN entries.
+fn brief(l: &Option<vswitch::testing::LinkState>) -> String {
+    match l {
+        None => "absent".into(),
+        Some(l) => {
+            let mut short = l.clone();
+            short.vlans.truncate(3);
+            format!("{short:?} ({} VLAN entries)", l.vlans.len())
+        }
+    }
+}
+
 #[test]
 fn apply_recreates_every_switch_after_a_reboot_without_duplicates() {
     in_netns(|| {
@@ -313,14 +402,7 @@ fn apply_recreates_every_switch_after_a_reboot_without_duplicates() {
         for d in [ext, lab, def("iso", SwitchKind::Private)] {
             vswitch::create(dir, d).unwrap();
         }
-        let snapshot = || {
-            ["vs-ext", "vs-lab", "vs-iso", "phys0"].map(|n| {
-                net.link(n).map(|mut l| {
-                    l.index = 0; // a re-created bridge has a new index
-                    l
-                })
-            })
-        };
+        let snapshot = || comparable(&net, &["vs-ext", "vs-lab", "vs-iso", "phys0"]);
         let before = snapshot();
 
         // A reboot: the bridges are gone, the adapter comes back with the host's settings.
@@ -340,7 +422,16 @@ fn apply_recreates_every_switch_after_a_reboot_without_duplicates() {
             for a in applied {
                 a.result.unwrap();
             }
-            assert_eq!(snapshot(), before);
+            for (now, then) in snapshot().iter().zip(&before) {
+                assert!(
+                    now == then,
+                    "now {} {:?}\nbefore {} {:?}",
+                    brief(&now.0),
+                    now.1,
+                    brief(&then.0),
+                    then.1
+                );
+            }
             check_uplink_on(&net, "vs-ext");
         }
     });
@@ -523,15 +614,16 @@ mod guest {
     use nix::sys::socket::{setsockopt, sockopt};
     use std::ffi::OsString;
     use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+    use std::thread::JoinHandle;
     use std::time::Duration;
 
     /// Moves `ifname` into a new namespace and runs `f` there (with the interface's MAC
-    /// address) on a thread of its own.
-    pub fn in_other_netns<T: Send + 'static>(
+    /// address) on a thread of its own, which is running when this returns.
+    pub fn spawn<T: Send + 'static>(
         net: &Net,
         ifname: &'static str,
         f: impl FnOnce([u8; 6]) -> T + Send + 'static,
-    ) -> T {
+    ) -> std::thread::JoinHandle<T> {
         let (ns_tx, ns_rx) = std::sync::mpsc::channel();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let t = std::thread::spawn(move || {
@@ -548,7 +640,61 @@ mod guest {
         let ns = ns_rx.recv().unwrap();
         net.move_to(ifname, &ns);
         go_tx.send(()).unwrap();
-        t.join().unwrap()
+        t
+    }
+
+    /// `spawn` and wait for `f`'s result.
+    pub fn in_other_netns<T: Send + 'static>(
+        net: &Net,
+        ifname: &'static str,
+        f: impl FnOnce([u8; 6]) -> T + Send + 'static,
+    ) -> T {
+        spawn(net, ifname, f).join().unwrap()
+    }
+
+    /// A guest on `ifname` with address `cidr` waiting 3 s for a datagram "hello" on port
+    /// 9999; the thread's result says whether one came.
+    fn receiver(net: &Net, ifname: &'static str, cidr: &'static str) -> JoinHandle<bool> {
+        spawn(net, ifname, move |_| {
+            Net::open().add_address(ifname, cidr);
+            let addr = cidr.split('/').next().unwrap();
+            let sock = UdpSocket::bind((addr, 9999)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut buf = [0u8; 16];
+            matches!(sock.recv(&mut buf), Ok(5) if &buf[..5] == b"hello")
+        })
+    }
+
+    /// Sends "hello" to `to` port 9999 for 2 s (before the neighbour is resolved a send may
+    /// fail; it keeps trying).
+    fn send_hello(sock: &UdpSocket, to: &str) {
+        for _ in 0..20 {
+            let _ = sock.send_to(b"hello", (to, 9999));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether a UDP datagram from guest `from` (192.0.2.1) reaches guest `to` (192.0.2.2)
+    /// over the switch, each in a namespace of its own (TEST-NET-1 addresses).
+    pub fn udp_reaches(net: &Net, from: &'static str, to: &'static str) -> bool {
+        let rx = receiver(net, to, "192.0.2.2/24");
+        let tx = spawn(net, from, move |_| {
+            Net::open().add_address(from, "192.0.2.1/24");
+            send_hello(&UdpSocket::bind("192.0.2.1:0").unwrap(), "192.0.2.2");
+        });
+        tx.join().unwrap();
+        rx.join().unwrap()
+    }
+
+    /// Whether a UDP datagram from the host (this namespace) reaches a guest on `ifname`
+    /// with address `cidr`.
+    pub fn host_reaches(net: &Net, ifname: &'static str, cidr: &'static str) -> bool {
+        let rx = receiver(net, ifname, cidr);
+        send_hello(
+            &UdpSocket::bind("0.0.0.0:0").unwrap(),
+            cidr.split('/').next().unwrap(),
+        );
+        rx.join().unwrap()
     }
 
     #[derive(Debug)]
