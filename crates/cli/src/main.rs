@@ -1,6 +1,7 @@
 //! `viridian`: the command people type.
 #![forbid(unsafe_code)]
 
+mod console;
 mod control;
 mod run;
 mod service;

@@ -1,11 +1,12 @@
 //! `viridian run`: one VM in the foreground, like a worker process with its console attached.
 
+use crate::console::{InputEnd, RawMode, Stdin};
 use anyhow::Context;
 use clap::Args;
-use std::io::Write;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+use vmm::console::{Console, InputError, Viewer, WhenSlow};
 use vmm::{ExitReason, Vm, VmConfig};
 
 /// Exit status when the guest reset itself (the VM does not reboot in the foreground).
@@ -39,6 +40,10 @@ pub struct RunArgs {
     /// Also write the guest's serial console to this file.
     #[arg(long)]
     serial: Option<PathBuf>,
+    /// Send nothing to the guest's console: by default a terminal on stdin is put in raw mode
+    /// and its keys go to COM1 (Ctrl-] detaches), and piped stdin is sent as typed input.
+    #[arg(long)]
+    no_console_input: bool,
     /// Present plain KVM instead of Hyper-V (no Hyper-V CPUID leaves, synthetic MSRs or VMBus).
     #[arg(long)]
     no_hyperv: bool,
@@ -197,75 +202,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
-/// The guest's serial console: the terminal and, optionally, a file.
-///
-/// The UART hands over one byte at a time and flushes after each; writing every byte with its
-/// own system call would cost more than the guest's exit. Bytes are collected and written per
-/// line, and a background thread writes out a partial line (a prompt) after a short delay.
-#[derive(Clone)]
-struct Console {
-    inner: Arc<Mutex<ConsoleSinks>>,
-}
-
-struct ConsoleSinks {
-    pending: Vec<u8>,
-    stdout: std::io::Stdout,
-    file: Option<std::fs::File>,
-}
-
-impl ConsoleSinks {
-    fn drain(&mut self) -> std::io::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let mut out = self.stdout.lock();
-        out.write_all(&self.pending)?;
-        out.flush()?;
-        if let Some(f) = &mut self.file {
-            f.write_all(&self.pending)?;
-        }
-        self.pending.clear();
-        Ok(())
-    }
-}
-
-impl Console {
-    const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(30);
-
-    fn new(file: Option<std::fs::File>) -> Self {
-        let console = Self {
-            inner: Arc::new(Mutex::new(ConsoleSinks {
-                pending: Vec::with_capacity(4096),
-                stdout: std::io::stdout(),
-                file,
-            })),
-        };
-        let weak = Arc::downgrade(&console.inner);
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Self::PARTIAL_LINE_DELAY);
-            let Some(inner) = weak.upgrade() else { break };
-            let _ = inner.lock().unwrap().drain();
-        });
-        console
-    }
-}
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut inner = self.inner.lock().unwrap();
-        inner.pending.extend_from_slice(buf);
-        if buf.contains(&b'\n') || inner.pending.len() >= 4096 {
-            inner.drain()?;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        // Called by the UART after every byte; lines are written in `write`.
-        Ok(())
-    }
-}
-
 pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     if args.demo {
         return demo(&args);
@@ -286,16 +222,23 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     )
 }
 
+/// How long the terminal and the `--serial` file may take to write the last output.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(10);
+
 fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     let file = args
         .serial
         .as_ref()
         .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())))
         .transpose()?;
-    let console = Console::new(file);
     let started = std::time::Instant::now();
-    let vm = Vm::new(config, Box::new(console.clone()))?;
+    let vm = Vm::new(config)?;
     tracing::info!("VM built in {:?}", started.elapsed());
+    let console = vm.console().clone();
+    let log = file
+        .map(|f| console.attach("--serial file", Box::new(f), true, WhenSlow::Drop))
+        .transpose()
+        .context("cannot start the console log")?;
     let name = args
         .name
         .clone()
@@ -311,9 +254,41 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     let _control = crate::control::ControlServer::start(&socket, vm.control())?;
     tracing::info!("control socket {}", socket.display());
 
+    let input = if args.no_console_input {
+        Stdin::Nothing
+    } else {
+        crate::console::stdin_kind()
+    };
+    // Restored when this function returns, whichever way, and by the panic hook.
+    let raw = match input {
+        Stdin::Terminal => Some(RawMode::enter().context("cannot put the terminal in raw mode")?),
+        _ => None,
+    };
+    let terminal = Arc::new(
+        console
+            .attach(
+                "terminal",
+                Box::new(std::io::stdout()),
+                true,
+                WhenSlow::Drop,
+            )
+            .context("cannot start the console")?,
+    );
+    if input != Stdin::Nothing {
+        let hint = reattach_hint(&name, &socket, args);
+        let (console, terminal) = (console.clone(), terminal.clone());
+        std::thread::Builder::new()
+            .name("console-input".into())
+            .spawn(move || forward_input(&console, input, &terminal, &hint))
+            .context("cannot start the console input thread")?;
+    }
+
     let reason = vm.run()?;
     tracing::info!("VM stopped ({reason:?}) after {:?}", started.elapsed());
-    let _ = console.inner.lock().unwrap().drain();
+    for viewer in std::iter::once(&*terminal).chain(log.as_ref()) {
+        viewer.wait(CONSOLE_DRAIN);
+    }
+    drop(raw);
     Ok(match reason {
         ExitReason::PowerOff => 0,
         ExitReason::Reset => {
@@ -345,6 +320,67 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
             1
         }
     })
+}
+
+/// Sends stdin to the guest's console until it ends or, on a terminal, until Ctrl-].
+fn forward_input(console: &Arc<Console>, kind: Stdin, terminal: &Viewer, hint: &str) {
+    let pid = std::process::id();
+    let who = match kind {
+        Stdin::Terminal => format!("the terminal of `viridian run` (pid {pid})"),
+        _ => format!("the standard input of `viridian run` (pid {pid})"),
+    };
+    let mut writer = match console.take_input(&who, false) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("no console input: {e}");
+            None
+        }
+    };
+    loop {
+        let end = crate::console::forward(kind, |keys| match &writer {
+            Some(w) => w.send(keys),
+            // Taken over: the terminal only shows output (and still detaches).
+            None => Ok(()),
+        });
+        match end {
+            InputEnd::Refused(InputError::Stopped) | InputEnd::Eof => return,
+            InputEnd::Refused(why) => {
+                writer = None;
+                if kind != Stdin::Terminal {
+                    tracing::warn!("console input stopped: {why}");
+                    return;
+                }
+                terminal.notice(&format!(
+                    "\r\n[viridian: {why}; this terminal only shows output now (Ctrl-] detaches)]\r\n"
+                ));
+            }
+            InputEnd::Detach => {
+                drop(writer);
+                terminal.detach();
+                crate::console::restore_terminal();
+                eprintln!("{hint}");
+                return;
+            }
+        }
+    }
+}
+
+/// What to tell the user on Ctrl-]: the VM goes on in this process; how to come back.
+fn reattach_hint(name: &str, socket: &Path, args: &RunArgs) -> String {
+    let target = if args.control_socket.is_some() {
+        format!("--socket {}", socket.display())
+    } else {
+        name.to_string()
+    };
+    let log = match &args.serial {
+        Some(p) => format!("; its console still goes to {}", p.display()),
+        None => String::new(),
+    };
+    format!(
+        "\nviridian: detached from the console. The VM goes on running in this process (pid {}){log}.\n\
+         viridian: re-attach with `viridian vm console {target}`; stop it with `viridian vm stop {target}` or Ctrl-C here.",
+        std::process::id()
+    )
 }
 
 fn demo(args: &RunArgs) -> anyhow::Result<i32> {

@@ -4,6 +4,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod console;
 pub mod cpu;
 pub mod hyperv;
 pub mod integration;

@@ -1,5 +1,6 @@
 //! The VM: builds the partition, runs one thread per vCPU, and reports why it stopped.
 
+use crate::console::Console;
 use crate::hyperv::{self, Hv, HvExits};
 use crate::integration::ShutdownError;
 use crate::pause::PauseGate;
@@ -10,7 +11,6 @@ use chipset::Chipset;
 use guestmem::GuestMemory;
 use kvm::kvm_ioctls::VcpuFd;
 use kvm::Partition;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -105,9 +105,15 @@ pub struct VmControl {
     stop: StopHandle,
     vmbus: Option<Arc<Vmbus>>,
     gate: Arc<PauseGate>,
+    console: Arc<Console>,
 }
 
 impl VmControl {
+    /// The COM1 console hub.
+    pub fn console(&self) -> &Arc<Console> {
+        &self.console
+    }
+
     /// Stops the vCPUs; the guest's state stays in memory (Suspend-VM). Returns once every
     /// vCPU is out of the guest.
     pub fn pause(&self) -> std::result::Result<(), PauseError> {
@@ -238,10 +244,14 @@ pub struct Vm {
     hv: Option<Hv>,
     vmbus: Option<Arc<Vmbus>>,
     chipset: Arc<Chipset>,
+    console: Arc<Console>,
     vcpus: Vec<VcpuFd>,
     events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
     gate: Arc<PauseGate>,
 }
+
+/// How long a stopping VM gives console viewers to write the last output.
+const CONSOLE_GRACE: Duration = Duration::from_secs(1);
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -259,8 +269,9 @@ fn host_memory_bytes() -> Option<u64> {
 
 impl Vm {
     /// Checks the configuration, creates the partition and loads the guest. The guest's serial
-    /// console goes to `console`.
-    pub fn new(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Self> {
+    /// console goes to the hub ([`Vm::console`]): attach viewers before [`Vm::run`] to see
+    /// all of it (later ones get the replay).
+    pub fn new(config: &VmConfig) -> Result<Self> {
         if config.memory < layout::MIN_MEMORY {
             return Err(Error::MemoryTooSmall {
                 requested: config.memory >> 20,
@@ -320,7 +331,9 @@ impl Vm {
             Ok::<_, Error>(entry)
         })?;
 
-        let serial = chipset::serial::Serial::new(console).map_err(Error::Console)?;
+        let console = Console::new();
+        let serial = chipset::serial::Serial::new(console.output()).map_err(Error::Console)?;
+        let input = serial.input();
         partition
             .vm()
             .register_irqfd(serial.irq_eventfd(), chipset::serial::IRQ)
@@ -331,6 +344,12 @@ impl Vm {
         let below_4g = config.memory.min(layout::PCI_HOLE_START);
         let cmos = chipset::cmos::Cmos::new(below_4g, config.memory - below_4g);
         let chipset = Arc::new(Chipset::new(serial, cmos));
+        let uart = Arc::downgrade(&chipset);
+        console.connect_uart(input, move || {
+            if let Some(c) = uart.upgrade() {
+                support::lock(&c.serial).feed();
+            }
+        });
 
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
@@ -400,10 +419,16 @@ impl Vm {
             hv,
             vmbus,
             chipset,
+            console,
             vcpus,
             events: mpsc::channel(),
             gate: Arc::new(PauseGate::default()),
         })
+    }
+
+    /// The COM1 console hub.
+    pub fn console(&self) -> &Arc<Console> {
+        &self.console
     }
 
     /// A handle for the control socket.
@@ -412,6 +437,7 @@ impl Vm {
             stop: self.stop_handle(),
             vmbus: self.vmbus.clone(),
             gate: self.gate.clone(),
+            console: self.console.clone(),
         }
     }
 
@@ -477,6 +503,7 @@ impl Vm {
             v.stop();
         }
         support::lock(&self.chipset.serial).flush();
+        self.console.close(CONSOLE_GRACE);
         Ok(reason)
     }
 }

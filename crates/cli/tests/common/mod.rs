@@ -14,6 +14,21 @@ pub const RESET: &[u8] = &[0x66, 0xba, 0xf9, 0x0c, 0xb0, 0x06, 0xee, 0xeb, 0xfe]
 /// ud2 with no usable IDT: #UD, #GP, #DF, then a triple fault.
 #[allow(dead_code)]
 pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
+/// Echoes COM1: polls LSR for data, reads a byte and writes it back; after a `q`, powers off.
+#[allow(dead_code)]
+pub const ECHO: &[u8] = &[
+    0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (LSR)
+    0xec, // in al, dx
+    0xa8, 0x01, // test al, 1 (data ready)
+    0x74, 0xf7, // jz back to the start
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8 (RBR/THR)
+    0xec, // in al, dx
+    0xee, // out dx, al
+    0x3c, b'q', // cmp al, 'q'
+    0x75, 0xed, // jne back to the start
+    // power off, as POWER_OFF
+    0x66, 0xba, 0x04, 0x06, 0x66, 0xb8, 0x00, 0x34, 0x66, 0xef, 0xeb, 0xfe,
+];
 /// jmp $
 #[allow(dead_code)]
 pub const SPIN: &[u8] = &[0xeb, 0xfe];
