@@ -23,6 +23,7 @@ const EEXIST: i32 = 17;
 const ESRCH: i32 = 3;
 const EADDRNOTAVAIL: i32 = 99;
 const EOPNOTSUPP: i32 = 95;
+const EAFNOSUPPORT: i32 = 97;
 
 /// A netlink failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -222,16 +223,20 @@ impl Netlink {
     }
 
     /// Stops the kernel from giving the interface IPv6 addresses of its own (a link-local
-    /// one when it comes up).
+    /// one when it comes up). Without IPv6 in the kernel this does nothing.
     pub fn set_no_ipv6_addresses(&self, link: &Link) -> Result<()> {
         let mut msg = LinkUnspec::new_with_index(link.index).build();
         msg.attributes
             .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
                 vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
             )]));
-        self.change(msg, || {
+        match self.change(msg, || {
             format!("turning off IPv6 address generation on {}", link.name)
-        })
+        }) {
+            // IPv6 is off in this kernel (ipv6.disable=1): there is nothing to turn off.
+            Err(e) if errno(&e.source) == Some(EAFNOSUPPORT) => Ok(()),
+            r => r,
+        }
     }
 
     fn change(&self, msg: LinkMessage, what: impl FnOnce() -> String) -> Result<()> {
