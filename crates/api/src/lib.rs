@@ -4,11 +4,13 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+mod devices;
 mod error;
 pub mod openapi;
 mod types;
 mod validate;
 
+pub use devices::*;
 pub use error::{ErrorBody, ErrorDetail};
 pub use types::*;
 pub use validate::{format_size, parse_size, validate_name, MAX_NAME_LEN, MIN_MEMORY};

@@ -144,6 +144,18 @@ pub struct NewVm {
     pub auto_stop: Option<AutoStop>,
     #[serde(default)]
     pub recovery: Option<Recovery>,
+    /// Existing images to attach (Add-VMHardDiskDrive).
+    #[serde(default)]
+    pub disks: Vec<crate::NewHardDisk>,
+    /// New dynamic VHDXs to create and attach, after `disks`.
+    #[serde(default)]
+    pub new_disks: Vec<crate::NewDiskFile>,
+    /// DVD drives, after the disks.
+    #[serde(default)]
+    pub dvds: Vec<crate::NewDvdDrive>,
+    /// Network adapters.
+    #[serde(default)]
+    pub nics: Vec<crate::NewNetworkAdapter>,
 }
 
 fn default_cpus() -> u32 {
@@ -228,6 +240,9 @@ pub struct Vm {
     pub memory_assigned_bytes: u64,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: u64,
+    pub disks: Vec<crate::HardDisk>,
+    pub dvds: Vec<crate::DvdDrive>,
+    pub nics: Vec<crate::NetworkAdapter>,
 }
 
 /// Options of `POST /vms/{name}/stop` and `/restart`.

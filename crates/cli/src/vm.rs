@@ -152,6 +152,25 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             (Some(n), None) => crate::service::vm::status(n, *json)?,
             _ => None,
         },
+        VmCommand::Disk(cmd) => service_disk(cmd)?,
+        VmCommand::Dvd {
+            target:
+                Target {
+                    name: Some(name),
+                    socket: None,
+                },
+            path,
+            eject,
+            controller,
+            location,
+            json,
+        } => service_dvd(
+            name,
+            path.as_deref(),
+            *eject,
+            (*controller, *location),
+            *json,
+        )?,
         _ => None,
     };
     if let Some(code) = via_service {
@@ -311,6 +330,150 @@ fn print_drives(list: &[serde_json::Value]) {
             },
         );
     }
+}
+
+/// `viridian vm disk` on a VM of the service: its settings change, and a running worker with
+/// them. `None` when no service knows the VM.
+fn service_disk(cmd: &DiskCommand) -> anyhow::Result<Option<i32>> {
+    use crate::service::vm::vm_call;
+    match cmd {
+        DiskCommand::Add {
+            name,
+            path,
+            controller,
+            location,
+            readonly,
+            format,
+        } => {
+            let path = std::path::absolute(path)
+                .with_context(|| format!("{}: cannot resolve the path", path.display()))?;
+            let body = serde_json::json!({
+                "path": path, "read_only": readonly, "controller": controller, "location": location,
+            });
+            let Some(d) = vm_call(name, "POST", "/disks", Some(&body))? else {
+                return Ok(None);
+            };
+            if format.is_some() {
+                eprintln!("viridian: the service detects the format from the content; --format was not used");
+            }
+            eprintln!(
+                "viridian: {} attached at controller {} location {}",
+                d["path"].as_str().unwrap_or_default(),
+                d["controller"],
+                d["location"]
+            );
+            Ok(Some(0))
+        }
+        DiskCommand::Remove {
+            target:
+                Target {
+                    name: Some(name),
+                    socket: None,
+                },
+            controller,
+            location,
+        } => {
+            let rest = format!("/disks/{controller}/{location}");
+            let Some(d) = vm_call(name, "DELETE", &rest, None)? else {
+                return Ok(None);
+            };
+            eprintln!(
+                "viridian: {} detached from controller {controller} location {location}",
+                d["path"].as_str().unwrap_or_default()
+            );
+            Ok(Some(0))
+        }
+        DiskCommand::List {
+            target:
+                Target {
+                    name: Some(name),
+                    socket: None,
+                },
+            json,
+        } => {
+            let Some(vm) = vm_call(name, "GET", "", None)? else {
+                return Ok(None);
+            };
+            let list = service_drives(&vm);
+            if *json {
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                print_drives(&list);
+            }
+            Ok(Some(0))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A service VM's disks and DVD drives in the shape the worker's `disks` command lists them.
+fn service_drives(vm: &serde_json::Value) -> Vec<serde_json::Value> {
+    let empty = Vec::new();
+    let disks = vm["disks"].as_array().unwrap_or(&empty).iter().map(|d| {
+        serde_json::json!({
+            "kind": "disk", "controller": d["controller"], "location": d["location"],
+            "path": d["path"], "read_only": d["read_only"],
+        })
+    });
+    let dvds = vm["dvds"].as_array().unwrap_or(&empty).iter().map(|d| {
+        serde_json::json!({
+            "kind": "dvd", "controller": d["controller"], "location": d["location"],
+            "path": d["path"], "read_only": true,
+        })
+    });
+    disks.chain(dvds).collect()
+}
+
+/// `viridian vm dvd` on a VM of the service (Set-VMDvdDrive, Get-VMDvdDrive).
+fn service_dvd(
+    name: &str,
+    iso: Option<&std::path::Path>,
+    eject: bool,
+    (controller, location): (Option<u8>, Option<u8>),
+    json: bool,
+) -> anyhow::Result<Option<i32>> {
+    use crate::service::vm::vm_call;
+    let Some(vm) = vm_call(name, "GET", "", None)? else {
+        return Ok(None);
+    };
+    if iso.is_none() && !eject {
+        let list: Vec<_> = service_drives(&vm)
+            .into_iter()
+            .filter(|d| d["kind"] == "dvd")
+            .collect();
+        if json {
+            println!("{}", serde_json::Value::Array(list));
+        } else {
+            print_drives(&list);
+        }
+        return Ok(Some(0));
+    }
+    let drive = vm["dvds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| {
+            controller.is_none_or(|c| d["controller"] == c)
+                && location.is_none_or(|l| d["location"] == l)
+        })
+        .with_context(|| {
+            format!("VM '{name}' has no such DVD drive (`viridian vm dvd {name}` lists them)")
+        })?;
+    let rest = format!("/dvds/{}/{}", drive["controller"], drive["location"]);
+    let body = match iso {
+        Some(p) => {
+            let p = std::path::absolute(p)
+                .with_context(|| format!("{}: cannot resolve the path", p.display()))?;
+            serde_json::json!({ "path": p })
+        }
+        None => serde_json::json!({ "path": null }),
+    };
+    let d = vm_call(name, "PUT", &rest, Some(&body))?.unwrap_or_default();
+    match d["path"].as_str() {
+        Some(p) => eprintln!("viridian: {p} inserted"),
+        None => eprintln!("viridian: ejected"),
+    }
+    Ok(Some(0))
 }
 
 /// `viridian vm disk`.

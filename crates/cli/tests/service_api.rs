@@ -1142,3 +1142,235 @@ fn service_bench() {
         rss_kib(s.child.id()) / 1024
     );
 }
+
+/// Disks, DVD drives and network adapters are VM settings (Add-/Remove-/Get-VMHardDiskDrive,
+/// -VMDvdDrive, -VMNetworkAdapter): placed, checked, created with the VM, handed to the
+/// worker, and changed on a running VM where Hyper-V allows it.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn drives_and_adapters_are_settings() {
+    if !kvm_usable() {
+        return;
+    }
+    let s = Service::start();
+    let files = tempfile::tempdir().unwrap();
+    let vhd_new = |name: &str| {
+        let path = files.path().join(name);
+        let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args(["vhd", "new"])
+            .arg(&path)
+            .args(["--size", "16M"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        path
+    };
+    let a = vhd_new("a.vhdx");
+    let c = vhd_new("c.vhdx");
+    let junk = files.path().join("junk.vhdx");
+    std::fs::write(&junk, [0x5a; 700]).unwrap();
+    let iso = files.path().join("tools.iso");
+    std::fs::write(&iso, vec![0; 64 << 10]).unwrap();
+    let kernel = tiny_kernel("svc-dev", IDLE);
+
+    let v = s.define(
+        "dev",
+        &kernel,
+        json!({"disks": [{"path": a}], "new_disks": [{"path": "b.vhdx", "size": "8M"}],
+               "dvds": [{"path": iso}]}),
+    );
+    let folder = PathBuf::from(v["folder"].as_str().unwrap());
+    let b = folder.join("b.vhdx");
+    assert_eq!(
+        v["disks"],
+        json!([{"path": a, "controller": 0, "location": 0, "read_only": false},
+               {"path": b, "controller": 0, "location": 1, "read_only": false}])
+    );
+    assert_eq!(
+        v["dvds"],
+        json!([{"path": iso, "controller": 0, "location": 2}])
+    );
+    assert!(b.is_file(), "the new disk is created in the VM's folder");
+
+    // Another VM may not write the same file; a failed New-VM leaves nothing behind.
+    let (status, body) = s.req(
+        "POST",
+        "/vms",
+        Some(json!({"name": "thief", "memory": "64M", "kernel": kernel,
+                    "new_disks": [{"path": files.path().join("t.vhdx"), "size": "8M"}],
+                    "disks": [{"path": a}]})),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("'dev'"),
+        "{body}"
+    );
+    assert_error(s.req("GET", "/vms/thief", None), 404, "not_found");
+    assert!(!files.path().join("t.vhdx").exists());
+
+    // Bad drives: not an image, a taken place, out of range, no such drive, a bad path.
+    let msg = assert_error(
+        s.req("POST", "/vms/dev/disks", Some(json!({"path": junk}))),
+        422,
+        "invalid_field",
+    );
+    assert!(
+        msg.starts_with("disks.path:") && msg.contains("junk.vhdx"),
+        "{msg}"
+    );
+    assert_error(
+        s.req(
+            "POST",
+            "/vms/dev/disks",
+            Some(json!({"path": c, "location": 1})),
+        ),
+        409,
+        "conflict",
+    );
+    let msg = assert_error(
+        s.req(
+            "POST",
+            "/vms/dev/disks",
+            Some(json!({"path": c, "controller": 4})),
+        ),
+        422,
+        "invalid_field",
+    );
+    assert!(msg.contains("controller"), "{msg}");
+    assert_error(
+        s.req("DELETE", "/vms/dev/disks/0/9", None),
+        404,
+        "no_device",
+    );
+    assert_error(s.req("DELETE", "/vms/dev/disks/x/0", None), 400, "bad_path");
+    assert_error(
+        s.req("DELETE", "/vms/dev/disks/0/64", None),
+        400,
+        "bad_path",
+    );
+    assert_error(
+        s.req("DELETE", "/vms/ghost/disks/0/0", None),
+        404,
+        "not_found",
+    );
+
+    // Network adapters: a defined switch or the Default Switch, unicast MACs, VLAN 1-4094.
+    let msg = assert_error(
+        s.req("POST", "/vms/dev/nics", Some(json!({"switch": "nosuch"}))),
+        422,
+        "invalid_field",
+    );
+    assert!(msg.contains("viridian switch new"), "{msg}");
+    assert_error(
+        s.req(
+            "POST",
+            "/vms/dev/nics",
+            Some(json!({"switch": "default", "mac": "01:00:5e:00:00:01"})),
+        ),
+        422,
+        "invalid_field",
+    );
+    assert_error(
+        s.req(
+            "POST",
+            "/vms/dev/nics",
+            Some(json!({"switch": "default", "vlan": 4095})),
+        ),
+        422,
+        "invalid_field",
+    );
+    let (status, nic) = s.req(
+        "POST",
+        "/vms/dev/nics",
+        Some(json!({"switch": "default", "vlan": 10})),
+    );
+    assert_eq!(status, 201, "{nic}");
+    let mac = nic["mac"].as_str().unwrap().to_string();
+    assert!(mac.starts_with("00:15:5d:"), "{mac}");
+    assert_error(
+        s.req(
+            "POST",
+            "/vms/dev/nics",
+            Some(json!({"switch": "default", "mac": mac})),
+        ),
+        409,
+        "conflict",
+    );
+    let (status, list) = s.req("GET", "/vms/dev/nics", None);
+    assert_eq!((status, list.as_array().map(Vec::len)), (200, Some(1)));
+    let (status, _) = s.req("DELETE", &format!("/vms/dev/nics/{mac}"), None);
+    assert_eq!(status, 200);
+
+    // The worker gets the drives; a running VM takes disks and media, not new drive bays.
+    let (status, v) = s.req("POST", "/vms/dev/start", None);
+    assert_eq!(status, 200, "{v}");
+    let out = s.cli(&["vm", "disk", "add", "dev", c.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let out = s.cli(&["vm", "disk", "list", "dev", "--json"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paths: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            c.to_str().unwrap(),
+            iso.to_str().unwrap()
+        ]
+    );
+    // The worker itself has every drive, c hot-added at location 3, and lets it go again.
+    let state_dir = folder.parent().unwrap().parent().unwrap();
+    let socket = state_dir
+        .join("run")
+        .join(format!("{}.sock", v["id"].as_str().unwrap()));
+    let worker_drives = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args(["vm", "disk", "list", "--json", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["location"].as_u64().unwrap(),
+                    d["path"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let held = worker_drives();
+    assert!(
+        held.contains(&(3, c.to_str().unwrap().to_string())),
+        "{held:?}"
+    );
+    assert_eq!(held.len(), 4, "{held:?}");
+    let (status, _) = s.req("DELETE", "/vms/dev/disks/0/3", None);
+    assert_eq!(status, 200);
+    assert_eq!(worker_drives().len(), 3);
+    let (status, d) = s.req("PUT", "/vms/dev/dvds/0/2", Some(json!({"path": null})));
+    assert_eq!((status, d["path"].clone()), (200, Value::Null), "{d}");
+    assert_error(
+        s.req("POST", "/vms/dev/dvds", Some(json!({}))),
+        409,
+        "wrong_state",
+    );
+    assert_error(
+        s.req("POST", "/vms/dev/nics", Some(json!({"switch": "default"}))),
+        409,
+        "wrong_state",
+    );
+    let (status, v) = s.req("POST", "/vms/dev/stop?turn_off=true", None);
+    assert_eq!(status, 200, "{v}");
+    let v = s.vm("dev");
+    assert_eq!(v["disks"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["dvds"][0]["path"], Value::Null, "{v}");
+}

@@ -132,6 +132,9 @@ mod tests {
             auto_start: AutoStart::Nothing,
             auto_stop: AutoStop::ShutDown,
             recovery: Recovery::None,
+            disks: Vec::new(),
+            dvds: Vec::new(),
+            nics: Vec::new(),
         }
     }
 

@@ -48,6 +48,12 @@ pub struct Settings {
     pub auto_stop: AutoStop,
     #[serde(default)]
     pub recovery: Recovery,
+    #[serde(default)]
+    pub disks: Vec<api::HardDisk>,
+    #[serde(default)]
+    pub dvds: Vec<api::DvdDrive>,
+    #[serde(default)]
+    pub nics: Vec<api::NetworkAdapter>,
 }
 
 /// One row of `vms`.
@@ -267,6 +273,9 @@ mod tests {
                 auto_start: AutoStart::Nothing,
                 auto_stop: AutoStop::ShutDown,
                 recovery: Recovery::None,
+                disks: Vec::new(),
+                dvds: Vec::new(),
+                nics: Vec::new(),
             },
             state: VmState::Off,
             status: String::new(),

@@ -7,6 +7,7 @@
 mod auth;
 mod cgroup;
 mod db;
+mod devices;
 mod error;
 mod extract;
 mod host;

@@ -25,6 +25,8 @@ pub const DEFAULT_STOP_TIMEOUT: u64 = 30;
 /// Recovery restarts allowed per minute.
 const RESTARTS_PER_MINUTE: usize = 3;
 
+mod drives;
+
 pub struct Manager {
     db: Mutex<Db>,
     pub state_dir: PathBuf,
@@ -195,6 +197,9 @@ impl Manager {
             cpu_usage_percent: cpu,
             memory_assigned_bytes: if pid.is_some() { s.memory } else { 0 },
             created_at: row.created_at / 1000,
+            disks: s.disks.clone(),
+            dvds: s.dvds.clone(),
+            nics: s.nics.clone(),
         }
     }
 
@@ -243,7 +248,7 @@ impl Manager {
     /// New-VM: the folder first, then the row in one transaction; a crash between the two
     /// leaves a folder without a row, which the next start removes.
     pub async fn create(&self, req: NewVm) -> Result<Vm, ApiError> {
-        let settings = validate::new_vm(&req)?;
+        let mut settings = validate::new_vm(&req)?;
         if self.db().by_name(&req.name)?.is_some() {
             return Err(duplicate(&req.name));
         }
@@ -251,6 +256,14 @@ impl Manager {
         let folder = self.folder(&id);
         std::fs::create_dir_all(&folder)
             .map_err(|e| ApiError::internal("cannot create the VM's folder", e))?;
+        let mut created = Vec::new();
+        if let Err(e) = self.new_vm_devices(&req, &id, &folder, &mut settings, &mut created) {
+            for f in &created {
+                let _ = std::fs::remove_file(f);
+            }
+            let _ = std::fs::remove_dir_all(&folder);
+            return Err(e);
+        }
         let row = VmRow {
             id,
             name: req.name.clone(),
@@ -263,6 +276,9 @@ impl Manager {
             created_at: now_ms(),
         };
         if let Err(e) = self.db().insert(&row) {
+            for f in &created {
+                let _ = std::fs::remove_file(f);
+            }
             let _ = std::fs::remove_dir_all(&folder);
             return Err(if is_unique_violation(&e) {
                 duplicate(&req.name)
@@ -369,6 +385,7 @@ impl Manager {
         let paths = worker::Paths {
             worker: &self.worker,
             run_dir: &self.run_dir,
+            state_dir: &self.state_dir,
             folder: &folder,
             socket: &socket,
         };

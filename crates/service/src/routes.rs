@@ -14,6 +14,8 @@ use futures_util::stream::Stream;
 use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 
+mod devices;
+
 type S = State<Arc<Manager>>;
 type R<T> = Result<T, ApiError>;
 
@@ -26,6 +28,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/vms/{name}/restart", post(restart))
         .route("/vms/{name}/pause", post(pause))
         .route("/vms/{name}/resume", post(resume))
+        .merge(devices::router())
         .route("/tokens", get(tokens).post(new_token))
         .route("/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/service", get(service))

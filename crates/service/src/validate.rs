@@ -109,6 +109,9 @@ pub fn new_vm(req: &NewVm) -> Result<Settings, ApiError> {
         auto_start: req.auto_start.unwrap_or_default(),
         auto_stop: req.auto_stop.unwrap_or_default(),
         recovery: req.recovery.unwrap_or_default(),
+        disks: Vec::new(),
+        dvds: Vec::new(),
+        nics: Vec::new(),
     })
 }
 

@@ -14,6 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 pub struct Paths<'a> {
     pub worker: &'a Path,
     pub run_dir: &'a Path,
+    /// The service's state directory; the worker finds the switch definitions there.
+    pub state_dir: &'a Path,
     pub folder: &'a Path,
     pub socket: &'a Path,
 }
@@ -49,7 +51,9 @@ pub fn spawn(p: &Paths<'_>, name: &str, s: &Settings) -> std::io::Result<Child> 
     if !s.hyperv {
         cmd.arg("--no-hyperv");
     }
+    cmd.args(crate::devices::worker_args(s));
     cmd.env("VIRIDIAN_RUN_DIR", p.run_dir)
+        .env("VIRIDIAN_STATE_DIR", p.state_dir)
         .env(
             "VIRIDIAN_LOG",
             std::env::var("VIRIDIAN_WORKER_LOG").unwrap_or_else(|_| "info".into()),

@@ -91,6 +91,34 @@ pub fn vm(v: &Vm) {
         ("Folder", v.folder.clone()),
         ("Pid", v.pid.map(|p| p.to_string()).unwrap_or_default()),
     ];
+    let mut props = props.to_vec();
+    for d in &v.disks {
+        props.push((
+            "HardDiskDrive",
+            format!(
+                "SCSI {}:{} {}{}",
+                d.controller,
+                d.location,
+                d.path,
+                if d.read_only { " (read-only)" } else { "" }
+            ),
+        ));
+    }
+    for d in &v.dvds {
+        props.push((
+            "DvdDrive",
+            format!(
+                "SCSI {}:{} {}",
+                d.controller,
+                d.location,
+                d.path.as_deref().unwrap_or("(empty)")
+            ),
+        ));
+    }
+    for n in &v.nics {
+        let vlan = n.vlan.map(|v| format!(" vlan {v}")).unwrap_or_default();
+        props.push(("NetworkAdapter", format!("{} on {}{vlan}", n.mac, n.switch)));
+    }
     print_props(&props);
 }
 

@@ -15,6 +15,8 @@ pub enum ManagedCommand {
         name: String,
         #[command(flatten)]
         settings: Box<Settings>,
+        #[command(flatten)]
+        devices: Box<NewDevices>,
         #[arg(long)]
         json: bool,
     },
@@ -91,6 +93,148 @@ pub struct Settings {
     /// None or Restart: what happens when the worker dies.
     #[arg(long)]
     recovery: Option<String>,
+}
+
+/// Drives and adapters of `vm new`.
+#[derive(Args)]
+pub struct NewDevices {
+    /// Attach an existing VHDX, VHD or raw image (repeatable):
+    /// PATH[,readonly][,controller=N][,location=M].
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,readonly][,controller=N][,location=M]"
+    )]
+    disks: Vec<String>,
+    /// Create a new dynamic VHDX and attach it (repeatable, each with a --size); a relative
+    /// path is in the VM's folder.
+    #[arg(long = "new-disk", value_name = "PATH", requires = "sizes")]
+    new_disks: Vec<PathBuf>,
+    /// The size of each --new-disk, in order, e.g. 20G.
+    #[arg(long = "size", value_name = "SIZE")]
+    sizes: Vec<String>,
+    /// A DVD drive with this ISO, or `none` for an empty drive (repeatable).
+    #[arg(long = "dvd", value_name = "ISO|none")]
+    dvds: Vec<String>,
+    /// A network adapter (repeatable): switch=NAME[,mac=MAC][,vlan=ID][,mac-spoofing=on].
+    #[arg(
+        long = "nic",
+        value_name = "switch=NAME[,mac=MAC][,vlan=ID][,mac-spoofing=on]"
+    )]
+    nics: Vec<String>,
+}
+
+impl NewDevices {
+    fn add_to(&self, body: &mut Map<String, Value>) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.new_disks.len() == self.sizes.len(),
+            "give one --size for each --new-disk ({} --new-disk, {} --size)",
+            self.new_disks.len(),
+            self.sizes.len()
+        );
+        let mut disks = Vec::new();
+        for d in &self.disks {
+            let arg = crate::run::parse_disk(d)?;
+            anyhow::ensure!(
+                arg.format.is_none(),
+                "--disk {d}: the service detects the format from the content; drop format="
+            );
+            disks.push(json!({
+                "path": path_arg(&arg.path)?,
+                "read_only": arg.read_only,
+                "controller": arg.controller,
+                "location": arg.location,
+            }));
+        }
+        let new_disks: Vec<Value> = self
+            .new_disks
+            .iter()
+            .zip(&self.sizes)
+            .map(|(p, size)| {
+                // Relative paths are in the VM's folder, on the service's side.
+                json!({"path": p.to_string_lossy(), "size": size})
+            })
+            .collect();
+        let mut dvds = Vec::new();
+        for d in &self.dvds {
+            let path = match d.as_str() {
+                "none" => Value::Null,
+                p => json!(path_arg(std::path::Path::new(p))?),
+            };
+            dvds.push(json!({ "path": path }));
+        }
+        let mut nics = Vec::new();
+        for n in &self.nics {
+            nics.push(nic_json(n)?);
+        }
+        for (k, v) in [
+            ("disks", disks),
+            ("new_disks", new_disks),
+            ("dvds", dvds),
+            ("nics", nics),
+        ] {
+            if !v.is_empty() {
+                body.insert(k.into(), Value::Array(v));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `switch=NAME[,mac=MAC][,vlan=ID][,mac-spoofing=on]` as a NewNetworkAdapter.
+fn nic_json(value: &str) -> anyhow::Result<Value> {
+    let mut nic = Map::new();
+    for part in value.split(',') {
+        let (k, v) = part.split_once('=').with_context(|| {
+            format!("--nic {value}: '{part}' is not KEY=VALUE (switch=NAME[,mac=MAC][,vlan=ID][,mac-spoofing=on])")
+        })?;
+        match k {
+            "switch" | "mac" => {
+                nic.insert(k.into(), json!(v));
+            }
+            "vlan" => {
+                let id: u16 = v
+                    .parse()
+                    .with_context(|| format!("--nic {value}: vlan '{v}' is not a number"))?;
+                nic.insert(k.into(), json!(id));
+            }
+            "mac-spoofing" => {
+                let on = match v {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => anyhow::bail!("--nic {value}: mac-spoofing is on or off"),
+                };
+                nic.insert("mac_spoofing".into(), json!(on));
+            }
+            _ => anyhow::bail!(
+                "--nic {value}: unknown option '{k}' (switch, mac, vlan, mac-spoofing)"
+            ),
+        }
+    }
+    anyhow::ensure!(
+        nic.contains_key("switch"),
+        "--nic {value}: give the switch (switch=NAME; `viridian switch list` shows them)"
+    );
+    Ok(Value::Object(nic))
+}
+
+/// A call on one of the service's VMs: `None` when no service runs or it has no such VM (a
+/// foreground `viridian run` VM, then).
+pub fn vm_call(
+    name: &str,
+    method: &str,
+    rest: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Option<Value>> {
+    let Some(c) = client_if_up()? else {
+        return Ok(None);
+    };
+    match call(&c, "GET", &vm_path(name), None) {
+        Err(e) if unknown_vm(&e) => return Ok(None),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    let (_, v) = call(&c, method, &format!("{}{rest}", vm_path(name)), body)?;
+    Ok(Some(v))
 }
 
 fn path_arg(p: &std::path::Path) -> anyhow::Result<String> {
@@ -173,9 +317,11 @@ pub fn managed(cmd: ManagedCommand) -> anyhow::Result<i32> {
         ManagedCommand::New {
             name,
             settings,
+            devices,
             json,
         } => {
             let mut body = settings.to_json()?;
+            devices.add_to(&mut body)?;
             body.insert("name".into(), json!(name));
             if !body.contains_key("kernel") {
                 anyhow::bail!("--kernel is required: the guest kernel to boot");

@@ -1,0 +1,110 @@
+//! A VM's drives and network adapters as settings (Get-/Add-/Remove-VMHardDiskDrive,
+//! -VMDvdDrive, -VMNetworkAdapter).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// SCSI controllers per VM (Hyper-V's limit).
+pub const MAX_CONTROLLERS: u8 = 4;
+/// Locations per SCSI controller.
+pub const MAX_LOCATIONS: u8 = 64;
+
+/// A disk on one of the VM's SCSI controllers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HardDisk {
+    /// A VHDX, VHD or raw image on the host.
+    pub path: String,
+    #[schema(maximum = 3)]
+    pub controller: u8,
+    #[schema(maximum = 63)]
+    pub location: u8,
+    pub read_only: bool,
+}
+
+/// A disk to attach. Without `controller` and `location` it goes on controller 0 at the
+/// lowest free location.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewHardDisk {
+    /// An existing VHDX, VHD or raw image (absolute path), not another VM's writable disk.
+    pub path: String,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    #[schema(maximum = 3)]
+    pub controller: Option<u8>,
+    #[serde(default)]
+    #[schema(maximum = 63)]
+    pub location: Option<u8>,
+}
+
+/// A new dynamic VHDX the service creates for the VM (`vm new --new-disk PATH --size SIZE`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewDiskFile {
+    /// Where to create it: absolute, or relative to the VM's folder. Must not exist.
+    pub path: String,
+    /// Virtual size with a unit, e.g. `20G`.
+    pub size: String,
+}
+
+/// A DVD drive, empty or holding an ISO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DvdDrive {
+    pub path: Option<String>,
+    #[schema(maximum = 3)]
+    pub controller: u8,
+    #[schema(maximum = 63)]
+    pub location: u8,
+}
+
+/// A DVD drive to add; placed after the disks unless given a place.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewDvdDrive {
+    /// An ISO on the host (absolute path); absent for an empty drive.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    #[schema(maximum = 3)]
+    pub controller: Option<u8>,
+    #[serde(default)]
+    #[schema(maximum = 63)]
+    pub location: Option<u8>,
+}
+
+/// The medium of a DVD drive (Set-VMDvdDrive): an ISO, or none to eject.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DvdMedia {
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// A synthetic network adapter on a virtual switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkAdapter {
+    pub switch: String,
+    /// `00:15:5d:..` unless given.
+    pub mac: String,
+    /// Access VLAN (Set-VMNetworkAdapterVlan -Access); absent means untagged.
+    pub vlan: Option<u16>,
+    /// Whether the guest may send frames with other source MACs.
+    pub mac_spoofing: bool,
+}
+
+/// A network adapter to add.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewNetworkAdapter {
+    /// A defined switch, or `default` (created when first used).
+    pub switch: String,
+    /// A unicast MAC like `00:15:5d:01:02:03`; default: derived from the VM and the index.
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 4094)]
+    pub vlan: Option<u16>,
+    #[serde(default)]
+    pub mac_spoofing: bool,
+}

@@ -1,0 +1,73 @@
+//! Operations on a VM's drives and network adapters.
+
+use crate::*;
+
+/// The VM's disks (Get-VMHardDiskDrive).
+#[utoipa::path(get, path = "/vms/{name}/disks", tag = "devices", params(("name" = String, Path)),
+    responses((status = 200, body = [HardDisk]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub fn list_disks() {}
+
+/// Attach a disk (Add-VMHardDiskDrive). On a running VM the guest sees it at once.
+#[utoipa::path(post, path = "/vms/{name}/disks", tag = "devices", params(("name" = String, Path)),
+    request_body = NewHardDisk,
+    responses((status = 201, body = HardDisk), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The place is taken, another VM writes the file, or the worker refused"),
+              (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub fn add_disk() {}
+
+/// Detach a disk (Remove-VMHardDiskDrive); on a running VM after its outstanding I/O.
+#[utoipa::path(delete, path = "/vms/{name}/disks/{controller}/{location}", tag = "devices",
+    params(("name" = String, Path), ("controller" = u8, Path), ("location" = u8, Path)),
+    responses((status = 200, body = HardDisk), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub fn remove_disk() {}
+
+/// The VM's DVD drives (Get-VMDvdDrive).
+#[utoipa::path(get, path = "/vms/{name}/dvds", tag = "devices", params(("name" = String, Path)),
+    responses((status = 200, body = [DvdDrive]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub fn list_dvds() {}
+
+/// Add a DVD drive (Add-VMDvdDrive), while the VM is Off.
+#[utoipa::path(post, path = "/vms/{name}/dvds", tag = "devices", params(("name" = String, Path)),
+    request_body = NewDvdDrive,
+    responses((status = 201, body = DvdDrive), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+pub fn add_dvd() {}
+
+/// Insert an ISO or eject (Set-VMDvdDrive -Path); a running guest sees the medium change.
+#[utoipa::path(put, path = "/vms/{name}/dvds/{controller}/{location}", tag = "devices",
+    params(("name" = String, Path), ("controller" = u8, Path), ("location" = u8, Path)),
+    request_body = DvdMedia,
+    responses((status = 200, body = DvdDrive), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+pub fn set_dvd() {}
+
+/// Remove a DVD drive (Remove-VMDvdDrive), while the VM is Off.
+#[utoipa::path(delete, path = "/vms/{name}/dvds/{controller}/{location}", tag = "devices",
+    params(("name" = String, Path), ("controller" = u8, Path), ("location" = u8, Path)),
+    responses((status = 200, body = DvdDrive), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub fn remove_dvd() {}
+
+/// The VM's network adapters (Get-VMNetworkAdapter).
+#[utoipa::path(get, path = "/vms/{name}/nics", tag = "devices", params(("name" = String, Path)),
+    responses((status = 200, body = [NetworkAdapter]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub fn list_nics() {}
+
+/// Add a network adapter (Add-VMNetworkAdapter), while the VM is Off.
+#[utoipa::path(post, path = "/vms/{name}/nics", tag = "devices", params(("name" = String, Path)),
+    request_body = NewNetworkAdapter,
+    responses((status = 201, body = NetworkAdapter), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+pub fn add_nic() {}
+
+/// Remove a network adapter by its MAC (Remove-VMNetworkAdapter), while the VM is Off.
+#[utoipa::path(delete, path = "/vms/{name}/nics/{mac}", tag = "devices",
+    params(("name" = String, Path), ("mac" = String, Path)),
+    responses((status = 200, body = NetworkAdapter), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub fn remove_nic() {}

@@ -1,0 +1,285 @@
+//! The manager's drive and network-adapter verbs (Add-/Remove-/Get-VMHardDiskDrive,
+//! -VMDvdDrive, Set-VMDvdDrive, Add-/Remove-/Get-VMNetworkAdapter): each changes the VM's
+//! settings in one transaction and, where Hyper-V does so on a running VM, the worker too.
+
+use super::Manager;
+use crate::db::VmRow;
+use crate::devices;
+use crate::error::ApiError;
+use crate::worker;
+use api::{DvdDrive, HardDisk, NetworkAdapter, NewDvdDrive, NewHardDisk, NewNetworkAdapter};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long a worker may take to attach or detach a drive.
+const DEVICE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Manager {
+    /// The drives and adapters of a new VM, in order: its disks, the disks it creates (files
+    /// recorded in `created`, for the caller to remove if the VM is not defined after all),
+    /// its DVD drives and its network adapters.
+    pub(super) fn new_vm_devices(
+        &self,
+        req: &api::NewVm,
+        id: &str,
+        folder: &std::path::Path,
+        s: &mut crate::db::Settings,
+        created: &mut Vec<PathBuf>,
+    ) -> Result<(), ApiError> {
+        let all = self.db().all()?;
+        for d in &req.disks {
+            let disk = devices::disk(d, id, s, &all)?;
+            s.disks.push(disk);
+        }
+        for n in &req.new_disks {
+            let path = folder.join(&n.path);
+            let size = api::parse_size(&n.size)
+                .map_err(|e| ApiError::invalid(format!("new_disks.size: {e}")))?;
+            if path.exists() {
+                return Err(ApiError::conflict(format!(
+                    "new_disks.path: '{}' exists; give a new file (or attach it with disks)",
+                    path.display()
+                )));
+            }
+            let (controller, location) = devices::place(s, "new_disks", None, None)?;
+            let options = vhdx::open::CreateOptions {
+                format: vhdx::open::Format::Vhdx,
+                image_type: vhdx::open::ImageType::Dynamic,
+                size,
+                block_size: 0,
+                logical_sector_size: 0,
+                physical_sector_size: 0,
+                parent: None,
+            };
+            let image = vhdx::open::create(&path, &options)
+                .map_err(|e| ApiError::invalid(format!("new_disks: {e}")))?;
+            drop(image);
+            created.push(path.clone());
+            s.disks.push(HardDisk {
+                path: path.to_string_lossy().into_owned(),
+                controller,
+                location,
+                read_only: false,
+            });
+        }
+        for d in &req.dvds {
+            let dvd = devices::dvd(d, s)?;
+            s.dvds.push(dvd);
+        }
+        for n in &req.nics {
+            let nic = devices::nic(n, id, s, &self.state_dir)?;
+            s.nics.push(nic);
+        }
+        Ok(())
+    }
+
+    /// The control socket of the VM's worker, when one runs.
+    fn running_socket(&self, row: &VmRow) -> Option<PathBuf> {
+        if !row.state.has_worker() {
+            return None;
+        }
+        self.workers
+            .lock()
+            .unwrap()
+            .get(&row.id)
+            .map(|w| w.socket.clone())
+    }
+
+    /// Runs `change` on the VM's settings under its lock and stores the result.
+    async fn change_settings<T>(
+        &self,
+        name: &str,
+        change: impl AsyncFnOnce(&VmRow, &mut crate::db::Settings) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let id = self.find(name)?.id;
+        let lock = self.lock_for(&id);
+        let _g = lock.lock().await;
+        let row = self.find_id(&id, name)?;
+        let mut settings = row.settings.clone();
+        let out = change(&row, &mut settings).await?;
+        self.db().update_settings(&row.id, &row.name, &settings)?;
+        Ok(out)
+    }
+
+    pub fn disks(&self, name: &str) -> Result<Vec<HardDisk>, ApiError> {
+        Ok(self.find(name)?.settings.disks)
+    }
+
+    pub fn dvds(&self, name: &str) -> Result<Vec<DvdDrive>, ApiError> {
+        Ok(self.find(name)?.settings.dvds)
+    }
+
+    pub fn nics(&self, name: &str) -> Result<Vec<NetworkAdapter>, ApiError> {
+        Ok(self.find(name)?.settings.nics)
+    }
+
+    /// Add-VMHardDiskDrive: on a running VM the worker attaches it at once.
+    pub async fn add_disk(&self, name: &str, req: NewHardDisk) -> Result<HardDisk, ApiError> {
+        let all = self.db().all()?;
+        self.change_settings(name, async |row, s| {
+            let disk = devices::disk(&req, &row.id, s, &all)?;
+            if let Some(socket) = self.running_socket(row) {
+                let command = format!(
+                    "disk-add {} {} {} auto {}",
+                    disk.controller,
+                    disk.location,
+                    if disk.read_only { "ro" } else { "rw" },
+                    disk.path
+                );
+                worker_says(&socket, &command, &row.name).await?;
+            }
+            s.disks.push(disk.clone());
+            Ok(disk)
+        })
+        .await
+    }
+
+    /// Remove-VMHardDiskDrive.
+    pub async fn remove_disk(
+        &self,
+        name: &str,
+        controller: u8,
+        location: u8,
+    ) -> Result<HardDisk, ApiError> {
+        self.change_settings(name, async |row, s| {
+            let i = s
+                .disks
+                .iter()
+                .position(|d| (d.controller, d.location) == (controller, location))
+                .ok_or_else(|| no_drive(&row.name, "disk", controller, location))?;
+            if let Some(socket) = self.running_socket(row) {
+                let command = format!("disk-remove {controller} {location}");
+                worker_says(&socket, &command, &row.name).await?;
+            }
+            Ok(s.disks.remove(i))
+        })
+        .await
+    }
+
+    /// Add-VMDvdDrive (while the VM is off; Hyper-V adds SCSI DVD drives only then).
+    pub async fn add_dvd(&self, name: &str, req: NewDvdDrive) -> Result<DvdDrive, ApiError> {
+        self.change_settings(name, async |row, s| {
+            self.refuse_running(row, "a DVD drive is added")?;
+            let dvd = devices::dvd(&req, s)?;
+            s.dvds.push(dvd.clone());
+            Ok(dvd)
+        })
+        .await
+    }
+
+    /// Remove-VMDvdDrive (while the VM is off).
+    pub async fn remove_dvd(
+        &self,
+        name: &str,
+        controller: u8,
+        location: u8,
+    ) -> Result<DvdDrive, ApiError> {
+        self.change_settings(name, async |row, s| {
+            let i = dvd_index(&s.dvds, &row.name, controller, location)?;
+            self.refuse_running(row, "a DVD drive is removed")?;
+            Ok(s.dvds.remove(i))
+        })
+        .await
+    }
+
+    /// Set-VMDvdDrive -Path: inserts an ISO or ejects (`path` none); a running guest sees
+    /// the medium change.
+    pub async fn set_dvd_media(
+        &self,
+        name: &str,
+        controller: u8,
+        location: u8,
+        path: Option<String>,
+    ) -> Result<DvdDrive, ApiError> {
+        self.change_settings(name, async |row, s| {
+            let i = dvd_index(&s.dvds, &row.name, controller, location)?;
+            let path = devices::media(path.as_deref())?;
+            if let Some(socket) = self.running_socket(row) {
+                let command = match &path {
+                    Some(p) => format!("dvd-set {controller} {location} {p}"),
+                    None => format!("dvd-eject {controller} {location}"),
+                };
+                worker_says(&socket, &command, &row.name).await?;
+            }
+            s.dvds[i].path = path;
+            Ok(s.dvds[i].clone())
+        })
+        .await
+    }
+
+    /// Add-VMNetworkAdapter (while the VM is off, for now).
+    pub async fn add_nic(
+        &self,
+        name: &str,
+        req: NewNetworkAdapter,
+    ) -> Result<NetworkAdapter, ApiError> {
+        let state_dir = self.state_dir.clone();
+        self.change_settings(name, async |row, s| {
+            self.refuse_running(row, "a network adapter is added")?;
+            let nic = devices::nic(&req, &row.id, s, &state_dir)?;
+            s.nics.push(nic.clone());
+            Ok(nic)
+        })
+        .await
+    }
+
+    /// Remove-VMNetworkAdapter (while the VM is off, for now).
+    pub async fn remove_nic(&self, name: &str, mac: &str) -> Result<NetworkAdapter, ApiError> {
+        let mac = devices::format_mac(&devices::parse_mac("mac", mac)?);
+        self.change_settings(name, async |row, s| {
+            let i = s.nics.iter().position(|n| n.mac == mac).ok_or_else(|| {
+                missing(format!(
+                    "VM '{}' has no network adapter with MAC {mac}",
+                    row.name
+                ))
+            })?;
+            self.refuse_running(row, "a network adapter is removed")?;
+            Ok(s.nics.remove(i))
+        })
+        .await
+    }
+
+    fn refuse_running(&self, row: &VmRow, what: &str) -> Result<(), ApiError> {
+        if row.state.has_worker() {
+            return Err(ApiError::wrong_state(
+                &row.name,
+                row.state,
+                &format!(
+                    "{what} only while it is Off (`viridian vm stop {}` first)",
+                    row.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn missing(message: String) -> ApiError {
+    ApiError::new(axum::http::StatusCode::NOT_FOUND, "no_device", message)
+}
+
+fn no_drive(vm: &str, what: &str, controller: u8, location: u8) -> ApiError {
+    missing(format!(
+        "VM '{vm}' has no {what} at controller {controller} location {location}"
+    ))
+}
+
+fn dvd_index(dvds: &[DvdDrive], vm: &str, controller: u8, location: u8) -> Result<usize, ApiError> {
+    dvds.iter()
+        .position(|d| (d.controller, d.location) == (controller, location))
+        .ok_or_else(|| no_drive(vm, "DVD drive", controller, location))
+}
+
+/// Sends a device command to the worker; its refusal is the answer (409, with its words).
+async fn worker_says(socket: &std::path::Path, command: &str, vm: &str) -> Result<(), ApiError> {
+    worker::control(socket, command, DEVICE_TIMEOUT)
+        .await
+        .map(drop)
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "worker_refused",
+                format!("the worker of VM '{vm}' refused: {e}"),
+            )
+        })
+}
