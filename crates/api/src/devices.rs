@@ -108,3 +108,19 @@ pub struct NewNetworkAdapter {
     #[serde(default)]
     pub mac_spoofing: bool,
 }
+
+/// Resource use of a running VM since it started (Measure-VM).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmMeasure {
+    pub uptime_secs: u64,
+    /// User and system CPU time of the worker (vCPUs and devices), in seconds.
+    pub cpu_seconds: f64,
+    /// Guest memory the VM was given.
+    pub memory_bytes: u64,
+    /// The worker's resident memory.
+    pub resident_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_written_bytes: u64,
+    pub network_received_bytes: u64,
+    pub network_sent_bytes: u64,
+}

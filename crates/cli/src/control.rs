@@ -1,6 +1,6 @@
 //! The worker's control socket: a Unix stream socket per running VM that takes one-line
 //! commands (`shutdown`, `reboot`, `turn-off`, `pause`, `resume`, `status`, `kvp`,
-//! `kvp-set KEY=VALUE`, `kvp-delete KEY`, `inspect`, and the storage commands of
+//! `kvp-set KEY=VALUE`, `kvp-delete KEY`, `measure`, `inspect`, and the storage commands of
 //! [`storage_command`]) and answers with one line (`ok ...` or `error: ...`; `kvp`, `disks` and
 //! `inspect` answer `ok ` and one line of JSON). `viridian vm` is its client.
 
@@ -126,6 +126,10 @@ fn serve(stream: UnixStream, control: &VmControl) {
         "disks" | "disk-add" | "disk-remove" | "dvd-set" | "dvd-eject" => {
             storage_command(verb, arg, control)
         }
+        "measure" => format!(
+            "ok {}",
+            serde_json::to_string(&control.measure()).unwrap_or_default()
+        ),
         "inspect" => match control.inspect() {
             Some(v) => format!("ok {v}"),
             None => "error: this VM has no Hyper-V enlightenments (no VMBus)".to_string(),

@@ -63,6 +63,14 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What a running VM has used since it started: CPU time, memory, disk and network bytes
+    /// (Measure-VM).
+    Measure {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
     /// Dump the VM's VMBus state: connection, channels, GPADLs, devices and their workers (JSON).
     Inspect {
         #[command(flatten)]
@@ -153,6 +161,17 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             _ => None,
         },
         VmCommand::Disk(cmd) => service_disk(cmd)?,
+        VmCommand::Measure {
+            target:
+                Target {
+                    name: Some(name),
+                    socket: None,
+                },
+            json,
+        } => match crate::service::vm::vm_call(name, "GET", "/measure", None)? {
+            Some(m) => Some(print_measure(&m, *json)?),
+            None => None,
+        },
         VmCommand::Dvd {
             target:
                 Target {
@@ -213,6 +232,10 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             location,
             json,
         } => dvd(&target.path(), path, eject, (controller, location), json),
+        VmCommand::Measure { target, json } => {
+            let reply = control::send(&target.path(), "measure")?;
+            print_measure(&serde_json::from_str(&reply)?, json)
+        }
         VmCommand::Inspect { target } => {
             println!("{}", control::send(&target.path(), "inspect")?);
             Ok(0)
@@ -404,6 +427,28 @@ fn service_disk(cmd: &DiskCommand) -> anyhow::Result<Option<i32>> {
         }
         _ => Ok(None),
     }
+}
+
+/// Prints a measurement as Measure-VM's columns, or as JSON.
+fn print_measure(m: &serde_json::Value, json: bool) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+        return Ok(0);
+    }
+    let n = |k: &str| m[k].as_u64().unwrap_or(0);
+    let mib = |k: &str| format!("{:.1}", n(k) as f64 / (1 << 20) as f64);
+    println!("Uptime(s)         {}", n("uptime_secs"));
+    println!(
+        "CPUTime(s)        {:.2}",
+        m["cpu_seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!("Memory(M)         {}", n("memory_bytes") >> 20);
+    println!("Resident(M)       {}", mib("resident_bytes"));
+    println!("DiskRead(M)       {}", mib("disk_read_bytes"));
+    println!("DiskWritten(M)    {}", mib("disk_written_bytes"));
+    println!("NetworkIn(M)      {}", mib("network_received_bytes"));
+    println!("NetworkOut(M)     {}", mib("network_sent_bytes"));
+    Ok(0)
 }
 
 /// A service VM's disks and DVD drives in the shape the worker's `disks` command lists them.

@@ -193,6 +193,10 @@ fn vm_stop_force_turns_the_vm_off() {
         String::from_utf8_lossy(&out.stdout).contains("running"),
         "{out:?}"
     );
+    let out = vm(&["measure", "tiny", "--json"]);
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["memory_bytes"], 64 << 20, "{out:?}");
+    assert!(m["cpu_seconds"].as_f64().unwrap() > 0.0, "{out:?}");
     assert!(vm(&["pause", "tiny"]).status.success());
     let forced = Command::new(viridian)
         .args(["vm", "stop", "tiny", "--force"])

@@ -556,6 +556,17 @@ fn lifecycle_with_a_tiny_guest() {
         cpu_ticks_over(pid, Duration::from_secs(1)) >= 5,
         "the guest spins again"
     );
+    // Measure-VM: the spinning vCPU's time, the guest's memory.
+    let (status, m) = s.req("GET", "/vms/spin/measure", None);
+    assert_eq!(status, 200, "{m}");
+    assert!(m["cpu_seconds"].as_f64().unwrap() > 0.2, "{m}");
+    assert_eq!(m["memory_bytes"], 64 << 20, "{m}");
+    assert!(m["resident_bytes"].as_u64().unwrap() > 0, "{m}");
+    let out = s.cli(&["vm", "measure", "spin"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("CPUTime(s)"),
+        "{out:?}"
+    );
     // Limits change on a running VM.
     let (status, v) = s.req("PATCH", "/vms/spin", Some(json!({"cpu_limit": 50})));
     assert_eq!((status, v["cpu_limit"].as_u64()), (200, Some(50)));
@@ -1370,6 +1381,7 @@ fn drives_and_adapters_are_settings() {
     );
     let (status, v) = s.req("POST", "/vms/dev/stop?turn_off=true", None);
     assert_eq!(status, 200, "{v}");
+    assert_error(s.req("GET", "/vms/dev/measure", None), 409, "wrong_state");
     let v = s.vm("dev");
     assert_eq!(v["disks"].as_array().unwrap().len(), 2, "{v}");
     assert_eq!(v["dvds"][0]["path"], Value::Null, "{v}");

@@ -370,6 +370,15 @@ impl StorvspDevice {
         Some(spec)
     }
 
+    /// Bytes read and written by the guest through this controller.
+    pub fn io_bytes(&self) -> (u64, u64) {
+        let c = &self.shared.counters;
+        (
+            c.bytes_read.load(Ordering::Relaxed),
+            c.bytes_written.load(Ordering::Relaxed),
+        )
+    }
+
     /// The handshake as it stands.
     pub fn handshake(&self) -> Handshake {
         *support::lock(&self.shared.handshake)

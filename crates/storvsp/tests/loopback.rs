@@ -105,6 +105,12 @@ fn inquiry_capacity_write_read(spec: DiskSpec, size: u64) -> Rig {
     // A 1 MiB read (the maximum) in one command.
     let (s, _) = g.read10(7, 0, 0, 2048, 0);
     assert_eq!((s.srb_status, { s.data_transfer_length }), (1, 1 << 20));
+    // Measure-VM's disk bytes: every byte the guest got or gave, the INQUIRY (36) and READ
+    // CAPACITY (32) answers included.
+    assert_eq!(
+        r.dev.io_bytes(),
+        ((64 << 10) + (1 << 20) + 36 + 32, (64 << 10) + 4096)
+    );
     r.host.stop();
     r
 }

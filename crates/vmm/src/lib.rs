@@ -10,6 +10,7 @@ pub mod hyperv;
 pub mod integration;
 pub mod kvp;
 pub mod layout;
+pub mod measure;
 mod pause;
 pub mod payload;
 pub mod synic;

@@ -106,9 +106,36 @@ pub struct VmControl {
     vmbus: Option<Arc<Vmbus>>,
     gate: Arc<PauseGate>,
     console: Arc<Console>,
+    memory: u64,
+    started: std::time::Instant,
 }
 
 impl VmControl {
+    /// Resource use since the VM was built (Measure-VM).
+    pub fn measure(&self) -> crate::measure::Measure {
+        let (cpu_seconds, resident_bytes) = crate::measure::own_usage();
+        let (disk_read_bytes, disk_written_bytes) = self
+            .vmbus
+            .as_ref()
+            .map(|v| v.disk_bytes())
+            .unwrap_or_default();
+        let (network_received_bytes, network_sent_bytes) = self
+            .vmbus
+            .as_ref()
+            .map(|v| v.network_bytes())
+            .unwrap_or_default();
+        crate::measure::Measure {
+            uptime_secs: self.started.elapsed().as_secs(),
+            cpu_seconds,
+            memory_bytes: self.memory,
+            resident_bytes,
+            disk_read_bytes,
+            disk_written_bytes,
+            network_received_bytes,
+            network_sent_bytes,
+        }
+    }
+
     /// The COM1 console hub.
     pub fn console(&self) -> &Arc<Console> {
         &self.console
@@ -248,6 +275,8 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
     gate: Arc<PauseGate>,
+    memory: u64,
+    started: std::time::Instant,
 }
 
 /// How long a stopping VM gives console viewers to write the last output.
@@ -423,6 +452,8 @@ impl Vm {
             vcpus,
             events: mpsc::channel(),
             gate: Arc::new(PauseGate::default()),
+            memory: config.memory,
+            started: std::time::Instant::now(),
         })
     }
 
@@ -438,6 +469,8 @@ impl Vm {
             vmbus: self.vmbus.clone(),
             gate: self.gate.clone(),
             console: self.console.clone(),
+            memory: self.memory,
+            started: self.started,
         }
     }
 

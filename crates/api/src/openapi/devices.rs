@@ -2,6 +2,12 @@
 
 use crate::*;
 
+/// What a running VM has used since it started (Measure-VM).
+#[utoipa::path(get, path = "/vms/{name}/measure", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = VmMeasure), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The VM is not running")))]
+pub fn measure_vm() {}
+
 /// The VM's disks (Get-VMHardDiskDrive).
 #[utoipa::path(get, path = "/vms/{name}/disks", tag = "devices", params(("name" = String, Path)),
     responses((status = 200, body = [HardDisk]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]

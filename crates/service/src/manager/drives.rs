@@ -101,6 +101,38 @@ impl Manager {
         Ok(out)
     }
 
+    /// Measure-VM: what the running worker has used since it started.
+    pub async fn measure(&self, name: &str) -> Result<api::VmMeasure, ApiError> {
+        let row = self.find(name)?;
+        let Some(socket) = self.running_socket(&row) else {
+            return Err(ApiError::wrong_state(
+                &row.name,
+                row.state,
+                "it is not running",
+            ));
+        };
+        let reply = worker::control(&socket, "measure", DEVICE_TIMEOUT)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "worker_refused",
+                    format!("the worker of VM '{}' did not answer: {e}", row.name),
+                )
+            })?;
+        let json = reply.strip_prefix("ok ").unwrap_or(&reply);
+        serde_json::from_str(json.trim()).map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "worker_refused",
+                format!(
+                    "the worker of VM '{}' answered something else: {e}",
+                    row.name
+                ),
+            )
+        })
+    }
+
     pub fn disks(&self, name: &str) -> Result<Vec<HardDisk>, ApiError> {
         Ok(self.find(name)?.settings.disks)
     }

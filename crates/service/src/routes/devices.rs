@@ -29,6 +29,7 @@ pub fn router() -> Router<Arc<Manager>> {
         )
         .route("/vms/{name}/nics", get(nics).post(add_nic))
         .route("/vms/{name}/nics/{mac}", delete(remove_nic))
+        .route("/vms/{name}/measure", get(measure))
 }
 
 /// `{name}/.../{controller}/{location}` in a path.
@@ -117,6 +118,10 @@ async fn set_dvd(
 
 async fn remove_dvd(State(m): S, Place(name, c, l): Place) -> R<axum::Json<DvdDrive>> {
     m.remove_dvd(&name, c, l).await.map(sized)
+}
+
+async fn measure(State(m): S, Name(name): Name) -> R<axum::Json<api::VmMeasure>> {
+    m.measure(&name).await.map(sized)
 }
 
 async fn nics(State(m): S, Name(name): Name) -> R<axum::Json<Vec<NetworkAdapter>>> {
