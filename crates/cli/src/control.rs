@@ -130,8 +130,17 @@ fn serve(stream: UnixStream, control: &VmControl) {
             "ok {}",
             serde_json::to_string(&control.measure()).unwrap_or_default()
         ),
+        "nics" | "nic-link" | "nic-add" | "nic-remove" => crate::nic::command(verb, arg, control),
         "inspect" => match control.inspect() {
-            Some(v) => format!("ok {v}"),
+            Some(mut v) => {
+                if let Some(o) = v.as_object_mut() {
+                    o.insert(
+                        "nics".into(),
+                        serde_json::json!(crate::nic::inspect(control)),
+                    );
+                }
+                format!("ok {v}")
+            }
             None => "error: this VM has no Hyper-V enlightenments (no VMBus)".to_string(),
         },
         _ => command(line.trim(), control),

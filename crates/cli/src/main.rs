@@ -3,6 +3,7 @@
 
 mod console;
 mod control;
+mod nic;
 mod run;
 mod service;
 mod switch;

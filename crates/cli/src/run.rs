@@ -64,6 +64,16 @@ pub struct RunArgs {
     /// unless placed. `viridian vm dvd NAME --path ISO | --eject` changes the medium.
     #[arg(long = "dvd", value_name = DVD_USAGE)]
     dvds: Vec<String>,
+    /// A network adapter (repeatable): a TAP device on virtual switch NAME (`default` is the
+    /// Default Switch, created if needed). Without `mac=` its MAC is stable, from the VM's
+    /// name and the NIC's index. `vlan=` puts it in an access VLAN (or a trunk);
+    /// `mac-spoofing=on` lets the guest send from other MACs; `dhcp-guard=on` and
+    /// `router-guard=on` drop DHCP server and router messages it sends.
+    #[arg(long = "nic", value_name = crate::nic::NIC_USAGE)]
+    nics: Vec<String>,
+    /// Where switch definitions live (default: $VIRIDIAN_STATE_DIR, else /var/lib/viridian).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 /// One `--disk` or `--dvd` value: `PATH[,readonly][,format=raw|vhd|vhdx][,controller=N]
@@ -177,6 +187,23 @@ fn open_disks(args: &RunArgs) -> anyhow::Result<Vec<vmm::vmbus_host::Drive>> {
         .collect()
 }
 
+/// The VM's name: `--name`, else viridian-PID.
+fn vm_name(args: &RunArgs) -> String {
+    args.name
+        .clone()
+        .unwrap_or_else(|| format!("viridian-{}", std::process::id()))
+}
+
+/// The `--nic` adapters, checked before the VM is built (the TAPs are made with it).
+fn network(args: &RunArgs) -> anyhow::Result<vmm::network::NetworkConfig> {
+    if !args.nics.is_empty() && args.no_hyperv {
+        anyhow::bail!(
+            "--nic needs the Hyper-V interface (the network adapter is on VMBus); drop --no-hyperv"
+        );
+    }
+    crate::nic::network_config(&args.nics, &vm_name(args), args.state_dir.clone())
+}
+
 /// Parses a memory size: a number with an optional K, M, G or T suffix (binary units);
 /// no suffix means MiB.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -208,6 +235,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     }
     let kernel = args.kernel.clone().expect("clap requires --kernel");
     let disks = open_disks(&args)?;
+    let network = network(&args)?;
     run_vm(
         &VmConfig {
             kernel,
@@ -217,6 +245,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
             memory: args.memory,
             hyperv: !args.no_hyperv,
             disks,
+            network,
         },
         &args,
     )
@@ -239,10 +268,7 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         .map(|f| console.attach("--serial file", Box::new(f), true, WhenSlow::Drop))
         .transpose()
         .context("cannot start the console log")?;
-    let name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("viridian-{}", std::process::id()));
+    let name = vm_name(args);
     let socket = args
         .control_socket
         .clone()
@@ -401,6 +427,7 @@ fn demo(args: &RunArgs) -> anyhow::Result<i32> {
                 memory: args.memory,
                 hyperv: !args.no_hyperv,
                 disks: open_disks(args)?,
+                network: network(args)?,
             },
             args,
         ),

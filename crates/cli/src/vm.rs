@@ -43,6 +43,9 @@ pub enum VmCommand {
     /// Add, remove or list the disks of a running VM (Add-/Remove-/Get-VMHardDiskDrive).
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Connect or disconnect a running VM's network cable (`NAME --connect|--disconnect`),
+    /// or list, hot-add and hot-remove its NICs (`list|add|remove`).
+    Nic(crate::nic::NicArgs),
     /// Insert or eject the medium of a running VM's DVD drive (Set-VMDvdDrive), or list its
     /// DVD drives (Get-VMDvdDrive). The guest sees the new medium on its next command.
     Dvd {
@@ -135,7 +138,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         match (&self.socket, &self.name) {
             (Some(p), _) => p.clone(),
             (None, Some(n)) => control::socket_for(n),
@@ -224,6 +227,7 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             delete,
         } => kvp(&target.path(), json, &set, &delete),
         VmCommand::Disk(cmd) => disk(cmd),
+        VmCommand::Nic(args) => crate::nic::main(args),
         VmCommand::Dvd {
             target,
             path,
@@ -242,6 +246,10 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::Status { target, .. } => {
             println!("{}", control::send(&target.path(), "status")?);
+            // NICs and their counters (none without VMBus).
+            for n in crate::nic::list(&target.path()).unwrap_or_default() {
+                println!("{}", crate::nic::status_line(&n));
+            }
             Ok(0)
         }
         VmCommand::List { .. } => {

@@ -11,6 +11,7 @@ pub mod integration;
 pub mod kvp;
 pub mod layout;
 pub mod measure;
+pub mod network;
 mod pause;
 pub mod payload;
 pub mod synic;
@@ -49,6 +50,8 @@ pub enum Error {
     Console(#[source] std::io::Error),
     #[error("cannot start VMBus: {0}")]
     Vmbus(#[source] std::io::Error),
+    #[error(transparent)]
+    Network(#[from] network::NicError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

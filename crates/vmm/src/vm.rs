@@ -35,6 +35,9 @@ pub struct VmConfig {
     /// controller its own storvsp device; files opened, and locked, by
     /// [`crate::vmbus_host::open_disk`] before the VM is built. Needs `hyperv`.
     pub disks: Vec<crate::vmbus_host::Drive>,
+    /// Network adapters, each a TAP on a virtual switch (see [`crate::network`]). Needs
+    /// `hyperv`.
+    pub network: crate::network::NetworkConfig,
 }
 
 /// Why the VM stopped.
@@ -108,6 +111,7 @@ pub struct VmControl {
     console: Arc<Console>,
     memory: u64,
     started: std::time::Instant,
+    network: Option<Arc<crate::network::Network>>,
 }
 
 impl VmControl {
@@ -119,11 +123,8 @@ impl VmControl {
             .as_ref()
             .map(|v| v.disk_bytes())
             .unwrap_or_default();
-        let (network_received_bytes, network_sent_bytes) = self
-            .vmbus
-            .as_ref()
-            .map(|v| v.network_bytes())
-            .unwrap_or_default();
+        let (network_received_bytes, network_sent_bytes) =
+            self.network.as_ref().map(|n| n.bytes()).unwrap_or_default();
         crate::measure::Measure {
             uptime_secs: self.started.elapsed().as_secs(),
             cpu_seconds,
@@ -263,6 +264,15 @@ impl VmControl {
     pub fn inspect(&self) -> Option<serde_json::Value> {
         self.vmbus.as_ref().map(|v| v.inspect())
     }
+
+    /// The VM's network adapters (Add-/Remove-/Get-VMNetworkAdapter).
+    pub fn network(
+        &self,
+    ) -> std::result::Result<&crate::network::Network, crate::network::NicError> {
+        self.network
+            .as_deref()
+            .ok_or(crate::network::NicError::NoVmbus)
+    }
 }
 
 /// A built, not yet running, VM.
@@ -270,6 +280,7 @@ pub struct Vm {
     partition: Arc<Partition>,
     hv: Option<Hv>,
     vmbus: Option<Arc<Vmbus>>,
+    network: Option<Arc<crate::network::Network>>,
     chipset: Arc<Chipset>,
     console: Arc<Console>,
     vcpus: Vec<VcpuFd>,
@@ -443,10 +454,17 @@ impl Vm {
             )),
             None => None,
         };
+        let network = crate::network::start(
+            &config.network,
+            vmbus.as_ref().map(|v| v.host()),
+            &memory,
+            config.vcpus,
+        )?;
         Ok(Self {
             partition,
             hv,
             vmbus,
+            network,
             chipset,
             console,
             vcpus,
@@ -471,6 +489,7 @@ impl Vm {
             console: self.console.clone(),
             memory: self.memory,
             started: self.started,
+            network: self.network.clone(),
         }
     }
 

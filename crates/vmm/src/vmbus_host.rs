@@ -273,11 +273,6 @@ impl Vmbus {
             .fold((0, 0), |(r, w), (a, b)| (r + a, w + b))
     }
 
-    /// Bytes the guest's network adapters received and sent.
-    pub fn network_bytes(&self) -> (u64, u64) {
-        (0, 0)
-    }
-
     /// The SCSI controllers, by number.
     pub fn controllers(&self) -> Vec<(u8, Arc<StorvspDevice>)> {
         support::lock(&self.storage.controllers)
