@@ -124,3 +124,36 @@ pub struct VmMeasure {
     pub network_received_bytes: u64,
     pub network_sent_bytes: u64,
 }
+
+/// An integration service (Get-VMIntegrationService).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IntegrationService {
+    /// `Heartbeat`, `Key-Value Pair Exchange`, `Shutdown` or `Time Synchronization`.
+    pub name: String,
+    pub enabled: bool,
+    /// On a running VM: `OK`, `No Contact` or `Lost Communication`; empty otherwise.
+    pub status: String,
+}
+
+/// Enable-/Disable-VMIntegrationService.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IntegrationChange {
+    pub enabled: bool,
+}
+
+/// The integration services, by Hyper-V's name and the short one the CLI takes.
+pub const INTEGRATION_SERVICES: [(&str, &str); 4] = [
+    ("Heartbeat", "heartbeat"),
+    ("Key-Value Pair Exchange", "kvp"),
+    ("Shutdown", "shutdown"),
+    ("Time Synchronization", "timesync"),
+];
+
+/// The short name of an integration service given by either name, in any case.
+pub fn integration_service(s: &str) -> Option<&'static str> {
+    INTEGRATION_SERVICES
+        .iter()
+        .find(|(long, short)| long.eq_ignore_ascii_case(s) || short.eq_ignore_ascii_case(s))
+        .map(|(_, short)| *short)
+}

@@ -22,12 +22,13 @@ mod devices;
         list_vms, create_vm, get_vm, patch_vm, delete_vm, start_vm, stop_vm, restart_vm,
         pause_vm, resume_vm, devices::list_disks, devices::add_disk, devices::remove_disk,
         devices::list_dvds, devices::add_dvd, devices::set_dvd, devices::remove_dvd,
-        devices::list_nics, devices::add_nic, devices::remove_nic, devices::measure_vm, list_tokens, create_token, revoke_token, service, stop_vms, events, openapi
+        devices::list_nics, devices::add_nic, devices::remove_nic, devices::measure_vm,
+        devices::list_integration, devices::set_integration, list_tokens, create_token, revoke_token, service, stop_vms, events, openapi
     ),
     components(schemas(ErrorBody, ErrorDetail, Vm, NewVm, VmPatch, VmState, Heartbeat,
                        AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo, NewToken,
                        TokenCreated, TokenInfo, HardDisk, NewHardDisk, NewDiskFile, DvdDrive,
-                       NewDvdDrive, DvdMedia, NetworkAdapter, NewNetworkAdapter, VmMeasure)),
+                       NewDvdDrive, DvdMedia, NetworkAdapter, NewNetworkAdapter, VmMeasure, IntegrationService, IntegrationChange)),
     tags((name = "vms", description = "Virtual machines"),
           (name = "devices", description = "A VM's disks, DVD drives and network adapters"), (name = "service", description = "The service"),
           (name = "tokens", description = "Bearer tokens for callers over TLS (--listen)"))

@@ -1,6 +1,7 @@
 //! The worker's control socket: a Unix stream socket per running VM that takes one-line
 //! commands (`shutdown`, `reboot`, `turn-off`, `pause`, `resume`, `status`, `kvp`,
-//! `kvp-set KEY=VALUE`, `kvp-delete KEY`, `measure`, `inspect`, and the storage commands of
+//! `kvp-set KEY=VALUE`, `kvp-delete KEY`, `integration`,
+//! `integration-set SERVICE on|off`, `measure`, `inspect`, and the storage commands of
 //! [`storage_command`]) and answers with one line (`ok ...` or `error: ...`; `kvp`, `disks` and
 //! `inspect` answer `ok ` and one line of JSON). `viridian vm` is its client.
 
@@ -125,6 +126,25 @@ fn serve(stream: UnixStream, control: &VmControl) {
         },
         "disks" | "disk-add" | "disk-remove" | "dvd-set" | "dvd-eject" => {
             storage_command(verb, arg, control)
+        }
+        "integration" => format!(
+            "ok {}",
+            serde_json::to_string(&control.integration()).unwrap_or_default()
+        ),
+        // integration-set SERVICE on|off
+        "integration-set" => {
+            let (name, state) = arg.rsplit_once(' ').unwrap_or((arg, ""));
+            match (vmm::vmbus_host::Service::parse(name), state) {
+                (Some(s), "on" | "off") => match control.set_integration(s, state == "on") {
+                    Ok(()) => format!("ok: {} {}", s.name(), if state == "on" { "enabled" } else { "disabled" }),
+                    Err(e) => format!("error: {e}"),
+                },
+                (None, _) => format!(
+                    "error: unknown integration service '{}'; use heartbeat, kvp, shutdown or timesync",
+                    name.chars().take(64).collect::<String>()
+                ),
+                _ => "error: usage: integration-set SERVICE on|off".to_string(),
+            }
         }
         "measure" => format!(
             "ok {}",

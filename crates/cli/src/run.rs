@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// Present plain KVM instead of Hyper-V (no Hyper-V CPUID leaves, synthetic MSRs or VMBus).
     #[arg(long)]
     no_hyperv: bool,
+    /// Do not offer this integration service (repeatable): heartbeat, kvp, shutdown or
+    /// timesync (Disable-VMIntegrationService). `viridian vm integration` turns it on later.
+    #[arg(long = "disable-integration", value_name = "SERVICE", value_parser = parse_service)]
+    disable_integration: Vec<vmm::vmbus_host::Service>,
     /// Fetch the demo guest (Debian's kernel and a busybox initramfs) and boot it. Where this
     /// host's KVM cannot run Linux, the demo runs inside the lab VM instead.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
@@ -254,6 +258,13 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
 /// How long the terminal and the `--serial` file may take to write the last output.
 const CONSOLE_DRAIN: Duration = Duration::from_secs(10);
 
+/// Parses an integration service's name for `--disable-integration`.
+pub fn parse_service(s: &str) -> Result<vmm::vmbus_host::Service, String> {
+    vmm::vmbus_host::Service::parse(s).ok_or_else(|| {
+        format!("unknown integration service '{s}'; use heartbeat, kvp, shutdown or timesync")
+    })
+}
+
 fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     let file = args
         .serial
@@ -263,6 +274,11 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     let started = std::time::Instant::now();
     let vm = Vm::new(config)?;
     tracing::info!("VM built in {:?}", started.elapsed());
+    for s in &args.disable_integration {
+        vm.control()
+            .set_integration(*s, false)
+            .map_err(|e| anyhow::anyhow!("--disable-integration {}: {e}", s.short()))?;
+    }
     let console = vm.console().clone();
     let log = file
         .map(|f| console.attach("--serial file", Box::new(f), true, WhenSlow::Drop))

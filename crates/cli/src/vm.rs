@@ -66,6 +66,18 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the integration services with their status, or turn one on or off
+    /// (Get-, Enable-, Disable-VMIntegrationService): heartbeat, kvp, shutdown, timesync.
+    Integration {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_name = "SERVICE", conflicts_with = "disable")]
+        enable: Option<String>,
+        #[arg(long, value_name = "SERVICE")]
+        disable: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// What a running VM has used since it started: CPU time, memory, disk and network bytes
     /// (Measure-VM).
     Measure {
@@ -164,6 +176,31 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             _ => None,
         },
         VmCommand::Disk(cmd) => service_disk(cmd)?,
+        VmCommand::Integration {
+            target:
+                Target {
+                    name: Some(name),
+                    socket: None,
+                },
+            enable,
+            disable,
+            json,
+        } => {
+            let change = integration_change(enable, disable)?;
+            let reply = match change {
+                Some((short, on)) => crate::service::vm::vm_call(
+                    name,
+                    "PUT",
+                    &format!("/integration/{short}"),
+                    Some(&serde_json::json!({ "enabled": on })),
+                )?,
+                None => crate::service::vm::vm_call(name, "GET", "/integration", None)?,
+            };
+            match reply {
+                Some(list) => Some(print_integration(&list, *json)?),
+                None => None,
+            }
+        }
         VmCommand::Measure {
             target:
                 Target {
@@ -236,6 +273,22 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
             location,
             json,
         } => dvd(&target.path(), path, eject, (controller, location), json),
+        VmCommand::Integration {
+            target,
+            enable,
+            disable,
+            json,
+        } => {
+            if let Some((short, on)) = integration_change(&enable, &disable)? {
+                let reply = control::send(
+                    &target.path(),
+                    &format!("integration-set {short} {}", if on { "on" } else { "off" }),
+                )?;
+                eprintln!("viridian: {reply}");
+            }
+            let reply = control::send(&target.path(), "integration")?;
+            print_integration(&serde_json::from_str(&reply)?, json)
+        }
         VmCommand::Measure { target, json } => {
             let reply = control::send(&target.path(), "measure")?;
             print_measure(&serde_json::from_str(&reply)?, json)
@@ -435,6 +488,46 @@ fn service_disk(cmd: &DiskCommand) -> anyhow::Result<Option<i32>> {
         }
         _ => Ok(None),
     }
+}
+
+/// The service to turn on or off, by its short name.
+fn integration_change(
+    enable: &Option<String>,
+    disable: &Option<String>,
+) -> anyhow::Result<Option<(&'static str, bool)>> {
+    let Some((name, on)) = enable
+        .as_deref()
+        .map(|n| (n, true))
+        .or(disable.as_deref().map(|n| (n, false)))
+    else {
+        return Ok(None);
+    };
+    let short = api::integration_service(name).with_context(|| {
+        format!("unknown integration service '{name}'; use heartbeat, kvp, shutdown or timesync")
+    })?;
+    Ok(Some((short, on)))
+}
+
+/// Prints Get-VMIntegrationService's columns, or JSON.
+fn print_integration(list: &serde_json::Value, json: bool) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(list)?);
+        return Ok(0);
+    }
+    println!("{:<24} {:<8} PrimaryStatusDescription", "Name", "Enabled");
+    for s in list.as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<8} {}",
+            s["name"].as_str().unwrap_or(""),
+            if s["enabled"].as_bool() == Some(true) {
+                "True"
+            } else {
+                "False"
+            },
+            s["status"].as_str().unwrap_or("")
+        );
+    }
+    Ok(0)
 }
 
 /// Prints a measurement as Measure-VM's columns, or as JSON.

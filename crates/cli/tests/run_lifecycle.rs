@@ -143,7 +143,8 @@ fn vm_stop_force_turns_the_vm_off() {
     let kernel = tiny_kernel("spin-stop", SPIN);
     let viridian = env!("CARGO_BIN_EXE_viridian");
     let mut child = Command::new(viridian)
-        .args(["run", "--name", "tiny", "--memory", "64M", "--kernel"])
+        .args(["run", "--name", "tiny", "--memory", "64M"])
+        .args(["--disable-integration", "timesync", "--kernel"])
         .arg(kernel)
         .env("VIRIDIAN_RUN_DIR", &run_dir)
         .stderr(Stdio::piped())
@@ -193,6 +194,48 @@ fn vm_stop_force_turns_the_vm_off() {
         String::from_utf8_lossy(&out.stdout).contains("running"),
         "{out:?}"
     );
+    // Get-/Enable-/Disable-VMIntegrationService; the tiny guest connects none of them.
+    let services = |out: &std::process::Output| -> Vec<(String, bool, String)> {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().to_string(),
+                    s["enabled"].as_bool().unwrap(),
+                    s["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let listed = services(&vm(&["integration", "tiny", "--json"]));
+    let expect = |kvp: bool| {
+        vec![
+            ("Heartbeat".to_string(), true, "No Contact".to_string()),
+            (
+                "Key-Value Pair Exchange".to_string(),
+                kvp,
+                if kvp { "No Contact" } else { "" }.to_string(),
+            ),
+            ("Shutdown".to_string(), true, "No Contact".to_string()),
+            ("Time Synchronization".to_string(), false, String::new()),
+        ]
+    };
+    assert_eq!(listed, expect(true));
+    let off = vm(&["integration", "tiny", "--disable", "kvp", "--json"]);
+    assert_eq!(services(&off), expect(false), "{off:?}");
+    let on = vm(&[
+        "integration",
+        "tiny",
+        "--enable",
+        "Key-Value Pair Exchange",
+        "--json",
+    ]);
+    assert_eq!(services(&on), expect(true), "{on:?}");
+    let bad = vm(&["integration", "tiny", "--disable", "vss"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown integration service"));
     let out = vm(&["measure", "tiny", "--json"]);
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(m["memory_bytes"], 64 << 20, "{out:?}");

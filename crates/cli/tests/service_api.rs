@@ -1312,6 +1312,24 @@ fn drives_and_adapters_are_settings() {
     let (status, _) = s.req("DELETE", &format!("/vms/dev/nics/{mac}"), None);
     assert_eq!(status, 200);
 
+    // Integration services are settings; the worker starts without the disabled ones.
+    let (status, list) = s.req(
+        "PUT",
+        "/vms/dev/integration/kvp",
+        Some(json!({"enabled": false})),
+    );
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list[1]["enabled"], false, "{list}");
+    assert_error(
+        s.req(
+            "PUT",
+            "/vms/dev/integration/vss",
+            Some(json!({"enabled": false})),
+        ),
+        404,
+        "no_device",
+    );
+
     // The worker gets the drives; a running VM takes disks and media, not new drive bays.
     let (status, v) = s.req("POST", "/vms/dev/start", None);
     assert_eq!(status, 200, "{v}");
@@ -1367,6 +1385,26 @@ fn drives_and_adapters_are_settings() {
     let (status, _) = s.req("DELETE", "/vms/dev/disks/0/3", None);
     assert_eq!(status, 200);
     assert_eq!(worker_drives().len(), 3);
+    let (_, list) = s.req("GET", "/vms/dev/integration", None);
+    assert_eq!(
+        (
+            list[1]["enabled"].clone(),
+            list[1]["status"].clone(),
+            list[0]["status"].clone()
+        ),
+        (json!(false), json!(""), json!("No Contact")),
+        "the worker reports, without KVP: {list}"
+    );
+    let (status, list) = s.req(
+        "PUT",
+        "/vms/dev/integration/Key-Value%20Pair%20Exchange",
+        Some(json!({"enabled": true})),
+    );
+    assert_eq!(
+        (status, list[1]["status"].clone()),
+        (200, json!("No Contact")),
+        "{list}"
+    );
     let (status, d) = s.req("PUT", "/vms/dev/dvds/0/2", Some(json!({"path": null})));
     assert_eq!((status, d["path"].clone()), (200, Value::Null), "{d}");
     assert_error(
@@ -1382,6 +1420,11 @@ fn drives_and_adapters_are_settings() {
     let (status, v) = s.req("POST", "/vms/dev/stop?turn_off=true", None);
     assert_eq!(status, 200, "{v}");
     assert_error(s.req("GET", "/vms/dev/measure", None), 409, "wrong_state");
+    let (_, list) = s.req("GET", "/vms/dev/integration", None);
+    assert_eq!(
+        list[1]["enabled"], true,
+        "enabled while running, kept: {list}"
+    );
     let v = s.vm("dev");
     assert_eq!(v["disks"].as_array().unwrap().len(), 2, "{v}");
     assert_eq!(v["dvds"][0]["path"], Value::Null, "{v}");

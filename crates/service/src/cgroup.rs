@@ -135,6 +135,7 @@ mod tests {
             disks: Vec::new(),
             dvds: Vec::new(),
             nics: Vec::new(),
+            disabled_integration: Vec::new(),
         }
     }
 

@@ -54,6 +54,9 @@ pub struct Settings {
     pub dvds: Vec<api::DvdDrive>,
     #[serde(default)]
     pub nics: Vec<api::NetworkAdapter>,
+    /// Integration services not offered (short names).
+    #[serde(default)]
+    pub disabled_integration: Vec<String>,
 }
 
 /// One row of `vms`.
@@ -276,6 +279,7 @@ mod tests {
                 disks: Vec::new(),
                 dvds: Vec::new(),
                 nics: Vec::new(),
+                disabled_integration: Vec::new(),
             },
             state: VmState::Off,
             status: String::new(),

@@ -232,6 +232,9 @@ pub fn worker_args(s: &Settings) -> Vec<String> {
             d.location
         ));
     }
+    for i in &s.disabled_integration {
+        args.push(format!("--disable-integration={i}"));
+    }
     for n in &s.nics {
         let mut a = format!("--nic=switch={},mac={}", n.switch, n.mac);
         if let Some(v) = n.vlan {

@@ -112,6 +112,7 @@ pub fn new_vm(req: &NewVm) -> Result<Settings, ApiError> {
         disks: Vec::new(),
         dvds: Vec::new(),
         nics: Vec::new(),
+        disabled_integration: Vec::new(),
     })
 }
 

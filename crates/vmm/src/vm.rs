@@ -115,6 +115,27 @@ pub struct VmControl {
 }
 
 impl VmControl {
+    /// The integration services and how each is doing (Get-VMIntegrationService); empty
+    /// without Hyper-V enlightenments.
+    pub fn integration(&self) -> Vec<crate::vmbus_host::ServiceState> {
+        self.vmbus
+            .as_ref()
+            .map(|v| v.services())
+            .unwrap_or_default()
+    }
+
+    /// Offers or rescinds an integration service (Enable-/Disable-VMIntegrationService).
+    pub fn set_integration(
+        &self,
+        service: crate::vmbus_host::Service,
+        enabled: bool,
+    ) -> std::result::Result<(), String> {
+        match &self.vmbus {
+            Some(v) => v.set_service(service, enabled),
+            None => Err("this VM has no VMBus (it runs without Hyper-V enlightenments)".into()),
+        }
+    }
+
     /// Resource use since the VM was built (Measure-VM).
     pub fn measure(&self) -> crate::measure::Measure {
         let (cpu_seconds, resident_bytes) = crate::measure::own_usage();

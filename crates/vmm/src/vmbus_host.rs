@@ -14,7 +14,10 @@ use std::sync::Mutex;
 use storvsp::{ControllerConfig, StorvspDevice};
 use vmbus::{HostConfig, ServerConfig, VmbusHost};
 
+pub use services::{Service, ServiceState};
 pub use storvsp::{DiskSpec, DriveInfo, DriveKind, ImageFormat, OpenDiskError};
+
+mod services;
 
 /// Instance GUID of SCSI controller 0; controller N's ends in N.
 pub const SCSI0_INSTANCE_ID: Guid = Guid::from_u128(0x5649_5249_4449_414e_0000_0000_5c51_0000);
@@ -191,6 +194,8 @@ pub struct Vmbus {
     timesync: Arc<IcDevice>,
     kvp: Arc<KvpDevice>,
     storage: Storage,
+    /// The integration services offered now, with their bus ids.
+    services: Mutex<BTreeMap<Service, vmbus::host::DeviceId>>,
 }
 
 impl Vmbus {
@@ -226,13 +231,22 @@ impl Vmbus {
         let shutdown = IcDevice::new(IcKind::Shutdown)?;
         let heartbeat = IcDevice::new(IcKind::Heartbeat)?;
         let timesync = IcDevice::timesync(Arc::new(move || hv.reference_time()))?;
-        for dev in [&shutdown, &heartbeat, &timesync] {
-            host.add_device(Arc::new(IcBusDevice(dev.clone())))
+        let mut services = BTreeMap::new();
+        for (s, dev) in [
+            (Service::Shutdown, &shutdown),
+            (Service::Heartbeat, &heartbeat),
+            (Service::TimeSynchronization, &timesync),
+        ] {
+            let id = host
+                .add_device(Arc::new(IcBusDevice(dev.clone())))
                 .map_err(std::io::Error::other)?;
+            services.insert(s, id);
         }
         let kvp = KvpDevice::new()?;
-        host.add_device(Arc::new(KvpBusDevice(kvp.clone())))
+        let id = host
+            .add_device(Arc::new(KvpBusDevice(kvp.clone())))
             .map_err(std::io::Error::other)?;
+        services.insert(Service::KeyValuePairExchange, id);
         let storage = Storage {
             controllers: Mutex::default(),
             mem: storage_mem,
@@ -262,6 +276,7 @@ impl Vmbus {
             timesync,
             kvp,
             storage,
+            services: Mutex::new(services),
         })
     }
 

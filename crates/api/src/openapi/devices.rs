@@ -8,6 +8,21 @@ use crate::*;
               (status = 409, body = ErrorBody, description = "The VM is not running")))]
 pub fn measure_vm() {}
 
+/// The integration services (Get-VMIntegrationService).
+#[utoipa::path(get, path = "/vms/{name}/integration", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = [IntegrationService]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub fn list_integration() {}
+
+/// Enable or disable an integration service (Enable-/Disable-VMIntegrationService); a
+/// running guest sees its channel offered or rescinded.
+#[utoipa::path(put, path = "/vms/{name}/integration/{service}", tag = "vms",
+    params(("name" = String, Path), ("service" = String, Path, description = "heartbeat, kvp, shutdown or timesync (or Hyper-V's name)")),
+    request_body = IntegrationChange,
+    responses((status = 200, body = [IntegrationService]), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+pub fn set_integration() {}
+
 /// The VM's disks (Get-VMHardDiskDrive).
 #[utoipa::path(get, path = "/vms/{name}/disks", tag = "devices", params(("name" = String, Path)),
     responses((status = 200, body = [HardDisk]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]

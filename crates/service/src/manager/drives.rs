@@ -133,6 +133,59 @@ impl Manager {
         })
     }
 
+    /// Get-VMIntegrationService: from the worker while it runs, else the settings.
+    pub async fn integration(&self, name: &str) -> Result<Vec<api::IntegrationService>, ApiError> {
+        let row = self.find(name)?;
+        if let Some(socket) = self.running_socket(&row) {
+            let reply = worker::control(&socket, "integration", DEVICE_TIMEOUT).await;
+            if let Some(list) = reply
+                .ok()
+                .and_then(|r| serde_json::from_str(r.trim_start_matches("ok ")).ok())
+            {
+                return Ok(list);
+            }
+        }
+        Ok(api::INTEGRATION_SERVICES
+            .iter()
+            .map(|(long, short)| api::IntegrationService {
+                name: long.to_string(),
+                enabled: !row.settings.disabled_integration.iter().any(|d| d == short),
+                status: String::new(),
+            })
+            .collect())
+    }
+
+    /// Enable-/Disable-VMIntegrationService: a setting, and on a running VM the channel is
+    /// offered or rescinded at once.
+    pub async fn set_integration(
+        &self,
+        name: &str,
+        service: &str,
+        enabled: bool,
+    ) -> Result<Vec<api::IntegrationService>, ApiError> {
+        let short = api::integration_service(service).ok_or_else(|| {
+            missing(format!(
+                "there is no integration service '{service}'; use heartbeat, kvp, shutdown or timesync"
+            ))
+        })?;
+        self.change_settings(name, async |row, s| {
+            if let Some(socket) = self.running_socket(row) {
+                let command = format!(
+                    "integration-set {short} {}",
+                    if enabled { "on" } else { "off" }
+                );
+                worker_says(&socket, &command, &row.name).await?;
+            }
+            s.disabled_integration.retain(|d| d != short);
+            if !enabled {
+                s.disabled_integration.push(short.to_string());
+            }
+            Ok(())
+        })
+        .await?;
+        self.integration(name).await
+    }
+
     pub fn disks(&self, name: &str) -> Result<Vec<HardDisk>, ApiError> {
         Ok(self.find(name)?.settings.disks)
     }

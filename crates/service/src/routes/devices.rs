@@ -30,6 +30,11 @@ pub fn router() -> Router<Arc<Manager>> {
         .route("/vms/{name}/nics", get(nics).post(add_nic))
         .route("/vms/{name}/nics/{mac}", delete(remove_nic))
         .route("/vms/{name}/measure", get(measure))
+        .route("/vms/{name}/integration", get(integration))
+        .route(
+            "/vms/{name}/integration/{service}",
+            axum::routing::put(set_integration),
+        )
 }
 
 /// `{name}/.../{controller}/{location}` in a path.
@@ -63,10 +68,10 @@ impl<T: Send + Sync> FromRequestParts<T> for Place {
     }
 }
 
-/// `{name}/nics/{mac}` in a path.
-struct NameMac(String, String);
+/// `{name}/.../{second}` in a path (a MAC, a service).
+struct NameAnd(String, String);
 
-impl<T: Send + Sync> FromRequestParts<T> for NameMac {
+impl<T: Send + Sync> FromRequestParts<T> for NameAnd {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &T) -> Result<Self, ApiError> {
@@ -74,7 +79,7 @@ impl<T: Send + Sync> FromRequestParts<T> for NameMac {
             axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
                 .await
                 .map_err(|e| bad_path(e.body_text()))?;
-        Ok(NameMac(name, mac))
+        Ok(NameAnd(name, mac))
     }
 }
 
@@ -124,6 +129,20 @@ async fn measure(State(m): S, Name(name): Name) -> R<axum::Json<api::VmMeasure>>
     m.measure(&name).await.map(sized)
 }
 
+async fn integration(State(m): S, Name(name): Name) -> R<axum::Json<Vec<api::IntegrationService>>> {
+    m.integration(&name).await.map(sized)
+}
+
+async fn set_integration(
+    State(m): S,
+    NameAnd(name, service): NameAnd,
+    Json(req): Json<api::IntegrationChange>,
+) -> R<axum::Json<Vec<api::IntegrationService>>> {
+    m.set_integration(&name, &service, req.enabled)
+        .await
+        .map(sized)
+}
+
 async fn nics(State(m): S, Name(name): Name) -> R<axum::Json<Vec<NetworkAdapter>>> {
     m.nics(&name).map(sized)
 }
@@ -137,6 +156,6 @@ async fn add_nic(
     Ok((StatusCode::CREATED, axum::Json(nic)))
 }
 
-async fn remove_nic(State(m): S, NameMac(name, mac): NameMac) -> R<axum::Json<NetworkAdapter>> {
+async fn remove_nic(State(m): S, NameAnd(name, mac): NameAnd) -> R<axum::Json<NetworkAdapter>> {
     m.remove_nic(&name, &mac).await.map(sized)
 }
