@@ -294,6 +294,7 @@ impl Netlink {
     }
 
     /// Sends a prepared link message as a new link (test setup: dummy and veth interfaces).
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
     pub fn add_link(&self, msg: LinkMessage, what: impl FnOnce() -> String) -> Result<()> {
         self.rt.block_on(async {
             self.handle
@@ -306,6 +307,7 @@ impl Netlink {
     }
 
     /// Sends a prepared link change (test setup: moving an interface to another namespace).
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
     pub fn change_link(&self, msg: LinkMessage, what: impl FnOnce() -> String) -> Result<()> {
         self.change(msg, what)
     }
@@ -459,6 +461,7 @@ impl Netlink {
     }
 
     /// A default route through `gateway` out of `link` (test setup).
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
     pub fn add_default_route(&self, link: &Link, gateway: IpAddr, metric: u32) -> Result<()> {
         let msg = match gateway {
             IpAddr::V4(g) => RouteMessageBuilder::<Ipv4Addr>::new()
