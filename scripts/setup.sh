@@ -24,7 +24,8 @@ libs=$(apt-cache depends --no-recommends --no-suggests --no-enhances qemu-system
   | awk '/Depends: lib/ {print $2}' | grep -v '^<' | sort -u)
 # nftables and dnsmasq-base (the binary, without Debian's system-wide dnsmasq service): the
 # Default Switch's NAT and its guests' DHCP and DNS (crates/vswitch and its tests).
-need=(qemu-utils dpkg apt coreutils nftables dnsmasq-base $libs)
+# genisoimage: the ISO images of the lab's DVD checks (crates/lab).
+need=(qemu-utils dpkg apt coreutils nftables dnsmasq-base genisoimage $libs)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

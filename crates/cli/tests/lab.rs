@@ -293,3 +293,118 @@ fn storvsc_guest_writes_and_reads_a_vhdx() {
     assert_eq!(g("sdb_removed"), "1", "{}", h.console);
     assert_eq!(h.exit_code, 0, "{}", h.console);
 }
+
+/// Every disk format and a DVD in one lab boot (see the `formats` scenario in crates/lab): a
+/// dynamic VHDX, a fixed VHD, a raw image, a read-only raw image and a differencing VHDX on a
+/// parent made by qemu-img (on controller 1) appear with their sizes, sector sizes, SCSI
+/// addresses and identifiers; what the guest wrote is what the host reads from each image
+/// after the VM stops, and `qemu-img check` and `viridian vhd test` are clean; a discard
+/// shrinks the dynamic VHDX's allocated size; the read-only disk refuses writes; the DVD, an
+/// ISO made by genisoimage, mounts and reads, and `vm dvd --eject` and `--path` change it.
+#[test]
+fn disk_formats_dvd_and_discard_in_one_boot() {
+    let Some(lab) = lab() else { return };
+    let sc = Scenario::new("formats", Vmm::Viridian, Flavor::Cloud, 1, "formats");
+    let run = lab.run(&[sc], &mut std::io::stderr()).expect("lab run");
+    assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
+    let r = run.scenario("formats").expect("formats did not run");
+    let g = |k: &str| r.guest.get(k).cloned().unwrap_or_default();
+    let ctx = || r.console.clone();
+    // name,logical,physical,ro,type,H:C:T:L,wwid,serial,discard_max_bytes
+    let disk = |sectors: &str| -> Vec<String> {
+        let v: Vec<String> = g(&format!("disk_{sectors}"))
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        assert_eq!(v.len(), 9, "disk of {sectors} sectors: {v:?}\n{}", ctx());
+        v
+    };
+    let (dyn_, child, fixed, raw, ro, dvd) = (
+        disk("131072"),
+        disk("65536"),
+        disk("32768"),
+        disk("16384"),
+        disk("8192"),
+        disk("dvd"),
+    );
+    let hctl = |d: &[String]| -> Vec<u32> { d[5].split(':').map(|x| x.parse().unwrap()).collect() };
+    // Sector sizes: VHDX 512/4096, VHD and raw 512/512; the DVD 2048.
+    assert_eq!((&dyn_[1][..], &dyn_[2][..]), ("512", "4096"), "{}", ctx());
+    assert_eq!((&fixed[1][..], &fixed[2][..]), ("512", "512"), "{}", ctx());
+    assert_eq!((&raw[1][..], &raw[2][..]), ("512", "512"), "{}", ctx());
+    assert_eq!(&dvd[1], "2048", "{}", ctx());
+    // Type 0 disks and a type 5 DVD; only the read-only disk and the DVD are read-only.
+    for d in [&dyn_, &child, &fixed, &raw] {
+        assert_eq!((&d[3][..], &d[4][..]), ("0", "0"), "{d:?}\n{}", ctx());
+    }
+    assert_eq!(
+        (&ro[3][..], &dvd[3][..], &dvd[4][..]),
+        ("1", "1", "5"),
+        "{}",
+        ctx()
+    );
+    // Places: controller 0 in order (dynamic, fixed, raw, read-only), the DVD after them, the
+    // differencing disk alone on its own SCSI host (controller 1).
+    let locations: Vec<u32> = [&dyn_, &fixed, &raw, &ro, &dvd]
+        .iter()
+        .map(|d| hctl(d)[3])
+        .collect();
+    assert_eq!(locations, [0, 1, 2, 3, 4], "{}", ctx());
+    assert!([&fixed, &raw, &ro, &dvd]
+        .iter()
+        .all(|d| hctl(d)[0] == hctl(&dyn_)[0]));
+    assert_ne!(hctl(&child)[0], hctl(&dyn_)[0], "{}", ctx());
+    assert_eq!(hctl(&child)[3], 0);
+    // Identifiers (the by-id names derive from them): NAA type 6 with Microsoft's OUI, one per
+    // disk; the VHDX's serial number is its disk identifier.
+    let wwids: std::collections::BTreeSet<&str> = [&dyn_, &child, &fixed, &raw, &ro]
+        .iter()
+        .map(|d| d[6].as_str())
+        .collect();
+    assert_eq!(wwids.len(), 5, "{}", ctx());
+    assert!(
+        wwids.iter().all(|w| w.starts_with("naa.6002248")),
+        "{wwids:?}"
+    );
+    assert_eq!(dyn_[7], g("host_dyn_id").to_uppercase(), "{}", ctx());
+    // What the guest wrote is in each image.
+    for sectors in ["131072", "65536", "32768", "16384"] {
+        let md5 = g(&format!("md5_{sectors}"));
+        assert_eq!(md5.len(), 32, "{sectors}: {}", ctx());
+        assert_eq!(
+            g(&format!("host_md5_{sectors}")),
+            md5,
+            "{sectors}: {}",
+            ctx()
+        );
+    }
+    for k in [
+        "host_qemu_check_dyn",
+        "host_qemu_check_parent",
+        "host_vhd_test_dyn",
+        "host_vhd_test_fixed",
+        "host_vhd_test_plain",
+        "host_vhd_test_child",
+    ] {
+        assert_eq!(g(k), "ok", "{k}: {}", ctx());
+    }
+    assert_eq!(g("ro_write_refused"), "1", "{}", ctx());
+    // Discard: 8 MiB written, then discarded, reads as zeros and leaves the file.
+    assert_ne!(dyn_[8], "0", "no discard on the VHDX\n{}", ctx());
+    assert_eq!(g("discarded"), "1", "{}", ctx());
+    assert_eq!(g("discarded_reads_zero"), "1", "{}", ctx());
+    let kb = |k: &str| g(k).parse::<u64>().unwrap_or(0);
+    assert!(
+        kb("host_kb_written") >= kb("host_kb_discarded") + 7 * 1024,
+        "allocated {} KiB after writing, {} KiB after the discard\n{}",
+        kb("host_kb_written"),
+        kb("host_kb_discarded"),
+        ctx()
+    );
+    // The DVD: the ISO's file reads back; ejected by the host; another disc inserted.
+    assert_eq!(g("dvd_md5"), g("host_iso_md5"), "{}", ctx());
+    assert_eq!(g("dvd_ejected"), "1", "{}", ctx());
+    assert_eq!(g("dvd2_md5"), g("host_iso2_md5"), "{}", ctx());
+    assert_eq!(g("host_dvd_path"), "/l2/two.iso", "{}", ctx());
+    assert_eq!(r.exit_code, 0, "{}", ctx());
+}

@@ -84,6 +84,51 @@ if [ "$S" = storage ]; then
   fi
   dmesg | grep -i -E "scsi|sd |storvsc" | sed 's/^/GUEST-DMESG /'
 fi
+if [ "$S" = formats ]; then
+  # Five disks of different formats told apart by size (64M dynamic VHDX, 32M differencing
+  # VHDX on controller 1, 16M fixed VHD, 8M raw, 4M raw read-only) and a DVD drive.
+  for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
+  i=0
+  while { [ $(ls -d /sys/block/sd* 2>/dev/null | wc -l) -lt 5 ] || [ ! -e /sys/block/sr0 ]; } && [ $i -lt 90 ]; do sleep 1; i=$((i+1)); done
+  dev_of() { for d in /sys/block/sd*; do [ "$(cat $d/size)" = "$1" ] && basename $d; done; }
+  for d in /sys/block/sd* /sys/block/sr0; do
+    [ -e $d ] || continue
+    s=$(cat $d/size)
+    [ "$(basename $d)" = sr0 ] && s=dvd
+    serial=$(dd if=$d/device/vpd_pg80 bs=1 skip=4 count=32 2>/dev/null)
+    say disk_$s=$(basename $d),$(cat $d/queue/logical_block_size),$(cat $d/queue/physical_block_size),$(cat $d/ro),$(cat $d/device/type),$(basename $(readlink $d/device)),$(cat $d/device/wwid 2>/dev/null | tr -d ' '),$serial,$(cat $d/queue/discard_max_bytes)
+  done
+  # 1 MiB at 1 MiB on every writable disk, fsynced; its MD5 for the host to compare.
+  for s in 131072 65536 32768 16384; do
+    n=$(dev_of $s)
+    dd if=/dev/urandom of=/tmp/w bs=65536 count=16 2>/dev/null
+    dd if=/tmp/w of=/dev/$n bs=65536 seek=16 conv=fsync 2>/dev/null && say md5_$s=$(md5sum < /tmp/w | cut -c1-32)
+  done
+  # 8 MiB more on the dynamic VHDX, to be discarded later.
+  n=$(dev_of 131072)
+  dd if=/dev/urandom of=/dev/$n bs=65536 seek=256 count=128 conv=fsync 2>/dev/null && say trim_written=1
+  # The read-only disk refuses writes.
+  n=$(dev_of 8192)
+  dd if=/dev/zero of=/dev/$n bs=4096 count=1 conv=fsync 2>/dev/null || say ro_write_refused=1
+  mkdir -p /mnt
+  mount -t iso9660 -o ro /dev/sr0 /mnt && say dvd_md5=$(md5sum < /mnt/hello.bin | cut -c1-32) && umount /mnt
+  say formats_written
+  # The host ejects the disc (viridian vm dvd --eject): opening the drive then fails.
+  i=0
+  while dd if=/dev/sr0 of=/dev/null bs=2048 count=1 2>/dev/null && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+  dd if=/dev/sr0 of=/dev/null bs=2048 count=1 2>/dev/null || say dvd_ejected=1
+  n=$(dev_of 131072)
+  blkdiscard -o 16777216 -l 8388608 /dev/$n && say discarded=1
+  echo 3 > /proc/sys/vm/drop_caches
+  z=$(dd if=/dev/zero bs=65536 count=128 2>/dev/null | md5sum | cut -c1-32)
+  [ "$(dd if=/dev/$n bs=65536 skip=256 count=128 2>/dev/null | md5sum | cut -c1-32)" = "$z" ] && say discarded_reads_zero=1
+  say formats_discarded
+  # The host inserts another disc.
+  i=0
+  while ! mount -t iso9660 -o ro /dev/sr0 /mnt 2>/dev/null && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+  [ -e /mnt/second.bin ] && say dvd2_md5=$(md5sum < /mnt/second.bin | cut -c1-32) && umount /mnt
+  dmesg | grep -i -E "scsi|sd |sr |storvsc|cdrom|isofs" | sed 's/^/GUEST-DMESG /'
+fi
 if [ "$S" = hotplug ]; then
   # The host adds a second disk while the guest runs, then removes it.
   for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
@@ -135,8 +180,16 @@ poweroff -f
 pub const L2_POWEROFF: &str =
     "#!/bin/busybox sh\necho \"VIRIDIAN-GUEST orderly_poweroff\" > /dev/console\nexec /bin/busybox poweroff -f\n";
 
-/// Hyper-V guest modules loaded by the `hyperv` scenario (with their dependencies).
-pub const HYPERV_MODULES: &[&str] = &["hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod"];
+/// Guest modules loaded by the scenarios (with their dependencies): the Hyper-V drivers, and
+/// the CD-ROM driver and ISO 9660 for the `formats` scenario's DVD.
+pub const HYPERV_MODULES: &[&str] = &[
+    "hv_vmbus",
+    "hv_utils",
+    "hv_storvsc",
+    "sd_mod",
+    "sr_mod",
+    "isofs",
+];
 
 /// Adds busybox and the base directories and device nodes.
 fn base(archive: &mut Archive, busybox: &Path) -> Result<()> {

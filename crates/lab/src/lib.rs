@@ -251,6 +251,61 @@ impl Scenario {
         )
     }
 
+    /// The host side of the `formats` scenario: a dynamic VHDX (64 MiB), a differencing VHDX
+    /// (32 MiB, on controller 1) on a parent qemu-img made, a fixed VHD (16 MiB), a raw image
+    /// (8 MiB), a read-only raw image (4 MiB) and a DVD with `/l2/one.iso`. While the guest
+    /// runs: the VHDX's allocated size after the guest's writes, `vm dvd --eject`, the
+    /// allocated size after the guest's discard, `vm dvd --path /l2/two.iso`. After it:
+    /// `qemu-img check` and `viridian vhd test` of the images, and the MD5 of the 1 MiB the
+    /// guest wrote at 1 MiB on each, read on the host.
+    fn formats_command(
+        name: &str,
+        kernel: &str,
+        cpus: u32,
+        memory_mib: u64,
+        cmdline: &str,
+    ) -> String {
+        let say = "echo VIRIDIAN-GUEST";
+        let wait = |marker: &str| {
+            format!("i=0; until grep -q {marker} /tmp/{name}.log 2>/dev/null || ! kill -0 $p 2>/dev/null || [ $i -ge 240 ]; do sleep 1; i=$((i+1)); done; ")
+        };
+        let region_md5 = |file: &str, key: &str| {
+            format!("viridian vhd convert $D/{file} $D/{file}.raw >/dev/null 2>&1; {say} host_md5_{key}=$(dd if=$D/{file}.raw bs=65536 skip=16 count=16 2>/dev/null | md5sum | cut -c1-32); rm -f $D/{file}.raw; ")
+        };
+        format!(
+            "D=/tmp/{name}; rm -rf $D /tmp/{name}.log; mkdir -p $D; \
+             viridian vhd new $D/dyn.vhdx --size 64M >/dev/null || echo LAB-ERROR vhd new failed; \
+             viridian vhd new $D/fixed.vhd --size 16M --fixed >/dev/null; \
+             viridian vhd new $D/plain.img --size 8M >/dev/null; \
+             viridian vhd new $D/ro.img --size 4M >/dev/null; \
+             qemu-img create -q -f vhdx $D/parent.vhdx 32M || echo LAB-ERROR qemu-img create failed; \
+             viridian vhd new $D/child.vhdx --parent $D/parent.vhdx >/dev/null; \
+             {say} host_dyn_id=$(viridian vhd get $D/dyn.vhdx | awk '/^DiskIdentifier/ {{print $3}}' | tr -d -); \
+             {say} host_iso_md5=$(md5sum < /l2/one.bin | cut -c1-32) host_iso2_md5=$(md5sum < /l2/two.bin | cut -c1-32); \
+             viridian run --name {name} --serial /tmp/{name}.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {cpus} --memory {memory_mib}M \
+               --disk $D/dyn.vhdx --disk $D/fixed.vhd --disk $D/plain.img --disk $D/ro.img,readonly --disk $D/child.vhdx,controller=1 --dvd /l2/one.iso \
+               --cmdline '{cmdline}' & p=$!; \
+             {w1}\
+             {say} host_kb_written=$(du -k $D/dyn.vhdx | cut -f1); \
+             viridian vm dvd {name} --eject; \
+             {w2}\
+             {say} host_kb_discarded=$(du -k $D/dyn.vhdx | cut -f1); \
+             viridian vm dvd {name} --path /l2/two.iso; \
+             {say} host_dvd_path=$(viridian vm dvd {name} | tail -n 1 | awk '{{print $NF}}'); \
+             wait $p; rc=$?; \
+             for f in dyn.vhdx parent.vhdx; do qemu-img check -q -f vhdx $D/$f && {say} host_qemu_check_${{f%.vhdx}}=ok; done; \
+             for f in dyn.vhdx fixed.vhd plain.img child.vhdx; do viridian vhd test $D/$f >/dev/null && {say} host_vhd_test_${{f%.*}}=ok; done; \
+             {m1}{m2}{m3}{m4}\
+             rm -rf $D; exit $rc",
+            w1 = wait("formats_written"),
+            w2 = wait("formats_discarded"),
+            m1 = region_md5("dyn.vhdx", "131072"),
+            m2 = region_md5("child.vhdx", "65536"),
+            m3 = region_md5("fixed.vhd", "32768"),
+            m4 = region_md5("plain.img", "16384"),
+        )
+    }
+
     fn command(&self) -> String {
         let kernel = format!("/l2/vmlinuz-{}", self.kernel.name());
         let cmdline = format!(
@@ -279,6 +334,7 @@ impl Scenario {
                  wait $p; rc=$?; rm -f /tmp/{name}-a.vhdx /tmp/{name}-b.vhdx; exit $rc",
                 self.cpus, self.memory_mib, name = self.name
             ),
+            Vmm::Viridian if self.guest == "formats" => Self::formats_command(&self.name, &kernel, self.cpus, self.memory_mib, &cmdline),
             Vmm::Viridian if self.disk_mib.is_some() => format!(
                 "rm -f /tmp/{name}.vhdx /tmp/{name}.img; viridian vhd new /tmp/{name}.vhdx --size {mib}M >/dev/null || echo LAB-ERROR vhd new failed; \
                  viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --disk /tmp/{name}.vhdx --cmdline '{cmdline}'; rc=$?; \
@@ -496,6 +552,18 @@ run() {
                 files.push((format!("usr/share/qemu/{name}"), self.firmware.join(name)));
             }
         }
+        let isos = if scenarios.iter().any(|s| s.guest == "formats") {
+            programs.push(("bin/qemu-img".into(), host_tool("qemu-img", "qemu-utils")?));
+            let dir = PathBuf::from(&self.cache).join(format!("images/iso-{tag}"));
+            for (name, inner, seed) in [("one", "hello.bin", 1u8), ("two", "second.bin", 2)] {
+                let (data, iso) = make_iso(&dir, name, inner, seed)?;
+                files.push((format!("l2/{name}.bin"), data));
+                files.push((format!("l2/{name}.iso"), iso));
+            }
+            Some(dir)
+        } else {
+            None
+        };
         let contents = image::L1Contents {
             busybox: &self.busybox,
             init: self.l1_init(&modules, scenarios),
@@ -578,6 +646,9 @@ run() {
         }
         let _ = std::fs::remove_file(&l1_image);
         let _ = std::fs::remove_file(&contents_l2);
+        if let Some(dir) = isos {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         if !run.completed {
             run.errors.push(format!(
                 "the lab VM stopped before finishing its script ({status})"
@@ -585,6 +656,53 @@ run() {
         }
         Ok(run)
     }
+}
+
+/// A program of this host (installed by scripts/setup.sh from Debian's `package`).
+fn host_tool(name: &str, package: &str) -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::Tool {
+            what: format!("finding {name}"),
+            detail: format!("not on PATH; install Debian's {package} (scripts/setup.sh)"),
+        })
+}
+
+/// An ISO 9660 image `dir/name.iso` (Rock Ridge and Joliet, made by genisoimage) holding one
+/// 256 KiB file `inner` of bytes derived from `seed`; returns that file's and the image's
+/// paths.
+fn make_iso(dir: &Path, name: &str, inner: &str, seed: u8) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let data: Vec<u8> = (0..256u32 << 10)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed)
+        .collect();
+    let file = dir.join(format!("{name}.bin"));
+    std::fs::write(&file, data).map_err(|e| Error::io(&file, e))?;
+    let iso = dir.join(format!("{name}.iso"));
+    let out = Command::new(host_tool("genisoimage", "genisoimage")?)
+        .args([
+            "-quiet",
+            "-R",
+            "-J",
+            "-V",
+            &format!("VIRIDIAN_{name}"),
+            "-o",
+        ])
+        .arg(&iso)
+        .arg("-graft-points")
+        .arg(format!("{inner}={}", file.display()))
+        .output()
+        .map_err(|e| Error::io(&iso, e))?;
+    if !out.status.success() {
+        return Err(Error::Tool {
+            what: format!("genisoimage {}", iso.display()),
+            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok((file, iso))
 }
 
 /// Escapes `s` for use inside a double-quoted shell word, so that the L1 script passes it to
@@ -701,6 +819,15 @@ mod tests {
         assert!(
             c.contains("--cpus 2") && c.contains("/l2/vmlinuz-amd64"),
             "{c}"
+        );
+        let f = Scenario::new("f", Vmm::Viridian, Flavor::Cloud, 1, "formats").command();
+        assert!(
+            f.contains("--dvd /l2/one.iso")
+                && f.contains("child.vhdx,controller=1")
+                && f.contains("ro.img,readonly")
+                && f.contains("vm dvd f --eject")
+                && f.contains("${f%.vhdx}"),
+            "{f}"
         );
         let q = Scenario::new("b", Vmm::QemuMicrovm, Flavor::Cloud, 1, "boot").command();
         assert!(q.contains("-M microvm") && q.contains("-enable-kvm"), "{q}");
