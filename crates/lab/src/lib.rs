@@ -257,7 +257,8 @@ impl Scenario {
     /// runs: the VHDX's allocated size after the guest's writes, `vm dvd --eject`, the
     /// allocated size after the guest's discard, `vm dvd --path /l2/two.iso`. After it:
     /// `qemu-img check` and `viridian vhd test` of the images, and the MD5 of the 1 MiB the
-    /// guest wrote at 1 MiB on each, read on the host.
+    /// guest wrote at 1 MiB on each, read on the host. The images live on a tmpfs of their own,
+    /// which frees the blocks a discard punches out of a file.
     fn formats_command(
         name: &str,
         kernel: &str,
@@ -273,7 +274,7 @@ impl Scenario {
             format!("viridian vhd convert $D/{file} $D/{file}.raw >/dev/null 2>&1; {say} host_md5_{key}=$(dd if=$D/{file}.raw bs=65536 skip=16 count=16 2>/dev/null | md5sum | cut -c1-32); rm -f $D/{file}.raw; ")
         };
         format!(
-            "D=/tmp/{name}; rm -rf $D /tmp/{name}.log; mkdir -p $D; \
+            "D=/tmp/{name}; rm -rf $D /tmp/{name}.log; mkdir -p $D; mount -t tmpfs -o size=512m tmpfs $D; \
              viridian vhd new $D/dyn.vhdx --size 64M >/dev/null || echo LAB-ERROR vhd new failed; \
              viridian vhd new $D/fixed.vhd --size 16M --fixed >/dev/null; \
              viridian vhd new $D/plain.img --size 8M >/dev/null; \
@@ -296,7 +297,7 @@ impl Scenario {
              for f in dyn.vhdx parent.vhdx; do qemu-img check -q -f vhdx $D/$f && {say} host_qemu_check_${{f%.vhdx}}=ok; done; \
              for f in dyn.vhdx fixed.vhd plain.img child.vhdx; do viridian vhd test $D/$f >/dev/null && {say} host_vhd_test_${{f%.*}}=ok; done; \
              {m1}{m2}{m3}{m4}\
-             rm -rf $D; exit $rc",
+             umount $D; rm -rf $D; exit $rc",
             w1 = wait("formats_written"),
             w2 = wait("formats_discarded"),
             m1 = region_md5("dyn.vhdx", "131072"),
