@@ -379,6 +379,24 @@ impl StorvspDevice {
         )
     }
 
+    /// Takes every drive off the controller once the VM has stopped: each medium is flushed
+    /// and, with the last reference gone, its file closed (a VHDX writes its clean header) and
+    /// unlocked, whoever still holds the controller. Returns the flush failures, each naming
+    /// its file.
+    pub fn close(&self) -> Vec<String> {
+        let luns = std::mem::take(&mut *support::lock_write(&self.shared.luns));
+        let mut errors = Vec::new();
+        for (lun, l) in luns {
+            self.shared.target.remove(lun);
+            if let Some(spec) = l.spec() {
+                if let Err(e) = spec.medium.flush() {
+                    errors.push(format!("disk {}: {e}", spec.path.display()));
+                }
+            }
+        }
+        errors
+    }
+
     /// The handshake as it stands.
     pub fn handshake(&self) -> Handshake {
         *support::lock(&self.shared.handshake)

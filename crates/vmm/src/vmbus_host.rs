@@ -456,9 +456,15 @@ impl Vmbus {
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
     }
 
-    /// Stops every channel worker and the control thread.
+    /// Stops every channel worker and the control thread, then closes every drive's file
+    /// (a VHDX is left clean, its log empty), even while handles to the bus live on.
     pub fn stop(&self) {
         self.host.stop();
+        for (_, dev) in self.controllers() {
+            for e in dev.close() {
+                tracing::error!("{e}");
+            }
+        }
     }
 }
 
