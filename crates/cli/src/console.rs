@@ -1,10 +1,16 @@
-//! The terminal side of the console: what stdin is, raw mode with a restore on every exit
-//! path, and forwarding keys or piped bytes to the guest until Ctrl-] or end of input.
+//! The console outside the VMM: what stdin is, raw mode with a restore on every exit path,
+//! forwarding keys or piped bytes to the guest until Ctrl-] or end of input, the control
+//! socket's `console` connection ([`serve`]) and its client, `viridian vm console` ([`attach`]).
 
-use std::io::Read;
+use anyhow::Context;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
-use std::sync::Mutex;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vmm::console::{Console, InputError, WhenSlow};
 
 /// Ctrl-]: detaches from the console, as in `virsh console`.
 pub const DETACH: u8 = 0x1d;
@@ -140,5 +146,198 @@ pub fn forward<E>(kind: Stdin, mut send: impl FnMut(&[u8]) -> Result<(), E>) -> 
         if detach.is_some() {
             return InputEnd::Detach;
         }
+    }
+}
+
+/// How often a console connection checks whether its viewer has ended (the VM stopped).
+const SESSION_POLL: Duration = Duration::from_millis(250);
+
+/// A `console [--write] [--force]` connection on the control socket: the reply line, then the
+/// replay and live output; with `--write`, the client's bytes (`early` first: what came with the
+/// command line) go to COM1. Ends when the client goes or the VM stops.
+pub fn serve(mut stream: UnixStream, early: &[u8], console: &Arc<Console>, args: &str) {
+    let (mut write, mut force) = (false, false);
+    for flag in args.split_whitespace() {
+        match flag {
+            "--write" => write = true,
+            "--force" => force = true,
+            other => {
+                let _ = writeln!(
+                    stream,
+                    "error: console: unknown option '{}' (console [--write] [--force])",
+                    other.chars().take(32).collect::<String>()
+                );
+                return;
+            }
+        }
+    }
+    let who = match rustix::net::sockopt::socket_peercred(&stream) {
+        Ok(cred) => format!("`viridian vm console` (pid {})", cred.pid.as_raw_nonzero()),
+        Err(_) => "a `viridian vm console` client".to_string(),
+    };
+    let mut writer = None;
+    if write {
+        match console.take_input(&who, force) {
+            Ok(w) => writer = Some(w),
+            Err(e) => {
+                let _ = writeln!(
+                    stream,
+                    "error: {e}; attach with --read-only to watch, or --force to take the input over"
+                );
+                return;
+            }
+        }
+    }
+    let mode = if writer.is_some() {
+        "input is yours"
+    } else {
+        "read-only"
+    };
+    let Ok(sink) = stream.try_clone() else { return };
+    if writeln!(stream, "ok: console attached, {mode}").is_err() {
+        return;
+    }
+    let viewer = match console.attach(&who, Box::new(sink), true, WhenSlow::Disconnect) {
+        Ok(v) => v,
+        Err(_) => return,
+    };
+    let _ = stream.set_read_timeout(Some(SESSION_POLL));
+    let mut buf = [0u8; 4096];
+    let mut pending = early.to_vec();
+    loop {
+        if !pending.is_empty() {
+            if let Some(w) = &writer {
+                match w.send(&pending) {
+                    Ok(()) => {}
+                    Err(InputError::Stopped) => break,
+                    Err(e) => {
+                        viewer.notice(&format!(
+                            "\r\n[viridian: {e}; this connection is read-only now]\r\n"
+                        ));
+                        writer = None;
+                    }
+                }
+            }
+            pending.clear();
+        }
+        match stream.read(&mut buf) {
+            // The client went away.
+            Ok(0) => break,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if viewer.ended().is_some() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    drop(writer);
+    viewer.detach();
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// `viridian vm console`: attaches this terminal (or piped stdin) to a VM's console through
+/// its control socket until Ctrl-], or until the VM stops.
+pub fn attach(socket: &Path, name: &str, read_only: bool, force: bool) -> anyhow::Result<i32> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach {name}'s control socket {} (is the VM running? `viridian vm list`)",
+            socket.display()
+        )
+    })?;
+    let command = match (read_only, force) {
+        (true, _) => "console",
+        (false, false) => "console --write",
+        (false, true) => "console --write --force",
+    };
+    writeln!(stream, "{command}")?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut output = BufReader::new(stream.try_clone()?);
+    let mut reply = String::new();
+    output.read_line(&mut reply)?;
+    let reply = reply.trim_end();
+    if let Some(e) = reply.strip_prefix("error: ") {
+        anyhow::bail!("{e}");
+    }
+    anyhow::ensure!(
+        reply.starts_with("ok"),
+        "the VM closed the console connection"
+    );
+    stream.set_read_timeout(None)?;
+    let kind = stdin_kind();
+    eprintln!(
+        "viridian: attached to {name}'s console{}{}",
+        if read_only { " (read-only)" } else { "" },
+        if kind == Stdin::Terminal {
+            "; Ctrl-] detaches"
+        } else {
+            ""
+        }
+    );
+    let raw = match kind {
+        Stdin::Terminal => Some(RawMode::enter().context("cannot put the terminal in raw mode")?),
+        _ => None,
+    };
+    let (done, ended) = std::sync::mpsc::channel();
+    let closed = done.clone();
+    std::thread::Builder::new()
+        .name("console-output".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut output, &mut Unbuffered(std::io::stdout()));
+            let _ = closed.send(false);
+        })?;
+    // With --read-only, keys other than Ctrl-] are dropped, and piped input is not read.
+    let input = if read_only && kind != Stdin::Terminal {
+        Stdin::Nothing
+    } else {
+        kind
+    };
+    std::thread::Builder::new()
+        .name("console-input".into())
+        .spawn(move || {
+            let end = forward(input, |keys| {
+                if read_only {
+                    Ok(())
+                } else {
+                    stream.write_all(keys)
+                }
+            });
+            // At the end of piped input the output goes on; the client stays connected.
+            match end {
+                InputEnd::Eof => {}
+                InputEnd::Detach => {
+                    let _ = done.send(true);
+                }
+                // The VM's side went away.
+                InputEnd::Refused(_) => {
+                    let _ = done.send(false);
+                }
+            }
+        })?;
+    let detached = ended.recv().unwrap_or(false);
+    drop(raw);
+    if detached {
+        eprintln!("\nviridian: detached from {name}'s console; the VM goes on running");
+    } else {
+        eprintln!("\nviridian: {name}'s console closed (the VM stopped)");
+    }
+    Ok(0)
+}
+
+/// Stdout, flushed after every write: console output is interactive.
+struct Unbuffered(std::io::Stdout);
+
+impl Write for Unbuffered {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = self.0.lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }

@@ -4,6 +4,11 @@
 //! `integration-set SERVICE on|off`, `measure`, `inspect`, and the storage commands of
 //! [`storage_command`]) and answers with one line (`ok ...` or `error: ...`; `kvp`, `disks` and
 //! `inspect` answer `ok ` and one line of JSON). `viridian vm` is its client.
+//!
+//! `console [--write] [--force]` answers one line, then turns the connection into a byte
+//! stream: the last 1 MiB of COM1's output, then live output; with `--write` the client's bytes
+//! are COM1's input (one writer at a time: another is refused unless it forces a takeover).
+//! See [`crate::console::serve`].
 
 use anyhow::Context;
 use std::io::{BufRead, BufReader, Write};
@@ -89,14 +94,17 @@ fn serve(stream: UnixStream, control: &VmControl) {
     let mut line = String::new();
     // Commands are short (a KVP item at most 2 KiB of UTF-16); a longer line is cut, not an
     // allocation.
-    if BufReader::new(std::io::Read::take(stream, MAX_COMMAND))
-        .read_line(&mut line)
-        .is_err()
-    {
+    let mut reader = BufReader::new(std::io::Read::take(stream, MAX_COMMAND));
+    if reader.read_line(&mut line).is_err() {
         return;
     }
     let line = line.trim_end_matches(['\r', '\n']);
     let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
+    if verb == "console" {
+        // What the client sent after the command line is its first input.
+        crate::console::serve(writer, reader.buffer(), control.console(), arg);
+        return;
+    }
     let reply = match verb {
         "kvp" => match control.kvp() {
             Some(k) => format!(

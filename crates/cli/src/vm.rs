@@ -91,6 +91,18 @@ pub enum VmCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Attach to a running VM's serial console (COM1): the last 1 MiB of its output, then live
+    /// output; keys go to the guest, Ctrl-] detaches. Several may watch; one types at a time.
+    Console {
+        #[command(flatten)]
+        target: Target,
+        /// Watch only; send no input.
+        #[arg(long)]
+        read_only: bool,
+        /// Take the input over from whoever holds it (they can still watch).
+        #[arg(long, conflicts_with = "read_only")]
+        force: bool,
+    },
     /// List VMs (the service's inventory, else the running foreground VMs).
     List {
         #[arg(long)]
@@ -292,6 +304,24 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Measure { target, json } => {
             let reply = control::send(&target.path(), "measure")?;
             print_measure(&serde_json::from_str(&reply)?, json)
+        }
+        VmCommand::Console {
+            target,
+            read_only,
+            force,
+        } => {
+            // A service's VM by its worker's socket, else a foreground `viridian run --name`.
+            let path = match (&target.name, &target.socket) {
+                (Some(n), None) => {
+                    crate::service::vm::control_socket(n)?.unwrap_or_else(|| control::socket_for(n))
+                }
+                _ => target.path(),
+            };
+            let name = target
+                .name
+                .clone()
+                .unwrap_or_else(|| path.display().to_string());
+            crate::console::attach(&path, &name, read_only, force)
         }
         VmCommand::Inspect { target } => {
             println!("{}", control::send(&target.path(), "inspect")?);

@@ -31,7 +31,11 @@ fn start_to_first_instruction_and_memory_overhead() {
                 cmd.arg("--no-hyperv");
             }
             let t = Instant::now();
-            let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+            let mut child = cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
             let mut byte = [0u8; 1];
             child.stdout.take().unwrap().read_exact(&mut byte).unwrap();
             first.push(t.elapsed());
@@ -55,6 +59,7 @@ fn start_to_first_instruction_and_memory_overhead() {
     let mut child = Command::new(exe)
         .args(["run", "--memory", "128M", "--kernel"])
         .arg(&spin)
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();

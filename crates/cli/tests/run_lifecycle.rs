@@ -107,6 +107,7 @@ fn ctrl_c_stops_the_vm() {
             .arg(kernel)
             .env("VIRIDIAN_RUN_DIR", &run_dir)
             .stderr(Stdio::piped())
+            .stdin(Stdio::null())
             .spawn()
             .unwrap();
         wait_for_socket(&run_dir.join("int.sock"));
@@ -148,6 +149,7 @@ fn vm_stop_force_turns_the_vm_off() {
         .arg(kernel)
         .env("VIRIDIAN_RUN_DIR", &run_dir)
         .stderr(Stdio::piped())
+        .stdin(Stdio::null())
         .spawn()
         .unwrap();
     let socket = run_dir.join("tiny.sock");
@@ -283,6 +285,7 @@ fn disks_are_hot_added_and_removed_through_the_control_socket() {
         .arg(&a)
         .env("VIRIDIAN_RUN_DIR", &run_dir)
         .stderr(Stdio::null())
+        .stdin(Stdio::null())
         .spawn()
         .unwrap());
     wait_for_socket(&run_dir.join("hd.sock"));
@@ -401,6 +404,7 @@ fn drives_are_placed_on_controllers_and_dvd_media_change() {
         .args(["--dvd", "none,controller=1"])
         .env("VIRIDIAN_RUN_DIR", &run_dir)
         .stderr(Stdio::null())
+        .stdin(Stdio::null())
         .spawn()
         .unwrap());
     wait_for_socket(&run_dir.join("pl.sock"));

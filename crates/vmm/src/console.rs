@@ -92,6 +92,8 @@ struct State {
     next_id: u64,
     /// The writer's id and description.
     writer: Option<(u64, String)>,
+    /// Writers whose input was taken over, and by whom (until they are dropped).
+    revoked: Vec<(u64, String)>,
     closed: bool,
 }
 
@@ -320,7 +322,9 @@ impl Console {
             }
         }
         let id = st.id();
-        st.writer = Some((id, who.to_string()));
+        if let Some((old, _)) = st.writer.replace((id, who.to_string())) {
+            st.revoked.push((old, who.to_string()));
+        }
         Ok(Writer {
             console: self.clone(),
             id,
@@ -437,11 +441,14 @@ impl Writer {
         if st.closed {
             return Err(InputError::Stopped);
         }
-        match &st.writer {
-            Some((id, _)) if *id == self.id => Ok(()),
-            Some((_, who)) => Err(InputError::TakenOver(who.clone())),
-            None => Err(InputError::TakenOver("nobody".into())),
+        if st.writer.as_ref().is_some_and(|(id, _)| *id == self.id) {
+            return Ok(());
         }
+        let by = st.revoked.iter().find(|(id, _)| *id == self.id);
+        Err(InputError::TakenOver(by.map_or_else(
+            || "another client".into(),
+            |(_, who)| who.clone(),
+        )))
     }
 
     /// Sends `bytes` to the guest, waiting while its input queue is full.
@@ -467,6 +474,7 @@ impl Drop for Writer {
         if st.writer.as_ref().is_some_and(|(id, _)| *id == self.id) {
             st.writer = None;
         }
+        st.revoked.retain(|(id, _)| *id != self.id);
     }
 }
 
@@ -694,8 +702,16 @@ mod tests {
         drop(first);
         assert_eq!(console.input_holder().as_deref(), Some("socket client 2"));
         second.send(b"c").unwrap();
-        drop(second);
+        let third = console.take_input("socket client 3", true).unwrap();
+        drop(third);
         assert_eq!(console.input_holder(), None);
+        // A writer that was taken over stays out, and says by whom, after the slot is free.
+        assert_eq!(
+            second.send(b"d"),
+            Err(InputError::TakenOver("socket client 3".into()))
+        );
+        drop(second);
+        assert!(console.state().revoked.is_empty());
         console.take_input("terminal", false).unwrap();
         let mut s = lock(&serial);
         assert_eq!([s.read(0), s.read(0)], *b"ac");

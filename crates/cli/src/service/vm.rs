@@ -393,6 +393,36 @@ pub fn list(json: bool) -> anyhow::Result<Option<i32>> {
     Ok(Some(0))
 }
 
+/// The control socket of the service's worker for `name` (`vm console`); `None` when no
+/// service runs or it has no such VM (a foreground `viridian run --name NAME`).
+pub fn control_socket(name: &str) -> anyhow::Result<Option<PathBuf>> {
+    let Some(c) = client_if_up()? else {
+        return Ok(None);
+    };
+    let vm: api::Vm = match call(&c, "GET", &vm_path(name), None) {
+        Ok((_, v)) => serde_json::from_value(v)?,
+        Err(e) if unknown_vm(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    anyhow::ensure!(
+        matches!(vm.state, api::VmState::Running | api::VmState::Paused),
+        "{name} is {}: it has a console while it runs (`viridian vm start {name}`)",
+        vm.state
+    );
+    anyhow::ensure!(
+        c.socket().is_some(),
+        "the console is reached through the worker's socket on the service's host: run `viridian vm console` there"
+    );
+    let (_, info) = call(&c, "GET", "/service", None)?;
+    let info: api::ServiceInfo = serde_json::from_value(info)?;
+    // The service keeps its workers' control sockets in STATE_DIR/run, named by VM id.
+    Ok(Some(
+        PathBuf::from(info.state_dir)
+            .join("run")
+            .join(format!("{}.sock", vm.id)),
+    ))
+}
+
 /// Whether an error is the service saying it has no such VM.
 fn unknown_vm(e: &anyhow::Error) -> bool {
     e.downcast_ref::<ServiceError>()
