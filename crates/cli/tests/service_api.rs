@@ -6,7 +6,7 @@
 mod common;
 
 use api::client::Client;
-use common::{kvm_usable, tiny_kernel, POWER_OFF, SPIN};
+use common::{kvm_usable, tiny_kernel, ECHO, POWER_OFF, SPIN};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -632,6 +632,47 @@ fn a_guest_that_powers_off_goes_off() {
         v["state"] == "Off"
     });
     assert_eq!(v["status"], "the guest powered off");
+}
+
+/// `viridian vm console NAME` reaches a service's worker through its control socket; the
+/// guest echoes COM1 and powers off after a `q`.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn vm_console_reaches_a_service_worker() {
+    if !kvm_usable() {
+        return;
+    }
+    let s = Service::start();
+    let v = s.define("echo", &tiny_kernel("svc-echo", ECHO), json!({}));
+    let out = s.cli(&["vm", "console", "echo"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("echo is Off"),
+        "{out:?}"
+    );
+    let (status, body) = s.req("POST", "/vms/echo/start", None);
+    assert_eq!(status, 200, "{body}");
+    let mut console = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .arg("--socket")
+        .arg(s.socket())
+        .args(["vm", "console", "echo"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    console.stdin.take().unwrap().write_all(b"hello q").unwrap();
+    let out = console.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"hello q");
+    s.wait_for("echo", "Off", Duration::from_secs(20), |v| {
+        v["state"] == "Off"
+    });
+    let folder = PathBuf::from(v["folder"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read(folder.join("console.log")).unwrap(),
+        b"hello q"
+    );
 }
 
 #[test]
