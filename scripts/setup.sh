@@ -2,7 +2,8 @@
 # Installs what Viridian's build, tests and lab need on a Debian 12 machine (run as root).
 # The lab's own ingredients (kernels, busybox, QEMU for the lab VM) are Debian packages that the
 # lab downloads and unpacks into its cache (/var/cache/viridian) without installing them; only
-# the shared libraries QEMU links against are installed here.
+# the shared libraries QEMU links against are installed here, and the tools that build the lab's
+# Debian system disk (mmdebstrap, and mke2fs from e2fsprogs).
 set -euo pipefail
 
 if ! command -v cargo >/dev/null; then
@@ -25,7 +26,7 @@ libs=$(apt-cache depends --no-recommends --no-suggests --no-enhances qemu-system
 # nftables and dnsmasq-base (the binary, without Debian's system-wide dnsmasq service): the
 # Default Switch's NAT and its guests' DHCP and DNS (crates/vswitch and its tests).
 # genisoimage: the ISO images of the lab's DVD checks (crates/lab).
-need=(qemu-utils dpkg apt coreutils nftables dnsmasq-base genisoimage $libs)
+need=(qemu-utils dpkg apt coreutils nftables dnsmasq-base genisoimage mmdebstrap e2fsprogs $libs)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

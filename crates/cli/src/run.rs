@@ -14,7 +14,7 @@ pub const EXIT_RESET: i32 = 3;
 /// Exit status when stopped with Ctrl-C.
 pub const EXIT_INTERRUPTED: i32 = 130;
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct RunArgs {
     /// The guest kernel: an x86-64 bzImage, or an uncompressed ELF vmlinux.
     #[arg(long, required_unless_present = "demo")]
@@ -51,8 +51,10 @@ pub struct RunArgs {
     /// timesync (Disable-VMIntegrationService). `viridian vm integration` turns it on later.
     #[arg(long = "disable-integration", value_name = "SERVICE", value_parser = parse_service)]
     disable_integration: Vec<vmm::vmbus_host::Service>,
-    /// Fetch the demo guest (Debian's kernel and a busybox initramfs) and boot it. Where this
-    /// host's KVM cannot run Linux, the demo runs inside the lab VM instead.
+    /// Boot the demo guest: a Debian 12 system disk to its login prompt (root, no password),
+    /// built from Debian packages and cached on the first run; the guest writes to a
+    /// differencing disk that is deleted afterwards. Where this host's KVM cannot run Linux,
+    /// the demo runs inside the lab VM instead.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
     demo: bool,
     /// A disk (repeatable): a VHDX, VHD or raw image, detected from its content, which must
@@ -428,28 +430,44 @@ fn reattach_hint(name: &str, socket: &Path, args: &RunArgs) -> String {
 fn demo(args: &RunArgs) -> anyhow::Result<i32> {
     let cache = lab::Cache::default_location()?;
     eprintln!(
-        "viridian: preparing the demo guest in {} (Debian packages, cached after the first run)",
+        "viridian: preparing the demo guest, a Debian 12 system disk, in {} (built and cached on the first run)",
         cache.dir().display()
     );
-    let guest = lab::DemoGuest::prepare(&cache)?;
-    let cmdline = format!("{} {}", guest.cmdline, lab::SCENARIO_DEMO);
+    let exe = std::env::current_exe().context("cannot find the viridian binary")?;
+    let guest = lab::DemoGuest::prepare(&cache, &exe)?;
     match lab::host_kvm_can_run_linux() {
-        Ok(()) => run_vm(
-            &VmConfig {
-                kernel: guest.kernel,
-                initrd: Some(guest.initrd),
-                cmdline,
-                vcpus: args.cpus,
-                memory: args.memory,
-                hyperv: !args.no_hyperv,
-                disks: open_disks(args)?,
-                network: network(args)?,
-            },
-            args,
-        ),
+        Ok(()) => {
+            let scratch = guest.scratch_disk(&exe, &std::env::temp_dir())?;
+            eprintln!(
+                "viridian: booting {} (through the differencing disk {}); log in as root, no password",
+                guest.disk.vhdx.display(),
+                scratch.display()
+            );
+            // The system disk first, so that it is sda; any --disk goes after it.
+            let mut with_system = args.clone();
+            with_system
+                .disks
+                .insert(0, format!("{},format=vhdx", scratch.display()));
+            let result = open_disks(&with_system).and_then(|disks| {
+                run_vm(
+                    &VmConfig {
+                        kernel: guest.disk.kernel.clone(),
+                        initrd: Some(guest.disk.initrd.clone()),
+                        cmdline: guest.cmdline.clone(),
+                        vcpus: args.cpus,
+                        memory: args.memory,
+                        hyperv: !args.no_hyperv,
+                        disks,
+                        network: network(args)?,
+                    },
+                    args,
+                )
+            });
+            let _ = std::fs::remove_file(&scratch);
+            result
+        }
         Err(why) => {
             eprintln!("viridian: {why}; running the demo inside the lab VM (QEMU TCG with nested KVM) instead");
-            let exe = std::env::current_exe().context("cannot find the viridian binary")?;
             let lab = lab::Lab::prepare(&cache, &exe)?;
             let run = lab.run(
                 &[lab::Scenario::demo(args.cpus, args.memory >> 20)],

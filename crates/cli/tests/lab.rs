@@ -408,3 +408,45 @@ fn disk_formats_dvd_and_discard_in_one_boot() {
     assert_eq!(g("host_dvd_path"), "/l2/two.iso", "{}", ctx());
     assert_eq!(r.exit_code, 0, "{}", ctx());
 }
+
+/// The Debian system disk (lab::SystemDisk: Debian 12 with systemd, built by mmdebstrap and
+/// `mke2fs -d`, converted to a dynamic VHDX) boots under Viridian with root on `/dev/sda1`
+/// through Debian's own hv_storvsc, and systemd's serial getty prints its login prompt.
+/// `viridian vm stop` then shuts it down in order, and the VHDX is consistent afterwards.
+#[test]
+fn debian_system_disk_boots_to_a_login_prompt() {
+    let Some(lab) = lab() else { return };
+    let run = lab
+        .run(
+            &[Scenario::system("system", 2, 1024)],
+            &mut std::io::stderr(),
+        )
+        .expect("lab run");
+    assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
+    let r = run.scenario("system").expect("system did not run");
+    let g = |k: &str| r.guest.get(k).map(String::as_str).unwrap_or("");
+    let seconds: f64 = g("login_seconds")
+        .parse()
+        .unwrap_or_else(|_| panic!("no login prompt on the serial console\n{}", r.console));
+    assert!(
+        r.console.contains("viridian-debian login: "),
+        "{}",
+        r.console
+    );
+    assert!(
+        r.console.contains("Debian GNU/Linux 12"),
+        "no Debian banner\n{}",
+        r.console
+    );
+    assert!(
+        r.console.contains("reboot: Power down"),
+        "the guest did not power off\n{}",
+        r.console
+    );
+    assert_eq!(g("host_vhd_test"), "ok", "{}", r.console);
+    assert_eq!(r.exit_code, 0, "{}", r.console);
+    eprintln!(
+        "system: login prompt after {seconds:.1} s, scenario {:.1} s (L1 wall clock)",
+        r.seconds
+    );
+}

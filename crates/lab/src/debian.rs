@@ -5,7 +5,7 @@ use crate::{Cache, Error, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd.output().map_err(|e| Error::Tool {
         what: what.to_string(),
         detail: format!("{e} (is it installed? run the README's set-up command)"),

@@ -165,13 +165,6 @@ if [ "$S" = kvp ]; then
   sed 's/^/GUEST-KVP /' /tmp/kvp.log
   while true; do sleep 1; done
 fi
-if [ "$S" = demo ]; then
-  echo
-  echo "  Hello from a Debian Linux guest running on Viridian."
-  echo "  $(nproc) vCPU(s), $(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo) MiB, kernel $(uname -r)."
-  echo "  Powering off now."
-  echo
-fi
 say poweroff
 poweroff -f
 "#;
@@ -192,7 +185,7 @@ pub const HYPERV_MODULES: &[&str] = &[
 ];
 
 /// Adds busybox and the base directories and device nodes.
-fn base(archive: &mut Archive, busybox: &Path) -> Result<()> {
+pub(crate) fn base(archive: &mut Archive, busybox: &Path) -> Result<()> {
     for d in [
         "bin",
         "sbin",

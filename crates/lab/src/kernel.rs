@@ -65,6 +65,22 @@ impl Kernel {
             .join(format!("vmlinuz-{}", self.version))
     }
 
+    /// `lib/modules/VERSION` of the unpacked package (the modules, `modules.builtin` and
+    /// friends; no `modules.dep`, which `depmod` makes on installation).
+    pub fn modules_dir(&self) -> PathBuf {
+        self.root.join("lib/modules").join(&self.version)
+    }
+
+    /// Whether module `name` is compiled into the kernel (listed in `modules.builtin`).
+    pub fn is_builtin(&self, name: &str) -> bool {
+        let wanted = normalize(name);
+        std::fs::read_to_string(self.modules_dir().join("modules.builtin"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.rsplit('/').next()?.strip_suffix(".ko"))
+            .any(|m| normalize(m) == wanted)
+    }
+
     /// The `.ko` files for `names` and everything they depend on, in a valid load order.
     pub fn modules_with_deps(&self, names: &[&str]) -> Result<Vec<(String, PathBuf)>> {
         let mut order = Vec::new();

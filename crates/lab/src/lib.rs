@@ -12,6 +12,7 @@ pub mod cpio;
 mod debian;
 pub mod image;
 pub mod kernel;
+pub mod system_disk;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -21,13 +22,11 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 pub use kernel::{Flavor, Kernel};
+pub use system_disk::SystemDisk;
 
 /// How long L1 may print nothing before it counts as hung. Longer than a scenario's own
 /// timeout inside L1 (300 s), after which L1's script always prints its verdict.
 const L1_SILENCE: Duration = Duration::from_secs(330);
-
-/// Kernel command-line word that makes the L2 guest's `/init` run the demo.
-pub const SCENARIO_DEMO: &str = "viridian.scenario=demo";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,10 +77,6 @@ impl Cache {
 
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    fn image(&self, name: &str) -> PathBuf {
-        self.dir.join("images").join(name)
     }
 
     /// Holds the cache's lock until the returned file is dropped. Taken while packages are
@@ -161,23 +156,35 @@ fn busybox(cache: &Cache) -> Result<PathBuf> {
     Ok(debian::unpack(cache, "busybox-static")?.join("bin/busybox"))
 }
 
-/// The demo guest: Debian's cloud kernel and the scenario initramfs.
+/// The demo guest: the Debian system disk (see [`SystemDisk`]), built on first use.
 pub struct DemoGuest {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    pub disk: SystemDisk,
     pub cmdline: String,
 }
 
 impl DemoGuest {
-    pub fn prepare(cache: &Cache) -> Result<Self> {
-        let kernel = Kernel::fetch(cache, Flavor::Cloud)?;
-        let initrd = cache.image("l2-initrd.cpio");
-        image::l2_initramfs(&busybox(cache)?, &[&kernel], &[], &initrd)?;
+    /// `viridian` converts the disk image when it is built.
+    pub fn prepare(cache: &Cache, viridian: &Path) -> Result<Self> {
         Ok(Self {
-            kernel: kernel.vmlinuz(),
-            initrd,
-            cmdline: "console=ttyS0 panic=-1".into(),
+            disk: SystemDisk::prepare(cache, viridian, &mut std::io::stderr())?,
+            cmdline: system_disk::CMDLINE.into(),
         })
+    }
+
+    /// A new differencing VHDX in `dir` on the cached system disk, for one demo run: the
+    /// guest writes there, never into the cache. The caller deletes it afterwards.
+    pub fn scratch_disk(&self, viridian: &Path, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join(format!("viridian-demo-{}.vhdx", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        debian::run(
+            Command::new(viridian)
+                .args(["vhd", "new"])
+                .arg(&path)
+                .arg("--parent")
+                .arg(&self.disk.vhdx),
+            "viridian vhd new --parent",
+        )?;
+        Ok(path)
     }
 }
 
@@ -199,7 +206,7 @@ pub struct Scenario {
     pub kernel: Flavor,
     pub cpus: u32,
     pub memory_mib: u64,
-    /// What the guest's `/init` does: `report`, `boot` (power off at once) or `demo`.
+    /// What the guest's `/init` does (`viridian.scenario=`): `report`, `boot` (power off at once), `hyperv`, ...
     pub guest: String,
     /// Whether to pass `quiet` to the guest kernel.
     pub quiet: bool,
@@ -214,6 +221,10 @@ pub struct Scenario {
     /// `--disk`; after the VM exits, print the MD5 of its first 4 MiB as `VIRIDIAN-GUEST
     /// host_md5=` (converted to raw by `viridian vhd convert`) and `viridian vhd test`'s verdict.
     pub disk_mib: Option<u64>,
+    /// Boot the Debian system disk ([`SystemDisk`]) instead of the scenario initramfs: wait
+    /// for the `login:` prompt on the serial console (`VIRIDIAN-GUEST login_seconds=`), stop
+    /// the VM with `viridian vm stop`, then print `viridian vhd test`'s verdict on the VHDX.
+    pub system_disk: bool,
 }
 
 impl Scenario {
@@ -229,16 +240,41 @@ impl Scenario {
             stop_with_control: false,
             kvp: false,
             disk_mib: None,
+            system_disk: false,
         }
     }
 
-    /// The `viridian run --demo` guest.
-    pub fn demo(cpus: u32, memory_mib: u64) -> Self {
+    /// Boots the Debian system disk to its login prompt (see [`Scenario::system_disk`]).
+    pub fn system(name: &str, cpus: u32, memory_mib: u64) -> Self {
         Self {
             memory_mib,
             quiet: false,
-            ..Self::new("demo", Vmm::Viridian, Flavor::Cloud, cpus, "demo")
+            system_disk: true,
+            ..Self::new(name, Vmm::Viridian, Flavor::Cloud, cpus, "system")
         }
+    }
+
+    /// The `viridian run --demo` guest: the system disk.
+    pub fn demo(cpus: u32, memory_mib: u64) -> Self {
+        Self::system("demo", cpus, memory_mib)
+    }
+
+    /// The system disk's steps (see [`Scenario::system_disk`]).
+    fn system_command(&self) -> String {
+        format!(
+            "rm -f /tmp/{name}.log; s0=$(cut -d' ' -f1 /proc/uptime); \
+             viridian run --name {name} --serial /tmp/{name}.log --kernel /l2/vmlinuz-{flavor} --initrd /l2/system-initrd.cpio --cpus {cpus} --memory {mem}M --disk /disk/{file} --cmdline '{cmdline}' & p=$!; \
+             i=0; until grep -q 'login: ' /tmp/{name}.log 2>/dev/null || ! kill -0 $p 2>/dev/null || [ $i -ge 270 ]; do sleep 1; i=$((i+1)); done; \
+             grep -q 'login: ' /tmp/{name}.log && echo && echo VIRIDIAN-GUEST login_seconds=$(awk -v s=$s0 '{{printf \"%.1f\", $1 - s}}' /proc/uptime); \
+             viridian vm stop {name} --timeout 120 || viridian vm stop {name} --force; wait $p; rc=$?; \
+             viridian vhd test /disk/{file} >/dev/null && echo VIRIDIAN-GUEST host_vhd_test=ok; exit $rc",
+            name = self.name,
+            flavor = self.kernel.name(),
+            cpus = self.cpus,
+            mem = self.memory_mib,
+            file = system_disk::CARRIER_FILE,
+            cmdline = system_disk::CMDLINE,
+        )
     }
 
     /// The host side of the KVP checks (see [`Scenario::kvp`]).
@@ -315,6 +351,7 @@ impl Scenario {
             self.guest
         );
         match self.vmm {
+            Vmm::Viridian if self.system_disk => self.system_command(),
             Vmm::Viridian if self.stop_with_control => format!(
                 "rm -f /tmp/{name}.log; \
                  viridian run --name {name} --serial /tmp/{name}.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}' & p=$!; \
@@ -413,6 +450,10 @@ pub struct Lab {
     firmware: PathBuf,
 }
 
+/// L1 modules for the virtio drive that holds the system disk's carrier (ext4 too, where it is
+/// not built in).
+const L1_DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "ext4"];
+
 const QEMU_FIRMWARE: &[&str] = &[
     "bios-256k.bin",
     "bios-microvm.bin",
@@ -459,7 +500,14 @@ impl Lab {
         })
     }
 
-    fn l1_init(&self, modules: &[(String, PathBuf)], scenarios: &[Scenario]) -> String {
+    /// L1's `/init`. With `carrier`, it also mounts the system disk's carrier file system
+    /// from the virtio drive on `/disk`.
+    fn l1_init(
+        &self,
+        modules: &[(String, PathBuf)],
+        scenarios: &[Scenario],
+        carrier: bool,
+    ) -> String {
         let mut s = String::from(
             r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -474,6 +522,13 @@ export PATH=/bin:/usr/bin
             s.push_str(&format!(
                 "insmod /modules/{name}.ko || echo \"LAB-ERROR insmod {name} failed\"\n"
             ));
+        }
+        if carrier {
+            s.push_str(
+                r#"i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do usleep 100000; i=$((i+1)); done
+mkdir -p /disk && mount -t ext4 /dev/vda /disk || echo "LAB-ERROR cannot mount the system disk's carrier"
+"#,
+            );
         }
         s.push_str(
             r#"[ -e /dev/kvm ] || echo "LAB-ERROR L1 has no /dev/kvm"
@@ -507,9 +562,18 @@ run() {
     /// kernel crashed; seen under TCG's nested SVM with the host loaded), the script runs once
     /// more in a fresh L1, and the run says so. A scenario that fails or times out is not retried.
     pub fn run(&self, scenarios: &[Scenario], out: &mut dyn Write) -> Result<LabRun> {
+        let system = if scenarios.iter().any(|s| s.system_disk) {
+            let cache = Cache::at(self.cache.clone())?;
+            let disk = SystemDisk::prepare(&cache, &self.viridian, out)?;
+            let carrier = disk.lab_carrier(out)?;
+            Some((disk, carrier))
+        } else {
+            None
+        };
+        let system = system.as_ref().map(|(d, c)| (d, c.as_path()));
         let lock = PathBuf::from(&self.cache).join("lab.lock");
         let _turn = lock_file(&lock)?;
-        let first = self.run_once(scenarios, out)?;
+        let first = self.run_once(scenarios, system, out)?;
         if first.completed {
             return Ok(first);
         }
@@ -518,13 +582,27 @@ run() {
             "LAB-RETRY the lab VM failed before finishing its script ({:?}); starting a fresh one",
             first.errors
         );
-        let mut second = self.run_once(scenarios, out)?;
+        let mut second = self.run_once(scenarios, system, out)?;
         second.l1_retries = 1;
         Ok(second)
     }
 
-    fn run_once(&self, scenarios: &[Scenario], out: &mut dyn Write) -> Result<LabRun> {
-        let modules = self.l1_kernel.modules_with_deps(&["kvm_amd"])?;
+    /// One L1 boot. `system` is the system disk and its carrier, when a scenario boots it.
+    fn run_once(
+        &self,
+        scenarios: &[Scenario],
+        system: Option<(&SystemDisk, &Path)>,
+        out: &mut dyn Write,
+    ) -> Result<LabRun> {
+        let mut wanted = vec!["kvm_amd"];
+        if system.is_some() {
+            wanted.extend(L1_DISK_MODULES);
+        }
+        let wanted: Vec<&str> = wanted
+            .into_iter()
+            .filter(|m| !self.l1_kernel.is_builtin(m))
+            .collect();
+        let modules = self.l1_kernel.modules_with_deps(&wanted)?;
         // Per-run image names: tests may run labs concurrently.
         static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let tag = format!(
@@ -547,6 +625,9 @@ run() {
                 files.push((format!("l2/vmlinuz-{}", k.flavor.name()), k.vmlinuz()));
             }
         }
+        if let Some((disk, _)) = system {
+            files.push(("l2/system-initrd.cpio".into(), disk.initrd.clone()));
+        }
         if scenarios.iter().any(|s| s.vmm != Vmm::Viridian) {
             programs.push(("bin/qemu-system-x86_64".into(), self.qemu.clone()));
             for name in QEMU_FIRMWARE {
@@ -567,7 +648,7 @@ run() {
         };
         let contents = image::L1Contents {
             busybox: &self.busybox,
-            init: self.l1_init(&modules, scenarios),
+            init: self.l1_init(&modules, scenarios, system.is_some()),
             modules,
             programs,
             files,
@@ -576,8 +657,8 @@ run() {
         image::l1_initramfs(&contents, &l1_image)?;
 
         let deadline = Instant::now() + Duration::from_secs(120 + 320 * scenarios.len() as u64);
-        let mut child = Command::new(&self.qemu)
-            .env("QEMU_MODULE_DIR", &self.qemu_modules)
+        let mut qemu = Command::new(&self.qemu);
+        qemu.env("QEMU_MODULE_DIR", &self.qemu_modules)
             .args([
                 "-accel",
                 "tcg,thread=multi",
@@ -602,7 +683,15 @@ run() {
             .arg(self.l1_kernel.vmlinuz())
             .arg("-initrd")
             .arg(&l1_image)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        if let Some((_, carrier)) = system {
+            // snapshot=on: L1's writes go to a temporary overlay, never into the cache.
+            qemu.arg("-drive").arg(format!(
+                "file={},format=raw,if=virtio,snapshot=on,cache=unsafe",
+                carrier.display()
+            ));
+        }
+        let mut child = qemu
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
