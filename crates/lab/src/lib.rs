@@ -24,9 +24,18 @@ use std::time::{Duration, Instant};
 pub use kernel::{Flavor, Kernel};
 pub use system_disk::SystemDisk;
 
-/// How long L1 may print nothing before it counts as hung. Longer than a scenario's own
-/// timeout inside L1 (300 s), after which L1's script always prints its verdict.
+/// How long L1 may print nothing before it counts as hung. Longer than a scenario's default
+/// timeout inside L1 (300 s), after which L1's script always prints its verdict; scenarios
+/// with longer timeouts print as they go (a booting system).
 const L1_SILENCE: Duration = Duration::from_secs(330);
+
+/// A scenario's time limit inside L1 unless it sets its own.
+const SCENARIO_TIMEOUT: u32 = 300;
+
+/// What the system scenario types at the root shell: wait for systemd to finish starting,
+/// report its state, the failed units, the OS and the root device, then power off. The
+/// marker is put together by the guest's shell, so the echo of this line carries none.
+const LOGIN_COMMANDS: &str = "m=VIRIDIAN-GUEST; echo \"$m system_state=$(systemctl is-system-running --wait)\"; systemctl --failed --no-legend; cat /etc/os-release; . /etc/os-release; echo \"$m os=$ID-$VERSION_ID user=$(id -un) root=$(findmnt -no SOURCE /)\"; poweroff";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -225,6 +234,12 @@ pub struct Scenario {
     /// for the `login:` prompt on the serial console (`VIRIDIAN-GUEST login_seconds=`), stop
     /// the VM with `viridian vm stop`, then print `viridian vhd test`'s verdict on the VHDX.
     pub system_disk: bool,
+    /// With `system_disk`: log in as root through `viridian run`'s standard input (a pipe)
+    /// instead of stopping the VM at the prompt, and type [`LOGIN_COMMANDS`], which power the
+    /// guest off (`VIRIDIAN-GUEST shell_seconds=`, `system_state=`, `os=`, `off_seconds=`).
+    pub login: bool,
+    /// The scenario's time limit inside L1, in seconds.
+    pub timeout_seconds: u32,
 }
 
 impl Scenario {
@@ -241,15 +256,19 @@ impl Scenario {
             kvp: false,
             disk_mib: None,
             system_disk: false,
+            login: false,
+            timeout_seconds: SCENARIO_TIMEOUT,
         }
     }
 
     /// Boots the Debian system disk to its login prompt (see [`Scenario::system_disk`]).
+    /// Systemd under nested emulation on a busy host takes minutes; it prints as it goes.
     pub fn system(name: &str, cpus: u32, memory_mib: u64) -> Self {
         Self {
             memory_mib,
             quiet: false,
             system_disk: true,
+            timeout_seconds: 600,
             ..Self::new(name, Vmm::Viridian, Flavor::Cloud, cpus, "system")
         }
     }
@@ -259,21 +278,42 @@ impl Scenario {
         Self::system("demo", cpus, memory_mib)
     }
 
-    /// The system disk's steps (see [`Scenario::system_disk`]).
+    /// The system disk's steps (see [`Scenario::system_disk`] and [`Scenario::login`]).
+    /// `el` prints the seconds since the scenario started; `await TEXT SECS` waits until the
+    /// serial log holds TEXT, the VM exits, or SECS pass.
     fn system_command(&self) -> String {
-        format!(
-            "rm -f /tmp/{name}.log; s0=$(cut -d' ' -f1 /proc/uptime); \
-             viridian run --name {name} --serial /tmp/{name}.log --kernel /l2/vmlinuz-{flavor} --initrd /l2/system-initrd.cpio --cpus {cpus} --memory {mem}M --disk /disk/{file} --cmdline '{cmdline}' & p=$!; \
-             i=0; until grep -q 'login: ' /tmp/{name}.log 2>/dev/null || ! kill -0 $p 2>/dev/null || [ $i -ge 270 ]; do sleep 1; i=$((i+1)); done; \
-             grep -q 'login: ' /tmp/{name}.log && echo && echo VIRIDIAN-GUEST login_seconds=$(awk -v s=$s0 '{{printf \"%.1f\", $1 - s}}' /proc/uptime); \
-             viridian vm stop {name} --timeout 120 || viridian vm stop {name} --force; wait $p; rc=$?; \
-             viridian vhd test /disk/{file} >/dev/null && echo VIRIDIAN-GUEST host_vhd_test=ok; exit $rc",
+        let prelude = format!(
+            "n={name}; log=/tmp/$n.log; rm -f $log /tmp/$n.in; s0=$(cut -d' ' -f1 /proc/uptime); \
+             el() {{ awk -v s=$s0 '{{printf \"%.1f\", $1 - s}}' /proc/uptime; }}; \
+             await() {{ i=0; until grep -q \"$1\" $log 2>/dev/null || ! kill -0 $p 2>/dev/null || [ $i -ge $2 ]; do sleep 1; i=$((i+1)); done; grep -q \"$1\" $log 2>/dev/null; }}; ",
             name = self.name,
+        );
+        let start = format!(
+            "viridian run --name $n --serial $log --kernel /l2/vmlinuz-{flavor} --initrd /l2/system-initrd.cpio --cpus {cpus} --memory {mem}M --disk /disk/{file} --cmdline '{cmdline}{quiet}'",
             flavor = self.kernel.name(),
             cpus = self.cpus,
             mem = self.memory_mib,
             file = system_disk::CARRIER_FILE,
             cmdline = system_disk::CMDLINE,
+            quiet = if self.quiet { " quiet" } else { "" },
+        );
+        let prompt = "await 'login: ' 400 && echo && echo VIRIDIAN-GUEST login_seconds=$(el)";
+        let session = if self.login {
+            format!(
+                "{prelude}mkfifo /tmp/$n.in; trap '' PIPE; {start} < /tmp/$n.in & p=$!; exec 3>/tmp/$n.in; \
+                 {prompt} && printf 'root\\r' >&3 && await '@{host}:~# ' 120 && echo && echo VIRIDIAN-GUEST shell_seconds=$(el) && printf '%s\\r' '{LOGIN_COMMANDS}' >&3; \
+                 i=0; while kill -0 $p 2>/dev/null && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; \
+                 kill -0 $p 2>/dev/null || echo VIRIDIAN-GUEST off_seconds=$(el); "
+                , host = system_disk::HOSTNAME
+            )
+        } else {
+            format!("{prelude}{start} & p=$!; {prompt}; ")
+        };
+        format!(
+            "{session}\
+             kill -0 $p 2>/dev/null && {{ viridian vm stop $n --timeout 120 || viridian vm stop $n --force; }}; wait $p; rc=$?; exec 3>&-; rm -f /tmp/$n.in; \
+             viridian vhd test /disk/{file} >/dev/null && echo VIRIDIAN-GUEST host_vhd_test=ok; exit $rc",
+            file = system_disk::CARRIER_FILE,
         )
     }
 
@@ -536,7 +576,8 @@ run() {
   name=$1; shift
   echo "LAB-BEGIN $name"
   t0=$(cut -d' ' -f1 /proc/uptime)
-  timeout 300 sh -c "$*" </dev/null
+  limit=$1; shift
+  timeout $limit sh -c "$*" </dev/null
   rc=$?
   t1=$(cut -d' ' -f1 /proc/uptime)
   echo
@@ -546,8 +587,9 @@ run() {
         );
         for sc in scenarios {
             s.push_str(&format!(
-                "run {} \"{}\"\n",
+                "run {} {} \"{}\"\n",
                 sc.name,
+                sc.timeout_seconds,
                 shell_double_quote(&sc.command())
             ));
         }
@@ -656,7 +698,11 @@ run() {
         let l1_image = PathBuf::from(&self.cache).join(format!("images/l1-{tag}.cpio"));
         image::l1_initramfs(&contents, &l1_image)?;
 
-        let deadline = Instant::now() + Duration::from_secs(120 + 320 * scenarios.len() as u64);
+        let limits: u64 = scenarios
+            .iter()
+            .map(|s| u64::from(s.timeout_seconds) + 20)
+            .sum();
+        let deadline = Instant::now() + Duration::from_secs(120 + limits);
         let mut qemu = Command::new(&self.qemu);
         qemu.env("QEMU_MODULE_DIR", &self.qemu_modules)
             .args([
@@ -921,5 +967,104 @@ mod tests {
         );
         let q = Scenario::new("b", Vmm::QemuMicrovm, Flavor::Cloud, 1, "boot").command();
         assert!(q.contains("-M microvm") && q.contains("-enable-kvm"), "{q}");
+    }
+
+    /// A stand-in for `viridian` inside L1: `run` plays a guest on the serial log (login
+    /// prompt, then a shell reading CR-terminated lines from standard input, as a terminal
+    /// sends them), `vm stop` ends it, `vhd test` passes. Every call is logged.
+    const FAKE_VIRIDIAN: &str = r#"#!/bin/sh
+echo "$*" >> "$FAKE/calls"
+readcr() {
+  line=
+  while :; do
+    c=$(dd bs=1 count=1 2>/dev/null)
+    [ -z "$c" ] && return 1
+    [ "$c" = "$(printf '\r')" ] && return 0
+    line="$line$c"
+  done
+}
+case "$1 $2" in
+  "vm stop") touch "$FAKE/stopped"; exit 0;;
+  "vhd test") exit 0;;
+esac
+while [ $# -gt 0 ]; do [ "$1" = --serial ] && log=$2; shift; done
+printf 'Debian GNU/Linux 12 viridian-debian ttyS0\n\nviridian-debian login: ' > "$log"
+if [ -n "$FAKE_LOGIN" ]; then
+  readcr && [ "$line" = root ] || exit 9
+  printf '\nroot@viridian-debian:~# ' >> "$log"
+  readcr || exit 8
+  echo "$line" > "$FAKE/typed"
+  echo "VIRIDIAN-GUEST system_state=running"
+  exit 0
+fi
+while [ ! -e "$FAKE/stopped" ]; do sleep 0.2; done
+"#;
+
+    /// Runs a system scenario's command with [`FAKE_VIRIDIAN`] first in PATH.
+    fn run_with_fake_viridian(sc: &Scenario) -> (std::process::Output, String, tempfile::TempDir) {
+        use std::os::unix::fs::PermissionsExt;
+        let fake = tempfile::tempdir().unwrap();
+        let bin = fake.path().join("viridian");
+        std::fs::write(&bin, FAKE_VIRIDIAN).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!(
+            "{}:{}",
+            fake.path().display(),
+            std::env::var("PATH").unwrap()
+        );
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(sc.command())
+            .env("PATH", path)
+            .env("FAKE", fake.path());
+        if sc.login {
+            cmd.env("FAKE_LOGIN", "1");
+        }
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        let calls = std::fs::read_to_string(fake.path().join("calls")).unwrap_or_default();
+        (out, calls, fake)
+    }
+
+    #[test]
+    fn system_scenario_stops_the_vm_at_the_login_prompt() {
+        let sc = Scenario::system(&format!("unit-prompt-{}", std::process::id()), 1, 256);
+        let (out, calls, _fake) = run_with_fake_viridian(&sc);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        assert!(stdout.contains("VIRIDIAN-GUEST login_seconds="), "{stdout}");
+        assert!(
+            stdout.contains("VIRIDIAN-GUEST host_vhd_test=ok"),
+            "{stdout}"
+        );
+        assert!(calls.contains("--disk /disk/debian.vhdx"), "{calls}");
+        assert!(calls.contains("root=/dev/sda1"), "{calls}");
+        assert!(calls.contains(&format!("vm stop {}", sc.name)), "{calls}");
+    }
+
+    #[test]
+    fn system_scenario_logs_in_through_standard_input() {
+        let mut sc = Scenario::system(&format!("unit-login-{}", std::process::id()), 1, 256);
+        sc.login = true;
+        let (out, calls, fake) = run_with_fake_viridian(&sc);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        for key in [
+            "login_seconds=",
+            "shell_seconds=",
+            "system_state=running",
+            "off_seconds=",
+            "host_vhd_test=ok",
+        ] {
+            assert!(
+                stdout.contains(&format!("VIRIDIAN-GUEST {key}")),
+                "{key}: {stdout}"
+            );
+        }
+        // The guest powered itself off: no `vm stop`.
+        assert!(!calls.contains("vm stop"), "{calls}");
+        let typed = std::fs::read_to_string(fake.path().join("typed")).unwrap();
+        assert_eq!(typed.trim_end(), LOGIN_COMMANDS);
+        // The typed line (echoed by the guest's terminal) carries no marker of its own.
+        assert!(!typed.contains("VIRIDIAN-GUEST "), "{typed}");
     }
 }
