@@ -232,7 +232,8 @@ pub struct Scenario {
     pub disk_mib: Option<u64>,
     /// Boot the Debian system disk ([`SystemDisk`]) instead of the scenario initramfs: wait
     /// for the `login:` prompt on the serial console (`VIRIDIAN-GUEST login_seconds=`), stop
-    /// the VM with `viridian vm stop`, then print `viridian vhd test`'s verdict on the VHDX.
+    /// the VM with `viridian vm stop`, then print `viridian vhd test`'s verdict on the VHDX
+    /// (`host_vhd_test=ok`; `exit_seconds=` and `checked_seconds=` time the steps).
     pub system_disk: bool,
     /// With `system_disk`: log in as root through `viridian run`'s standard input (a pipe)
     /// instead of stopping the VM at the prompt, and type [`LOGIN_COMMANDS`], which power the
@@ -273,9 +274,13 @@ impl Scenario {
         }
     }
 
-    /// The `viridian run --demo` guest: the system disk.
+    /// The `viridian run --demo` guest in the lab: the system disk, logged in by the lab (L1's
+    /// console takes no keyboard input), which runs [`LOGIN_COMMANDS`] and powers off.
     pub fn demo(cpus: u32, memory_mib: u64) -> Self {
-        Self::system("demo", cpus, memory_mib)
+        Self {
+            login: true,
+            ..Self::system("demo", cpus, memory_mib)
+        }
     }
 
     /// The system disk's steps (see [`Scenario::system_disk`] and [`Scenario::login`]).
@@ -312,7 +317,7 @@ impl Scenario {
         format!(
             "{session}\
              kill -0 $p 2>/dev/null && {{ viridian vm stop $n --timeout 120 || viridian vm stop $n --force; }}; wait $p; rc=$?; exec 3>&-; rm -f /tmp/$n.in; \
-             viridian vhd test /disk/{file} >/dev/null && echo VIRIDIAN-GUEST host_vhd_test=ok; exit $rc",
+             echo VIRIDIAN-GUEST exit_seconds=$(el); viridian vhd test /disk/{file} >/dev/null && echo VIRIDIAN-GUEST host_vhd_test=ok; echo VIRIDIAN-GUEST checked_seconds=$(el); exit $rc",
             file = system_disk::CARRIER_FILE,
         )
     }
