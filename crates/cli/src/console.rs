@@ -207,9 +207,11 @@ pub fn serve(mut stream: UnixStream, early: &[u8], console: &Arc<Console>, args:
     loop {
         if !pending.is_empty() {
             if let Some(w) = &writer {
-                match w.send(&pending) {
+                // A guest that does not read keeps this waiting; a client that left meanwhile
+                // must not keep the input.
+                match w.send_while(&pending, || !hung_up(&stream)) {
                     Ok(()) => {}
-                    Err(InputError::Stopped) => break,
+                    Err(InputError::Stopped | InputError::Cancelled) => break,
                     Err(e) => {
                         viewer.notice(&format!(
                             "\r\n[viridian: {e}; this connection is read-only now]\r\n"
@@ -236,6 +238,20 @@ pub fn serve(mut stream: UnixStream, early: &[u8], console: &Arc<Console>, args:
     drop(writer);
     viewer.detach();
     let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Whether the peer of `stream` has closed its end.
+fn hung_up(stream: &UnixStream) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(stream, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok()
+        && fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
 }
 
 /// `viridian vm console`: attaches this terminal (or piped stdin) to a VM's console through

@@ -401,3 +401,61 @@ fn a_terminal_is_raw_while_attached_and_restored_on_every_exit() {
     assert_eq!(vm.wait(Duration::from_secs(20)).code(), Some(130));
     assert_eq!(pty.modes(), cooked);
 }
+
+/// Asks the control socket for the console's input; returns the reply line.
+fn ask_for_input(socket: &std::path::Path) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(b"console --write\n").unwrap();
+    let mut reply = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut reply).unwrap();
+    reply
+}
+
+/// A writer pasting into a guest that reads nothing waits for it; when that writer goes away
+/// (killed), the input is free again for the next one.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn a_writer_that_leaves_while_the_guest_reads_nothing_frees_the_input() {
+    if !kvm_usable() {
+        return;
+    }
+    let run_dir = std::env::temp_dir().join(format!("viridian-stuck-{}", std::process::id()));
+    let viridian = env!("CARGO_BIN_EXE_viridian");
+    let _vm = Proc(
+        Command::new(viridian)
+            .args(["run", "--name", "deaf", "--memory", "64M", "--kernel"])
+            .arg(tiny_kernel("deaf", common::SPIN))
+            .env("VIRIDIAN_RUN_DIR", &run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let socket = run_dir.join("deaf.sock");
+    wait_until("the control socket", Duration::from_secs(60), || {
+        socket.exists()
+    });
+    let mut paster = Proc(
+        Command::new(viridian)
+            .args(["vm", "console", "deaf"])
+            .env("VIRIDIAN_RUN_DIR", &run_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut pipe = paster.0.stdin.take().unwrap();
+    std::thread::spawn(move || pipe.write_all(&text(300_000)));
+    wait_until(
+        "the paste to hold the input",
+        Duration::from_secs(30),
+        || ask_for_input(&socket).contains("held by `viridian vm console` (pid"),
+    );
+    paster.0.kill().unwrap();
+    paster.wait(Duration::from_secs(10));
+    wait_until("the input to be free", Duration::from_secs(10), || {
+        ask_for_input(&socket).starts_with("ok: console attached, input is yours")
+    });
+}

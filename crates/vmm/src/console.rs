@@ -69,6 +69,8 @@ pub enum InputError {
     TakenOver(String),
     #[error("the VM has stopped")]
     Stopped,
+    #[error("the sender went away")]
+    Cancelled,
 }
 
 /// The hub. Built with the VM; shared by the UART, viewers and writers.
@@ -453,15 +455,25 @@ impl Writer {
 
     /// Sends `bytes` to the guest, waiting while its input queue is full.
     pub fn send(&self, bytes: &[u8]) -> Result<(), InputError> {
+        self.send_while(bytes, || true)
+    }
+
+    /// Sends `bytes` as [`Writer::send`] does, but while waiting for room it gives up once
+    /// `wanted` says no (the sender went away).
+    pub fn send_while(&self, bytes: &[u8], wanted: impl Fn() -> bool) -> Result<(), InputError> {
         let uart = self.console.uart.get().ok_or(InputError::Stopped)?;
-        let mut rest = bytes;
+        let (mut rest, mut waited) = (bytes, false);
         while !rest.is_empty() {
             self.check()?;
+            if waited && !wanted() {
+                return Err(InputError::Cancelled);
+            }
             let n = uart.queue.push(rest);
             (uart.feed)();
             rest = &rest[n..];
             if !rest.is_empty() {
                 uart.queue.wait_for_room(WRITER_RECHECK);
+                waited = true;
             }
         }
         Ok(())
@@ -754,5 +766,25 @@ mod tests {
         assert!(!paste.is_finished(), "the writer waits for the guest");
         console.close(Duration::ZERO);
         assert_eq!(paste.join().unwrap(), Err(InputError::Stopped));
+    }
+
+    #[test]
+    fn a_waiting_writer_gives_up_when_its_sender_goes() {
+        let (console, _serial) = with_uart();
+        let writer = console.take_input("paste", false).unwrap();
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let big = vec![b'z'; 2 * INPUT_QUEUE_BYTES];
+        let flag = gone.clone();
+        let paste = std::thread::spawn(move || {
+            let r = writer.send_while(&big, || !flag.load(std::sync::atomic::Ordering::SeqCst));
+            (r, writer)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!paste.is_finished(), "the writer waits for the guest");
+        gone.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (r, writer) = paste.join().unwrap();
+        assert_eq!(r, Err(InputError::Cancelled));
+        drop(writer);
+        assert_eq!(console.input_holder(), None, "the input is free again");
     }
 }
