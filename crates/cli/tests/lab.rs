@@ -300,7 +300,8 @@ fn storvsc_guest_writes_and_reads_a_vhdx() {
 /// addresses and identifiers; what the guest wrote is what the host reads from each image
 /// after the VM stops, and `qemu-img check` and `viridian vhd test` are clean; a discard
 /// shrinks the dynamic VHDX's allocated size; the read-only disk refuses writes; the DVD, an
-/// ISO made by genisoimage, mounts and reads, and `vm dvd --eject` and `--path` change it.
+/// ISO made by genisoimage, mounts and reads, `vm dvd --eject` and `--path` change it, and the
+/// guest's own eject leaves the drive empty in the host's list.
 #[test]
 fn disk_formats_dvd_and_discard_in_one_boot() {
     let Some(lab) = lab() else { return };
@@ -406,6 +407,10 @@ fn disk_formats_dvd_and_discard_in_one_boot() {
     assert_eq!(g("dvd_ejected"), "1", "{}", ctx());
     assert_eq!(g("dvd2_md5"), g("host_iso2_md5"), "{}", ctx());
     assert_eq!(g("host_dvd_path"), "/l2/two.iso", "{}", ctx());
+    // The guest's own eject (util-linux eject: unlock, START STOP UNIT with LoEj) empties the
+    // drive as the host lists it.
+    assert_eq!(g("guest_ejected"), "1", "{}", ctx());
+    assert_eq!(g("host_dvd_after_guest_eject"), "(empty)", "{}", ctx());
     assert_eq!(r.exit_code, 0, "{}", ctx());
 }
 

@@ -127,6 +127,10 @@ if [ "$S" = formats ]; then
   i=0
   while ! mount -t iso9660 -o ro /dev/sr0 /mnt 2>/dev/null && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
   [ -e /mnt/second.bin ] && say dvd2_md5=$(md5sum < /mnt/second.bin | cut -c1-32) && umount /mnt
+  # The guest ejects it itself (START STOP UNIT with LoEj, after unlocking the tray).
+  eject /dev/sr0 && say guest_ejected=1
+  say formats_guest_ejected
+  sleep 2
   dmesg | grep -i -E "scsi|sd |sr |storvsc|cdrom|isofs" | sed 's/^/GUEST-DMESG /'
 fi
 if [ "$S" = hotplug ]; then

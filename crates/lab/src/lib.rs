@@ -336,7 +336,8 @@ impl Scenario {
     /// (32 MiB, on controller 1) on a parent qemu-img made, a fixed VHD (16 MiB), a raw image
     /// (8 MiB), a read-only raw image (4 MiB) and a DVD with `/l2/one.iso`. While the guest
     /// runs: the VHDX's allocated size after the guest's writes, `vm dvd --eject`, the
-    /// allocated size after the guest's discard, `vm dvd --path /l2/two.iso`. After it:
+    /// allocated size after the guest's discard, `vm dvd --path /l2/two.iso`, and the drive
+    /// as `vm dvd` lists it once the guest has ejected that disc itself. After it:
     /// `qemu-img check` and `viridian vhd test` of the images, and the MD5 of the 1 MiB the
     /// guest wrote at 1 MiB on each, read on the host. The images live on a tmpfs of their own,
     /// which frees the blocks a discard punches out of a file.
@@ -374,6 +375,8 @@ impl Scenario {
              {say} host_kb_discarded=$(du -k $D/dyn.vhdx | cut -f1); \
              viridian vm dvd {name} --path /l2/two.iso; \
              {say} host_dvd_path=$(viridian vm dvd {name} | tail -n 1 | awk '{{print $NF}}'); \
+             {w3}\
+             {say} host_dvd_after_guest_eject=$(viridian vm dvd {name} | tail -n 1 | awk '{{print $NF}}'); \
              wait $p; rc=$?; \
              for f in dyn.vhdx parent.vhdx; do qemu-img check -q -f vhdx $D/$f && {say} host_qemu_check_${{f%.vhdx}}=ok; done; \
              for f in dyn.vhdx fixed.vhd plain.img child.vhdx; do viridian vhd test $D/$f >/dev/null && {say} host_vhd_test_${{f%.*}}=ok; done; \
@@ -381,6 +384,7 @@ impl Scenario {
              umount $D; rm -rf $D; exit $rc",
             w1 = wait("formats_written"),
             w2 = wait("formats_discarded"),
+            w3 = wait("formats_guest_ejected"),
             m1 = region_md5("dyn.vhdx", "131072"),
             m2 = region_md5("child.vhdx", "65536"),
             m3 = region_md5("fixed.vhd", "32768"),
@@ -488,6 +492,8 @@ pub struct Lab {
     busybox: PathBuf,
     /// Debian's hv_kvp_daemon (package hyperv-daemons), for the L2 guest.
     kvp_daemon: PathBuf,
+    /// Debian's eject (package eject), for the L2 guest's own eject of its DVD.
+    eject: PathBuf,
     viridian: PathBuf,
     qemu: PathBuf,
     /// QEMU's loadable modules (the TCG accelerator is one).
@@ -514,6 +520,7 @@ impl Lab {
         let l1_kernel = Kernel::fetch(cache, Flavor::Cloud)?;
         let busybox = busybox(cache)?;
         let kvp_daemon = debian::unpack(cache, "hyperv-daemons")?.join("usr/sbin/hv_kvp_daemon");
+        let eject = debian::unpack(cache, "eject")?.join("usr/bin/eject");
         let qemu_root = debian::unpack(cache, "qemu-system-x86")?;
         let common = debian::unpack(cache, "qemu-system-common")?;
         let data = debian::unpack(cache, "qemu-system-data")?;
@@ -538,6 +545,7 @@ impl Lab {
             l2_kernels: vec![cloud, amd64],
             busybox,
             kvp_daemon,
+            eject,
             viridian: viridian.to_path_buf(),
             qemu: qemu_root.join("usr/bin/qemu-system-x86_64"),
             qemu_modules: common.join("usr/lib/x86_64-linux-gnu/qemu"),
@@ -659,10 +667,13 @@ run() {
         );
         let l2_initrd = PathBuf::from(&self.cache).join(format!("images/l2-initrd-{tag}.cpio"));
         let kernels: Vec<&Kernel> = self.l2_kernels.iter().collect();
-        let l2_programs = [(
-            "usr/sbin/hv_kvp_daemon".to_string(),
-            self.kvp_daemon.clone(),
-        )];
+        let l2_programs = [
+            (
+                "usr/sbin/hv_kvp_daemon".to_string(),
+                self.kvp_daemon.clone(),
+            ),
+            ("usr/bin/eject".to_string(), self.eject.clone()),
+        ];
         image::l2_initramfs(&self.busybox, &kernels, &l2_programs, &l2_initrd)?;
         let mut programs = vec![("bin/viridian".to_string(), self.viridian.clone())];
         let contents_l2 = l2_initrd.clone();
