@@ -1,7 +1,7 @@
 //! Requests in flight on each channel, kept where save can see them.
 //!
 //! A request is *in flight* from the moment its worker takes it off the ring until its
-//! completion is in the ring. Each channel's [`Registry`] lists them: the packet as the guest
+//! completion is in the ring. Each channel's registry lists them: the packet as the guest
 //! sent it and, once executed, the completion. The worker takes a packet and records it in
 //! one step under the registry's lock, and sends a completion and forgets the request in
 //! another, so a save (which takes the same lock after pausing the controller) sees every

@@ -5,7 +5,11 @@
 //! - [`StorvspDevice`] is the [`vmbus::Device`]: one worker per open channel (primary and
 //!   subchannels, each on its own thread, see `vmbus::host`), all sharing one
 //!   [`scsi::Target`] and its disks through an `Arc`.
-//! - [`disk`] opens image files (VHDX, VHD, raw) as SCSI media.
+//! - [`disk`] opens image files (VHDX, VHD, raw; ISOs for DVD drives) as SCSI media.
+//! - A LUN holds a disk ([`scsi::ScsiDisk`]) or a DVD drive ([`scsi::ScsiDvd`]) whose medium
+//!   the host changes while the guest runs ([`StorvspDevice::change_dvd`]).
+//! - [`inflight`] keeps each channel's requests between ring and completion where save can
+//!   see them; `save` (in `save.rs`) pauses the controller, and restore replays them.
 //!
 //! Requests run synchronously on the worker thread: a worker drains its ring, executes each
 //! SRB against the target, moves data between the disk and the guest pages the GPA_DIRECT
