@@ -128,11 +128,11 @@ impl SystemDisk {
             let _lock = crate::lock_file(&dir.join(".lock"))?;
             // Another run may have built it while this one waited for the lock.
             if !vhdx.exists() {
-                remove_leftovers(&dir, &key);
+                remove_leftovers(&dir, &key, &kernel.version);
                 build(&kernel, viridian, &dir, &vhdx, progress)?;
             }
         }
-        let initrd = dir.join(format!("initrd-{}.cpio", kernel.version));
+        let initrd = dir.join(initrd_name(&kernel.version));
         root_initramfs(&crate::busybox(cache)?, &kernel, &initrd)?;
         Ok(Self {
             vhdx,
@@ -203,9 +203,14 @@ fn say(progress: &mut dyn Write, what: &str) {
     let _ = writeln!(progress, "lab: system disk: {what}");
 }
 
-/// Removes what killed builds left behind and the disks of other keys (older recipes or
-/// kernels). Called with the lock held, so no build is under way.
-fn remove_leftovers(dir: &Path, key: &str) {
+fn initrd_name(kernel_version: &str) -> String {
+    format!("initrd-{kernel_version}.cpio")
+}
+
+/// Removes what killed builds left behind, and the disks and initramfs images of other keys
+/// (older recipes or kernels). Called with the lock held, so no build is under way.
+fn remove_leftovers(dir: &Path, key: &str, kernel_version: &str) {
+    let initrd = initrd_name(kernel_version);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -213,7 +218,8 @@ fn remove_leftovers(dir: &Path, key: &str) {
         let name = e.file_name().to_string_lossy().into_owned();
         let stale = name.starts_with("build-")
             || name.starts_with("carrier-")
-            || (name.starts_with("debian12-") && !name.starts_with(&format!("{key}.")));
+            || (name.starts_with("debian12-") && !name.starts_with(&format!("{key}.")))
+            || (name.starts_with("initrd-") && name != initrd);
         if stale {
             drop(Scratch(e.path()));
         }
@@ -582,6 +588,39 @@ mod tests {
         );
         std::fs::remove_file(d.join("sources.list.d/debian.sources")).unwrap();
         assert!(debian_sources_in(d).is_err());
+    }
+
+    #[test]
+    fn leftovers_of_other_keys_and_killed_builds_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let key = "debian12-r2-6.1.0-60-cloud-amd64";
+        for f in [
+            "debian12-r1-6.1.0-57-cloud-amd64.vhdx",
+            "debian12-r1-6.1.0-57-cloud-amd64.carrier.ext4",
+            "initrd-6.1.0-57-cloud-amd64.cpio",
+            "debian12-r2-6.1.0-60-cloud-amd64.carrier.ext4",
+            "initrd-6.1.0-60-cloud-amd64.cpio",
+            ".lock",
+        ] {
+            std::fs::write(d.join(f), b"").unwrap();
+        }
+        std::fs::create_dir_all(d.join("build-123/rootfs/etc")).unwrap();
+        std::fs::create_dir(d.join("carrier-456")).unwrap();
+        remove_leftovers(d, key, "6.1.0-60-cloud-amd64");
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".lock",
+                "debian12-r2-6.1.0-60-cloud-amd64.carrier.ext4",
+                "initrd-6.1.0-60-cloud-amd64.cpio"
+            ]
+        );
     }
 
     #[test]
