@@ -232,13 +232,15 @@ pub struct Scenario {
     pub disk_mib: Option<u64>,
     /// Boot the Debian system disk ([`SystemDisk`]) instead of the scenario initramfs: wait
     /// for the `login:` prompt on the serial console (`VIRIDIAN-GUEST login_seconds=`), stop
-    /// the VM with `viridian vm stop`, then print `viridian vhd test`'s verdict on the VHDX
-    /// (`host_vhd_test=ok`; `exit_seconds=` and `checked_seconds=` time the steps).
+    /// the VM with `viridian vm stop` (`exit_seconds=`), then, with `check_disk`, print
+    /// `viridian vhd test`'s verdict on the VHDX (`host_vhd_test=ok`, `checked_seconds=`).
     pub system_disk: bool,
     /// With `system_disk`: log in as root through `viridian run`'s standard input (a pipe)
     /// instead of stopping the VM at the prompt, and type [`LOGIN_COMMANDS`], which power the
     /// guest off (`VIRIDIAN-GUEST shell_seconds=`, `system_state=`, `os=`, `off_seconds=`).
     pub login: bool,
+    /// With `system_disk`: run `viridian vhd test` on the VHDX after the VM exits.
+    pub check_disk: bool,
     /// The scenario's time limit inside L1, in seconds.
     pub timeout_seconds: u32,
 }
@@ -258,6 +260,7 @@ impl Scenario {
             disk_mib: None,
             system_disk: false,
             login: false,
+            check_disk: false,
             timeout_seconds: SCENARIO_TIMEOUT,
         }
     }
@@ -269,16 +272,19 @@ impl Scenario {
             memory_mib,
             quiet: false,
             system_disk: true,
+            check_disk: true,
             timeout_seconds: 600,
             ..Self::new(name, Vmm::Viridian, Flavor::Cloud, cpus, "system")
         }
     }
 
     /// The `viridian run --demo` guest in the lab: the system disk, logged in by the lab (L1's
-    /// console takes no keyboard input), which runs [`LOGIN_COMMANDS`] and powers off.
+    /// console takes no keyboard input), which runs [`LOGIN_COMMANDS`] and powers off. The
+    /// disk is a throwaway snapshot, so it is not checked afterwards.
     pub fn demo(cpus: u32, memory_mib: u64) -> Self {
         Self {
             login: true,
+            check_disk: false,
             ..Self::system("demo", cpus, memory_mib)
         }
     }
@@ -314,11 +320,18 @@ impl Scenario {
         } else {
             format!("{prelude}{start} & p=$!; {prompt}; ")
         };
+        let check = if self.check_disk {
+            format!(
+                "viridian vhd test /disk/{} >/dev/null && echo VIRIDIAN-GUEST host_vhd_test=ok; echo VIRIDIAN-GUEST checked_seconds=$(el); ",
+                system_disk::CARRIER_FILE
+            )
+        } else {
+            String::new()
+        };
         format!(
             "{session}\
              kill -0 $p 2>/dev/null && {{ viridian vm stop $n --timeout 120 || viridian vm stop $n --force; }}; wait $p; rc=$?; exec 3>&-; rm -f /tmp/$n.in; \
-             echo VIRIDIAN-GUEST exit_seconds=$(el); viridian vhd test /disk/{file} >/dev/null && echo VIRIDIAN-GUEST host_vhd_test=ok; echo VIRIDIAN-GUEST checked_seconds=$(el); exit $rc",
-            file = system_disk::CARRIER_FILE,
+             echo VIRIDIAN-GUEST exit_seconds=$(el); {check}exit $rc"
         )
     }
 
@@ -1076,11 +1089,27 @@ while [ ! -e "$FAKE/stopped" ]; do sleep 0.2; done
                 "{key}: {stdout}"
             );
         }
+        assert!(calls.contains("vhd test"), "{calls}");
         // The guest powered itself off: no `vm stop`.
         assert!(!calls.contains("vm stop"), "{calls}");
         let typed = std::fs::read_to_string(fake.path().join("typed")).unwrap();
         assert_eq!(typed.trim_end(), LOGIN_COMMANDS);
         // The typed line (echoed by the guest's terminal) carries no marker of its own.
         assert!(!typed.contains("VIRIDIAN-GUEST "), "{typed}");
+    }
+
+    #[test]
+    fn the_lab_demo_logs_in_and_leaves_its_throwaway_disk_unchecked() {
+        let mut sc = Scenario::demo(1, 512);
+        sc.name = format!("unit-demo-{}", std::process::id());
+        let (out, calls, _fake) = run_with_fake_viridian(&sc);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            stdout.contains("VIRIDIAN-GUEST system_state=running"),
+            "{stdout}"
+        );
+        assert!(!calls.contains("vhd test"), "{calls}");
+        assert!(calls.contains("--cpus 1 --memory 512M"), "{calls}");
     }
 }
