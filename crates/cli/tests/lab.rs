@@ -141,8 +141,10 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
     let mut kvp = Scenario::new("hv-kvp", Vmm::Viridian, Flavor::Cloud, 1, "kvp");
     kvp.stop_with_control = true;
     kvp.kvp = true;
+    let mut service = Scenario::new("hv-service", Vmm::Viridian, Flavor::Cloud, 1, "hyperv");
+    service.service = true;
     let run = lab
-        .run(&[one, two, panic, kvp], &mut std::io::stderr())
+        .run(&[one, two, panic, kvp, service], &mut std::io::stderr())
         .expect("lab run");
     assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
     for name in ["hv-1cpu", "hv-2cpu"] {
@@ -182,6 +184,16 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
         );
         assert_eq!(r.exit_code, 0, "{}", ctx());
     }
+    // Under viridiand: defined, started, heartbeat OK, and stopped through the guest's
+    // shutdown service while the state goes Running, Stopping, Off.
+    let r = run.scenario("hv-service").expect("hv-service did not run");
+    let g = |k: &str| r.guest.get(k).map(String::as_str).unwrap_or("");
+    assert_eq!(g("hypervisor"), "hyperv", "{}", r.console);
+    assert_eq!(g("svc_heartbeat"), "OK", "{}", r.console);
+    assert_eq!(g("svc_console"), "1", "vm console replays the guest's output\n{}", r.console);
+    assert_eq!(g("svc_states"), "Running,Stopping,Off,", "{}", r.console);
+    assert!(g("svc_status").starts_with("Shut_down"), "{}", r.console);
+    assert!(r.guest.contains_key("orderly_poweroff"), "{}", r.console);
     // A guest panic reaches the worker through the crash MSRs; panic=-1 then resets the VM.
     let p = run.scenario("hv-panic").expect("hv-panic did not run");
     assert_eq!(p.exit_code, 3, "{}", p.console);

@@ -243,6 +243,12 @@ pub struct Scenario {
     pub check_disk: bool,
     /// The scenario's time limit inside L1, in seconds.
     pub timeout_seconds: u32,
+    /// Run the VM under `viridiand` inside L1 instead of `viridian run`: define it with
+    /// `viridian vm new`, start it, wait for `VIRIDIAN-GUEST ready` in its console log, then
+    /// print its heartbeat (`svc_heartbeat=`) and whether `viridian vm console` replays the
+    /// guest's `ready` line (`svc_console=1`), stop it with `viridian vm stop` and print the
+    /// states seen meanwhile (`svc_states=`), and finally the guest's console.
+    pub service: bool,
 }
 
 impl Scenario {
@@ -262,6 +268,7 @@ impl Scenario {
             login: false,
             check_disk: false,
             timeout_seconds: SCENARIO_TIMEOUT,
+            service: false,
         }
     }
 
@@ -414,6 +421,27 @@ impl Scenario {
         );
         match self.vmm {
             Vmm::Viridian if self.system_disk => self.system_command(),
+            Vmm::Viridian if self.service => format!(
+                "S=/tmp/svc-{name}; rm -rf $S; mkdir -p $S; \
+                 viridiand --state-dir $S/state --socket $S/d.sock >$S/d.log 2>&1 & d=$!; \
+                 i=0; until [ -S $S/d.sock ] || [ $i -ge 100 ]; do sleep 0.2; i=$((i+1)); done; \
+                 export VIRIDIAN_SOCKET=$S/d.sock; \
+                 field() {{ viridian vm get {name} --json | sed -n \"s/^  \\\"$1\\\": \\\"\\(.*\\)\\\",*$/\\1/p\"; }}; \
+                 viridian vm new {name} --cpus {} --memory {}M --kernel {kernel} --initrd /l2/initrd.cpio --cmdline '{cmdline}' >/dev/null; \
+                 viridian vm start {name}; \
+                 c=$(ls -d $S/state/vms/*)/console.log; \
+                 i=0; until grep -q 'VIRIDIAN-GUEST ready' $c 2>/dev/null || [ $i -ge 600 ]; do sleep 1; i=$((i+1)); done; \
+                 i=0; until [ \"$(field heartbeat)\" = OK ] || [ $i -ge 30 ]; do sleep 1; i=$((i+1)); done; \
+                 echo VIRIDIAN-GUEST svc_heartbeat=$(field heartbeat); \
+                 timeout 5 viridian vm console {name} --read-only </dev/null >$S/view 2>&1; \
+                 echo VIRIDIAN-GUEST svc_console=$(grep -c 'VIRIDIAN-GUEST ready' $S/view); \
+                 (while :; do field state; sleep 0.1; done) > $S/states & w=$!; \
+                 viridian vm stop {name} >/dev/null; kill $w; field state >> $S/states; \
+                 echo VIRIDIAN-GUEST svc_states=$(uniq $S/states | tr '\\n' ','); \
+                 echo VIRIDIAN-GUEST svc_status=$(field status | tr ' ' '_'); \
+                 cat $c; kill $d; wait $d; exit 0",
+                self.cpus, self.memory_mib, name = self.name
+            ),
             Vmm::Viridian if self.stop_with_control => format!(
                 "rm -f /tmp/{name}.log; \
                  viridian run --name {name} --serial /tmp/{name}.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {} --memory {}M --cmdline '{cmdline}' & p=$!; \
@@ -689,6 +717,12 @@ run() {
         ];
         image::l2_initramfs(&self.busybox, &kernels, &l2_programs, &l2_initrd)?;
         let mut programs = vec![("bin/viridian".to_string(), self.viridian.clone())];
+        if scenarios.iter().any(|s| s.service) {
+            programs.push((
+                "bin/viridiand".to_string(),
+                self.viridian.with_file_name("viridiand"),
+            ));
+        }
         let contents_l2 = l2_initrd.clone();
         let mut files = vec![("l2/initrd.cpio".to_string(), l2_initrd)];
         for k in &self.l2_kernels {
