@@ -190,8 +190,18 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
     let g = |k: &str| r.guest.get(k).map(String::as_str).unwrap_or("");
     assert_eq!(g("hypervisor"), "hyperv", "{}", r.console);
     assert_eq!(g("svc_heartbeat"), "OK", "{}", r.console);
-    assert_eq!(g("svc_console"), "1", "vm console replays the guest's output\n{}", r.console);
-    assert_eq!(g("svc_states"), "Running,Stopping,Off,", "{}", r.console);
+    assert_eq!(
+        g("svc_console"),
+        "1",
+        "vm console replays the guest's output\n{}",
+        r.console
+    );
+    assert_eq!(
+        g("svc_states"),
+        "Off,Starting,Running,Stopping,Off,",
+        "{}",
+        r.console
+    );
     assert!(g("svc_status").starts_with("Shut_down"), "{}", r.console);
     assert!(r.guest.contains_key("orderly_poweroff"), "{}", r.console);
     // A guest panic reaches the worker through the crash MSRs; panic=-1 then resets the VM.

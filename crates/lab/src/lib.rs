@@ -246,8 +246,9 @@ pub struct Scenario {
     /// Run the VM under `viridiand` inside L1 instead of `viridian run`: define it with
     /// `viridian vm new`, start it, wait for `VIRIDIAN-GUEST ready` in its console log, then
     /// print its heartbeat (`svc_heartbeat=`) and whether `viridian vm console` replays the
-    /// guest's `ready` line (`svc_console=1`), stop it with `viridian vm stop` and print the
-    /// states seen meanwhile (`svc_states=`), and finally the guest's console.
+    /// guest's `ready` line (`svc_console=1`), stop it with `viridian vm stop`, print the
+    /// states the service went through (`svc_states=`, from its log), and finally the guest's
+    /// console.
     pub service: bool,
 }
 
@@ -435,9 +436,8 @@ impl Scenario {
                  echo VIRIDIAN-GUEST svc_heartbeat=$(field heartbeat); \
                  timeout 5 viridian vm console {name} --read-only </dev/null >$S/view 2>&1; \
                  echo VIRIDIAN-GUEST svc_console=$(grep -c 'VIRIDIAN-GUEST ready' $S/view); \
-                 (while :; do field state; sleep 0.1; done) > $S/states & w=$!; \
-                 viridian vm stop {name} >/dev/null; kill $w; field state >> $S/states; \
-                 echo VIRIDIAN-GUEST svc_states=$(uniq $S/states | tr '\\n' ','); \
+                 viridian vm stop {name} >/dev/null; \
+                 echo VIRIDIAN-GUEST svc_states=$(sed -n \"s/.*VM '{name}' is \\([A-Z][A-Za-z]*\\):.*/\\1/p\" $S/d.log | tr '\\n' ','); \
                  echo VIRIDIAN-GUEST svc_status=$(field status | tr ' ' '_'); \
                  cat $c; kill $d; wait $d; exit 0",
                 self.cpus, self.memory_mib, name = self.name

@@ -121,6 +121,7 @@ impl Manager {
     }
 
     fn emit(&self, row: &VmRow, state: VmState, status: &str) {
+        tracing::info!("VM '{}' is {state}: {status}", row.name);
         let _ = self.events.send(VmEvent {
             name: row.name.clone(),
             id: row.id.clone(),
@@ -532,7 +533,6 @@ impl Manager {
         if let Err(e) = self.db().update_runtime(id, VmState::Off, &reason, None) {
             tracing::error!("cannot record that VM '{}' is off: {e}", row.name);
         }
-        tracing::info!("VM '{}' is off: {reason}", row.name);
         self.emit(&row, VmState::Off, &reason);
         let _ = tx.send(Some(reason.clone()));
         let was_ready = w.as_ref().is_some_and(|w| w.ready);
