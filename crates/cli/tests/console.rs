@@ -442,10 +442,16 @@ fn a_writer_that_leaves_while_the_guest_reads_nothing_frees_the_input() {
             .env("VIRIDIAN_RUN_DIR", &run_dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
+    // Probe only once the paster holds the input: a probe is a writer too, and one that got
+    // in first would turn the paster away.
+    let mut said = String::new();
+    let mut errors = std::io::BufReader::new(paster.0.stderr.take().unwrap());
+    std::io::BufRead::read_line(&mut errors, &mut said).unwrap();
+    assert!(said.contains("attached"), "{said}");
     let mut pipe = paster.0.stdin.take().unwrap();
     std::thread::spawn(move || pipe.write_all(&text(300_000)));
     wait_until(
