@@ -169,6 +169,10 @@ if [ "$S" = kvp ]; then
   sed 's/^/GUEST-KVP /' /tmp/kvp.log
   while true; do sleep 1; done
 fi
+if [ "$S" = net ]; then
+  for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
+  . /net.sh
+fi
 say poweroff
 poweroff -f
 "#;
@@ -232,12 +236,14 @@ pub fn l2_initramfs(
     a.file("init", 0o755, L2_INIT.as_bytes());
     a.file("sbin/poweroff", 0o755, L2_POWEROFF.as_bytes());
     a.file("etc/os-release", 0o644, L2_OS_RELEASE.as_bytes());
+    a.file("net.sh", 0o644, crate::network::L2_NET.as_bytes());
     add_programs(&mut a, programs, &[])?;
     a.dir("lib/modules");
     for k in kernels {
         let dir = format!("lib/modules/{}", k.version);
         a.dir(&dir);
-        let modules = k.modules_with_deps(HYPERV_MODULES)?;
+        let modules =
+            k.modules_with_deps(&[HYPERV_MODULES, crate::network::L2_MODULES].concat())?;
         let mut order = String::new();
         for (name, path) in &modules {
             let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;

@@ -81,6 +81,16 @@ impl Kernel {
             .any(|m| normalize(m) == wanted)
     }
 
+    /// The value of a build option in the kernel's own config (`y`, `m`, ...), `None` when
+    /// unset.
+    pub fn config(&self, option: &str) -> Option<String> {
+        let path = self.root.join(format!("boot/config-{}", self.version));
+        let text = std::fs::read_to_string(path).ok()?;
+        let prefix = format!("{option}=");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+    }
+
     /// The `.ko` files for `names` and everything they depend on, in a valid load order.
     pub fn modules_with_deps(&self, names: &[&str]) -> Result<Vec<(String, PathBuf)>> {
         let mut order = Vec::new();

@@ -12,6 +12,7 @@ pub mod cpio;
 mod debian;
 pub mod image;
 pub mod kernel;
+pub mod network;
 pub mod system_disk;
 
 use std::collections::BTreeMap;
@@ -250,6 +251,9 @@ pub struct Scenario {
     /// states the service went through (`svc_states=`, from its log), and finally the guest's
     /// console.
     pub service: bool,
+    /// The whole L1 side instead of one `viridian run` (scenarios with several guests, see
+    /// [`network`]).
+    pub script: Option<String>,
 }
 
 impl Scenario {
@@ -270,6 +274,7 @@ impl Scenario {
             check_disk: false,
             timeout_seconds: SCENARIO_TIMEOUT,
             service: false,
+            script: None,
         }
     }
 
@@ -414,6 +419,9 @@ impl Scenario {
     }
 
     fn command(&self) -> String {
+        if let Some(script) = &self.script {
+            return script.clone();
+        }
         let kernel = format!("/l2/vmlinuz-{}", self.kernel.name());
         let cmdline = format!(
             "console=ttyS0 panic=-1 {}viridian.scenario={}",
@@ -691,6 +699,7 @@ run() {
         out: &mut dyn Write,
     ) -> Result<LabRun> {
         let mut wanted = vec!["kvm_amd"];
+        wanted.extend(network::L1_MODULES);
         if system.is_some() {
             wanted.extend(L1_DISK_MODULES);
         }
