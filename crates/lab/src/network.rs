@@ -160,7 +160,7 @@ const VLAN_D: &str = "00:15:5d:4e:00:0d";
 /// L1's address on the Internal switch.
 pub const HOST_ADDRESS: &str = "10.8.0.1";
 
-/// The L1 side's shell helpers: `start NAME NICS... -- CMDLINE` starts a guest in the
+/// The L1 side's shell helpers: `start NAME CPUS NICS... -- CMDLINE` starts a guest in the
 /// background (serial console in /tmp/NAME.log, its pid in $NAME); `await NAME TEXT SECS`
 /// waits until the guest printed TEXT; `show` prints every guest's console with its name in
 /// front (at the end, so the consoles of guests running together do not interleave), also
@@ -169,8 +169,8 @@ fn prelude(memory_mib: u64, guests: &[&str]) -> String {
     let names = guests.join(" ");
     format!(
         "export VIRIDIAN_STATE_DIR=/tmp/vs; \
-         start() {{ n=$1; shift; nics=; while [ \"$1\" != -- ]; do nics=\"$nics --nic $1\"; shift; done; shift; rm -f /tmp/$n.log; \
-           viridian run --name $n --serial /tmp/$n.log --kernel /l2/vmlinuz-cloud --initrd /l2/initrd.cpio --cpus 1 --memory {memory_mib}M $nics \
+         start() {{ n=$1; cpus=$2; shift 2; nics=; while [ \"$1\" != -- ]; do nics=\"$nics --nic $1\"; shift; done; shift; rm -f /tmp/$n.log; \
+           viridian run --name $n --serial /tmp/$n.log --kernel /l2/vmlinuz-cloud --initrd /l2/initrd.cpio --cpus $cpus --memory {memory_mib}M $nics \
            --cmdline \"console=ttyS0 panic=-1 quiet viridian.scenario=net $*\" >/dev/null 2>/tmp/$n.err & eval $n=$!; }}; \
          await() {{ i=0; until grep -q \"$2\" /tmp/$1.log 2>/dev/null || [ $i -ge $3 ]; do sleep 1; i=$((i+1)); done; grep -q \"$2\" /tmp/$1.log 2>/dev/null; }}; \
          show() {{ for n in {names}; do sed \"s/^/[$n] /\" /tmp/$n.log 2>/dev/null; sed \"s/^/[$n] viridian: /\" /tmp/$n.err 2>/dev/null; done; }}; \
@@ -191,15 +191,16 @@ fn scenario(name: &str, script: String) -> Scenario {
     }
 }
 
-/// Two guests on a Private switch (`a` sends `mib` MiB to `b`), `a` also on an Internal
-/// switch with L1 at [`HOST_ADDRESS`]; the cable test on `b`, the spoofing test from `a`.
+/// Two guests on a Private switch (`a` sends `mib` MiB to `b`, which has 2 vCPUs and so a
+/// vRSS subchannel and a two-queue TAP), `a` also on an Internal switch with L1 at
+/// [`HOST_ADDRESS`]; the cable test on `b`, the spoofing test from `a`.
 pub fn private(name: &str, mib: u32) -> Scenario {
     let (a0, a1, b0) = (PRIVATE_A[0], PRIVATE_A[1], PRIVATE_B);
     let script = format!(
         "{prelude}\
          viridian switch new priv --type private && viridian switch new lab --type internal --host-address {HOST_ADDRESS}/24 || echo LAB-ERROR no switches; \
-         start neta switch=priv,mac={a0} switch=lab,mac={a1} -- viridian.id=a viridian.role=tx viridian.ip={a0}=10.9.0.10/24 viridian.ip={a1}=10.8.0.10/24 viridian.peer=10.9.0.11 viridian.hostip={HOST_ADDRESS} viridian.mib={mib}; \
-         start netb switch=priv,mac={b0} -- viridian.id=b viridian.role=rx viridian.ip={b0}=10.9.0.11/24 viridian.peer=10.9.0.10; \
+         start neta 1 switch=priv,mac={a0} switch=lab,mac={a1} -- viridian.id=a viridian.role=tx viridian.ip={a0}=10.9.0.10/24 viridian.ip={a1}=10.8.0.10/24 viridian.peer=10.9.0.11 viridian.hostip={HOST_ADDRESS} viridian.mib={mib}; \
+         start netb 2 switch=priv,mac={b0} -- viridian.id=b viridian.role=rx viridian.ip={b0}=10.9.0.11/24 viridian.peer=10.9.0.10; \
          await neta a_up= 120 && ports running; \
          await neta a_ping_host= 120 && {{ ping -c 3 -w 10 10.8.0.10 >/dev/null 2>&1 && echo VIRIDIAN-GUEST host_ping_a=ok || echo VIRIDIAN-GUEST host_ping_a=fail; }}; \
          await netb b_carrier_wait 240 && {{ echo \"LAB-MEASURE-B $(viridian vm measure netb --json | tr -d '\\n')\"; viridian vm nic netb --disconnect; }}; \
@@ -224,8 +225,8 @@ pub fn vlan(name: &str, vlan_filtering: bool) -> Scenario {
     let script = format!(
         "{prelude}\
          viridian switch new vl --type private || echo LAB-ERROR no switch; \
-         start netc switch=vl,mac={c0}{v10} -- viridian.id=c viridian.role=vlan-c viridian.ip={c0}=10.10.0.12/24 viridian.peer=10.10.0.13 viridian.hotmac={c1}; \
-         start netd switch=vl,mac={d0}{v20} -- viridian.id=d viridian.role=vlan-d viridian.ip={d0}=10.10.0.13/24; \
+         start netc 1 switch=vl,mac={c0}{v10} -- viridian.id=c viridian.role=vlan-c viridian.ip={c0}=10.10.0.12/24 viridian.peer=10.10.0.13 viridian.hotmac={c1}; \
+         start netd 1 switch=vl,mac={d0}{v20} -- viridian.id=d viridian.role=vlan-d viridian.ip={d0}=10.10.0.13/24; \
          await netc c_ready= 120 && await netd d_ready= 120 && viridian vm nic add netc --switch vl --mac {c1}{hot_vlan}; \
          ports added; echo \"LAB-NIC-C $(viridian vm nic list netc --json)\"; \
          await netc c_remove_ready 120 && viridian vm nic remove netc --mac {c1}; \
