@@ -211,6 +211,34 @@ pub fn tx_header(frame: &mut [u8], off: &TxOffload) -> Result<VirtioNetHdr, Offl
     Ok(hdr)
 }
 
+/// Where a received UDP datagram's checksum still has to be filled in: the host kernel left
+/// it partial (a local sender, F_NEEDS_CSUM, not GSO) and reports it as verified, but the
+/// guest's raw-socket readers (DHCP clients: busybox udhcpc, dhclient) check the bytes
+/// themselves and drop a datagram whose checksum is the pseudo-header's partial sum. Returns
+/// the checksum's start, the field's offset in the frame, for [`fill_checksum`].
+pub fn udp_checksum_to_fill(hdr: &VirtioNetHdr) -> Option<(usize, usize)> {
+    let (start, offset) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+    (hdr.flags & F_NEEDS_CSUM != 0
+        && hdr.gso_type == GSO_NONE
+        && hdr.csum_offset == UDP_CSUM_OFFSET)
+        .then_some((start, start + offset))
+}
+
+/// Completes a partial checksum: the one's-complement sum from `start` to the end of `frame`
+/// (which covers the pseudo-header's sum already in the field at `field`), complemented; a UDP
+/// result of 0 is sent as 0xffff. False when the offsets lie outside the frame.
+pub fn fill_checksum(frame: &mut [u8], start: usize, field: usize) -> bool {
+    if start >= frame.len() || field + 2 > frame.len() || field < start {
+        return false;
+    }
+    let c = match checksum(&frame[start..]) {
+        0 => 0xffff,
+        c => c,
+    };
+    frame[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
 /// The receive checksum info for the guest, from what the host kernel said of the frame:
 /// a checksum still to be filled in (a local sender) or one already verified means the
 /// guest need not check it.
@@ -244,6 +272,63 @@ mod tests {
         f[30..34].copy_from_slice(&[10, 0, 0, 2]);
         f[34 + 12] = 5 << 4;
         f
+    }
+
+    #[test]
+    fn a_partial_udp_checksum_is_filled() {
+        // IPv4 UDP 10.0.0.1:67 -> 10.0.0.2:68 with 5 bytes, as a local sender leaves it: the
+        // pseudo-header's sum, folded and not complemented, in the checksum field.
+        let mut f = vec![0u8; 14 + 20 + 8 + 5];
+        f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        f[14] = 0x45;
+        f[14 + 9] = 17;
+        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
+        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
+        f[34..38].copy_from_slice(&[0, 67, 0, 68]);
+        f[38..40].copy_from_slice(&13u16.to_be_bytes());
+        f[42..].copy_from_slice(b"hello");
+        let pseudo = |f: &[u8]| sum16(&f[26..34], 0) + 17 + 13;
+        let partial = fold(pseudo(&f));
+        f[40..42].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 6,
+            ..Default::default()
+        };
+        let (start, field) = udp_checksum_to_fill(&hdr).unwrap();
+        assert_eq!((start, field), (34, 40));
+        assert!(fill_checksum(&mut f, start, field));
+        // A receiver's check: the pseudo-header and the datagram sum to all ones.
+        assert_eq!(fold(pseudo(&f) + sum16(&f[34..], 0)), 0xffff);
+        let mut zeroed = f.clone();
+        zeroed[40..42].fill(0);
+        let want = !fold(pseudo(&zeroed) + sum16(&zeroed[34..], 0));
+        assert_eq!(u16::from_be_bytes([f[40], f[41]]), want);
+        // TCP, GSO and already verified frames are left as they are.
+        for other in [
+            VirtioNetHdr {
+                csum_offset: 16,
+                ..hdr
+            },
+            VirtioNetHdr {
+                gso_type: GSO_UDP,
+                ..hdr
+            },
+            VirtioNetHdr {
+                flags: F_DATA_VALID,
+                ..hdr
+            },
+        ] {
+            assert_eq!(udp_checksum_to_fill(&other), None);
+        }
+        // Offsets outside the frame (a hostile or broken header): nothing is written.
+        let before = f.clone();
+        assert!(!fill_checksum(&mut f, 100, 106));
+        let last = f.len() - 1;
+        assert!(!fill_checksum(&mut f, 34, last));
+        assert!(!fill_checksum(&mut f, 40, 34));
+        assert_eq!(f, before);
     }
 
     #[test]

@@ -842,6 +842,16 @@ impl Worker {
                 continue;
             }
             let vh = VirtioNetHdr::read_from_bytes(&hdr).unwrap_or_default();
+            if let Some((start, field)) = vnet::udp_checksum_to_fill(&vh).filter(|_| used == 1) {
+                // One section holds the whole datagram: fill its checksum in place.
+                let mut frame = Vec::with_capacity(n);
+                if r.buf.read(mem, first, n as u32, &mut frame)
+                    && vnet::fill_checksum(&mut frame, start, field)
+                {
+                    r.buf
+                        .write(mem, first + field as u32, &frame[field..field + 2]);
+                }
+            }
             let csum = vnet::rx_checksum_info(&vh);
             let packet_id = self.next_packet_id;
             self.next_packet_id = self.next_packet_id.wrapping_add(1);
