@@ -515,7 +515,7 @@ fn switch_ports(r: &lab::ScenarioResult, when: &str, switch: &str) -> Vec<String
 /// (one L1 boot, two scenarios of two guests each): ping and an MD5-checked TCP transfer
 /// over a Private switch, L1's address reached over an Internal switch, the cable pulled and
 /// put back from the host, a spoofed source MAC dropped (and counted), VLAN 10 isolated from
-/// VLAN 20, and a NIC hot-added and hot-removed.
+/// VLAN 20, a NIC hot-added and hot-removed, and DHCP and DNS on the Default Switch.
 #[test]
 fn netvsc_guests_talk_over_virtual_switches() {
     let Some(lab) = lab() else { return };
@@ -631,6 +631,23 @@ fn netvsc_guests_talk_over_virtual_switches() {
     assert!(!removed.iter().any(|t| *t == nics[1]["tap"]), "{}", ctx());
     assert!(removed.iter().any(|t| *t == nics[0]["tap"]), "{}", ctx());
     assert!(switch_ports(v, "after", "vl").is_empty(), "{}", ctx());
+    // The Default Switch, made by the first `--nic switch=default`: DHCP and DNS from its
+    // dnsmasq; the guest's name resolves to its lease.
+    let ip = g("d_dhcp_ip");
+    assert!(ip.starts_with("172.30.254."), "no DHCP lease\n{}", ctx());
+    assert_eq!(g("d_dhcp_router"), "172.30.254.1", "{}", ctx());
+    assert_eq!(g("d_dhcp_dns"), "172.30.254.1", "{}", ctx());
+    assert_eq!(g("d_dhcp_ping_router"), "ok", "{}", ctx());
+    assert_eq!(g("d_dns_self"), ip, "{}", ctx());
+    let leases = v
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("LAB-LEASES "))
+        .unwrap_or_default();
+    assert!(
+        leases.contains("00:15:5d:4e:01:0d") && leases.contains(ip) && leases.contains("netd"),
+        "{leases}"
+    );
     assert_eq!(v.exit_code, 0, "{}", ctx());
 
     let seconds: f64 = p.guest["a_tx_seconds"].parse().unwrap_or(f64::NAN);

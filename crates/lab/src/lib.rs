@@ -543,6 +543,8 @@ pub struct Lab {
     kvp_daemon: PathBuf,
     /// Debian's eject (package eject), for the L2 guest's own eject of its DVD.
     eject: PathBuf,
+    /// dnsmasq and nft for the network scenarios' Default Switch (see [`network`]).
+    net_tools: Vec<(String, PathBuf)>,
     viridian: PathBuf,
     qemu: PathBuf,
     /// QEMU's loadable modules (the TCG accelerator is one).
@@ -595,6 +597,7 @@ impl Lab {
             busybox,
             kvp_daemon,
             eject,
+            net_tools: network::l1_tools(cache)?,
             viridian: viridian.to_path_buf(),
             qemu: qemu_root.join("usr/bin/qemu-system-x86_64"),
             qemu_modules: common.join("usr/lib/x86_64-linux-gnu/qemu"),
@@ -699,7 +702,10 @@ run() {
         out: &mut dyn Write,
     ) -> Result<LabRun> {
         let mut wanted = vec!["kvm_amd"];
-        wanted.extend(network::L1_MODULES);
+        let net = scenarios.iter().any(|s| s.guest == network::GUEST);
+        if net {
+            wanted.extend(network::L1_MODULES);
+        }
         if system.is_some() {
             wanted.extend(L1_DISK_MODULES);
         }
@@ -731,6 +737,9 @@ run() {
                 "bin/viridiand".to_string(),
                 self.viridian.with_file_name("viridiand"),
             ));
+        }
+        if net {
+            programs.extend(self.net_tools.iter().cloned());
         }
         let contents_l2 = l2_initrd.clone();
         let mut files = vec![("l2/initrd.cpio".to_string(), l2_initrd)];

@@ -10,16 +10,47 @@
 //!   the peer must see nothing of it, while the host's counters show the drops.
 //! - [`vlan`]: a guest on VLAN 10 cannot reach one on VLAN 20; a NIC hot-added on VLAN 20
 //!   (`viridian vm nic add`) reaches it; the NIC is hot-removed (`viridian vm nic remove`)
-//!   and goes away in the guest and on the switch.
+//!   and goes away in the guest and on the switch. The guest on VLAN 20 also has a NIC on the
+//!   Default Switch (`switch=default` creates it: dnsmasq and nft, from Debian's packages, run
+//!   in L1) and gets its address, router and DNS server by DHCP; the router answers its ping
+//!   and dnsmasq resolves the guest's own name to that address.
 //!
 //! Guests print `VIRIDIAN-GUEST ID_key=value` lines (ID is `a`, `b`, `c` or `d`); the host
 //! side prints `LAB-NIC-ID <viridian vm nic list --json>`, `LAB-MEASURE-ID <viridian vm
 //! measure --json>` and `LAB-PORTS-WHEN <viridian switch list --json>` lines.
 
-use crate::{Flavor, Scenario, Vmm};
+use crate::{debian, Cache, Flavor, Result, Scenario, Vmm};
+use std::path::PathBuf;
 
-/// L1 modules the switches and TAPs need (with their dependencies).
-pub const L1_MODULES: &[&str] = &["bridge", "tun", "veth"];
+/// The guest scenario (`viridian.scenario=`) of every network scenario.
+pub const GUEST: &str = "net";
+
+/// L1 modules the switches, the TAPs and the Default Switch's NAT need (with their
+/// dependencies), loaded when a network scenario runs.
+pub const L1_MODULES: &[&str] = &[
+    "bridge",
+    "tun",
+    "veth",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_ct",
+];
+
+/// The Default Switch's helpers for L1, from Debian's packages (their libraries come from this
+/// host, where `scripts/setup.sh` installs the same packages): (path in the image, file).
+pub(crate) fn l1_tools(cache: &Cache) -> Result<Vec<(String, PathBuf)>> {
+    Ok(vec![
+        (
+            "bin/dnsmasq".into(),
+            debian::unpack(cache, "dnsmasq-base")?.join("usr/sbin/dnsmasq"),
+        ),
+        (
+            "bin/nft".into(),
+            debian::unpack(cache, "nftables")?.join("usr/sbin/nft"),
+        ),
+    ])
+}
 
 /// L2 modules for the network scenarios: the NIC driver, and a bridge to send from a foreign
 /// MAC address.
@@ -31,7 +62,7 @@ pub const L2_MODULES: &[&str] = &["hv_netvsc", "bridge"];
 /// (one per NIC, found by MAC), `viridian.peer=`, `viridian.hostip=`, `viridian.mib=`
 /// (bytes to send) and `viridian.hotmac=` (the MAC of the NIC the host hot-adds).
 pub const L2_NET: &str = r#"
-ID=x; ROLE=; PEER=; HOSTIP=; MIB=16; NICS=; HOTMAC=
+ID=x; ROLE=; PEER=; HOSTIP=; MIB=16; NICS=; HOTMAC=; DHCPMAC=
 for a in $(cat /proc/cmdline); do
   case "$a" in
     viridian.id=*) ID=${a#*=};;
@@ -40,6 +71,7 @@ for a in $(cat /proc/cmdline); do
     viridian.hostip=*) HOSTIP=${a#*=};;
     viridian.mib=*) MIB=${a#*=};;
     viridian.hotmac=*) HOTMAC=${a#*=};;
+    viridian.dhcp=*) DHCPMAC=${a#*=};;
     viridian.ip=*) NICS="$NICS ${a#viridian.ip=}";;
   esac
 done
@@ -148,7 +180,24 @@ vlan-c)
 vlan-d)
   d0=$(nic_up $1)
   k ready=$d0
-  k msg=$(listen 5004)
+  listen 5004 > /tmp/msg &
+  if [ -n "$DHCPMAC" ]; then
+    # The Default Switch: an address, router and DNS server by DHCP (busybox udhcpc, which
+    # also sends this guest's name), then the router answers and resolves that name.
+    printf '#!/bin/sh\n[ "$1" = bound ] && ip addr add $ip/$mask dev $interface && echo "$ip $router $dns" > /tmp/lease\nexit 0\n' > /tmp/dhcp.sh
+    chmod +x /tmp/dhcp.sh
+    d1=$(dev_of $DHCPMAC 60)
+    ip link set $d1 up; carrier $d1 1 30
+    udhcpc -i $d1 -s /tmp/dhcp.sh -q -n -t 5 -T 3 -x hostname:netd > /tmp/udhcpc.log 2>&1 || sed 's/^/GUEST-DHCP /' /tmp/udhcpc.log
+    if [ -s /tmp/lease ]; then
+      read lip lrouter ldns < /tmp/lease
+      k dhcp_ip=$lip; k dhcp_router=$lrouter; k dhcp_dns=$ldns
+      reach $lrouter 10 dhcp_ping_router
+      k dns_self=$(nslookup netd $ldns 2>/dev/null | awk '/^Address: / {print $2}' | tail -n 1)
+    fi
+  fi
+  wait
+  k msg=$(cat /tmp/msg)
   ;;
 esac
 "#;
@@ -156,7 +205,7 @@ esac
 const PRIVATE_A: [&str; 2] = ["00:15:5d:4e:00:0a", "00:15:5d:4e:01:0a"];
 const PRIVATE_B: &str = "00:15:5d:4e:00:0b";
 const VLAN_C: [&str; 2] = ["00:15:5d:4e:00:0c", "00:15:5d:4e:01:0c"];
-const VLAN_D: &str = "00:15:5d:4e:00:0d";
+const VLAN_D: [&str; 2] = ["00:15:5d:4e:00:0d", "00:15:5d:4e:01:0d"];
 /// L1's address on the Internal switch.
 pub const HOST_ADDRESS: &str = "10.8.0.1";
 
@@ -187,7 +236,7 @@ fn prelude(memory_mib: u64, guests: &[&str]) -> String {
 fn scenario(name: &str, script: String) -> Scenario {
     Scenario {
         script: Some(script),
-        ..Scenario::new(name, Vmm::Viridian, Flavor::Cloud, 1, "net")
+        ..Scenario::new(name, Vmm::Viridian, Flavor::Cloud, 1, GUEST)
     }
 }
 
@@ -215,9 +264,10 @@ pub fn private(name: &str, mib: u32) -> Scenario {
 
 /// A guest on VLAN 10 and one on VLAN 20 of a Private switch; a NIC hot-added to the first on
 /// VLAN 20, then hot-removed. Without `vlan_filtering` (L1's bridge cannot filter) every NIC is
-/// untagged and the guests reach each other (`c_isolated=0`).
+/// untagged and the guests reach each other (`c_isolated=0`). The second guest also has a NIC
+/// on the Default Switch (made by its `--nic switch=default`), configured by DHCP.
 pub fn vlan(name: &str, vlan_filtering: bool) -> Scenario {
-    let (c0, c1, d0) = (VLAN_C[0], VLAN_C[1], VLAN_D);
+    let (c0, c1, d0, d1) = (VLAN_C[0], VLAN_C[1], VLAN_D[0], VLAN_D[1]);
     let (v10, v20, hot_vlan) = match vlan_filtering {
         true => (",vlan=10", ",vlan=20", " --vlan 20"),
         false => ("", "", ""),
@@ -225,14 +275,17 @@ pub fn vlan(name: &str, vlan_filtering: bool) -> Scenario {
     let script = format!(
         "{prelude}\
          viridian switch new vl --type private || echo LAB-ERROR no switch; \
+         grep -q '^nobody:' /etc/passwd 2>/dev/null || echo 'nobody:x:65534:65534:nobody:/:/bin/false' >> /etc/passwd; \
+         grep -q '^nogroup:' /etc/group 2>/dev/null || printf 'nogroup:x:65534:\\ndip:x:30:\\n' >> /etc/group; \
          start netc 1 switch=vl,mac={c0}{v10} -- viridian.id=c viridian.role=vlan-c viridian.ip={c0}=10.10.0.12/24 viridian.peer=10.10.0.13 viridian.hotmac={c1}; \
-         start netd 1 switch=vl,mac={d0}{v20} -- viridian.id=d viridian.role=vlan-d viridian.ip={d0}=10.10.0.13/24; \
+         start netd 1 switch=vl,mac={d0}{v20} switch=default,mac={d1} -- viridian.id=d viridian.role=vlan-d viridian.ip={d0}=10.10.0.13/24 viridian.dhcp={d1}; \
          await netc c_ready= 120 && await netd d_ready= 120 && viridian vm nic add netc --switch vl --mac {c1}{hot_vlan}; \
          ports added; echo \"LAB-NIC-C $(viridian vm nic list netc --json)\"; \
          await netc c_remove_ready 120 && viridian vm nic remove netc --mac {c1}; \
          ports removed; \
          wait $netc; rc=$?; wait $netd; rd=$?; show; ports after; \
-         viridian switch remove vl; exit $((rc | rd))",
+         echo \"LAB-LEASES $(tr '\\n' ';' < $VIRIDIAN_STATE_DIR/switches/default.leases)\"; \
+         viridian switch remove vl; viridian switch remove default; exit $((rc | rd))",
         prelude = prelude(384, &["netc", "netd"]),
     );
     scenario(name, script)
