@@ -7,10 +7,12 @@ pub mod client;
 mod devices;
 mod error;
 pub mod openapi;
+mod switches;
 mod types;
 mod validate;
 
 pub use devices::*;
 pub use error::{ErrorBody, ErrorDetail};
+pub use switches::*;
 pub use types::*;
 pub use validate::{format_size, parse_size, validate_name, MAX_NAME_LEN, MIN_MEMORY};

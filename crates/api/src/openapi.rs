@@ -9,6 +9,7 @@ use crate::*;
 use utoipa::OpenApi;
 
 mod devices;
+mod switches;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,14 +24,18 @@ mod devices;
         pause_vm, resume_vm, devices::list_disks, devices::add_disk, devices::remove_disk,
         devices::list_dvds, devices::add_dvd, devices::set_dvd, devices::remove_dvd,
         devices::list_nics, devices::add_nic, devices::remove_nic, devices::measure_vm,
-        devices::list_integration, devices::set_integration, list_tokens, create_token, revoke_token, service, stop_vms, events, openapi
+        devices::list_integration, devices::set_integration,
+        switches::list_switches, switches::create_switch, switches::get_switch,
+        switches::remove_switch, list_tokens, create_token, revoke_token, service, stop_vms, events, openapi
     ),
     components(schemas(ErrorBody, ErrorDetail, Vm, NewVm, VmPatch, VmState, Heartbeat,
                        AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo, NewToken,
                        TokenCreated, TokenInfo, HardDisk, NewHardDisk, NewDiskFile, DvdDrive,
-                       NewDvdDrive, DvdMedia, NetworkAdapter, NewNetworkAdapter, VmMeasure, IntegrationService, IntegrationChange)),
+                       NewDvdDrive, DvdMedia, NetworkAdapter, NewNetworkAdapter, VmMeasure, IntegrationService, IntegrationChange,
+                       Switch, SwitchType, NewSwitch)),
     tags((name = "vms", description = "Virtual machines"),
           (name = "devices", description = "A VM's disks, DVD drives and network adapters"), (name = "service", description = "The service"),
+          (name = "switches", description = "Virtual switches"),
           (name = "tokens", description = "Bearer tokens for callers over TLS (--listen)"))
 )]
 struct ApiDoc;

@@ -1,5 +1,7 @@
-//! `viridian switch ...`: virtual switches (New-, Get-, Remove-VMSwitch), worked directly on
-//! the state directory and the kernel (as root); no service is needed.
+//! `viridian switch ...`: virtual switches (New-, Get-, Remove-VMSwitch). Through the
+//! management service when one answers (`--socket`, `VIRIDIAN_SOCKET`, `--host`, or the default
+//! socket), else worked directly on the state directory and the kernel (as root). With
+//! `--state-dir` or `VIRIDIAN_STATE_DIR`, and for `apply`, always directly.
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
@@ -84,6 +86,13 @@ fn kind_of(name: &str, kind: Option<Kind>, adapter: bool) -> anyhow::Result<Swit
 }
 
 pub fn main(args: SwitchArgs) -> anyhow::Result<i32> {
+    let dir_named = args.state_dir.is_some()
+        || std::env::var_os("VIRIDIAN_STATE_DIR").is_some_and(|d| !d.is_empty());
+    if !dir_named && !matches!(args.command, SwitchCommand::Apply) {
+        if let Some(c) = crate::service::client_if_up()? {
+            return via_service(&c, args.command);
+        }
+    }
     let dir = vswitch::state_dir(args.state_dir);
     match args.command {
         SwitchCommand::New {
@@ -136,6 +145,81 @@ pub fn main(args: SwitchArgs) -> anyhow::Result<i32> {
             Ok(if failed == 0 { 0 } else { 1 })
         }
     }
+}
+
+/// The verbs as requests to the service (`/switches`).
+fn via_service(c: &api::client::Client, cmd: SwitchCommand) -> anyhow::Result<i32> {
+    use crate::service::{call, segment};
+    match cmd {
+        SwitchCommand::New {
+            name,
+            kind,
+            adapter,
+            host_address,
+        } => {
+            let kind = kind_of(&name, kind, adapter.is_some())?;
+            let body = serde_json::json!({
+                "name": name,
+                "type": kind.as_str(),
+                "adapter": adapter,
+                "host_address": host_address.map(|a| a.to_string()),
+            });
+            let (_, v) = call(c, "POST", "/switches", Some(&body))?;
+            println!("{}", describe(&from_api(serde_json::from_value(v)?)?.def));
+        }
+        SwitchCommand::List { json } => {
+            let (_, v) = call(c, "GET", "/switches", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let list: Vec<api::Switch> = serde_json::from_value(v)?;
+                table(
+                    &list
+                        .into_iter()
+                        .map(from_api)
+                        .collect::<anyhow::Result<Vec<_>>>()?,
+                );
+            }
+        }
+        SwitchCommand::Remove { name, force } => {
+            call(
+                c,
+                "DELETE",
+                &format!("/switches/{}?force={force}", segment(&name)),
+                None,
+            )?;
+            println!("Removed switch {name}");
+        }
+        SwitchCommand::Apply => unreachable!("apply works on the state directory"),
+    }
+    Ok(0)
+}
+
+/// The service's view of a switch as vswitch's, for the table.
+fn from_api(s: api::Switch) -> anyhow::Result<SwitchStatus> {
+    let kind = match s.kind {
+        api::SwitchType::Private => SwitchKind::Private,
+        api::SwitchType::Internal => SwitchKind::Internal,
+        api::SwitchType::External => SwitchKind::External,
+        api::SwitchType::Default => SwitchKind::Default,
+    };
+    let host_address = s
+        .host_address
+        .map(|a| a.parse::<Cidr>().map_err(anyhow::Error::msg))
+        .transpose()?;
+    Ok(SwitchStatus {
+        def: SwitchDef {
+            name: s.name,
+            kind,
+            adapter: s.adapter,
+            host_address,
+        },
+        bridge: s.bridge,
+        present: s.present,
+        vlan_filtering: s.vlan_filtering,
+        ports: s.ports,
+        dhcp_running: s.dhcp_running,
+    })
 }
 
 fn describe(def: &SwitchDef) -> String {

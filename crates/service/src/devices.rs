@@ -172,12 +172,9 @@ pub fn nic(
     }
     vswitch::check_switch_name(&req.switch)
         .map_err(|e| ApiError::invalid(format!("nics.switch: {e}")))?;
-    if req.switch != vswitch::DEFAULT_SWITCH
-        && !state_dir
-            .join("switches")
-            .join(format!("{}.json", req.switch))
-            .is_file()
-    {
+    let defined = vswitch::definition(state_dir, &req.switch)
+        .map_err(|e| ApiError::conflict(format!("nics.switch: {e}")))?;
+    if req.switch != vswitch::DEFAULT_SWITCH && defined.is_none() {
         return Err(ApiError::invalid(format!(
             "nics.switch: no switch '{}' is defined; create it with `viridian switch new {} --type private|internal|external` or use `default`",
             req.switch, req.switch

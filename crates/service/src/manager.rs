@@ -26,6 +26,7 @@ pub const DEFAULT_STOP_TIMEOUT: u64 = 30;
 const RESTARTS_PER_MINUTE: usize = 3;
 
 mod drives;
+mod switches;
 
 pub struct Manager {
     db: Mutex<Db>,

@@ -102,6 +102,8 @@ async fn serve(cfg: Config, worker: PathBuf, db: Db, cgroups: Cgroups) -> Result
         cgroups,
         cfg.socket.clone(),
     );
+    // Bridges before VMs: automatic starts need their switches.
+    manager.apply_switches().await;
     if let Err(e) = manager.recover_inventory().await {
         tracing::error!("recovering the inventory: {e}");
     }

@@ -161,6 +161,12 @@ fn ensure_locked(store: &Store, name: &str) -> Result<SwitchDef> {
     Ok(def)
 }
 
+/// The definition of switch `name`, if it is defined (the kernel is not asked).
+pub fn definition(state_dir: &Path, name: &str) -> Result<Option<SwitchDef>> {
+    check_switch_name(name)?;
+    Store::at(state_dir).load(name)
+}
+
 /// Every defined switch and its state in the kernel, by name.
 pub fn list(state_dir: &Path) -> Result<Vec<SwitchStatus>> {
     let store = Store::at(state_dir);
