@@ -54,6 +54,12 @@ fn debian_guests_boot_count_cpus_and_power_off() {
         );
         let nproc: u32 = r.guest["nproc"].parse().unwrap();
         assert_eq!(nproc, cpus, "{name}: guest saw {nproc} CPUs");
+        assert_eq!(
+            r.guest.get("virt_cpus").map(String::as_str),
+            Some("0"),
+            "{name}: the guest sees SVM or VMX in /proc/cpuinfo\n{}",
+            r.console
+        );
         // MemTotal is RAM less the kernel's own reservations: between 80% and 100%.
         let mem_kb: u64 = r.guest["mem_kb"].parse().unwrap();
         let configured_kb = sc.memory_mib * 1024;

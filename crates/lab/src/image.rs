@@ -24,6 +24,8 @@ if [ "$S" != boot ]; then
   say nproc=$(nproc)
   say mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
   say kernel=$(uname -r)
+  # Nested virtualization stays hidden, as on Hyper-V: CPUs flagged svm or vmx.
+  say virt_cpus=$(grep -c -w -E 'svm|vmx' /proc/cpuinfo)
 fi
 M=/lib/modules/$(uname -r)
 if [ "$S" = panic ]; then

@@ -34,8 +34,19 @@ fn id_bits(count: u32) -> u32 {
     count.next_power_of_two().trailing_zeros()
 }
 
+/// CPUID.1:ECX.VMX (Intel VT-x).
+const CPUID_1_ECX_VMX: u32 = 1 << 5;
+/// CPUID.8000_0001h:ECX.SVM (AMD-V).
+const CPUID_80000001_ECX_SVM: u32 = 1 << 2;
+/// CPUID.8000_0001h:ECX.CmpLegacy.
+const CPUID_80000001_ECX_CMP_LEGACY: u32 = 1 << 1;
+/// The SVM feature leaf (revision, ASIDs, nested paging and the other SVM features).
+const CPUID_SVM_FEATURES: u32 = 0x8000_000a;
+
 /// Adjusts a copy of the supported CPUID for vCPU `index` of `count`: APIC IDs, logical
-/// processor counts and topology leaves, and the hypervisor-present bit.
+/// processor counts and topology leaves, and the hypervisor-present bit. Nested
+/// virtualization is hidden (VMX, SVM and the SVM leaf cleared), as Hyper-V hides it by
+/// default: KVM then also refuses the guest's EFER.SVME and VMXON.
 pub fn cpuid_for_vcpu(base: &CpuId, index: u32, count: u32) -> CpuId {
     let mut cpuid = base.clone();
     let bits = id_bits(count);
@@ -44,6 +55,7 @@ pub fn cpuid_for_vcpu(base: &CpuId, index: u32, count: u32) -> CpuId {
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | (count.min(255) << 16);
                 e.ecx |= 1 << 31; // hypervisor present
+                e.ecx &= !CPUID_1_ECX_VMX;
                 if count > 1 {
                     e.edx |= 1 << 28; // HTT: the count field is valid
                 }
@@ -76,7 +88,18 @@ pub fn cpuid_for_vcpu(base: &CpuId, index: u32, count: u32) -> CpuId {
                     }
                 }
             }
-            0x8000_0001 if count > 1 => e.ecx |= 1 << 1, // CmpLegacy
+            0x8000_0001 => {
+                e.ecx &= !CPUID_80000001_ECX_SVM;
+                if count > 1 {
+                    e.ecx |= CPUID_80000001_ECX_CMP_LEGACY;
+                }
+            }
+            CPUID_SVM_FEATURES => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
             0x8000_0008 => e.ecx = (e.ecx & !0xf0ff) | (bits << 12) | (count - 1),
             0x8000_001e => {
                 e.eax = index;
@@ -294,5 +317,40 @@ mod tests {
         assert_eq!(s[0].ebx & 0xffff, 0x0800);
         assert_ne!(s[0].ecx & (1 << 31), 0);
         assert_eq!((s[1].eax, s[1].ebx, s[1].edx), (2, 3, 2));
+    }
+
+    #[test]
+    fn nested_virtualization_is_hidden() {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: 0xfffa_3223, // VMX (bit 5) set among others
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0001,
+                ecx: 0x0000_0f7d, // SVM (bit 2) set, CmpLegacy (bit 1) clear
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_000a,
+                eax: 1,
+                ebx: 0x8000,
+                edx: 0x1b_bcff,
+                ..Default::default()
+            },
+        ];
+        let base = CpuId::from_entries(&entries).unwrap();
+        for count in [1, 2] {
+            let c = cpuid_for_vcpu(&base, 0, count);
+            let s = c.as_slice();
+            assert_eq!(s[0].ecx & (1 << 5), 0, "VMX left visible");
+            // The other leaf-1 features stay (the hypervisor bit was already set).
+            assert_eq!(s[0].ecx, 0xfffa_3203);
+            assert_eq!(s[1].ecx & (1 << 2), 0, "SVM left visible");
+            let cmp_legacy = if count > 1 { 1 << 1 } else { 0 };
+            assert_eq!(s[1].ecx, 0x0000_0f79 | cmp_legacy);
+            assert_eq!((s[2].eax, s[2].ebx, s[2].ecx, s[2].edx), (0, 0, 0, 0));
+        }
     }
 }
