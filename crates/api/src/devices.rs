@@ -91,6 +91,23 @@ pub struct NetworkAdapter {
     pub vlan: Option<u16>,
     /// Whether the guest may send frames with other source MACs.
     pub mac_spoofing: bool,
+    /// Whether the cable is in (Connect-/Disconnect-VMNetworkAdapter): the guest sees its
+    /// carrier.
+    #[serde(default = "yes")]
+    pub connected: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A change to a network adapter.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkAdapterPatch {
+    /// Connect (true) or disconnect (false) the cable; a running guest sees its carrier change.
+    #[serde(default)]
+    pub connected: Option<bool>,
 }
 
 /// A network adapter to add.

@@ -23,7 +23,7 @@ mod switches;
         list_vms, create_vm, get_vm, patch_vm, delete_vm, start_vm, stop_vm, restart_vm,
         pause_vm, resume_vm, devices::list_disks, devices::add_disk, devices::remove_disk,
         devices::list_dvds, devices::add_dvd, devices::set_dvd, devices::remove_dvd,
-        devices::list_nics, devices::add_nic, devices::remove_nic, devices::measure_vm,
+        devices::list_nics, devices::add_nic, devices::remove_nic, devices::set_nic, devices::measure_vm,
         devices::list_integration, devices::set_integration,
         switches::list_switches, switches::create_switch, switches::get_switch,
         switches::remove_switch, list_tokens, create_token, revoke_token, service, stop_vms, events, openapi
@@ -31,7 +31,7 @@ mod switches;
     components(schemas(ErrorBody, ErrorDetail, Vm, NewVm, VmPatch, VmState, Heartbeat,
                        AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo, NewToken,
                        TokenCreated, TokenInfo, HardDisk, NewHardDisk, NewDiskFile, DvdDrive,
-                       NewDvdDrive, DvdMedia, NetworkAdapter, NewNetworkAdapter, VmMeasure, IntegrationService, IntegrationChange,
+                       NewDvdDrive, DvdMedia, NetworkAdapter, NewNetworkAdapter, NetworkAdapterPatch, VmMeasure, IntegrationService, IntegrationChange,
                        Switch, SwitchType, NewSwitch)),
     tags((name = "vms", description = "Virtual machines"),
           (name = "devices", description = "A VM's disks, DVD drives and network adapters"), (name = "service", description = "The service"),

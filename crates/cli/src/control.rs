@@ -132,7 +132,7 @@ fn serve(stream: UnixStream, control: &VmControl) {
                 if verb == "kvp-set" { "=VALUE" } else { "" }
             ),
         },
-        "disks" | "disk-add" | "disk-remove" | "dvd-set" | "dvd-eject" => {
+        "disks" | "disk-add" | "disk-remove" | "dvd-add" | "dvd-set" | "dvd-eject" => {
             storage_command(verb, arg, control)
         }
         "integration" => format!(
@@ -188,7 +188,8 @@ fn place_arg(s: Option<&str>) -> Option<Option<u8>> {
 /// - `disks`: every drive as JSON (controller, location, kind, path, format, read_only, size,
 ///   sector sizes; an empty DVD drive has no path);
 /// - `disk-add C|auto L|auto rw|ro FORMAT|auto PATH` (Add-VMHardDiskDrive);
-/// - `disk-remove C L` (Remove-VMHardDiskDrive);
+/// - `disk-remove C L` (Remove-VMHardDiskDrive, and Remove-VMDvdDrive);
+/// - `dvd-add C|auto L|auto ISO|none` (Add-VMDvdDrive);
 /// - `dvd-set C|auto L|auto PATH` and `dvd-eject C|auto L|auto` (Set-VMDvdDrive).
 fn storage_command(verb: &str, arg: &str, control: &VmControl) -> String {
     let place = |c: u8, l: u8| format!("location {l} of controller {c}");
@@ -248,6 +249,24 @@ fn storage_command(verb: &str, arg: &str, control: &VmControl) -> String {
                     Err(e) => format!("error: {e}"),
                 },
                 _ => "error: usage: disk-remove CONTROLLER LOCATION".to_string(),
+            }
+        }
+        "dvd-add" => {
+            let mut parts = arg.splitn(3, ' ');
+            let (c, l, iso) = (
+                place_arg(parts.next()),
+                place_arg(parts.next()),
+                parts.next(),
+            );
+            match (c, l, iso) {
+                (Some(c), Some(l), Some(iso)) if !iso.is_empty() => {
+                    let iso = (iso != "none").then(|| Path::new(iso));
+                    match control.add_dvd(iso, c, l) {
+                        Ok((c, l)) => format!("ok: a DVD drive is added at {}", place(c, l)),
+                        Err(e) => format!("error: {e}"),
+                    }
+                }
+                _ => "error: usage: dvd-add CONTROLLER|auto LOCATION|auto ISO|none".to_string(),
             }
         }
         _ => {

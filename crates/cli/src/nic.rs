@@ -365,7 +365,113 @@ fn print_list(list: &[serde_json::Value]) {
     }
 }
 
+/// `viridian vm nic ...` on a VM of the service: its settings change there, and on a running
+/// VM the service has the worker change too.
+fn via_service(args: &NicArgs) -> anyhow::Result<Option<i32>> {
+    use crate::service::vm::vm_call;
+    let print =
+        |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    match &args.command {
+        Some(NicCommand::List { target, json }) => {
+            let Some(name) = target.name() else {
+                return Ok(None);
+            };
+            // A running VM's worker has the live list (TAPs, counters).
+            let Some(vm) = vm_call(name, "GET", "", None)? else {
+                return Ok(None);
+            };
+            if matches!(vm["state"].as_str(), Some("Running" | "Paused")) {
+                if let Some(socket) = crate::service::vm::control_socket(name)? {
+                    let list = list(&socket)?;
+                    match json {
+                        true => println!("{}", serde_json::Value::Array(list)),
+                        false => print_list(&list),
+                    }
+                    return Ok(Some(0));
+                }
+            }
+            print(vm["nics"].clone());
+            Ok(Some(0))
+        }
+        Some(NicCommand::Add {
+            name,
+            switch,
+            mac,
+            vlan,
+            mac_spoofing,
+            dhcp_guard,
+            router_guard,
+        }) => {
+            let mut body = serde_json::json!({ "switch": switch, "mac_spoofing": mac_spoofing });
+            if let Some(m) = mac {
+                body["mac"] = m.as_str().into();
+            }
+            if let Some(v) = vlan {
+                body["vlan"] = v.parse::<u16>().map(Into::into).map_err(|_| {
+                    anyhow::anyhow!(
+                        "--vlan {v}: a VM of the service takes an access VLAN id (1-4094)"
+                    )
+                })?;
+            }
+            if vm_call(name, "GET", "", None)?.is_none() {
+                return Ok(None);
+            }
+            anyhow::ensure!(
+                !dhcp_guard && !router_guard,
+                "--dhcp-guard and --router-guard are not settings of the service's VMs yet"
+            );
+            Ok(vm_call(name, "POST", "/nics", Some(&body))?.map(|nic| {
+                print(nic);
+                0
+            }))
+        }
+        Some(NicCommand::Remove { name, mac }) => {
+            let mac = mac_string(&parse_mac(mac).map_err(anyhow::Error::msg)?);
+            Ok(
+                vm_call(name, "DELETE", &format!("/nics/{mac}"), None)?.map(|v| {
+                    print(v);
+                    0
+                }),
+            )
+        }
+        None => {
+            let Some(name) = args.name.as_deref() else {
+                return Ok(None);
+            };
+            let Some(vm) = vm_call(name, "GET", "", None)? else {
+                return Ok(None);
+            };
+            let wanted = args
+                .mac
+                .as_deref()
+                .map(|m| parse_mac(m).map(|m| mac_string(&m)))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let macs: Vec<String> = match wanted {
+                Some(m) => vec![m],
+                None => vm["nics"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n["mac"].as_str().map(str::to_string))
+                    .collect(),
+            };
+            anyhow::ensure!(!macs.is_empty(), "VM {name} has no network adapter");
+            let body = serde_json::json!({ "connected": args.connect });
+            for m in macs {
+                if let Some(n) = vm_call(name, "PATCH", &format!("/nics/{m}"), Some(&body))? {
+                    print(n);
+                }
+            }
+            Ok(Some(0))
+        }
+    }
+}
+
 pub fn main(args: NicArgs) -> anyhow::Result<i32> {
+    if let Some(code) = via_service(&args)? {
+        return Ok(code);
+    }
     match args.command {
         Some(NicCommand::List { target, json }) => {
             let list = list(&target.path())?;

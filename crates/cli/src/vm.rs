@@ -162,6 +162,14 @@ pub struct Target {
 }
 
 impl Target {
+    /// The VM's name, when it was named rather than given by its socket.
+    pub(crate) fn name(&self) -> Option<&str> {
+        self.socket
+            .is_none()
+            .then_some(self.name.as_deref())
+            .flatten()
+    }
+
     pub(crate) fn path(&self) -> PathBuf {
         match (&self.socket, &self.name) {
             (Some(p), _) => p.clone(),

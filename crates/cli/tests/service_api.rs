@@ -1465,16 +1465,23 @@ fn drives_and_adapters_are_settings() {
     );
     let (status, d) = s.req("PUT", "/vms/dev/dvds/0/2", Some(json!({"path": null})));
     assert_eq!((status, d["path"].clone()), (200, Value::Null), "{d}");
-    assert_error(
-        s.req("POST", "/vms/dev/dvds", Some(json!({}))),
-        409,
-        "wrong_state",
+    // A running VM takes new DVD drives too, and lets them go.
+    let (status, d) = s.req("POST", "/vms/dev/dvds", Some(json!({"path": iso})));
+    assert_eq!(status, 201, "{d}");
+    assert!(
+        worker_drives().contains(&(
+            d["location"].as_u64().unwrap(),
+            iso.to_str().unwrap().into()
+        )),
+        "{d}"
     );
-    assert_error(
-        s.req("POST", "/vms/dev/nics", Some(json!({"switch": "default"}))),
-        409,
-        "wrong_state",
+    let (status, _) = s.req(
+        "DELETE",
+        &format!("/vms/dev/dvds/{}/{}", d["controller"], d["location"]),
+        None,
     );
+    assert_eq!(status, 200);
+    assert_eq!(worker_drives().len(), 3);
     let (status, v) = s.req("POST", "/vms/dev/stop?turn_off=true", None);
     assert_eq!(status, 200, "{v}");
     assert_error(s.req("GET", "/vms/dev/measure", None), 409, "wrong_state");
@@ -1671,5 +1678,102 @@ fn switches_are_a_service_resource() {
         assert_eq!(status, 204);
         let (_, v) = s.req("GET", "/switches", None);
         assert_eq!(v, json!([]));
+    });
+}
+
+/// Network adapters of a running VM through the service (Add-, Remove-, Connect-,
+/// Disconnect-VMNetworkAdapter), in a network namespace of the test's own: the worker opens a
+/// TAP on the switch and offers it, closes it again, and the cable setting holds across starts.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn nics_change_on_a_running_vm() {
+    if !kvm_usable() || !root_or_skip() {
+        return;
+    }
+    vswitch::testing::in_netns(|| {
+        let s = Service::start();
+        let (status, v) = s.req(
+            "POST",
+            "/switches",
+            Some(json!({"name": "lab", "type": "private"})),
+        );
+        assert_eq!(status, 201, "{v}");
+        let ports = || {
+            let (_, sw) = s.req("GET", "/switches/lab", None);
+            sw["ports"].as_array().unwrap().len()
+        };
+        let v = s.define("net", &tiny_kernel("svc-nic", IDLE), json!({}));
+        let (status, v2) = s.req("POST", "/vms/net/start", None);
+        assert_eq!(status, 200, "{v2}");
+        let socket = PathBuf::from(v["folder"].as_str().unwrap())
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("run")
+            .join(format!("{}.sock", v["id"].as_str().unwrap()));
+        let worker_nics = || {
+            let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
+                .args(["vm", "nic", "list", "--json", "--socket"])
+                .arg(&socket)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        };
+
+        // Hot add: a TAP on the switch, offered to the guest.
+        let out = s.cli(&["vm", "nic", "add", "net", "--switch", "lab"]);
+        assert!(out.status.success(), "{out:?}");
+        let (_, nics) = s.req("GET", "/vms/net/nics", None);
+        let mac = nics[0]["mac"].as_str().unwrap().to_string();
+        assert_eq!(nics[0]["connected"], true, "{nics}");
+        assert_eq!(ports(), 1);
+        let live = worker_nics();
+        assert_eq!(live[0]["mac"], mac.as_str(), "{live}");
+        assert_eq!(live[0]["link_up"], true, "{live}");
+        assert_error(
+            s.req("POST", "/vms/net/nics", Some(json!({"switch": "nosuch"}))),
+            422,
+            "invalid_field",
+        );
+
+        // Disconnect and connect the cable.
+        let out = s.cli(&["vm", "nic", "net", "--disconnect"]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(worker_nics()[0]["link_up"], false);
+        let (_, nics) = s.req("GET", "/vms/net/nics", None);
+        assert_eq!(nics[0]["connected"], false, "{nics}");
+        assert_error(
+            s.req(
+                "PATCH",
+                "/vms/net/nics/00:15:5d:ff:ff:ff",
+                Some(json!({"connected": true})),
+            ),
+            404,
+            "no_device",
+        );
+
+        // The cable stays out across a restart.
+        let (status, v) = s.req("POST", "/vms/net/restart?turn_off=true", None);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(worker_nics()[0]["link_up"], false);
+        let (status, n) = s.req(
+            "PATCH",
+            &format!("/vms/net/nics/{mac}"),
+            Some(json!({"connected": true})),
+        );
+        assert_eq!((status, n["connected"].clone()), (200, json!(true)), "{n}");
+        assert_eq!(worker_nics()[0]["link_up"], true);
+
+        // Hot remove: rescinded, its TAP closed and off the switch.
+        let out = s.cli(&["vm", "nic", "remove", "net", "--mac", &mac]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(worker_nics(), json!([]));
+        assert_eq!(ports(), 0);
+        let (_, nics) = s.req("GET", "/vms/net/nics", None);
+        assert_eq!(nics, json!([]));
+        let (status, v) = s.req("POST", "/vms/net/stop?turn_off=true", None);
+        assert_eq!(status, 200, "{v}");
     });
 }

@@ -206,7 +206,20 @@ pub fn nic(
         mac,
         vlan: req.vlan,
         mac_spoofing: req.mac_spoofing,
+        connected: true,
     })
+}
+
+/// A network adapter as the worker's `--nic` value (and `nic-add` argument).
+pub fn nic_spec(n: &NetworkAdapter) -> String {
+    let mut a = format!("switch={},mac={}", n.switch, n.mac);
+    if let Some(v) = n.vlan {
+        a.push_str(&format!(",vlan={v}"));
+    }
+    if n.mac_spoofing {
+        a.push_str(",mac-spoofing=on");
+    }
+    a
 }
 
 /// The worker's `--disk`, `--dvd` and `--nic` arguments for these settings.
@@ -233,14 +246,7 @@ pub fn worker_args(s: &Settings) -> Vec<String> {
         args.push(format!("--disable-integration={i}"));
     }
     for n in &s.nics {
-        let mut a = format!("--nic=switch={},mac={}", n.switch, n.mac);
-        if let Some(v) = n.vlan {
-            a.push_str(&format!(",vlan={v}"));
-        }
-        if n.mac_spoofing {
-            a.push_str(",mac-spoofing=on");
-        }
-        args.push(a);
+        args.push(format!("--nic={}", nic_spec(n)));
     }
     args
 }
@@ -325,6 +331,7 @@ mod tests {
             mac: "00:15:5d:00:00:01".into(),
             vlan: Some(10),
             mac_spoofing: true,
+            connected: true,
         });
         assert_eq!(
             worker_args(&s),

@@ -457,6 +457,7 @@ impl Manager {
         // The worker may end right after getting ready; its watcher then wrote Off already.
         if exit.borrow().is_none() {
             self.set_state(&row, VmState::Running, "Operating normally")?;
+            self.apply_links(&row).await;
         }
         let row = self.find_id(id, name)?;
         Ok(self.view(&row, Heartbeat::NoContact))

@@ -49,7 +49,8 @@ pub fn remove_disk() {}
     responses((status = 200, body = [DvdDrive]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub fn list_dvds() {}
 
-/// Add a DVD drive (Add-VMDvdDrive), while the VM is Off.
+/// Add a DVD drive (Add-VMDvdDrive); a running guest sees the new drive at once. 409 while
+/// the VM is Starting, Stopping, Saving or Saved.
 #[utoipa::path(post, path = "/vms/{name}/dvds", tag = "devices", params(("name" = String, Path)),
     request_body = NewDvdDrive,
     responses((status = 201, body = DvdDrive), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -66,7 +67,7 @@ pub fn add_dvd() {}
               (status = 422, body = ErrorBody)))]
 pub fn set_dvd() {}
 
-/// Remove a DVD drive (Remove-VMDvdDrive), while the VM is Off.
+/// Remove a DVD drive (Remove-VMDvdDrive); a running guest loses it at once.
 #[utoipa::path(delete, path = "/vms/{name}/dvds/{controller}/{location}", tag = "devices",
     params(("name" = String, Path), ("controller" = u8, Path), ("location" = u8, Path)),
     responses((status = 200, body = DvdDrive), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -78,7 +79,8 @@ pub fn remove_dvd() {}
     responses((status = 200, body = [NetworkAdapter]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub fn list_nics() {}
 
-/// Add a network adapter (Add-VMNetworkAdapter), while the VM is Off.
+/// Add a network adapter (Add-VMNetworkAdapter); a running guest sees a new interface (a
+/// VMBus offer). 422 unless the switch is defined (or `default`).
 #[utoipa::path(post, path = "/vms/{name}/nics", tag = "devices", params(("name" = String, Path)),
     request_body = NewNetworkAdapter,
     responses((status = 201, body = NetworkAdapter), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -86,9 +88,20 @@ pub fn list_nics() {}
               (status = 422, body = ErrorBody)))]
 pub fn add_nic() {}
 
-/// Remove a network adapter by its MAC (Remove-VMNetworkAdapter), while the VM is Off.
+/// Remove a network adapter by its MAC (Remove-VMNetworkAdapter); on a running VM it is
+/// rescinded and its TAP closed.
 #[utoipa::path(delete, path = "/vms/{name}/nics/{mac}", tag = "devices",
     params(("name" = String, Path), ("mac" = String, Path)),
     responses((status = 200, body = NetworkAdapter), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub fn remove_nic() {}
+
+/// Connect or disconnect a network adapter's cable (Connect-/Disconnect-VMNetworkAdapter); a
+/// running guest sees its carrier change, and the setting holds across starts.
+#[utoipa::path(patch, path = "/vms/{name}/nics/{mac}", tag = "devices",
+    params(("name" = String, Path), ("mac" = String, Path)),
+    request_body = NetworkAdapterPatch,
+    responses((status = 200, body = NetworkAdapter), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+pub fn set_nic() {}

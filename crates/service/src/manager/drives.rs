@@ -7,7 +7,9 @@ use crate::db::VmRow;
 use crate::devices;
 use crate::error::ApiError;
 use crate::worker;
-use api::{DvdDrive, HardDisk, NetworkAdapter, NewDvdDrive, NewHardDisk, NewNetworkAdapter};
+use api::{
+    DvdDrive, HardDisk, NetworkAdapter, NewDvdDrive, NewHardDisk, NewNetworkAdapter, VmState,
+};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -83,6 +85,18 @@ impl Manager {
             .unwrap()
             .get(&row.id)
             .map(|w| w.socket.clone())
+    }
+
+    /// Where a device change goes: `None` while the VM is Off (its settings only), the worker's
+    /// control socket while it is Running or Paused (the guest sees the change at once); 409
+    /// in the states between, and while Saved (the saved devices must match on restore).
+    fn live_socket(&self, row: &VmRow) -> Result<Option<PathBuf>, ApiError> {
+        if !changes_live(&row.name, row.state)? {
+            return Ok(None);
+        }
+        self.running_socket(row)
+            .map(Some)
+            .ok_or_else(|| ApiError::wrong_state(&row.name, row.state, "its worker is gone"))
     }
 
     /// Runs `change` on the VM's settings under its lock and stores the result.
@@ -203,7 +217,7 @@ impl Manager {
         let all = self.db().all()?;
         self.change_settings(name, async |row, s| {
             let disk = devices::disk(&req, &row.id, s, &all)?;
-            if let Some(socket) = self.running_socket(row) {
+            if let Some(socket) = self.live_socket(row)? {
                 let command = format!(
                     "disk-add {} {} {} auto {}",
                     disk.controller,
@@ -232,7 +246,7 @@ impl Manager {
                 .iter()
                 .position(|d| (d.controller, d.location) == (controller, location))
                 .ok_or_else(|| no_drive(&row.name, "disk", controller, location))?;
-            if let Some(socket) = self.running_socket(row) {
+            if let Some(socket) = self.live_socket(row)? {
                 let command = format!("disk-remove {controller} {location}");
                 worker_says(&socket, &command, &row.name).await?;
             }
@@ -241,18 +255,26 @@ impl Manager {
         .await
     }
 
-    /// Add-VMDvdDrive (while the VM is off; Hyper-V adds SCSI DVD drives only then).
+    /// Add-VMDvdDrive: on a running VM the worker adds the drive at once.
     pub async fn add_dvd(&self, name: &str, req: NewDvdDrive) -> Result<DvdDrive, ApiError> {
         self.change_settings(name, async |row, s| {
-            self.refuse_running(row, "a DVD drive is added")?;
             let dvd = devices::dvd(&req, s)?;
+            if let Some(socket) = self.live_socket(row)? {
+                let command = format!(
+                    "dvd-add {} {} {}",
+                    dvd.controller,
+                    dvd.location,
+                    dvd.path.as_deref().unwrap_or("none")
+                );
+                worker_says(&socket, &command, &row.name).await?;
+            }
             s.dvds.push(dvd.clone());
             Ok(dvd)
         })
         .await
     }
 
-    /// Remove-VMDvdDrive (while the VM is off).
+    /// Remove-VMDvdDrive: on a running VM the worker removes the drive at once.
     pub async fn remove_dvd(
         &self,
         name: &str,
@@ -261,7 +283,10 @@ impl Manager {
     ) -> Result<DvdDrive, ApiError> {
         self.change_settings(name, async |row, s| {
             let i = dvd_index(&s.dvds, &row.name, controller, location)?;
-            self.refuse_running(row, "a DVD drive is removed")?;
+            if let Some(socket) = self.live_socket(row)? {
+                let command = format!("disk-remove {controller} {location}");
+                worker_says(&socket, &command, &row.name).await?;
+            }
             Ok(s.dvds.remove(i))
         })
         .await
@@ -279,7 +304,7 @@ impl Manager {
         self.change_settings(name, async |row, s| {
             let i = dvd_index(&s.dvds, &row.name, controller, location)?;
             let path = devices::media(path.as_deref())?;
-            if let Some(socket) = self.running_socket(row) {
+            if let Some(socket) = self.live_socket(row)? {
                 let command = match &path {
                     Some(p) => format!("dvd-set {controller} {location} {p}"),
                     None => format!("dvd-eject {controller} {location}"),
@@ -292,7 +317,7 @@ impl Manager {
         .await
     }
 
-    /// Add-VMNetworkAdapter (while the VM is off, for now).
+    /// Add-VMNetworkAdapter: on a running VM the worker offers it to the guest at once.
     pub async fn add_nic(
         &self,
         name: &str,
@@ -300,43 +325,92 @@ impl Manager {
     ) -> Result<NetworkAdapter, ApiError> {
         let state_dir = self.state_dir.clone();
         self.change_settings(name, async |row, s| {
-            self.refuse_running(row, "a network adapter is added")?;
             let nic = devices::nic(&req, &row.id, s, &state_dir)?;
+            if let Some(socket) = self.live_socket(row)? {
+                let command = format!("nic-add {}", devices::nic_spec(&nic));
+                worker_says(&socket, &command, &row.name).await?;
+            }
             s.nics.push(nic.clone());
             Ok(nic)
         })
         .await
     }
 
-    /// Remove-VMNetworkAdapter (while the VM is off, for now).
+    /// Remove-VMNetworkAdapter: on a running VM the worker rescinds it and closes its TAP.
     pub async fn remove_nic(&self, name: &str, mac: &str) -> Result<NetworkAdapter, ApiError> {
         let mac = devices::format_mac(&devices::parse_mac("mac", mac)?);
         self.change_settings(name, async |row, s| {
-            let i = s.nics.iter().position(|n| n.mac == mac).ok_or_else(|| {
-                missing(format!(
-                    "VM '{}' has no network adapter with MAC {mac}",
-                    row.name
-                ))
-            })?;
-            self.refuse_running(row, "a network adapter is removed")?;
+            let i = nic_index(&s.nics, &row.name, &mac)?;
+            if let Some(socket) = self.live_socket(row)? {
+                worker_says(&socket, &format!("nic-remove {mac}"), &row.name).await?;
+            }
             Ok(s.nics.remove(i))
         })
         .await
     }
 
-    fn refuse_running(&self, row: &VmRow, what: &str) -> Result<(), ApiError> {
-        if row.state.has_worker() {
-            return Err(ApiError::wrong_state(
-                &row.name,
-                row.state,
-                &format!(
-                    "{what} only while it is Off (`viridian vm stop {}` first)",
-                    row.name
-                ),
-            ));
-        }
-        Ok(())
+    /// Connect-/Disconnect-VMNetworkAdapter: the cable; a running guest sees its carrier.
+    pub async fn set_nic(
+        &self,
+        name: &str,
+        mac: &str,
+        p: api::NetworkAdapterPatch,
+    ) -> Result<NetworkAdapter, ApiError> {
+        let mac = devices::format_mac(&devices::parse_mac("mac", mac)?);
+        self.change_settings(name, async |row, s| {
+            let i = nic_index(&s.nics, &row.name, &mac)?;
+            if let Some(connected) = p.connected {
+                if let Some(socket) = self.live_socket(row)? {
+                    let command =
+                        format!("nic-link {} {mac}", if connected { "up" } else { "down" });
+                    worker_says(&socket, &command, &row.name).await?;
+                }
+                s.nics[i].connected = connected;
+            }
+            Ok(s.nics[i].clone())
+        })
+        .await
     }
+
+    /// After a start: the adapters whose cable is out are disconnected in the worker too.
+    pub(super) async fn apply_links(&self, row: &VmRow) {
+        let socket = self
+            .workers
+            .lock()
+            .unwrap()
+            .get(&row.id)
+            .map(|w| w.socket.clone());
+        let Some(socket) = socket else {
+            return;
+        };
+        for n in row.settings.nics.iter().filter(|n| !n.connected) {
+            if let Err(e) =
+                worker_says(&socket, &format!("nic-link down {}", n.mac), &row.name).await
+            {
+                tracing::warn!("VM '{}': {e}", row.name);
+            }
+        }
+    }
+}
+
+/// Whether a device change of a VM in `state` goes to its worker too (Running, Paused) or
+/// only to its settings (Off); other states refuse it.
+fn changes_live(vm: &str, state: VmState) -> Result<bool, ApiError> {
+    match state {
+        VmState::Off => Ok(false),
+        VmState::Running | VmState::Paused => Ok(true),
+        state => Err(ApiError::wrong_state(
+            vm,
+            state,
+            "its devices change while it is Off, Running or Paused",
+        )),
+    }
+}
+
+fn nic_index(nics: &[NetworkAdapter], vm: &str, mac: &str) -> Result<usize, ApiError> {
+    nics.iter()
+        .position(|n| n.mac == mac)
+        .ok_or_else(|| missing(format!("VM '{vm}' has no network adapter with MAC {mac}")))
 }
 
 fn missing(message: String) -> ApiError {
@@ -367,4 +441,25 @@ async fn worker_says(socket: &std::path::Path, command: &str, vm: &str) -> Resul
                 format!("the worker of VM '{vm}' refused: {e}"),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_change_live_only_while_a_worker_runs_the_guest() {
+        assert!(!changes_live("v", VmState::Off).unwrap());
+        assert!(changes_live("v", VmState::Running).unwrap());
+        assert!(changes_live("v", VmState::Paused).unwrap());
+        for s in [
+            VmState::Starting,
+            VmState::Stopping,
+            VmState::Saving,
+            VmState::Saved,
+        ] {
+            let e = changes_live("v", s).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.code), (409, "wrong_state"), "{s}");
+        }
+    }
 }

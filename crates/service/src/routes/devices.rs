@@ -28,7 +28,7 @@ pub fn router() -> Router<Arc<Manager>> {
             axum::routing::put(set_dvd).delete(remove_dvd),
         )
         .route("/vms/{name}/nics", get(nics).post(add_nic))
-        .route("/vms/{name}/nics/{mac}", delete(remove_nic))
+        .route("/vms/{name}/nics/{mac}", delete(remove_nic).patch(set_nic))
         .route("/vms/{name}/measure", get(measure))
         .route("/vms/{name}/integration", get(integration))
         .route(
@@ -158,4 +158,12 @@ async fn add_nic(
 
 async fn remove_nic(State(m): S, NameAnd(name, mac): NameAnd) -> R<axum::Json<NetworkAdapter>> {
     m.remove_nic(&name, &mac).await.map(sized)
+}
+
+async fn set_nic(
+    State(m): S,
+    NameAnd(name, mac): NameAnd,
+    Json(req): Json<api::NetworkAdapterPatch>,
+) -> R<axum::Json<NetworkAdapter>> {
+    m.set_nic(&name, &mac, req).await.map(sized)
 }
