@@ -30,7 +30,8 @@ pub enum OpenDiskError {
 
 /// An open image as a medium. Keeps the image (and with it the VHDX file lock) until dropped.
 pub struct ImageMedium {
-    image: vhdx::open::Image,
+    disk: Arc<dyn Disk>,
+    path: PathBuf,
     /// The advisory lock on raw and VHD files (the vhdx crate locks VHDX files itself).
     _lock: Option<std::fs::File>,
     id: [u8; 16],
@@ -40,8 +41,8 @@ pub struct ImageMedium {
 impl std::fmt::Debug for ImageMedium {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ImageMedium")
-            .field("path", &self.image.path())
-            .field("format", &self.image.format())
+            .field("path", &self.path)
+            .field("read_only", &self.read_only)
             .finish()
     }
 }
@@ -86,12 +87,13 @@ fn lock(path: &Path, read_only: bool) -> Result<Option<std::fs::File>, OpenDiskE
 impl ImageMedium {
     /// Opens `path` in `format`, or probed from the content and checked against the name
     /// (`vhdx::open::probe`) when `None`. A VHDX opened for writing holds its file lock, so a
-    /// second writer fails with an error naming the file.
+    /// second writer fails with an error naming the file. Returns the medium and the format
+    /// it was opened in.
     pub fn open(
         path: &Path,
         format: Option<vhdx::open::Format>,
         read_only: bool,
-    ) -> Result<Self, OpenDiskError> {
+    ) -> Result<(Self, vhdx::open::Format), OpenDiskError> {
         let image = match format {
             Some(f) => vhdx::open::open_as(path, f, read_only),
             None => vhdx::open::open(path, read_only),
@@ -115,26 +117,42 @@ impl ImageMedium {
             vhdx::open::Image::Vhd(d) => *d.unique_id().as_bytes(),
             vhdx::open::Image::Raw(_) => path_id(path),
         };
-        Ok(Self {
-            image,
+        let format = image.format();
+        let medium = Self {
+            path: image.path().to_path_buf(),
+            disk: Arc::new(image),
             _lock: lock,
             id,
             read_only,
-        })
+        };
+        Ok((medium, format))
+    }
+
+    /// Any disk as a medium (tests use failing and stalling ones), with `id` for its VPD
+    /// pages.
+    pub fn from_disk(disk: Arc<dyn Disk>, path: impl Into<PathBuf>, id: [u8; 16]) -> Self {
+        Self {
+            read_only: disk.is_read_only(),
+            disk,
+            path: path.into(),
+            _lock: None,
+            id,
+        }
     }
 
     pub fn path(&self) -> &Path {
-        self.image.path()
+        &self.path
     }
 
-    pub fn format(&self) -> vhdx::open::Format {
-        self.image.format()
+    /// The disk behind the medium, for vectored I/O on guest memory.
+    pub fn disk(&self) -> &Arc<dyn Disk> {
+        &self.disk
     }
 }
 
 impl Medium for ImageMedium {
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), MediumError> {
-        self.image
+        self.disk
             .read_at(buf, off)
             .map_err(|e| MediumError::io(off, e))
     }
@@ -142,29 +160,29 @@ impl Medium for ImageMedium {
         if self.read_only {
             return Err(MediumError::read_only(off));
         }
-        self.image
+        self.disk
             .write_at(buf, off)
             .map_err(|e| MediumError::io(off, e))
     }
     fn flush(&self) -> Result<(), MediumError> {
-        self.image.flush().map_err(|e| MediumError::io(0, e))
+        self.disk.flush().map_err(|e| MediumError::io(0, e))
     }
     fn unmap(&self, off: u64, len: u64) -> Result<(), MediumError> {
-        self.image
+        self.disk
             .unmap(off, len)
             .map_err(|e| MediumError::io(off, e))
     }
     fn size(&self) -> u64 {
-        self.image.size()
+        self.disk.size()
     }
     fn logical_sector_size(&self) -> u32 {
-        self.image.logical_sector_size()
+        self.disk.logical_sector_size()
     }
     fn physical_sector_size(&self) -> u32 {
-        self.image.physical_sector_size()
+        self.disk.physical_sector_size()
     }
     fn is_read_only(&self) -> bool {
-        self.read_only || self.image.is_read_only()
+        self.read_only || self.disk.is_read_only()
     }
     fn disk_id(&self) -> [u8; 16] {
         self.id
@@ -178,6 +196,10 @@ impl Medium for ImageMedium {
 #[derive(Clone)]
 pub struct DiskSpec {
     pub medium: Arc<dyn Medium>,
+    /// The same disk as a `vhdx` crate [`Disk`], when it has one: READ and WRITE then move
+    /// data straight between its file and guest memory. `None`: every command goes through
+    /// the medium and a bounce buffer.
+    pub disk: Option<Arc<dyn Disk>>,
     /// The file, for logs and inspection.
     pub path: PathBuf,
     /// "VHDX", "VHD", "raw", or whatever the caller's medium is.
@@ -189,6 +211,7 @@ impl std::fmt::Debug for DiskSpec {
         f.debug_struct("DiskSpec")
             .field("path", &self.path)
             .field("format", &self.format)
+            .field("direct", &self.disk.is_some())
             .finish()
     }
 }
@@ -200,12 +223,18 @@ impl DiskSpec {
         format: Option<vhdx::open::Format>,
         read_only: bool,
     ) -> Result<Self, OpenDiskError> {
-        let m = ImageMedium::open(path, format, read_only)?;
-        Ok(Self {
-            path: m.path().to_path_buf(),
-            format: m.format().name().to_string(),
-            medium: Arc::new(m),
-        })
+        let (m, format) = ImageMedium::open(path, format, read_only)?;
+        Ok(Self::from_image(Arc::new(m), format.name()))
+    }
+
+    /// An image medium, with its disk for direct I/O.
+    pub fn from_image(medium: Arc<ImageMedium>, format: &str) -> Self {
+        Self {
+            path: medium.path().to_path_buf(),
+            format: format.into(),
+            disk: Some(medium.disk().clone()),
+            medium,
+        }
     }
 
     /// Opens an ISO image for a DVD drive: raw, read-only, and shared with other readers
@@ -216,10 +245,11 @@ impl DiskSpec {
         Ok(spec)
     }
 
-    /// Any medium (tests use a failing one).
+    /// Any medium (tests use a failing one); its commands all go through the medium.
     pub fn from_medium(medium: Arc<dyn Medium>, path: impl Into<PathBuf>, format: &str) -> Self {
         Self {
             medium,
+            disk: None,
             path: path.into(),
             format: format.into(),
         }

@@ -12,18 +12,22 @@
 //!   see them; `save` (in `save.rs`) pauses the controller, and restore replays them.
 //!
 //! Requests run synchronously on the worker thread: a worker drains its ring, executes each
-//! SRB against the target, moves data between the disk and the guest pages the GPA_DIRECT
-//! packet lists, and completes it. A completion that does not fit stays queued and the
+//! SRB, and completes it. READ and WRITE on a disk image are planned on the SCSI target
+//! ([`ScsiDisk::plan_io`]) and carried out by the `vhdx` crate's vectored I/O straight
+//! between the image file and the guest pages the GPA_DIRECT packet lists (`preadv` and
+//! `pwritev` into guest RAM, no intermediate copy); other commands, and media without a
+//! `vhdx` disk, go through a bounce buffer. A completion that does not fit stays queued and the
 //! worker reports [`vmbus::Progress::WaitingForRoom`]. Every request gets a completion,
 //! hostile ones and backend failures included (Linux's driver waits for ever).
 //!
 //! **Maximum transfer**: [`MAX_TRANSFER_BYTES`] = 1 MiB. Linux turns it into max_sectors
 //! (2048) and its scatter list (257 pages, a 2.1 KiB GPA_DIRECT header that fits its 128 KiB
 //! ring many times over), so 1 MiB sequential I/O goes out as single commands; it is also
-//! the scsi crate's default VPD B0h maximum for 512-byte blocks, and it bounds the one
-//! bounce buffer each worker keeps.
+//! the scsi crate's default VPD B0h maximum for 512-byte blocks, and it bounds the bounce
+//! buffer each worker keeps for the commands that need one.
 #![forbid(unsafe_code)]
 
+mod buffer;
 pub mod disk;
 pub mod inflight;
 pub mod protocol;
@@ -113,6 +117,8 @@ struct Counters {
     flushes: AtomicU64,
     medium_errors: AtomicU64,
     completions_deferred: AtomicU64,
+    /// READs and WRITEs served straight between an image file and guest pages.
+    direct_transfers: AtomicU64,
     rescans: AtomicU64,
 }
 
@@ -124,7 +130,9 @@ impl Counters {
 
 /// What sits at a LUN.
 enum Lun {
-    Disk(DiskSpec),
+    /// A disk: its file and its SCSI target (READ and WRITE are planned on the target and
+    /// carried out on the file by the worker).
+    Disk(DiskSpec, Arc<ScsiDisk>),
     /// A DVD drive and the file of the medium the host loaded (dropped, closing the file,
     /// once the drive has let go of it after an eject).
     Dvd {
@@ -137,7 +145,7 @@ impl Lun {
     /// The file a request at this LUN is served from now.
     fn spec(&self) -> Option<&DiskSpec> {
         match self {
-            Lun::Disk(spec) => Some(spec),
+            Lun::Disk(spec, _) => Some(spec),
             Lun::Dvd { drive, medium } => medium.as_ref().filter(|_| drive.medium().is_some()),
         }
     }
@@ -263,8 +271,9 @@ impl StorvspDevice {
                     source,
                 }
             })?;
-        self.shared.target.insert(lun, Arc::new(disk));
-        luns.insert(lun, Lun::Disk(spec));
+        let disk = Arc::new(disk);
+        self.shared.target.insert(lun, disk.clone());
+        luns.insert(lun, Lun::Disk(spec, disk));
         Ok(())
     }
 
@@ -336,7 +345,7 @@ impl StorvspDevice {
         luns.iter()
             .map(|(&lun, l)| {
                 let kind = match l {
-                    Lun::Disk(_) => DriveKind::Disk,
+                    Lun::Disk(..) => DriveKind::Disk,
                     Lun::Dvd { .. } => DriveKind::Dvd,
                 };
                 let spec = l.spec();
@@ -366,7 +375,7 @@ impl StorvspDevice {
             self.shared.target.remove(lun);
             l.settle();
             match l {
-                Lun::Disk(spec) => Some(spec),
+                Lun::Disk(spec, _) => Some(spec),
                 Lun::Dvd { medium, .. } => medium,
             }
         };
@@ -534,6 +543,7 @@ impl vmbus::Device for StorvspDevice {
                 "flushes": n(&c.flushes),
                 "medium_errors": n(&c.medium_errors),
                 "completions_deferred": n(&c.completions_deferred),
+                "direct_transfers": n(&c.direct_transfers),
                 "rescans": n(&c.rescans),
             },
         })
@@ -818,6 +828,11 @@ impl Worker {
         } else {
             (empty_target(), false)
         };
+        if present {
+            if let Some(r) = self.execute_direct(srb, cdb, &pieces) {
+                return r;
+            }
+        }
         let len = len as usize;
         self.data.clear();
         self.data.resize(len, 0);
@@ -843,31 +858,8 @@ impl Worker {
         } else {
             Data::In(&mut self.data)
         };
-        let mut completion = target.execute(srb.lun, self.initiator, cdb, data);
-        if let Some(e) = &completion.error {
-            Counters::add(&c.medium_errors, 1);
-            let path = support::lock_read(&self.shared.luns)
-                .get(&srb.lun)
-                .and_then(|l| l.spec().map(|s| s.path.display().to_string()))
-                .unwrap_or_default();
-            support::limited!(LOG, error, %path, offset = e.offset, error = %e, "storvsp: disk I/O failed");
-        }
-        if completion.fua && completion.status == scsi::ScsiStatus::Good {
-            Counters::add(&c.flushes, 1);
-            let lun = support::lock_read(&self.shared.luns)
-                .get(&srb.lun)
-                .and_then(|l| l.spec().cloned());
-            if let Some(l) = lun {
-                if let Err(e) = l.medium.flush() {
-                    Counters::add(&c.medium_errors, 1);
-                    support::limited!(LOG, error, path = %l.path.display(), error = %e, "storvsp: flush after FUA write failed");
-                    completion = scsi::Completion::check(scsi::Sense::new(
-                        scsi::SenseKey::MediumError,
-                        scsi::sense::asc::WRITE_ERROR,
-                    ));
-                }
-            }
-        }
+        let completion = target.execute(srb.lun, self.initiator, cdb, data);
+        let completion = self.settle(srb.lun, completion);
         let transferred = completion.transferred.min(len);
         if write {
             Counters::add(&c.bytes_written, transferred as u64);
@@ -886,6 +878,102 @@ impl Worker {
             Counters::add(&c.bytes_read, transferred as u64);
         }
         SrbResult::from_scsi(&completion, present)
+    }
+}
+
+impl Worker {
+    /// READ and WRITE on a disk whose medium has a `vhdx` disk: planned on the target and
+    /// carried out straight between the image file and the guest pages. `None`: not such a
+    /// command, the bounce path serves it.
+    fn execute_direct(&self, srb: &Srb, cdb: &[u8], pieces: &[(u64, usize)]) -> Option<SrbResult> {
+        let cmd = scsi::Command::decode(cdb).ok()?;
+        let write = match cmd {
+            scsi::Command::Read { .. } => false,
+            scsi::Command::Write { .. } => true,
+            _ => return None,
+        };
+        // The medium too: it holds a raw or VHD file's lock until the I/O is done.
+        let (disk, _medium, unit) = match support::lock_read(&self.shared.luns).get(&srb.lun) {
+            Some(Lun::Disk(spec, unit)) => (spec.disk.clone()?, spec.medium.clone(), unit.clone()),
+            _ => return None,
+        };
+        let len = srb.data_transfer_length as usize;
+        // A buffer in the other direction is no buffer for this command (as on the bounce
+        // path): the target then refuses the transfer length.
+        let wanted = if write {
+            sp::data_in::WRITE
+        } else {
+            sp::data_in::READ
+        };
+        let buffer_len = if srb.data_in == wanted { len } else { 0 };
+        let completion = match unit.plan_io(self.initiator, &cmd, buffer_len) {
+            Err(c) => c,
+            Ok(None) => scsi::Completion::good(0),
+            Ok(Some(io)) => {
+                Counters::add(&self.shared.counters.direct_transfers, 1);
+                let mut buf = buffer::GuestBuffer::new(&self.shared.mem, pieces, io.len);
+                let r = if io.write {
+                    disk.write_vectored(&buf, io.offset)
+                } else {
+                    disk.read_vectored(&mut buf, io.offset)
+                };
+                unit.complete_io(io, r.map_err(|e| medium_error(io.offset, e)))
+            }
+        };
+        let completion = self.settle(srb.lun, completion);
+        let c = &self.shared.counters;
+        let transferred = completion.transferred.min(len) as u64;
+        Counters::add(
+            if write {
+                &c.bytes_written
+            } else {
+                &c.bytes_read
+            },
+            transferred,
+        );
+        Some(SrbResult::from_scsi(&completion, true))
+    }
+
+    /// Logs a backend failure (naming the file and offset) and carries out a FUA write's
+    /// flush before the command completes.
+    fn settle(&self, lun: u8, mut completion: scsi::Completion) -> scsi::Completion {
+        if completion.error.is_none() && !completion.fua {
+            return completion;
+        }
+        let c = &self.shared.counters;
+        let spec = support::lock_read(&self.shared.luns)
+            .get(&lun)
+            .and_then(|l| l.spec().cloned());
+        let spec = spec.as_ref();
+        let path = || {
+            spec.map(|s| s.path.display().to_string())
+                .unwrap_or_default()
+        };
+        if let Some(e) = &completion.error {
+            Counters::add(&c.medium_errors, 1);
+            support::limited!(LOG, error, path = %path(), offset = e.offset, error = %e, "storvsp: disk I/O failed");
+        }
+        if completion.fua && completion.status == scsi::ScsiStatus::Good {
+            Counters::add(&c.flushes, 1);
+            if let Some(Err(e)) = spec.map(|s| s.medium.flush()) {
+                Counters::add(&c.medium_errors, 1);
+                support::limited!(LOG, error, path = %path(), error = %e, "storvsp: flush after FUA write failed");
+                completion = scsi::Completion::check(scsi::Sense::new(
+                    scsi::SenseKey::MediumError,
+                    scsi::sense::asc::WRITE_ERROR,
+                ));
+            }
+        }
+        completion
+    }
+}
+
+/// A `vhdx` error as the medium error the target reports (DATA PROTECT for a read-only
+/// disk, MEDIUM ERROR otherwise).
+fn medium_error(offset: u64, e: vhdx::Error) -> scsi::MediumError {
+    match e {
+        vhdx::Error::ReadOnly => scsi::MediumError::read_only(offset),
+        e => scsi::MediumError::io(offset, e),
     }
 }
 

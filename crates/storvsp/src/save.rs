@@ -74,7 +74,7 @@ impl StorvspDevice {
                         event: snap.event as u8,
                     })
                 }
-                Lun::Disk(_) => None,
+                Lun::Disk(..) => None,
             })
             .collect();
         SavedState {

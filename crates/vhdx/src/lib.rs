@@ -11,4 +11,4 @@ pub mod raw;
 pub mod vhd;
 pub mod vhdx;
 
-pub use disk::{Disk, Error, Result};
+pub use disk::{Disk, Error, Extent, IoBuffer, Result};

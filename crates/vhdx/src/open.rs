@@ -236,6 +236,9 @@ impl Disk for Image {
     fn is_read_only(&self) -> bool {
         self.disk().is_read_only()
     }
+    fn extent(&self, offset: u64, len: u64, write: bool) -> Result<crate::Extent<'_>> {
+        self.disk().extent(offset, len, write)
+    }
 }
 
 /// Allocation types, as Get-VHD's VhdType reports them.

@@ -4,7 +4,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::{Disk, Error, Result};
+use crate::{Disk, Error, Extent, Result};
+use std::os::fd::AsFd;
 
 /// A raw image file. Its size is the file length rounded down to the logical sector size.
 pub struct RawDisk {
@@ -185,6 +186,19 @@ impl Disk for RawDisk {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn extent(&self, offset: u64, len: u64, write: bool) -> Result<Extent<'_>> {
+        if write && self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check(offset, len)?;
+        Ok(Extent::File {
+            fd: self.file.as_fd(),
+            path: &self.path,
+            offset,
+            len,
+        })
     }
 }
 

@@ -22,9 +22,10 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use crate::{Disk, Error, Result};
+use crate::{Disk, Error, Extent, Result};
 use format::*;
 pub use format::{DiskType, Geometry};
+use std::os::fd::AsFd;
 
 const STRIPES: usize = 64;
 /// Deepest differencing chain we follow.
@@ -1172,6 +1173,43 @@ impl Disk for Vhd {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// A fixed disk maps 1:1; a dynamic one by block (unallocated blocks read as zeros, or as
+    /// the parent's data in a differencing disk). Writes to unallocated blocks and anything
+    /// that needs a differencing disk's sector bitmap go through [`Disk::write_at`].
+    fn extent(&self, offset: u64, len: u64, write: bool) -> Result<Extent<'_>> {
+        if write && self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        let file = |offset, len| Extent::File {
+            fd: self.file.as_fd(),
+            path: &self.path,
+            offset,
+            len,
+        };
+        let Some(s) = &self.sparse else {
+            return Ok(file(offset, len));
+        };
+        let Some((blk, inb, a, b)) = Self::pieces(s.block_size, offset, len as usize).next() else {
+            return Ok(Extent::Indirect { len });
+        };
+        let n = (b - a) as u64;
+        let entry = s.bat[blk].load(Ordering::Acquire);
+        let differencing = self.footer.disk_type == DiskType::Differencing;
+        Ok(match (entry == UNALLOCATED, differencing, write) {
+            (false, false, _) => file(entry as u64 * SECTOR + s.bitmap_size + inb, n),
+            (true, false, false) => Extent::Zero { len: n },
+            (true, true, false) => match &s.parent {
+                Some(p) if offset < p.footer.current_size => {
+                    p.extent(offset, n.min(p.footer.current_size - offset), false)?
+                }
+                Some(_) => Extent::Zero { len: n },
+                None => Extent::Indirect { len: n },
+            },
+            _ => Extent::Indirect { len: n },
+        })
     }
 }
 

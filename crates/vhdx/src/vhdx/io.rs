@@ -2,7 +2,8 @@
 
 use super::format::*;
 use super::{lock, Vhdx};
-use crate::{Disk, Error, Result};
+use crate::{Disk, Error, Extent, Result};
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 
 /// What a block's BAT state means for a read.
@@ -137,6 +138,39 @@ impl Vhdx {
                     Ok(())
                 }
             }
+        })
+    }
+
+    /// The first extent of `[offset, offset + len)` (see [`Disk::extent`]): a fully present
+    /// block maps to the file for reads and writes; a block that reads as zeros or from the
+    /// parent does so for reads; everything else (allocation, sector bitmaps, an in-memory
+    /// log replay) goes through the disk's own read and write.
+    pub(super) fn extent_impl(&self, offset: u64, len: u64, write: bool) -> Result<Extent<'_>> {
+        if write {
+            // Also starts the write session before the first in-place write.
+            self.begin_session(true)?;
+        }
+        self.check_range(offset, len)?;
+        let bs = u64::from(self.geo.block_size);
+        let (block, in_block) = (offset / bs, offset % bs);
+        let n = len.min(bs - in_block);
+        let patched = self.file.has_patches();
+        Ok(match self.source(block) {
+            Source::File(o) if !patched => Extent::File {
+                fd: self.file.file.as_fd(),
+                path: &self.file.path,
+                offset: o + in_block,
+                len: n,
+            },
+            Source::Zero if !write => Extent::Zero { len: n },
+            Source::Parent if !write => match self.parent.as_ref() {
+                Some(p) if offset < p.size() => {
+                    p.extent(offset, n.min(p.size() - offset), false)?
+                }
+                Some(_) => Extent::Zero { len: n },
+                None => Extent::Indirect { len: n },
+            },
+            _ => Extent::Indirect { len: n },
         })
     }
 

@@ -1260,6 +1260,9 @@ impl Disk for Vhdx {
     fn unmap(&self, offset: u64, len: u64) -> Result<()> {
         self.unmap_impl(offset, len)
     }
+    fn extent(&self, offset: u64, len: u64, write: bool) -> Result<crate::Extent<'_>> {
+        self.extent_impl(offset, len, write)
+    }
     fn size(&self) -> u64 {
         self.virtual_size.load(Ordering::Acquire)
     }

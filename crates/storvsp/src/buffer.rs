@@ -1,0 +1,142 @@
+//! An SRB's data buffer in guest memory as a `vhdx` crate [`IoBuffer`]: the disk reads and
+//! writes the guest pages with `preadv`/`pwritev`, with no copy in between.
+
+use guestmem::GuestMemory;
+use std::os::fd::BorrowedFd;
+use vhdx::IoBuffer;
+
+/// The first `len` bytes of an SRB's data pieces (`(gpa, len)`, each already checked to be
+/// guest RAM by [`crate::data_pieces`]).
+pub struct GuestBuffer<'a> {
+    mem: &'a GuestMemory,
+    pieces: &'a [(u64, usize)],
+    len: usize,
+    /// The pieces of the window last asked for (reused between calls).
+    window: Vec<(u64, usize)>,
+}
+
+impl<'a> GuestBuffer<'a> {
+    /// The buffer over `pieces`, cut to `len` bytes (the pieces hold at least that many).
+    pub fn new(mem: &'a GuestMemory, pieces: &'a [(u64, usize)], len: usize) -> Self {
+        let held: usize = pieces.iter().map(|p| p.1).sum();
+        Self {
+            mem,
+            pieces,
+            len: len.min(held),
+            window: Vec::with_capacity(pieces.len()),
+        }
+    }
+
+    /// The guest ranges holding bytes `[at, at + len)` of the buffer, in order; an error if
+    /// that runs past the buffer.
+    fn window(&self, at: usize, len: usize, out: &mut Vec<(u64, usize)>) -> std::io::Result<()> {
+        out.clear();
+        if at.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        let (mut skip, mut left) = (at, len);
+        for &(gpa, n) in self.pieces {
+            if left == 0 {
+                break;
+            }
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let take = (n - skip).min(left);
+            out.push((gpa + skip as u64, take));
+            left -= take;
+            skip = 0;
+        }
+        Ok(())
+    }
+
+    /// Runs `f(gpa, range in the caller's slice)` over the window `[at, at + len)`.
+    fn each(
+        &self,
+        at: usize,
+        len: usize,
+        mut f: impl FnMut(u64, std::ops::Range<usize>) -> guestmem::Result<()>,
+    ) -> std::io::Result<()> {
+        let mut w = Vec::new();
+        self.window(at, len, &mut w)?;
+        let mut done = 0;
+        for (gpa, n) in w {
+            f(gpa, done..done + n).map_err(std::io::Error::other)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl IoBuffer for GuestBuffer<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn read_from(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        at: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
+        let mut w = std::mem::take(&mut self.window);
+        let r = self
+            .window(at, len, &mut w)
+            .and_then(|()| self.mem.read_fd_at(fd, file_offset, &w));
+        self.window = w;
+        r
+    }
+
+    fn write_to(
+        &self,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        at: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
+        let mut w = Vec::with_capacity(self.pieces.len());
+        self.window(at, len, &mut w)?;
+        self.mem.write_fd_at(fd, file_offset, &w)
+    }
+
+    fn copy_from(&mut self, at: usize, src: &[u8]) -> std::io::Result<()> {
+        self.each(at, src.len(), |gpa, r| self.mem.write(gpa, &src[r]))
+    }
+
+    fn copy_to(&self, at: usize, dst: &mut [u8]) -> std::io::Result<()> {
+        self.each(at, dst.len(), |gpa, r| self.mem.read(gpa, &mut dst[r]))
+    }
+
+    fn zero(&mut self, at: usize, len: usize) -> std::io::Result<()> {
+        self.each(at, len, |gpa, r| self.mem.zero(gpa, r.len() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cut_across_pieces_and_refuse_overruns() {
+        let mem = GuestMemory::new(&[(0, 0x10000)]).unwrap();
+        let pieces = [(0x1f00, 0x100), (0x5000, 0x1000), (0x9000, 0x80)];
+        let mut b = GuestBuffer::new(&mem, &pieces, 0x1100);
+        assert_eq!(b.len(), 0x1100);
+        let data: Vec<u8> = (0..0x1100u32).map(|i| (i % 251) as u8).collect();
+        b.copy_from(0, &data).unwrap();
+        // The third piece is past the buffer's length and stays untouched.
+        assert_eq!(mem.read_obj::<u8>(0x9000).unwrap(), 0);
+        let mut back = vec![0u8; 0x200];
+        b.copy_to(0xf0, &mut back).unwrap();
+        assert_eq!(back, data[0xf0..0x2f0]);
+        let mut w = Vec::new();
+        b.window(0xf0, 0x20, &mut w).unwrap();
+        assert_eq!(w, vec![(0x1ff0, 0x10), (0x5000, 0x10)]);
+        b.zero(0x100, 0x10).unwrap();
+        assert_eq!(mem.read_obj::<u128>(0x5000).unwrap(), 0);
+        assert!(b.copy_to(0x10ff, &mut [0u8; 2]).is_err());
+        assert!(b.zero(usize::MAX, 2).is_err());
+    }
+}
