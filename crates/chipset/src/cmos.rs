@@ -26,10 +26,10 @@ const B_24H: u8 = 0x02;
 
 /// CMOS RAM and RTC.
 pub struct Cmos {
-    index: u8,
-    ram: [u8; 128],
+    pub(crate) index: u8,
+    pub(crate) ram: [u8; 128],
     /// Seconds added to the host clock (the guest may set its RTC).
-    offset_secs: i64,
+    pub(crate) offset_secs: i64,
 }
 
 impl Cmos {

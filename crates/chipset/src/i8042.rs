@@ -14,7 +14,7 @@ const STATUS_OUTPUT_FULL: u8 = 0x01;
 /// The controller: no keyboard or mouse attached.
 #[derive(Default)]
 pub struct I8042 {
-    output: Option<u8>,
+    pub(crate) output: Option<u8>,
 }
 
 impl I8042 {

@@ -10,7 +10,10 @@ pub mod cmos;
 pub mod i8042;
 pub mod pci;
 pub mod pm;
+mod save;
 pub mod serial;
+
+pub use save::{SavedChipset, SavedCmos, SavedPm, SavedSerial};
 
 use std::sync::Mutex;
 use support::lock;
@@ -23,6 +26,18 @@ pub enum PowerRequest {
     /// i8042 pulse-reset command or port 0xCF9.
     Reset,
 }
+
+/// Why a saved chipset state cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreError(pub String);
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RestoreError {}
 
 /// Ports the chipset claims, for documentation and tests.
 pub const COM1: u16 = 0x3f8;

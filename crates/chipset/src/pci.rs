@@ -19,7 +19,7 @@ const HOST_BRIDGE: [u32; 4] = [0x1237_8086, 0x0000_0000, 0x0600_0002, 0x0000_000
 
 #[derive(Default)]
 pub struct PciConfig {
-    address: u32,
+    pub(crate) address: u32,
 }
 
 impl PciConfig {

@@ -17,9 +17,9 @@ const SCI_EN: u16 = 1;
 
 #[derive(Default)]
 pub struct AcpiPm {
-    status: u16,
-    enable: u16,
-    control: u16,
+    pub(crate) status: u16,
+    pub(crate) enable: u16,
+    pub(crate) control: u16,
 }
 
 impl AcpiPm {

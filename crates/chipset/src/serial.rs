@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+use crate::RestoreError;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -96,9 +97,25 @@ impl InputQueue {
     }
 }
 
+/// Where the guest's output goes; shared so that a restored UART writes to the same place.
+#[derive(Clone)]
+struct Output(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        support::lock(&self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        support::lock(&self.0).flush()
+    }
+}
+
+type Uart = vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, Output>;
+
 /// The UART, where its output goes, and its queued input.
 pub struct Serial {
-    uart: vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Uart,
     input: Arc<InputQueue>,
     /// The receive FIFO's size (its free room when empty).
     fifo_size: usize,
@@ -108,7 +125,7 @@ impl Serial {
     /// A UART writing the guest's output to `out`.
     pub fn new(out: Box<dyn Write + Send>) -> std::io::Result<Self> {
         let evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        let uart = vm_superio::Serial::new(IrqTrigger(evt), out);
+        let uart = vm_superio::Serial::new(IrqTrigger(evt), Output(Arc::new(Mutex::new(out))));
         Ok(Self {
             fifo_size: uart.fifo_capacity(),
             uart,
@@ -164,6 +181,38 @@ impl Serial {
         let n = self.input.push(input);
         self.feed();
         n
+    }
+
+    /// The UART's registers and receive FIFO (queued console input is not part of it).
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.uart.state()
+    }
+
+    /// Puts the UART's registers and receive FIFO back, keeping its output and interrupt.
+    /// A pending interrupt the state shows is raised again.
+    pub fn set_state(
+        &mut self,
+        state: &vm_superio::serial::SerialState,
+    ) -> Result<(), RestoreError> {
+        if state.in_buffer.len() > self.fifo_size {
+            return Err(RestoreError(format!(
+                "COM1: {} bytes in a {}-byte receive FIFO",
+                state.in_buffer.len(),
+                self.fifo_size
+            )));
+        }
+        let evt = self.uart.interrupt_evt().0.try_clone().map_err(|e| {
+            RestoreError(format!("COM1: cannot share the interrupt eventfd: {e}"))
+        })?;
+        let out = self.uart.writer_mut().clone();
+        self.uart = Uart::from_state(
+            state,
+            IrqTrigger(evt),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| RestoreError(format!("COM1: {e}")))?;
+        Ok(())
     }
 
     /// Flushes the output sink.

@@ -4,6 +4,8 @@
 //! This is one of the two crates allowed `unsafe` (memory slots point KVM at host memory).
 //! Everything above it uses the safe `kvm-ioctls` types this crate hands out.
 
+pub mod state;
+
 use guestmem::GuestMemory;
 pub use kvm_bindings;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
