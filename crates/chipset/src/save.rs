@@ -173,12 +173,20 @@ mod tests {
 
         let mut bad = saved.clone();
         bad.cmos.ram.pop();
-        assert!(b.restore(&bad).unwrap_err().to_string().contains("127 bytes"));
+        assert!(b
+            .restore(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("127 bytes"));
         let mut bad = saved.clone();
         bad.serial.receive_fifo = vec![0; 65];
         assert!(b.restore(&bad).unwrap_err().to_string().contains("FIFO"));
         let mut bad = saved;
         bad.version = 9;
-        assert!(b.restore(&bad).unwrap_err().to_string().contains("version 9"));
+        assert!(b
+            .restore(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("version 9"));
     }
 }

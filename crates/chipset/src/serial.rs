@@ -7,11 +7,11 @@
 //! waits for room ([`InputQueue::wait_for_room`]), so pasted text is paced by the guest, not
 //! lost.
 
+use crate::RestoreError;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
-use crate::RestoreError;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -201,17 +201,13 @@ impl Serial {
                 self.fifo_size
             )));
         }
-        let evt = self.uart.interrupt_evt().0.try_clone().map_err(|e| {
-            RestoreError(format!("COM1: cannot share the interrupt eventfd: {e}"))
-        })?;
+        let evt =
+            self.uart.interrupt_evt().0.try_clone().map_err(|e| {
+                RestoreError(format!("COM1: cannot share the interrupt eventfd: {e}"))
+            })?;
         let out = self.uart.writer_mut().clone();
-        self.uart = Uart::from_state(
-            state,
-            IrqTrigger(evt),
-            vm_superio::serial::NoEvents,
-            out,
-        )
-        .map_err(|e| RestoreError(format!("COM1: {e}")))?;
+        self.uart = Uart::from_state(state, IrqTrigger(evt), vm_superio::serial::NoEvents, out)
+            .map_err(|e| RestoreError(format!("COM1: {e}")))?;
         Ok(())
     }
 

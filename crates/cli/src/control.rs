@@ -5,6 +5,9 @@
 //! [`storage_command`]) and answers with one line (`ok ...` or `error: ...`; `kvp`, `disks` and
 //! `inspect` answer `ok ` and one line of JSON). `viridian vm` is its client.
 //!
+//! `save PATH` (Save-VM) answers `progress N` lines, then `ok: ...` or `error: ...`; once
+//! saved, the VM ends (see [`crate::saved_run`]).
+//!
 //! `console [--write] [--force]` answers one line, then turns the connection into a byte
 //! stream: the last 1 MiB of COM1's output, then live output; with `--write` the client's bytes
 //! are COM1's input (one writer at a time: another is refused unless it forces a takeover).
@@ -51,7 +54,11 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    pub fn start(path: &Path, control: VmControl) -> anyhow::Result<Self> {
+    pub fn start(
+        path: &Path,
+        control: VmControl,
+        saved_run: crate::saved_run::SavedRun,
+    ) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -65,12 +72,14 @@ impl ControlServer {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)
             .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+        let saved_run = std::sync::Arc::new(saved_run);
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
                     let control = control.clone();
-                    std::thread::spawn(move || serve(stream, &control));
+                    let saved_run = saved_run.clone();
+                    std::thread::spawn(move || serve(stream, &control, &saved_run));
                 }
             })?;
         Ok(Self {
@@ -85,7 +94,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve(stream: UnixStream, control: &VmControl) {
+fn serve(stream: UnixStream, control: &VmControl, saved_run: &crate::saved_run::SavedRun) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
@@ -103,6 +112,10 @@ fn serve(stream: UnixStream, control: &VmControl) {
     if verb == "console" {
         // What the client sent after the command line is its first input.
         crate::console::serve(writer, reader.buffer(), control.console(), arg);
+        return;
+    }
+    if verb == "save" {
+        crate::saved_run::serve_save(writer, arg, control, saved_run);
         return;
     }
     let reply = match verb {

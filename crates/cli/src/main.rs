@@ -5,6 +5,7 @@ mod console;
 mod control;
 mod nic;
 mod run;
+mod saved_run;
 mod service;
 mod switch;
 mod vhd;

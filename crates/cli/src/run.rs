@@ -17,20 +17,20 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 #[derive(Args, Clone)]
 pub struct RunArgs {
     /// The guest kernel: an x86-64 bzImage, or an uncompressed ELF vmlinux.
-    #[arg(long, required_unless_present = "demo")]
+    #[arg(long, required_unless_present_any = ["demo", "restore"])]
     kernel: Option<PathBuf>,
     /// An initrd/initramfs image.
     #[arg(long)]
-    initrd: Option<PathBuf>,
+    pub(crate) initrd: Option<PathBuf>,
     /// The kernel command line.
     #[arg(long, default_value = "console=ttyS0")]
-    cmdline: String,
+    pub(crate) cmdline: String,
     /// Number of virtual processors.
     #[arg(long, default_value_t = 1)]
-    cpus: u32,
+    pub(crate) cpus: u32,
     /// Guest memory, e.g. 512M or 2G (a plain number means MiB).
     #[arg(long, default_value = "512M", value_parser = parse_size)]
-    memory: u64,
+    pub(crate) memory: u64,
     /// The VM's name, for `viridian vm stop NAME` (default: viridian-PID).
     #[arg(long)]
     name: Option<String>,
@@ -46,11 +46,11 @@ pub struct RunArgs {
     no_console_input: bool,
     /// Present plain KVM instead of Hyper-V (no Hyper-V CPUID leaves, synthetic MSRs or VMBus).
     #[arg(long)]
-    no_hyperv: bool,
+    pub(crate) no_hyperv: bool,
     /// Do not offer this integration service (repeatable): heartbeat, kvp, shutdown or
     /// timesync (Disable-VMIntegrationService). `viridian vm integration` turns it on later.
     #[arg(long = "disable-integration", value_name = "SERVICE", value_parser = parse_service)]
-    disable_integration: Vec<vmm::vmbus_host::Service>,
+    pub(crate) disable_integration: Vec<vmm::vmbus_host::Service>,
     /// Boot the demo guest: a Debian 12 system disk to its login prompt (root, no password),
     /// built from Debian packages and cached on the first run; the guest writes to a
     /// differencing disk that is deleted afterwards. Where this host's KVM cannot run Linux,
@@ -64,19 +64,24 @@ pub struct RunArgs {
     /// 2 ... in order. Each controller used is a SCSI controller of its own on VMBus. A disk
     /// opened for writing is locked; a file another VM is writing fails to open.
     #[arg(long = "disk", value_name = DISK_USAGE)]
-    disks: Vec<String>,
+    pub(crate) disks: Vec<String>,
     /// A DVD drive (repeatable) with an ISO image loaded, read-only and shared with other
     /// readers, or empty with `none`; it takes the next free location after the disks
     /// unless placed. `viridian vm dvd NAME --path ISO | --eject` changes the medium.
     #[arg(long = "dvd", value_name = DVD_USAGE)]
-    dvds: Vec<String>,
+    pub(crate) dvds: Vec<String>,
     /// A network adapter (repeatable): a TAP device on virtual switch NAME (`default` is the
     /// Default Switch, created if needed). Without `mac=` its MAC is stable, from the VM's
     /// name and the NIC's index. `vlan=` puts it in an access VLAN (or a trunk);
     /// `mac-spoofing=on` lets the guest send from other MACs; `dhcp-guard=on` and
     /// `router-guard=on` drop DHCP server and router messages it sends.
     #[arg(long = "nic", value_name = crate::nic::NIC_USAGE)]
-    nics: Vec<String>,
+    pub(crate) nics: Vec<String>,
+    /// Resume a VM saved to this file (`viridian vm save`) where it was, instead of booting:
+    /// its processors, memory and kernel come from the file; so do its disks, DVDs and NICs
+    /// unless given here (they must be the same ones).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["demo", "kernel"])]
+    restore: Option<PathBuf>,
     /// Where switch definitions live (default: $VIRIDIAN_STATE_DIR, else /var/lib/viridian).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -239,6 +244,9 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     if args.demo {
         return demo(&args);
     }
+    if let Some(file) = &args.restore {
+        return restore(file, &args);
+    }
     let kernel = args.kernel.clone().expect("clap requires --kernel");
     let disks = open_disks(&args)?;
     let network = network(&args)?;
@@ -254,6 +262,50 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
             network,
         },
         &args,
+        None,
+    )
+}
+
+/// `--restore FILE`: the saved VM's shape from the file, its devices from the file unless
+/// given, then its state.
+fn restore(file: &Path, args: &RunArgs) -> anyhow::Result<i32> {
+    let mut saved = vmm::saved::SavedFile::open(file)?;
+    let run = crate::saved_run::SavedRun::read(&mut saved)?;
+    let mut args = args.clone();
+    args.cpus = run.cpus;
+    args.memory = run.memory;
+    args.no_hyperv = !run.hyperv;
+    args.cmdline = run.cmdline.clone();
+    args.initrd = run.initrd.clone();
+    if args.disks.is_empty() && args.dvds.is_empty() {
+        args.disks = run.disks.clone();
+        args.dvds = run.dvds.clone();
+    }
+    if args.nics.is_empty() {
+        args.nics = run.nics.clone();
+    }
+    if args.disable_integration.is_empty() {
+        args.disable_integration = run
+            .disabled_integration
+            .iter()
+            .map(|s| parse_service(s).map_err(|e| anyhow::anyhow!("{}: {e}", file.display())))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    let disks = open_disks(&args)?;
+    let network = network(&args)?;
+    run_vm(
+        &VmConfig {
+            kernel: run.kernel.clone(),
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone(),
+            vcpus: args.cpus,
+            memory: args.memory,
+            hyperv: !args.no_hyperv,
+            disks,
+            network,
+        },
+        &args,
+        Some(saved),
     )
 }
 
@@ -267,19 +319,34 @@ pub fn parse_service(s: &str) -> Result<vmm::vmbus_host::Service, String> {
     })
 }
 
-fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
+fn run_vm(
+    config: &VmConfig,
+    args: &RunArgs,
+    restore: Option<vmm::saved::SavedFile>,
+) -> anyhow::Result<i32> {
     let file = args
         .serial
         .as_ref()
         .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())))
         .transpose()?;
     let started = std::time::Instant::now();
-    let vm = Vm::new(config)?;
+    let vm = match restore {
+        Some(_) => Vm::for_restore(config)?,
+        None => Vm::new(config)?,
+    };
     tracing::info!("VM built in {:?}", started.elapsed());
     for s in &args.disable_integration {
         vm.control()
             .set_integration(*s, false)
             .map_err(|e| anyhow::anyhow!("--disable-integration {}: {e}", s.short()))?;
+    }
+    if let Some(mut file) = restore {
+        vm.restore(&mut file, &mut |_, _| {})?;
+        tracing::info!(
+            "restored from {} after {:?}",
+            file.path().display(),
+            started.elapsed()
+        );
     }
     let console = vm.console().clone();
     let log = file
@@ -295,7 +362,8 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     // rely on that order).
     let stop = vm.stop_handle();
     ctrlc::set_handler(move || stop.stop()).context("cannot install the Ctrl-C handler")?;
-    let _control = crate::control::ControlServer::start(&socket, vm.control())?;
+    let saved_run = crate::saved_run::SavedRun::from_args(args, &config.kernel);
+    let _control = crate::control::ControlServer::start(&socket, vm.control(), saved_run)?;
     tracing::info!("control socket {}", socket.display());
 
     let input = if args.no_console_input {
@@ -340,6 +408,10 @@ fn run_vm(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
                 "viridian: the guest reset itself; the VM has stopped (exit status {EXIT_RESET})"
             );
             EXIT_RESET
+        }
+        ExitReason::Saved => {
+            eprintln!("viridian: the VM was saved; `viridian run --restore FILE` resumes it");
+            0
         }
         ExitReason::TurnedOff => {
             eprintln!("viridian: turned off by `viridian vm stop --force`");
@@ -461,6 +533,7 @@ fn demo(args: &RunArgs) -> anyhow::Result<i32> {
                         network: network(args)?,
                     },
                     args,
+                    None,
                 )
             });
             let _ = std::fs::remove_file(&scratch);

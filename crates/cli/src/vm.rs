@@ -103,6 +103,15 @@ pub enum VmCommand {
         #[arg(long, conflicts_with = "read_only")]
         force: bool,
     },
+    /// Save a running foreground VM (`viridian run`) to a file and end it (Save-VM);
+    /// `viridian run --restore FILE` resumes it.
+    SaveTo {
+        #[command(flatten)]
+        target: Target,
+        /// The saved-state file to write.
+        #[arg(long)]
+        path: PathBuf,
+    },
     /// List VMs (the service's inventory, else the running foreground VMs).
     List {
         #[arg(long)]
@@ -333,6 +342,13 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::Inspect { target } => {
             println!("{}", control::send(&target.path(), "inspect")?);
+            Ok(0)
+        }
+        VmCommand::SaveTo { target, path } => {
+            let path = std::path::absolute(&path)
+                .with_context(|| format!("{}: cannot make the path absolute", path.display()))?;
+            let reply = crate::saved_run::request(&target.path(), &path)?;
+            eprintln!("viridian: {reply}");
             Ok(0)
         }
         VmCommand::Status { target, .. } => {

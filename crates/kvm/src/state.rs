@@ -103,7 +103,8 @@ impl Partition {
                 .map_err(ioctl("KVM_SET_IRQCHIP"))?;
         }
         let mut pit = state.pit;
-        pit.flags &= kvm_bindings::KVM_PIT_FLAGS_HPET_LEGACY | kvm_bindings::KVM_PIT_FLAGS_SPEAKER_DATA_ON;
+        pit.flags &=
+            kvm_bindings::KVM_PIT_FLAGS_HPET_LEGACY | kvm_bindings::KVM_PIT_FLAGS_SPEAKER_DATA_ON;
         self.vm.set_pit2(&pit).map_err(ioctl("KVM_SET_PIT2"))?;
         let clock = kvm_clock_data {
             clock: state.clock.clock,
@@ -160,7 +161,9 @@ pub fn save_vcpu(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState> {
         debug_regs: vcpu.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?,
         lapic: vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?,
         msrs: read_msrs(vcpu, msr_indices)?,
-        events: vcpu.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
+        events: vcpu
+            .get_vcpu_events()
+            .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
         tsc_khz: vcpu.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?,
     })
 }

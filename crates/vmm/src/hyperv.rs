@@ -5,6 +5,7 @@ use crate::synic::inject;
 use acpi_tables::{aml, Aml};
 use kvm::kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm::kvm_ioctls::{SyncReg, VcpuFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +15,8 @@ use std::time::Instant;
 pub struct KvmTime {
     start: Instant,
     tsc_hz: u64,
+    /// Added to the ticks since `start`: a restored VM's TSCs continue from their saved value.
+    offset: AtomicU64,
 }
 
 impl KvmTime {
@@ -21,14 +24,26 @@ impl KvmTime {
         Self {
             start: Instant::now(),
             tsc_hz,
+            offset: AtomicU64::new(0),
         }
+    }
+
+    fn ticks(&self) -> u64 {
+        let ns = self.start.elapsed().as_nanos();
+        (ns * u128::from(self.tsc_hz) / 1_000_000_000) as u64
+    }
+
+    /// Makes the guest TSC read `tsc` now (the vCPUs' TSCs were set to it on restore).
+    pub fn set_guest_tsc(&self, tsc: u64) {
+        self.offset
+            .store(tsc.wrapping_sub(self.ticks()), Ordering::Relaxed);
     }
 }
 
 impl hv1::TimeSource for KvmTime {
     fn guest_tsc(&self) -> u64 {
-        let ns = self.start.elapsed().as_nanos();
-        (ns * u128::from(self.tsc_hz) / 1_000_000_000) as u64
+        self.ticks()
+            .wrapping_add(self.offset.load(Ordering::Relaxed))
     }
 
     fn tsc_frequency(&self) -> u64 {

@@ -14,12 +14,15 @@ pub mod measure;
 pub mod network;
 mod pause;
 pub mod payload;
+mod save;
+pub mod saved;
 pub mod synic;
 pub mod vcpu;
 mod vm;
 pub mod vmbus_host;
 pub mod vmlinux;
 
+pub use save::{SaveAck, SaveError, SaveReport, SaveRequest};
 pub use vm::{DiskError, ExitReason, PauseError, StopHandle, Vm, VmConfig, VmControl};
 
 /// Errors from building or running a VM.
@@ -52,6 +55,13 @@ pub enum Error {
     Vmbus(#[source] std::io::Error),
     #[error(transparent)]
     Network(#[from] network::NicError),
+    #[error(transparent)]
+    SavedFile(#[from] saved::FileError),
+    #[error("{}: cannot restore: {what}", file.display())]
+    Restore {
+        file: std::path::PathBuf,
+        what: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

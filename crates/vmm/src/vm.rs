@@ -4,6 +4,8 @@ use crate::console::Console;
 use crate::hyperv::{self, Hv, HvExits};
 use crate::integration::ShutdownError;
 use crate::pause::PauseGate;
+use crate::save::{self, Parts, SaveAck, SaveError, SaveReport, SaveRequest};
+use crate::saved::SavedFile;
 pub use crate::vmbus_host::DiskError;
 use crate::vmbus_host::{DriveInfo, IcStatus, Media, Vmbus};
 use crate::{acpi, boot, cpu, layout, vcpu, Error, Result};
@@ -59,6 +61,8 @@ pub enum ExitReason {
     Stopped,
     /// Turned off from outside (`viridian vm stop --force`).
     TurnedOff,
+    /// Saved to a file (Save-VM); `viridian run --restore` resumes it.
+    Saved,
 }
 
 /// What the thread running the VM is told: an exit, or a pause or resume to carry out.
@@ -67,6 +71,10 @@ enum Event {
     Pause {
         paused: bool,
         done: mpsc::Sender<std::result::Result<(), PauseError>>,
+    },
+    Save {
+        request: SaveRequest,
+        done: mpsc::Sender<std::result::Result<(SaveReport, SaveAck), SaveError>>,
     },
 }
 
@@ -190,6 +198,23 @@ impl VmControl {
             .map_err(|_| PauseError::NotRunning)?
     }
 
+    /// Saves the VM to a file (Save-VM) and ends it: the vCPUs stop, the devices quiesce, and
+    /// the whole state goes to `request.path`. On success the VM's [`Vm::run`] returns
+    /// [`ExitReason::Saved`] once the returned [`SaveAck`] is dropped (answer your caller
+    /// first). A [`SaveError::Preflight`] leaves the VM running; [`SaveError::Failed`] does not.
+    pub fn save(
+        &self,
+        request: SaveRequest,
+    ) -> std::result::Result<(SaveReport, SaveAck), SaveError> {
+        save::preflight(&request.path, self.memory)?;
+        let (done, answer) = mpsc::channel();
+        self.stop
+            .0
+            .send(Event::Save { request, done })
+            .map_err(|_| SaveError::NotRunning)?;
+        answer.recv().map_err(|_| SaveError::NotRunning)?
+    }
+
     /// Asks the guest to shut down (or reboot) through the shutdown integration service.
     pub fn shutdown(&self, reboot: bool) -> std::result::Result<(), ShutdownError> {
         match &self.vmbus {
@@ -309,7 +334,11 @@ pub struct Vm {
     gate: Arc<PauseGate>,
     memory: u64,
     started: std::time::Instant,
+    time: Option<Arc<hyperv::KvmTime>>,
 }
+
+/// How long a save's caller may take to answer before the VM's process goes on ending.
+const SAVE_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a stopping VM gives console viewers to write the last output.
 const CONSOLE_GRACE: Duration = Duration::from_secs(1);
@@ -333,6 +362,37 @@ impl Vm {
     /// console goes to the hub ([`Vm::console`]): attach viewers before [`Vm::run`] to see
     /// all of it (later ones get the replay).
     pub fn new(config: &VmConfig) -> Result<Self> {
+        Self::build(config, true)
+    }
+
+    /// Builds the VM as [`Vm::new`] does but loads nothing (the kernel need not exist): for
+    /// [`Vm::restore`], which fills RAM and every device from a saved state.
+    pub fn for_restore(config: &VmConfig) -> Result<Self> {
+        Self::build(config, false)
+    }
+
+    /// Restores a saved state (Start-VM of a Saved VM) into a VM from [`Vm::for_restore`]
+    /// with the saved configuration, before [`Vm::run`]. `file` has had its configuration
+    /// read; `progress` sees RAM being read.
+    pub fn restore(
+        &self,
+        file: &mut SavedFile,
+        progress: crate::saved::Progress<'_>,
+    ) -> Result<()> {
+        save::restore(&self.parts(), &self.vcpus, file, progress)
+    }
+
+    fn parts(&self) -> Parts<'_> {
+        Parts {
+            partition: &self.partition,
+            chipset: &self.chipset,
+            hv: self.hv.as_deref(),
+            vmbus: self.vmbus.as_deref(),
+            time: self.time.as_deref(),
+        }
+    }
+
+    fn build(config: &VmConfig, boot_linux: bool) -> Result<Self> {
         if config.memory < layout::MIN_MEMORY {
             return Err(Error::MemoryTooSmall {
                 requested: config.memory >> 20,
@@ -347,7 +407,9 @@ impl Vm {
                 });
             }
         }
-        boot::preflight(&config.kernel, config.initrd.as_deref(), config.memory)?;
+        if boot_linux {
+            boot::preflight(&config.kernel, config.initrd.as_deref(), config.memory)?;
+        }
         let kvm = kvm::open_kvm()?;
         let max_vcpus = (kvm.get_max_vcpus() as u32).clamp(1, 254);
         if config.vcpus == 0 || config.vcpus > max_vcpus {
@@ -373,16 +435,21 @@ impl Vm {
             let filter = config
                 .hyperv
                 .then(|| scope.spawn(|| partition.trap_msrs(hvdef::hv::MSR_RANGE_START, 0x200)));
-            let rsdp = acpi::write_tables(&memory, config.vcpus, &dsdt_devices)?;
-            let entry = boot::load_linux(
-                &memory,
-                config.memory,
-                &config.kernel,
-                config.initrd.as_deref(),
-                &config.cmdline,
-                rsdp,
-            )?;
-            tracing::debug!("guest loaded after {:?}", started.elapsed());
+            let entry = if boot_linux {
+                let rsdp = acpi::write_tables(&memory, config.vcpus, &dsdt_devices)?;
+                let entry = boot::load_linux(
+                    &memory,
+                    config.memory,
+                    &config.kernel,
+                    config.initrd.as_deref(),
+                    &config.cmdline,
+                    rsdp,
+                )?;
+                tracing::debug!("guest loaded after {:?}", started.elapsed());
+                Some(entry)
+            } else {
+                None
+            };
             if let Some(filter) = filter {
                 filter
                     .join()
@@ -437,17 +504,21 @@ impl Vm {
                 op,
                 source,
             })?;
-        let hv = if config.hyperv {
-            let hv_config = hv1::PartitionConfig {
-                vp_count: config.vcpus,
-                invariant_tsc: false,
-            };
-            let time = Arc::new(hyperv::KvmTime::new(u64::from(tsc_khz) * 1000));
-            let hv = hv1::Partition::new(hv_config, memory.clone(), time).map_err(Error::Hv)?;
-            base_cpuid = hyperv::patch_cpuid(&base_cpuid, &hv_config.cpuid());
-            Some(Arc::new(hv))
-        } else {
-            None
+        let time = config
+            .hyperv
+            .then(|| Arc::new(hyperv::KvmTime::new(u64::from(tsc_khz) * 1000)));
+        let hv = match &time {
+            Some(time) => {
+                let hv_config = hv1::PartitionConfig {
+                    vp_count: config.vcpus,
+                    invariant_tsc: false,
+                };
+                let hv = hv1::Partition::new(hv_config, memory.clone(), time.clone())
+                    .map_err(Error::Hv)?;
+                base_cpuid = hyperv::patch_cpuid(&base_cpuid, &hv_config.cpuid());
+                Some(Arc::new(hv))
+            }
+            None => None,
         };
         for (index, vcpu) in vcpus.iter().enumerate() {
             let index = index as u32;
@@ -458,7 +529,7 @@ impl Vm {
             };
             let cpuid = cpu::cpuid_for_vcpu(&base_cpuid, index, config.vcpus);
             cpu::configure_vcpu(vcpu, &cpuid).map_err(vcpu_err)?;
-            if index == 0 {
+            if let (0, Some(entry)) = (index, entry) {
                 cpu::set_boot_state(vcpu, entry).map_err(vcpu_err)?;
             }
         }
@@ -493,6 +564,7 @@ impl Vm {
             gate: Arc::new(PauseGate::default()),
             memory: config.memory,
             started: std::time::Instant::now(),
+            time,
         })
     }
 
@@ -519,13 +591,52 @@ impl Vm {
         StopHandle(self.events.0.clone())
     }
 
-    /// Runs the guest until it powers off, resets, fails, or is stopped.
-    pub fn run(self) -> Result<ExitReason> {
+    /// Runs the guest until it powers off, resets, fails, is stopped, or is saved.
+    pub fn run(mut self) -> Result<ExitReason> {
         let _ = register_signal_handler(kick_signal(), on_kick);
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let (tx, rx) = &self.events;
+        let mut running = self.spawn_vcpus(vcpus, tx);
+        let reason = loop {
+            match rx.recv() {
+                Ok(Event::Exit(reason)) => break reason,
+                Ok(Event::Pause { paused, done }) => {
+                    let _ = done.send(self.gate.carry_out(paused, &running.threads));
+                }
+                Ok(Event::Save { request, done }) => {
+                    let vcpus = running.stop(&self.gate, false);
+                    let result = match vcpus {
+                        Some(vcpus) => save::save(&self.parts(), &vcpus, request),
+                        None => Err(SaveError::Failed {
+                            what: "a vCPU thread died".into(),
+                        }),
+                    };
+                    let saved = result.is_ok();
+                    let (ack, acked) = save::ack_pair();
+                    let _ = done.send(result.map(|report| (report, ack)));
+                    save::wait_for_ack(&acked, SAVE_ACK_WAIT);
+                    break if saved {
+                        ExitReason::Saved
+                    } else {
+                        ExitReason::TurnedOff
+                    };
+                }
+                Err(_) => break ExitReason::Stopped,
+            }
+        };
+        // Where a guest that had to be stopped from outside was: the clue to a hang.
+        running.stop(&self.gate, matches!(reason, ExitReason::Stopped));
+        if let Some(v) = &self.vmbus {
+            v.stop();
+        }
+        support::lock(&self.chipset.serial).flush();
+        self.console.close(CONSOLE_GRACE);
+        Ok(reason)
+    }
+
+    fn spawn_vcpus(&self, vcpus: Vec<VcpuFd>, events: &mpsc::Sender<Event>) -> Running {
         let stopping = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = self.events;
-        let threads: Vec<JoinHandle<String>> = self
-            .vcpus
+        let threads = vcpus
             .into_iter()
             .enumerate()
             .map(|(index, vcpu)| {
@@ -535,7 +646,7 @@ impl Vm {
                         HvExits::new(hv, self.partition.clone(), vmbus.host().clone())
                     }),
                     chipset: self.chipset.clone(),
-                    events: tx.clone(),
+                    events: events.clone(),
                     stopping: stopping.clone(),
                     gate: self.gate.clone(),
                 };
@@ -545,39 +656,45 @@ impl Vm {
                     .expect("spawn vCPU thread")
             })
             .collect();
-        let reason = loop {
-            match rx.recv() {
-                Ok(Event::Exit(reason)) => break reason,
-                Ok(Event::Pause { paused, done }) => {
-                    let _ = done.send(self.gate.carry_out(paused, &threads));
-                }
-                Err(_) => break ExitReason::Stopped,
-            }
-        };
-        drop(tx);
-        stopping.store(true, Ordering::SeqCst);
+        Running { threads, stopping }
+    }
+}
+
+/// The vCPU threads of a running VM.
+struct Running {
+    threads: Vec<JoinHandle<(VcpuFd, String)>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Stops every vCPU thread and hands back the vCPUs (None if a thread died); with
+    /// `report`, logs where each was. Stopping twice does nothing the second time.
+    fn stop(&mut self, gate: &PauseGate, report: bool) -> Option<Vec<VcpuFd>> {
+        self.stopping.store(true, Ordering::SeqCst);
         // A paused VM that is stopped: its vCPUs leave the gate and see `stopping`.
-        self.gate.resume();
+        gate.resume();
         // Kick every vCPU out of KVM_RUN until all threads have noticed.
-        for t in &threads {
+        for t in &self.threads {
             while !t.is_finished() {
                 let _ = t.kill(kick_signal());
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        for (index, t) in threads.into_iter().enumerate() {
-            let last = t.join().unwrap_or_default();
-            if matches!(reason, ExitReason::Stopped) {
-                // Where a guest that had to be stopped from outside was: the clue to a hang.
-                tracing::warn!("vCPU {index} was stopped at {last}");
+        let mut vcpus = Some(Vec::with_capacity(self.threads.len()));
+        for (index, t) in std::mem::take(&mut self.threads).into_iter().enumerate() {
+            match t.join() {
+                Ok((vcpu, last)) => {
+                    if report {
+                        tracing::warn!("vCPU {index} was stopped at {last}");
+                    }
+                    if let Some(v) = &mut vcpus {
+                        v.push(vcpu);
+                    }
+                }
+                Err(_) => vcpus = None,
             }
         }
-        if let Some(v) = &self.vmbus {
-            v.stop();
-        }
-        support::lock(&self.chipset.serial).flush();
-        self.console.close(CONSOLE_GRACE);
-        Ok(reason)
+        vcpus
     }
 }
 
@@ -591,8 +708,9 @@ struct VcpuContext {
 }
 
 impl VcpuContext {
-    /// Runs the vCPU until the VM stops; returns where the vCPU was (a register summary).
-    fn run(self, mut vcpu: VcpuFd) -> String {
+    /// Runs the vCPU until the VM stops; returns it, with where it was (a register summary),
+    /// its last exit completed in KVM so that its state can be saved.
+    fn run(self, mut vcpu: VcpuFd) -> (VcpuFd, String) {
         if let Some(hv) = &self.hv {
             hv.prepare_vcpu(&mut vcpu);
         }
@@ -605,10 +723,12 @@ impl VcpuContext {
                 vcpu::step(&mut vcpu, self.index, self.hv.as_ref(), &*self.chipset)
             {
                 self.finish(reason);
-                return String::new();
+                return (vcpu, String::new());
             }
         }
-        cpu::brief_registers(&vcpu)
+        kvm::state::complete_pending_exit(&mut vcpu);
+        let last = cpu::brief_registers(&vcpu);
+        (vcpu, last)
     }
 
     fn finish(&self, reason: ExitReason) {
@@ -620,10 +740,10 @@ impl VcpuContext {
 impl PauseGate {
     /// Pauses or resumes on the thread that runs the VM, which owns the vCPU threads: a pause
     /// kicks them out of KVM_RUN until each has parked.
-    fn carry_out(
+    fn carry_out<T>(
         &self,
         paused: bool,
-        threads: &[JoinHandle<String>],
+        threads: &[JoinHandle<T>],
     ) -> std::result::Result<(), PauseError> {
         match (paused, self.is_paused()) {
             (true, true) => return Err(PauseError::AlreadyPaused),
