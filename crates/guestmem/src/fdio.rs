@@ -71,7 +71,7 @@ enum Dir {
 impl GuestMemory {
     /// Host iovecs for the guest ranges `pieces` (`(gpa, len)`), each checked to lie inside
     /// one mapping of guest RAM.
-    fn iovecs(&self, pieces: &[(u64, usize)]) -> std::io::Result<Vec<libc::iovec>> {
+    pub(crate) fn iovecs(&self, pieces: &[(u64, usize)]) -> std::io::Result<Vec<libc::iovec>> {
         let mut iov = Vec::with_capacity(pieces.len());
         for &(gpa, len) in pieces {
             let out = || {

@@ -5,11 +5,13 @@
 //! The memory is shared with running vCPUs, so reads may race with guest writes; callers copy
 //! data out once, validate the copy, and never re-read a field they have validated.
 //!
-//! `unsafe` is confined to [`mapping`], which creates the 2 MiB-aligned anonymous mappings, and
-//! [`fdio`], which reads from a descriptor into guest pages.
+//! `unsafe` is confined to [`mapping`], which creates the 2 MiB-aligned anonymous mappings,
+//! [`fdio`], which moves bytes between a descriptor and guest pages, and [`uring`], which
+//! does so asynchronously through io_uring.
 
 mod fdio;
 mod mapping;
+pub mod uring;
 
 pub use fdio::MAX_PIECES;
 
