@@ -17,13 +17,21 @@ struct Op {
     /// The caller's tag, returned with the completion.
     tag: u64,
     /// What the kernel reads or writes through; not moved or freed until the completion.
-    _iov: Vec<libc::iovec>,
+    _iov: IoVecs,
     pieces: Vec<(u64, usize)>,
     fd: RawFd,
     offset: u64,
     write: bool,
     len: usize,
 }
+
+/// An operation's iovec array, owned by the ring until the kernel is done with it.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the iovecs point into guest RAM, which any thread may access (the mappings are
+// shared by design and kept alive by the ring's GuestMemory clone); the array itself is
+// owned and only read by the kernel.
+unsafe impl Send for IoVecs {}
 
 /// A ring of at most `entries` operations in flight (see the module docs).
 pub struct GuestRing {
@@ -35,6 +43,8 @@ pub struct GuestRing {
     entries: usize,
     /// Signalled by the kernel on each completion.
     event: OwnedFd,
+    /// Entries are queued that the kernel has not taken yet.
+    unsubmitted: bool,
 }
 
 impl std::fmt::Debug for GuestRing {
@@ -65,6 +75,7 @@ impl GuestRing {
             next: 0,
             entries: entries as usize,
             event,
+            unsubmitted: false,
         })
     }
 
@@ -97,17 +108,17 @@ impl GuestRing {
         if !self.has_room() || pieces.len() > crate::MAX_PIECES {
             return Err(std::io::ErrorKind::WouldBlock.into());
         }
-        let iov = self.mem.iovecs(pieces)?;
+        let iov = IoVecs(self.mem.iovecs(pieces)?);
         let len = pieces.iter().map(|p| p.1).sum();
         self.next += 1;
         let key = self.next;
         let raw = fd.as_raw_fd();
         let entry = if write {
-            opcode::Writev::new(types::Fd(raw), iov.as_ptr(), iov.len() as u32)
+            opcode::Writev::new(types::Fd(raw), iov.0.as_ptr(), iov.0.len() as u32)
                 .offset(offset)
                 .build()
         } else {
-            opcode::Readv::new(types::Fd(raw), iov.as_ptr(), iov.len() as u32)
+            opcode::Readv::new(types::Fd(raw), iov.0.as_ptr(), iov.0.len() as u32)
                 .offset(offset)
                 .build()
         }
@@ -136,19 +147,26 @@ impl GuestRing {
         // Should the kernel not take the entry now (EAGAIN, EBUSY), it stays queued: the
         // operation is in flight either way, and `pending_submission` tells the caller to
         // come back and `reap` submits it.
-        let _ = self.ring.submit();
+        self.push();
         Ok(())
     }
 
-    /// Whether queued entries still wait for the kernel to take them.
-    pub fn pending_submission(&mut self) -> bool {
-        !self.ring.submission().is_empty()
+    /// Hands queued entries to the kernel.
+    fn push(&mut self) {
+        let _ = self.ring.submit();
+        self.unsubmitted = !self.ring.submission().is_empty();
+    }
+
+    /// Whether queued entries still wait for the kernel to take them (call
+    /// [`GuestRing::reap`] again soon).
+    pub fn pending_submission(&self) -> bool {
+        self.unsubmitted
     }
 
     /// The completions that have arrived, as `(tag, result)`; clears the eventfd first.
     pub fn reap(&mut self, out: &mut Vec<(u64, std::io::Result<()>)>) {
-        if self.pending_submission() {
-            let _ = self.ring.submit();
+        if self.unsubmitted {
+            self.push();
         }
         let mut buf = [0u8; 8];
         // SAFETY: reads 8 bytes into a local buffer from the ring's own eventfd.

@@ -30,24 +30,11 @@ impl<'a> GuestBuffer<'a> {
     /// The guest ranges holding bytes `[at, at + len)` of the buffer, in order; an error if
     /// that runs past the buffer.
     fn window(&self, at: usize, len: usize, out: &mut Vec<(u64, usize)>) -> std::io::Result<()> {
-        out.clear();
         if at.checked_add(len).is_none_or(|end| end > self.len) {
+            out.clear();
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
-        let (mut skip, mut left) = (at, len);
-        for &(gpa, n) in self.pieces {
-            if left == 0 {
-                break;
-            }
-            if skip >= n {
-                skip -= n;
-                continue;
-            }
-            let take = (n - skip).min(left);
-            out.push((gpa + skip as u64, take));
-            left -= take;
-            skip = 0;
-        }
+        window(self.pieces, at, len, out);
         Ok(())
     }
 
@@ -66,6 +53,26 @@ impl<'a> GuestBuffer<'a> {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// The parts of `pieces` (`(gpa, len)`, in order) that hold bytes `[at, at + len)` of the
+/// buffer they make up, into `out` (cut short where the pieces end).
+pub fn window(pieces: &[(u64, usize)], at: usize, len: usize, out: &mut Vec<(u64, usize)>) {
+    out.clear();
+    let (mut skip, mut left) = (at, len);
+    for &(gpa, n) in pieces {
+        if left == 0 {
+            break;
+        }
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let take = (n - skip).min(left);
+        out.push((gpa + skip as u64, take));
+        left -= take;
+        skip = 0;
     }
 }
 

@@ -32,6 +32,7 @@ pub mod disk;
 pub mod inflight;
 pub mod protocol;
 mod save;
+mod uring;
 
 use guestmem::GuestMemory;
 use hvdef::storvsp::{self as sp, VstorPacket};
@@ -94,6 +95,9 @@ pub struct ControllerConfig {
     pub max_subchannels: u16,
     /// Name in logs and inspection.
     pub name: String,
+    /// Whether channels queue READ and WRITE in an io_uring each (if the kernel has one);
+    /// `VIRIDIAN_NO_IO_URING=1` turns it off.
+    pub io_uring: bool,
 }
 
 impl ControllerConfig {
@@ -102,6 +106,7 @@ impl ControllerConfig {
             instance_id,
             max_subchannels,
             name: "scsi0".into(),
+            io_uring: uring::enabled_by_env(),
         }
     }
 }
@@ -119,6 +124,8 @@ struct Counters {
     completions_deferred: AtomicU64,
     /// READs and WRITEs served straight between an image file and guest pages.
     direct_transfers: AtomicU64,
+    /// Of those, the ones carried out in a channel's io_uring.
+    uring_transfers: AtomicU64,
     rescans: AtomicU64,
 }
 
@@ -415,6 +422,18 @@ impl StorvspDevice {
         *support::lock(&self.shared.handshake)
     }
 
+    /// A channel's io_uring, unless the configuration or the kernel says no.
+    fn queue(&self) -> Option<uring::Queue> {
+        if !self.shared.config.io_uring {
+            return None;
+        }
+        uring::Queue::new(&self.shared.mem)
+            .map_err(|e| {
+                support::limited!(LOG, warn, error = %e, "storvsp: no io_uring, disk I/O is synchronous");
+            })
+            .ok()
+    }
+
     fn properties(&self) -> Properties {
         Properties {
             max_transfer_bytes: MAX_TRANSFER_BYTES,
@@ -452,6 +471,7 @@ impl vmbus::Device for StorvspDevice {
             recv: Vec::new(),
             data: Vec::new(),
             out: VecDeque::new(),
+            queue: self.queue(),
         }))
     }
 
@@ -544,6 +564,7 @@ impl vmbus::Device for StorvspDevice {
                 "medium_errors": n(&c.medium_errors),
                 "completions_deferred": n(&c.completions_deferred),
                 "direct_transfers": n(&c.direct_transfers),
+                "uring_transfers": n(&c.uring_transfers),
                 "rescans": n(&c.rescans),
             },
         })
@@ -630,6 +651,17 @@ struct Worker {
     data: Vec<u8>,
     /// Completions and host-initiated packets that are not in the ring yet.
     out: VecDeque<Outgoing>,
+    /// The channel's io_uring and the requests in it; `None`: synchronous I/O.
+    queue: Option<uring::Queue>,
+}
+
+/// What a guest packet gets.
+enum Reply {
+    Send(VstorPacket),
+    /// Nothing (a completion of ours, or a packet that asked for none).
+    Nothing,
+    /// Its completion, once its I/O in the channel's io_uring is done.
+    Later,
 }
 
 /// A packet for the guest.
@@ -676,17 +708,19 @@ impl Worker {
     fn run(&mut self, seq: u64, p: &vmbus::packet::Packet<'_>) {
         let ptype = p.packet_type();
         let ranges = (ptype == packet_type::DATA_USING_GPA_DIRECT).then(|| p.gpa_direct_ranges());
-        let reply = self.handle(ptype, p.completion_requested(), p.payload(), ranges);
+        let tag = (seq, p.transaction_id());
+        let reply = self.handle(ptype, p.completion_requested(), p.payload(), ranges, tag);
         let mut requests = self.registry.lock();
         match reply {
-            Some(packet) => {
+            Reply::Send(packet) => {
                 requests.executed(seq, packet);
                 self.out.push_back(Outgoing {
-                    request: Some((seq, p.transaction_id())),
+                    request: Some(tag),
                     packet,
                 });
             }
-            None => requests.done(seq),
+            Reply::Nothing => requests.done(seq),
+            Reply::Later => {}
         }
     }
 
@@ -732,7 +766,8 @@ impl Worker {
         completion_requested: bool,
         payload: &[u8],
         ranges: Option<Result<Vec<PagedRange>, vmbus::packet::PacketError>>,
-    ) -> Option<VstorPacket> {
+        tag: (u64, u64),
+    ) -> Reply {
         let shared = self.shared.clone();
         let c = &shared.counters;
         Counters::add(&c.requests, 1);
@@ -740,18 +775,18 @@ impl Worker {
             // Completions of our own ENUMERATE_BUS packets need no answer; anything else
             // that asks for one gets a refusal.
             if ptype == packet_type::COMPLETION || !completion_requested {
-                return None;
+                return Reply::Nothing;
             }
             Counters::add(&c.invalid_requests, 1);
             support::limited!(LOG, warn, ptype, "storvsp: packet type not supported");
-            return Some(protocol::complete(sp::status::NOT_SUPPORTED));
+            return Reply::Send(protocol::complete(sp::status::NOT_SUPPORTED));
         }
         let req = match protocol::parse(payload) {
             Ok(r) => r,
             Err(e) => {
                 Counters::add(&c.invalid_requests, 1);
                 support::limited!(LOG, warn, error = %e, "storvsp: bad request");
-                return Some(protocol::complete(e.status()));
+                return Reply::Send(protocol::complete(e.status()));
             }
         };
         let Request::ExecuteSrb(srb) = req else {
@@ -769,33 +804,37 @@ impl Worker {
                     );
                 }
             }
-            return Some(r.packet);
+            return Reply::Send(r.packet);
         };
         Counters::add(&c.srbs, 1);
         if !support::lock(&self.shared.handshake).ready() {
             Counters::add(&c.invalid_requests, 1);
             let mut p = SrbResult::invalid_request().packet(&srb);
             p.status = sp::status::INVALID_DEVICE_STATE;
-            return Some(p);
+            return Reply::Send(p);
         }
-        let result = self.execute(&srb, ranges);
+        let Some(result) = self.execute(&srb, ranges, tag) else {
+            return Reply::Later;
+        };
         if result.srb_status != sp::srb_status::SUCCESS {
             Counters::add(&c.srb_errors, 1);
         }
-        Some(result.packet(&srb))
+        Reply::Send(result.packet(&srb))
     }
 
+    /// Executes an SRB; `None`: its I/O is in the channel's io_uring.
     fn execute(
         &mut self,
         srb: &Srb,
         ranges: Option<Result<Vec<PagedRange>, vmbus::packet::PacketError>>,
-    ) -> SrbResult {
+        tag: (u64, u64),
+    ) -> Option<SrbResult> {
         let shared = self.shared.clone();
         let c = &shared.counters;
         let invalid = |e: BufferError| {
             Counters::add(&c.invalid_requests, 1);
             support::limited!(LOG, warn, error = %e, "storvsp: SRB data buffer refused");
-            SrbResult::invalid_request()
+            Some(SrbResult::invalid_request())
         };
         let Some(cdb) = srb.cdb() else {
             return invalid(BufferError::BadRanges);
@@ -823,13 +862,13 @@ impl Worker {
             return invalid(BufferError::Direction(srb.data_in));
         }
         let (target, present) = if srb.path_id == 0 && srb.target_id == 0 {
-            let t = &self.shared.target;
+            let t = &shared.target;
             (t, t.get(srb.lun).is_some())
         } else {
             (empty_target(), false)
         };
         if present {
-            if let Some(r) = self.execute_direct(srb, cdb, &pieces) {
+            if let Some(r) = self.execute_direct(srb, cdb, &pieces, tag) {
                 return r;
             }
         }
@@ -877,7 +916,7 @@ impl Worker {
             }
             Counters::add(&c.bytes_read, transferred as u64);
         }
-        SrbResult::from_scsi(&completion, present)
+        Some(SrbResult::from_scsi(&completion, present))
     }
 }
 
@@ -885,7 +924,13 @@ impl Worker {
     /// READ and WRITE on a disk whose medium has a `vhdx` disk: planned on the target and
     /// carried out straight between the image file and the guest pages. `None`: not such a
     /// command, the bounce path serves it.
-    fn execute_direct(&self, srb: &Srb, cdb: &[u8], pieces: &[(u64, usize)]) -> Option<SrbResult> {
+    fn execute_direct(
+        &mut self,
+        srb: &Srb,
+        cdb: &[u8],
+        pieces: &[(u64, usize)],
+        (seq, transaction_id): (u64, u64),
+    ) -> Option<Option<SrbResult>> {
         let cmd = scsi::Command::decode(cdb).ok()?;
         let write = match cmd {
             scsi::Command::Read { .. } => false,
@@ -893,7 +938,7 @@ impl Worker {
             _ => return None,
         };
         // The medium too: it holds a raw or VHD file's lock until the I/O is done.
-        let (disk, _medium, unit) = match support::lock_read(&self.shared.luns).get(&srb.lun) {
+        let (disk, medium, unit) = match support::lock_read(&self.shared.luns).get(&srb.lun) {
             Some(Lun::Disk(spec, unit)) => (spec.disk.clone()?, spec.medium.clone(), unit.clone()),
             _ => return None,
         };
@@ -911,18 +956,47 @@ impl Worker {
             Ok(None) => scsi::Completion::good(0),
             Ok(Some(io)) => {
                 Counters::add(&self.shared.counters.direct_transfers, 1);
-                let mut buf = buffer::GuestBuffer::new(&self.shared.mem, pieces, io.len);
-                let r = if io.write {
-                    disk.write_vectored(&buf, io.offset)
-                } else {
-                    disk.read_vectored(&mut buf, io.offset)
-                };
-                unit.complete_io(io, r.map_err(|e| medium_error(io.offset, e)))
+                let queued = self.queue.as_mut().map(|q| {
+                    q.submit(
+                        seq,
+                        transaction_id,
+                        *srb,
+                        io,
+                        unit.clone(),
+                        disk.clone(),
+                        medium,
+                        pieces,
+                    )
+                });
+                match queued {
+                    Some(Ok(uring::Submitted::InFlight)) => {
+                        Counters::add(&self.shared.counters.uring_transfers, 1);
+                        return Some(None);
+                    }
+                    Some(Err(c)) => c,
+                    Some(Ok(uring::Submitted::Declined)) | None => {
+                        let mut buf = buffer::GuestBuffer::new(&self.shared.mem, pieces, io.len);
+                        let r = if io.write {
+                            disk.write_vectored(&buf, io.offset)
+                        } else {
+                            disk.read_vectored(&mut buf, io.offset)
+                        };
+                        unit.complete_io(io, r.map_err(|e| medium_error(io.offset, e)))
+                    }
+                }
             }
         };
+        Some(Some(self.finish_direct(srb, completion)))
+    }
+
+    /// The result of a direct READ or WRITE once its medium access is over.
+    fn finish_direct(&self, srb: &Srb, completion: scsi::Completion) -> SrbResult {
         let completion = self.settle(srb.lun, completion);
         let c = &self.shared.counters;
-        let transferred = completion.transferred.min(len) as u64;
+        let transferred = completion
+            .transferred
+            .min(srb.data_transfer_length as usize) as u64;
+        let write = srb.data_in == sp::data_in::WRITE;
         Counters::add(
             if write {
                 &c.bytes_written
@@ -931,7 +1005,23 @@ impl Worker {
             },
             transferred,
         );
-        Some(SrbResult::from_scsi(&completion, true))
+        SrbResult::from_scsi(&completion, true)
+    }
+
+    /// Completes the requests whose io_uring operations are all done.
+    fn reap(&mut self) {
+        let Some(q) = self.queue.as_mut() else {
+            return;
+        };
+        for (seq, p, r) in q.reap() {
+            let completion = p.unit.complete_io(p.io, r);
+            let packet = self.finish_direct(&p.srb, completion).packet(&p.srb);
+            self.registry.lock().executed(seq, packet);
+            self.out.push_back(Outgoing {
+                request: Some((seq, p.transaction_id)),
+                packet,
+            });
+        }
     }
 
     /// Logs a backend failure (naming the file and offset) and carries out a FUA write's
@@ -980,6 +1070,7 @@ fn medium_error(offset: u64, e: vhdx::Error) -> scsi::MediumError {
 impl ChannelWorker for Worker {
     fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
         self.registry.wake.clear();
+        self.reap();
         if self.index == 0 && self.shared.rescan_pending.swap(false, Ordering::AcqRel) {
             self.shared.rescan.clear();
             // Only a guest past END_INIT has a SCSI host to rescan.
@@ -1028,6 +1119,17 @@ impl ChannelWorker for Worker {
         if self.index == 0 {
             fds.push(self.shared.rescan.as_fd());
         }
+        if let Some(q) = &self.queue {
+            fds.push(q.event_fd());
+        }
         fds
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        // Operations the kernel did not take at once are handed to it again soon.
+        self.queue
+            .as_ref()
+            .filter(|q| q.needs_poll())
+            .map(|_| Instant::now() + std::time::Duration::from_millis(1))
     }
 }

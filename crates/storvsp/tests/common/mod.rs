@@ -28,6 +28,12 @@ pub struct Rig {
 }
 
 pub fn rig(disks: Vec<(u8, DiskSpec)>, max_subchannels: u16) -> Rig {
+    rig_with(ControllerConfig::new(INSTANCE, max_subchannels), disks)
+}
+
+/// A rig whose controller has `config` (its instance id must be [`INSTANCE`] for
+/// [`Rig::open`]).
+pub fn rig_with(controller: ControllerConfig, disks: Vec<(u8, DiskSpec)>) -> Rig {
     let mem = GuestMemory::new(&[(0, MEM)]).unwrap();
     let synic = GuestSynic::new(64);
     let config = HostConfig {
@@ -38,12 +44,7 @@ pub fn rig(disks: Vec<(u8, DiskSpec)>, max_subchannels: u16) -> Rig {
         ..Default::default()
     };
     let host = VmbusHost::start(config, mem.clone(), synic.clone()).unwrap();
-    let dev = StorvspDevice::new(
-        ControllerConfig::new(INSTANCE, max_subchannels),
-        mem.clone(),
-        disks,
-    )
-    .unwrap();
+    let dev = StorvspDevice::new(controller, mem.clone(), disks).unwrap();
     host.add_device(dev.clone()).unwrap();
     let mut client = Client::new(
         ThreadedTransport::new(host.clone(), synic.clone()),
