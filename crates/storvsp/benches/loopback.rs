@@ -1,8 +1,10 @@
 //! Loopback storvsp throughput: guest threads play storvsc over the real VMBus host (one
 //! worker thread per channel) against a raw image in tmpfs, with no VM and no vCPU.
-//! 4 KiB random reads and writes, 32 requests outstanding per channel, on one channel and on
-//! four, through the direct path (vectored I/O straight into guest pages) and the bounce-buffer
-//! path (the same image as a plain medium, as before the direct path existed).
+//! 4 KiB random reads and writes with 32 requests outstanding per channel, and 256 KiB
+//! sequential reads with 4, on one channel and on four, three ways: `uring` (each channel's
+//! io_uring, vectored straight into guest pages), `sync` (the same vectored I/O on the worker
+//! thread, as with `VIRIDIAN_NO_IO_URING=1`) and `bounce` (the image as a plain medium through
+//! the worker's bounce buffer, as before the direct path existed).
 //!
 //! Run: `cargo bench -p storvsp --bench loopback`. Besides criterion's requests per second
 //! (wall clock), each case prints requests per CPU-second of the whole process (guest threads
@@ -20,8 +22,8 @@ use storvsp::DiskSpec;
 use vmbus::PagedRange;
 use zerocopy::IntoBytes;
 
-/// Requests each channel keeps outstanding.
-const QUEUE_DEPTH: u64 = 32;
+/// Guest pages each channel's outstanding requests use between them.
+const POOL_PAGES: u64 = 256;
 /// The image: 256 MiB of 4 KiB blocks.
 const BLOCKS: u64 = 65536;
 
@@ -46,18 +48,37 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-fn setup(channels: u16, direct: bool) -> Setup {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Uring,
+    Sync,
+    Bounce,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Uring => "uring",
+            Mode::Sync => "sync",
+            Mode::Bounce => "bounce",
+        }
+    }
+}
+
+fn setup(channels: u16, mode: Mode) -> Setup {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let path = raw_disk(dir.path(), "bench.img", BLOCKS * 4096);
     // Touch every block so reads hit tmpfs pages, not holes.
     std::fs::write(&path, vec![0x5a; (BLOCKS * 4096) as usize]).unwrap();
     let spec = DiskSpec::open(&path, None, false).unwrap();
-    let spec = if direct {
-        spec
-    } else {
+    let spec = if mode == Mode::Bounce {
         DiskSpec::from_medium(spec.medium.clone(), spec.path.clone(), "raw")
+    } else {
+        spec
     };
-    let mut rig = rig(vec![(0, spec)], channels - 1);
+    let mut config = storvsp::ControllerConfig::new(INSTANCE, channels - 1);
+    config.io_uring = mode == Mode::Uring;
+    let mut rig = rig_with(config, vec![(0, spec)]);
     let mut g = rig.open(0, 64);
     g.handshake(&[0x0602]);
     if channels > 1 {
@@ -88,35 +109,67 @@ fn setup(channels: u16, direct: bool) -> Setup {
     }
 }
 
-/// Runs `n` 4 KiB requests on one channel, `QUEUE_DEPTH` outstanding, at pseudo-random
-/// LBAs; each outstanding slot has its own guest page.
-fn drive(g: &mut Guest, n: u64, write: bool, seed: u64) {
+/// One benchmark's requests.
+#[derive(Clone, Copy)]
+struct Load {
+    write: bool,
+    /// Pages per request (1: 4 KiB at random LBAs; more: sequential).
+    pages: u64,
+}
+
+impl Load {
+    fn depth(self) -> u64 {
+        (POOL_PAGES / self.pages).min(32)
+    }
+
+    fn name(self) -> String {
+        let op = if self.write { "write" } else { "read" };
+        if self.pages == 1 {
+            format!("{op}-4k-random-qd{}", self.depth())
+        } else {
+            format!("{op}-{}k-seq-qd{}", self.pages * 4, self.depth())
+        }
+    }
+}
+
+/// Runs `n` requests of `load` on one channel, `load.depth()` outstanding, each slot on its
+/// own guest pages.
+fn drive(g: &mut Guest, n: u64, load: Load, seed: u64) {
+    let depth = load.depth();
     let mut x = seed | 1;
+    let mut seq = 0u64;
     let mut next_lba = move || {
+        if load.pages > 1 {
+            seq = (seq + load.pages * 8) % (BLOCKS * 8);
+            return seq;
+        }
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         (x % BLOCKS) * 8
     };
-    let (op, dir) = if write {
+    let (op, dir) = if load.write {
         (0x2a, sp::data_in::WRITE)
     } else {
         (0x28, sp::data_in::READ)
     };
+    let len = (load.pages * 4096) as u32;
     let send = |g: &mut Guest, id: u64, lba: u64| {
-        let mut cdb = [op, 0, 0, 0, 0, 0, 0, 0, 8, 0];
+        let mut cdb = [op, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         cdb[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
+        cdb[7..9].copy_from_slice(&((load.pages * 8) as u16).to_be_bytes());
+        let first = ((id % depth) * load.pages) as usize;
         let range = PagedRange {
             byte_offset: 0,
-            byte_count: 4096,
-            pfns: vec![g.pages[(id % QUEUE_DEPTH) as usize]],
+            byte_count: len,
+            pfns: g.pages[first..first + load.pages as usize].to_vec(),
         };
         let h = vmbus::packet::gpa_direct_header(&[range]);
-        let p = g.srb_packet(0, &cdb, dir, 4096);
+        let p = g.srb_packet(0, &cdb, dir, len);
         g.send(id, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
     };
     let mut sent = 0;
-    while sent < n.min(QUEUE_DEPTH) {
+    while sent < n.min(depth) {
         send(g, sent, next_lba());
         sent += 1;
     }
@@ -125,7 +178,7 @@ fn drive(g: &mut Guest, n: u64, write: bool, seed: u64) {
         let id = p.transaction_id;
         if sent < n {
             // The completed request's slot (id % depth) is free for the next one.
-            send(g, id + QUEUE_DEPTH, next_lba());
+            send(g, id + depth, next_lba());
             sent += 1;
         }
     }
@@ -134,20 +187,29 @@ fn drive(g: &mut Guest, n: u64, write: bool, seed: u64) {
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("storvsp_4k_random");
     group.sample_size(10);
-    group.measurement_time(Duration::from_secs(4));
+    group.measurement_time(Duration::from_secs(3));
     group.warm_up_time(Duration::from_secs(1));
     group.throughput(Throughput::Elements(1));
     let mut summary = Vec::new();
+    let loads = [
+        Load {
+            write: false,
+            pages: 1,
+        },
+        Load {
+            write: true,
+            pages: 1,
+        },
+        Load {
+            write: false,
+            pages: 64,
+        },
+    ];
     for channels in [1u16, 4] {
-        for direct in [true, false] {
-            let mut s = setup(channels, direct);
-            for write in [false, true] {
-                let name = format!(
-                    "{}-{}ch-{}",
-                    if write { "write" } else { "read" },
-                    channels,
-                    if direct { "direct" } else { "bounce" }
-                );
+        for mode in [Mode::Uring, Mode::Sync, Mode::Bounce] {
+            let mut s = setup(channels, mode);
+            for load in loads {
+                let name = format!("{}-{}ch-{}", load.name(), channels, mode.name());
                 let (mut reqs, mut cpu, mut wall) = (0u64, Duration::ZERO, Duration::ZERO);
                 group.bench_function(BenchmarkId::from_parameter(&name), |b| {
                     b.iter_custom(|iters| {
@@ -156,7 +218,7 @@ fn bench(c: &mut Criterion) {
                         let (c0, t0) = (cpu_time(), Instant::now());
                         std::thread::scope(|sc| {
                             for (i, g) in s.guests.iter_mut().enumerate() {
-                                sc.spawn(move || drive(g, per, write, 0x9e37 + i as u64));
+                                sc.spawn(move || drive(g, per, load, 0x9e37 + i as u64));
                             }
                         });
                         let el = t0.elapsed();
@@ -167,7 +229,7 @@ fn bench(c: &mut Criterion) {
                     })
                 });
                 summary.push(format!(
-                    "{name:>22}: {:>9.0} requests/s wall, {:>9.0} per CPU-second ({:.2} cores busy)",
+                    "{name:>32}: {:>8.0} requests/s wall, {:>8.0} per CPU-second ({:.2} cores busy)",
                     reqs as f64 / wall.as_secs_f64(),
                     reqs as f64 / cpu.as_secs_f64(),
                     cpu.as_secs_f64() / wall.as_secs_f64()
@@ -177,7 +239,7 @@ fn bench(c: &mut Criterion) {
         }
     }
     group.finish();
-    println!("\nstorvsp loopback, 4 KiB random, queue depth {QUEUE_DEPTH} per channel:");
+    println!("\nstorvsp loopback, raw image in tmpfs:");
     for l in summary {
         println!("{l}");
     }
