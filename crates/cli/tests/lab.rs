@@ -209,6 +209,22 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
         r.console
     );
     assert!(g("svc_status").starts_with("Shut_down"), "{}", r.console);
+    // cgroup v2 for real (L1 mounts cgroup2): the worker runs in its VM's group under
+    // viridian.slice with the limits of its settings, which change while it runs, and the
+    // group goes with the worker.
+    assert!(
+        g("svc_cgroup").starts_with("/viridian.slice/vm-"),
+        "{}",
+        r.console
+    );
+    assert_eq!(
+        g("svc_cg"),
+        format!("max_100000,100,{},", (512u64 + 256) << 20),
+        "cpu.max, cpu.weight, memory.max\n{}",
+        r.console
+    );
+    assert_eq!(g("svc_cg_set"), "50000_100000,200,", "{}", r.console);
+    assert_eq!(g("svc_cg_removed"), "1", "{}", r.console);
     assert!(r.guest.contains_key("orderly_poweroff"), "{}", r.console);
     // A guest panic reaches the worker through the crash MSRs; panic=-1 then resets the VM.
     let p = run.scenario("hv-panic").expect("hv-panic did not run");

@@ -432,6 +432,7 @@ impl Scenario {
             Vmm::Viridian if self.system_disk => self.system_command(),
             Vmm::Viridian if self.service => format!(
                 "S=/tmp/svc-{name}; rm -rf $S; mkdir -p $S; \
+                 grep -q cgroup2 /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup; \
                  viridiand --state-dir $S/state --socket $S/d.sock >$S/d.log 2>&1 & d=$!; \
                  i=0; until [ -S $S/d.sock ] || [ $i -ge 100 ]; do sleep 0.2; i=$((i+1)); done; \
                  export VIRIDIAN_SOCKET=$S/d.sock; \
@@ -442,9 +443,17 @@ impl Scenario {
                  i=0; until grep -q 'VIRIDIAN-GUEST ready' $c 2>/dev/null || [ $i -ge 600 ]; do sleep 1; i=$((i+1)); done; \
                  i=0; until [ \"$(field heartbeat)\" = OK ] || [ $i -ge 30 ]; do sleep 1; i=$((i+1)); done; \
                  echo VIRIDIAN-GUEST svc_heartbeat=$(field heartbeat); \
+                 p=$(viridian vm get {name} --json | sed -n \"s/^  \\\"pid\\\": \\([0-9]*\\).*/\\1/p\"); \
+                 g=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/$p/cgroup); \
+                 echo VIRIDIAN-GUEST svc_cgroup=${{g#/sys/fs/cgroup}}; \
+                 cg() {{ for f in \"$@\"; do printf '%s,' \"$(tr ' ' _ < $g/$f)\"; done; }}; \
+                 echo VIRIDIAN-GUEST svc_cg=$(cg cpu.max cpu.weight memory.max); \
+                 viridian vm set {name} --cpu-limit 50 --cpu-weight 200 >/dev/null; \
+                 echo VIRIDIAN-GUEST svc_cg_set=$(cg cpu.max cpu.weight); \
                  timeout 5 viridian vm console {name} --read-only </dev/null >$S/view 2>&1; \
                  echo VIRIDIAN-GUEST svc_console=$(grep -c 'VIRIDIAN-GUEST ready' $S/view); \
                  viridian vm stop {name} >/dev/null; \
+                 [ -d $g ] || echo VIRIDIAN-GUEST svc_cg_removed=1; \
                  echo VIRIDIAN-GUEST svc_states=$(sed -n \"s/.*VM '{name}' is \\([A-Z][A-Za-z]*\\):.*/\\1/p\" $S/d.log | tr '\\n' ','); \
                  echo VIRIDIAN-GUEST svc_status=$(field status | tr ' ' '_'); \
                  cat $c; kill $d; wait $d; exit 0",
