@@ -52,6 +52,17 @@ enum SwitchCommand {
     /// Re-create every defined switch (after a reboot; what viridian-switches.service runs).
     /// Existing bridges are reconciled, not duplicated.
     Apply,
+    /// Make an existing interface (another VMM's TAP, a veth) a port of the switch, with a
+    /// VLAN setting, and bring it up. Viridian's own NICs are attached by `--nic`.
+    Connect {
+        name: String,
+        interface: String,
+        /// An access VLAN id, `untagged` (the default), or `trunk:ID,ID...[;native=ID]`.
+        #[arg(long)]
+        vlan: Option<String>,
+    },
+    /// Take an interface off the switch.
+    Disconnect { name: String, interface: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,6 +154,25 @@ pub fn main(args: SwitchArgs) -> anyhow::Result<i32> {
                 println!("No switches are defined in {}", dir.display());
             }
             Ok(if failed == 0 { 0 } else { 1 })
+        }
+        SwitchCommand::Connect {
+            name,
+            interface,
+            vlan,
+        } => {
+            let vlan = vlan
+                .map(|v| crate::nic::parse_vlan(&v))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--vlan: {e}"))?
+                .unwrap_or_default();
+            vswitch::attach(&dir, &name, &interface, vswitch::PortSettings { vlan })?;
+            println!("{interface} is a port of switch {name}");
+            Ok(0)
+        }
+        SwitchCommand::Disconnect { name, interface } => {
+            vswitch::detach(&dir, &name, &interface)?;
+            println!("{interface} is off switch {name}");
+            Ok(0)
         }
     }
 }
@@ -388,7 +418,16 @@ mod tests {
 
             // A port keeps a switch unless forced.
             net.add_port("tap0");
-            vswitch::attach(state.path(), "lab", "tap0", Default::default()).unwrap();
+            // Another VMM's TAP joins and leaves through connect and disconnect.
+            assert_eq!(go(&["connect", "lab", "tap0"]), Ok(0));
+            assert_eq!(net.link("tap0").unwrap().master.as_deref(), Some("vs-lab"));
+            assert_eq!(go(&["disconnect", "lab", "tap0"]), Ok(0));
+            assert_eq!(net.link("tap0").unwrap().master, None);
+            let err = go(&["connect", "lab", "tap0", "--vlan", "x"]).unwrap_err();
+            assert!(err.contains("--vlan: \"x\" is not a VLAN id"), "{err}");
+            let err = go(&["connect", "nosuch", "tap0"]).unwrap_err();
+            assert!(err.contains("no switch named"), "{err}");
+            assert_eq!(go(&["connect", "lab", "tap0"]), Ok(0));
             let err = go(&["remove", "lab"]).unwrap_err();
             assert!(err.contains("tap0") && err.contains("force"), "{err}");
             assert_eq!(go(&["remove", "lab", "--force"]), Ok(0));
