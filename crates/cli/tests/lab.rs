@@ -686,3 +686,60 @@ fn netvsc_guests_talk_over_virtual_switches() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Guest-to-guest TCP throughput over a Private switch in L1: Debian's hv_netvsc on Viridian
+/// against virtio-net on QEMU with the same TAP and bridge, vhost=off and vhost=on (one L1
+/// boot). A benchmark, not a pass/fail test: `cargo test --release -p cli --test lab --
+/// --ignored network_throughput --nocapture`. VIRIDIAN_BENCH_ROUNDS (default 2) and
+/// VIRIDIAN_BENCH_MIB (default 100) size it.
+#[test]
+#[ignore = "benchmark; run with --ignored"]
+fn network_throughput_against_qemu() {
+    use lab::network::{transfer, NetVmm};
+    let Some(lab) = lab() else { return };
+    let env = |k: &str, d: u32| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, mib) = (
+        env("VIRIDIAN_BENCH_ROUNDS", 2),
+        env("VIRIDIAN_BENCH_MIB", 100),
+    );
+    let vmms = [
+        ("viridian", NetVmm::Viridian),
+        ("qemu-vhost-off", NetVmm::Qemu { vhost: false }),
+        ("qemu-vhost-on", NetVmm::Qemu { vhost: true }),
+    ];
+    let mut scenarios = vec![];
+    for round in 0..rounds {
+        for (tag, vmm) in vmms {
+            scenarios.push(transfer(&format!("{tag}-{round}"), vmm, mib));
+        }
+    }
+    let run = lab
+        .run(&scenarios, &mut std::io::stderr())
+        .expect("lab run");
+    println!("{mib} MiB guest to guest over a Private switch, TCP (busybox nc), L1 seconds:");
+    for (tag, _) in vmms {
+        let mut line = format!("  {tag:<15}");
+        for s in run
+            .scenarios
+            .iter()
+            .filter(|s| s.name.starts_with(&format!("{tag}-")))
+        {
+            let g = |k: &str| s.guest.get(k).map(String::as_str).unwrap_or("");
+            let secs: f64 = g("a_tx_seconds").parse().unwrap_or(f64::NAN);
+            let intact = g("a_tx_md5").len() == 32 && g("a_tx_md5") == g("b_rx_md5");
+            let crashed = s.console.contains("triple-faulted") || s.exit_code != 0;
+            line.push_str(&format!(
+                "  {secs:6.1} s ({:4.1} MiB/s{}{})",
+                f64::from(mib) / secs,
+                if intact { "" } else { ", data NOT intact" },
+                if crashed { ", FAILED" } else { "" }
+            ));
+        }
+        println!("{line}");
+    }
+}

@@ -35,6 +35,7 @@ pub const L1_MODULES: &[&str] = &[
     "nft_chain_nat",
     "nft_masq",
     "nft_ct",
+    "vhost_net",
 ];
 
 /// The Default Switch's helpers for L1, from Debian's packages (their libraries come from this
@@ -52,9 +53,9 @@ pub(crate) fn l1_tools(cache: &Cache) -> Result<Vec<(String, PathBuf)>> {
     ])
 }
 
-/// L2 modules for the network scenarios: the NIC driver, and a bridge to send from a foreign
-/// MAC address.
-pub const L2_MODULES: &[&str] = &["hv_netvsc", "bridge"];
+/// L2 modules for the network scenarios: the NIC driver, a bridge to send from a foreign MAC
+/// address, and QEMU's virtio-net for the comparison ([`transfer`]).
+pub const L2_MODULES: &[&str] = &["hv_netvsc", "bridge", "virtio_pci", "virtio_net"];
 
 /// What the guest's `/init` runs for `viridian.scenario=net` (as `/net.sh`), after loading
 /// every module. Its parameters come from the kernel command line:
@@ -118,15 +119,8 @@ send_to() {
 }
 # Listens on port $1 and prints what arrives (stdin stays open, so nc does not hang up first).
 listen() { rm -f /tmp/hold$1; mkfifo /tmp/hold$1; nc -l -p $1 <>/tmp/hold$1; }
-set -- $NICS
-case "$ROLE" in
-tx)
-  d0=$(nic_up $1); d1=$(nic_up $2)
-  k up=$d0,$d1
-  k driver=$(basename $(readlink /sys/class/net/$d0/device/driver))
-  k mtu=$(cat /sys/class/net/$d0/mtu)
-  reach $PEER 60 ping_peer
-  reach $HOSTIP 30 ping_host
+# Sends $MIB MiB of random data to port 5001 of the peer, timed.
+transfer() {
   dd if=/dev/urandom of=/tmp/blob bs=1M count=$MIB 2>/dev/null
   k tx_md5=$(md5sum < /tmp/blob | cut -c1-32)
   t0=$(now)
@@ -134,6 +128,29 @@ tx)
   t1=$(now)
   k tx_seconds=$(awk "BEGIN {print $t1 - $t0}")
   rm -f /tmp/blob
+}
+set -- $NICS
+case "$ROLE" in
+send)
+  d0=$(nic_up $1)
+  k up=$d0
+  k driver=$(basename $(readlink /sys/class/net/$d0/device/driver))
+  reach $PEER 60 ping_peer
+  transfer
+  ;;
+recv)
+  d0=$(nic_up $1)
+  k up=$d0
+  k rx_md5=$(listen 5001 | md5sum | cut -c1-32)
+  ;;
+tx)
+  d0=$(nic_up $1); d1=$(nic_up $2)
+  k up=$d0,$d1
+  k driver=$(basename $(readlink /sys/class/net/$d0/device/driver))
+  k mtu=$(cat /sys/class/net/$d0/mtu)
+  reach $PEER 60 ping_peer
+  reach $HOSTIP 30 ping_host
+  transfer
   # The peer says when its cable is back; then send from a foreign MAC through a bridge.
   echo go | send_to $PEER 5003 180
   ip addr del ${1##*=} dev $d0
@@ -210,8 +227,12 @@ const VLAN_D: [&str; 2] = ["00:15:5d:4e:00:0d", "00:15:5d:4e:01:0d"];
 pub const HOST_ADDRESS: &str = "10.8.0.1";
 
 /// The L1 side's shell helpers: `start NAME CPUS NICS... -- CMDLINE` starts a guest in the
-/// background (serial console in /tmp/NAME.log, its pid in $NAME); `await NAME TEXT SECS`
-/// waits until the guest printed TEXT; `show` prints every guest's console with its name in
+/// background (serial console in /tmp/NAME.log, its pid in $NAME); `qstart NAME CPUS SWITCH
+/// MAC VHOST -- CMDLINE` starts it under QEMU instead, with a virtio-net NIC on a TAP that
+/// `viridian switch connect` makes an untagged port of the switch; `fresh SWITCH...` removes
+/// switches a scenario that ran out of time left behind; `await NAME TEXT SECS`
+/// waits until the guest printed TEXT (or its VMM exited); `reap NAME SECS` gives a guest SECS
+/// to finish, then stops it, and returns its VMM's exit status; `show` prints every guest's console with its name in
 /// front (at the end, so the consoles of guests running together do not interleave), also
 /// when the scenario's time runs out.
 fn prelude(memory_mib: u64, guests: &[&str]) -> String {
@@ -221,8 +242,15 @@ fn prelude(memory_mib: u64, guests: &[&str]) -> String {
          start() {{ n=$1; cpus=$2; shift 2; nics=; while [ \"$1\" != -- ]; do nics=\"$nics --nic $1\"; shift; done; shift; rm -f /tmp/$n.log; \
            viridian run --name $n --serial /tmp/$n.log --kernel /l2/vmlinuz-cloud --initrd /l2/initrd.cpio --cpus $cpus --memory {memory_mib}M $nics \
            --cmdline \"console=ttyS0 panic=-1 quiet viridian.scenario=net $*\" >/dev/null 2>/tmp/$n.err & eval $n=$!; }}; \
-         await() {{ i=0; until grep -q \"$2\" /tmp/$1.log 2>/dev/null || [ $i -ge $3 ]; do sleep 1; i=$((i+1)); done; grep -q \"$2\" /tmp/$1.log 2>/dev/null; }}; \
+         qstart() {{ n=$1; cpus=$2; sw=$3; mac=$4; vhost=$5; shift 6; t=q$n; rm -f /tmp/$n.log; \
+           qemu-system-x86_64 -L /usr/share/qemu -enable-kvm -cpu host -M pc -m {memory_mib} -smp $cpus -nodefaults -no-user-config -display none \
+           -serial file:/tmp/$n.log -no-reboot -kernel /l2/vmlinuz-cloud -initrd /l2/initrd.cpio -append \"console=ttyS0 panic=-1 quiet viridian.scenario=net $*\" \
+           -netdev tap,id=n0,ifname=$t,script=no,downscript=no,vhost=$vhost -device virtio-net-pci,netdev=n0,mac=$mac,romfile= >/dev/null 2>/tmp/$n.err & eval $n=$!; \
+           i=0; while [ ! -e /sys/class/net/$t ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done; viridian switch connect $sw $t >/dev/null; }}; \
+         await() {{ i=0; until grep -q \"$2\" /tmp/$1.log 2>/dev/null || ! kill -0 $(eval echo \\$$1) 2>/dev/null || [ $i -ge $3 ]; do sleep 1; i=$((i+1)); done; grep -q \"$2\" /tmp/$1.log 2>/dev/null; }}; \
+         reap() {{ p=$(eval echo \\$$1); i=0; while kill -0 $p 2>/dev/null && [ $i -lt $2 ]; do sleep 1; i=$((i+1)); done; kill $p 2>/dev/null; wait $p; }}; \
          show() {{ for n in {names}; do sed \"s/^/[$n] /\" /tmp/$n.log 2>/dev/null; sed \"s/^/[$n] viridian: /\" /tmp/$n.err 2>/dev/null; done; }}; \
+         fresh() {{ for s in \"$@\"; do viridian switch remove $s --force >/dev/null 2>&1; done; }}; \
          ports() {{ echo \"LAB-PORTS-$1 $(viridian switch list --json | tr -d '\\n')\"; }}; \
          trap 'kill {names_pids} 2>/dev/null; sleep 2; show; exit 124' TERM; ",
         names_pids = guests
@@ -247,7 +275,7 @@ pub fn private(name: &str, mib: u32) -> Scenario {
     let (a0, a1, b0) = (PRIVATE_A[0], PRIVATE_A[1], PRIVATE_B);
     let script = format!(
         "{prelude}\
-         viridian switch new priv --type private && viridian switch new lab --type internal --host-address {HOST_ADDRESS}/24 || echo LAB-ERROR no switches; \
+         fresh priv lab; viridian switch new priv --type private && viridian switch new lab --type internal --host-address {HOST_ADDRESS}/24 || echo LAB-ERROR no switches; \
          start neta 1 switch=priv,mac={a0} switch=lab,mac={a1} -- viridian.id=a viridian.role=tx viridian.ip={a0}=10.9.0.10/24 viridian.ip={a1}=10.8.0.10/24 viridian.peer=10.9.0.11 viridian.hostip={HOST_ADDRESS} viridian.mib={mib}; \
          start netb 2 switch=priv,mac={b0} -- viridian.id=b viridian.role=rx viridian.ip={b0}=10.9.0.11/24 viridian.peer=10.9.0.10; \
          await neta a_up= 120 && ports running; \
@@ -274,7 +302,7 @@ pub fn vlan(name: &str, vlan_filtering: bool) -> Scenario {
     };
     let script = format!(
         "{prelude}\
-         viridian switch new vl --type private || echo LAB-ERROR no switch; \
+         fresh vl default; viridian switch new vl --type private || echo LAB-ERROR no switch; \
          grep -q '^nobody:' /etc/passwd 2>/dev/null || echo 'nobody:x:65534:65534:nobody:/:/bin/false' >> /etc/passwd; \
          grep -q '^nogroup:' /etc/group 2>/dev/null || printf 'nogroup:x:65534:\\ndip:x:30:\\n' >> /etc/group; \
          start netc 1 switch=vl,mac={c0}{v10} -- viridian.id=c viridian.role=vlan-c viridian.ip={c0}=10.10.0.12/24 viridian.peer=10.10.0.13 viridian.hotmac={c1}; \
@@ -289,6 +317,51 @@ pub fn vlan(name: &str, vlan_filtering: bool) -> Scenario {
         prelude = prelude(384, &["netc", "netd"]),
     );
     scenario(name, script)
+}
+
+/// What runs the guests of [`transfer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetVmm {
+    /// Viridian, the guests' hv_netvsc on netvsp.
+    Viridian,
+    /// QEMU with virtio-net on a TAP, its data path in QEMU's own thread (vhost=off) or in
+    /// the host kernel (vhost=on).
+    Qemu { vhost: bool },
+}
+
+/// Two guests with 1 vCPU each on a Private switch; `a` sends `mib` MiB to `b` over TCP
+/// (`a_tx_seconds`, `a_tx_md5`, `b_rx_md5`): the throughput comparison.
+pub fn transfer(name: &str, vmm: NetVmm, mib: u32) -> Scenario {
+    let (a0, b0) = (PRIVATE_A[0], PRIVATE_B);
+    let a = format!("viridian.id=a viridian.role=send viridian.ip={a0}=10.9.0.10/24 viridian.peer=10.9.0.11 viridian.mib={mib}");
+    let b = format!("viridian.id=b viridian.role=recv viridian.ip={b0}=10.9.0.11/24");
+    let (start_a, start_b) = match vmm {
+        NetVmm::Viridian => (
+            format!("start neta 1 switch=priv,mac={a0} -- {a}"),
+            format!("start netb 1 switch=priv,mac={b0} -- {b}"),
+        ),
+        NetVmm::Qemu { vhost } => {
+            let v = if vhost { "on" } else { "off" };
+            (
+                format!("qstart neta 1 priv {a0} {v} -- {a}"),
+                format!("qstart netb 1 priv {b0} {v} -- {b}"),
+            )
+        }
+    };
+    let script = format!(
+        "{prelude}\
+         fresh priv; viridian switch new priv --type private >/dev/null || echo LAB-ERROR no switch; \
+         {start_b}; {start_a}; \
+         wait $neta; ra=$?; reap netb 60; rb=$?; show; \
+         viridian switch remove priv --force >/dev/null; exit $((ra | rb))",
+        prelude = prelude(512, &["neta", "netb"]),
+    );
+    let mut s = scenario(name, script);
+    if vmm != NetVmm::Viridian {
+        // So that L1 carries QEMU and its firmware.
+        s.vmm = Vmm::QemuPc;
+    }
+    s
 }
 
 impl crate::Lab {
@@ -321,7 +394,13 @@ mod tests {
     #[test]
     fn scripts_parse() {
         parses(L2_NET);
-        for s in [private("p", 100), vlan("v", true), vlan("v", false)] {
+        for s in [
+            private("p", 100),
+            vlan("v", true),
+            vlan("v", false),
+            transfer("t", NetVmm::Viridian, 8),
+            transfer("t", NetVmm::Qemu { vhost: true }, 8),
+        ] {
             let script = s.command();
             parses(&script);
             assert!(script.contains("viridian.scenario=net"), "{script}");
@@ -334,5 +413,12 @@ mod tests {
             "{untagged}"
         );
         assert!(private("p", 7).command().contains("viridian.mib=7"));
+        let q = transfer("t", NetVmm::Qemu { vhost: false }, 8);
+        assert_eq!(q.vmm, Vmm::QemuPc);
+        let q = q.command();
+        assert!(
+            q.contains("qstart neta 1 priv") && q.contains(" off -- "),
+            "{q}"
+        );
     }
 }
