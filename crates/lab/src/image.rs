@@ -226,11 +226,12 @@ pub const L2_OS_RELEASE: &str = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\
 
 /// The L2 guest's initramfs, with the Hyper-V modules of each kernel under
 /// `/lib/modules/VERSION/` and their load order in `load-order`, and `programs` (path in the
-/// image, host path) with their shared libraries.
+/// image, host path) with their shared libraries (looked for in `lib_dirs` before the host's).
 pub fn l2_initramfs(
     busybox: &Path,
     kernels: &[&crate::Kernel],
     programs: &[(String, std::path::PathBuf)],
+    lib_dirs: &[std::path::PathBuf],
     out: &Path,
 ) -> Result<()> {
     let mut a = Archive::new();
@@ -239,7 +240,8 @@ pub fn l2_initramfs(
     a.file("sbin/poweroff", 0o755, L2_POWEROFF.as_bytes());
     a.file("etc/os-release", 0o644, L2_OS_RELEASE.as_bytes());
     a.file("net.sh", 0o644, crate::network::L2_NET.as_bytes());
-    add_programs(&mut a, programs, &[])?;
+    a.file("bench.sh", 0o644, crate::netbench::L2_BENCH.as_bytes());
+    add_programs(&mut a, programs, &[], lib_dirs)?;
     a.dir("lib/modules");
     for k in kernels {
         let dir = format!("lib/modules/{}", k.version);
@@ -274,6 +276,9 @@ pub struct L1Contents<'a> {
     pub programs: Vec<(String, std::path::PathBuf)>,
     /// Plain files: (path in image, host path).
     pub files: Vec<(String, std::path::PathBuf)>,
+    /// Where the programs' libraries are looked for before the host's (libraries unpacked
+    /// from Debian's packages).
+    pub lib_dirs: Vec<std::path::PathBuf>,
 }
 
 pub fn l1_initramfs(contents: &L1Contents, out: &Path) -> Result<()> {
@@ -285,20 +290,26 @@ pub fn l1_initramfs(contents: &L1Contents, out: &Path) -> Result<()> {
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         a.file(&format!("modules/{name}.ko"), 0o644, &data);
     }
-    add_programs(&mut a, &contents.programs, &contents.files)?;
+    add_programs(
+        &mut a,
+        &contents.programs,
+        &contents.files,
+        &contents.lib_dirs,
+    )?;
     write(a, out)
 }
 
-/// Adds executables with the shared libraries `ldd` lists for them, and plain files, creating
-/// their directories.
+/// Adds executables with the shared libraries `ldd` lists for them (searching `lib_dirs`
+/// first), and plain files, creating their directories.
 fn add_programs(
     a: &mut Archive,
     programs: &[(String, std::path::PathBuf)],
     files: &[(String, std::path::PathBuf)],
+    lib_dirs: &[std::path::PathBuf],
 ) -> Result<()> {
     let mut libs = std::collections::BTreeSet::new();
     for (_, host) in programs {
-        libs.extend(shared_libraries(host)?);
+        libs.extend(shared_libraries(host, lib_dirs)?);
     }
     let mut dirs = std::collections::BTreeSet::new();
     for (image, _) in programs.iter().chain(files) {
@@ -340,10 +351,18 @@ struct SharedLibrary {
     real: std::path::PathBuf,
 }
 
-/// The shared libraries `ldd` lists for `program`. Nothing is copied: concurrent lab runs
-/// must never see a half-written library.
-fn shared_libraries(program: &Path) -> Result<Vec<SharedLibrary>> {
-    let out = Command::new("ldd")
+/// The shared libraries `ldd` lists for `program`, found in `lib_dirs` first. Nothing is
+/// copied: concurrent lab runs must never see a half-written library.
+fn shared_libraries(program: &Path, lib_dirs: &[std::path::PathBuf]) -> Result<Vec<SharedLibrary>> {
+    let mut ldd = Command::new("ldd");
+    if !lib_dirs.is_empty() {
+        let path = std::env::join_paths(lib_dirs).map_err(|e| Error::Tool {
+            what: format!("ldd {}", program.display()),
+            detail: e.to_string(),
+        })?;
+        ldd.env("LD_LIBRARY_PATH", path);
+    }
+    let out = ldd
         .arg(program)
         .output()
         .map_err(|e| Error::io(program, e))?;

@@ -12,6 +12,7 @@ pub mod cpio;
 mod debian;
 pub mod image;
 pub mod kernel;
+pub mod netbench;
 pub mod network;
 pub mod system_disk;
 
@@ -554,6 +555,8 @@ pub struct Lab {
     eject: PathBuf,
     /// dnsmasq and nft for the network scenarios' Default Switch (see [`network`]).
     net_tools: Vec<(String, PathBuf)>,
+    /// iperf3 for the network benchmark, in L1 and L2 (see [`netbench`]).
+    iperf3: netbench::Iperf3,
     viridian: PathBuf,
     qemu: PathBuf,
     /// QEMU's loadable modules (the TCG accelerator is one).
@@ -607,6 +610,7 @@ impl Lab {
             kvp_daemon,
             eject,
             net_tools: network::l1_tools(cache)?,
+            iperf3: netbench::iperf3(cache)?,
             viridian: viridian.to_path_buf(),
             qemu: qemu_root.join("usr/bin/qemu-system-x86_64"),
             qemu_modules: common.join("usr/lib/x86_64-linux-gnu/qemu"),
@@ -732,14 +736,21 @@ run() {
         );
         let l2_initrd = PathBuf::from(&self.cache).join(format!("images/l2-initrd-{tag}.cpio"));
         let kernels: Vec<&Kernel> = self.l2_kernels.iter().collect();
-        let l2_programs = [
+        let mut l2_programs = vec![
             (
                 "usr/sbin/hv_kvp_daemon".to_string(),
                 self.kvp_daemon.clone(),
             ),
             ("usr/bin/eject".to_string(), self.eject.clone()),
         ];
-        image::l2_initramfs(&self.busybox, &kernels, &l2_programs, &l2_initrd)?;
+        let iperf3 = scenarios.iter().any(netbench::uses_iperf3);
+        let lib_dirs = if iperf3 {
+            l2_programs.push(("usr/bin/iperf3".into(), self.iperf3.program.clone()));
+            self.iperf3.lib_dirs.clone()
+        } else {
+            Vec::new()
+        };
+        image::l2_initramfs(&self.busybox, &kernels, &l2_programs, &lib_dirs, &l2_initrd)?;
         let mut programs = vec![("bin/viridian".to_string(), self.viridian.clone())];
         if scenarios.iter().any(|s| s.service) {
             programs.push((
@@ -749,6 +760,9 @@ run() {
         }
         if net {
             programs.extend(self.net_tools.iter().cloned());
+        }
+        if iperf3 {
+            programs.push(("bin/iperf3".into(), self.iperf3.program.clone()));
         }
         let contents_l2 = l2_initrd.clone();
         let mut files = vec![("l2/initrd.cpio".to_string(), l2_initrd)];
@@ -784,6 +798,7 @@ run() {
             modules,
             programs,
             files,
+            lib_dirs,
         };
         let l1_image = PathBuf::from(&self.cache).join(format!("images/l1-{tag}.cpio"));
         image::l1_initramfs(&contents, &l1_image)?;

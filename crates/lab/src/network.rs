@@ -54,16 +54,18 @@ pub(crate) fn l1_tools(cache: &Cache) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// L2 modules for the network scenarios: the NIC driver, a bridge to send from a foreign MAC
-/// address, and QEMU's virtio-net for the comparison ([`transfer`]).
+/// address, and QEMU's virtio-net for the benchmark ([`crate::netbench`]).
 pub const L2_MODULES: &[&str] = &["hv_netvsc", "bridge", "virtio_pci", "virtio_net"];
 
 /// What the guest's `/init` runs for `viridian.scenario=net` (as `/net.sh`), after loading
 /// every module. Its parameters come from the kernel command line:
-/// `viridian.id=` (key prefix), `viridian.role=tx|rx|vlan-c|vlan-d`, `viridian.ip=MAC=CIDR`
-/// (one per NIC, found by MAC), `viridian.peer=`, `viridian.hostip=`, `viridian.mib=`
-/// (bytes to send) and `viridian.hotmac=` (the MAC of the NIC the host hot-adds).
+/// `viridian.id=` (key prefix), `viridian.role=tx|rx|vlan-c|vlan-d` (or a role of
+/// [`crate::netbench::L2_BENCH`], `/bench.sh`), `viridian.ip=MAC=CIDR` (one per NIC, found by
+/// MAC), `viridian.peer=`, `viridian.hostip=`, `viridian.mib=` (MiB to send),
+/// `viridian.secs=` (seconds per benchmark run) and `viridian.hotmac=` (the MAC of the NIC
+/// the host hot-adds).
 pub const L2_NET: &str = r#"
-ID=x; ROLE=; PEER=; HOSTIP=; MIB=16; NICS=; HOTMAC=; DHCPMAC=
+ID=x; ROLE=; PEER=; HOSTIP=; MIB=16; SECS=5; NICS=; HOTMAC=; DHCPMAC=
 for a in $(cat /proc/cmdline); do
   case "$a" in
     viridian.id=*) ID=${a#*=};;
@@ -71,6 +73,7 @@ for a in $(cat /proc/cmdline); do
     viridian.peer=*) PEER=${a#*=};;
     viridian.hostip=*) HOSTIP=${a#*=};;
     viridian.mib=*) MIB=${a#*=};;
+    viridian.secs=*) SECS=${a#*=};;
     viridian.hotmac=*) HOTMAC=${a#*=};;
     viridian.dhcp=*) DHCPMAC=${a#*=};;
     viridian.ip=*) NICS="$NICS ${a#viridian.ip=}";;
@@ -131,18 +134,6 @@ transfer() {
 }
 set -- $NICS
 case "$ROLE" in
-send)
-  d0=$(nic_up $1)
-  k up=$d0
-  k driver=$(basename $(readlink /sys/class/net/$d0/device/driver))
-  reach $PEER 60 ping_peer
-  transfer
-  ;;
-recv)
-  d0=$(nic_up $1)
-  k up=$d0
-  k rx_md5=$(listen 5001 | md5sum | cut -c1-32)
-  ;;
 tx)
   d0=$(nic_up $1); d1=$(nic_up $2)
   k up=$d0,$d1
@@ -216,37 +207,42 @@ vlan-d)
   wait
   k msg=$(cat /tmp/msg)
   ;;
+iperf-*) . /bench.sh ;;
 esac
 "#;
 
-const PRIVATE_A: [&str; 2] = ["00:15:5d:4e:00:0a", "00:15:5d:4e:01:0a"];
-const PRIVATE_B: &str = "00:15:5d:4e:00:0b";
+pub(crate) const PRIVATE_A: [&str; 2] = ["00:15:5d:4e:00:0a", "00:15:5d:4e:01:0a"];
+pub(crate) const PRIVATE_B: &str = "00:15:5d:4e:00:0b";
 const VLAN_C: [&str; 2] = ["00:15:5d:4e:00:0c", "00:15:5d:4e:01:0c"];
 const VLAN_D: [&str; 2] = ["00:15:5d:4e:00:0d", "00:15:5d:4e:01:0d"];
 /// L1's address on the Internal switch.
 pub const HOST_ADDRESS: &str = "10.8.0.1";
 
 /// The L1 side's shell helpers: `start NAME CPUS NICS... -- CMDLINE` starts a guest in the
-/// background (serial console in /tmp/NAME.log, its pid in $NAME); `qstart NAME CPUS SWITCH
-/// MAC VHOST -- CMDLINE` starts it under QEMU instead, with a virtio-net NIC on a TAP that
-/// `viridian switch connect` makes an untagged port of the switch; `fresh SWITCH...` removes
-/// switches a scenario that ran out of time left behind; `await NAME TEXT SECS`
-/// waits until the guest printed TEXT (or its VMM exited); `reap NAME SECS` gives a guest SECS
-/// to finish, then stops it, and returns its VMM's exit status; `show` prints every guest's console with its name in
-/// front (at the end, so the consoles of guests running together do not interleave), also
-/// when the scenario's time runs out.
-fn prelude(memory_mib: u64, guests: &[&str]) -> String {
+/// background (serial console in /tmp/NAME.log, its pid in $NAME); `qstart NAME CPUS
+/// VHOST(on|off) SWITCH=MAC... -- CMDLINE` starts it under QEMU instead, each NIC a
+/// virtio-net device on a TAP (`qNAMEi`) that `viridian switch connect` makes an untagged
+/// port of the switch; `fresh SWITCH...` removes switches a scenario that ran out of time left
+/// behind; `await NAME TEXT SECS` waits until the guest printed TEXT (or its VMM exited);
+/// `reap NAME SECS` gives a guest SECS to finish, then stops it, and returns its VMM's exit
+/// status; `show` prints every guest's console with its name in front (at the end, so the
+/// consoles of guests running together do not interleave), also when the scenario's time
+/// runs out.
+pub(crate) fn prelude(memory_mib: u64, guests: &[&str]) -> String {
     let names = guests.join(" ");
     format!(
         "export VIRIDIAN_STATE_DIR=/tmp/vs; \
          start() {{ n=$1; cpus=$2; shift 2; nics=; while [ \"$1\" != -- ]; do nics=\"$nics --nic $1\"; shift; done; shift; rm -f /tmp/$n.log; \
            viridian run --name $n --serial /tmp/$n.log --kernel /l2/vmlinuz-cloud --initrd /l2/initrd.cpio --cpus $cpus --memory {memory_mib}M $nics \
            --cmdline \"console=ttyS0 panic=-1 quiet viridian.scenario=net $*\" >/dev/null 2>/tmp/$n.err & eval $n=$!; }}; \
-         qstart() {{ n=$1; cpus=$2; sw=$3; mac=$4; vhost=$5; shift 6; t=q$n; rm -f /tmp/$n.log; \
+         qstart() {{ n=$1; cpus=$2; vhost=$3; shift 3; nets=; taps=; j=0; \
+           while [ \"$1\" != -- ]; do t=q$n$j; taps=\"$taps ${{1%%=*}}=$t\"; \
+             nets=\"$nets -netdev tap,id=n$j,ifname=$t,script=no,downscript=no,vhost=$vhost -device virtio-net-pci,netdev=n$j,mac=${{1#*=}},romfile=\"; j=$((j+1)); shift; done; shift; rm -f /tmp/$n.log; \
            qemu-system-x86_64 -L /usr/share/qemu -enable-kvm -cpu host -M pc -m {memory_mib} -smp $cpus -nodefaults -no-user-config -display none \
            -serial file:/tmp/$n.log -no-reboot -kernel /l2/vmlinuz-cloud -initrd /l2/initrd.cpio -append \"console=ttyS0 panic=-1 quiet viridian.scenario=net $*\" \
-           -netdev tap,id=n0,ifname=$t,script=no,downscript=no,vhost=$vhost -device virtio-net-pci,netdev=n0,mac=$mac,romfile= >/dev/null 2>/tmp/$n.err & eval $n=$!; \
-           i=0; while [ ! -e /sys/class/net/$t ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done; viridian switch connect $sw $t >/dev/null; }}; \
+           $nets >/dev/null 2>/tmp/$n.err & eval $n=$!; \
+           for p in $taps; do t=${{p#*=}}; i=0; while [ ! -e /sys/class/net/$t ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done; \
+             viridian switch connect ${{p%%=*}} $t >/dev/null || echo LAB-ERROR switch connect $t failed; done; }}; \
          await() {{ i=0; until grep -q \"$2\" /tmp/$1.log 2>/dev/null || ! kill -0 $(eval echo \\$$1) 2>/dev/null || [ $i -ge $3 ]; do sleep 1; i=$((i+1)); done; grep -q \"$2\" /tmp/$1.log 2>/dev/null; }}; \
          reap() {{ p=$(eval echo \\$$1); i=0; while kill -0 $p 2>/dev/null && [ $i -lt $2 ]; do sleep 1; i=$((i+1)); done; kill $p 2>/dev/null; wait $p; }}; \
          show() {{ for n in {names}; do sed \"s/^/[$n] /\" /tmp/$n.log 2>/dev/null; sed \"s/^/[$n] viridian: /\" /tmp/$n.err 2>/dev/null; done; }}; \
@@ -261,7 +257,7 @@ fn prelude(memory_mib: u64, guests: &[&str]) -> String {
     )
 }
 
-fn scenario(name: &str, script: String) -> Scenario {
+pub(crate) fn scenario(name: &str, script: String) -> Scenario {
     Scenario {
         script: Some(script),
         ..Scenario::new(name, Vmm::Viridian, Flavor::Cloud, 1, GUEST)
@@ -319,51 +315,6 @@ pub fn vlan(name: &str, vlan_filtering: bool) -> Scenario {
     scenario(name, script)
 }
 
-/// What runs the guests of [`transfer`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NetVmm {
-    /// Viridian, the guests' hv_netvsc on netvsp.
-    Viridian,
-    /// QEMU with virtio-net on a TAP, its data path in QEMU's own thread (vhost=off) or in
-    /// the host kernel (vhost=on).
-    Qemu { vhost: bool },
-}
-
-/// Two guests with 1 vCPU each on a Private switch; `a` sends `mib` MiB to `b` over TCP
-/// (`a_tx_seconds`, `a_tx_md5`, `b_rx_md5`): the throughput comparison.
-pub fn transfer(name: &str, vmm: NetVmm, mib: u32) -> Scenario {
-    let (a0, b0) = (PRIVATE_A[0], PRIVATE_B);
-    let a = format!("viridian.id=a viridian.role=send viridian.ip={a0}=10.9.0.10/24 viridian.peer=10.9.0.11 viridian.mib={mib}");
-    let b = format!("viridian.id=b viridian.role=recv viridian.ip={b0}=10.9.0.11/24");
-    let (start_a, start_b) = match vmm {
-        NetVmm::Viridian => (
-            format!("start neta 1 switch=priv,mac={a0} -- {a}"),
-            format!("start netb 1 switch=priv,mac={b0} -- {b}"),
-        ),
-        NetVmm::Qemu { vhost } => {
-            let v = if vhost { "on" } else { "off" };
-            (
-                format!("qstart neta 1 priv {a0} {v} -- {a}"),
-                format!("qstart netb 1 priv {b0} {v} -- {b}"),
-            )
-        }
-    };
-    let script = format!(
-        "{prelude}\
-         fresh priv; viridian switch new priv --type private >/dev/null || echo LAB-ERROR no switch; \
-         {start_b}; {start_a}; \
-         wait $neta; ra=$?; reap netb 60; rb=$?; show; \
-         viridian switch remove priv --force >/dev/null; exit $((ra | rb))",
-        prelude = prelude(512, &["neta", "netb"]),
-    );
-    let mut s = scenario(name, script);
-    if vmm != NetVmm::Viridian {
-        // So that L1 carries QEMU and its firmware.
-        s.vmm = Vmm::QemuPc;
-    }
-    s
-}
-
 impl crate::Lab {
     /// Whether L1's kernel can filter bridge traffic by VLAN (CONFIG_BRIDGE_VLAN_FILTERING).
     pub fn bridge_vlan_filtering(&self) -> bool {
@@ -375,11 +326,11 @@ impl crate::Lab {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `sh -n`: the scripts parse (busybox's ash runs them in the lab).
-    fn parses(script: &str) {
+    pub(crate) fn parses(script: &str) {
         let out = std::process::Command::new("sh")
             .args(["-n", "-c", script])
             .output()
@@ -394,13 +345,7 @@ mod tests {
     #[test]
     fn scripts_parse() {
         parses(L2_NET);
-        for s in [
-            private("p", 100),
-            vlan("v", true),
-            vlan("v", false),
-            transfer("t", NetVmm::Viridian, 8),
-            transfer("t", NetVmm::Qemu { vhost: true }, 8),
-        ] {
+        for s in [private("p", 100), vlan("v", true), vlan("v", false)] {
             let script = s.command();
             parses(&script);
             assert!(script.contains("viridian.scenario=net"), "{script}");
@@ -413,12 +358,5 @@ mod tests {
             "{untagged}"
         );
         assert!(private("p", 7).command().contains("viridian.mib=7"));
-        let q = transfer("t", NetVmm::Qemu { vhost: false }, 8);
-        assert_eq!(q.vmm, Vmm::QemuPc);
-        let q = q.command();
-        assert!(
-            q.contains("qstart neta 1 priv") && q.contains(" off -- "),
-            "{q}"
-        );
     }
 }
