@@ -799,12 +799,13 @@ fn network_throughput_against_qemu() {
                     let c = &n["counters"];
                     let f = |k: &str| c[k].as_u64().unwrap_or(0);
                     println!(
-                        "  {nic} {}: tx {} rx {} in {} batches ({:.1} frames each), drops: no section {} backend {}",
+                        "  {nic} {}: tx {} rx {} in {} batches ({:.1} frames each), {} guest interrupts, drops: no section {} backend {}",
                         n["switch"],
                         f("tx_packets"),
                         f("rx_packets"),
                         f("rx_batches"),
                         f("rx_packets") as f64 / f("rx_batches").max(1) as f64,
+                        f("guest_interrupts"),
                         f("drop_no_receive_section"),
                         f("drop_backend_error"),
                     );

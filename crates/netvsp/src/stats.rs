@@ -11,6 +11,7 @@ macro_rules! counters {
 
         /// A snapshot of counters (one queue or the sum over all).
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[serde(default)]
         pub struct Counters { $($(#[$m])* pub $f: u64),* }
 
         impl QueueCounters {
@@ -32,8 +33,11 @@ counters!(
     /// Frames given to the guest.
     rx_packets,
     rx_bytes,
-    /// Transfer-page packets sent (each one guest interrupt at most).
+    /// Transfer-page packets sent.
     rx_batches,
+    /// Interrupts raised in the guest: at most one per pass of the worker, whatever it sent
+    /// (receive batches, send completions, control answers).
+    guest_interrupts,
     /// Frames dropped because the guest held every receive section.
     drop_no_receive_section,
     /// Frames dropped by the packet filter, a down link or an uninitialized device.

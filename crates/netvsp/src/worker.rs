@@ -893,8 +893,9 @@ fn payload_type(p: &[u8]) -> u32 {
         .unwrap_or(0)
 }
 
-impl ChannelWorker for Worker {
-    fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
+impl Worker {
+    /// One pass: the guest's packets up to a budget, control answers, one receive batch.
+    fn pass(&mut self, ch: &mut Channel) -> Result<Progress, WorkerError> {
         if self.index == 0 {
             self.shared.link_bell.clear();
         }
@@ -937,6 +938,22 @@ impl ChannelWorker for Worker {
         } else {
             Progress::WaitingForRoom
         })
+    }
+}
+
+impl ChannelWorker for Worker {
+    /// One pass, its interrupts to the guest held back and raised once at its end: the
+    /// pass's send completions and its receive batch cost the guest one interrupt.
+    fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
+        let before = ch.signals_sent();
+        ch.hold_signals();
+        let r = self.pass(ch);
+        ch.release_signals();
+        add(
+            &self.counters().guest_interrupts,
+            ch.signals_sent() - before,
+        );
+        r
     }
 
     fn fds(&self) -> Vec<BorrowedFd<'_>> {

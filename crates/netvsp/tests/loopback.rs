@@ -9,6 +9,7 @@ use hvdef::vmbus::{packet_type, Guid, PACKET_FLAG_COMPLETION_REQUESTED};
 use netvsp::client::{u32_at, Netvsc, Via};
 use netvsp::vnet::{VirtioNetHdr, F_NEEDS_CSUM, GSO_TCPV4};
 use netvsp::{MemoryBackend, MemoryPort, NetvspDevice, NicConfig, PortPolicy};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmbus::client::{Client, LINUX_VERSIONS};
@@ -260,8 +261,13 @@ fn frames_round_trip_with_checksum_and_lso() {
     let got = g.wait_frames(1);
     assert_eq!(got[0].data, huge);
     assert!(got[0].fragments >= 30_000 / g.section_size as usize);
-    // A burst is batched: fewer transfer-page packets than frames.
+    // A burst is batched: fewer transfer-page packets than frames, and no more interrupts
+    // than packets (one per worker pass at most), each counted.
     let before = g.xfer_packets;
+    let irqs_before = (
+        r.synic.interrupts.load(Ordering::Relaxed),
+        r.dev.stats().guest_interrupts,
+    );
     for i in 0..40 {
         port.inject(VirtioNetHdr::default(), &tcp_frame(MAC, 60 + i));
     }
@@ -276,6 +282,18 @@ fn frames_round_trip_with_checksum_and_lso() {
         g.xfer_packets - before
     );
     assert!(g.xfer_ids.iter().all(|&id| id == nv::RECEIVE_BUFFER_ID));
+    let raised = r.synic.interrupts.load(Ordering::Relaxed) - irqs_before.0;
+    assert!(
+        (1..=g.xfer_packets - before).contains(&raised),
+        "{raised} interrupts for {} packets",
+        g.xfer_packets - before
+    );
+    // The worker counts a pass's interrupt after raising it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.dev.stats().guest_interrupts - irqs_before.1 != raised && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(r.dev.stats().guest_interrupts - irqs_before.1, raised);
     let s = r.dev.stats();
     assert_eq!((s.tx_packets, s.rx_packets), (2, 43));
     assert_eq!(s.tx_bytes, (f.len() + big.len()) as u64);

@@ -53,6 +53,9 @@ pub struct Channel {
     outbound: RingProducer,
     signal: Option<SignalFn>,
     signal_pending: bool,
+    /// While held ([`Channel::hold_signals`]): whether a send wanted to signal.
+    held: Option<bool>,
+    signals: u64,
     state: ChannelState,
     scratch: Vec<u8>,
 }
@@ -107,6 +110,8 @@ impl Channel {
             outbound: RingProducer::new(outbound).map_err(bad)?,
             signal,
             signal_pending: false,
+            held: None,
+            signals: 0,
             state: ChannelState::Open,
             scratch: Vec::new(),
         })
@@ -144,7 +149,28 @@ impl Channel {
         std::mem::take(&mut self.signal_pending)
     }
 
+    /// Interrupts this end has raised on the other side so far.
+    pub fn signals_sent(&self) -> u64 {
+        self.signals
+    }
+
+    /// Holds back the interrupts that sending packets raises until
+    /// [`Self::release_signals`], which raises at most one: a burst of packets interrupts the
+    /// other side once, after its last packet. Reads still signal at once (the other side
+    /// may be waiting for room).
+    pub fn hold_signals(&mut self) {
+        self.held.get_or_insert(false);
+    }
+
+    /// Ends [`Self::hold_signals`]: signals once if any send in between wanted to.
+    pub fn release_signals(&mut self) {
+        if self.held.take() == Some(true) {
+            self.notify();
+        }
+    }
+
     fn notify(&mut self) {
+        self.signals += 1;
         match &self.signal {
             Some(f) => f(),
             None => self.signal_pending = true,
@@ -247,8 +273,10 @@ impl Channel {
             .write(&[desc.as_bytes(), type_header, payload, &ZEROS[..pad]]);
         match r {
             Ok(o) => {
-                if o.signal {
-                    self.notify();
+                match &mut self.held {
+                    Some(wanted) => *wanted |= o.signal,
+                    None if o.signal => self.notify(),
+                    None => {}
                 }
                 Ok(())
             }
@@ -449,6 +477,30 @@ mod tests {
         assert!(!host.take_signal());
         host.try_recv(&mut buf).unwrap().unwrap();
         assert!(host.take_signal(), "free space rose above pending_send_sz");
+    }
+
+    #[test]
+    fn held_signals_are_raised_once_after_the_burst() {
+        let (_mem, _pfns, mut host, mut guest) = pair(2);
+        let mut buf = Vec::new();
+        host.hold_signals();
+        for i in 0..3 {
+            host.send_inband(i, b"x", false).unwrap();
+            assert!(!host.take_signal(), "signalled inside the burst");
+        }
+        host.release_signals();
+        assert!(host.take_signal());
+        assert_eq!(host.signals_sent(), 1);
+        // A burst into a ring the guest has not read: the rule asks for no signal at all.
+        host.hold_signals();
+        host.send_inband(4, b"y", false).unwrap();
+        host.release_signals();
+        assert!(!host.take_signal());
+        // Once read empty, an unheld send signals at once again.
+        while guest.try_recv(&mut buf).unwrap().is_some() {}
+        host.send_inband(5, b"z", false).unwrap();
+        assert!(host.take_signal());
+        assert_eq!(host.signals_sent(), 2);
     }
 
     #[test]
