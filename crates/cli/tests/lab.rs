@@ -738,6 +738,20 @@ fn network_throughput_against_qemu() {
     let mut value = std::collections::BTreeMap::new();
     for s in &run.scenarios {
         assert_eq!(s.exit_code, 0, "{} failed\n{}", s.name, s.console);
+        if s.name.starts_with("qemu") {
+            // QEMU's TAPs joined the switches by `viridian switch connect` and one left by
+            // `viridian switch disconnect`.
+            let (priv_ports, lab_ports) = (
+                switch_ports(s, "connected", "priv"),
+                switch_ports(s, "connected", "lab"),
+            );
+            assert!(
+                priv_ports.contains(&"qneta0".into()) && priv_ports.contains(&"qnetb0".into()),
+                "{priv_ports:?}"
+            );
+            assert_eq!(lab_ports, ["qneta1"]);
+            assert!(switch_ports(s, "disconnected", "lab").is_empty());
+        }
         let (tag, _) = s
             .name
             .rsplit_once('-')

@@ -9,7 +9,10 @@
 //! `a_host_udp_pps` (64-byte datagrams the receiver got per second), the same with `peer_`,
 //! and its NIC interrupts during each (`a_host_tcp1_irqs`, ...: the `HYP` line of
 //! /proc/interrupts on Viridian, the virtio lines on QEMU). On Viridian the host side prints
-//! `LAB-NIC-A` and `LAB-NIC-B` (`viridian vm nic list --json`: netvsp's counters) at the end.
+//! `LAB-NIC-A` and `LAB-NIC-B` (`viridian vm nic list --json`: netvsp's counters) at the end;
+//! on QEMU `LAB-PORTS-connected` (QEMU's TAPs `qneta0`, `qneta1` and `qnetb0` are ports, put
+//! there by `viridian switch connect`), then `viridian switch disconnect lab qneta1` and
+//! `LAB-PORTS-disconnected`.
 
 use crate::network::{prelude, scenario, HOST_ADDRESS, PRIVATE_A, PRIVATE_B};
 use crate::{debian, Cache, Result, Scenario, Vmm};
@@ -127,7 +130,9 @@ pub fn iperf(name: &str, vmm: NetVmm, seconds: u32) -> Scenario {
             (
                 format!("qstart neta 1 {v} priv={a0} lab={a1} -- {a}"),
                 format!("qstart netb 1 {v} priv={b0} -- {b}"),
-                ":; ".to_string(),
+                // The host part is over: QEMU's TAP on the Internal switch can go.
+                "ports connected; viridian switch disconnect lab qneta1 >/dev/null && ports disconnected; "
+                    .to_string(),
             )
         }
     };
@@ -175,6 +180,7 @@ mod tests {
             q.contains("qstart neta 1 on priv=00:15:5d:4e:00:0a lab=00:15:5d:4e:01:0a --"),
             "{q}"
         );
+        assert!(q.contains("switch disconnect lab qneta1"), "{q}");
         let v = iperf("b", NetVmm::Viridian, 5).command();
         assert!(v.contains("LAB-NIC-A") && !q.contains("LAB-NIC-A"), "{v}");
         assert!(!uses_iperf3(&crate::network::private("p", 1)));
