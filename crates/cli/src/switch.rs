@@ -1,7 +1,8 @@
 //! `viridian switch ...`: virtual switches (New-, Get-, Remove-VMSwitch). Through the
 //! management service when one answers (`--socket`, `VIRIDIAN_SOCKET`, `--host`, or the default
 //! socket), else worked directly on the state directory and the kernel (as root). With
-//! `--state-dir` or `VIRIDIAN_STATE_DIR`, and for `apply`, always directly.
+//! `--state-dir` or `VIRIDIAN_STATE_DIR`, and for `apply`, `connect` and `disconnect` (ports of
+//! another VMM, which the service does not track), always directly.
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
@@ -99,7 +100,11 @@ fn kind_of(name: &str, kind: Option<Kind>, adapter: bool) -> anyhow::Result<Swit
 pub fn main(args: SwitchArgs) -> anyhow::Result<i32> {
     let dir_named = args.state_dir.is_some()
         || std::env::var_os("VIRIDIAN_STATE_DIR").is_some_and(|d| !d.is_empty());
-    if !dir_named && !matches!(args.command, SwitchCommand::Apply) {
+    let direct = matches!(
+        args.command,
+        SwitchCommand::Apply | SwitchCommand::Connect { .. } | SwitchCommand::Disconnect { .. }
+    );
+    if !dir_named && !direct {
         if let Some(c) = crate::service::client_if_up()? {
             return via_service(&c, args.command);
         }
@@ -220,7 +225,9 @@ fn via_service(c: &api::client::Client, cmd: SwitchCommand) -> anyhow::Result<i3
             )?;
             println!("Removed switch {name}");
         }
-        SwitchCommand::Apply => unreachable!("apply works on the state directory"),
+        SwitchCommand::Apply | SwitchCommand::Connect { .. } | SwitchCommand::Disconnect { .. } => {
+            unreachable!("apply, connect and disconnect work on the state directory and the kernel")
+        }
     }
     Ok(0)
 }
