@@ -6,6 +6,7 @@
 pub mod client;
 mod devices;
 mod error;
+mod jobs;
 pub mod openapi;
 mod switches;
 mod types;
@@ -13,6 +14,7 @@ mod validate;
 
 pub use devices::*;
 pub use error::{ErrorBody, ErrorDetail};
+pub use jobs::{Job, JobState};
 pub use switches::*;
 pub use types::*;
 pub use validate::{format_size, parse_size, validate_name, MAX_NAME_LEN, MIN_MEMORY};

@@ -9,6 +9,7 @@ use crate::*;
 use utoipa::OpenApi;
 
 mod devices;
+mod jobs;
 mod switches;
 
 #[derive(OpenApi)]
@@ -21,7 +22,8 @@ mod switches;
     ),
     paths(
         list_vms, create_vm, get_vm, patch_vm, delete_vm, start_vm, stop_vm, restart_vm,
-        pause_vm, resume_vm, devices::list_disks, devices::add_disk, devices::remove_disk,
+        pause_vm, resume_vm, jobs::save_vm, jobs::discard_saved_state, jobs::list_jobs, jobs::get_job,
+        devices::list_disks, devices::add_disk, devices::remove_disk,
         devices::list_dvds, devices::add_dvd, devices::set_dvd, devices::remove_dvd,
         devices::list_nics, devices::add_nic, devices::remove_nic, devices::set_nic, devices::measure_vm,
         devices::list_integration, devices::set_integration,
@@ -32,10 +34,11 @@ mod switches;
                        AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo, NewToken,
                        TokenCreated, TokenInfo, HardDisk, NewHardDisk, NewDiskFile, DvdDrive,
                        NewDvdDrive, DvdMedia, NetworkAdapter, NewNetworkAdapter, NetworkAdapterPatch, VmMeasure, IntegrationService, IntegrationChange,
-                       Switch, SwitchType, NewSwitch)),
+                       Switch, SwitchType, NewSwitch, Job, JobState)),
     tags((name = "vms", description = "Virtual machines"),
           (name = "devices", description = "A VM's disks, DVD drives and network adapters"), (name = "service", description = "The service"),
           (name = "switches", description = "Virtual switches"),
+          (name = "jobs", description = "Long operations and their progress"),
           (name = "tokens", description = "Bearer tokens for callers over TLS (--listen)"))
 )]
 struct ApiDoc;

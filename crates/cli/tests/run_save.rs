@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{kvm_usable, tiny_kernel, COUNT};
+use common::{assert_counts_on, kvm_usable, tiny_kernel, COUNT};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -65,22 +65,6 @@ fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Checks that `text` is the guest's count from 1 on, with no gap and no restart.
-fn assert_counts_on(text: &str) -> u32 {
-    assert!(
-        !text.contains('X'),
-        "the guest lost its hypercall MSR: {text}"
-    );
-    let mut expected = 1u32;
-    for line in text.split('\n').filter(|l| !l.is_empty()) {
-        let n = u32::from_str_radix(line, 16)
-            .unwrap_or_else(|_| panic!("not a count: {line:?} in\n{text}"));
-        assert_eq!(n, expected, "the count jumped or restarted:\n{text}");
-        expected += 1;
-    }
-    expected - 1
 }
 
 fn save(run_dir: &Path, socket: &Path, file: &Path) -> std::process::Output {

@@ -1777,3 +1777,163 @@ fn nics_change_on_a_running_vm() {
         assert_eq!(status, 200, "{v}");
     });
 }
+
+/// Save-VM as a job: the VM goes Saving, then Saved (its worker ends, its state in its
+/// folder); Start-VM resumes it where it was; Remove-VMSavedState discards it; wrong states
+/// are 409; the events show Saving and Saved.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn a_saved_vm_starts_where_it_was() {
+    if !kvm_usable() {
+        return;
+    }
+    let s = Service::start();
+    let v = s.define("count", &tiny_kernel("svc-count", common::COUNT), json!({}));
+    let folder = s
+        .dir
+        .path()
+        .join("state/vms")
+        .join(v["id"].as_str().unwrap());
+    let (log, state) = (folder.join("console.log"), folder.join("vm.saved"));
+    assert_error(s.req("POST", "/vms/count/save", None), 409, "wrong_state");
+    assert_error(
+        s.req("POST", "/vms/count/discard-saved-state", None),
+        409,
+        "wrong_state",
+    );
+    assert_error(s.req("POST", "/vms/nope/save", None), 404, "not_found");
+    assert_error(s.req("GET", "/jobs/nope", None), 404, "not_found");
+
+    let mut events = std::os::unix::net::UnixStream::connect(s.socket()).unwrap();
+    events
+        .write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    events
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(events).lines() {
+            let Ok(line) = line else { break };
+            if let Some(data) = line.strip_prefix("data: ") {
+                let v: Value = serde_json::from_str(data).unwrap();
+                seen.push(v["state"].as_str().unwrap().to_string());
+                if seen.len() == 6 {
+                    break;
+                }
+            }
+        }
+        seen
+    });
+    std::thread::sleep(Duration::from_millis(100));
+
+    let (status, v) = s.req("POST", "/vms/count/start", None);
+    assert_eq!(status, 200, "{v}");
+    let pid = v["pid"].as_u64().unwrap();
+    let lines = |p: &Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let start = Instant::now();
+    while lines(&log) < 15 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no count in {}: {:?}; worker: {:?}",
+            log.display(),
+            std::fs::read_to_string(&log),
+            std::fs::read_to_string(folder.join("worker.log"))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let (status, job) = s.req("POST", "/vms/count/save", None);
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["operation"], "save");
+    assert_eq!(job["vm"], "count");
+    assert_eq!(job["state"], "Running");
+    assert_eq!(s.vm("count")["state"], "Saving");
+    let (status, list) = s.req("GET", "/jobs", None);
+    assert_eq!(status, 200);
+    assert_eq!(list[0]["id"], job["id"]);
+    let id = job["id"].as_str().unwrap();
+    let job = loop {
+        let (status, j) = s.req("GET", &format!("/jobs/{id}"), None);
+        assert_eq!(status, 200, "{j}");
+        if j["state"] != "Running" {
+            break j;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{j}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "Save-VM of a 64 MiB guest: the job took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(job["state"], "Completed", "{job}");
+    assert_eq!(job["percent"], 100);
+    let v = s.vm("count");
+    assert_eq!(
+        (v["state"].as_str(), v["status"].as_str()),
+        (Some("Saved"), Some("Saved")),
+        "{v}"
+    );
+    assert!(v["pid"].is_null(), "{v}");
+    assert!(!alive(pid), "the worker ended");
+    assert!(state.is_file(), "the saved state is in the VM's folder");
+    assert_error(s.req("POST", "/vms/count/save", None), 409, "wrong_state");
+    assert_error(s.req("POST", "/vms/count/pause", None), 409, "wrong_state");
+    let before = std::fs::read_to_string(&log).unwrap();
+    let counted = common::assert_counts_on(&before);
+
+    // Start-VM of a Saved VM: restored, the count goes on.
+    let started = Instant::now();
+    let (status, v) = s.req("POST", "/vms/count/start", None);
+    assert_eq!((status, v["state"].as_str()), (200, Some("Running")), "{v}");
+    eprintln!(
+        "Start-VM of the Saved VM answered after {:?}",
+        started.elapsed()
+    );
+    assert!(!state.exists(), "the saved state is used up");
+    let start = Instant::now();
+    while lines(&log) < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no count after the restore"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = std::fs::read_to_string(&log).unwrap();
+    assert!(common::assert_counts_on(&format!("{before}{after}")) > counted);
+    let seen = reader.join().unwrap();
+    assert_eq!(
+        seen,
+        ["Starting", "Running", "Saving", "Saved", "Starting", "Running"],
+        "events"
+    );
+
+    // Through the CLI: save, then discard the saved state (Remove-VMSavedState).
+    let out = s.cli(&["vm", "save", "count"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("count: Saved"),
+        "{out:?}"
+    );
+    assert!(state.is_file());
+    let out = s.cli(&["vm", "discard-saved-state", "count"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Off"),
+        "{out:?}"
+    );
+    assert!(!state.exists());
+    assert_eq!(s.vm("count")["state"], "Off");
+    // Remove-VM of a Saved VM takes its saved state with its folder.
+    assert_eq!(s.req("POST", "/vms/count/start", None).0, 200);
+    assert_eq!(s.req("POST", "/vms/count/save", None).0, 202);
+    s.wait_for("count", "Saved", Duration::from_secs(60), |v| {
+        v["state"] == "Saved"
+    });
+    assert_eq!(s.req("DELETE", "/vms/count", None).0, 204);
+    assert!(!folder.exists());
+}

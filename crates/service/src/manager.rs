@@ -26,6 +26,7 @@ pub const DEFAULT_STOP_TIMEOUT: u64 = 30;
 const RESTARTS_PER_MINUTE: usize = 3;
 
 mod drives;
+mod saving;
 mod switches;
 
 pub struct Manager {
@@ -40,6 +41,7 @@ pub struct Manager {
     workers: Mutex<HashMap<String, Worker>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     restarts: Mutex<HashMap<String, Vec<Instant>>>,
+    jobs: Mutex<saving::Jobs>,
 }
 
 /// A running worker.
@@ -56,6 +58,10 @@ struct Worker {
     ready: bool,
     cpu_sample: Option<(Instant, u64)>,
     cpu_percent: f64,
+    /// Asked to save (Save-VM): ending with status 0 and a saved state means Saved.
+    saving: bool,
+    /// Started from a saved state (removed once Running).
+    restoring: bool,
 }
 
 pub fn now_ms() -> u64 {
@@ -85,6 +91,7 @@ impl Manager {
             workers: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             restarts: Mutex::new(HashMap::new()),
+            jobs: Mutex::default(),
         })
     }
 
@@ -370,7 +377,13 @@ impl Manager {
             ));
         }
         let s = &row.settings;
-        for (field, path) in [("kernel", Some(&s.kernel)), ("initrd", s.initrd.as_ref())] {
+        let restore = (row.state == VmState::Saved).then(|| self.saved_state(id));
+        let boot_files = if restore.is_some() {
+            vec![]
+        } else {
+            vec![("kernel", Some(&s.kernel)), ("initrd", s.initrd.as_ref())]
+        };
+        for (field, path) in boot_files {
             if let Some(p) = path {
                 if !Path::new(p).is_file() {
                     return Err(ApiError::conflict(format!(
@@ -391,7 +404,7 @@ impl Manager {
             folder: &folder,
             socket: &socket,
         };
-        let spawned = worker::spawn(&paths, &row.name, s).and_then(|child| {
+        let spawned = worker::spawn(&paths, &row.name, s, restore.as_deref()).and_then(|child| {
             let fd = worker::pidfd(child.id());
             fd.map(|fd| (child, fd))
         });
@@ -414,6 +427,11 @@ impl Manager {
         )?;
         self.cgroups.attach(id, pid, s);
         let mut exit = self.watch(id, pid, socket.clone(), started, pidfd, Some(child));
+        if restore.is_some() {
+            if let Some(w) = self.workers.lock().unwrap().get_mut(id) {
+                w.restoring = true;
+            }
+        }
         tracing::info!("VM '{}': worker {pid} started", row.name);
 
         let deadline = Instant::now() + START_TIMEOUT;
@@ -454,6 +472,10 @@ impl Manager {
                 w.ready = true;
             }
         }
+        if let Some(file) = &restore {
+            // Restored: the saved state is used up, as Hyper-V's is.
+            let _ = std::fs::remove_file(file);
+        }
         // The worker may end right after getting ready; its watcher then wrote Off already.
         if exit.borrow().is_none() {
             self.set_state(&row, VmState::Running, "Operating normally")?;
@@ -487,6 +509,8 @@ impl Manager {
                 ready: child.is_none(),
                 cpu_sample: None,
                 cpu_percent: 0.0,
+                saving: false,
+                restoring: false,
             },
         );
         let this = self.clone();
@@ -532,13 +556,24 @@ impl Manager {
                 return;
             }
         };
-        if let Err(e) = self.db().update_runtime(id, VmState::Off, &reason, None) {
-            tracing::error!("cannot record that VM '{}' is off: {e}", row.name);
+        let (state, reason) = self.state_after_exit(
+            id,
+            w.as_ref().is_some_and(|w| w.saving),
+            w.as_ref().is_some_and(|w| w.restoring && !w.ready),
+            status.and_then(|s| s.code()),
+            &reason,
+        );
+        if let Err(e) = self.db().update_runtime(id, state, &reason, None) {
+            tracing::error!("cannot record that VM '{}' is {state}: {e}", row.name);
         }
-        self.emit(&row, VmState::Off, &reason);
+        self.emit(&row, state, &reason);
         let _ = tx.send(Some(reason.clone()));
         let was_ready = w.as_ref().is_some_and(|w| w.ready);
-        if requested.is_none() && !clean && was_ready && row.settings.recovery == Recovery::Restart
+        if state == VmState::Off
+            && requested.is_none()
+            && !clean
+            && was_ready
+            && row.settings.recovery == Recovery::Restart
         {
             self.recover(row);
         }
@@ -748,10 +783,13 @@ impl Manager {
                     }
                     None => "The service stopped while the VM was starting".to_string(),
                 };
-                self.db()
-                    .update_runtime(&row.id, VmState::Off, &msg, None)?;
-                self.emit(row, VmState::Off, &msg);
-                was_running.push(row.id.clone());
+                let (state, msg) =
+                    self.state_after_exit(&row.id, row.state == VmState::Saving, false, None, &msg);
+                self.db().update_runtime(&row.id, state, &msg, None)?;
+                self.emit(row, state, &msg);
+                if state == VmState::Off {
+                    was_running.push(row.id.clone());
+                }
             }
         }
         self.remove_orphan_folders(&rows);

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 
 mod devices;
+mod jobs;
 mod switches;
 
 type S = State<Arc<Manager>>;
@@ -31,6 +32,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/vms/{name}/resume", post(resume))
         .merge(devices::router())
         .merge(switches::router())
+        .merge(jobs::router())
         .route("/tokens", get(tokens).post(new_token))
         .route("/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/service", get(service))

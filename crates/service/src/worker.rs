@@ -28,7 +28,13 @@ impl Paths<'_> {
 
 /// Starts a worker in its own process group (so a signal to the service's terminal or its
 /// death does not reach it), with its log in the VM's folder.
-pub fn spawn(p: &Paths<'_>, name: &str, s: &Settings) -> std::io::Result<Child> {
+/// With `restore`, the worker resumes that saved state instead of booting the kernel.
+pub fn spawn(
+    p: &Paths<'_>,
+    name: &str,
+    s: &Settings,
+    restore: Option<&Path>,
+) -> std::io::Result<Child> {
     let _ = std::fs::remove_file(p.socket);
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -39,17 +45,25 @@ pub fn spawn(p: &Paths<'_>, name: &str, s: &Settings) -> std::io::Result<Child> 
         .arg(format!("--name={name}"))
         .arg("--control-socket")
         .arg(p.socket)
-        .arg(format!("--kernel={}", s.kernel))
-        .arg(format!("--cmdline={}", s.cmdline))
-        .arg(format!("--cpus={}", s.cpus))
-        .arg(format!("--memory={}M", s.memory >> 20))
         .arg("--serial")
         .arg(p.folder.join("console.log"));
-    if let Some(i) = &s.initrd {
-        cmd.arg(format!("--initrd={i}"));
-    }
-    if !s.hyperv {
-        cmd.arg("--no-hyperv");
+    match restore {
+        // The shape of the VM comes from the saved state.
+        Some(file) => {
+            cmd.arg("--restore").arg(file);
+        }
+        None => {
+            cmd.arg(format!("--kernel={}", s.kernel))
+                .arg(format!("--cmdline={}", s.cmdline))
+                .arg(format!("--cpus={}", s.cpus))
+                .arg(format!("--memory={}M", s.memory >> 20));
+            if let Some(i) = &s.initrd {
+                cmd.arg(format!("--initrd={i}"));
+            }
+            if !s.hyperv {
+                cmd.arg("--no-hyperv");
+            }
+        }
     }
     cmd.args(crate::devices::worker_args(s));
     cmd.env("VIRIDIAN_RUN_DIR", p.run_dir)
@@ -169,6 +183,38 @@ pub async fn control(socket: &Path, command: &str, timeout: Duration) -> Result<
     tokio::time::timeout(timeout, talk)
         .await
         .unwrap_or_else(|_| Err("the worker did not answer in time".into()))
+}
+
+/// Sends a command that reports `progress N` lines before its answer (`save PATH`); returns
+/// the answer. Each line must come within a minute.
+pub async fn control_with_progress(
+    socket: &Path,
+    command: &str,
+    progress: impl Fn(u8),
+) -> Result<String, String> {
+    const LINE_TIMEOUT: Duration = Duration::from_secs(60);
+    let mut s = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("cannot reach the worker's control socket: {e}"))?;
+    s.write_all(format!("{command}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(s).lines();
+    loop {
+        let line = tokio::time::timeout(LINE_TIMEOUT, lines.next_line())
+            .await
+            .map_err(|_| "the worker did not answer in time".to_string())?
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "the worker closed the control connection".to_string())?;
+        if let Some(p) = line.strip_prefix("progress ") {
+            progress(p.trim().parse().unwrap_or(0));
+            continue;
+        }
+        return match line.strip_prefix("error: ") {
+            Some(e) => Err(e.to_string()),
+            None => Ok(line.trim_start_matches("ok: ").to_string()),
+        };
+    }
 }
 
 /// Whether the control socket accepts connections (the worker built its VM).

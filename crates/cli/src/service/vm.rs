@@ -52,6 +52,11 @@ pub enum ManagedCommand {
     Resume { name: String },
     /// Remove a VM and its folder (Remove-VM); it must be off.
     Remove { name: String },
+    /// Save a VM (Save-VM): its whole state goes to its folder and it is Saved; `vm start`
+    /// resumes it where it was. Shows the job's progress.
+    Save { name: String },
+    /// Delete a Saved VM's saved state (Remove-VMSavedState); it is Off then.
+    DiscardSavedState { name: String },
 }
 
 /// Settings of `vm new` and `vm set`.
@@ -352,6 +357,8 @@ pub fn managed(cmd: ManagedCommand) -> anyhow::Result<i32> {
         ),
         ManagedCommand::Pause { name } => pause(&c, &name, "pause"),
         ManagedCommand::Resume { name } => pause(&c, &name, "resume"),
+        ManagedCommand::Save { name } => save(&c, &name),
+        ManagedCommand::DiscardSavedState { name } => action(&c, &name, "discard-saved-state", ""),
         ManagedCommand::Remove { name } => {
             call(&c, "DELETE", &vm_path(&name), None)?;
             println!("{name}: removed");
@@ -372,6 +379,34 @@ fn pause(c: &Client, name: &str, verb: &str) -> anyhow::Result<i32> {
     let reply = crate::control::send(&crate::control::socket_for(name), verb)?;
     println!("{name}: {reply}");
     Ok(0)
+}
+
+/// Save-VM: starts the job, then follows it to its end.
+fn save(c: &Client, name: &str) -> anyhow::Result<i32> {
+    let (_, v) = call(c, "POST", &format!("{}/save", vm_path(name)), None)?;
+    let mut job: api::Job = serde_json::from_value(v)?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let started = std::time::Instant::now();
+    while job.state == api::JobState::Running {
+        if tty {
+            eprint!("\r{name}: saving... {}%", job.percent);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let (_, v) = call(c, "GET", &format!("/jobs/{}", segment(&job.id)), None)?;
+        job = serde_json::from_value(v)?;
+    }
+    if tty {
+        eprintln!();
+    }
+    match job.state {
+        api::JobState::Failed => {
+            anyhow::bail!("{name} was not saved: {}", job.error.unwrap_or_default())
+        }
+        _ => {
+            println!("{name}: Saved in {:.1} s", started.elapsed().as_secs_f64());
+            Ok(0)
+        }
+    }
 }
 
 fn action(c: &Client, name: &str, verb: &str, query: &str) -> anyhow::Result<i32> {

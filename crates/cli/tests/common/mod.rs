@@ -114,3 +114,21 @@ pub const COUNT: &[u8] = &[
     0xf4, // hlt
     0xeb, 0xfd, // jmp hlt
 ];
+
+/// Checks that `text` is [`COUNT`]'s output from 1 on, with no gap and no restart; returns the
+/// last count.
+#[allow(dead_code)]
+pub fn assert_counts_on(text: &str) -> u32 {
+    assert!(
+        !text.contains('X'),
+        "the guest lost its hypercall MSR: {text}"
+    );
+    let mut expected = 1u32;
+    for line in text.split('\n').filter(|l| !l.is_empty()) {
+        let n = u32::from_str_radix(line, 16)
+            .unwrap_or_else(|_| panic!("not a count: {line:?} in\n{text}"));
+        assert_eq!(n, expected, "the count jumped or restarted:\n{text}");
+        expected += 1;
+    }
+    expected - 1
+}
