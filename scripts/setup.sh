@@ -20,8 +20,9 @@ echo "setup: refreshing the package lists"
 apt-get update -q >/dev/null
 
 # Libraries of qemu-system-x86 and qemu-system-common, without installing QEMU itself (that would
-# replace the newer qemu-utils that the disk-image tests compare against).
-libs=$(apt-cache depends --no-recommends --no-suggests --no-enhances qemu-system-x86 qemu-system-common \
+# replace the newer qemu-utils that the disk-image tests compare against), and of fio, which the
+# lab's disk benchmark carries into its guest (crates/lab/src/disk_bench.rs).
+libs=$(apt-cache depends --no-recommends --no-suggests --no-enhances qemu-system-x86 qemu-system-common fio \
   | awk '/Depends: lib/ {print $2}' | grep -v '^<' | sort -u)
 # nftables and dnsmasq-base (the binary, without Debian's system-wide dnsmasq service): the
 # Default Switch's NAT and its guests' DHCP and DNS (crates/vswitch and its tests).

@@ -133,6 +133,78 @@ fn boot_time_against_qemu() {
     }
 }
 
+/// Disk I/O of the same guest (cloud kernel, 1 vCPU, 1 GiB) with Debian's fio, on Viridian's
+/// storvsc and on QEMU's virtio-blk (`cache=none`, io_uring or native AIO, an iothread), over
+/// the same raw image and dynamic VHDX on a RAM disk in L1 (lab::disk_bench), in one lab run.
+/// A benchmark: `cargo test --release -p cli --test lab -- --ignored disk_io_against_qemu`.
+/// VIRIDIAN_FIO_SECONDS (default 10) sets each job's length.
+#[test]
+#[ignore = "benchmark; run with --ignored"]
+fn disk_io_against_qemu() {
+    use lab::disk_bench::{self, Format, JOBS};
+    let Some(lab) = lab() else { return };
+    let seconds: u32 = std::env::var("VIRIDIAN_FIO_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let scenarios = disk_bench::scenarios(seconds);
+    let run = lab
+        .run(&scenarios, &mut std::io::stderr())
+        .expect("lab run");
+    let results = |vmm, format| {
+        run.scenario(&disk_bench::scenario_name(vmm, format))
+            .map(disk_bench::results)
+            .unwrap_or_default()
+    };
+    let aio = run
+        .scenario(&disk_bench::scenario_name(Vmm::QemuPc, Format::Raw))
+        .and_then(|s| s.guest.get("host_aio").cloned())
+        .unwrap_or_else(|| "?".into());
+    println!(
+        "fio in the guest (cloud kernel, 1 vCPU, 1 GiB; libaio, direct=1, {seconds} s a job), \
+         {} MiB files on ext2 on an L1 RAM disk; QEMU virtio-blk with cache=none, aio={aio}, \
+         an iothread:",
+        disk_bench::FILE_MIB
+    );
+    println!(
+        "  {:<18} {:>10} {:>10} {:>6}   {:>10} {:>10} {:>6}",
+        "job", "vir raw", "qemu raw", "ratio", "vir vhdx", "qemu vhdx", "ratio"
+    );
+    let mut missing = vec![];
+    for job in JOBS {
+        let mut row = format!("  {:<18}", job.name);
+        for format in [Format::Raw, Format::Vhdx] {
+            let value = |vmm| {
+                let r = results(vmm, format).get(job.name).copied();
+                r.map(|r| {
+                    if job.is_throughput() {
+                        r.mib_per_second()
+                    } else {
+                        r.iops
+                    }
+                })
+            };
+            let (v, q) = (value(Vmm::Viridian), value(Vmm::QemuPc));
+            if v.is_none() || q.is_none() {
+                missing.push(format!("{} on {}", job.name, format.name()));
+            }
+            let (v, q) = (v.unwrap_or(f64::NAN), q.unwrap_or(f64::NAN));
+            row.push_str(&format!(" {v:>10.0} {q:>10.0} {:>5.2}x  ", v / q));
+        }
+        println!(
+            "{row}{}",
+            if job.is_throughput() { "MiB/s" } else { "IOPS" }
+        );
+    }
+    for s in &run.scenarios {
+        if s.exit_code != 0 {
+            println!("  {} exited {}", s.name, s.exit_code);
+        }
+    }
+    assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
+    assert!(missing.is_empty(), "no result for {missing:?}");
+}
+
 /// The Debian guest, with its own hv_vmbus and hv_utils modules, finds Hyper-V, VMBus and the
 /// shutdown, heartbeat and timesync services; timesync corrects its clock; `viridian vm stop`
 /// makes it run its orderly power-off; with 2 vCPUs its channels can target vCPU 1.

@@ -171,6 +171,11 @@ if [ "$S" = kvp ]; then
   sed 's/^/GUEST-KVP /' /tmp/kvp.log
   while true; do sleep 1; done
 fi
+if [ "$S" = fio ]; then
+  # The QEMU guest has no VMBus, the Viridian guest no virtio: load what loads.
+  for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko 2>/dev/null; done
+  . /fio.sh
+fi
 if [ "$S" = net ]; then
   for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
   . /net.sh
@@ -224,14 +229,16 @@ pub(crate) fn base(archive: &mut Archive, busybox: &Path) -> Result<()> {
 /// OSVersion).
 pub const L2_OS_RELEASE: &str = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nVERSION=\"12 (bookworm)\"\nID=debian\n";
 
-/// The L2 guest's initramfs, with the Hyper-V modules of each kernel under
-/// `/lib/modules/VERSION/` and their load order in `load-order`, and `programs` (path in the
-/// image, host path) with their shared libraries (looked for in `lib_dirs` before the host's).
+/// The L2 guest's initramfs, with the Hyper-V modules and `extra_modules` of each kernel
+/// under `/lib/modules/VERSION/` and their load order in `load-order`, and `programs` (path in
+/// the image, host path) with their shared libraries (looked for in `lib_dirs` before the
+/// host's).
 pub fn l2_initramfs(
     busybox: &Path,
     kernels: &[&crate::Kernel],
     programs: &[(String, std::path::PathBuf)],
     lib_dirs: &[std::path::PathBuf],
+    extra_modules: &[&str],
     out: &Path,
 ) -> Result<()> {
     let mut a = Archive::new();
@@ -241,13 +248,19 @@ pub fn l2_initramfs(
     a.file("etc/os-release", 0o644, L2_OS_RELEASE.as_bytes());
     a.file("net.sh", 0o644, crate::network::L2_NET.as_bytes());
     a.file("bench.sh", 0o644, crate::netbench::L2_BENCH.as_bytes());
+    a.file(
+        "fio.sh",
+        0o644,
+        crate::disk_bench::guest_script().as_bytes(),
+    );
     add_programs(&mut a, programs, &[], lib_dirs)?;
     a.dir("lib/modules");
     for k in kernels {
         let dir = format!("lib/modules/{}", k.version);
         a.dir(&dir);
-        let modules =
-            k.modules_with_deps(&[HYPERV_MODULES, crate::network::L2_MODULES].concat())?;
+        let modules = k.modules_with_deps(
+            &[HYPERV_MODULES, crate::network::L2_MODULES, extra_modules].concat(),
+        )?;
         let mut order = String::new();
         for (name, path) in &modules {
             let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;

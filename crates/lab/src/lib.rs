@@ -10,6 +10,7 @@
 
 pub mod cpio;
 mod debian;
+pub mod disk_bench;
 pub mod image;
 pub mod kernel;
 pub mod netbench;
@@ -750,7 +751,32 @@ run() {
         } else {
             Vec::new()
         };
-        image::l2_initramfs(&self.busybox, &kernels, &l2_programs, &lib_dirs, &l2_initrd)?;
+        image::l2_initramfs(
+            &self.busybox,
+            &kernels,
+            &l2_programs,
+            &lib_dirs,
+            &[],
+            &l2_initrd,
+        )?;
+        let fio = scenarios.iter().any(|s| s.guest == disk_bench::GUEST);
+        let fio_initrd = if fio {
+            let cache = Cache::at(self.cache.clone())?;
+            let path = PathBuf::from(&self.cache).join(format!("images/l2-fio-{tag}.cpio"));
+            let mut with_fio = l2_programs.clone();
+            with_fio.push(("usr/bin/fio".into(), disk_bench::fio(&cache)?));
+            image::l2_initramfs(
+                &self.busybox,
+                &kernels,
+                &with_fio,
+                &lib_dirs,
+                disk_bench::L2_MODULES,
+                &path,
+            )?;
+            Some(path)
+        } else {
+            None
+        };
         let mut programs = vec![("bin/viridian".to_string(), self.viridian.clone())];
         if scenarios.iter().any(|s| s.service) {
             programs.push((
@@ -773,6 +799,15 @@ run() {
         }
         if let Some((disk, _)) = system {
             files.push(("l2/system-initrd.cpio".into(), disk.initrd.clone()));
+        }
+        if let Some(path) = &fio_initrd {
+            files.push(("l2/fio-initrd.cpio".into(), path.clone()));
+            let brd = self
+                .l1_kernel
+                .modules_with_deps(&[disk_bench::L1_RAM_DISK_MODULE])?;
+            if let Some((_, path)) = brd.last() {
+                files.push((disk_bench::L1_RAM_DISK_PATH.into(), path.clone()));
+            }
         }
         if scenarios.iter().any(|s| s.vmm != Vmm::Viridian) {
             programs.push(("bin/qemu-system-x86_64".into(), self.qemu.clone()));
@@ -887,6 +922,9 @@ run() {
         }
         let _ = std::fs::remove_file(&l1_image);
         let _ = std::fs::remove_file(&contents_l2);
+        if let Some(path) = &fio_initrd {
+            let _ = std::fs::remove_file(path);
+        }
         if let Some(dir) = isos {
             let _ = std::fs::remove_dir_all(dir);
         }
