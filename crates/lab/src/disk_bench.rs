@@ -187,7 +187,7 @@ fn l1_script(vmm: Vmm, format: Format, seconds: u32) -> String {
            viridian vhd convert $B/raw.img $B/dyn.vhdx >/dev/null || echo LAB-ERROR vhd convert failed; \
            echo native > $B/aio; \
            if command -v qemu-system-x86_64 >/dev/null; then \
-             echo quit | qemu-system-x86_64 -machine none -nodefaults -display none -monitor stdio -drive file=$B/raw.img,format=raw,if=none,id=p,cache=none,aio=io_uring >/dev/null 2>&1 && echo io_uring > $B/aio; \
+             echo quit | qemu-system-x86_64 -machine none -accel kvm -nodefaults -display none -monitor stdio -drive file=$B/raw.img,format=raw,if=none,id=p,cache=none,aio=io_uring >/dev/null 2>&1 && echo io_uring > $B/aio; \
            fi; \
            touch $B/ready; \
          fi; \
