@@ -484,6 +484,47 @@ fn disk_formats_dvd_and_discard_in_one_boot() {
         "{wwids:?}"
     );
     assert_eq!(dyn_[7], g("host_dyn_id").to_uppercase(), "{}", ctx());
+    assert_eq!(fixed[7], g("host_fixed_id").to_uppercase(), "{}", ctx());
+    // /dev/disk/by-id: udev names disks from VPD page 0x83 (scsi_id: `scsi-3` and `wwn-0x`
+    // and the NAA name in hex). Its first designator is that NAA name, the same as the
+    // kernel's wwid, and for the VHDX and the VHD it folds the file's own identifier.
+    let by_id = |d: &[String], sectors: &str| -> String {
+        let naa = naa_of_page_83(&g(&format!("pg83_{sectors}")))
+            .unwrap_or_else(|| panic!("{sectors}: no NAA designator in VPD 0x83\n{}", ctx()));
+        assert_eq!(d[6], format!("naa.{naa}"), "{}", ctx());
+        format!("scsi-3{naa} wwn-0x{naa}")
+    };
+    for (d, sectors, id) in [
+        (&dyn_, "131072", "host_dyn_id"),
+        (&fixed, "32768", "host_fixed_id"),
+    ] {
+        let want = hex_id(&g(id)).map(|id| scsi::inquiry::naa(&id));
+        let want: String = want.iter().flatten().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(d[6], format!("naa.{want}"), "{sectors}: {}", ctx());
+        eprintln!(
+            "formats: the {sectors}-sector disk is /dev/disk/by-id/{{{}}}",
+            by_id(d, sectors)
+        );
+    }
+    for (d, sectors) in [(&child, "65536"), (&raw, "16384"), (&ro, "8192")] {
+        by_id(d, sectors);
+    }
+    // The second boot: the VHDX and the VHD moved to new names, the raw image where it was,
+    // all at other locations; each keeps its WWID and serial number, so its by-id names.
+    for (d, sectors) in [(&dyn_, "131072"), (&fixed, "32768"), (&raw, "16384")] {
+        let again: Vec<String> = g(&format!("id_{sectors}"))
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        assert_eq!(again.len(), 3, "{sectors}: {again:?}\n{}", ctx());
+        assert_eq!(
+            (&again[0], &again[1]),
+            (&d[6], &d[7]),
+            "{sectors}: {}",
+            ctx()
+        );
+        assert_ne!(again[2], d[5], "{sectors}: same place in both boots");
+    }
     // What the guest wrote is in each image.
     for sectors in ["131072", "65536", "32768", "16384"] {
         let md5 = g(&format!("md5_{sectors}"));
@@ -528,6 +569,32 @@ fn disk_formats_dvd_and_discard_in_one_boot() {
     assert_eq!(g("guest_ejected"), "1", "{}", ctx());
     assert_eq!(g("host_dvd_after_guest_eject"), "(empty)", "{}", ctx());
     assert_eq!(r.exit_code, 0, "{}", ctx());
+}
+
+/// The 16 bytes of a disk identifier printed as 32 hex digits (dashes allowed).
+fn hex_id(s: &str) -> Option<[u8; 16]> {
+    let digits: Vec<u8> = s.bytes().filter(|&c| c != b'-').collect();
+    if digits.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        id[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(id)
+}
+
+/// The NAA name (lowercase hex) of the first designator of a VPD page 0x83 dumped as hex,
+/// if it is a binary NAA designator of the logical unit.
+fn naa_of_page_83(hex: &str) -> Option<String> {
+    let hex = hex.get(8..)?; // the page header
+    let byte = |i: usize| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok();
+    let (code_set, kind, len) = (byte(0)? & 0xf, byte(1)?, usize::from(byte(3)?));
+    // Binary, associated with the logical unit (bits 5-4 zero), designator type 3 (NAA).
+    if code_set != 1 || kind & 0x3f != 3 || !matches!(len, 8 | 16) {
+        return None;
+    }
+    hex.get(8..8 + 2 * len).map(str::to_string)
 }
 
 /// The Debian system disk (lab::SystemDisk: Debian 12 with systemd, built by mmdebstrap and

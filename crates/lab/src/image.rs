@@ -99,6 +99,8 @@ if [ "$S" = formats ]; then
     [ "$(basename $d)" = sr0 ] && s=dvd
     serial=$(dd if=$d/device/vpd_pg80 bs=1 skip=4 count=32 2>/dev/null)
     say disk_$s=$(basename $d),$(cat $d/queue/logical_block_size),$(cat $d/queue/physical_block_size),$(cat $d/ro),$(cat $d/device/type),$(basename $(readlink $d/device)),$(cat $d/device/wwid 2>/dev/null | tr -d ' '),$serial,$(cat $d/queue/discard_max_bytes)
+    # The device identification page, which udev's scsi_id names /dev/disk/by-id links from.
+    say pg83_$s=$(od -An -tx1 -v $d/device/vpd_pg83 2>/dev/null | tr -d ' \n')
   done
   # 1 MiB at 1 MiB on every writable disk, fsynced; its MD5 for the host to compare.
   for s in 131072 65536 32768 16384; do
@@ -134,6 +136,20 @@ if [ "$S" = formats ]; then
   say formats_guest_ejected
   sleep 2
   dmesg | grep -i -E "scsi|sd |sr |storvsc|cdrom|isofs" | sed 's/^/GUEST-DMESG /'
+fi
+if [ "$S" = ids ]; then
+  # The identifiers of viridian.disks= disks, told apart by size, in a second boot.
+  N=1
+  for a in $(cat /proc/cmdline); do
+    case "$a" in viridian.disks=*) N=${a#*=};; esac
+  done
+  for m in $(cat $M/load-order 2>/dev/null); do insmod $M/$m.ko || say insmod_failed=$m; done
+  i=0
+  while [ $(ls -d /sys/block/sd* 2>/dev/null | wc -l) -lt $N ] && [ $i -lt 90 ]; do sleep 1; i=$((i+1)); done
+  for d in /sys/block/sd*; do
+    [ -e $d ] || continue
+    say id_$(cat $d/size)=$(cat $d/device/wwid 2>/dev/null | tr -d ' '),$(dd if=$d/device/vpd_pg80 bs=1 skip=4 count=32 2>/dev/null),$(basename $(readlink $d/device))
+  done
 fi
 if [ "$S" = hotplug ]; then
   # The host adds a second disk while the guest runs, then removes it.

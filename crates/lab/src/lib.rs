@@ -367,8 +367,11 @@ impl Scenario {
     /// allocated size after the guest's discard, `vm dvd --path /l2/two.iso`, and the drive
     /// as `vm dvd` lists it once the guest has ejected that disc itself. After it:
     /// `qemu-img check` and `viridian vhd test` of the images, and the MD5 of the 1 MiB the
-    /// guest wrote at 1 MiB on each, read on the host. The images live on a tmpfs of their own,
-    /// which frees the blocks a discard punches out of a file.
+    /// guest wrote at 1 MiB on each, read on the host. Then a second, short boot (guest
+    /// scenario `ids`) with the VHDX and the VHD moved to new names and the raw image where it
+    /// was, in another order: the identifiers the guest reports (`id_SECTORS=`) must be the
+    /// first boot's. The images live on a tmpfs of their own, which frees the blocks a discard
+    /// punches out of a file.
     fn formats_command(
         name: &str,
         kernel: &str,
@@ -392,6 +395,7 @@ impl Scenario {
              qemu-img create -q -f vhdx $D/parent.vhdx 32M || echo LAB-ERROR qemu-img create failed; \
              viridian vhd new $D/child.vhdx --parent $D/parent.vhdx >/dev/null; \
              {say} host_dyn_id=$(viridian vhd get $D/dyn.vhdx | awk '/^DiskIdentifier/ {{print $3}}' | tr -d -); \
+             {say} host_fixed_id=$(viridian vhd get $D/fixed.vhd | awk '/^DiskIdentifier/ {{print $3}}' | tr -d -); \
              {say} host_iso_md5=$(md5sum < /l2/one.bin | cut -c1-32) host_iso2_md5=$(md5sum < /l2/two.bin | cut -c1-32); \
              viridian run --name {name} --serial /tmp/{name}.log --kernel {kernel} --initrd /l2/initrd.cpio --cpus {cpus} --memory {memory_mib}M \
                --disk $D/dyn.vhdx --disk $D/fixed.vhd --disk $D/plain.img --disk $D/ro.img,readonly --disk $D/child.vhdx,controller=1 --dvd /l2/one.iso \
@@ -409,7 +413,11 @@ impl Scenario {
              for f in dyn.vhdx parent.vhdx; do qemu-img check -q -f vhdx $D/$f && {say} host_qemu_check_${{f%.vhdx}}=ok; done; \
              for f in dyn.vhdx fixed.vhd plain.img child.vhdx; do viridian vhd test $D/$f >/dev/null && {say} host_vhd_test_${{f%.*}}=ok; done; \
              {m1}{m2}{m3}{m4}\
+             mkdir $D/moved; mv $D/dyn.vhdx $D/moved/renamed.vhdx; mv $D/fixed.vhd $D/moved/renamed.vhd; \
+             viridian run --kernel {kernel} --initrd /l2/initrd.cpio --cpus 1 --memory {memory_mib}M \
+               --disk $D/plain.img --disk $D/moved/renamed.vhdx --disk $D/moved/renamed.vhd --cmdline '{ids_cmdline}' || echo LAB-ERROR the second boot failed; \
              umount $D; rm -rf $D; exit $rc",
+            ids_cmdline = cmdline.replace("viridian.scenario=formats", "viridian.scenario=ids viridian.disks=3"),
             w1 = wait("formats_written"),
             w2 = wait("formats_discarded"),
             w3 = wait("formats_guest_ejected"),
@@ -1105,7 +1113,9 @@ mod tests {
                 && f.contains("child.vhdx,controller=1")
                 && f.contains("ro.img,readonly")
                 && f.contains("vm dvd f --eject")
-                && f.contains("${f%.vhdx}"),
+                && f.contains("${f%.vhdx}")
+                && f.contains("viridian.scenario=ids viridian.disks=3")
+                && f.contains("--disk $D/moved/renamed.vhdx"),
             "{f}"
         );
         let q = Scenario::new("b", Vmm::QemuMicrovm, Flavor::Cloud, 1, "boot").command();
