@@ -184,7 +184,7 @@ fn l1_script(vmm: Vmm, format: Format, seconds: u32) -> String {
            i=0; while [ ! -b /dev/ram0 ] && [ $i -lt 50 ]; do usleep 100000; i=$((i+1)); done; \
            mkdir -p $B; mke2fs -q -m 0 -b 4096 /dev/ram0 >/dev/null && mount -t ext2 /dev/ram0 $B || echo LAB-ERROR no file system on the RAM disk; \
            dd if=/dev/urandom of=$B/raw.img bs=1M count={FILE_MIB} 2>/dev/null; \
-           viridian vhd convert $B/raw.img $B/dyn.vhdx >/dev/null || echo LAB-ERROR vhd convert failed; \
+           viridian vhd convert $B/raw.img $B/dyn.vhdx >/dev/null 2>&1 || echo LAB-ERROR vhd convert failed; \
            echo native > $B/aio; \
            if command -v qemu-system-x86_64 >/dev/null; then \
              echo quit | qemu-system-x86_64 -machine none -accel kvm -nodefaults -display none -monitor stdio -drive file=$B/raw.img,format=raw,if=none,id=p,cache=none,aio=io_uring >/dev/null 2>&1 && echo io_uring > $B/aio; \
