@@ -413,6 +413,10 @@ fn run_vm(
             eprintln!("viridian: the VM was saved; `viridian run --restore FILE` resumes it");
             0
         }
+        ExitReason::SaveFailed(why) => {
+            eprintln!("viridian: saving the VM failed: {why}");
+            1
+        }
         ExitReason::TurnedOff => {
             eprintln!("viridian: turned off by `viridian vm stop --force`");
             0

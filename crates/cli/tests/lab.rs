@@ -262,8 +262,8 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
         );
         assert_eq!(r.exit_code, 0, "{}", ctx());
     }
-    // Under viridiand: defined, started, heartbeat OK, and stopped through the guest's
-    // shutdown service while the state goes Running, Stopping, Off.
+    // Under viridiand: defined, started, heartbeat OK, saved and restored, and stopped through
+    // the guest's shutdown service while the state goes Running, Stopping, Off.
     let r = run.scenario("hv-service").expect("hv-service did not run");
     let g = |k: &str| r.guest.get(k).map(String::as_str).unwrap_or("");
     assert_eq!(g("hypervisor"), "hyperv", "{}", r.console);
@@ -274,9 +274,59 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
         "vm console replays the guest's output\n{}",
         r.console
     );
+    // Save-VM and Start-VM of the Saved VM: the guest goes on where it was (its tick count
+    // and uptime continue, no new boot), its heartbeat is OK again, and `vm stop` still shuts
+    // it down through the restored shutdown channel.
+    assert_eq!(g("svc_saved_state"), "Saved", "{}", r.console);
+    let saved_bytes: u64 = g("svc_saved_bytes").parse().unwrap_or(0);
+    assert!(
+        saved_bytes > 1 << 20 && saved_bytes < 512 << 20,
+        "the saved state in the VM's folder: {saved_bytes} bytes\n{}",
+        r.console
+    );
+    let tick = |k: &str| -> (u64, f64) {
+        let v = g(k);
+        let (n, up) = v
+            .split_once(',')
+            .unwrap_or_else(|| panic!("{k}={v:?}: no tick\n{}", r.console));
+        (n.parse().unwrap(), up.parse().unwrap())
+    };
+    let (saved_n, saved_up) = tick("svc_tick_saved");
+    let (restored_n, restored_up) = tick("svc_tick_restored");
+    assert!(
+        restored_n > saved_n && restored_n <= saved_n + 3,
+        "the restored guest's count goes on: tick {saved_n} saved, {restored_n} next\n{}",
+        r.console
+    );
+    // Guest time stands still while saved: the next tick's uptime is one or two 2 s sleeps on.
+    assert!(
+        restored_up > saved_up && restored_up < saved_up + 12.0,
+        "uptime {saved_up} saved, {restored_up} after the restore\n{}",
+        r.console
+    );
+    assert_eq!(
+        g("svc_new_boot"),
+        "0",
+        "the restored guest booted again\n{}",
+        r.console
+    );
+    assert_eq!(
+        g("svc_saved_kept"),
+        "0",
+        "a restored state is used up\n{}",
+        r.console
+    );
+    assert_eq!(g("svc_heartbeat_restored"), "OK", "{}", r.console);
+    eprintln!(
+        "hv-service: saved in {} s ({} MiB file), restored in {} s, ticking again after {} s",
+        g("svc_save_seconds"),
+        saved_bytes >> 20,
+        g("svc_restore_seconds"),
+        g("svc_resumed_seconds")
+    );
     assert_eq!(
         g("svc_states"),
-        "Off,Starting,Running,Stopping,Off,",
+        "Off,Starting,Running,Saving,Saved,Starting,Running,Stopping,Off,",
         "{}",
         r.console
     );

@@ -248,3 +248,47 @@ fn broken_saved_state_files_are_refused_in_one_line() {
     let err = restore(&bad);
     assert!(err.contains("RAM section"), "{err}");
 }
+
+/// A save that fails once the VM has stopped for it (here its `PATH.tmp` is a directory, so
+/// the file cannot be made) turns the VM off, and `viridian run` says that the save failed and
+/// why, with exit status 1, rather than that someone turned it off.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn a_failed_save_says_why_the_vm_ended() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = dir("failed");
+    let kernel = tiny_kernel("count-failed", COUNT);
+    let (socket, log) = (d.join("f.sock"), d.join("f.log"));
+    let child = spawn_run(
+        &d,
+        &[
+            "--memory",
+            "64M",
+            "--control-socket",
+            socket.to_str().unwrap(),
+            "--serial",
+            log.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ],
+    );
+    wait_for("the guest's count", Duration::from_secs(30), || {
+        lines(&log).len() > 5
+    });
+    let state = d.join("vm.saved");
+    std::fs::create_dir(d.join("vm.saved.tmp")).unwrap();
+    let out = save(&d, &socket, &state);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let (code, err) = finish(child, Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("viridian: saving the VM failed: cannot write")
+            && err.contains("the VM was turned off"),
+        "{err}"
+    );
+    assert!(!err.contains("vm stop --force"), "{err}");
+    assert!(!state.exists());
+}

@@ -60,8 +60,10 @@ if [ "$S" = hyperv ]; then
   fi
   dmesg | grep -i -E "hyper-v|hv_|vmbus" | sed 's/^/GUEST-DMESG /'
   say ready
-  # Wait for `viridian vm stop`: hv_utils runs /sbin/poweroff (below).
-  while true; do sleep 1; done
+  # Wait for `viridian vm stop`: hv_utils runs /sbin/poweroff (below). The ticks show whether
+  # a restored guest goes on where it was saved (its count and uptime continue).
+  n=0
+  while true; do n=$((n+1)); say tick=$n uptime=$(cut -d' ' -f1 /proc/uptime); sleep 2; done
 fi
 if [ "$S" = storage ]; then
   # Debian's own hv_storvsc drives the synthetic SCSI controller: find the disk, write a

@@ -350,6 +350,35 @@ impl Scenario {
         )
     }
 
+    /// The service scenario's Save-VM and Start-VM of the Saved VM (see [`Scenario::service`]),
+    /// with `$S` its directory, `$c` the console log and `field` a field of `vm get --json`:
+    /// `vm save` (`svc_save_seconds=`, `svc_saved_state=`, the file's `svc_saved_bytes=`, the
+    /// guest's last tick before it as `svc_tick_saved=N,UPTIME`), then `vm start`, which
+    /// restores it (`svc_restore_seconds=` until it returns, `svc_resumed_seconds=` until the
+    /// guest's next tick, `svc_tick_restored=`, `svc_new_boot=` the count of `init_uptime=`
+    /// lines after it, `svc_saved_kept=`, `svc_heartbeat_restored=`). The console log before
+    /// the save stays as `$S/before.log`; the worker's own lines about it are `LAB-WORKER`.
+    fn save_steps(name: &str) -> String {
+        format!(
+            "up() {{ cut -d' ' -f1 /proc/uptime; }}; \
+             since() {{ awk -v a=$1 -v b=$(up) 'BEGIN {{printf \"%.1f\", b - a}}'; }}; \
+             tick() {{ grep -o 'tick=[0-9]* uptime=[0-9.]*' $1 | sed -n \"$2\" | sed 's/tick=//; s/ uptime=/,/'; }}; \
+             i=0; until grep -q 'tick=' $c || [ $i -ge 30 ]; do sleep 1; i=$((i+1)); done; \
+             t=$(up); viridian vm save {name} >$S/save.out 2>&1 || echo \"LAB-ERROR vm save: $(tr '\\n' ' ' < $S/save.out)\"; \
+             echo VIRIDIAN-GUEST svc_save_seconds=$(since $t) svc_saved_state=$(field state); \
+             f=$(ls -d $S/state/vms/*)/vm.saved; \
+             echo VIRIDIAN-GUEST svc_saved_bytes=$(ls -l $f | awk '{{print $5}}') svc_tick_saved=$(tick $c '$p'); \
+             cp $c $S/before.log; \
+             t=$(up); viridian vm start {name} >$S/start.out 2>&1 || echo \"LAB-ERROR vm start after save: $(tr '\\n' ' ' < $S/start.out)\"; \
+             echo VIRIDIAN-GUEST svc_restore_seconds=$(since $t) svc_saved_kept=$(ls $f 2>/dev/null | wc -l); \
+             i=0; until grep -q 'tick=' $c 2>/dev/null || [ $i -ge 60 ]; do sleep 1; i=$((i+1)); done; \
+             echo VIRIDIAN-GUEST svc_resumed_seconds=$(since $t) svc_tick_restored=$(tick $c 1p) svc_new_boot=$(grep -c init_uptime= $c); \
+             i=0; until [ \"$(field heartbeat)\" = OK ] || [ $i -ge 60 ]; do sleep 1; i=$((i+1)); done; \
+             echo VIRIDIAN-GUEST svc_heartbeat_restored=$(field heartbeat); \
+             grep -E 'saved to|restored from' $(ls -d $S/state/vms/*)/worker.log | sed 's/^/LAB-WORKER /'; "
+        )
+    }
+
     /// The host side of the KVP checks (see [`Scenario::kvp`]).
     fn kvp_steps(name: &str) -> String {
         format!(
@@ -462,12 +491,13 @@ impl Scenario {
                  echo VIRIDIAN-GUEST svc_cg_set=$(cg cpu.max cpu.weight); \
                  timeout 5 viridian vm console {name} --read-only </dev/null >$S/view 2>&1; \
                  echo VIRIDIAN-GUEST svc_console=$(grep -c 'VIRIDIAN-GUEST ready' $S/view); \
+                 {save}\
                  viridian vm stop {name} >/dev/null; \
                  [ -d $g ] || echo VIRIDIAN-GUEST svc_cg_removed=1; \
                  echo VIRIDIAN-GUEST svc_states=$(sed -n \"s/.*VM '{name}' is \\([A-Z][A-Za-z]*\\):.*/\\1/p\" $S/d.log | tr '\\n' ','); \
                  echo VIRIDIAN-GUEST svc_status=$(field status | tr ' ' '_'); \
-                 cat $c; kill $d; wait $d; exit 0",
-                self.cpus, self.memory_mib, name = self.name
+                 cat $S/before.log $c; kill $d; wait $d; exit 0",
+                self.cpus, self.memory_mib, name = self.name, save = Self::save_steps(&self.name)
             ),
             Vmm::Viridian if self.stop_with_control => format!(
                 "rm -f /tmp/{name}.log; \

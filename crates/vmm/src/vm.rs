@@ -63,6 +63,8 @@ pub enum ExitReason {
     TurnedOff,
     /// Saved to a file (Save-VM); `viridian run --restore` resumes it.
     Saved,
+    /// A save failed after the VM had stopped for it, so it was turned off; why.
+    SaveFailed(String),
 }
 
 /// What the thread running the VM is told: an exit, or a pause or resume to carry out.
@@ -611,15 +613,14 @@ impl Vm {
                             what: "a vCPU thread died".into(),
                         }),
                     };
-                    let saved = result.is_ok();
+                    let reason = match &result {
+                        Ok(_) => ExitReason::Saved,
+                        Err(e) => ExitReason::SaveFailed(e.to_string()),
+                    };
                     let (ack, acked) = save::ack_pair();
                     let _ = done.send(result.map(|report| (report, ack)));
                     save::wait_for_ack(&acked, SAVE_ACK_WAIT);
-                    break if saved {
-                        ExitReason::Saved
-                    } else {
-                        ExitReason::TurnedOff
-                    };
+                    break reason;
                 }
                 Err(_) => break ExitReason::Stopped,
             }
