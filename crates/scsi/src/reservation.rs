@@ -69,6 +69,39 @@ pub struct ReservationSnapshot {
     pub unit_attentions: Vec<(InitiatorId, Sense)>,
 }
 
+impl ReservationSnapshot {
+    /// Whether this is a state the commands could have produced (for a snapshot restored
+    /// from outside): each initiator registered at most once and with a non-zero key, a
+    /// reservation held by a registered initiator, at most one unit attention (a UNIT
+    /// ATTENTION sense) owed to each initiator.
+    pub fn check(&self) -> Result<(), &'static str> {
+        let mut registered = std::collections::HashSet::new();
+        for &(initiator, key) in &self.registrations {
+            if key == 0 {
+                return Err("a registration with reservation key 0");
+            }
+            if !registered.insert(initiator) {
+                return Err("an initiator registered twice");
+            }
+        }
+        if let Some((holder, _)) = self.reservation {
+            if !registered.contains(&holder) {
+                return Err("a reservation held by an initiator that is not registered");
+            }
+        }
+        let mut owed = std::collections::HashSet::new();
+        for (initiator, sense) in &self.unit_attentions {
+            if sense.key != SenseKey::UnitAttention {
+                return Err("a unit attention that is not one");
+            }
+            if !owed.insert(*initiator) {
+                return Err("two unit attentions owed to one initiator");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The persistent reservation state of one medium, cheap to clone and share between the
 /// targets (and VMs) that use the medium.
 #[derive(Debug, Clone, Default)]
@@ -734,5 +767,27 @@ mod tests {
             r.reserve_in(PrInAction::ReportCapabilities),
             [0, 8, 0x04, 0x80, 0xEA, 0x01, 0, 0]
         );
+    }
+
+    #[test]
+    fn snapshots_the_commands_cannot_produce_fail_the_check() {
+        let r = SharedReservations::new();
+        out(&r, A, PrOutAction::Register, 0, 0, 1).unwrap();
+        out(&r, B, PrOutAction::Register, 0, 0, 2).unwrap();
+        out(&r, A, PrOutAction::Reserve, 1, 1, 0).unwrap();
+        out(&r, B, PrOutAction::Preempt, 1, 2, 1).unwrap();
+        let good = r.snapshot();
+        assert_eq!(good.check(), Ok(()));
+        assert_eq!(good.unit_attentions.len(), 1);
+        let bad = |f: &dyn Fn(&mut ReservationSnapshot)| {
+            let mut s = good.clone();
+            f(&mut s);
+            s.check()
+        };
+        assert!(bad(&|s| s.registrations[0].1 = 0).is_err());
+        assert!(bad(&|s| s.registrations.push((B, 7))).is_err());
+        assert!(bad(&|s| s.reservation = Some((C, ReservationType::WriteExclusive))).is_err());
+        assert!(bad(&|s| s.unit_attentions.push(s.unit_attentions[0])).is_err());
+        assert!(bad(&|s| s.unit_attentions[0].1 = Sense::invalid_param_field(0)).is_err());
     }
 }

@@ -11,8 +11,25 @@
 //! while it was executing is executed once more. The data path is safe to replay: a read
 //! fills the same guest pages again, a write stores the same bytes at the same place (the
 //! guest does not touch an in-flight buffer), and UNMAP and SYNCHRONIZE CACHE are idempotent.
+//!
+//! Nothing else is ([`replay_safe`]): PERSISTENT RESERVE OUT (a REGISTER with a new key,
+//! RESERVE, RELEASE, PREEMPT, CLEAR) changes the reservations, so a second run answers
+//! RESERVATION CONFLICT or moves the generation on twice; MODE SELECT, START STOP UNIT (a
+//! DVD eject), PREVENT ALLOW MEDIUM REMOVAL, the handshake's control messages, and every
+//! command that reports (and so clears) a unit attention or a DVD media event answer
+//! differently the second time. Such a request executes while its worker holds the
+//! registry's lock, and its completion is recorded before the lock is let go; a worker that
+//! finds the controller paused leaves it unexecuted until resume. So a save sees it either
+//! not started (it runs once, after resume or after restore) or with its completion (which
+//! is sent, not executed again), and the disks' reservations, saved after the channels, are
+//! as the commands before it left them.
+//!
+//! What remains: a READ or WRITE that reports a unit attention (a reservation preempted, a
+//! capacity change) and is saved before its completion is recorded runs again without it.
 
+use crate::protocol::{self, Request};
 use hvdef::storvsp::VstorPacket;
+use hvdef::vmbus::packet_type;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmbus::host::Doorbell;
@@ -87,6 +104,29 @@ impl Requests {
             })
             .collect()
     }
+}
+
+/// Whether executing a guest packet twice does what executing it once did (see the module
+/// docs): the data path's SRBs and the guest's completions of host packets.
+pub(crate) fn replay_safe(ptype: u16, payload: &[u8]) -> bool {
+    use scsi::Command as C;
+    if ptype == packet_type::COMPLETION {
+        return true;
+    }
+    let Ok(Request::ExecuteSrb(srb)) = protocol::parse(payload) else {
+        return false;
+    };
+    srb.cdb().is_some_and(|cdb| {
+        matches!(
+            C::decode(cdb),
+            Ok(C::Read { .. }
+                | C::Write { .. }
+                | C::Verify { .. }
+                | C::WriteSame16 { .. }
+                | C::Unmap { .. }
+                | C::SyncCache { .. })
+        )
+    })
 }
 
 /// A channel's registry and the doorbell that wakes its worker when the controller resumes.

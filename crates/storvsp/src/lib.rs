@@ -58,8 +58,9 @@ pub use vhdx::open::Format as ImageFormat;
 
 /// Largest data transfer of one SRB (see the crate docs for why).
 pub const MAX_TRANSFER_BYTES: u32 = 1 << 20;
-/// Version of [`SavedState`] (version 1, the handshake alone, is still restored).
-pub const SAVED_STATE_VERSION: u32 = 2;
+/// Version of [`SavedState`] (3 added the disks' reservations; versions 1, the handshake
+/// alone, and 2 are still restored).
+pub const SAVED_STATE_VERSION: u32 = 3;
 /// Hyper-V's limit of LUNs per controller.
 pub const MAX_LUNS: usize = 64;
 
@@ -216,7 +217,7 @@ pub struct StorvspDevice {
     shared: Arc<Shared>,
 }
 
-pub use save::{SavedDvd, SavedState};
+pub use save::{SavedDvd, SavedReservations, SavedState};
 
 /// The answer for targets and paths that have no LUNs (storvsc scans paths 0–7, targets
 /// 0–1).
@@ -467,7 +468,10 @@ impl vmbus::Device for StorvspDevice {
             bus: ch.bus,
             initiator: InitiatorId(u64::from(ch.index)),
             registry,
-            replay: replay.into(),
+            replay: replay
+                .into_iter()
+                .map(|request| Pending { seq: None, request })
+                .collect(),
             recv: Vec::new(),
             data: Vec::new(),
             out: VecDeque::new(),
@@ -644,8 +648,9 @@ struct Worker {
     initiator: InitiatorId,
     /// This channel's in-flight requests, shared with save.
     registry: Arc<Registry>,
-    /// Requests restored from a saved state, finished before the ring is read.
-    replay: VecDeque<SavedRequest>,
+    /// Requests to finish before the ring is read: restored from a saved state, or taken
+    /// off the ring just as save paused the controller.
+    replay: VecDeque<Pending>,
     recv: Vec<u8>,
     /// The bounce buffer for SRB data (at most [`MAX_TRANSFER_BYTES`]).
     data: Vec<u8>,
@@ -653,6 +658,13 @@ struct Worker {
     out: VecDeque<Outgoing>,
     /// The channel's io_uring and the requests in it; `None`: synchronous I/O.
     queue: Option<uring::Queue>,
+}
+
+/// A request [`Worker::replay_restored`] finishes.
+struct Pending {
+    /// Its handle in the registry, once recorded there.
+    seq: Option<u64>,
+    request: SavedRequest,
 }
 
 /// What a guest packet gets.
@@ -704,13 +716,24 @@ impl Worker {
     }
 
     /// Runs the request `seq` (a packet taken off the ring, or restored) and queues its
-    /// completion.
-    fn run(&mut self, seq: u64, p: &vmbus::packet::Packet<'_>) {
+    /// completion. A request that is not safe to replay ([`inflight::replay_safe`]) runs in
+    /// one critical section with the record of its completion, and not at all while the
+    /// controller is paused: then this returns false and the request is still to run.
+    fn run(&mut self, seq: u64, p: &vmbus::packet::Packet<'_>) -> bool {
         let ptype = p.packet_type();
+        let registry = self.registry.clone();
+        let atomic = if inflight::replay_safe(ptype, p.payload()) {
+            None
+        } else {
+            match registry.lock_unless(&self.shared.paused) {
+                Some(requests) => Some(requests),
+                None => return false,
+            }
+        };
         let ranges = (ptype == packet_type::DATA_USING_GPA_DIRECT).then(|| p.gpa_direct_ranges());
         let tag = (seq, p.transaction_id());
         let reply = self.handle(ptype, p.completion_requested(), p.payload(), ranges, tag);
-        let mut requests = self.registry.lock();
+        let mut requests = atomic.unwrap_or_else(|| registry.lock());
         match reply {
             Reply::Send(packet) => {
                 requests.executed(seq, packet);
@@ -722,23 +745,27 @@ impl Worker {
             Reply::Nothing => requests.done(seq),
             Reply::Later => {}
         }
+        true
     }
 
     /// Finishes the requests of a restored state: a saved completion is sent again, a
     /// request saved while it executed runs once more. False while paused.
     fn replay_restored(&mut self) -> bool {
-        while let Some(saved) = self.replay.pop_front() {
+        while let Some(next) = self.replay.pop_front() {
             let registry = self.registry.clone();
             let Some(mut requests) = registry.lock_unless(&self.shared.paused) else {
-                self.replay.push_front(saved);
+                self.replay.push_front(next);
                 return false;
             };
-            // restore() checked that both parse.
-            let Ok(p) = vmbus::packet::Packet::parse(&saved.packet) else {
+            // restore() checked that both parse (and a deferred one came off the ring).
+            let Ok(p) = vmbus::packet::Packet::parse(&next.request.packet) else {
                 continue;
             };
-            let seq = requests.taken(&saved.packet);
-            let done = saved
+            let seq = next
+                .seq
+                .unwrap_or_else(|| requests.taken(&next.request.packet));
+            let done = next
+                .request
                 .completion
                 .as_deref()
                 .and_then(|c| VstorPacket::read_from_bytes(c).ok());
@@ -752,7 +779,13 @@ impl Worker {
                 }
                 None => {
                     drop(requests);
-                    self.run(seq, &p);
+                    if !self.run(seq, &p) {
+                        self.replay.push_front(Pending {
+                            seq: Some(seq),
+                            request: next.request,
+                        });
+                        return false;
+                    }
                 }
             }
         }
@@ -1100,7 +1133,17 @@ impl ChannelWorker for Worker {
                     Err(e) => break Err(e.into()),
                 }
             };
-            self.run(seq, &p);
+            if !self.run(seq, &p) {
+                // Save paused the controller after this came off the ring: it runs on resume.
+                self.replay.push_back(Pending {
+                    seq: Some(seq),
+                    request: SavedRequest {
+                        packet: p.bytes().to_vec(),
+                        completion: None,
+                    },
+                });
+                break Ok(Progress::WaitingForRoom);
+            }
             match self.flush_out(ch) {
                 Ok(true) => {}
                 Ok(false) => {

@@ -1,5 +1,6 @@
 //! Save and restore of a controller: the handshake, each channel's in-flight requests (see
-//! [`crate::inflight`]), a rescan the guest has not been told of, and the DVD drives.
+//! [`crate::inflight`]), a rescan the guest has not been told of, the DVD drives and the
+//! disks' persistent reservations.
 //!
 //! Saving pauses the controller: from then on no worker takes a packet off its ring or puts
 //! a completion in one, so the saved state stays true of guest memory however long the
@@ -10,6 +11,7 @@ use crate::inflight::{SavedChannel, MAX_SAVED_REQUESTS};
 use crate::protocol::{self, Handshake, Phase};
 use crate::{Lun, StorvspDevice, SAVED_STATE_VERSION};
 use hvdef::storvsp::VstorPacket;
+use scsi::InitiatorId;
 use std::sync::atomic::Ordering;
 use vmbus::{DeviceRestoreError, SavedDevice};
 
@@ -25,6 +27,79 @@ pub struct SavedState {
     pub rescan: bool,
     #[serde(default)]
     pub dvds: Vec<SavedDvd>,
+    /// The disks whose persistent reservations are not the initial (empty) state.
+    #[serde(default)]
+    pub reservations: Vec<SavedReservations>,
+}
+
+/// Most registrations (and unit attentions) one disk's saved reservations may hold.
+const MAX_SAVED_REGISTRATIONS: usize = 4096;
+
+/// A disk's persistent reservations ([`scsi::ReservationSnapshot`]); initiators are channel
+/// indexes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedReservations {
+    pub lun: u8,
+    pub generation: u32,
+    /// `(initiator, reservation key)`, in registration order.
+    pub registrations: Vec<(u64, u64)>,
+    /// `(holder, type code)`.
+    pub reservation: Option<(u64, u8)>,
+    pub aptpl: bool,
+    /// `(initiator, ASC, ASCQ)` of each UNIT ATTENTION owed.
+    pub unit_attentions: Vec<(u64, u8, u8)>,
+}
+
+impl SavedReservations {
+    fn new(lun: u8, s: scsi::ReservationSnapshot) -> Self {
+        Self {
+            lun,
+            generation: s.generation,
+            registrations: s.registrations.iter().map(|&(i, k)| (i.0, k)).collect(),
+            reservation: s.reservation.map(|(i, t)| (i.0, t as u8)),
+            aptpl: s.aptpl,
+            unit_attentions: s
+                .unit_attentions
+                .iter()
+                .map(|(i, u)| (i.0, u.asc, u.ascq))
+                .collect(),
+        }
+    }
+
+    /// The snapshot, if it is one the commands could have produced.
+    fn snapshot(&self) -> Result<scsi::ReservationSnapshot, DeviceRestoreError> {
+        let why = |w: &str| invalid(format!("reservations of LUN {}: {w}", self.lun));
+        if self.registrations.len() > MAX_SAVED_REGISTRATIONS
+            || self.unit_attentions.len() > MAX_SAVED_REGISTRATIONS
+        {
+            return Err(why("too many registrations"));
+        }
+        let reservation = match self.reservation {
+            None => None,
+            Some((holder, code)) => Some((
+                InitiatorId(holder),
+                scsi::ReservationType::from_u8(code).ok_or_else(|| why("an unknown type"))?,
+            )),
+        };
+        let ua = scsi::SenseKey::UnitAttention;
+        let s = scsi::ReservationSnapshot {
+            generation: self.generation,
+            registrations: self
+                .registrations
+                .iter()
+                .map(|&(i, k)| (InitiatorId(i), k))
+                .collect(),
+            reservation,
+            aptpl: self.aptpl,
+            unit_attentions: self
+                .unit_attentions
+                .iter()
+                .map(|&(i, asc, ascq)| (InitiatorId(i), scsi::Sense::new(ua, (asc, ascq))))
+                .collect(),
+        };
+        s.check().map_err(why)?;
+        Ok(s)
+    }
 }
 
 /// A DVD drive's state. The medium itself is the caller's to attach again; a drive saved
@@ -77,11 +152,25 @@ impl StorvspDevice {
                 Lun::Disk(..) => None,
             })
             .collect();
+        // After the channels: a command that changes them ran before save or runs after
+        // resume (see `crate::inflight`).
+        let reservations = support::lock_read(&s.luns)
+            .iter()
+            .filter_map(|(&lun, l)| match l {
+                Lun::Disk(_, disk) => {
+                    let snap = disk.reservations().snapshot();
+                    (snap != scsi::ReservationSnapshot::default())
+                        .then(|| SavedReservations::new(lun, snap))
+                }
+                Lun::Dvd { .. } => None,
+            })
+            .collect();
         SavedState {
             handshake: self.handshake(),
             channels,
             rescan,
             dvds,
+            reservations,
         }
     }
 
@@ -95,7 +184,7 @@ impl StorvspDevice {
     }
 
     pub(crate) fn restore_state(&self, saved: &SavedDevice) -> Result<(), DeviceRestoreError> {
-        if saved.version != SAVED_STATE_VERSION && saved.version != 1 {
+        if !(1..=SAVED_STATE_VERSION).contains(&saved.version) {
             return Err(DeviceRestoreError::Version(saved.version));
         }
         let s: SavedState =
@@ -163,7 +252,22 @@ impl StorvspDevice {
                 }
             }
         }
+        let mut reservations = std::collections::BTreeMap::new();
+        for r in &s.reservations {
+            if !matches!(luns.get(&r.lun), Some(Lun::Disk(..))) {
+                return Err(invalid(format!("no disk at LUN {} on this controller", r.lun)));
+            }
+            if reservations.insert(r.lun, r.snapshot()?).is_some() {
+                return Err(invalid(format!("reservations of LUN {} saved twice", r.lun)));
+            }
+        }
         // Checked; now change things.
+        for (lun, l) in luns.iter() {
+            if let Lun::Disk(_, disk) = l {
+                let snap = reservations.remove(lun).unwrap_or_default();
+                disk.reservations().restore(snap);
+            }
+        }
         for (d, event) in dvds {
             if let Some(Lun::Dvd { drive, medium }) = luns.get_mut(&d.lun) {
                 if !d.medium_present {

@@ -166,7 +166,7 @@ fn a_request_executing_at_save_is_executed_again_after_restore() {
     let state = &saved
         .devices
         .iter()
-        .find(|d| d.state.version == 2)
+        .find(|d| d.state.version == storvsp::SAVED_STATE_VERSION)
         .unwrap()
         .state;
     let reqs = state.data["channels"][0]["requests"].as_array().unwrap();
@@ -228,7 +228,7 @@ fn completions_held_at_save_are_sent_once_and_not_executed_again() {
     let state = &saved
         .devices
         .iter()
-        .find(|d| d.state.version == 2)
+        .find(|d| d.state.version == storvsp::SAVED_STATE_VERSION)
         .unwrap()
         .state;
     let held = state.data["channels"][0]["requests"]
@@ -328,7 +328,7 @@ fn hostile_saved_states_are_refused() {
         assert!(dev.restore(&bad).is_err(), "{what} accepted");
     }
     let mut future = good.clone();
-    future.version = 3;
+    future.version = storvsp::SAVED_STATE_VERSION + 1;
     assert!(dev.restore(&future).is_err());
 }
 
