@@ -9,7 +9,9 @@
 //! - A LUN holds a disk ([`scsi::ScsiDisk`]) or a DVD drive ([`scsi::ScsiDvd`]) whose medium
 //!   the host changes while the guest runs ([`StorvspDevice::change_dvd`]).
 //! - [`inflight`] keeps each channel's requests between ring and completion where save can
-//!   see them; `save` (in `save.rs`) pauses the controller, and restore replays them.
+//!   see them (commands that are not safe to replay run atomically with the record of their
+//!   completion); `save` (in `save.rs`) pauses the controller and saves the disks'
+//!   reservations too, and restore replays the requests.
 //!
 //! Requests run synchronously on the worker thread: a worker drains its ring, executes each
 //! SRB, and completes it. READ and WRITE on a disk image are planned on the SCSI target

@@ -255,10 +255,16 @@ impl StorvspDevice {
         let mut reservations = std::collections::BTreeMap::new();
         for r in &s.reservations {
             if !matches!(luns.get(&r.lun), Some(Lun::Disk(..))) {
-                return Err(invalid(format!("no disk at LUN {} on this controller", r.lun)));
+                return Err(invalid(format!(
+                    "no disk at LUN {} on this controller",
+                    r.lun
+                )));
             }
             if reservations.insert(r.lun, r.snapshot()?).is_some() {
-                return Err(invalid(format!("reservations of LUN {} saved twice", r.lun)));
+                return Err(invalid(format!(
+                    "reservations of LUN {} saved twice",
+                    r.lun
+                )));
             }
         }
         // Checked; now change things.
