@@ -37,7 +37,8 @@ pub struct Frame {
 /// The guest end of one netvsc channel.
 pub struct Netvsc {
     pub ch: GuestChannel,
-    host: VmbusHost,
+    /// The host the channel signals (a test that restores the bus into a new host sets it).
+    pub host: VmbusHost,
     event: Arc<Doorbell>,
     mem: GuestMemory,
     pub version: u32,
@@ -61,6 +62,8 @@ pub struct Netvsc {
     pub xfer_packets: u64,
     pub xfer_ranges: u64,
     pub xfer_ids: Vec<u16>,
+    /// Byte offsets of the ranges of each transfer-page packet, by transaction id.
+    pub xfer_offsets: HashMap<u64, Vec<u32>>,
 }
 
 /// How a frame travels to the host.
@@ -105,6 +108,7 @@ impl Netvsc {
             xfer_packets: 0,
             xfer_ranges: 0,
             xfer_ids: Vec::new(),
+            xfer_offsets: HashMap::new(),
         }
     }
 
@@ -190,6 +194,8 @@ impl Netvsc {
                     self.xfer_packets += 1;
                     self.xfer_ranges += ranges.len() as u64;
                     self.xfer_ids.push(id);
+                    self.xfer_offsets
+                        .insert(tid, ranges.iter().map(|r| r.byte_offset).collect());
                     for rg in ranges {
                         let mut b = vec![0u8; rg.byte_count as usize];
                         read_buffer(&self.mem, &self.recv_pfns, rg.byte_offset, &mut b);

@@ -19,12 +19,17 @@
 //! per pass. Frames larger than a section (TSO from the host) go as RSC fragments, one
 //! section each. Sections the guest never returns are never reused: frames are then dropped
 //! and counted, and the worker sleeps until the guest sends something.
+//!
+//! **Save** pauses the NIC (see [`held`]): the saved state has the sections the guest holds,
+//! so a restored NIC does not write over them before the guest returns them;
+//! [`NetvspDevice::resume`] lets a VM that goes on running continue.
 #![deny(unsafe_code)]
 
 pub mod backend;
 pub mod buffers;
 #[cfg(feature = "test-util")]
 pub mod client;
+pub mod held;
 pub mod nvsp;
 pub mod policy;
 pub mod rndis;
@@ -48,8 +53,9 @@ use vmbus::{
     ChannelWorker, DeviceOffer, DeviceRestoreError, OpenError, OpenedChannel, SavedDevice,
 };
 
-/// Version of [`SavedState`].
-pub const SAVED_STATE_VERSION: u32 = 1;
+/// Version of [`SavedState`] (2 added the held receive sections; version 1 is still
+/// restored).
+pub const SAVED_STATE_VERSION: u32 = 2;
 /// Largest MTU a NIC may have (jumbo frames).
 pub const MAX_MTU: u32 = 9000;
 /// Smallest MTU (Linux's ETH_MIN_MTU).
@@ -106,10 +112,26 @@ pub struct SavedState {
     pub send_buffer: Option<(u32, u16)>,
     pub subchannels: u16,
     pub link_up: bool,
+    /// Sections of the receive buffer (what held sections are checked against).
+    #[serde(default)]
+    pub receive_sections: Option<u32>,
+    /// Channels whose guest holds receive sections.
+    #[serde(default)]
+    pub channels: Vec<held::SavedChannel>,
 }
 
 /// A buffer's GPADL and id.
 type BufferRef = (u32, u16);
+
+/// A restored state's buffers, mapped again when the primary reopens.
+#[derive(Debug, Clone, Default)]
+struct Restored {
+    receive_buffer: Option<BufferRef>,
+    send_buffer: Option<BufferRef>,
+    receive_sections: Option<u32>,
+    /// Every section some channel's guest holds.
+    held: Vec<u32>,
+}
 
 #[derive(Default)]
 struct Control {
@@ -117,8 +139,8 @@ struct Control {
     rndis: RndisState,
     recv: Option<Arc<ReceiveBuffer>>,
     send: Option<Arc<SendBuffer>>,
-    /// Saved buffer GPADLs to map again when the primary reopens after a restore.
-    restored_buffers: Option<(Option<BufferRef>, Option<BufferRef>)>,
+    /// Saved buffers to map again when the primary reopens after a restore.
+    restored: Option<Restored>,
     subchannels: u16,
 }
 
@@ -144,6 +166,12 @@ struct Shared {
     handover_pending: Vec<AtomicBool>,
     counters: Vec<QueueCounters>,
     open_channels: Mutex<Vec<u16>>,
+    /// Set by save: workers leave rings and sections alone until [`NetvspDevice::resume`].
+    paused: AtomicBool,
+    /// Each queue's held receive sections (see [`held`]).
+    held: Vec<Mutex<held::Held>>,
+    /// Rung by resume, one per queue.
+    resume_bells: Vec<vmbus::host::Doorbell>,
 }
 
 impl Shared {
@@ -216,6 +244,11 @@ impl NetvspDevice {
                 handover_pending: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 counters: (0..n).map(|_| QueueCounters::default()).collect(),
                 open_channels: Mutex::default(),
+                paused: AtomicBool::new(false),
+                held: (0..n).map(|_| Mutex::default()).collect(),
+                resume_bells: (0..n)
+                    .map(|_| vmbus::host::Doorbell::new())
+                    .collect::<Result<_, _>>()?,
                 config,
             }),
         }))
@@ -266,19 +299,39 @@ impl NetvspDevice {
         support::lock(&self.shared.control).subchannels
     }
 
+    /// Pauses the NIC and saves it (see [`held`]).
     fn saved(&self) -> SavedState {
-        let c = support::lock(&self.shared.control);
-        let (rb, sb) = c.restored_buffers.unwrap_or((
-            c.recv.as_ref().map(|r| (r.buf.gpadl, r.buf.id)),
-            c.send.as_ref().map(|s| (s.buf.gpadl, s.buf.id)),
-        ));
+        let sh = &self.shared;
+        sh.paused.store(true, Ordering::SeqCst);
+        // Waits for a pass under way.
+        let channels = (0u16..)
+            .zip(&sh.held)
+            .filter_map(|(i, h)| held::save(i, &support::lock(h)))
+            .collect();
+        let c = support::lock(&sh.control);
+        let r = c.restored.clone().unwrap_or_else(|| Restored {
+            receive_buffer: c.recv.as_ref().map(|r| (r.buf.gpadl, r.buf.id)),
+            send_buffer: c.send.as_ref().map(|s| (s.buf.gpadl, s.buf.id)),
+            receive_sections: c.recv.as_ref().map(|r| r.sections),
+            held: Vec::new(),
+        });
         SavedState {
             nvsp: c.nvsp,
             rndis: c.rndis.clone(),
-            receive_buffer: rb,
-            send_buffer: sb,
+            receive_buffer: r.receive_buffer,
+            send_buffer: r.send_buffer,
             subchannels: c.subchannels,
             link_up: self.link_up(),
+            receive_sections: r.receive_sections,
+            channels,
+        }
+    }
+
+    /// Lets a paused (saved) NIC go on.
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::SeqCst);
+        for b in &self.shared.resume_bells {
+            b.ring();
         }
     }
 }
@@ -315,6 +368,12 @@ impl vmbus::Device for NetvspDevice {
 
     fn close(&self, index: u16) {
         support::lock(&self.shared.open_channels).retain(|&i| i != index);
+        // The guest's sections on a closed channel are its own again.
+        for (i, h) in (0u16..).zip(&self.shared.held) {
+            if i == index || index == 0 {
+                support::lock(h).clear();
+            }
+        }
         if index == 0 {
             // The guest's driver is gone or reloading: it starts over with INIT.
             // Its subchannels are rescinded with it.
@@ -341,7 +400,7 @@ impl vmbus::Device for NetvspDevice {
     }
 
     fn restore(&self, saved: &SavedDevice) -> Result<(), DeviceRestoreError> {
-        if saved.version != SAVED_STATE_VERSION {
+        if !(1..=SAVED_STATE_VERSION).contains(&saved.version) {
             return Err(DeviceRestoreError::Version(saved.version));
         }
         let s: SavedState = serde_json::from_value(saved.data.clone())
@@ -373,16 +432,28 @@ impl vmbus::Device for NetvspDevice {
                 "RSS table names a queue the NIC does not have".into(),
             ));
         }
-        let mut c = support::lock(&self.shared.control);
+        let sections = s.receive_sections.filter(|_| s.receive_buffer.is_some());
+        let (maps, all_held) = held::restore(&s.channels, self.shared.config.max_queues, sections)
+            .map_err(DeviceRestoreError::Invalid)?;
+        let sh = &self.shared;
+        for (i, h) in (0u16..).zip(&sh.held) {
+            *support::lock(h) = maps.get(&i).cloned().unwrap_or_default();
+        }
+        let mut c = support::lock(&sh.control);
         *c = Control {
             nvsp: s.nvsp,
             rndis: s.rndis.clone(),
             recv: None,
             send: None,
-            restored_buffers: Some((s.receive_buffer, s.send_buffer)),
+            restored: Some(Restored {
+                receive_buffer: s.receive_buffer,
+                send_buffer: s.send_buffer,
+                receive_sections: s.receive_sections,
+                held: all_held,
+            }),
             subchannels: s.subchannels,
         };
-        let sh = &self.shared;
+        sh.paused.store(false, Ordering::SeqCst);
         sh.packet_filter
             .store(s.rndis.packet_filter, Ordering::Relaxed);
         sh.rndis_ready.store(s.rndis.initialized, Ordering::Release);
@@ -395,6 +466,12 @@ impl vmbus::Device for NetvspDevice {
 
     fn inspect(&self) -> serde_json::Value {
         let s = &self.shared;
+        // Before the control lock: a worker takes its held lock first.
+        let held: Vec<usize> = s
+            .held
+            .iter()
+            .map(|h| support::lock(h).values().map(Vec::len).sum())
+            .collect();
         let c = support::lock(&s.control);
         let v = c.nvsp.version;
         serde_json::json!({
@@ -423,6 +500,8 @@ impl vmbus::Device for NetvspDevice {
             })),
             "subchannels": c.subchannels,
             "open_channels": *support::lock(&s.open_channels),
+            "paused": s.paused.load(Ordering::SeqCst),
+            "held_sections": held,
             "counters": self.stats(),
             "queues": self.queue_stats(),
         })

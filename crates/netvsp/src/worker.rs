@@ -10,7 +10,7 @@ use crate::{nvsp, BackendQueue, Shared, LOG};
 use hvdef::netvsp::{self as nv, msg, status, MESSAGE_SIZE, NO_SECTION};
 use hvdef::rndis::msg as rmsg;
 use hvdef::vmbus::{packet_type, XferPageRange, XferPagesHeader, PACKET_FLAG_COMPLETION_REQUESTED};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -55,8 +55,9 @@ pub(crate) struct Worker {
     send: Option<Arc<SendBuffer>>,
     /// Receive sections this worker owns and may fill.
     free: Vec<u32>,
-    /// Transfer-page packets the guest has not completed: transaction id → sections.
-    inflight: HashMap<u64, Vec<u32>>,
+    /// Transfer-page packets the guest has not completed: transaction id → sections (kept
+    /// in [`Shared`]'s `held` between passes, see [`crate::held`]).
+    inflight: crate::held::Held,
     next_tid: u64,
     next_packet_id: u16,
     pending_control: VecDeque<Vec<u8>>,
@@ -105,7 +106,7 @@ impl Worker {
             recv: None,
             send: None,
             free: Vec::new(),
-            inflight: HashMap::new(),
+            inflight: Default::default(),
             next_tid: 1,
             next_packet_id: 0,
             pending_control: VecDeque::new(),
@@ -126,9 +127,11 @@ impl Worker {
         let g = self.shared.generation.load(Ordering::Acquire);
         if g != self.generation {
             self.generation = g;
-            if self.index == 0 {
-                self.remap_restored();
-            }
+            let restored_free = if self.index == 0 {
+                self.remap_restored()
+            } else {
+                None
+            };
             let c = support::lock(&self.shared.control);
             let same = match (&self.recv, &c.recv) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -136,13 +139,18 @@ impl Worker {
                 _ => false,
             };
             if !same {
-                self.free.clear();
-                self.inflight.clear();
+                // Sections of a buffer revoked or replaced mean nothing now; a worker that had
+                // no buffer keeps what a restore (or the primary's handover) gave it.
+                if self.recv.is_some() {
+                    self.free.clear();
+                    self.inflight.clear();
+                }
                 self.pending_control.clear();
                 self.out.retain(|o| matches!(o, Out::Completion { .. }));
                 if self.index == 0 {
                     if let Some(r) = &c.recv {
-                        self.free = (0..r.sections).rev().collect();
+                        self.free =
+                            restored_free.unwrap_or_else(|| (0..r.sections).rev().collect());
                     }
                 }
             }
@@ -157,12 +165,16 @@ impl Worker {
     }
 
     /// After a restore, maps the saved buffer GPADLs again (the bus restored them) and
-    /// shares the sections out to the subchannels.
-    fn remap_restored(&mut self) {
+    /// shares the sections no channel's guest holds out to the subchannels; returns the
+    /// primary's share.
+    fn remap_restored(&mut self) -> Option<Vec<u32>> {
         let mut c = support::lock(&self.shared.control);
-        let Some((rb, sb)) = c.restored_buffers.take() else {
-            return;
-        };
+        let crate::Restored {
+            receive_buffer: rb,
+            send_buffer: sb,
+            held,
+            ..
+        } = c.restored.take()?;
         let mem = &self.shared.mem;
         if let Some((gpadl, id)) = rb {
             c.recv = self
@@ -180,17 +192,23 @@ impl Worker {
                 .and_then(|b| SendBuffer::new(b).ok())
                 .map(Arc::new);
         }
-        if let Some(r) = &c.recv {
-            let mut all: Vec<u32> = (0..r.sections).rev().collect();
-            let queues = usize::from(c.subchannels) + 1;
-            let share = all.len() / queues;
-            let mut h = support::lock(&self.shared.handover);
-            for j in 1..queues {
-                let at = all.len().saturating_sub(share);
-                h[j] = all.split_off(at);
-                self.shared.handover_pending[j].store(true, Ordering::Release);
-            }
+        // Every worker picks the buffers up.
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        let r = c.recv.clone()?;
+        let held: std::collections::HashSet<u32> = held.into_iter().collect();
+        let mut all: Vec<u32> = (0..r.sections)
+            .rev()
+            .filter(|s| !held.contains(s))
+            .collect();
+        let queues = usize::from(c.subchannels) + 1;
+        let share = all.len() / queues;
+        let mut h = support::lock(&self.shared.handover);
+        for j in 1..queues.min(h.len()) {
+            let at = all.len().saturating_sub(share);
+            h[j] = all.split_off(at);
+            self.shared.handover_pending[j].store(true, Ordering::Release);
         }
+        Some(all)
     }
 
     fn flush_out(&mut self, ch: &mut Channel) -> Result<bool, WorkerError> {
@@ -223,8 +241,14 @@ impl Worker {
                 Ok(()) => {
                     if let Some(Out::Xfer { sections, .. }) = self.out.pop_front() {
                         self.inflight.insert(self.next_tid, sections);
-                        self.next_tid = self.next_tid.wrapping_add(1).max(1);
                         bump(&self.counters().rx_batches);
+                        // Past the ids the guest still holds (a restored state's included).
+                        loop {
+                            self.next_tid = self.next_tid.wrapping_add(1).max(1);
+                            if !self.inflight.contains_key(&self.next_tid) {
+                                break;
+                            }
+                        }
                     }
                 }
                 Err(ChannelError::Full) => return Ok(false),
@@ -250,7 +274,9 @@ impl Worker {
         if ptype == packet_type::COMPLETION {
             if let Ok(nvsp::Request::RndisPacketComplete { .. }) = nvsp::parse(payload) {
                 if let Some(s) = self.inflight.remove(&tid) {
-                    self.free.extend(s);
+                    // A restored section past a buffer mapped smaller is dropped.
+                    let n = self.recv.as_ref().map_or(0, |r| r.sections);
+                    self.free.extend(s.into_iter().filter(|&i| i < n));
                     return;
                 }
             }
@@ -945,9 +971,22 @@ impl ChannelWorker for Worker {
     /// One pass, its interrupts to the guest held back and raised once at its end: the
     /// pass's send completions and its receive batch cost the guest one interrupt.
     fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
+        let shared = self.shared.clone();
+        let i = usize::from(self.index);
+        shared.resume_bells[i].clear();
+        // The whole pass under the channel's held lock, and none while paused (see
+        // `crate::held`).
+        let mut held = support::lock(&shared.held[i]);
+        if shared.paused.load(Ordering::SeqCst) {
+            // Not Idle: packets left in the ring would have the worker called again at once.
+            return Ok(Progress::WaitingForRoom);
+        }
+        self.inflight = std::mem::take(&mut *held);
         let before = ch.signals_sent();
         ch.hold_signals();
         let r = self.pass(ch);
+        *held = std::mem::take(&mut self.inflight);
+        drop(held);
         ch.release_signals();
         add(
             &self.counters().guest_interrupts,
@@ -957,7 +996,12 @@ impl ChannelWorker for Worker {
     }
 
     fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        let mut v = Vec::with_capacity(2);
+        let resume = self.shared.resume_bells[usize::from(self.index)].as_fd();
+        if self.shared.paused.load(Ordering::SeqCst) {
+            // Nothing else is handled until resume (the backend's fd would stay readable).
+            return vec![resume];
+        }
+        let mut v = Vec::with_capacity(3);
         if self.out.is_empty() {
             if let Some(q) = &self.queue {
                 v.push(q.rx_fd());
@@ -966,6 +1010,7 @@ impl ChannelWorker for Worker {
         if self.index == 0 {
             v.push(self.shared.link_bell.as_fd());
         }
+        v.push(resume);
         v
     }
 }
