@@ -158,7 +158,12 @@ impl SrbResult {
                 data_transfer_length: transferred,
                 sense: None,
             },
-            scsi::ScsiStatus::CheckCondition if !present => Self::invalid_lun(),
+            // Also a LUN removed between the worker's look-up and the command.
+            scsi::ScsiStatus::CheckCondition
+                if !present || c.sense == Some(scsi::Sense::lun_not_supported()) =>
+            {
+                Self::invalid_lun()
+            }
             scsi::ScsiStatus::CheckCondition => match c.sense_data() {
                 Some(sense) => Self {
                     srb_status: sp::srb_status::ERROR | sp::srb_status::AUTOSENSE_VALID,
