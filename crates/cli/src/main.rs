@@ -6,6 +6,7 @@ mod control;
 mod nic;
 mod run;
 mod saved_run;
+mod serial_log;
 mod service;
 mod switch;
 mod vhd;

@@ -1,6 +1,7 @@
 //! `viridian run`: one VM in the foreground, like a worker process with its console attached.
 
 use crate::console::{InputEnd, RawMode, Stdin};
+use crate::serial_log::SerialLog;
 use anyhow::Context;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -37,7 +38,8 @@ pub struct RunArgs {
     /// Control socket path (default: /run/viridian/NAME.sock for root).
     #[arg(long)]
     control_socket: Option<PathBuf>,
-    /// Also write the guest's serial console to this file.
+    /// Also write the guest's serial console to this file (with --restore, appended to it;
+    /// kept to at most 16 MiB).
     #[arg(long)]
     serial: Option<PathBuf>,
     /// Send nothing to the guest's console: by default a terminal on stdin is put in raw mode
@@ -324,10 +326,18 @@ fn run_vm(
     args: &RunArgs,
     restore: Option<vmm::saved::SavedFile>,
 ) -> anyhow::Result<i32> {
+    // A restored VM's console log goes on where it was; a booting one starts afresh.
     let file = args
         .serial
         .as_ref()
-        .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())))
+        .map(|p| {
+            let opened = if restore.is_some() {
+                SerialLog::append(p)
+            } else {
+                SerialLog::create(p).map(|log| (log, Vec::new()))
+            };
+            opened.with_context(|| format!("cannot open {}", p.display()))
+        })
         .transpose()?;
     let started = std::time::Instant::now();
     let vm = match restore {
@@ -350,7 +360,11 @@ fn run_vm(
     }
     let console = vm.console().clone();
     let log = file
-        .map(|f| console.attach("--serial file", Box::new(f), true, WhenSlow::Drop))
+        .map(|(f, earlier)| {
+            let viewer = console.attach("--serial file", Box::new(f), true, WhenSlow::Drop);
+            console.preload(&earlier);
+            viewer
+        })
         .transpose()
         .context("cannot start the console log")?;
     let name = vm_name(args);

@@ -317,6 +317,15 @@ fn hyperv_guest_finds_vmbus_and_integration_services() {
         r.console
     );
     assert_eq!(g("svc_heartbeat_restored"), "OK", "{}", r.console);
+    // The restored worker appends to the console log, and its replay reaches back before
+    // the save.
+    assert_eq!(g("svc_log_kept"), "1", "{}", r.console);
+    assert_eq!(
+        g("svc_console_restored"),
+        "1",
+        "vm console after the restore replays the output from before the save\n{}",
+        r.console
+    );
     eprintln!(
         "hv-service: saved in {} s ({} MiB file), restored in {} s, ticking again after {} s",
         g("svc_save_seconds"),

@@ -356,8 +356,11 @@ impl Scenario {
     /// guest's last tick before it as `svc_tick_saved=N,UPTIME`), then `vm start`, which
     /// restores it (`svc_restore_seconds=` until it returns, `svc_resumed_seconds=` until the
     /// guest's next tick, `svc_tick_restored=`, `svc_new_boot=` the count of `init_uptime=`
-    /// lines after it, `svc_saved_kept=`, `svc_heartbeat_restored=`). The console log before
-    /// the save stays as `$S/before.log`; the worker's own lines about it are `LAB-WORKER`.
+    /// lines after it, `svc_saved_kept=`, `svc_heartbeat_restored=`, and `svc_console_restored=`
+    /// whether `vm console` still replays the `ready` line from before the save). The console log before
+    /// the save stays as `$S/before.log`; the restored worker appends to the console log, so
+    /// what follows the save is `$S/after.log` and `svc_log_kept=1` says the earlier output is
+    /// still at the front. The worker's own lines about it are `LAB-WORKER`.
     fn save_steps(name: &str) -> String {
         format!(
             "up() {{ cut -d' ' -f1 /proc/uptime; }}; \
@@ -368,13 +371,15 @@ impl Scenario {
              echo VIRIDIAN-GUEST svc_save_seconds=$(since $t) svc_saved_state=$(field state); \
              f=$(ls -d $S/state/vms/*)/vm.saved; \
              echo VIRIDIAN-GUEST svc_saved_bytes=$(ls -l $f | awk '{{print $5}}') svc_tick_saved=$(tick $c '$p'); \
-             cp $c $S/before.log; \
+             cp $c $S/before.log; n=$(stat -c %s $c); new() {{ tail -c +$((n+1)) $c > $S/after.log; }}; \
              t=$(up); viridian vm start {name} >$S/start.out 2>&1 || echo \"LAB-ERROR vm start after save: $(tr '\\n' ' ' < $S/start.out)\"; \
              echo VIRIDIAN-GUEST svc_restore_seconds=$(since $t) svc_saved_kept=$(ls $f 2>/dev/null | wc -l); \
-             i=0; until grep -q 'tick=' $c 2>/dev/null || [ $i -ge 60 ]; do sleep 1; i=$((i+1)); done; \
-             echo VIRIDIAN-GUEST svc_resumed_seconds=$(since $t) svc_tick_restored=$(tick $c 1p) svc_new_boot=$(grep -c init_uptime= $c); \
+             i=0; until new; grep -q 'tick=' $S/after.log || [ $i -ge 60 ]; do sleep 1; i=$((i+1)); done; \
+             echo VIRIDIAN-GUEST svc_resumed_seconds=$(since $t) svc_tick_restored=$(tick $S/after.log 1p) svc_new_boot=$(grep -c init_uptime= $S/after.log) svc_log_kept=$(head -c $n $c | cmp -s - $S/before.log && echo 1); \
              i=0; until [ \"$(field heartbeat)\" = OK ] || [ $i -ge 60 ]; do sleep 1; i=$((i+1)); done; \
              echo VIRIDIAN-GUEST svc_heartbeat_restored=$(field heartbeat); \
+             timeout 5 viridian vm console {name} --read-only </dev/null >$S/view2 2>&1; \
+             echo VIRIDIAN-GUEST svc_console_restored=$(grep -c 'VIRIDIAN-GUEST ready' $S/view2); \
              grep -E 'saved to|restored from' $(ls -d $S/state/vms/*)/worker.log | sed 's/^/LAB-WORKER /'; "
         )
     }
@@ -496,7 +501,7 @@ impl Scenario {
                  [ -d $g ] || echo VIRIDIAN-GUEST svc_cg_removed=1; \
                  echo VIRIDIAN-GUEST svc_states=$(sed -n \"s/.*VM '{name}' is \\([A-Z][A-Za-z]*\\):.*/\\1/p\" $S/d.log | tr '\\n' ','); \
                  echo VIRIDIAN-GUEST svc_status=$(field status | tr ' ' '_'); \
-                 cat $S/before.log $c; kill $d; wait $d; exit 0",
+                 cat $c; kill $d; wait $d; exit 0",
                 self.cpus, self.memory_mib, name = self.name, save = Self::save_steps(&self.name)
             ),
             Vmm::Viridian if self.stop_with_control => format!(

@@ -154,6 +154,18 @@ impl Console {
         });
     }
 
+    /// Puts output from before this process (the console log of a VM saved earlier) at the
+    /// front of the replay buffer, so that viewers attaching later see it too. Viewers already
+    /// attached do not get it: they (the log file) have it.
+    pub fn preload(&self, earlier: &[u8]) {
+        let mut st = self.state();
+        let room = REPLAY_BYTES.saturating_sub(st.replay.len());
+        let earlier = &earlier[earlier.len().saturating_sub(room)..];
+        for &b in earlier.iter().rev() {
+            st.replay.push_front(b);
+        }
+    }
+
     fn append(&self, bytes: &[u8]) {
         let mut st = self.state();
         st.replay.extend(bytes);
@@ -561,6 +573,35 @@ mod tests {
         let got = late.bytes();
         assert_eq!(got.len(), REPLAY_BYTES);
         assert!(got == all[12_345..], "the replay is the tail of the output");
+    }
+
+    #[test]
+    fn preloaded_output_comes_first_in_the_replay_and_not_to_attached_viewers() {
+        let console = Console::new();
+        let log = Capture::default();
+        let v1 = console
+            .attach("log", Box::new(log.clone()), true, WhenSlow::Drop)
+            .unwrap();
+        // More than the replay holds: only its last bytes are kept.
+        let earlier = pattern(REPLAY_BYTES + 100);
+        console.preload(&earlier);
+        emit(&console, b"after");
+        let late = Capture::default();
+        let v2 = console
+            .attach("late", Box::new(late.clone()), true, WhenSlow::Drop)
+            .unwrap();
+        console.close(Duration::from_secs(10));
+        for v in [v1, v2] {
+            assert_eq!(v.wait(LONG), Some(ViewerEnd::Closed));
+        }
+        assert_eq!(log.bytes(), b"after", "the log file has the earlier output");
+        let got = late.bytes();
+        assert_eq!(got.len(), REPLAY_BYTES);
+        assert!(got.ends_with(b"after"));
+        assert!(
+            got[..REPLAY_BYTES - 5] == earlier[105..],
+            "the tail of the earlier output"
+        );
     }
 
     #[test]
