@@ -97,23 +97,27 @@ fn patch_vm() {}
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 fn delete_vm() {}
 
-/// Start a VM (Start-VM): its worker runs and the VM is Running when this answers.
+/// Start a VM (Start-VM) as a job: its progress goes from `Starting the worker` to `Running`,
+/// and it completes once the worker's control socket is up (a Saved VM is restored where it
+/// was). A worker that dies first fails the job with its last words. The state and the boot
+/// files are checked before the job is made (409).
 #[utoipa::path(post, path = "/vms/{name}/start", tag = "vms", params(("name" = String, Path)),
-    responses((status = 200, body = Vm), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody, description = "Not Off, or the worker failed to start")))]
+    responses((status = 202, body = Job, description = "The start job, Running"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "Not Off or Saved, or a boot file is gone")))]
 fn start_vm() {}
 
-/// Stop a VM (Stop-VM): shut down through the guest's shutdown service, and turn it off when
-/// the guest has none or does not finish within the timeout. Answers when the VM is Off.
+/// Stop a VM (Stop-VM) as a job: shut down through the guest's shutdown service (the job's
+/// progress counts the timeout down), and turn it off when the guest has none or does not
+/// finish in time. The job completes when the VM is Off.
 #[utoipa::path(post, path = "/vms/{name}/stop", tag = "vms", params(("name" = String, Path), StopParams),
-    responses((status = 200, body = Vm), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 202, body = Job, description = "The stop job, Running"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Not running")))]
 fn stop_vm() {}
 
-/// Restart a VM (Restart-VM): stop as `stop` does, then start.
+/// Restart a VM (Restart-VM) as a job: stop as `stop` does, then start.
 #[utoipa::path(post, path = "/vms/{name}/restart", tag = "vms", params(("name" = String, Path), StopParams),
-    responses((status = 200, body = Vm), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Job, description = "The restart job, Running"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Not running")))]
 fn restart_vm() {}
 
 /// Pause a VM (Suspend-VM): its vCPUs stop and its state stays in memory. 409 unless it is Running.

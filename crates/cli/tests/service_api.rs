@@ -83,6 +83,47 @@ impl Service {
         v
     }
 
+    /// Start-VM, Stop-VM or Restart-VM at `path`: 202 with a Running job on the VM, which is
+    /// followed to its end. Answers as the request did when it was refused (a 4xx before any
+    /// job), else 200 and the VM once the job has completed (a failed job fails the test).
+    fn act(&self, path: &str) -> (u16, Value) {
+        let (status, job) = self.req("POST", path, None);
+        if status != 202 {
+            return (status, job);
+        }
+        assert_eq!(job["state"], "Running", "{path}: {job}");
+        let op = path.rsplit('/').next().unwrap().split('?').next().unwrap();
+        assert_eq!(job["operation"], op, "{job}");
+        let job = self.wait_job(&job);
+        assert_eq!(job["state"], "Completed", "{path}: {job}");
+        assert_eq!(job["percent"], 100, "{job}");
+        let vm = self.vm(job["vm"].as_str().unwrap());
+        // Its result is the VM's state and status then ("Running (Operating normally)").
+        let result = job["progress"].as_str().unwrap();
+        assert!(
+            result
+                .split_once(" (")
+                .is_some_and(|(state, _)| ["Off", "Running", "Saved"].contains(&state)),
+            "{job}"
+        );
+        (200, vm)
+    }
+
+    /// Polls a job until it is no longer Running.
+    fn wait_job(&self, job: &Value) -> Value {
+        let start = Instant::now();
+        let path = format!("/jobs/{}", job["id"].as_str().unwrap());
+        loop {
+            let (status, j) = self.req("GET", &path, None);
+            assert_eq!(status, 200, "{j}");
+            if j["state"] != "Running" {
+                return j;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "{j}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     fn define(&self, name: &str, kernel: &Path, extra: Value) -> Value {
         let mut body = json!({"name": name, "memory": "64M", "kernel": kernel});
         for (k, v) in extra.as_object().unwrap() {
@@ -237,10 +278,10 @@ fn crud_and_bad_input() {
     // 404.
     assert_error(s.req("GET", "/vms/nope", None), 404, "not_found");
     assert_error(s.req("DELETE", "/vms/nope", None), 404, "not_found");
-    assert_error(s.req("POST", "/vms/nope/start", None), 404, "not_found");
+    assert_error(s.act("/vms/nope/start"), 404, "not_found");
     assert_error(s.req("GET", "/nothing/here", None), 404, "no_route");
     // 409: wrong state.
-    assert_error(s.req("POST", "/vms/web/stop", None), 409, "wrong_state");
+    assert_error(s.act("/vms/web/stop"), 409, "wrong_state");
     assert_error(s.req("POST", "/vms/web/pause", None), 409, "wrong_state");
     assert_error(s.req("POST", "/vms/web/resume", None), 409, "wrong_state");
 
@@ -524,7 +565,7 @@ fn lifecycle_with_a_tiny_guest() {
     std::thread::sleep(Duration::from_millis(100));
 
     let started = Instant::now();
-    let (status, v) = s.req("POST", "/vms/spin/start", None);
+    let (status, v) = s.act("/vms/spin/start");
     assert_eq!(status, 200, "{v}");
     eprintln!("start answered Running after {:?}", started.elapsed());
     assert_eq!(v["state"], "Running");
@@ -532,7 +573,7 @@ fn lifecycle_with_a_tiny_guest() {
     assert!(alive(pid));
     assert_eq!(v["memory_assigned_bytes"], 64 << 20);
 
-    assert_error(s.req("POST", "/vms/spin/start", None), 409, "wrong_state");
+    assert_error(s.act("/vms/spin/start"), 409, "wrong_state");
     assert_error(s.req("DELETE", "/vms/spin", None), 409, "wrong_state");
     assert_error(
         s.req("PATCH", "/vms/spin", Some(json!({"cpus": 2}))),
@@ -585,7 +626,7 @@ fn lifecycle_with_a_tiny_guest() {
     );
 
     // The guest has no shutdown service: stop turns it off, and says so.
-    let (status, v) = s.req("POST", "/vms/spin/stop", None);
+    let (status, v) = s.act("/vms/spin/stop");
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["state"], "Off");
     assert!(v["status"].as_str().unwrap().contains("Turned off"), "{v}");
@@ -626,7 +667,7 @@ fn a_guest_that_powers_off_goes_off() {
     }
     let s = Service::start();
     s.define("off", &tiny_kernel("svc-off", POWER_OFF), json!({}));
-    let (status, v) = s.req("POST", "/vms/off/start", None);
+    let (status, v) = s.act("/vms/off/start");
     assert_eq!(status, 200, "{v}");
     let v = s.wait_for("off", "Off", Duration::from_secs(10), |v| {
         v["state"] == "Off"
@@ -650,7 +691,7 @@ fn vm_console_reaches_a_service_worker() {
         String::from_utf8_lossy(&out.stderr).contains("echo is Off"),
         "{out:?}"
     );
-    let (status, body) = s.req("POST", "/vms/echo/start", None);
+    let (status, body) = s.act("/vms/echo/start");
     assert_eq!(status, 200, "{body}");
     let mut console = Command::new(env!("CARGO_BIN_EXE_viridian"))
         .arg("--socket")
@@ -685,9 +726,7 @@ fn a_killed_worker_goes_off_at_once_and_recovery_restarts_it() {
     let kernel = tiny_kernel("svc-kill", SPIN);
     s.define("victim", &kernel, json!({}));
     s.define("phoenix", &kernel, json!({"recovery": "Restart"}));
-    let pid = s.req("POST", "/vms/victim/start", None).1["pid"]
-        .as_u64()
-        .unwrap();
+    let pid = s.act("/vms/victim/start").1["pid"].as_u64().unwrap();
     kill9(pid as u32);
     let killed = Instant::now();
     let v = s.wait_for("victim", "Off", Duration::from_secs(1), |v| {
@@ -696,9 +735,7 @@ fn a_killed_worker_goes_off_at_once_and_recovery_restarts_it() {
     eprintln!("Off {:?} after kill -9", killed.elapsed());
     assert!(v["status"].as_str().unwrap().contains("signal 9"), "{v}");
 
-    let first = s.req("POST", "/vms/phoenix/start", None).1["pid"]
-        .as_u64()
-        .unwrap();
+    let first = s.act("/vms/phoenix/start").1["pid"].as_u64().unwrap();
     kill9(first as u32);
     let v = s.wait_for("phoenix", "restarted", Duration::from_secs(20), |v| {
         v["state"] == "Running" && v["pid"].as_u64().is_some_and(|p| p != first)
@@ -714,9 +751,7 @@ fn a_restarted_service_adopts_running_workers() {
     }
     let mut s = Service::start();
     s.define("keep", &tiny_kernel("svc-adopt", SPIN), json!({}));
-    let pid = s.req("POST", "/vms/keep/start", None).1["pid"]
-        .as_u64()
-        .unwrap();
+    let pid = s.act("/vms/keep/start").1["pid"].as_u64().unwrap();
     s.kill9_and_restart();
     assert!(alive(pid), "the VM survives its service");
     let v = s.vm("keep");
@@ -727,7 +762,7 @@ fn a_restarted_service_adopts_running_workers() {
     );
     assert!(v["status"].as_str().unwrap().contains("adopted"), "{v}");
     // Managed as before: the adopted worker is stopped, and its end is noticed.
-    let (status, v) = s.req("POST", "/vms/keep/stop?turn_off=true", None);
+    let (status, v) = s.act("/vms/keep/stop?turn_off=true");
     assert_eq!((status, v["state"].as_str()), (200, Some("Off")), "{v}");
     let start = Instant::now();
     while alive(pid) {
@@ -738,9 +773,7 @@ fn a_restarted_service_adopts_running_workers() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // A worker killed while no service runs is Off, with the reason, after the restart.
-    let pid = s.req("POST", "/vms/keep/start", None).1["pid"]
-        .as_u64()
-        .unwrap();
+    let pid = s.act("/vms/keep/start").1["pid"].as_u64().unwrap();
     kill9(s.child.id());
     let _ = s.child.wait();
     kill9(pid as u32);
@@ -783,7 +816,7 @@ fn service_killed_50_times() {
     let mut s = Service::start();
     let kernel = tiny_kernel("svc-crash", IDLE);
     s.define("steady", &kernel, json!({}));
-    let (status, v) = s.req("POST", "/vms/steady/start", None);
+    let (status, v) = s.act("/vms/steady/start");
     assert_eq!(status, 200, "{v}");
     let pid = v["pid"].as_u64().unwrap();
     let mut acked: Vec<String> = Vec::new();
@@ -854,10 +887,32 @@ fn service_killed_50_times() {
         std::thread::sleep(Duration::from_millis(rand::random_range(0..40)));
         kill9(s.child.id());
         let _ = s.child.wait();
-        let _ = starter.join();
+        let answer = starter.join().unwrap();
         s.child = spawn_service(s.dir.path(), &s.args);
         s.wait_ready();
         let v = s.vm(&name);
+        // An accepted start's job outlives the service: it ended, Completed if the VM runs.
+        if let Some(r) = answer.ok().filter(|r| r.status == 202) {
+            let id = r.json()["id"].as_str().unwrap().to_string();
+            let (status, job) = s.req("GET", &format!("/jobs/{id}"), None);
+            assert_eq!(status, 200, "round {round}: the job was lost: {job}");
+            let completed = job["state"] == "Completed";
+            assert_eq!(
+                completed,
+                v["state"] == "Running",
+                "round {round}: {job} {v}"
+            );
+            if !completed {
+                assert_eq!(job["state"], "Failed", "round {round}: {job}");
+                assert!(
+                    job["error"]
+                        .as_str()
+                        .unwrap()
+                        .contains("the service stopped"),
+                    "round {round}: {job}"
+                );
+            }
+        }
         let workers = Command::new("pgrep")
             .args(["-f", &format!("{}.sock", v["id"].as_str().unwrap())])
             .output()
@@ -873,7 +928,7 @@ fn service_killed_50_times() {
             _ => panic!("round {round}: {v}"),
         }
         if v["state"] == "Running" {
-            let (status, v) = s.req("POST", &format!("/vms/{name}/stop?turn_off=true"), None);
+            let (status, v) = s.act(&format!("/vms/{name}/stop?turn_off=true"));
             assert_eq!(status, 200, "{v}");
         }
     }
@@ -882,7 +937,7 @@ fn service_killed_50_times() {
         started.elapsed(),
         acked.len()
     );
-    let (status, v) = s.req("POST", "/vms/steady/stop?turn_off=true", None);
+    let (status, v) = s.act("/vms/steady/stop?turn_off=true");
     assert_eq!((status, v["state"].as_str()), (200, Some("Off")), "{v}");
     assert!(!alive(pid));
 }
@@ -1088,7 +1143,7 @@ fn automatic_stop_action() {
     s.define("blunt", &kernel, json!({"auto_stop": "TurnOff"}));
     s.define("idle", &kernel, json!({}));
     for n in ["polite", "blunt"] {
-        assert_eq!(s.req("POST", &format!("/vms/{n}/start"), None).0, 200);
+        assert_eq!(s.act(&format!("/vms/{n}/start")).0, 200);
     }
     let out = s.cli(&["service", "stop-vms"]);
     assert!(out.status.success(), "{out:?}");
@@ -1154,10 +1209,10 @@ fn service_bench() {
     let mut via_service = Duration::ZERO;
     for _ in 0..rounds {
         let t = Instant::now();
-        let (status, v) = s.req("POST", "/vms/vm0000/start", None);
+        let (status, v) = s.act("/vms/vm0000/start");
         via_service += t.elapsed();
         assert_eq!(status, 200, "{v}");
-        s.req("POST", "/vms/vm0000/stop?turn_off=true", None);
+        s.act("/vms/vm0000/stop?turn_off=true");
     }
     let mut direct = Duration::ZERO;
     for i in 0..rounds {
@@ -1193,7 +1248,7 @@ fn service_bench() {
     let t = Instant::now();
     let mut pids = Vec::new();
     for i in 0..count {
-        let (status, v) = s.req("POST", &format!("/vms/vm{i:04}/start"), None);
+        let (status, v) = s.act(&format!("/vms/vm{i:04}/start"));
         if status != 200 {
             eprintln!("BENCH density: start {i} failed: {v}");
             break;
@@ -1389,7 +1444,7 @@ fn drives_and_adapters_are_settings() {
     );
 
     // The worker gets the drives; a running VM takes disks and media, not new drive bays.
-    let (status, v) = s.req("POST", "/vms/dev/start", None);
+    let (status, v) = s.act("/vms/dev/start");
     assert_eq!(status, 200, "{v}");
     let out = s.cli(&["vm", "disk", "add", "dev", c.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
@@ -1482,7 +1537,7 @@ fn drives_and_adapters_are_settings() {
     );
     assert_eq!(status, 200);
     assert_eq!(worker_drives().len(), 3);
-    let (status, v) = s.req("POST", "/vms/dev/stop?turn_off=true", None);
+    let (status, v) = s.act("/vms/dev/stop?turn_off=true");
     assert_eq!(status, 200, "{v}");
     assert_error(s.req("GET", "/vms/dev/measure", None), 409, "wrong_state");
     let (_, list) = s.req("GET", "/vms/dev/integration", None);
@@ -1703,7 +1758,7 @@ fn nics_change_on_a_running_vm() {
             sw["ports"].as_array().unwrap().len()
         };
         let v = s.define("net", &tiny_kernel("svc-nic", IDLE), json!({}));
-        let (status, v2) = s.req("POST", "/vms/net/start", None);
+        let (status, v2) = s.act("/vms/net/start");
         assert_eq!(status, 200, "{v2}");
         let socket = PathBuf::from(v["folder"].as_str().unwrap())
             .parent()
@@ -1755,7 +1810,7 @@ fn nics_change_on_a_running_vm() {
         );
 
         // The cable stays out across a restart.
-        let (status, v) = s.req("POST", "/vms/net/restart?turn_off=true", None);
+        let (status, v) = s.act("/vms/net/restart?turn_off=true");
         assert_eq!(status, 200, "{v}");
         assert_eq!(worker_nics()[0]["link_up"], false);
         let (status, n) = s.req(
@@ -1773,9 +1828,43 @@ fn nics_change_on_a_running_vm() {
         assert_eq!(ports(), 0);
         let (_, nics) = s.req("GET", "/vms/net/nics", None);
         assert_eq!(nics, json!([]));
-        let (status, v) = s.req("POST", "/vms/net/stop?turn_off=true", None);
+        let (status, v) = s.act("/vms/net/stop?turn_off=true");
         assert_eq!(status, 200, "{v}");
     });
+}
+
+/// The first `want` bytes (or more) `viridian vm console NAME --read-only` shows.
+fn console_replay(s: &Service, name: &str, want: usize) -> Vec<u8> {
+    let mut viewer = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .arg("--socket")
+        .arg(s.socket())
+        .args(["vm", "console", name, "--read-only"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = viewer.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < want {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(bytes) => got.extend(bytes),
+            Err(_) => break,
+        }
+    }
+    let _ = viewer.kill();
+    let _ = viewer.wait();
+    got
 }
 
 /// Save-VM as a job: the VM goes Saving, then Saved (its worker ends, its state in its
@@ -1827,7 +1916,7 @@ fn a_saved_vm_starts_where_it_was() {
     });
     std::thread::sleep(Duration::from_millis(100));
 
-    let (status, v) = s.req("POST", "/vms/count/start", None);
+    let (status, v) = s.act("/vms/count/start");
     assert_eq!(status, 200, "{v}");
     let pid = v["pid"].as_u64().unwrap();
     let lines = |p: &Path| {
@@ -1889,7 +1978,7 @@ fn a_saved_vm_starts_where_it_was() {
 
     // Start-VM of a Saved VM: restored, the count goes on.
     let started = Instant::now();
-    let (status, v) = s.req("POST", "/vms/count/start", None);
+    let (status, v) = s.act("/vms/count/start");
     assert_eq!((status, v["state"].as_str()), (200, Some("Running")), "{v}");
     eprintln!(
         "Start-VM of the Saved VM answered after {:?}",
@@ -1897,15 +1986,24 @@ fn a_saved_vm_starts_where_it_was() {
     );
     assert!(!state.exists(), "the saved state is used up");
     let start = Instant::now();
-    while lines(&log) < 5 {
+    while lines(&log) < before.lines().count() + 5 {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "no count after the restore"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The console log goes on: the restored worker appends to it.
     let after = std::fs::read_to_string(&log).unwrap();
-    assert!(common::assert_counts_on(&format!("{before}{after}")) > counted);
+    assert!(after.starts_with(&before), "{before:?} then {after:?}");
+    assert!(common::assert_counts_on(&after) > counted);
+    // `vm console` replays the output from before the save too.
+    let replay = console_replay(&s, "count", before.len());
+    assert!(
+        replay.starts_with(before.as_bytes()),
+        "the replay after the restore: {:?}",
+        String::from_utf8_lossy(&replay)
+    );
     let seen = reader.join().unwrap();
     assert_eq!(
         seen,
@@ -1929,11 +2027,94 @@ fn a_saved_vm_starts_where_it_was() {
     assert!(!state.exists());
     assert_eq!(s.vm("count")["state"], "Off");
     // Remove-VM of a Saved VM takes its saved state with its folder.
-    assert_eq!(s.req("POST", "/vms/count/start", None).0, 200);
+    assert_eq!(s.act("/vms/count/start").0, 200);
     assert_eq!(s.req("POST", "/vms/count/save", None).0, 202);
     s.wait_for("count", "Saved", Duration::from_secs(60), |v| {
         v["state"] == "Saved"
     });
     assert_eq!(s.req("DELETE", "/vms/count", None).0, 204);
     assert!(!folder.exists());
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+/// Jobs are kept in the inventory: after `kill -9` of the service, a save job that was
+/// running shows how it ended. Completed when its worker finished the save on its own (the
+/// saved state is complete, the VM Saved); Failed ("the service stopped") when the worker
+/// died too.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn jobs_outlive_a_killed_service() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut s = Service::start();
+    let kernel = tiny_kernel("svc-jobs", SPIN);
+    let mut ids = Vec::new();
+    for (name, finishes) in [("finishes", true), ("dies", false)] {
+        s.define(name, &kernel, json!({}));
+        let pid = s.act(&format!("/vms/{name}/start")).1["pid"]
+            .as_u64()
+            .unwrap() as u32;
+        // A stopped worker does not answer: the save job stays Running.
+        signal(pid, "STOP");
+        let (status, job) = s.req("POST", &format!("/vms/{name}/save"), None);
+        assert_eq!(status, 202, "{job}");
+        let path = format!("/jobs/{}", job["id"].as_str().unwrap());
+        ids.push(job["id"].clone());
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, j) = s.req("GET", &path, None);
+        assert_eq!(j["state"], "Running", "{j}");
+        kill9(s.child.id());
+        let _ = s.child.wait();
+        if finishes {
+            signal(pid, "CONT");
+        } else {
+            kill9(pid);
+        }
+        let start = Instant::now();
+        while alive(u64::from(pid)) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{name}: the worker still runs"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s.child = spawn_service(s.dir.path(), &s.args);
+        s.wait_ready();
+        let (status, j) = s.req("GET", &path, None);
+        assert_eq!(status, 200, "{name}: the job was lost: {j}");
+        let v = s.vm(name);
+        assert!(j["finished_ms"].as_u64().is_some(), "{j}");
+        if finishes {
+            assert_eq!(
+                (j["state"].as_str(), j["percent"].as_u64()),
+                (Some("Completed"), Some(100)),
+                "{j}"
+            );
+            assert_eq!(v["state"], "Saved", "{v}");
+            assert_eq!(j["progress"], "Saved (Saved)", "{j}");
+        } else {
+            assert_eq!(j["state"], "Failed", "{j}");
+            assert!(
+                j["error"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("the service stopped while the job ran"),
+                "{j}"
+            );
+            assert_eq!(v["state"], "Off", "{v}");
+        }
+    }
+    // Both are still listed (with the starts), newest first.
+    let (_, list) = s.req("GET", "/jobs", None);
+    let listed: Vec<&Value> = list.as_array().unwrap().iter().map(|j| &j["id"]).collect();
+    assert_eq!(listed.len(), 4, "{list}");
+    assert_eq!((listed[0], listed[2]), (&ids[1], &ids[0]), "{list}");
 }

@@ -2,7 +2,7 @@
 //! `PRAGMA user_version`. Every write is one transaction, so a crash leaves each VM defined
 //! or not.
 
-use api::{AutoStart, AutoStop, Recovery, VmState};
+use api::{AutoStart, AutoStop, Job, JobState, Recovery, VmState};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -28,7 +28,24 @@ const MIGRATIONS: &[&str] = &[
         hash TEXT NOT NULL UNIQUE,
         created_at INTEGER NOT NULL
     );",
+    // 3: jobs (long operations), kept across service restarts.
+    "CREATE TABLE jobs (
+        id TEXT PRIMARY KEY NOT NULL,
+        operation TEXT NOT NULL,
+        vm TEXT NOT NULL,
+        vm_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        percent INTEGER NOT NULL,
+        progress TEXT NOT NULL,
+        error TEXT,
+        started_ms INTEGER NOT NULL,
+        finished_ms INTEGER
+    );
+    CREATE INDEX jobs_started ON jobs (started_ms);",
 ];
+
+/// Finished jobs kept for `GET /jobs`.
+const KEPT_JOBS: u32 = 100;
 
 /// A VM's settings, stored as JSON so that adding one needs no migration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,6 +228,108 @@ impl Db {
         self.conn.execute("DELETE FROM vms WHERE id = ?1", [id])?;
         Ok(())
     }
+
+    /// Records a new job on the VM `vm_id`.
+    pub fn insert_job(&mut self, job: &Job, vm_id: &str) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "INSERT INTO jobs (id, operation, vm, vm_id, state, percent, progress, error, started_ms, finished_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                job.id,
+                job.operation,
+                job.vm,
+                vm_id,
+                job.state.as_str(),
+                job.percent,
+                job.progress,
+                job.error,
+                job.started_ms as i64,
+                job.finished_ms.map(|t| t as i64)
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Writes a running job's progress.
+    pub fn update_job_progress(
+        &mut self,
+        id: &str,
+        percent: u8,
+        progress: &str,
+    ) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "UPDATE jobs SET percent = ?2, progress = ?3 WHERE id = ?1 AND state = 'Running'",
+            params![id, percent, progress],
+        )?;
+        Ok(())
+    }
+
+    /// Ends a job (Completed or Failed) and forgets the oldest finished ones beyond
+    /// [`KEPT_JOBS`], in one transaction.
+    pub fn finish_job(&mut self, job: &Job) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE jobs SET state = ?2, percent = ?3, progress = ?4, error = ?5, finished_ms = ?6 WHERE id = ?1",
+            params![
+                job.id,
+                job.state.as_str(),
+                job.percent,
+                job.progress,
+                job.error,
+                job.finished_ms.map(|t| t as i64)
+            ],
+        )?;
+        tx.execute(
+            "DELETE FROM jobs WHERE state != 'Running' AND id NOT IN
+             (SELECT id FROM jobs WHERE state != 'Running' ORDER BY finished_ms DESC, started_ms DESC LIMIT ?1)",
+            [KEPT_JOBS],
+        )?;
+        tx.commit()
+    }
+
+    /// The jobs, newest first.
+    pub fn jobs(&self) -> rusqlite::Result<Vec<Job>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "{JOB_SELECT} ORDER BY started_ms DESC, rowid DESC"
+        ))?;
+        let rows = stmt.query_map([], |r| job_from_row(r).map(|(j, _)| j))?;
+        rows.collect()
+    }
+
+    pub fn job(&self, id: &str) -> rusqlite::Result<Option<Job>> {
+        self.conn
+            .query_row(&format!("{JOB_SELECT} WHERE id = ?1"), [id], |r| {
+                job_from_row(r).map(|(j, _)| j)
+            })
+            .optional()
+    }
+
+    /// The jobs still Running, with their VMs' ids.
+    pub fn running_jobs(&self) -> rusqlite::Result<Vec<(Job, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{JOB_SELECT} WHERE state = 'Running'"))?;
+        let rows = stmt.query_map([], job_from_row)?;
+        rows.collect()
+    }
+}
+
+const JOB_SELECT: &str = "SELECT id, operation, vm, vm_id, state, percent, progress, error, started_ms, finished_ms FROM jobs";
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, String)> {
+    let state: String = r.get(4)?;
+    let job = Job {
+        id: r.get(0)?,
+        operation: r.get(1)?,
+        vm: r.get(2)?,
+        state: JobState::parse(&state).unwrap_or(JobState::Failed),
+        percent: r.get::<_, u8>(5)?.min(100),
+        progress: r.get(6)?,
+        error: r.get(7)?,
+        started_ms: r.get::<_, i64>(8)? as u64,
+        finished_ms: r.get::<_, Option<i64>>(9)?.map(|t| t as u64),
+    };
+    Ok((job, r.get(3)?))
 }
 
 const SELECT: &str =
@@ -313,5 +432,65 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v, MIGRATIONS.len() as u32);
+    }
+
+    fn job(n: u64) -> Job {
+        Job {
+            id: format!("job-{n}"),
+            operation: "save".into(),
+            vm: "a".into(),
+            state: JobState::Running,
+            percent: 0,
+            progress: "Saving".into(),
+            error: None,
+            started_ms: n,
+            finished_ms: None,
+        }
+    }
+
+    #[test]
+    fn jobs_outlive_a_reopen_and_only_the_last_finished_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inventory.db");
+        let mut db = Db::open(&path).unwrap();
+        for n in 0..KEPT_JOBS as u64 + 5 {
+            db.insert_job(&job(n), "vm-id").unwrap();
+        }
+        db.update_job_progress("job-0", 40, "Saving: 40 %").unwrap();
+        for n in 1..KEPT_JOBS as u64 + 5 {
+            let mut j = job(n);
+            j.state = JobState::Completed;
+            j.percent = 100;
+            j.finished_ms = Some(1000 + n);
+            db.finish_job(&j).unwrap();
+        }
+        drop(db);
+        let mut db = Db::open(&path).unwrap();
+        let jobs = db.jobs().unwrap();
+        assert_eq!(
+            jobs.len(),
+            KEPT_JOBS as usize + 1,
+            "the running one and 100 finished"
+        );
+        assert_eq!(jobs[0].id, format!("job-{}", KEPT_JOBS + 4), "newest first");
+        assert!(
+            db.job("job-1").unwrap().is_none(),
+            "the oldest finished went"
+        );
+        let running = db.running_jobs().unwrap();
+        assert_eq!(running.len(), 1);
+        let (j, vm) = &running[0];
+        assert_eq!(
+            (j.percent, j.progress.as_str(), vm.as_str()),
+            (40, "Saving: 40 %", "vm-id")
+        );
+        // Progress no longer changes a finished job.
+        let mut failed = j.clone();
+        failed.state = JobState::Failed;
+        failed.error = Some("the service stopped".into());
+        failed.finished_ms = Some(5000);
+        db.finish_job(&failed).unwrap();
+        db.update_job_progress("job-0", 90, "late").unwrap();
+        assert_eq!(db.job("job-0").unwrap().unwrap(), failed);
     }
 }

@@ -26,8 +26,11 @@ pub const DEFAULT_STOP_TIMEOUT: u64 = 30;
 const RESTARTS_PER_MINUTE: usize = 3;
 
 mod drives;
+mod jobs;
 mod saving;
 mod switches;
+
+use jobs::Progress;
 
 pub struct Manager {
     db: Mutex<Db>,
@@ -41,7 +44,6 @@ pub struct Manager {
     workers: Mutex<HashMap<String, Worker>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     restarts: Mutex<HashMap<String, Vec<Instant>>>,
-    jobs: Mutex<saving::Jobs>,
 }
 
 /// A running worker.
@@ -91,7 +93,6 @@ impl Manager {
             workers: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             restarts: Mutex::new(HashMap::new()),
-            jobs: Mutex::default(),
         })
     }
 
@@ -358,17 +359,21 @@ impl Manager {
         Ok(())
     }
 
-    /// Start-VM. Answers once the worker's control socket is up (Running), or the worker has
-    /// ended (Off; an error unless the guest simply powered off).
+    /// Start-VM (recovery restarts, automatic starts). Answers once the worker's control
+    /// socket is up (Running), or the worker has ended (Off; an error unless the guest simply
+    /// powered off).
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
         let id = self.find(name)?.id;
         let lock = self.lock_for(&id);
         let _g = lock.lock().await;
-        self.start_locked(&id, name).await
+        let row = self.find_id(&id, name)?;
+        let restore = self.startable(&row)?;
+        self.start_checked(&row, restore, None).await
     }
 
-    async fn start_locked(self: &Arc<Self>, id: &str, name: &str) -> Result<Vm, ApiError> {
-        let row = self.find_id(id, name)?;
+    /// Whether `row` may start now (Off or Saved, its boot files there); for a Saved VM, the
+    /// saved state to restore.
+    fn startable(&self, row: &VmRow) -> Result<Option<PathBuf>, ApiError> {
         if row.state != VmState::Off && row.state != VmState::Saved {
             return Err(ApiError::wrong_state(
                 &row.name,
@@ -376,14 +381,17 @@ impl Manager {
                 "start needs it Off",
             ));
         }
+        let restore = (row.state == VmState::Saved).then(|| self.saved_state(&row.id));
+        if restore.is_none() {
+            self.boot_files_exist(row)?;
+        }
+        Ok(restore)
+    }
+
+    /// 409 when the kernel or initrd a boot needs is gone.
+    fn boot_files_exist(&self, row: &VmRow) -> Result<(), ApiError> {
         let s = &row.settings;
-        let restore = (row.state == VmState::Saved).then(|| self.saved_state(id));
-        let boot_files = if restore.is_some() {
-            vec![]
-        } else {
-            vec![("kernel", Some(&s.kernel)), ("initrd", s.initrd.as_ref())]
-        };
-        for (field, path) in boot_files {
+        for (field, path) in [("kernel", Some(&s.kernel)), ("initrd", s.initrd.as_ref())] {
             if let Some(p) = path {
                 if !Path::new(p).is_file() {
                     return Err(ApiError::conflict(format!(
@@ -393,10 +401,21 @@ impl Manager {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Starts the worker of `row`, which [`Self::startable`] allowed, under the VM's lock.
+    async fn start_checked(
+        self: &Arc<Self>,
+        row: &VmRow,
+        restore: Option<PathBuf>,
+        progress: Option<&Progress>,
+    ) -> Result<Vm, ApiError> {
+        let (id, name, s) = (row.id.as_str(), row.name.as_str(), &row.settings);
         let folder = self.folder(id);
         let socket = self.run_dir.join(format!("{id}.sock"));
         let _ = std::fs::create_dir_all(&folder);
-        self.set_state(&row, VmState::Starting, "Starting the worker")?;
+        self.set_state(row, VmState::Starting, "Starting the worker")?;
         let paths = worker::Paths {
             worker: &self.worker,
             run_dir: &self.run_dir,
@@ -413,7 +432,7 @@ impl Manager {
             Err(e) => {
                 let msg = format!("cannot start the worker {}: {e}", self.worker.display());
                 self.db().update_runtime(id, VmState::Off, &msg, None)?;
-                self.emit(&row, VmState::Off, &msg);
+                self.emit(row, VmState::Off, &msg);
                 return Err(ApiError::internal("cannot start the worker", msg));
             }
         };
@@ -433,6 +452,15 @@ impl Manager {
             }
         }
         tracing::info!("VM '{}': worker {pid} started", row.name);
+        note(
+            progress,
+            10,
+            if restore.is_some() {
+                "Restoring the saved state"
+            } else {
+                "Building the VM"
+            },
+        );
 
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -478,8 +506,8 @@ impl Manager {
         }
         // The worker may end right after getting ready; its watcher then wrote Off already.
         if exit.borrow().is_none() {
-            self.set_state(&row, VmState::Running, "Operating normally")?;
-            self.apply_links(&row).await;
+            self.set_state(row, VmState::Running, "Operating normally")?;
+            self.apply_links(row).await;
         }
         let row = self.find_id(id, name)?;
         Ok(self.view(&row, Heartbeat::NoContact))
@@ -632,40 +660,46 @@ impl Manager {
         let id = self.find(name)?.id;
         let lock = self.lock_for(&id);
         let _g = lock.lock().await;
-        self.stop_locked(&id, name, turn_off, timeout).await
+        let row = self.find_id(&id, name)?;
+        let running = self.stoppable(&row)?;
+        self.stop_checked(&row, running, turn_off, timeout, None)
+            .await
     }
 
-    async fn stop_locked(
-        &self,
-        id: &str,
-        name: &str,
-        turn_off: bool,
-        timeout: u64,
-    ) -> Result<Vm, ApiError> {
-        let row = self.find_id(id, name)?;
+    /// The control socket and exit watch of `row`'s worker; 409 unless it has one.
+    fn stoppable(&self, row: &VmRow) -> Result<RunningWorker, ApiError> {
         let socket = self
             .workers
             .lock()
             .unwrap()
-            .get(id)
+            .get(&row.id)
             .map(|w| (w.socket.clone(), w.exit.clone()));
-        let Some((socket, mut exit)) = socket.filter(|_| row.state.has_worker()) else {
-            return Err(ApiError::wrong_state(
-                &row.name,
-                row.state,
-                "it is not running",
-            ));
-        };
+        socket
+            .filter(|_| row.state.has_worker())
+            .ok_or_else(|| ApiError::wrong_state(&row.name, row.state, "it is not running"))
+    }
+
+    /// Stops the worker of `row`, which [`Self::stoppable`] found, under the VM's lock.
+    async fn stop_checked(
+        &self,
+        row: &VmRow,
+        (socket, mut exit): RunningWorker,
+        turn_off: bool,
+        timeout: u64,
+        progress: Option<&Progress>,
+    ) -> Result<Vm, ApiError> {
+        let id = row.id.as_str();
         if row.state == VmState::Paused && !turn_off {
             // A paused guest cannot answer its shutdown service: let it run first.
             let _ = worker::control(&socket, "resume", Duration::from_secs(15)).await;
         }
         if turn_off {
-            self.set_state(&row, VmState::Stopping, "Turning off")?;
+            self.set_state(row, VmState::Stopping, "Turning off")?;
+            note(progress, 50, "Turning off");
             self.turn_off(id, "Turned off").await;
         } else {
             self.set_state(
-                &row,
+                row,
                 VmState::Stopping,
                 "Shutting down through the guest's shutdown service",
             )?;
@@ -674,7 +708,8 @@ impl Manager {
             }
             match worker::control(&socket, "shutdown", Duration::from_secs(5)).await {
                 Ok(_) => {
-                    if !wait_exit(&mut exit, Duration::from_secs(timeout)).await {
+                    if !wait_shutdown(&mut exit, timeout, progress).await {
+                        note(progress, 95, "Turning off");
                         self.turn_off(
                             id,
                             &format!("The guest did not shut down within {timeout} s; turned off"),
@@ -683,6 +718,7 @@ impl Manager {
                     }
                 }
                 Err(e) => {
+                    note(progress, 50, "Turning off: the guest could not shut down");
                     self.turn_off(
                         id,
                         &format!("Turned off: the guest could not shut down ({e})"),
@@ -691,21 +727,8 @@ impl Manager {
                 }
             }
         }
-        let row = self.find_id(id, name)?;
+        let row = self.find_id(id, &row.name)?;
         Ok(self.view(&row, Heartbeat::NoContact))
-    }
-
-    pub async fn restart(
-        self: &Arc<Self>,
-        name: &str,
-        turn_off: bool,
-        timeout: u64,
-    ) -> Result<Vm, ApiError> {
-        let id = self.find(name)?.id;
-        let lock = self.lock_for(&id);
-        let _g = lock.lock().await;
-        self.stop_locked(&id, name, turn_off, timeout).await?;
-        self.start_locked(&id, name).await
     }
 
     /// Suspend-VM and Resume-VM: the worker parks its vCPUs (the guest stays in memory) or
@@ -792,6 +815,7 @@ impl Manager {
                 }
             }
         }
+        self.end_orphaned_jobs()?;
         self.remove_orphan_folders(&rows);
         for row in rows {
             use api::AutoStart;
@@ -855,6 +879,43 @@ async fn wait_exit(exit: &mut watch::Receiver<Option<String>>, limit: Duration) 
         .await
         .is_ok()
 }
+
+/// Waits up to `timeout` seconds for a guest to shut down, counting the time left down in
+/// the job's progress; whether the worker ended.
+async fn wait_shutdown(
+    exit: &mut watch::Receiver<Option<String>>,
+    timeout: u64,
+    progress: Option<&Progress>,
+) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        let done = timeout.saturating_sub(secs) * 90 / timeout.max(1);
+        note(
+            progress,
+            done as u8,
+            &format!("Waiting for the guest to shut down: {secs} s left"),
+        );
+        let step = left.min(Duration::from_secs(1));
+        if wait_exit(exit, step).await {
+            return true;
+        }
+        if step == left {
+            return false;
+        }
+    }
+}
+
+/// Reports a step of a job, if the operation runs as one.
+fn note(progress: Option<&Progress>, percent: u8, doing: &str) {
+    if let Some(p) = progress {
+        p.set(percent, doing);
+    }
+}
+
+/// A worker's control socket and the watch that reports its end.
+type RunningWorker = (PathBuf, watch::Receiver<Option<String>>);
 
 fn duplicate(name: &str) -> ApiError {
     ApiError::new(

@@ -3,7 +3,7 @@
 use crate::error::ApiError;
 use crate::extract::{Json, Name, Query, BODY_LIMIT};
 use crate::manager::{Manager, DEFAULT_STOP_TIMEOUT};
-use api::{NewToken, NewVm, ServiceInfo, StopParams, TokenCreated, TokenInfo, Vm, VmPatch};
+use api::{Job, NewToken, NewVm, ServiceInfo, StopParams, TokenCreated, TokenInfo, Vm, VmPatch};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -86,8 +86,15 @@ async fn remove(State(m): S, Name(name): Name) -> R<StatusCode> {
     m.delete(&name).await.map(|()| StatusCode::NO_CONTENT)
 }
 
-async fn start(State(m): S, Name(name): Name) -> R<axum::Json<Vm>> {
-    m.start(&name).await.map(sized)
+async fn start(State(m): S, Name(name): Name) -> R<Accepted> {
+    m.start_job(&name).await.map(accepted)
+}
+
+/// A job's answer: 202 with the job.
+type Accepted = (StatusCode, axum::Json<Job>);
+
+fn accepted(job: Job) -> Accepted {
+    (StatusCode::ACCEPTED, axum::Json(job))
 }
 
 fn stop_params(p: &StopParams) -> R<(bool, u64)> {
@@ -100,14 +107,14 @@ fn stop_params(p: &StopParams) -> R<(bool, u64)> {
     Ok((p.turn_off.unwrap_or(false), timeout))
 }
 
-async fn stop(State(m): S, Name(name): Name, Query(p): Query<StopParams>) -> R<axum::Json<Vm>> {
+async fn stop(State(m): S, Name(name): Name, Query(p): Query<StopParams>) -> R<Accepted> {
     let (turn_off, timeout) = stop_params(&p)?;
-    m.stop(&name, turn_off, timeout).await.map(sized)
+    m.stop_job(&name, turn_off, timeout).await.map(accepted)
 }
 
-async fn restart(State(m): S, Name(name): Name, Query(p): Query<StopParams>) -> R<axum::Json<Vm>> {
+async fn restart(State(m): S, Name(name): Name, Query(p): Query<StopParams>) -> R<Accepted> {
     let (turn_off, timeout) = stop_params(&p)?;
-    m.restart(&name, turn_off, timeout).await.map(sized)
+    m.restart_job(&name, turn_off, timeout).await.map(accepted)
 }
 
 async fn pause(State(m): S, Name(name): Name) -> R<axum::Json<Vm>> {

@@ -18,7 +18,9 @@ pub fn save_vm() {}
               (status = 409, body = ErrorBody, description = "Not Saved")))]
 pub fn discard_saved_state() {}
 
-/// The jobs since the service started, newest first.
+/// The jobs, newest first: those running and the last 100 finished (kept across service
+/// restarts; a job that was running when the service stopped is Failed, unless its work got
+/// done).
 #[utoipa::path(get, path = "/jobs", tag = "jobs",
     responses((status = 200, body = [Job]), (status = 403, body = ErrorBody)))]
 pub fn list_jobs() {}

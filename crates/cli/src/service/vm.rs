@@ -348,12 +348,15 @@ pub fn managed(cmd: ManagedCommand) -> anyhow::Result<i32> {
             let (_, v) = call(&c, "PATCH", &vm_path(&name), Some(&Value::Object(body)))?;
             show(v, json)
         }
-        ManagedCommand::Start { name } => action(&c, &name, "start", ""),
-        ManagedCommand::Restart { name, turn_off } => action(
+        ManagedCommand::Start { name } => lifecycle(&c, &name, "start"),
+        ManagedCommand::Restart { name, turn_off } => lifecycle(
             &c,
             &name,
-            "restart",
-            if turn_off { "?turn_off=true" } else { "" },
+            if turn_off {
+                "restart?turn_off=true"
+            } else {
+                "restart"
+            },
         ),
         ManagedCommand::Pause { name } => pause(&c, &name, "pause"),
         ManagedCommand::Resume { name } => pause(&c, &name, "resume"),
@@ -383,29 +386,52 @@ fn pause(c: &Client, name: &str, verb: &str) -> anyhow::Result<i32> {
 
 /// Save-VM: starts the job, then follows it to its end.
 fn save(c: &Client, name: &str) -> anyhow::Result<i32> {
-    let (_, v) = call(c, "POST", &format!("{}/save", vm_path(name)), None)?;
-    let mut job: api::Job = serde_json::from_value(v)?;
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = std::time::Instant::now();
+    let (_, v) = call(c, "POST", &format!("{}/save", vm_path(name)), None)?;
+    match follow(c, name, serde_json::from_value(v)?)? {
+        Ok(_) => {
+            println!("{name}: Saved in {:.1} s", started.elapsed().as_secs_f64());
+            Ok(0)
+        }
+        Err(e) => anyhow::bail!("{name} was not saved: {e}"),
+    }
+}
+
+/// Follows a job to its end, showing its progress on a terminal; its result (the VM's state
+/// and status) or its error.
+fn follow(c: &Client, name: &str, mut job: api::Job) -> anyhow::Result<Result<String, String>> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     while job.state == api::JobState::Running {
         if tty {
-            eprint!("\r{name}: saving... {}%", job.percent);
+            eprint!("\r\x1b[K{name}: {} ({}%)", job.progress, job.percent);
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
         let (_, v) = call(c, "GET", &format!("/jobs/{}", segment(&job.id)), None)?;
         job = serde_json::from_value(v)?;
     }
     if tty {
-        eprintln!();
+        eprint!("\r\x1b[K");
     }
-    match job.state {
-        api::JobState::Failed => {
-            anyhow::bail!("{name} was not saved: {}", job.error.unwrap_or_default())
-        }
-        _ => {
-            println!("{name}: Saved in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(match job.state {
+        api::JobState::Failed => Err(job.error.unwrap_or_default()),
+        _ => Ok(job.progress),
+    })
+}
+
+/// Start-VM, Stop-VM, Restart-VM: the job, followed to its end; prints `NAME: STATE (STATUS)`.
+fn lifecycle(c: &Client, name: &str, verb_and_query: &str) -> anyhow::Result<i32> {
+    let (_, v) = call(
+        c,
+        "POST",
+        &format!("{}/{verb_and_query}", vm_path(name)),
+        None,
+    )?;
+    match follow(c, name, serde_json::from_value(v)?)? {
+        Ok(result) => {
+            println!("{name}: {result}");
             Ok(0)
         }
+        Err(e) => Err(anyhow::Error::msg(e)),
     }
 }
 
@@ -470,11 +496,10 @@ pub fn stop(name: &str, turn_off: bool, timeout: u64) -> anyhow::Result<Option<i
     let Some(c) = client_if_up()? else {
         return Ok(None);
     };
-    let q = format!("?turn_off={turn_off}&timeout={}", timeout.min(3600));
-    match call(&c, "POST", &format!("{}/stop{q}", vm_path(name)), None) {
-        Ok((_, v)) => report(v).map(Some),
+    let q = format!("stop?turn_off={turn_off}&timeout={}", timeout.min(3600));
+    match lifecycle(&c, name, &q) {
         Err(e) if unknown_vm(&e) => Ok(None),
-        Err(e) => Err(e),
+        other => other.map(Some),
     }
 }
 

@@ -1,90 +1,25 @@
-//! Save-VM as a job, Start-VM of a Saved VM (the worker restores the saved state), and
+//! Save-VM as a job (see [`super::jobs`]), Start-VM of a Saved VM (the worker restores the saved state), and
 //! Remove-VMSavedState. The saved state is one file in the VM's folder; Remove-VM deletes it
 //! with the folder.
 
-use super::{now_ms, wait_exit, Manager};
+use super::jobs::state_text;
+use super::{wait_exit, Manager};
 use crate::error::ApiError;
 use crate::worker;
-use api::{Heartbeat, Job, JobState, Vm, VmState};
+use api::{Heartbeat, Job, Vm, VmState};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// The saved state's name in the VM's folder.
 const SAVED_STATE: &str = "vm.saved";
-/// Finished jobs kept for `GET /jobs`.
-const KEPT_JOBS: usize = 100;
 /// How long a worker may take to end after it has saved.
 const SAVED_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The jobs since the service started.
-#[derive(Default)]
-pub(super) struct Jobs(Vec<Job>);
 
 impl Manager {
     /// Where a VM's saved state lives.
     pub(super) fn saved_state(&self, id: &str) -> PathBuf {
         self.folder(id).join(SAVED_STATE)
-    }
-
-    fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn new_job(&self, operation: &str, vm: &str) -> Job {
-        let job = Job {
-            id: uuid::Uuid::new_v4().to_string(),
-            operation: operation.into(),
-            vm: vm.into(),
-            state: JobState::Running,
-            percent: 0,
-            error: None,
-            started_ms: now_ms(),
-            finished_ms: None,
-        };
-        let mut jobs = self.jobs();
-        jobs.0.push(job.clone());
-        let finished = jobs
-            .0
-            .iter()
-            .filter(|j| j.state != JobState::Running)
-            .count();
-        if finished > KEPT_JOBS {
-            if let Some(i) = jobs.0.iter().position(|j| j.state != JobState::Running) {
-                jobs.0.remove(i);
-            }
-        }
-        job
-    }
-
-    fn update_job(&self, id: &str, f: impl FnOnce(&mut Job)) {
-        if let Some(j) = self.jobs().0.iter_mut().find(|j| j.id == id) {
-            f(j);
-        }
-    }
-
-    /// `GET /jobs`: newest first.
-    pub fn list_jobs(&self) -> Vec<Job> {
-        self.jobs().0.iter().rev().cloned().collect()
-    }
-
-    /// `GET /jobs/{id}`.
-    pub fn job(&self, id: &str) -> Result<Job, ApiError> {
-        self.jobs()
-            .0
-            .iter()
-            .find(|j| j.id == id)
-            .cloned()
-            .ok_or_else(|| {
-                ApiError::new(
-                    axum::http::StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!(
-                        "no job '{}'; `GET /jobs` lists them",
-                        id.chars().take(64).collect::<String>()
-                    ),
-                )
-            })
     }
 
     /// Save-VM: the VM goes Saving at once and the answer is the job; the worker writes the
@@ -117,56 +52,49 @@ impl Manager {
         };
         let previous = row.state;
         self.set_state(&row, VmState::Saving, "Saving")?;
-        let job = self.new_job("save", &row.name);
-        let (this, job_id) = (self.clone(), job.id.clone());
-        tokio::spawn(async move {
-            let path = this.saved_state(&id);
-            let _ = std::fs::remove_file(&path);
-            let command = format!("save {}", path.display());
-            let progress = |pct: u8| this.update_job(&job_id, |j| j.percent = pct.min(99));
-            let result = worker::control_with_progress(&socket, &command, progress).await;
-            let error = match result {
-                Ok(_) => {
-                    // The worker ends once it has answered; its watcher records Saved.
-                    if !wait_exit(&mut exit, SAVED_EXIT_TIMEOUT).await {
-                        this.turn_off(&id, "Saved; the worker did not end, so it was killed")
-                            .await;
-                    }
-                    match this.find_id(&id, &row.name) {
-                        Ok(r) if r.state == VmState::Saved => None,
-                        Ok(r) => Some(format!("the VM is {} after saving: {}", r.state, r.status)),
-                        Err(e) => Some(e.to_string()),
-                    }
-                }
-                Err(e) => {
-                    if let Some(w) = this.workers.lock().unwrap().get_mut(&id) {
-                        w.saving = false;
-                    }
-                    if exit.borrow().is_none() {
-                        let status = format!("Save failed: {e}");
-                        if let Err(e) = this.set_state(&row, previous, &status) {
-                            tracing::error!("VM '{}': {e}", row.name);
+        let this = self.clone();
+        self.run_job(
+            "save",
+            &row.clone(),
+            "Saving",
+            guard,
+            move |progress| async move {
+                let path = this.saved_state(&id);
+                let _ = std::fs::remove_file(&path);
+                let command = format!("save {}", path.display());
+                // The worker reports each percent once.
+                let report = |pct: u8| progress.set(pct, &format!("Saving: {pct} %"));
+                let result = worker::control_with_progress(&socket, &command, report).await;
+                match result {
+                    Ok(_) => {
+                        // The worker ends once it has answered; its watcher records Saved.
+                        if !wait_exit(&mut exit, SAVED_EXIT_TIMEOUT).await {
+                            this.turn_off(&id, "Saved; the worker did not end, so it was killed")
+                                .await;
+                        }
+                        match this.find_id(&id, &row.name) {
+                            Ok(r) if r.state == VmState::Saved => Ok(state_text(&r)),
+                            Ok(r) => {
+                                Err(format!("the VM is {} after saving: {}", r.state, r.status))
+                            }
+                            Err(e) => Err(e.to_string()),
                         }
                     }
-                    Some(e)
-                }
-            };
-            this.update_job(&job_id, |j| {
-                j.finished_ms = Some(now_ms());
-                match error {
-                    None => {
-                        j.state = JobState::Completed;
-                        j.percent = 100;
-                    }
-                    Some(e) => {
-                        j.state = JobState::Failed;
-                        j.error = Some(e);
+                    Err(e) => {
+                        if let Some(w) = this.workers.lock().unwrap().get_mut(&id) {
+                            w.saving = false;
+                        }
+                        if exit.borrow().is_none() {
+                            let status = format!("Save failed: {e}");
+                            if let Err(e) = this.set_state(&row, previous, &status) {
+                                tracing::error!("VM '{}': {e}", row.name);
+                            }
+                        }
+                        Err(e)
                     }
                 }
-            });
-            drop(guard);
-        });
-        Ok(job)
+            },
+        )
     }
 
     /// Remove-VMSavedState: a Saved VM's state file goes; the VM is Off.

@@ -5,7 +5,6 @@ use crate::extract::Name;
 use crate::manager::Manager;
 use api::{Job, Vm};
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
@@ -18,17 +17,16 @@ pub fn router() -> Router<Arc<Manager>> {
         .route("/jobs/{id}", get(one))
 }
 
-async fn save(State(m): S, Name(name): Name) -> R<(StatusCode, axum::Json<Job>)> {
-    let job = m.save(&name).await?;
-    Ok((StatusCode::ACCEPTED, axum::Json(job)))
+async fn save(State(m): S, Name(name): Name) -> R<super::Accepted> {
+    m.save(&name).await.map(super::accepted)
 }
 
 async fn discard(State(m): S, Name(name): Name) -> R<axum::Json<Vm>> {
     m.discard_saved_state(&name).await.map(sized)
 }
 
-async fn list(State(m): S) -> axum::Json<Vec<Job>> {
-    axum::Json(m.list_jobs())
+async fn list(State(m): S) -> R<axum::Json<Vec<Job>>> {
+    m.list_jobs().map(sized)
 }
 
 async fn one(State(m): S, Name(id): Name) -> R<axum::Json<Job>> {

@@ -1,0 +1,264 @@
+//! Long operations as jobs (Start-VM, Stop-VM, Restart-VM, Save-VM): each is a row of the
+//! inventory's `jobs` table from the moment the request is accepted, so `GET /jobs/{id}`
+//! outlives the service. The work runs in a task holding the VM's lock; the request answers
+//! 202 with the job at once.
+
+use super::{now_ms, Manager};
+use crate::db::VmRow;
+use crate::error::ApiError;
+use api::{Job, JobState, VmState};
+use std::future::Future;
+use std::sync::Arc;
+
+/// What a job's work ends with: the VM's state and status then, or why it failed.
+pub(super) type Outcome = Result<String, String>;
+
+/// One running job's handle for its work: reports progress.
+#[derive(Clone)]
+pub(super) struct Progress {
+    manager: Arc<Manager>,
+    id: String,
+}
+
+impl Progress {
+    /// Sets the job's percent (below 100 until it completes) and what it is doing.
+    pub fn set(&self, percent: u8, doing: &str) {
+        if let Err(e) = self
+            .manager
+            .db()
+            .update_job_progress(&self.id, percent.min(99), doing)
+        {
+            support::limited!(
+                JOB_LOG,
+                warn,
+                "job {}: cannot record its progress: {e}",
+                self.id
+            );
+        }
+    }
+}
+
+static JOB_LOG: support::RateLimit = support::RateLimit::guest();
+
+/// A job's answer for the VM's state and status.
+pub(super) fn state_text(row: &VmRow) -> String {
+    format!("{} ({})", row.state, row.status)
+}
+
+/// A job's outcome from the VM it leaves.
+fn outcome(r: Result<api::Vm, ApiError>) -> Outcome {
+    match r {
+        Ok(vm) => Ok(format!("{} ({})", vm.state, vm.status)),
+        Err(e) => Err(failure(&e)),
+    }
+}
+
+/// An error's message with its causes, for a failed job.
+pub(super) fn failure(e: &ApiError) -> String {
+    let mut text = e.message.clone();
+    for c in &e.causes {
+        text.push_str("; ");
+        text.push_str(c);
+    }
+    text
+}
+
+impl Manager {
+    /// Records a job on `row` and runs `work` for it in a task that holds `guard` (the VM's
+    /// lock) until it ends. Returns the job as it starts.
+    pub(super) fn run_job<F, W>(
+        self: &Arc<Self>,
+        operation: &str,
+        row: &VmRow,
+        doing: &str,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+        work: W,
+    ) -> Result<Job, ApiError>
+    where
+        W: FnOnce(Progress) -> F,
+        F: Future<Output = Outcome> + Send + 'static,
+    {
+        let job = Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            operation: operation.into(),
+            vm: row.name.clone(),
+            state: JobState::Running,
+            percent: 0,
+            progress: doing.into(),
+            error: None,
+            started_ms: now_ms(),
+            finished_ms: None,
+        };
+        self.db().insert_job(&job, &row.id)?;
+        let progress = Progress {
+            manager: self.clone(),
+            id: job.id.clone(),
+        };
+        let fut = work(progress);
+        let (this, mut done) = (self.clone(), job.clone());
+        tokio::spawn(async move {
+            let outcome = fut.await;
+            drop(guard);
+            done.finished_ms = Some(now_ms());
+            match outcome {
+                Ok(text) => {
+                    done.state = JobState::Completed;
+                    done.percent = 100;
+                    done.progress = text;
+                }
+                Err(e) => {
+                    done.state = JobState::Failed;
+                    done.progress = "Failed".into();
+                    done.error = Some(e);
+                }
+            }
+            // The progress so far is in the database; the end replaces it.
+            if let Err(e) = this.db().finish_job(&done) {
+                tracing::error!("job {} ({}): cannot record its end: {e}", done.id, done.vm);
+            }
+        });
+        Ok(job)
+    }
+
+    /// Start-VM as a job: the state and boot files are checked first (409), then the job
+    /// goes from `Starting the worker` to the VM's state once Running.
+    pub async fn start_job(self: &Arc<Self>, name: &str) -> Result<Job, ApiError> {
+        let id = self.find(name)?.id;
+        let guard = self.lock_for(&id).lock_owned().await;
+        let row = self.find_id(&id, name)?;
+        let restore = self.startable(&row)?;
+        let this = self.clone();
+        self.run_job(
+            "start",
+            &row.clone(),
+            "Starting the worker",
+            guard,
+            move |p| async move { outcome(this.start_checked(&row, restore, Some(&p)).await) },
+        )
+    }
+
+    /// Stop-VM as a job: 409 unless the VM runs; the job counts the shutdown timeout down
+    /// and completes when the VM is Off.
+    pub async fn stop_job(
+        self: &Arc<Self>,
+        name: &str,
+        turn_off: bool,
+        timeout: u64,
+    ) -> Result<Job, ApiError> {
+        let id = self.find(name)?.id;
+        let guard = self.lock_for(&id).lock_owned().await;
+        let row = self.find_id(&id, name)?;
+        let running = self.stoppable(&row)?;
+        let this = self.clone();
+        self.run_job(
+            "stop",
+            &row.clone(),
+            "Stopping",
+            guard,
+            move |p| async move {
+                outcome(
+                    this.stop_checked(&row, running, turn_off, timeout, Some(&p))
+                        .await,
+                )
+            },
+        )
+    }
+
+    /// Restart-VM as a job: stop as [`Self::stop_job`] does, then start. 409 unless the VM
+    /// runs, or when its boot files are gone.
+    pub async fn restart_job(
+        self: &Arc<Self>,
+        name: &str,
+        turn_off: bool,
+        timeout: u64,
+    ) -> Result<Job, ApiError> {
+        let id = self.find(name)?.id;
+        let guard = self.lock_for(&id).lock_owned().await;
+        let row = self.find_id(&id, name)?;
+        let running = self.stoppable(&row)?;
+        self.boot_files_exist(&row)?;
+        let this = self.clone();
+        self.run_job(
+            "restart",
+            &row.clone(),
+            "Stopping",
+            guard,
+            move |p| async move {
+                let restart = async {
+                    this.stop_checked(&row, running, turn_off, timeout, Some(&p))
+                        .await?;
+                    let row = this.find_id(&row.id, &row.name)?;
+                    let restore = this.startable(&row)?;
+                    p.set(50, "Starting the worker");
+                    this.start_checked(&row, restore, Some(&p)).await
+                };
+                outcome(restart.await)
+            },
+        )
+    }
+
+    /// `GET /jobs`: newest first.
+    pub fn list_jobs(&self) -> Result<Vec<Job>, ApiError> {
+        Ok(self.db().jobs()?)
+    }
+
+    /// `GET /jobs/{id}`.
+    pub fn job(&self, id: &str) -> Result<Job, ApiError> {
+        self.db().job(id)?.ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no job '{}'; `GET /jobs` lists them",
+                    id.chars().take(64).collect::<String>()
+                ),
+            )
+        })
+    }
+
+    /// At start-up, after the workers were adopted: the jobs an earlier service left
+    /// Running end. One whose work got done anyway (the VM was saved, is running a worker
+    /// started for it, or is off) is Completed; the rest Failed.
+    pub(super) fn end_orphaned_jobs(&self) -> Result<(), ApiError> {
+        let jobs = self.db().running_jobs()?;
+        for (mut job, vm_id) in jobs {
+            let row = self.db().by_id(&vm_id)?;
+            let done = row.as_ref().is_some_and(|r| work_done(&job, r));
+            job.finished_ms = Some(now_ms());
+            if let (true, Some(r)) = (done, &row) {
+                job.state = JobState::Completed;
+                job.percent = 100;
+                job.progress = state_text(r);
+            } else {
+                job.state = JobState::Failed;
+                job.progress = "Failed".into();
+                job.error = Some(format!(
+                    "the service stopped while the job ran{}",
+                    row.map(|r| format!("; VM '{}' is {}", r.name, state_text(&r)))
+                        .unwrap_or_default()
+                ));
+            }
+            tracing::info!(
+                "job {} ({} {}): {:?}",
+                job.id,
+                job.operation,
+                job.vm,
+                job.state
+            );
+            self.db().finish_job(&job)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a job's work was done although its service stopped (its VM as found now).
+fn work_done(job: &Job, vm: &VmRow) -> bool {
+    let started_since = vm.started_at.is_some_and(|t| t >= job.started_ms);
+    match job.operation.as_str() {
+        // The saved state is renamed into place only once complete.
+        "save" => vm.state == VmState::Saved,
+        "start" | "restart" => vm.state == VmState::Running && started_since,
+        "stop" => vm.state == VmState::Off,
+        _ => false,
+    }
+}
