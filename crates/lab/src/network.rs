@@ -277,6 +277,7 @@ pub fn private(name: &str, mib: u32) -> Scenario {
          await neta a_up= 120 && ports running; \
          await neta a_ping_host= 120 && {{ ping -c 3 -w 10 10.8.0.10 >/dev/null 2>&1 && echo VIRIDIAN-GUEST host_ping_a=ok || echo VIRIDIAN-GUEST host_ping_a=fail; }}; \
          await netb b_carrier_wait 240 && {{ echo \"LAB-MEASURE-B $(viridian vm measure netb --json | tr -d '\\n')\"; viridian vm nic netb --disconnect; }}; \
+         kill -0 $netb 2>/dev/null || kill $neta 2>/dev/null; \
          await netb b_carrier_down 60; echo \"LAB-NIC-B-DOWN $(viridian vm nic list netb --json)\"; viridian vm nic netb --connect; \
          await neta a_spoof_done 180 && {{ echo \"LAB-NIC-A $(viridian vm nic list neta --json)\"; viridian vm status neta; }}; \
          wait $neta; ra=$?; wait $netb; rb=$?; show; ports after; \
