@@ -49,6 +49,9 @@ enum Command {
     /// The management service viridiand.
     #[command(subcommand)]
     Service(service::ServiceCommand),
+    /// The service's long operations (start, stop, restart, save) and their progress (Get-Job).
+    #[command(subcommand)]
+    Job(service::job::JobCommand),
     /// Bearer tokens for the service's TLS listener (--listen).
     #[command(subcommand)]
     Token(service::token::TokenCommand),
@@ -72,6 +75,7 @@ fn main() {
         Command::Vm(cmd) => vm::main(cmd),
         Command::Vhd(cmd) => vhd::main(cmd).map(|()| 0),
         Command::Service(cmd) => service::main(cmd),
+        Command::Job(cmd) => service::job::main(cmd),
         Command::Token(cmd) => service::token::main(cmd),
         Command::Switch(args) => switch::main(args),
     };

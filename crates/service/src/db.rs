@@ -375,10 +375,11 @@ fn migrate(conn: &mut Connection) -> Result<(), DbError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn row(name: &str) -> VmRow {
+    /// A VM row with small settings.
+    pub(crate) fn row(name: &str) -> VmRow {
         VmRow {
             id: uuid::Uuid::new_v4().to_string(),
             name: name.into(),

@@ -63,6 +63,23 @@ fn mkdir(p: &Path) -> Result<(), StartupError> {
     std::fs::create_dir_all(p).map_err(|e| StartupError::Dir(p.to_path_buf(), e))
 }
 
+/// How long to wait for the state directory's lock. A service killed while it was starting
+/// a worker leaves the lock (and its listening socket) with the forked child until that
+/// child executes the worker a moment later.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn take_lock(lock: &std::fs::File) -> rustix::io::Result<()> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match rustix::fs::flock(lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs the service until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> Result<(), StartupError> {
     let worker = worker_path(&cfg)?;
@@ -76,8 +93,7 @@ pub fn run(cfg: Config) -> Result<(), StartupError> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| StartupError::Dir(lock_path.clone(), e))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        .map_err(|_| StartupError::Locked(cfg.state_dir.clone()))?;
+    take_lock(&lock).map_err(|_| StartupError::Locked(cfg.state_dir.clone()))?;
     let db_path = cfg.state_dir.join("inventory.db");
     let db = Db::open(&db_path).map_err(|e| StartupError::Db(db_path.clone(), e))?;
     let cgroups = Cgroups::probe(&cfg.cgroup_root);

@@ -2,6 +2,7 @@
 //! (`viridian --socket PATH`, or `VIRIDIAN_SOCKET`, or /run/viridian/viridiand.sock), and the
 //! verbs that use it.
 
+pub mod job;
 mod remote;
 pub mod table;
 pub mod token;

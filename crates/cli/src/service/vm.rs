@@ -45,6 +45,9 @@ pub enum ManagedCommand {
         /// Turn it off instead of shutting it down.
         #[arg(long, visible_alias = "force")]
         turn_off: bool,
+        /// Seconds to wait for the guest to shut down before turning it off.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
     },
     /// Pause a VM (Suspend-VM).
     Pause { name: String },
@@ -349,14 +352,14 @@ pub fn managed(cmd: ManagedCommand) -> anyhow::Result<i32> {
             show(v, json)
         }
         ManagedCommand::Start { name } => lifecycle(&c, &name, "start"),
-        ManagedCommand::Restart { name, turn_off } => lifecycle(
+        ManagedCommand::Restart {
+            name,
+            turn_off,
+            timeout,
+        } => lifecycle(
             &c,
             &name,
-            if turn_off {
-                "restart?turn_off=true"
-            } else {
-                "restart"
-            },
+            &format!("restart?turn_off={turn_off}&timeout={}", timeout.min(3600)),
         ),
         ManagedCommand::Pause { name } => pause(&c, &name, "pause"),
         ManagedCommand::Resume { name } => pause(&c, &name, "resume"),

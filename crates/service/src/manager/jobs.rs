@@ -40,15 +40,24 @@ impl Progress {
 
 static JOB_LOG: support::RateLimit = support::RateLimit::guest();
 
-/// A job's answer for the VM's state and status.
+/// A job's answer for the VM's state and status: `Running (Operating normally)`, or just
+/// `Saved` when the status says no more.
 pub(super) fn state_text(row: &VmRow) -> String {
-    format!("{} ({})", row.state, row.status)
+    describe(row.state, &row.status)
+}
+
+fn describe(state: VmState, status: &str) -> String {
+    if status == state.as_str() {
+        status.to_string()
+    } else {
+        format!("{state} ({status})")
+    }
 }
 
 /// A job's outcome from the VM it leaves.
 fn outcome(r: Result<api::Vm, ApiError>) -> Outcome {
     match r {
-        Ok(vm) => Ok(format!("{} ({})", vm.state, vm.status)),
+        Ok(vm) => Ok(describe(vm.state, &vm.status)),
         Err(e) => Err(failure(&e)),
     }
 }
@@ -260,5 +269,150 @@ fn work_done(job: &Job, vm: &VmRow) -> bool {
         "start" | "restart" => vm.state == VmState::Running && started_since,
         "stop" => vm.state == VmState::Off,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::Cgroups;
+    use crate::db::Db;
+    use std::time::Duration;
+
+    /// A manager on a temporary state directory, with one VM defined.
+    fn manager(dir: &std::path::Path) -> (Arc<Manager>, VmRow) {
+        let db = Db::open(&dir.join("inventory.db")).unwrap();
+        let m = Manager::new(
+            db,
+            dir.to_path_buf(),
+            dir.join("no-worker"),
+            Cgroups::probe(&dir.join("no-cgroup")),
+            dir.join("d.sock"),
+        );
+        let row = crate::db::tests::row("vm");
+        m.db().insert(&row).unwrap();
+        (m, row)
+    }
+
+    /// Runs a stop-like job waiting up to 3 s for a worker that ends after `ends_after` (or
+    /// never); the job's (percent, progress) as it went, and how it ended.
+    async fn shutdown_job(ends_after: Option<Duration>) -> (Vec<(u8, String)>, Job) {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, row) = manager(dir.path());
+        let (tx, mut exit) = tokio::sync::watch::channel(None);
+        if let Some(after) = ends_after {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = tx.send(Some("the guest powered off".to_string()));
+            });
+        } else {
+            std::mem::forget(tx);
+        }
+        let guard = m.lock_for(&row.id).lock_owned().await;
+        let job = m
+            .run_job("stop", &row, "Stopping", guard, move |p| async move {
+                match super::super::wait_shutdown(&mut exit, 3, Some(&p)).await {
+                    true => Ok("Off (the guest powered off)".into()),
+                    false => Err("the guest did not shut down".into()),
+                }
+            })
+            .unwrap();
+        assert_eq!(
+            (job.state, job.progress.as_str()),
+            (JobState::Running, "Stopping")
+        );
+        let mut seen: Vec<(u8, String)> = Vec::new();
+        let end = loop {
+            let j = m.job(&job.id).unwrap();
+            if j.state != JobState::Running {
+                break j;
+            }
+            if seen.last() != Some(&(j.percent, j.progress.clone())) {
+                seen.push((j.percent, j.progress));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (seen, end)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_job_counts_the_shutdown_timeout_down() {
+        let (seen, end) = shutdown_job(None).await;
+        let texts: Vec<&str> = seen.iter().map(|(_, t)| t.as_str()).collect();
+        for left in ["3 s left", "2 s left", "1 s left"] {
+            assert!(
+                texts.contains(&format!("Waiting for the guest to shut down: {left}").as_str()),
+                "{seen:?}"
+            );
+        }
+        assert!(
+            seen.windows(2).all(|w| w[0].0 <= w[1].0),
+            "the percent rises: {seen:?}"
+        );
+        assert_eq!(end.state, JobState::Failed);
+        assert_eq!(end.error.as_deref(), Some("the guest did not shut down"));
+        assert!(end.percent < 100 && end.finished_ms.is_some(), "{end:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_job_completes_when_the_worker_ends() {
+        let (_, end) = shutdown_job(Some(Duration::from_millis(1200))).await;
+        assert_eq!(
+            (end.state, end.percent, end.progress.as_str()),
+            (JobState::Completed, 100, "Off (the guest powered off)")
+        );
+        let took = end.finished_ms.unwrap() - end.started_ms;
+        assert!((1100..2900).contains(&took), "{took} ms");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_left_running_end_as_their_vm_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, row) = manager(dir.path());
+        let job = |operation: &str| Job {
+            id: format!("{operation}-job"),
+            operation: operation.into(),
+            vm: "vm".into(),
+            state: JobState::Running,
+            percent: 10,
+            progress: "working".into(),
+            error: None,
+            started_ms: 1000,
+            finished_ms: None,
+        };
+        for op in ["save", "start", "stop", "restart"] {
+            m.db().insert_job(&job(op), &row.id).unwrap();
+        }
+        // The VM is Off now: the stop got done; the rest did not.
+        m.end_orphaned_jobs().unwrap();
+        let state = |id: &str| m.job(id).unwrap();
+        assert_eq!(state("stop-job").state, JobState::Completed);
+        assert_eq!(state("stop-job").progress, "Off ()");
+        for id in ["save-job", "start-job", "restart-job"] {
+            let j = state(id);
+            assert_eq!(j.state, JobState::Failed, "{j:?}");
+            assert_eq!(
+                j.error.as_deref(),
+                Some("the service stopped while the job ran; VM 'vm' is Off ()")
+            );
+        }
+        // Running on a worker started after the job began: the start got done; one started
+        // before it did not.
+        for (started_at, done) in [(2000, true), (500, false)] {
+            let mut j = job("start");
+            j.id = format!("start-{started_at}");
+            m.db().insert_job(&j, &row.id).unwrap();
+            m.db()
+                .update_runtime(
+                    &row.id,
+                    VmState::Running,
+                    "Operating normally",
+                    Some((1, "/s", started_at)),
+                )
+                .unwrap();
+            m.end_orphaned_jobs().unwrap();
+            let got = state(&j.id);
+            assert_eq!(got.state == JobState::Completed, done, "{got:?}");
+        }
     }
 }
