@@ -13,20 +13,36 @@ use std::sync::Arc;
 /// What a job's work ends with: the VM's state and status then, or why it failed.
 pub(super) type Outcome = Result<String, String>;
 
-/// One running job's handle for its work: reports progress.
+/// One running job's handle for its work: reports progress. A step of a longer job (the
+/// stop and the start of a restart) reports its own 0 to 100 into its share of the job's.
 #[derive(Clone)]
 pub(super) struct Progress {
     manager: Arc<Manager>,
     id: String,
+    /// The job's percent where this step starts, and how many percent it spans.
+    base: u8,
+    span: u8,
 }
 
 impl Progress {
+    /// The same job, from `base` percent on, over `span` percent.
+    fn step(&self, base: u8, span: u8) -> Self {
+        Self {
+            base,
+            span,
+            ..self.clone()
+        }
+    }
+
     /// Sets the job's percent (below 100 until it completes) and what it is doing.
     pub fn set(&self, percent: u8, doing: &str) {
+        let scaled =
+            u32::from(self.base) + u32::from(percent.min(100)) * u32::from(self.span) / 100;
+        let percent = scaled.min(99) as u8;
         if let Err(e) = self
             .manager
             .db()
-            .update_job_progress(&self.id, percent.min(99), doing)
+            .update_job_progress(&self.id, percent, doing)
         {
             support::limited!(
                 JOB_LOG,
@@ -102,6 +118,8 @@ impl Manager {
         let progress = Progress {
             manager: self.clone(),
             id: job.id.clone(),
+            base: 0,
+            span: 100,
         };
         let fut = work(progress);
         let (this, mut done) = (self.clone(), job.clone());
@@ -194,12 +212,13 @@ impl Manager {
             guard,
             move |p| async move {
                 let restart = async {
-                    this.stop_checked(&row, running, turn_off, timeout, Some(&p))
+                    let (stopping, starting) = (p.step(0, 50), p.step(50, 50));
+                    this.stop_checked(&row, running, turn_off, timeout, Some(&stopping))
                         .await?;
                     let row = this.find_id(&row.id, &row.name)?;
                     let restore = this.startable(&row)?;
-                    p.set(50, "Starting the worker");
-                    this.start_checked(&row, restore, Some(&p)).await
+                    starting.set(0, "Starting the worker");
+                    this.start_checked(&row, restore, Some(&starting)).await
                 };
                 outcome(restart.await)
             },
@@ -352,6 +371,35 @@ mod tests {
         assert_eq!(end.state, JobState::Failed);
         assert_eq!(end.error.as_deref(), Some("the guest did not shut down"));
         assert!(end.percent < 100 && end.finished_ms.is_some(), "{end:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_reports_into_its_share_of_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, row) = manager(dir.path());
+        let guard = m.lock_for(&row.id).lock_owned().await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<Progress>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let job = m
+            .run_job("restart", &row, "Stopping", guard, move |p| async move {
+                let _ = tx.send(p);
+                let _ = done_rx.await;
+                Ok("Running (Operating normally)".into())
+            })
+            .unwrap();
+        let p = rx.await.unwrap();
+        let percent = |m: &Manager| m.job(&job.id).unwrap().percent;
+        p.step(0, 50).set(100, "stopped");
+        assert_eq!(percent(&m), 50);
+        p.step(50, 50).set(10, "building");
+        assert_eq!(percent(&m), 55);
+        p.step(50, 50).set(100, "almost");
+        assert_eq!(percent(&m), 99, "100 only once completed");
+        done_tx.send(()).unwrap();
+        while m.job(&job.id).unwrap().state == JobState::Running {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(percent(&m), 100);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
