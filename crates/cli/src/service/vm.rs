@@ -404,11 +404,15 @@ fn save(c: &Client, name: &str) -> anyhow::Result<i32> {
 /// and status) or its error.
 fn follow(c: &Client, name: &str, mut job: api::Job) -> anyhow::Result<Result<String, String>> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Short jobs (a start takes tens of milliseconds) answer soon; long ones are polled
+    // every 200 ms.
+    let mut pause = std::time::Duration::from_millis(5);
     while job.state == api::JobState::Running {
         if tty {
             eprint!("\r\x1b[K{name}: {} ({}%)", job.progress, job.percent);
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(200));
         let (_, v) = call(c, "GET", &format!("/jobs/{}", segment(&job.id)), None)?;
         job = serde_json::from_value(v)?;
     }
