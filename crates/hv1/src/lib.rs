@@ -4,8 +4,10 @@
 //!
 //! * user-space MSR exits for 0x40000000..=0x400001FF go to [`Partition::msr_read`] and
 //!   [`Partition::msr_write`];
-//! * an `OUT` to [`HYPERCALL_PORT`] (issued by the hypercall page) goes to
+//! * a 1-byte `OUT` to [`HYPERCALL_PORT`] (issued by the hypercall page) goes to
 //!   [`Partition::hypercall`] with RCX/RDX/R8, and the returned value goes into RAX;
+//! * a 4-byte `OUT` to [`HYPERCALL_PORT`] is a fast HvSignalEvent whose data is the connection
+//!   id (see [`HYPERCALL_CODE`]); the VMM lets KVM ring the channel's doorbell for it;
 //! * every [`Interrupt`] returned is injected as a fixed, edge-triggered interrupt with that
 //!   vector on that VP (for example with `KVM_SIGNAL_MSI`).
 //!
@@ -48,10 +50,60 @@ pub use time::{ManualTime, TimeSource};
 /// touches 0x57. Only the hypercall page uses it; the VMM must route it nowhere else.
 pub const HYPERCALL_PORT: u8 = 0x57;
 
-/// The code written at the start of the hypercall page: `endbr64; out HYPERCALL_PORT, al;
-/// ret`. ENDBR64 keeps IBT-enabled Linux kernels from disabling IBT. `OUT` (not `IN`) so that
-/// completing the exit does not overwrite RAX. The rest of the page is filled with `int3`.
-pub const HYPERCALL_CODE: [u8; 7] = [0xF3, 0x0F, 0x1E, 0xFA, 0xE6, HYPERCALL_PORT, 0xC3];
+/// The control word (RCX) of the call the hypercall page signals without a user-space exit:
+/// HvSignalEvent (0x005D) with the fast bit (16), no reps, no variable header.
+pub const FAST_SIGNAL_EVENT_CONTROL: u32 = 0x0001_005D;
+
+/// Offset in [`HYPERCALL_CODE`] of `out HYPERCALL_PORT, eax`, the 4-byte write whose data is
+/// the connection id of a fast HvSignalEvent with flag number 0.
+pub const FAST_SIGNAL_OUT_OFFSET: usize = 24;
+
+/// How far the host moves RIP past [`FAST_SIGNAL_OUT_OFFSET`] when it completes a fast signal in
+/// user space: over the `out` (2 bytes) and the `xor eax, eax` (2 bytes), so the guest returns
+/// the status the host put in RAX.
+pub const FAST_SIGNAL_SKIP: u64 = 4;
+
+/// Offset in [`HYPERCALL_CODE`] of the general path, `out HYPERCALL_PORT, al; ret`.
+pub const GENERAL_OUT_OFFSET: usize = 29;
+
+/// The code written at the start of the hypercall page (the rest is `int3`):
+///
+/// ```text
+///  0  f3 0f 1e fa            endbr64               keeps IBT-enabled kernels from disabling IBT
+///  4  48 81 f9 5d 00 01 00   cmp rcx, 0x1005d      fast HvSignalEvent?
+/// 11  75 10                  jne 29
+/// 13  48 89 d0               mov rax, rdx
+/// 16  48 c1 e8 20            shr rax, 32           flag number and reserved bits zero?
+/// 20  75 07                  jne 29
+/// 22  89 d0                  mov eax, edx          the connection id
+/// 24  e7 57                  out 0x57, eax         KVM ioeventfd (datamatch = connection id)
+/// 26  31 c0                  xor eax, eax          HV_STATUS_SUCCESS
+/// 28  c3                     ret
+/// 29  e6 57                  out 0x57, al          every other call: a user-space exit
+/// 31  c3                     ret
+/// ```
+///
+/// The 4-byte `OUT` at 24 is what a channel's ioeventfd matches (port, length 4, connection
+/// id), so a guest-to-host VMBus signal rings the channel's doorbell inside KVM. Where no
+/// ioeventfd matches, the write exits to user space, which signals through the port table,
+/// puts the status in RAX and resumes at 28 ([`FAST_SIGNAL_SKIP`]). The 1-byte `OUT` at 29 is
+/// the general hypercall exit: the host reads RCX/RDX/R8 and writes RAX. Both are `OUT`s (not
+/// `IN`s) so that completing the exit does not overwrite RAX. Only RAX and the flags change,
+/// which every hypercall clobbers anyway.
+pub const HYPERCALL_CODE: [u8; 32] = [
+    0xF3, 0x0F, 0x1E, 0xFA, // endbr64
+    0x48, 0x81, 0xF9, 0x5D, 0x00, 0x01, 0x00, // cmp rcx, FAST_SIGNAL_EVENT_CONTROL
+    0x75, 0x10, // jne GENERAL_OUT_OFFSET
+    0x48, 0x89, 0xD0, // mov rax, rdx
+    0x48, 0xC1, 0xE8, 0x20, // shr rax, 32
+    0x75, 0x07, // jne GENERAL_OUT_OFFSET
+    0x89, 0xD0, // mov eax, edx
+    0xE7, HYPERCALL_PORT, // out HYPERCALL_PORT, eax
+    0x31, 0xC0, // xor eax, eax
+    0xC3, // ret
+    0xE6, HYPERCALL_PORT, // out HYPERCALL_PORT, al
+    0xC3, // ret
+];
 
 /// LAPIC timer frequency reported by APIC_FREQUENCY: KVM's default APIC bus cycle is 1 ns.
 pub const APIC_FREQUENCY_HZ: u64 = 1_000_000_000;
@@ -288,6 +340,41 @@ mod tests {
         let p = MessagePayload::new(&[7; 240]).unwrap();
         assert_eq!(p.as_slice().len(), 240);
         assert_eq!(MessagePayload::new(&[]).unwrap().as_slice(), &[] as &[u8]);
+    }
+
+    /// The documented layout of the hypercall page: each instruction's bytes, the jump targets
+    /// computed from their displacements, and the offsets the VMM relies on.
+    #[test]
+    fn hypercall_code_layout() {
+        let code = HYPERCALL_CODE;
+        let port = HYPERCALL_PORT;
+        assert_eq!(&code[0..4], &[0xF3, 0x0F, 0x1E, 0xFA], "endbr64 first");
+        assert_eq!(&code[4..7], &[0x48, 0x81, 0xF9], "cmp rcx, imm32");
+        let imm = u32::from_le_bytes(code[7..11].try_into().unwrap());
+        assert_eq!(imm, FAST_SIGNAL_EVENT_CONTROL);
+        assert_eq!(
+            u64::from(imm),
+            u64::from(hvdef::hv::call::SIGNAL_EVENT) | hvdef::hv::control::FAST
+        );
+        assert!(imm < 0x8000_0000, "the sign-extended immediate equals the control word");
+        // A short jump at `at` lands at at + 2 + rel8.
+        let target = |at: usize| {
+            assert_eq!(code[at], 0x75, "jne rel8 at {at}");
+            (at as isize + 2 + code[at + 1] as i8 as isize) as usize
+        };
+        assert_eq!(target(11), GENERAL_OUT_OFFSET);
+        assert_eq!(&code[13..16], &[0x48, 0x89, 0xD0], "mov rax, rdx");
+        assert_eq!(&code[16..20], &[0x48, 0xC1, 0xE8, 0x20], "shr rax, 32");
+        assert_eq!(target(20), GENERAL_OUT_OFFSET);
+        assert_eq!(&code[22..24], &[0x89, 0xD0], "mov eax, edx");
+        let out = FAST_SIGNAL_OUT_OFFSET;
+        assert_eq!(&code[out..out + 2], &[0xE7, port], "out imm8, eax");
+        assert_eq!(&code[out + 2..out + 4], &[0x31, 0xC0], "xor eax, eax");
+        let resume = out + FAST_SIGNAL_SKIP as usize;
+        assert_eq!(code[resume], 0xC3, "the host resumes the guest at a ret");
+        assert_eq!(resume + 1, GENERAL_OUT_OFFSET);
+        let general = GENERAL_OUT_OFFSET;
+        assert_eq!(&code[general..], &[0xE6, port, 0xC3], "out imm8, al; ret");
     }
 
     #[test]

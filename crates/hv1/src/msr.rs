@@ -382,11 +382,9 @@ mod tests {
         assert!(p.hypercalls_enabled());
         let mut page = [0u8; 4096];
         mem.read(0x3000, &mut page).unwrap();
-        assert_eq!(
-            &page[..7],
-            &[0xF3, 0x0F, 0x1E, 0xFA, 0xE6, crate::HYPERCALL_PORT, 0xC3]
-        );
-        assert!(page[7..].iter().all(|&b| b == 0xCC));
+        assert_eq!(&page[..4], &[0xF3, 0x0F, 0x1E, 0xFA], "ENDBR64 first");
+        assert_eq!(&page[..32], &HYPERCALL_CODE);
+        assert!(page[32..].iter().all(|&b| b == 0xCC));
 
         // Outside RAM: #GP, state unchanged.
         assert_eq!(p.msr_write(0, MSR_HYPERCALL, RAM | 1), Err(MsrError::Gp));
