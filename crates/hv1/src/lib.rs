@@ -91,18 +91,38 @@ pub const GENERAL_OUT_OFFSET: usize = 29;
 /// `IN`s) so that completing the exit does not overwrite RAX. Only RAX and the flags change,
 /// which every hypercall clobbers anyway.
 pub const HYPERCALL_CODE: [u8; 32] = [
-    0xF3, 0x0F, 0x1E, 0xFA, // endbr64
-    0x48, 0x81, 0xF9, 0x5D, 0x00, 0x01, 0x00, // cmp rcx, FAST_SIGNAL_EVENT_CONTROL
-    0x75, 0x10, // jne GENERAL_OUT_OFFSET
-    0x48, 0x89, 0xD0, // mov rax, rdx
-    0x48, 0xC1, 0xE8, 0x20, // shr rax, 32
-    0x75, 0x07, // jne GENERAL_OUT_OFFSET
-    0x89, 0xD0, // mov eax, edx
-    0xE7, HYPERCALL_PORT, // out HYPERCALL_PORT, eax
-    0x31, 0xC0, // xor eax, eax
+    0xF3,
+    0x0F,
+    0x1E,
+    0xFA, // endbr64
+    0x48,
+    0x81,
+    0xF9,
+    0x5D,
+    0x00,
+    0x01,
+    0x00, // cmp rcx, FAST_SIGNAL_EVENT_CONTROL
+    0x75,
+    0x10, // jne GENERAL_OUT_OFFSET
+    0x48,
+    0x89,
+    0xD0, // mov rax, rdx
+    0x48,
+    0xC1,
+    0xE8,
+    0x20, // shr rax, 32
+    0x75,
+    0x07, // jne GENERAL_OUT_OFFSET
+    0x89,
+    0xD0, // mov eax, edx
+    0xE7,
+    HYPERCALL_PORT, // out HYPERCALL_PORT, eax
+    0x31,
+    0xC0, // xor eax, eax
     0xC3, // ret
-    0xE6, HYPERCALL_PORT, // out HYPERCALL_PORT, al
-    0xC3, // ret
+    0xE6,
+    HYPERCALL_PORT, // out HYPERCALL_PORT, al
+    0xC3,           // ret
 ];
 
 /// LAPIC timer frequency reported by APIC_FREQUENCY: KVM's default APIC bus cycle is 1 ns.
@@ -356,7 +376,10 @@ mod tests {
             u64::from(imm),
             u64::from(hvdef::hv::call::SIGNAL_EVENT) | hvdef::hv::control::FAST
         );
-        assert!(imm < 0x8000_0000, "the sign-extended immediate equals the control word");
+        assert!(
+            imm < 0x8000_0000,
+            "the sign-extended immediate equals the control word"
+        );
         // A short jump at `at` lands at at + 2 + rel8.
         let target = |at: usize| {
             assert_eq!(code[at], 0x75, "jne rel8 at {at}");

@@ -10,7 +10,9 @@ use guestmem::GuestMemory;
 pub use kvm_bindings;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 pub use kvm_ioctls;
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Errors from setting up a partition.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +25,8 @@ pub enum Error {
     KvmOpen(#[source] kvm_ioctls::Error),
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
+    #[error("cannot duplicate an eventfd: {0}")]
+    Dup(#[source] std::io::Error),
     #[error("KVM {op} failed: {source}")]
     Ioctl {
         op: &'static str,
@@ -74,6 +78,28 @@ fn advise_huge_pages(region: &guestmem::Region) {
             "madvise(MADV_HUGEPAGE) failed: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// An eventfd that KVM signals, without an exit to user space, when the guest writes one 4-byte
+/// value to one I/O port (KVM_IOEVENTFD with datamatch). Holds its own duplicate of the
+/// descriptor, so the registration and its removal name the same eventfd.
+#[derive(Debug)]
+pub struct PioEventFd {
+    fd: EventFd,
+    port: u16,
+    value: u32,
+}
+
+impl PioEventFd {
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The value that signals it.
+    pub fn value(&self) -> u32 {
+        self.value
     }
 }
 
@@ -180,6 +206,39 @@ impl Partition {
         self.vm
             .set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
             .map_err(ioctl("KVM_X86_SET_MSR_FILTER"))
+    }
+
+    /// Makes a 4-byte guest write of `value` to `port` signal `eventfd` inside KVM. Fails
+    /// without KVM_CAP_IOEVENTFD, or if that port and value already have an eventfd.
+    pub fn add_pio_eventfd(
+        &self,
+        port: u16,
+        value: u32,
+        eventfd: BorrowedFd<'_>,
+    ) -> Result<PioEventFd> {
+        if !self.kvm.check_extension(Cap::Ioeventfd) {
+            return Err(Error::MissingCap("KVM_CAP_IOEVENTFD"));
+        }
+        let owned = eventfd.try_clone_to_owned().map_err(Error::Dup)?;
+        // SAFETY: `owned` is an open descriptor that nothing else owns (we just duplicated it);
+        // the EventFd takes it over and closes it once. KVM refuses it if it is no eventfd.
+        let fd = unsafe { EventFd::from_raw_fd(owned.into_raw_fd()) };
+        self.vm
+            .register_ioevent(&fd, &IoEventAddress::Pio(u64::from(port)), value)
+            .map_err(ioctl("KVM_IOEVENTFD"))?;
+        Ok(PioEventFd { fd, port, value })
+    }
+
+    /// Undoes [`Partition::add_pio_eventfd`]: writes of that value to that port exit to user
+    /// space again.
+    pub fn remove_pio_eventfd(&self, event: PioEventFd) -> Result<()> {
+        self.vm
+            .unregister_ioevent(
+                &event.fd,
+                &IoEventAddress::Pio(u64::from(event.port)),
+                event.value,
+            )
+            .map_err(ioctl("KVM_IOEVENTFD(deassign)"))
     }
 
     /// Injects a fixed, edge-triggered interrupt with `vector` into the LAPIC with `apic_id`.

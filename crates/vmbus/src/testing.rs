@@ -23,6 +23,13 @@ pub struct GuestSynic {
     events: Mutex<HashMap<u32, Arc<Doorbell>>>,
     /// Host-to-guest interrupts, all channels.
     pub interrupts: AtomicU64,
+    /// Doorbells the host routed to the "hypervisor" ([`Synic::route_signal`]), by connection
+    /// id: [`GuestSynic::signal`] rings them as KVM's ioeventfds do.
+    routes: Mutex<HashMap<u32, Arc<Doorbell>>>,
+    /// Every route (true) and unroute (false) call, in order.
+    pub route_log: Mutex<Vec<(u32, bool)>>,
+    /// Guest signals that rang a routed doorbell, bypassing the host.
+    pub routed_signals: AtomicU64,
 }
 
 impl GuestSynic {
@@ -33,7 +40,28 @@ impl GuestSynic {
             capacity,
             events: Mutex::default(),
             interrupts: AtomicU64::new(0),
+            routes: Mutex::default(),
+            route_log: Mutex::default(),
+            routed_signals: AtomicU64::new(0),
         })
+    }
+
+    /// The guest's HvSignalEvent as the hypervisor carries it: straight to the doorbell the
+    /// host routed for `connection_id`, or else through [`VmbusHost::signal_event`].
+    pub fn signal(&self, host: &VmbusHost, connection_id: u32) -> HvStatus {
+        if let Some(d) = support::lock(&self.routes).get(&connection_id) {
+            d.ring();
+            self.routed_signals.fetch_add(1, Ordering::Relaxed);
+            return HvStatus::SUCCESS;
+        }
+        host.signal_event(connection_id)
+    }
+
+    /// Connection ids routed now.
+    pub fn routed(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = support::lock(&self.routes).keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// The eventfd that channel `relid`'s host-to-guest interrupts ring.
@@ -87,6 +115,16 @@ impl Synic for GuestSynic {
             self.event(flag).ring();
         }
     }
+
+    fn route_signal(&self, connection_id: u32, doorbell: &Arc<Doorbell>) {
+        support::lock(&self.route_log).push((connection_id, true));
+        support::lock(&self.routes).insert(connection_id, doorbell.clone());
+    }
+
+    fn unroute_signal(&self, connection_id: u32) {
+        support::lock(&self.route_log).push((connection_id, false));
+        support::lock(&self.routes).remove(&connection_id);
+    }
 }
 
 /// The guest's hypercalls, against a running [`VmbusHost`].
@@ -131,7 +169,7 @@ impl Transport for ThreadedTransport {
     }
 
     fn signal_event(&mut self, connection_id: u32) -> Result<(), u16> {
-        match self.host.signal_event(connection_id) {
+        match self.synic.signal(&self.host, connection_id) {
             HvStatus::SUCCESS => Ok(()),
             s => Err(s.0),
         }
@@ -316,7 +354,7 @@ pub fn run_echo(
     let mut t = Traffic::default();
     let signal = |ch: &mut GuestChannel| {
         if ch.channel.take_signal() {
-            let _ = host.signal_event(ch.connection_id);
+            let _ = synic.signal(host, ch.connection_id);
         }
     };
     let stopped = || {

@@ -484,6 +484,7 @@ fn a_saved_bus_restores_into_a_new_host_with_its_channels_open() {
     let saved = r.host.save().unwrap();
     let json = serde_json::to_string(&saved).unwrap();
     r.host.stop();
+    assert!(r.synic.routed().is_empty(), "a stopped host unroutes");
 
     let config = HostConfig {
         server: ServerConfig {
@@ -497,9 +498,80 @@ fn a_saved_bus_restores_into_a_new_host_with_its_channels_open() {
     host.restore(serde_json::from_str(&json).unwrap()).unwrap();
     assert_eq!(host.version(), Some(hvdef::vmbus::version::WIN10_V5_3));
     assert_eq!(host.open_ports(), 1);
+    assert_eq!(
+        r.synic.routed(),
+        vec![ch.connection_id],
+        "restore routes again"
+    );
+    let routed = r.synic.routed_signals.load(Ordering::Relaxed);
     let (t, _ch) = guest_echo(ch, host.clone(), r.synic.clone(), 500, 4, None);
     assert_eq!(t.completed, 500);
+    assert!(r.synic.routed_signals.load(Ordering::Relaxed) > routed);
     // A second restore onto a bus in use is refused.
     assert!(host.restore(serde_json::from_str(&json).unwrap()).is_err());
     host.stop();
+}
+
+/// Opening a channel routes its connection id's doorbell to the hypervisor before the guest
+/// hears OPENCHANNEL_RESULT; closing, rescinding or unloading unroutes it. Signals on the route
+/// reach the worker without the host's port table; the table still answers for the same id.
+#[test]
+fn open_channels_route_their_signals_to_the_hypervisor_and_close_unroutes() {
+    let devices: Vec<Arc<dyn Device>> = (0..2).map(|_| echo(0) as Arc<dyn Device>).collect();
+    let (mut r, _) = rig(devices, 1);
+    assert!(r.synic.routed().is_empty());
+    let relids = [relid_of(&r.client, 0, 0), relid_of(&r.client, 1, 0)];
+    let a = r.client.open_channel(relids[0], 4, 4, 0).unwrap();
+    // open_channel returned: OPENCHANNEL_RESULT arrived, so the route is already there.
+    assert_eq!(r.synic.routed(), vec![a.connection_id]);
+    let b = r.client.open_channel(relids[1], 4, 4, 0).unwrap();
+    let (conn_a, conn_b) = (a.connection_id, b.connection_id);
+    let mut both = vec![conn_a, conn_b];
+    both.sort_unstable();
+    assert_eq!(r.synic.routed(), both);
+
+    let (t, a) = guest_echo(a, r.host.clone(), r.synic.clone(), 300, 1, None);
+    assert_eq!(t.completed, 300);
+    let routed = r.synic.routed_signals.load(Ordering::Relaxed);
+    assert!(routed > 0, "the echo traffic signalled through the route");
+    assert_eq!(
+        r.host.signal_event(conn_a),
+        hvdef::hv::HvStatus::SUCCESS,
+        "the exit path works for a routed id"
+    );
+
+    r.client
+        .post_raw(
+            hv::MESSAGE_CONNECTION_ID,
+            hv::RelidMessage {
+                header: MessageHeader::new(msgtype::CLOSE_CHANNEL),
+                child_relid: a.relid,
+            }
+            .as_bytes(),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.synic.routed() != vec![conn_b] {
+        assert!(Instant::now() < deadline, "close did not unroute");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        r.synic.signal(&r.host, conn_a),
+        hvdef::hv::HvStatus::INVALID_CONNECTION_ID,
+        "a closed channel's signal reaches nothing"
+    );
+    r.client.unload().unwrap();
+    assert!(r.synic.routed().is_empty(), "unload unroutes");
+    assert_eq!(r.host.open_ports(), 0);
+    let log = r.synic.route_log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec![
+            (conn_a, true),
+            (conn_b, true),
+            (conn_a, false),
+            (conn_b, false)
+        ]
+    );
+    r.host.stop();
 }

@@ -7,7 +7,8 @@
 //!   actions, opens and closes channels, and delivers host-to-guest messages through the
 //!   [`Synic`] interface, keeping them in order when the guest's message queue is full.
 //! * **One worker thread per open channel** runs the device's [`ChannelWorker`] (see
-//!   [`worker`]). A channel's port is registered before OPENCHANNEL_RESULT goes out; on close,
+//!   [`worker`]). A channel's port is registered (in the port table and through
+//!   [`Synic::route_signal`]) before OPENCHANNEL_RESULT goes out; on close,
 //!   the worker is stopped and joined before any later message (such as GPADL_TORNDOWN) can
 //!   reach the guest, so nothing touches a ring after its close.
 
@@ -34,13 +35,21 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use worker::WorkerHandle;
 
-/// Host-to-guest signalling: the one interface between VMBus (and its devices) and the
-/// hypervisor's SynIC. Devices never see the hypercall code.
+/// The one interface between VMBus (and its devices) and the hypervisor's SynIC: host-to-guest
+/// messages and events, and the guest-to-host signal route. Devices never see the hypercall
+/// code.
 pub trait Synic: Send + Sync {
     /// Posts a VMBus message (SynIC message type 1) to `sint` of VP `vp`.
     fn post_message(&self, vp: u32, sint: u8, message: &[u8]) -> Result<(), PostFailure>;
     /// Sets event flag `flag` of `sint` on VP `vp` and interrupts it if the flag was clear.
     fn signal_event(&self, vp: u32, sint: u8, flag: u32);
+    /// A channel with `connection_id` opened: the hypervisor may ring `doorbell` itself for the
+    /// guest's HvSignalEvent on it, without [`VmbusHost::signal_event`] (which keeps working
+    /// for the same id). Called before the guest hears that the channel opened.
+    fn route_signal(&self, connection_id: u32, doorbell: &Arc<Doorbell>);
+    /// The channel with `connection_id` is closing: undo [`Synic::route_signal`]. Called before
+    /// its worker stops.
+    fn unroute_signal(&self, connection_id: u32);
 }
 
 /// Why a message could not be posted.
@@ -375,8 +384,8 @@ impl Control {
                 break;
             }
         }
-        for (_, open) in self.workers.drain() {
-            self.shared.ports.remove(open.connection_id);
+        for (_, open) in std::mem::take(&mut self.workers) {
+            self.remove_port(open.connection_id);
             if let Some(w) = open.worker {
                 w.stop();
             }
@@ -596,6 +605,7 @@ impl Control {
         self.shared
             .ports
             .insert(req.connection_id, doorbell.clone());
+        self.synic.route_signal(req.connection_id, &doorbell);
         self.workers.insert(
             req.relid,
             OpenChannel {
@@ -617,7 +627,7 @@ impl Control {
     fn close(&mut self, relid: u32) {
         self.starting.retain(|s| s.relid != relid);
         if let Some(open) = self.workers.remove(&relid) {
-            self.shared.ports.remove(open.connection_id);
+            self.remove_port(open.connection_id);
             if let Some(w) = open.worker {
                 w.stop();
             }
@@ -632,6 +642,12 @@ impl Control {
             // Subchannels live as long as their primary is open.
             self.drop_subchannel_offers(Some(id));
         }
+    }
+
+    /// Stops HvSignalEvent on `connection_id` from reaching the channel's doorbell.
+    fn remove_port(&self, connection_id: u32) {
+        self.synic.unroute_signal(connection_id);
+        self.shared.ports.remove(connection_id);
     }
 
     /// Rescinds the subchannel offers of one device (or of all, on guest reset).

@@ -9,11 +9,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-/// An eventfd that wakes one worker.
+/// An eventfd that wakes one worker. The host rings it from HvSignalEvent's exit path, and the
+/// hypervisor may ring it directly (a KVM ioeventfd, see [`super::Synic::route_signal`]).
 #[derive(Debug)]
 pub struct Doorbell {
     fd: OwnedFd,
-    rings: AtomicU64,
+    taken: AtomicU64,
 }
 
 impl Doorbell {
@@ -21,13 +22,12 @@ impl Doorbell {
         let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         Ok(Self {
             fd,
-            rings: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
         })
     }
 
     /// Wakes the waiter.
     pub fn ring(&self) {
-        self.rings.fetch_add(1, Ordering::Relaxed);
         // A full counter (2^64 - 2 unread rings) still wakes the reader; nothing to do on
         // EAGAIN.
         let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
@@ -37,14 +37,18 @@ impl Doorbell {
     pub fn clear(&self) -> u64 {
         let mut buf = [0u8; 8];
         match rustix::io::read(&self.fd, &mut buf) {
-            Ok(8) => u64::from_ne_bytes(buf),
+            Ok(8) => {
+                let n = u64::from_ne_bytes(buf);
+                self.taken.fetch_add(n, Ordering::Relaxed);
+                n
+            }
             _ => 0,
         }
     }
 
-    /// Rings so far (inspection).
+    /// Rings consumed so far, whoever rang them (inspection).
     pub fn count(&self) -> u64 {
-        self.rings.load(Ordering::Relaxed)
+        self.taken.load(Ordering::Relaxed)
     }
 }
 
