@@ -58,10 +58,13 @@ pub const FAST_SIGNAL_EVENT_CONTROL: u32 = 0x0001_005D;
 /// the connection id of a fast HvSignalEvent with flag number 0.
 pub const FAST_SIGNAL_OUT_OFFSET: usize = 24;
 
-/// How far the host moves RIP past [`FAST_SIGNAL_OUT_OFFSET`] when it completes a fast signal in
-/// user space: over the `out` (2 bytes) and the `xor eax, eax` (2 bytes), so the guest returns
-/// the status the host put in RAX.
-pub const FAST_SIGNAL_SKIP: u64 = 4;
+/// Length of that `out imm8, eax`.
+pub const FAST_SIGNAL_OUT_LEN: usize = 2;
+
+/// Offset in [`HYPERCALL_CODE`] of the `ret` behind `xor eax, eax`: where the host resumes the
+/// guest when it completes a fast signal in user space, so the guest returns the status the
+/// host put in RAX.
+pub const FAST_SIGNAL_RESUME_OFFSET: usize = 28;
 
 /// Offset in [`HYPERCALL_CODE`] of the general path, `out HYPERCALL_PORT, al; ret`.
 pub const GENERAL_OUT_OFFSET: usize = 29;
@@ -86,7 +89,7 @@ pub const GENERAL_OUT_OFFSET: usize = 29;
 /// The 4-byte `OUT` at 24 is what a channel's ioeventfd matches (port, length 4, connection
 /// id), so a guest-to-host VMBus signal rings the channel's doorbell inside KVM. Where no
 /// ioeventfd matches, the write exits to user space, which signals through the port table,
-/// puts the status in RAX and resumes at 28 ([`FAST_SIGNAL_SKIP`]). The 1-byte `OUT` at 29 is
+/// puts the status in RAX and resumes at 28 ([`FAST_SIGNAL_RESUME_OFFSET`]). The 1-byte `OUT` at 29 is
 /// the general hypercall exit: the host reads RCX/RDX/R8 and writes RAX. Both are `OUT`s (not
 /// `IN`s) so that completing the exit does not overwrite RAX. Only RAX and the flags change,
 /// which every hypercall clobbers anyway.
@@ -391,11 +394,15 @@ mod tests {
         assert_eq!(target(20), GENERAL_OUT_OFFSET);
         assert_eq!(&code[22..24], &[0x89, 0xD0], "mov eax, edx");
         let out = FAST_SIGNAL_OUT_OFFSET;
-        assert_eq!(&code[out..out + 2], &[0xE7, port], "out imm8, eax");
-        assert_eq!(&code[out + 2..out + 4], &[0x31, 0xC0], "xor eax, eax");
-        let resume = out + FAST_SIGNAL_SKIP as usize;
-        assert_eq!(code[resume], 0xC3, "the host resumes the guest at a ret");
-        assert_eq!(resume + 1, GENERAL_OUT_OFFSET);
+        let after = out + FAST_SIGNAL_OUT_LEN;
+        assert_eq!(&code[out..after], &[0xE7, port], "out imm8, eax");
+        assert_eq!(&code[after..after + 2], &[0x31, 0xC0], "xor eax, eax");
+        assert_eq!(after + 2, FAST_SIGNAL_RESUME_OFFSET, "right behind the xor");
+        assert_eq!(
+            code[FAST_SIGNAL_RESUME_OFFSET], 0xC3,
+            "the host resumes at a ret"
+        );
+        assert_eq!(FAST_SIGNAL_RESUME_OFFSET + 1, GENERAL_OUT_OFFSET);
         let general = GENERAL_OUT_OFFSET;
         assert_eq!(&code[general..], &[0xE6, port, 0xC3], "out imm8, al; ret");
     }

@@ -3,7 +3,7 @@
 
 use crate::synic::inject;
 use acpi_tables::{aml, Aml};
-use kvm::kvm_bindings::{kvm_cpuid_entry2, CpuId};
+use kvm::kvm_bindings::{kvm_cpuid_entry2, kvm_regs, CpuId};
 use kvm::kvm_ioctls::{SyncReg, VcpuFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -189,16 +189,11 @@ impl HvExits {
         }
     }
 
-    /// The `OUT` to [`hv1::HYPERCALL_PORT`]: dispatches the hypercall and writes the result to
-    /// RAX. RIP is left alone, so KVM steps past the OUT. Calls from CPL > 0 get ACCESS_DENIED
-    /// (user mode may not call the hypervisor).
+    /// The 1-byte `OUT` to [`hv1::HYPERCALL_PORT`]: dispatches the hypercall and writes the
+    /// result to RAX. RIP is left alone, so KVM steps past the OUT. Calls from CPL > 0 get
+    /// ACCESS_DENIED (user mode may not call the hypervisor).
     pub fn hypercall(&self, vcpu: &mut VcpuFd, vp: u32) -> Result<(), kvm::kvm_ioctls::Error> {
-        let (mut regs, cpl) = if self.sync_regs {
-            let s = vcpu.sync_regs();
-            (s.regs, s.sregs.cs.dpl)
-        } else {
-            (vcpu.get_regs()?, vcpu.get_sregs()?.cs.dpl)
-        };
+        let (mut regs, cpl) = self.regs(vcpu)?;
         let rax = if cpl != 0 {
             hvdef::hv::hypercall_result(hv1::HvStatus::ACCESS_DENIED, 0)
         } else {
@@ -211,24 +206,84 @@ impl HvExits {
             let Some(outcome) = self.hv.hypercall(vp, call) else {
                 return Ok(());
             };
-            match outcome.action {
-                None => outcome.rax(),
-                Some(hv1::HypercallAction::PostMessage(m)) => outcome.rax_with(
-                    self.vmbus
-                        .post_message(m.connection_id, m.vp, m.payload.as_slice()),
-                ),
-                Some(hv1::HypercallAction::SignalEvent(e)) => {
-                    outcome.rax_with(self.vmbus.signal_event(e.connection_id))
-                }
-            }
+            self.complete(outcome)
         };
+        regs.rax = rax;
+        self.set_regs(vcpu, &regs)
+    }
+
+    /// The 4-byte `OUT` of `connection_id` to [`hv1::HYPERCALL_PORT`] at
+    /// [`hv1::FAST_SIGNAL_OUT_OFFSET`] of the hypercall page: a fast HvSignalEvent (flag 0) that
+    /// no ioeventfd took (unknown id, closed channel, or KVM without ioeventfds). Signals it as
+    /// the 1-byte path would, puts the status in RAX and resumes the guest at
+    /// [`hv1::FAST_SIGNAL_RESUME_OFFSET`], past the `xor eax, eax`, so the guest returns that
+    /// status. KVM reports RIP at the OUT when it exits from its fast port-I/O path (it then
+    /// steps over the OUT on the next KVM_RUN only if RIP is unchanged), or right after it when
+    /// its instruction emulator ran the OUT; both resume at the same place. A 4-byte write to
+    /// the port from anywhere else is ignored, as writes to an unused port are.
+    pub fn fast_signal(
+        &self,
+        vcpu: &mut VcpuFd,
+        vp: u32,
+        connection_id: u32,
+    ) -> Result<(), kvm::kvm_ioctls::Error> {
+        let (mut regs, cpl) = self.regs(vcpu)?;
+        let offset = regs.rip & (hvdef::hv::HV_PAGE_SIZE - 1);
+        let out = hv1::FAST_SIGNAL_OUT_OFFSET as u64;
+        if offset != out && offset != out + hv1::FAST_SIGNAL_OUT_LEN as u64 {
+            return Ok(());
+        }
+        let rax = if cpl != 0 {
+            hvdef::hv::hypercall_result(hv1::HvStatus::ACCESS_DENIED, 0)
+        } else {
+            let call = hv1::HypercallRegs {
+                rcx: u64::from(hv1::FAST_SIGNAL_EVENT_CONTROL),
+                rdx: u64::from(connection_id),
+                r8: 0,
+            };
+            let Some(outcome) = self.hv.hypercall(vp, call) else {
+                return Ok(());
+            };
+            self.complete(outcome)
+        };
+        regs.rax = rax;
+        regs.rip = regs.rip - offset + hv1::FAST_SIGNAL_RESUME_OFFSET as u64;
+        self.set_regs(vcpu, &regs)
+    }
+
+    /// RAX for a dispatched hypercall, after VMBus carried out its action.
+    fn complete(&self, outcome: hv1::HypercallOutcome) -> u64 {
+        match outcome.action {
+            None => outcome.rax(),
+            Some(hv1::HypercallAction::PostMessage(m)) => outcome.rax_with(
+                self.vmbus
+                    .post_message(m.connection_id, m.vp, m.payload.as_slice()),
+            ),
+            Some(hv1::HypercallAction::SignalEvent(e)) => {
+                outcome.rax_with(self.vmbus.signal_event(e.connection_id))
+            }
+        }
+    }
+
+    /// The general registers and the CPL at this exit.
+    fn regs(&self, vcpu: &mut VcpuFd) -> Result<(kvm_regs, u8), kvm::kvm_ioctls::Error> {
         if self.sync_regs {
-            vcpu.sync_regs_mut().regs.rax = rax;
+            let s = vcpu.sync_regs();
+            Ok((s.regs, s.sregs.cs.dpl))
+        } else {
+            Ok((vcpu.get_regs()?, vcpu.get_sregs()?.cs.dpl))
+        }
+    }
+
+    /// Hands changed general registers back to KVM for the next KVM_RUN (which applies them
+    /// before it completes the exit).
+    fn set_regs(&self, vcpu: &mut VcpuFd, regs: &kvm_regs) -> Result<(), kvm::kvm_ioctls::Error> {
+        if self.sync_regs {
+            vcpu.sync_regs_mut().regs = *regs;
             vcpu.set_sync_dirty_reg(SyncReg::Register);
             Ok(())
         } else {
-            regs.rax = rax;
-            vcpu.set_regs(&regs)
+            vcpu.set_regs(regs)
         }
     }
 }

@@ -42,10 +42,13 @@ pub fn step(
             })
         }
     };
-    let mut hypercall = false;
+    let mut hypercall = None;
     let reason = match exit {
-        VcpuExit::IoOut(port, _) if port == u16::from(hv1::HYPERCALL_PORT) && hv.is_some() => {
-            hypercall = true;
+        VcpuExit::IoOut(port, data) if port == u16::from(hv1::HYPERCALL_PORT) && hv.is_some() => {
+            hypercall = Some(match <[u8; 4]>::try_from(data) {
+                Ok(id) => HypercallExit::FastSignal(u32::from_le_bytes(id)),
+                Err(_) => HypercallExit::General,
+            });
             None
         }
         VcpuExit::X86Rdmsr(exit) => {
@@ -98,14 +101,26 @@ pub fn step(
     if let Some(reason) = reason {
         return Some(with_registers(reason, vcpu));
     }
-    if hypercall {
-        if let Some(hv) = hv {
-            if let Err(e) = hv.hypercall(vcpu, index) {
-                return Some(internal(index, format!("hypercall: {e}")));
-            }
+    if let (Some(call), Some(hv)) = (hypercall, hv) {
+        let done = match call {
+            HypercallExit::General => hv.hypercall(vcpu, index),
+            HypercallExit::FastSignal(connection_id) => hv.fast_signal(vcpu, index, connection_id),
+        };
+        if let Err(e) = done {
+            return Some(internal(index, format!("hypercall: {e}")));
         }
     }
     None
+}
+
+/// What the hypercall page's `OUT` asked for (see [`hv1::HYPERCALL_CODE`]).
+#[derive(Clone, Copy)]
+enum HypercallExit {
+    /// `out 0x57, al`: any hypercall, registers as the ABI says.
+    General,
+    /// `out 0x57, eax`: a fast HvSignalEvent (flag 0) of this connection id that no ioeventfd
+    /// took.
+    FastSignal(u32),
 }
 
 fn internal(vcpu: u32, what: String) -> ExitReason {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use vmm::boot::{self, BootEntry};
 use vmm::cpu;
 use vmm::hyperv::{self, HvExits};
+use vmm::synic::HvSynic;
 use vmm::vcpu::PortIo;
 use vmm::vmbus_host::Vmbus;
 
@@ -110,6 +111,8 @@ impl PortIo for Recorder {
 struct Guest {
     vcpu: VcpuFd,
     exits: HvExits,
+    /// A SynIC over the same partition as the VMBus host's, for routing signals by hand.
+    synic: HvSynic,
     _vmbus: Vmbus,
     io: Recorder,
 }
@@ -164,12 +167,14 @@ fn guest(code: &[u8]) -> Option<Guest> {
     mem.write(HANDLER, &handler()).unwrap();
     mem.write(CODE, code).unwrap();
     let vmbus = Vmbus::start(hv.clone(), partition.clone(), 1).unwrap();
+    let synic = HvSynic::new(hv.clone(), partition.clone());
     let exits = HvExits::new(hv, partition, vmbus.host().clone());
     let mut vcpu = vcpu;
     exits.prepare_vcpu(&mut vcpu);
     Some(Guest {
         vcpu,
         exits,
+        synic,
         _vmbus: vmbus,
         io: Recorder::default(),
     })
@@ -338,6 +343,155 @@ fn flood_of_messages_gets_insufficient_buffers() {
         assert!(g.exits.hv().queued_messages(0, 2) <= hv1::MESSAGE_QUEUE_DEPTH);
     }
     assert!(refused > 400, "only {refused} of 500 refused");
+}
+
+/// Runs the guest until it writes to `port`; returns how many times KVM_RUN returned.
+fn exits_until(g: &mut Guest, port: u16, limit: Duration) -> u64 {
+    let start = Instant::now();
+    let mut exits = 0;
+    while start.elapsed() < limit {
+        if let Some(reason) = vmm::vcpu::step(&mut g.vcpu, 0, Some(&g.exits), &g.io) {
+            panic!("the guest stopped: {reason:?}");
+        }
+        exits += 1;
+        if g.io.outs.lock().unwrap().last().map(|o| o.0) == Some(port) {
+            return exits;
+        }
+    }
+    panic!("guest did not reach port {port:#x} in {limit:?}");
+}
+
+/// A connection id that VMBus never hands out (its ids are 0x2000 | relid).
+const UNKNOWN_CONNECTION: u32 = 0x7777;
+const CONNECTION: u32 = 0x2005;
+const SIGNALS: u32 = 500;
+
+/// A guest that makes [`SIGNALS`] fast HvSignalEvent calls on [`CONNECTION`] between the
+/// writes to 0x83 and 0x80 (0x80 gets the OR of their statuses), then one on
+/// [`UNKNOWN_CONNECTION`] (status to 0x81), one on [`CONNECTION`] with flag number 1 (0x82),
+/// and one non-fast call on [`CONNECTION`] with its input at INPUT (0x84).
+fn signalling_guest() -> Vec<u8> {
+    let fast = u32::from(hvdef::hv::call::SIGNAL_EVENT) | (1 << 16);
+    assert_eq!(fast, hv1::FAST_SIGNAL_EVENT_CONTROL);
+    let mut a = Asm::default();
+    enable_hyperv(&mut a);
+    a.b(&[0x45, 0x31, 0xd2]) // xor r10d, r10d
+        .out(0x83)
+        .b(&[0x41, 0xb9])
+        .b(&SIGNALS.to_le_bytes()); // mov r9d, SIGNALS
+    let l = a.here();
+    a.hypercall(fast, CONNECTION)
+        .b(&[0x49, 0x09, 0xc2]) // or r10, rax
+        .b(&[0x41, 0xff, 0xc9]); // dec r9d
+    a.jump(0x75, l) // jnz
+        .b(&[0x44, 0x89, 0xd0]) // mov eax, r10d
+        .out(0x80);
+    a.hypercall(fast, UNKNOWN_CONNECTION).out(0x81);
+    // Flag number 1: RDX = 1 << 32 | CONNECTION takes the general path.
+    a.mov_ecx(fast)
+        .b(&[0x48, 0xba])
+        .b(&(1u64 << 32 | u64::from(CONNECTION)).to_le_bytes()) // mov rdx, imm64
+        .mov_eax(HYPERCALL_PAGE as u32)
+        .b(&[0xff, 0xd0]) // call rax
+        .out(0x82);
+    a.hypercall(u32::from(hvdef::hv::call::SIGNAL_EVENT), INPUT as u32)
+        .out(0x84)
+        .b(&[0xeb, 0xfe]);
+    a.0
+}
+
+/// The hypercall page's fast HvSignalEvent on a channel's connection id rings the channel's
+/// doorbell inside KVM (an ioeventfd): no exit to user space. Ids without an ioeventfd exit and
+/// get their status from the host (RIP past the status clear), and other calls still reach the
+/// user-space dispatcher.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn fast_signal_event_rings_the_doorbell_without_an_exit() {
+    let Some(mut g) = guest(&signalling_guest()) else {
+        return;
+    };
+    let mem = g.exits.partition().memory().clone();
+    let mut input = [0u8; 8];
+    input[..4].copy_from_slice(&CONNECTION.to_le_bytes());
+    mem.write(INPUT, &input).unwrap();
+    let doorbell = Arc::new(vmbus::host::Doorbell::new().unwrap());
+    vmbus::Synic::route_signal(&g.synic, CONNECTION, &doorbell);
+    let routed = !g.synic.routed().is_empty();
+    if !routed {
+        eprintln!(
+            "no KVM ioeventfd on this host (KVM_CAP_IOEVENTFD: {}): checking only the exit path",
+            g.exits
+                .partition()
+                .kvm()
+                .check_extension(kvm::kvm_ioctls::Cap::Ioeventfd)
+        );
+    }
+    exits_until(&mut g, 0x83, Duration::from_secs(60));
+    let exits = exits_until(&mut g, 0x80, Duration::from_secs(600));
+    let outs = g.io.outs.lock().unwrap().clone();
+    if routed {
+        assert_eq!(outs.last(), Some(&(0x80, 0)), "every signal succeeded");
+        assert_eq!(
+            doorbell.clear(),
+            u64::from(SIGNALS),
+            "the doorbell counts each signal"
+        );
+        assert_eq!(
+            exits,
+            1,
+            "{SIGNALS} signals exited to user space {} times",
+            exits - 1
+        );
+        println!("{SIGNALS} signals, no user-space exit");
+    } else {
+        // The host's port table does not know the id: each signal exits and fails.
+        assert_eq!(
+            outs.last(),
+            Some(&(0x80, hvdef::hv::HvStatus::INVALID_CONNECTION_ID.0 as u8))
+        );
+        assert!(exits > u64::from(SIGNALS), "{exits} exits");
+    }
+    // Unroute: the same id now exits to user space, which answers for it.
+    vmbus::Synic::unroute_signal(&g.synic, CONNECTION);
+    assert!(g.synic.routed().is_empty());
+    let outs = run(&mut g, 0x84, Duration::from_secs(60));
+    let invalid = hvdef::hv::HvStatus::INVALID_CONNECTION_ID.0 as u8;
+    let n = outs.len();
+    assert_eq!(
+        &outs[n - 3..],
+        &[(0x81, invalid), (0x82, invalid), (0x84, invalid)],
+        "unknown id, flag number 1 and the non-fast call all got the host's answer"
+    );
+    assert_eq!(
+        doorbell.clear(),
+        0,
+        "nothing rang the doorbell after unrouting"
+    );
+}
+
+/// Unrouted, the fast signal of an id the host does not know exits; the host puts
+/// INVALID_CONNECTION_ID in RAX and moves RIP past the status clear, and KVM does not skip
+/// again (the guest goes on with the next instruction after the call).
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn unrouted_fast_signal_exits_and_returns_the_hosts_status() {
+    let fast = hv1::FAST_SIGNAL_EVENT_CONTROL;
+    let mut a = Asm::default();
+    enable_hyperv(&mut a);
+    a.hypercall(fast, UNKNOWN_CONNECTION)
+        .out(0x80)
+        .hypercall(fast, UNKNOWN_CONNECTION | 0x0100_0000) // beyond the 24-bit id
+        .out(0x81)
+        .b(&[0xeb, 0xfe]);
+    let Some(mut g) = guest(&a.0) else { return };
+    let outs = run(&mut g, 0x81, Duration::from_secs(60));
+    assert_eq!(
+        outs,
+        vec![
+            (0x80, hvdef::hv::HvStatus::INVALID_CONNECTION_ID.0 as u8),
+            (0x81, hvdef::hv::HvStatus::INVALID_PARAMETER.0 as u8),
+        ]
+    );
 }
 
 /// Hypercall round trip against a plain port-I/O exit, host-timed over many iterations.
