@@ -81,16 +81,52 @@ pub struct DvdMedia {
     pub path: Option<String>,
 }
 
+/// Most VLAN ids a trunk allows (every usable id once).
+pub const MAX_TRUNK_IDS: usize = 4094;
+
+/// A network adapter's VLAN (Set-VMNetworkAdapterVlan): an access VLAN id (`-Access
+/// -VlanId`), or a trunk (`-Trunk -AllowedVlanIdList -NativeVlanId`). Absent (null) means
+/// untagged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum AdapterVlan {
+    /// An access VLAN id (1 to 4094): the guest's frames are untagged, in this VLAN.
+    Access(u16),
+    Trunk(VlanTrunk),
+}
+
+/// A trunk port: the guest tags its frames with the allowed VLAN ids; the native VLAN's
+/// frames go untagged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VlanTrunk {
+    /// VLAN ids 1 to 4094, each at most once.
+    #[schema(min_items = 1, max_items = 4094, inline)]
+    pub allowed: Vec<u16>,
+    /// One of the allowed ids, carried untagged.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 4094)]
+    pub native: Option<u16>,
+}
+
 /// A synthetic network adapter on a virtual switch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NetworkAdapter {
     pub switch: String,
     /// `00:15:5d:..` unless given.
     pub mac: String,
-    /// Access VLAN (Set-VMNetworkAdapterVlan -Access); absent means untagged.
-    pub vlan: Option<u16>,
+    /// Absent (null) means untagged.
+    pub vlan: Option<AdapterVlan>,
     /// Whether the guest may send frames with other source MACs.
     pub mac_spoofing: bool,
+    /// Whether DHCP server messages the guest sends are dropped (Set-VMNetworkAdapter
+    /// -DhcpGuard).
+    #[serde(default)]
+    pub dhcp_guard: bool,
+    /// Whether router advertisements and redirects the guest sends are dropped
+    /// (Set-VMNetworkAdapter -RouterGuard).
+    #[serde(default)]
+    pub router_guard: bool,
     /// Whether the cable is in (Connect-/Disconnect-VMNetworkAdapter): the guest sees its
     /// carrier.
     #[serde(default = "yes")]
@@ -101,13 +137,63 @@ fn yes() -> bool {
     true
 }
 
-/// A change to a network adapter.
+/// A network adapter with, while its VM runs, what its worker reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkAdapterStatus {
+    #[serde(flatten)]
+    pub adapter: NetworkAdapter,
+    /// Absent while the VM has no worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<NicLive>,
+}
+
+/// A running VM's adapter as its worker has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NicLive {
+    /// The VMBus slot.
+    pub slot: u32,
+    /// The TAP device (the switch port).
+    pub tap: String,
+    /// The VMBus instance GUID.
+    pub instance_id: String,
+    /// Whether the guest sees a carrier.
+    pub link_up: bool,
+    /// Whether the guest's driver has brought the adapter up.
+    pub guest_ready: bool,
+    pub queues: u16,
+    pub subchannels: u16,
+    /// Packets, bytes and drops by reason since the worker started (`tx_packets`,
+    /// `rx_bytes`, `drop_spoofed_mac`, ...).
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// A change to a network adapter. The cable changes on a running VM too; the VLAN and the
+/// guards change while the VM is Off (409 naming the field otherwise).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkAdapterPatch {
     /// Connect (true) or disconnect (false) the cable; a running guest sees its carrier change.
     #[serde(default)]
     pub connected: Option<bool>,
+    /// A new VLAN; null makes the adapter untagged, absent leaves it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable)]
+    pub vlan: Option<Option<AdapterVlan>>,
+    #[serde(default)]
+    pub mac_spoofing: Option<bool>,
+    #[serde(default)]
+    pub dhcp_guard: Option<bool>,
+    #[serde(default)]
+    pub router_guard: Option<bool>,
+}
+
+/// A field that is there, null or not (absent stays `None` through `default`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// A network adapter to add.
@@ -119,11 +205,15 @@ pub struct NewNetworkAdapter {
     /// A unicast MAC like `00:15:5d:01:02:03`; default: derived from the VM and the index.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Absent (null): untagged.
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 4094)]
-    pub vlan: Option<u16>,
+    pub vlan: Option<AdapterVlan>,
     #[serde(default)]
     pub mac_spoofing: bool,
+    #[serde(default)]
+    pub dhcp_guard: bool,
+    #[serde(default)]
+    pub router_guard: bool,
 }
 
 /// Resource use of a running VM since it started (Measure-VM).

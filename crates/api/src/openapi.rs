@@ -33,7 +33,7 @@ mod switches;
     components(schemas(ErrorBody, ErrorDetail, Vm, NewVm, VmPatch, VmState, Heartbeat,
                        AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo, NewToken,
                        TokenCreated, TokenInfo, HardDisk, NewHardDisk, NewDiskFile, DvdDrive,
-                       NewDvdDrive, DvdMedia, NetworkAdapter, NewNetworkAdapter, NetworkAdapterPatch, VmMeasure, IntegrationService, IntegrationChange,
+                       NewDvdDrive, DvdMedia, NetworkAdapter, NetworkAdapterStatus, NicLive, AdapterVlan, VlanTrunk, NewNetworkAdapter, NetworkAdapterPatch, VmMeasure, IntegrationService, IntegrationChange,
                        Switch, SwitchType, NewSwitch, Job, JobState)),
     tags((name = "vms", description = "Virtual machines"),
           (name = "devices", description = "A VM's disks, DVD drives and network adapters"), (name = "service", description = "The service"),

@@ -4,8 +4,8 @@
 use crate::db::{Settings, VmRow};
 use crate::error::ApiError;
 use api::{
-    DvdDrive, HardDisk, NetworkAdapter, NewDvdDrive, NewHardDisk, NewNetworkAdapter,
-    MAX_CONTROLLERS, MAX_LOCATIONS,
+    AdapterVlan, DvdDrive, HardDisk, NetworkAdapter, NewDvdDrive, NewHardDisk, NewNetworkAdapter,
+    MAX_CONTROLLERS, MAX_LOCATIONS, MAX_TRUNK_IDS,
 };
 use std::path::Path;
 
@@ -180,10 +180,8 @@ pub fn nic(
             req.switch, req.switch
         )));
     }
-    if let Some(v) = req.vlan.filter(|v| !(1..=4094).contains(v)) {
-        return Err(ApiError::invalid(format!(
-            "nics.vlan: {v} is out of range; use 1 to 4094"
-        )));
+    if let Some(v) = &req.vlan {
+        check_vlan("nics.vlan", v)?;
     }
     let taken: Vec<&str> = s.nics.iter().map(|n| n.mac.as_str()).collect();
     let mac = match &req.mac {
@@ -204,20 +202,80 @@ pub fn nic(
     Ok(NetworkAdapter {
         switch: req.switch.clone(),
         mac,
-        vlan: req.vlan,
+        vlan: req.vlan.clone(),
         mac_spoofing: req.mac_spoofing,
+        dhcp_guard: req.dhcp_guard,
+        router_guard: req.router_guard,
         connected: true,
     })
+}
+
+fn check_vid(field: &str, v: u16) -> Result<(), ApiError> {
+    if (1..=vswitch::MAX_VID).contains(&v) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(format!(
+        "{field}: {v} is not a VLAN id; use 1 to {}",
+        vswitch::MAX_VID
+    )))
+}
+
+/// Checks a VLAN setting: ids in 1..=4094; a trunk allows each id once, at least one, and
+/// its native VLAN is one of them (as on Hyper-V).
+pub fn check_vlan(field: &str, v: &AdapterVlan) -> Result<(), ApiError> {
+    let t = match v {
+        AdapterVlan::Access(id) => return check_vid(field, *id),
+        AdapterVlan::Trunk(t) => t,
+    };
+    let allowed = format!("{field}.allowed");
+    if t.allowed.is_empty() || t.allowed.len() > MAX_TRUNK_IDS {
+        return Err(ApiError::invalid(format!(
+            "{allowed}: a trunk allows 1 to {MAX_TRUNK_IDS} VLAN ids, not {}",
+            t.allowed.len()
+        )));
+    }
+    let mut seen = vec![false; usize::from(vswitch::MAX_VID) + 1];
+    for &id in &t.allowed {
+        check_vid(&allowed, id)?;
+        if std::mem::replace(&mut seen[usize::from(id)], true) {
+            return Err(ApiError::invalid(format!(
+                "{allowed}: VLAN {id} is listed twice"
+            )));
+        }
+    }
+    if let Some(n) = t.native {
+        check_vid(&format!("{field}.native"), n)?;
+        if !seen[usize::from(n)] {
+            return Err(ApiError::invalid(format!(
+                "{field}.native: VLAN {n} is not among the allowed ids; add it to allowed"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A network adapter as the worker's `--nic` value (and `nic-add` argument).
 pub fn nic_spec(n: &NetworkAdapter) -> String {
     let mut a = format!("switch={},mac={}", n.switch, n.mac);
-    if let Some(v) = n.vlan {
-        a.push_str(&format!(",vlan={v}"));
+    match &n.vlan {
+        None => {}
+        Some(AdapterVlan::Access(id)) => a.push_str(&format!(",vlan={id}")),
+        Some(AdapterVlan::Trunk(t)) => {
+            let ids: Vec<String> = t.allowed.iter().map(u16::to_string).collect();
+            a.push_str(&format!(",vlan=trunk:{}", ids.join(",")));
+            if let Some(native) = t.native {
+                a.push_str(&format!(";native={native}"));
+            }
+        }
     }
-    if n.mac_spoofing {
-        a.push_str(",mac-spoofing=on");
+    for (field, on) in [
+        ("mac-spoofing", n.mac_spoofing),
+        ("dhcp-guard", n.dhcp_guard),
+        ("router-guard", n.router_guard),
+    ] {
+        if on {
+            a.push_str(&format!(",{field}=on"));
+        }
     }
     a
 }
@@ -329,8 +387,22 @@ mod tests {
         s.nics.push(NetworkAdapter {
             switch: "lab".into(),
             mac: "00:15:5d:00:00:01".into(),
-            vlan: Some(10),
+            vlan: Some(AdapterVlan::Access(10)),
             mac_spoofing: true,
+            dhcp_guard: false,
+            router_guard: false,
+            connected: true,
+        });
+        s.nics.push(NetworkAdapter {
+            switch: "t".into(),
+            mac: "00:15:5d:00:00:02".into(),
+            vlan: Some(AdapterVlan::Trunk(api::VlanTrunk {
+                allowed: vec![10, 20],
+                native: Some(20),
+            })),
+            mac_spoofing: false,
+            dhcp_guard: true,
+            router_guard: true,
             connected: true,
         });
         assert_eq!(
@@ -338,8 +410,52 @@ mod tests {
             [
                 "--disk=/a.vhdx,controller=0,location=0,readonly",
                 "--dvd=none,controller=0,location=1",
-                "--nic=switch=lab,mac=00:15:5d:00:00:01,vlan=10,mac-spoofing=on"
+                "--nic=switch=lab,mac=00:15:5d:00:00:01,vlan=10,mac-spoofing=on",
+                "--nic=switch=t,mac=00:15:5d:00:00:02,vlan=trunk:10,20;native=20,dhcp-guard=on,router-guard=on"
             ]
         );
+    }
+
+    #[test]
+    fn settings_stored_before_trunks_and_guards_still_read() {
+        let old: NetworkAdapter = serde_json::from_value(serde_json::json!({
+            "switch": "lab", "mac": "00:15:5d:00:00:01", "vlan": 7, "mac_spoofing": false
+        }))
+        .unwrap();
+        assert_eq!(old.vlan, Some(AdapterVlan::Access(7)));
+        assert!(!old.dhcp_guard && !old.router_guard && old.connected);
+        let untagged: NetworkAdapter = serde_json::from_value(serde_json::json!({
+            "switch": "lab", "mac": "00:15:5d:00:00:01", "vlan": null, "mac_spoofing": false,
+            "connected": false
+        }))
+        .unwrap();
+        assert_eq!(untagged.vlan, None);
+        assert_eq!(
+            serde_json::to_value(&old).unwrap()["vlan"],
+            7,
+            "an access VLAN is still written as the bare id"
+        );
+    }
+
+    #[test]
+    fn vlans_are_checked_naming_the_field() {
+        let trunk = |allowed: Vec<u16>, native: Option<u16>| {
+            AdapterVlan::Trunk(api::VlanTrunk { allowed, native })
+        };
+        let msg = |v: AdapterVlan| check_vlan("nics.vlan", &v).unwrap_err().message;
+        assert!(check_vlan("v", &AdapterVlan::Access(1)).is_ok());
+        assert!(check_vlan("v", &AdapterVlan::Access(4094)).is_ok());
+        assert!(check_vlan("v", &trunk(vec![10, 20], Some(10))).is_ok());
+        assert!(check_vlan("v", &trunk((1..=4094).collect(), None)).is_ok());
+        assert!(msg(AdapterVlan::Access(0)).starts_with("nics.vlan: 0 is not a VLAN id"));
+        assert!(msg(AdapterVlan::Access(4095)).starts_with("nics.vlan: 4095"));
+        assert!(msg(trunk(vec![], None)).starts_with("nics.vlan.allowed: a trunk allows"));
+        let mut too_many: Vec<u16> = (1..=4094).collect();
+        too_many.push(1);
+        assert!(msg(trunk(too_many, None)).contains("not 4095"));
+        assert!(msg(trunk(vec![10, 4095], None)).starts_with("nics.vlan.allowed: 4095"));
+        assert!(msg(trunk(vec![10, 10], None)).contains("VLAN 10 is listed twice"));
+        assert!(msg(trunk(vec![10, 20], Some(1))).starts_with("nics.vlan.native: VLAN 1 is not"));
+        assert!(msg(trunk(vec![10], Some(0))).starts_with("nics.vlan.native: 0"));
     }
 }

@@ -74,9 +74,10 @@ pub fn set_dvd() {}
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub fn remove_dvd() {}
 
-/// The VM's network adapters (Get-VMNetworkAdapter).
+/// The VM's network adapters (Get-VMNetworkAdapter); while it runs, each with `live`: its
+/// TAP, link, guest state and counters from the worker.
 #[utoipa::path(get, path = "/vms/{name}/nics", tag = "devices", params(("name" = String, Path)),
-    responses((status = 200, body = [NetworkAdapter]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = [NetworkAdapterStatus]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub fn list_nics() {}
 
 /// Add a network adapter (Add-VMNetworkAdapter); a running guest sees a new interface (a
@@ -96,8 +97,10 @@ pub fn add_nic() {}
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub fn remove_nic() {}
 
-/// Connect or disconnect a network adapter's cable (Connect-/Disconnect-VMNetworkAdapter); a
-/// running guest sees its carrier change, and the setting holds across starts.
+/// Connect or disconnect a network adapter's cable (Connect-/Disconnect-VMNetworkAdapter; a
+/// running guest sees its carrier change, and the setting holds across starts), or change
+/// its VLAN (Set-VMNetworkAdapterVlan), MAC spoofing, DHCP guard or router guard
+/// (Set-VMNetworkAdapter) while the VM is Off: 409 naming the field on a running VM.
 #[utoipa::path(patch, path = "/vms/{name}/nics/{mac}", tag = "devices",
     params(("name" = String, Path), ("mac" = String, Path)),
     request_body = NetworkAdapterPatch,

@@ -8,7 +8,8 @@ use crate::devices;
 use crate::error::ApiError;
 use crate::worker;
 use api::{
-    DvdDrive, HardDisk, NetworkAdapter, NewDvdDrive, NewHardDisk, NewNetworkAdapter, VmState,
+    DvdDrive, HardDisk, NetworkAdapter, NetworkAdapterStatus, NewDvdDrive, NewHardDisk,
+    NewNetworkAdapter, NicLive, VmState,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -208,8 +209,29 @@ impl Manager {
         Ok(self.find(name)?.settings.dvds)
     }
 
-    pub fn nics(&self, name: &str) -> Result<Vec<NetworkAdapter>, ApiError> {
-        Ok(self.find(name)?.settings.nics)
+    /// Get-VMNetworkAdapter: the settings and, while a worker runs the VM, what it reports
+    /// for each adapter (matched by MAC).
+    pub async fn nics(&self, name: &str) -> Result<Vec<NetworkAdapterStatus>, ApiError> {
+        let row = self.find(name)?;
+        let mut live: Vec<(String, NicLive)> = Vec::new();
+        if let Some(socket) = self.running_socket(&row) {
+            let reply = worker::control(&socket, "nics", DEVICE_TIMEOUT)
+                .await
+                .map_err(|e| worker_error(&row.name, e))?;
+            live = parse_live(&reply).map_err(|e| worker_error(&row.name, e))?;
+        }
+        Ok(row
+            .settings
+            .nics
+            .into_iter()
+            .map(|adapter| {
+                let live = live
+                    .iter()
+                    .position(|(mac, _)| *mac == adapter.mac)
+                    .map(|i| live.swap_remove(i).1);
+                NetworkAdapterStatus { adapter, live }
+            })
+            .collect())
     }
 
     /// Add-VMHardDiskDrive: on a running VM the worker attaches it at once.
@@ -350,6 +372,7 @@ impl Manager {
     }
 
     /// Connect-/Disconnect-VMNetworkAdapter: the cable; a running guest sees its carrier.
+    /// Set-VMNetworkAdapter(Vlan): the VLAN and the port's guards, while the VM is Off.
     pub async fn set_nic(
         &self,
         name: &str,
@@ -359,6 +382,34 @@ impl Manager {
         let mac = devices::format_mac(&devices::parse_mac("mac", mac)?);
         self.change_settings(name, async |row, s| {
             let i = nic_index(&s.nics, &row.name, &mac)?;
+            let n = &mut s.nics[i];
+            let off_only = [
+                ("vlan", p.vlan.is_some()),
+                ("mac_spoofing", p.mac_spoofing.is_some()),
+                ("dhcp_guard", p.dhcp_guard.is_some()),
+                ("router_guard", p.router_guard.is_some()),
+            ];
+            if let Some((field, _)) = off_only.iter().find(|(_, given)| *given) {
+                if row.state != VmState::Off {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "wrong_state",
+                        format!(
+                            "{field}: VM '{}' is {}; an adapter's VLAN, MAC spoofing and guards change while its VM is Off (they apply at the next start)",
+                            row.name, row.state
+                        ),
+                    ));
+                }
+            }
+            if let Some(v) = &p.vlan {
+                if let Some(v) = v {
+                    devices::check_vlan("vlan", v)?;
+                }
+                n.vlan = v.clone();
+            }
+            n.mac_spoofing = p.mac_spoofing.unwrap_or(n.mac_spoofing);
+            n.dhcp_guard = p.dhcp_guard.unwrap_or(n.dhcp_guard);
+            n.router_guard = p.router_guard.unwrap_or(n.router_guard);
             if let Some(connected) = p.connected {
                 if let Some(socket) = self.live_socket(row)? {
                     let command =
@@ -434,13 +485,31 @@ async fn worker_says(socket: &std::path::Path, command: &str, vm: &str) -> Resul
     worker::control(socket, command, DEVICE_TIMEOUT)
         .await
         .map(drop)
-        .map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "worker_refused",
-                format!("the worker of VM '{vm}' refused: {e}"),
-            )
-        })
+        .map_err(|e| worker_error(vm, e))
+}
+
+fn worker_error(vm: &str, e: String) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "worker_refused",
+        format!("the worker of VM '{vm}' refused: {e}"),
+    )
+}
+
+/// One adapter of the worker's `nics` answer: what it is now, by MAC.
+#[derive(serde::Deserialize)]
+struct WorkerNic {
+    mac: String,
+    #[serde(flatten)]
+    live: NicLive,
+}
+
+/// The worker's `nics` answer (`ok [...]`, a JSON list).
+fn parse_live(reply: &str) -> Result<Vec<(String, NicLive)>, String> {
+    let json = reply.strip_prefix("ok").unwrap_or(reply).trim();
+    let nics: Vec<WorkerNic> = serde_json::from_str(json)
+        .map_err(|e| format!("its NIC list is not what this service reads: {e}"))?;
+    Ok(nics.into_iter().map(|n| (n.mac, n.live)).collect())
 }
 
 #[cfg(test)]

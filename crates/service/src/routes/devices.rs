@@ -143,8 +143,8 @@ async fn set_integration(
         .map(sized)
 }
 
-async fn nics(State(m): S, Name(name): Name) -> R<axum::Json<Vec<NetworkAdapter>>> {
-    m.nics(&name).map(sized)
+async fn nics(State(m): S, Name(name): Name) -> R<axum::Json<Vec<api::NetworkAdapterStatus>>> {
+    m.nics(&name).await.map(sized)
 }
 
 async fn add_nic(
