@@ -95,6 +95,22 @@ pub enum AdapterVlan {
     Trunk(VlanTrunk),
 }
 
+/// `10`, or `trunk:10,20;native=20` as `viridian run --nic ...,vlan=` takes it.
+impl std::fmt::Display for AdapterVlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = match self {
+            AdapterVlan::Access(id) => return write!(f, "{id}"),
+            AdapterVlan::Trunk(t) => t,
+        };
+        let ids: Vec<String> = t.allowed.iter().map(u16::to_string).collect();
+        write!(f, "trunk:{}", ids.join(","))?;
+        match t.native {
+            Some(n) => write!(f, ";native={n}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A trunk port: the guest tags its frames with the allowed VLAN ids; the native VLAN's
 /// frames go untagged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

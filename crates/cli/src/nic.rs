@@ -121,6 +121,27 @@ pub fn parse(value: &str) -> anyhow::Result<NicSpec> {
     Ok(spec)
 }
 
+/// A parsed NIC value as the service's NewNetworkAdapter (`vm new --nic`, `vm nic add`).
+pub fn new_adapter(spec: &NicSpec) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "switch": spec.switch,
+        "mac_spoofing": !spec.policy.mac_spoofing_protection,
+        "dhcp_guard": spec.policy.dhcp_guard,
+        "router_guard": spec.policy.router_guard,
+    });
+    if let Some(m) = &spec.mac {
+        body["mac"] = mac_string(m).into();
+    }
+    match &spec.vlan {
+        Vlan::Untagged => {}
+        Vlan::Access(id) => body["vlan"] = (*id).into(),
+        Vlan::Trunk { allowed, native } => {
+            body["vlan"] = serde_json::json!({ "allowed": allowed, "native": native })
+        }
+    }
+    body
+}
+
 /// The network of `viridian run`: the parsed `--nic` values, in order.
 pub fn network_config(
     values: &[String],
@@ -244,8 +265,15 @@ enum NicCommand {
         #[arg(long)]
         mac: Option<String>,
         /// An access VLAN id, `untagged`, or `trunk:ID,ID...[;native=ID]`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "trunk")]
         vlan: Option<String>,
+        /// A trunk: the VLAN ids the guest tags its frames with (Set-VMNetworkAdapterVlan
+        /// -Trunk -AllowedVlanIdList), like `10,20`.
+        #[arg(long, value_name = "ID,ID...")]
+        trunk: Option<String>,
+        /// The trunk's native VLAN, carried untagged (-NativeVlanId).
+        #[arg(long, requires = "trunk", value_name = "ID")]
+        native: Option<String>,
         /// Let the guest send frames with other source MACs.
         #[arg(long)]
         mac_spoofing: bool,
@@ -308,11 +336,13 @@ pub fn status_line(n: &serde_json::Value) -> String {
     )
 }
 
+/// A VLAN as the worker (`{"access": 10}`, `{"trunk": {...}}`, `"untagged"`) or the service
+/// (`10`, `{"allowed": [...], "native": 1}`, null) writes it.
 fn vlan_text(v: &serde_json::Value) -> String {
-    if let Some(id) = v.get("access") {
+    if let Some(id) = v.get("access").or(v.as_u64().map(|_| v)) {
         return id.to_string();
     }
-    if let Some(t) = v.get("trunk") {
+    if let Some(t) = v.get("trunk").or(v.get("allowed").map(|_| v)) {
         let ids: Vec<String> = t["allowed"]
             .as_array()
             .into_iter()
@@ -365,6 +395,63 @@ fn print_list(list: &[serde_json::Value]) {
     }
 }
 
+/// The `--nic` value of `vm nic add`'s options.
+fn add_spec(add: &NicCommand) -> anyhow::Result<String> {
+    let NicCommand::Add {
+        switch,
+        mac,
+        vlan,
+        trunk,
+        native,
+        mac_spoofing,
+        dhcp_guard,
+        router_guard,
+        ..
+    } = add
+    else {
+        anyhow::bail!("not vm nic add");
+    };
+    let mut spec = format!("switch={switch}");
+    if let Some(m) = mac {
+        spec.push_str(&format!(",mac={m}"));
+    }
+    match (vlan, trunk, native) {
+        (Some(v), _, _) => spec.push_str(&format!(",vlan={v}")),
+        (None, Some(t), None) => spec.push_str(&format!(",vlan=trunk:{t}")),
+        (None, Some(t), Some(n)) => spec.push_str(&format!(",vlan=trunk:{t};native={n}")),
+        (None, None, _) => {}
+    }
+    for (field, on) in [
+        ("mac-spoofing", mac_spoofing),
+        ("dhcp-guard", dhcp_guard),
+        ("router-guard", router_guard),
+    ] {
+        if *on {
+            spec.push_str(&format!(",{field}=on"));
+        }
+    }
+    Ok(spec)
+}
+
+/// The service's adapters (NetworkAdapterStatus) as rows of the worker's NIC list: the
+/// settings, and the live state while the VM runs.
+fn service_rows(nics: &serde_json::Value) -> Vec<serde_json::Value> {
+    nics.as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let mut row = n["live"].clone();
+            if !row.is_object() {
+                row = serde_json::json!({ "slot": "-" });
+            }
+            for k in ["mac", "switch", "vlan"] {
+                row[k] = n[k].clone();
+            }
+            row
+        })
+        .collect()
+}
+
 /// `viridian vm nic ...` on a VM of the service: its settings change there, and on a running
 /// VM the service has the worker change too.
 fn via_service(args: &NicArgs) -> anyhow::Result<Option<i32>> {
@@ -376,50 +463,19 @@ fn via_service(args: &NicArgs) -> anyhow::Result<Option<i32>> {
             let Some(name) = target.name() else {
                 return Ok(None);
             };
-            // A running VM's worker has the live list (TAPs, counters).
-            let Some(vm) = vm_call(name, "GET", "", None)? else {
+            // The service has a running VM's live state (TAPs, counters) from its worker, so
+            // this reads the same on the service's host and from another one.
+            let Some(nics) = vm_call(name, "GET", "/nics", None)? else {
                 return Ok(None);
             };
-            if matches!(vm["state"].as_str(), Some("Running" | "Paused")) {
-                if let Some(socket) = crate::service::vm::control_socket(name)? {
-                    let list = list(&socket)?;
-                    match json {
-                        true => println!("{}", serde_json::Value::Array(list)),
-                        false => print_list(&list),
-                    }
-                    return Ok(Some(0));
-                }
+            match json {
+                true => println!("{nics}"),
+                false => print_list(&service_rows(&nics)),
             }
-            print(vm["nics"].clone());
             Ok(Some(0))
         }
-        Some(NicCommand::Add {
-            name,
-            switch,
-            mac,
-            vlan,
-            mac_spoofing,
-            dhcp_guard,
-            router_guard,
-        }) => {
-            let mut body = serde_json::json!({ "switch": switch, "mac_spoofing": mac_spoofing });
-            if let Some(m) = mac {
-                body["mac"] = m.as_str().into();
-            }
-            if let Some(v) = vlan {
-                body["vlan"] = v.parse::<u16>().map(Into::into).map_err(|_| {
-                    anyhow::anyhow!(
-                        "--vlan {v}: a VM of the service takes an access VLAN id (1-4094)"
-                    )
-                })?;
-            }
-            if vm_call(name, "GET", "", None)?.is_none() {
-                return Ok(None);
-            }
-            anyhow::ensure!(
-                !dhcp_guard && !router_guard,
-                "--dhcp-guard and --router-guard are not settings of the service's VMs yet"
-            );
+        Some(add @ NicCommand::Add { name, .. }) => {
+            let body = new_adapter(&parse(&add_spec(add)?)?);
             Ok(vm_call(name, "POST", "/nics", Some(&body))?.map(|nic| {
                 print(nic);
                 0
@@ -481,32 +537,13 @@ pub fn main(args: NicArgs) -> anyhow::Result<i32> {
                 print_list(&list);
             }
         }
-        Some(NicCommand::Add {
-            name,
-            switch,
-            mac,
-            vlan,
-            mac_spoofing,
-            dhcp_guard,
-            router_guard,
-        }) => {
-            let mut spec = format!("switch={switch}");
-            for (field, value) in [("mac", mac), ("vlan", vlan)] {
-                if let Some(v) = value {
-                    spec.push_str(&format!(",{field}={v}"));
-                }
-            }
-            for (field, on) in [
-                ("mac-spoofing", mac_spoofing),
-                ("dhcp-guard", dhcp_guard),
-                ("router-guard", router_guard),
-            ] {
-                if on {
-                    spec.push_str(&format!(",{field}=on"));
-                }
-            }
+        Some(add @ NicCommand::Add { .. }) => {
+            let spec = add_spec(&add)?;
             // Checked here first, so a typo fails before the VM is asked.
             parse(&spec)?;
+            let NicCommand::Add { name, .. } = add else {
+                unreachable!("matched as Add")
+            };
             let reply = control::send(&control::socket_for(&name), &format!("nic-add {spec}"))?;
             eprintln!("viridian: {reply}");
         }
@@ -641,5 +678,28 @@ mod tests {
             "trunk:10,20;native=1"
         );
         assert_eq!(vlan_text(&serde_json::json!("untagged")), "untagged");
+        assert_eq!(vlan_text(&serde_json::json!(12)), "12");
+        assert_eq!(
+            vlan_text(&serde_json::json!({"allowed": [10, 20], "native": null})),
+            "trunk:10,20"
+        );
+        assert_eq!(vlan_text(&serde_json::Value::Null), "untagged");
+    }
+
+    #[test]
+    fn nic_values_become_the_services_adapters() {
+        let a = |v: &str| new_adapter(&parse(v).unwrap());
+        assert_eq!(
+            a("switch=lab,vlan=trunk:10,20;native=20,dhcp-guard=on,mac=00-15-5D-00-00-09"),
+            serde_json::json!({"switch": "lab", "mac": "00:15:5d:00:00:09",
+                               "vlan": {"allowed": [10, 20], "native": 20},
+                               "mac_spoofing": false, "dhcp_guard": true, "router_guard": false})
+        );
+        assert_eq!(
+            a("switch=lab,vlan=7,mac-spoofing=on,router-guard=on"),
+            serde_json::json!({"switch": "lab", "vlan": 7, "mac_spoofing": true,
+                               "dhcp_guard": false, "router_guard": true})
+        );
+        assert_eq!(a("switch=lab,vlan=untagged").get("vlan"), None);
     }
 }

@@ -257,16 +257,8 @@ pub fn check_vlan(field: &str, v: &AdapterVlan) -> Result<(), ApiError> {
 /// A network adapter as the worker's `--nic` value (and `nic-add` argument).
 pub fn nic_spec(n: &NetworkAdapter) -> String {
     let mut a = format!("switch={},mac={}", n.switch, n.mac);
-    match &n.vlan {
-        None => {}
-        Some(AdapterVlan::Access(id)) => a.push_str(&format!(",vlan={id}")),
-        Some(AdapterVlan::Trunk(t)) => {
-            let ids: Vec<String> = t.allowed.iter().map(u16::to_string).collect();
-            a.push_str(&format!(",vlan=trunk:{}", ids.join(",")));
-            if let Some(native) = t.native {
-                a.push_str(&format!(";native={native}"));
-            }
-        }
+    if let Some(v) = &n.vlan {
+        a.push_str(&format!(",vlan={v}"));
     }
     for (field, on) in [
         ("mac-spoofing", n.mac_spoofing),

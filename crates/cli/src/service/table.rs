@@ -116,8 +116,23 @@ pub fn vm(v: &Vm) {
         ));
     }
     for n in &v.nics {
-        let vlan = n.vlan.map(|v| format!(" vlan {v}")).unwrap_or_default();
-        props.push(("NetworkAdapter", format!("{} on {}{vlan}", n.mac, n.switch)));
+        let vlan = n
+            .vlan
+            .as_ref()
+            .map(|v| format!(" vlan {v}"))
+            .unwrap_or_default();
+        let guards: String = [
+            (" dhcp-guard", n.dhcp_guard),
+            (" router-guard", n.router_guard),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(g, _)| *g)
+        .collect();
+        props.push((
+            "NetworkAdapter",
+            format!("{} on {}{vlan}{guards}", n.mac, n.switch),
+        ));
     }
     print_props(&props);
 }

@@ -123,10 +123,10 @@ pub struct NewDevices {
     /// A DVD drive with this ISO, or `none` for an empty drive (repeatable).
     #[arg(long = "dvd", value_name = "ISO|none")]
     dvds: Vec<String>,
-    /// A network adapter (repeatable): switch=NAME[,mac=MAC][,vlan=ID][,mac-spoofing=on].
+    /// A network adapter (repeatable), as `viridian run --nic` takes it.
     #[arg(
         long = "nic",
-        value_name = "switch=NAME[,mac=MAC][,vlan=ID][,mac-spoofing=on]"
+        value_name = crate::nic::NIC_USAGE
     )]
     nics: Vec<String>,
 }
@@ -188,41 +188,9 @@ impl NewDevices {
     }
 }
 
-/// `switch=NAME[,mac=MAC][,vlan=ID][,mac-spoofing=on]` as a NewNetworkAdapter.
+/// A `--nic` value (the syntax of `viridian run --nic`) as a NewNetworkAdapter.
 fn nic_json(value: &str) -> anyhow::Result<Value> {
-    let mut nic = Map::new();
-    for part in value.split(',') {
-        let (k, v) = part.split_once('=').with_context(|| {
-            format!("--nic {value}: '{part}' is not KEY=VALUE (switch=NAME[,mac=MAC][,vlan=ID][,mac-spoofing=on])")
-        })?;
-        match k {
-            "switch" | "mac" => {
-                nic.insert(k.into(), json!(v));
-            }
-            "vlan" => {
-                let id: u16 = v
-                    .parse()
-                    .with_context(|| format!("--nic {value}: vlan '{v}' is not a number"))?;
-                nic.insert(k.into(), json!(id));
-            }
-            "mac-spoofing" => {
-                let on = match v {
-                    "on" | "true" => true,
-                    "off" | "false" => false,
-                    _ => anyhow::bail!("--nic {value}: mac-spoofing is on or off"),
-                };
-                nic.insert("mac_spoofing".into(), json!(on));
-            }
-            _ => anyhow::bail!(
-                "--nic {value}: unknown option '{k}' (switch, mac, vlan, mac-spoofing)"
-            ),
-        }
-    }
-    anyhow::ensure!(
-        nic.contains_key("switch"),
-        "--nic {value}: give the switch (switch=NAME; `viridian switch list` shows them)"
-    );
-    Ok(Value::Object(nic))
+    Ok(crate::nic::new_adapter(&crate::nic::parse(value)?))
 }
 
 /// A call on one of the service's VMs: `None` when no service runs or it has no such VM (a
