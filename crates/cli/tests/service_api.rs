@@ -2165,3 +2165,406 @@ fn jobs_outlive_a_killed_service() {
     assert_eq!(listed.len(), 4, "{list}");
     assert_eq!((listed[0], listed[2]), (&ids[1], &ids[0]), "{list}");
 }
+
+/// Set-VMNetworkAdapterVlan -Access/-Trunk and Set-VMNetworkAdapter -DhcpGuard/-RouterGuard
+/// as adapter settings of a VM that is Off: taken by `POST /vms`, `POST .../nics`, `PATCH`,
+/// `vm new --nic` (the `viridian run --nic` syntax) and `vm nic add`, and bad values are 422
+/// naming the field.
+#[test]
+fn adapter_vlans_and_guards_are_settings() {
+    let s = Service::start();
+    let kernel = tiny_kernel("svc-vlan", IDLE);
+    let v = s.define(
+        "tr",
+        &kernel,
+        json!({"nics": [{"switch": "default", "vlan": {"allowed": [10, 20], "native": 20},
+                         "dhcp_guard": true}]}),
+    );
+    let nic = &v["nics"][0];
+    assert_eq!(
+        (
+            &nic["vlan"],
+            &nic["dhcp_guard"],
+            &nic["router_guard"],
+            &nic["mac_spoofing"]
+        ),
+        (
+            &json!({"allowed": [10, 20], "native": 20}),
+            &json!(true),
+            &json!(false),
+            &json!(false)
+        ),
+        "{v}"
+    );
+    let mac = nic["mac"].as_str().unwrap().to_string();
+    // An old client's bare access id still works, and reads back the same.
+    let (status, old) = s.req(
+        "POST",
+        "/vms/tr/nics",
+        Some(json!({"switch": "default", "vlan": 30})),
+    );
+    assert_eq!((status, &old["vlan"]), (201, &json!(30)), "{old}");
+
+    let bad = |body: Value, field: &str| {
+        let msg = assert_error(
+            s.req("POST", "/vms/tr/nics", Some(body)),
+            422,
+            "invalid_field",
+        );
+        assert!(msg.starts_with(field), "{field}: {msg}");
+    };
+    bad(json!({"switch": "default", "vlan": 0}), "nics.vlan: 0 ");
+    bad(
+        json!({"switch": "default", "vlan": 4095}),
+        "nics.vlan: 4095",
+    );
+    bad(json!({"switch": "default", "vlan": "ten"}), "vlan:");
+    bad(
+        json!({"switch": "default", "vlan": {"allowed": [10, 20], "native": 1}}),
+        "nics.vlan.native: VLAN 1 is not among the allowed",
+    );
+    bad(
+        json!({"switch": "default", "vlan": {"allowed": []}}),
+        "nics.vlan.allowed:",
+    );
+    bad(
+        json!({"switch": "default", "vlan": {"allowed": [10, 4095]}}),
+        "nics.vlan.allowed: 4095",
+    );
+    let too_many: Vec<u16> = (1..=4094).chain([7]).collect();
+    bad(
+        json!({"switch": "default", "vlan": {"allowed": too_many}}),
+        "nics.vlan.allowed: a trunk allows 1 to 4094",
+    );
+    bad(
+        json!({"switch": "default", "vlan": {"allowed": [5], "pvid": 5}}),
+        "vlan:",
+    );
+    bad(
+        json!({"switch": "default", "dhcp_guard": "on"}),
+        "dhcp_guard:",
+    );
+    bad(
+        json!({"switch": "default", "guard": true}),
+        "guard: unknown field `guard`",
+    );
+    let every: Vec<u16> = (1..=4094).collect();
+    let (status, n) = s.req(
+        "POST",
+        "/vms/tr/nics",
+        Some(json!({"switch": "default", "vlan": {"allowed": every}})),
+    );
+    assert_eq!(status, 201, "a trunk may allow every id: {n}");
+
+    // PATCH while Off: a new VLAN, untagged (null), the guards; absent fields stay.
+    let patch = |body: Value| s.req("PATCH", &format!("/vms/tr/nics/{mac}"), Some(body));
+    let (status, n) = patch(json!({"vlan": 12, "router_guard": true}));
+    assert_eq!(status, 200, "{n}");
+    assert_eq!(
+        (&n["vlan"], &n["dhcp_guard"], &n["router_guard"]),
+        (&json!(12), &json!(true), &json!(true))
+    );
+    let (status, n) = patch(json!({"vlan": null, "dhcp_guard": false}));
+    assert_eq!(status, 200, "{n}");
+    assert_eq!(
+        (&n["vlan"], &n["dhcp_guard"], &n["router_guard"]),
+        (&Value::Null, &json!(false), &json!(true))
+    );
+    let msg = assert_error(patch(json!({"vlan": 4095})), 422, "invalid_field");
+    assert!(msg.starts_with("vlan: 4095"), "{msg}");
+    let msg = assert_error(
+        patch(json!({"vlan": {"allowed": [3], "native": 4}})),
+        422,
+        "invalid_field",
+    );
+    assert!(msg.starts_with("vlan.native:"), "{msg}");
+    assert_error(patch(json!({"speed": 10})), 422, "invalid_field");
+    let (_, nics) = s.req("GET", "/vms/tr/nics", None);
+    assert_eq!(
+        nics[0]["vlan"],
+        Value::Null,
+        "a refused PATCH changes nothing: {nics}"
+    );
+    assert!(
+        nics[0].get("live").is_none(),
+        "an Off VM has no live state: {nics}"
+    );
+
+    // The CLI: `vm new --nic` in `viridian run`'s syntax, `vm nic add --trunk --native`.
+    let out = s.cli(&[
+        "vm",
+        "new",
+        "cl",
+        "--memory",
+        "64M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--nic",
+        "switch=default,vlan=trunk:10,20;native=10,dhcp-guard=on,router-guard=on",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = s.cli(&[
+        "vm",
+        "nic",
+        "add",
+        "cl",
+        "--switch",
+        "default",
+        "--trunk",
+        "7,8",
+        "--native",
+        "8",
+        "--router-guard",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = s.cli(&[
+        "vm", "nic", "add", "cl", "--switch", "default", "--vlan", "9",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let got: Vec<(Value, Value, Value)> = s.vm("cl")["nics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["vlan"].clone(),
+                n["dhcp_guard"].clone(),
+                n["router_guard"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                json!({"allowed": [10, 20], "native": 10}),
+                json!(true),
+                json!(true)
+            ),
+            (
+                json!({"allowed": [7, 8], "native": 8}),
+                json!(false),
+                json!(true)
+            ),
+            (json!(9), json!(false), json!(false)),
+        ]
+    );
+    let out = s.cli(&["vm", "nic", "list", "cl", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed, s.req("GET", "/vms/cl/nics", None).1);
+    // The CLI checks first, naming the field; the service checks what the CLI cannot.
+    let out = s.cli(&[
+        "vm", "nic", "add", "cl", "--switch", "default", "--vlan", "0",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vlan: \"0\" is not a VLAN id"),
+        "{out:?}"
+    );
+    let out = s.cli(&[
+        "vm", "nic", "add", "cl", "--switch", "default", "--trunk", "7", "--native", "9",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nics.vlan.native"),
+        "{out:?}"
+    );
+    let out = s.cli(&[
+        "vm", "nic", "add", "cl", "--switch", "default", "--native", "9",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--native needs --trunk: {out:?}"
+    );
+    assert_eq!(s.vm("cl")["nics"].as_array().unwrap().len(), 3);
+}
+
+/// A running VM's adapters: the worker starts with each adapter's trunk and guards and takes
+/// them on hot add, a PATCH of them is 409 naming the field until the VM is Off, and
+/// `vm nic list --json` reads the same from another host (TLS and a token) as on this one,
+/// with the worker's live state.
+#[test]
+#[cfg_attr(no_kvm, ignore = "/dev/kvm cannot be opened on this machine")]
+fn running_adapters_have_their_vlan_and_guards_and_list_remotely() {
+    if !kvm_usable() || !root_or_skip() {
+        return;
+    }
+    vswitch::testing::in_netns(|| {
+        vswitch::testing::Net::open().up("lo");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let s = Service::start_with(&["--listen", &format!("127.0.0.1:{port}")]);
+        let (status, v) = s.req(
+            "POST",
+            "/switches",
+            Some(json!({"name": "lab", "type": "private"})),
+        );
+        assert_eq!(status, 201, "{v}");
+        // Without VLAN filtering in this kernel's bridge the adapters stay untagged (the
+        // worker refuses a VLAN there); the guards are tested either way.
+        let vlans = v["vlan_filtering"] == true;
+        if !vlans {
+            eprintln!(
+                "this kernel's bridge has no VLAN filtering: the running adapters are untagged"
+            );
+        }
+        let pick = |tagged: Value, untagged: Value| if vlans { tagged } else { untagged };
+        s.define(
+            "g",
+            &tiny_kernel("svc-guard", IDLE),
+            json!({"nics": [{"switch": "lab",
+                             "vlan": pick(json!({"allowed": [10, 20], "native": 10}), Value::Null),
+                             "router_guard": true}]}),
+        );
+        let (status, v) = s.act("/vms/g/start");
+        assert_eq!(status, 200, "{v}");
+        let list = || {
+            let out = s.cli(&["vm", "nic", "list", "g", "--json"]);
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        };
+        let nics = list();
+        let live = &nics[0]["live"];
+        assert_eq!(live["slot"], 0, "{nics}");
+        assert!(
+            live["tap"].as_str().is_some_and(|t| !t.is_empty()),
+            "{nics}"
+        );
+        assert_eq!(live["link_up"], true, "{nics}");
+        assert_eq!(live["counters"]["tx_packets"], 0, "{nics}");
+        let mac = nics[0]["mac"].as_str().unwrap().to_string();
+
+        // What the worker itself has, read from its control socket.
+        let worker = || {
+            let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
+                .args(["vm", "nic", "list", "--json", "--socket"])
+                .arg(
+                    s.dir
+                        .path()
+                        .join("state/run")
+                        .join(format!("{}.sock", s.vm("g")["id"].as_str().unwrap())),
+                )
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        };
+        let w = worker();
+        assert_eq!(
+            w[0]["vlan"],
+            pick(
+                json!({"trunk": {"allowed": [10, 20], "native": 10}}),
+                json!("untagged")
+            ),
+            "{w}"
+        );
+        assert_eq!(
+            w[0]["policy"],
+            json!({"mac_spoofing_protection": true, "dhcp_guard": false, "router_guard": true})
+        );
+
+        // Hot add with a trunk and the DHCP guard.
+        let mut add = vec!["vm", "nic", "add", "g", "--switch", "lab", "--dhcp-guard"];
+        if vlans {
+            add.extend(["--trunk", "30"]);
+        }
+        let out = s.cli(&add);
+        assert!(out.status.success(), "{out:?}");
+        let w = worker();
+        assert_eq!(
+            w[1]["vlan"],
+            pick(
+                json!({"trunk": {"allowed": [30], "native": null}}),
+                json!("untagged")
+            ),
+            "{w}"
+        );
+        assert_eq!(w[1]["policy"]["dhcp_guard"], true, "{w}");
+
+        // The same list from another host: TLS, a bearer token.
+        let out = s.cli(&["token", "new", "far"]);
+        assert!(out.status.success(), "{out:?}");
+        let token = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_string();
+        let remote = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args(["--host", &format!("https://127.0.0.1:{port}"), "--ca-cert"])
+            .arg(s.dir.path().join("state/tls/cert.pem"))
+            .args(["vm", "nic", "list", "g", "--json"])
+            .env("VIRIDIAN_TOKEN", &token)
+            .output()
+            .unwrap();
+        assert!(remote.status.success(), "{remote:?}");
+        let far: Value = serde_json::from_slice(&remote.stdout).unwrap();
+        assert_eq!(far, list(), "remote and local lists differ");
+        assert_eq!(far.as_array().unwrap().len(), 2, "{far}");
+        assert!(far[1]["live"]["tap"].is_string(), "{far}");
+        let table = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args(["--host", &format!("https://127.0.0.1:{port}"), "--ca-cert"])
+            .arg(s.dir.path().join("state/tls/cert.pem"))
+            .args(["vm", "nic", "list", "g"])
+            .env("VIRIDIAN_TOKEN", &token)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&table.stdout);
+        let vlan_text = if vlans {
+            "trunk:10,20;native=10"
+        } else {
+            "untagged"
+        };
+        assert!(text.contains(&mac) && text.contains(vlan_text), "{text}");
+
+        // VLAN and guards change while Off; the next start has them.
+        for field in ["vlan", "dhcp_guard", "router_guard", "mac_spoofing"] {
+            let value = if field == "vlan" {
+                json!(5)
+            } else {
+                json!(true)
+            };
+            let msg = assert_error(
+                s.req(
+                    "PATCH",
+                    &format!("/vms/g/nics/{mac}"),
+                    Some(json!({ field: value })),
+                ),
+                409,
+                "wrong_state",
+            );
+            assert!(
+                msg.starts_with(&format!("{field}: VM 'g' is Running")),
+                "{msg}"
+            );
+        }
+        let (status, v) = s.act("/vms/g/stop?turn_off=true");
+        assert_eq!(status, 200, "{v}");
+        let (status, n) = s.req(
+            "PATCH",
+            &format!("/vms/g/nics/{mac}"),
+            Some(
+                json!({"vlan": pick(json!(5), Value::Null), "router_guard": false,
+                        "dhcp_guard": true}),
+            ),
+        );
+        assert_eq!(status, 200, "{n}");
+        let (status, v) = s.act("/vms/g/start");
+        assert_eq!(status, 200, "{v}");
+        let w = worker();
+        assert_eq!(
+            w[0]["vlan"],
+            pick(json!({"access": 5}), json!("untagged")),
+            "{w}"
+        );
+        assert_eq!(
+            w[0]["policy"],
+            json!({"mac_spoofing_protection": true, "dhcp_guard": true, "router_guard": false})
+        );
+        let (status, v) = s.act("/vms/g/stop?turn_off=true");
+        assert_eq!(status, 200, "{v}");
+    });
+}
