@@ -248,7 +248,7 @@ pub(crate) fn prelude(memory_mib: u64, guests: &[&str]) -> String {
          show() {{ for n in {names}; do sed \"s/^/[$n] /\" /tmp/$n.log 2>/dev/null; sed \"s/^/[$n] viridian: /\" /tmp/$n.err 2>/dev/null; done; }}; \
          fresh() {{ for s in \"$@\"; do viridian switch remove $s --force >/dev/null 2>&1; done; }}; \
          ports() {{ echo \"LAB-PORTS-$1 $(viridian switch list --json | tr -d '\\n')\"; }}; \
-         trap 'kill {names_pids} 2>/dev/null; sleep 2; show; exit 124' TERM; ",
+         trap 'for n in {names}; do echo \"LAB-TIMEOUT-NIC $n $(viridian vm nic list $n --json 2>&1 | tr -d \"\\n\")\"; done; kill {names_pids} 2>/dev/null; sleep 2; show; exit 124' TERM; ",
         names_pids = guests
             .iter()
             .map(|g| format!("${g}"))
