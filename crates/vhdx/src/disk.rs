@@ -3,6 +3,8 @@
 use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
+use crate::direct::DirectFd;
+
 /// Errors from opening or doing I/O on a disk image.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -83,7 +85,11 @@ pub trait Disk: Send + Sync {
 pub enum Extent<'a> {
     /// The next `len` bytes of the disk are `len` bytes of `fd` from `offset`.
     File {
+        /// The buffered descriptor.
         fd: BorrowedFd<'a>,
+        /// The same file's unbuffered descriptor, for aligned transfers of callers that want
+        /// them ([`IoBuffer::unbuffered`]).
+        direct: &'a DirectFd,
         /// The file, for error messages.
         path: &'a Path,
         offset: u64,
@@ -117,6 +123,16 @@ pub trait IoBuffer {
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Whether the buffer's owner wants unbuffered (`O_DIRECT`) I/O where it is aligned.
+    fn unbuffered(&self) -> bool {
+        false
+    }
+    /// Whether every piece of memory holding bytes `[at, at + len)` starts and ends on a
+    /// multiple of `align` (what unbuffered I/O needs).
+    fn aligned(&self, at: usize, len: usize, align: u32) -> bool {
+        let _ = (at, len, align);
+        false
     }
     /// Reads `len` bytes of `fd` at `file_offset` into bytes `[at, at + len)`; the end of the
     /// file before that is an `UnexpectedEof` error.
@@ -198,16 +214,21 @@ fn read_extents<D: Disk + ?Sized>(disk: &D, buf: &mut dyn IoBuffer, offset: u64)
         match e {
             Extent::File {
                 fd,
+                direct,
                 path,
                 offset: fo,
                 len,
-            } => buf
-                .read_from(fd, fo, at, len as usize)
-                .map_err(|source| Error::Io {
-                    path: path.to_path_buf(),
-                    op: "read",
-                    source,
-                }),
+            } => {
+                let fd = direct.choose(buf.unbuffered(), fd, path, (fo, len), |a| {
+                    buf.aligned(at, len as usize, a)
+                });
+                buf.read_from(fd, fo, at, len as usize)
+                    .map_err(|source| Error::Io {
+                        path: path.to_path_buf(),
+                        op: "read",
+                        source,
+                    })
+            }
             Extent::Zero { len } => buf
                 .zero(at, len as usize)
                 .map_err(|e| buffer_error("zero", e)),
@@ -239,16 +260,21 @@ fn write_extents<D: Disk + ?Sized>(disk: &D, buf: &dyn IoBuffer, offset: u64) ->
         match e {
             Extent::File {
                 fd,
+                direct,
                 path,
                 offset: fo,
                 len,
-            } => buf
-                .write_to(fd, fo, at, len as usize)
-                .map_err(|source| Error::Io {
-                    path: path.to_path_buf(),
-                    op: "write",
-                    source,
-                }),
+            } => {
+                let fd = direct.choose(buf.unbuffered(), fd, path, (fo, len), |a| {
+                    buf.aligned(at, len as usize, a)
+                });
+                buf.write_to(fd, fo, at, len as usize)
+                    .map_err(|source| Error::Io {
+                        path: path.to_path_buf(),
+                        op: "write",
+                        source,
+                    })
+            }
             Extent::Zero { len } | Extent::Indirect { len } => {
                 let mut done = 0;
                 while done < len {

@@ -5,10 +5,12 @@
 //! allocation.
 #![forbid(unsafe_code)]
 
+mod direct;
 mod disk;
 pub mod open;
 pub mod raw;
 pub mod vhd;
 pub mod vhdx;
 
+pub use direct::{Direct, DirectFd};
 pub use disk::{Disk, Error, Extent, IoBuffer, Result};

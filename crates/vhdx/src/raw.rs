@@ -4,13 +4,15 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::{Disk, Error, Extent, Result};
+use crate::{DirectFd, Disk, Error, Extent, Result};
 use std::os::fd::AsFd;
 
 /// A raw image file. Its size is the file length rounded down to the logical sector size.
 pub struct RawDisk {
     path: PathBuf,
     file: File,
+    /// The unbuffered descriptor of `file`, for [`Extent::File`].
+    direct: DirectFd,
     size: u64,
     read_only: bool,
     logical: u32,
@@ -60,6 +62,7 @@ impl RawDisk {
         Ok(RawDisk {
             path: path.to_path_buf(),
             file,
+            direct: DirectFd::default(),
             size: len / logical as u64 * logical as u64,
             read_only,
             logical,
@@ -195,6 +198,7 @@ impl Disk for RawDisk {
         self.check(offset, len)?;
         Ok(Extent::File {
             fd: self.file.as_fd(),
+            direct: &self.direct,
             path: &self.path,
             offset,
             len,

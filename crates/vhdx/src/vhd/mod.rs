@@ -106,6 +106,8 @@ struct Sparse {
 pub struct Vhd {
     path: PathBuf,
     file: File,
+    /// The unbuffered descriptor of `file`, for [`Extent::File`].
+    direct: crate::DirectFd,
     read_only: bool,
     footer: Footer,
     sparse: Option<Sparse>,
@@ -254,6 +256,7 @@ impl Vhd {
         let mut vhd = Vhd {
             path: path.to_path_buf(),
             file,
+            direct: crate::DirectFd::default(),
             read_only: opts.read_only,
             footer: footer.clone(),
             sparse: None,
@@ -1185,6 +1188,7 @@ impl Disk for Vhd {
         self.check_range(offset, len)?;
         let file = |offset, len| Extent::File {
             fd: self.file.as_fd(),
+            direct: &self.direct,
             path: &self.path,
             offset,
             len,

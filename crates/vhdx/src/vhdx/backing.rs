@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 pub struct Backing {
     pub path: PathBuf,
     pub file: File,
+    /// The unbuffered descriptor of `file`, for [`crate::Extent::File`].
+    pub direct: crate::DirectFd,
     /// Replayed log writes not applied to the file (read-only opens), in replay order.
     patches: Vec<LogWrite>,
     /// Length of the file as the parser sees it (after an in-memory replay's extension).
@@ -22,6 +24,7 @@ impl Backing {
         Ok(Backing {
             path: path.to_path_buf(),
             file,
+            direct: crate::DirectFd::default(),
             patches: Vec::new(),
             view_len: len,
         })

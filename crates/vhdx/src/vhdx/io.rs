@@ -158,6 +158,7 @@ impl Vhdx {
         Ok(match self.source(block) {
             Source::File(o) if !patched => Extent::File {
                 fd: self.file.file.as_fd(),
+                direct: &self.file.direct,
                 path: &self.file.path,
                 offset: o + in_block,
                 len: n,
