@@ -1,5 +1,6 @@
 //! An SRB's data buffer in guest memory as a `vhdx` crate [`IoBuffer`]: the disk reads and
-//! writes the guest pages with `preadv`/`pwritev`, with no copy in between.
+//! writes the guest pages with `preadv`/`pwritev`, with no copy in between (and, for a disk
+//! with cache mode `none`, with no page cache either where the pieces are aligned).
 
 use guestmem::GuestMemory;
 use std::os::fd::BorrowedFd;
@@ -11,18 +12,27 @@ pub struct GuestBuffer<'a> {
     mem: &'a GuestMemory,
     pieces: &'a [(u64, usize)],
     len: usize,
+    /// Whether aligned transfers use the file's unbuffered descriptor.
+    unbuffered: bool,
     /// The pieces of the window last asked for (reused between calls).
     window: Vec<(u64, usize)>,
 }
 
 impl<'a> GuestBuffer<'a> {
-    /// The buffer over `pieces`, cut to `len` bytes (the pieces hold at least that many).
-    pub fn new(mem: &'a GuestMemory, pieces: &'a [(u64, usize)], len: usize) -> Self {
+    /// The buffer over `pieces`, cut to `len` bytes (the pieces hold at least that many);
+    /// `unbuffered`: aligned transfers bypass the host's page cache.
+    pub fn new(
+        mem: &'a GuestMemory,
+        pieces: &'a [(u64, usize)],
+        len: usize,
+        unbuffered: bool,
+    ) -> Self {
         let held: usize = pieces.iter().map(|p| p.1).sum();
         Self {
             mem,
             pieces,
             len: len.min(held),
+            unbuffered,
             window: Vec::with_capacity(pieces.len()),
         }
     }
@@ -56,6 +66,16 @@ impl<'a> GuestBuffer<'a> {
     }
 }
 
+/// Whether every guest range of `window` starts and ends on a multiple of `align`. Guest
+/// RAM is mapped in whole pages, so for an `align` of up to a page the host addresses are
+/// aligned the same.
+pub fn aligned(window: &[(u64, usize)], align: u32) -> bool {
+    let a = u64::from(align);
+    window
+        .iter()
+        .all(|&(gpa, n)| gpa.is_multiple_of(a) && (n as u64).is_multiple_of(a))
+}
+
 /// The parts of `pieces` (`(gpa, len)`, in order) that hold bytes `[at, at + len)` of the
 /// buffer they make up, into `out` (cut short where the pieces end).
 pub fn window(pieces: &[(u64, usize)], at: usize, len: usize, out: &mut Vec<(u64, usize)>) {
@@ -79,6 +99,15 @@ pub fn window(pieces: &[(u64, usize)], at: usize, len: usize, out: &mut Vec<(u64
 impl IoBuffer for GuestBuffer<'_> {
     fn len(&self) -> usize {
         self.len
+    }
+
+    fn unbuffered(&self) -> bool {
+        self.unbuffered
+    }
+
+    fn aligned(&self, at: usize, len: usize, align: u32) -> bool {
+        let mut w = Vec::with_capacity(self.pieces.len());
+        self.window(at, len, &mut w).is_ok() && aligned(&w, align)
     }
 
     fn read_from(
@@ -129,7 +158,7 @@ mod tests {
     fn windows_cut_across_pieces_and_refuse_overruns() {
         let mem = GuestMemory::new(&[(0, 0x10000)]).unwrap();
         let pieces = [(0x1f00, 0x100), (0x5000, 0x1000), (0x9000, 0x80)];
-        let mut b = GuestBuffer::new(&mem, &pieces, 0x1100);
+        let mut b = GuestBuffer::new(&mem, &pieces, 0x1100, false);
         assert_eq!(b.len(), 0x1100);
         let data: Vec<u8> = (0..0x1100u32).map(|i| (i % 251) as u8).collect();
         b.copy_from(0, &data).unwrap();
@@ -145,5 +174,23 @@ mod tests {
         assert_eq!(mem.read_obj::<u128>(0x5000).unwrap(), 0);
         assert!(b.copy_to(0x10ff, &mut [0u8; 2]).is_err());
         assert!(b.zero(usize::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn alignment_is_every_piece_s_start_and_length() {
+        let mem = GuestMemory::new(&[(0, 0x10000)]).unwrap();
+        let pieces = [(0x1e00, 0x200), (0x5000, 0x1000), (0x9000, 0x80)];
+        let b = GuestBuffer::new(&mem, &pieces, 0x1280, true);
+        assert!(b.unbuffered());
+        assert!(b.aligned(0, 0x1200, 512));
+        assert!(
+            !b.aligned(0, 0x1200, 4096),
+            "the first piece starts mid-page"
+        );
+        assert!(b.aligned(0x200, 0x1000, 4096));
+        assert!(!b.aligned(0, 0x1280, 512), "the last piece is 128 bytes");
+        assert!(!b.aligned(0x100, 0x200, 512));
+        assert!(!b.aligned(0x1200, 0x200, 512), "past the buffer");
+        assert!(!GuestBuffer::new(&mem, &pieces, 0x200, false).unbuffered());
     }
 }

@@ -192,6 +192,37 @@ impl Medium for ImageMedium {
     }
 }
 
+/// Whether a disk's data goes through the host's page cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Unbuffered, as Hyper-V: aligned READ and WRITE move between guest pages and the file
+    /// with `O_DIRECT` (where the file system takes it); everything else is buffered.
+    #[default]
+    None,
+    /// Through the host's page cache (QEMU's default).
+    Writeback,
+}
+
+impl CacheMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::None => "none",
+            CacheMode::Writeback => "writeback",
+        }
+    }
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(CacheMode::None),
+            "writeback" => Ok(CacheMode::Writeback),
+            _ => Err(format!("cache={s:?} is not none or writeback")),
+        }
+    }
+}
+
 /// A disk for the controller: a medium and what inspection shows about it.
 #[derive(Clone)]
 pub struct DiskSpec {
@@ -204,6 +235,8 @@ pub struct DiskSpec {
     pub path: PathBuf,
     /// "VHDX", "VHD", "raw", or whatever the caller's medium is.
     pub format: String,
+    /// Whether direct READ and WRITE bypass the host's page cache.
+    pub cache: CacheMode,
 }
 
 impl std::fmt::Debug for DiskSpec {
@@ -212,6 +245,7 @@ impl std::fmt::Debug for DiskSpec {
             .field("path", &self.path)
             .field("format", &self.format)
             .field("direct", &self.disk.is_some())
+            .field("cache", &self.cache)
             .finish()
     }
 }
@@ -234,7 +268,14 @@ impl DiskSpec {
             format: format.into(),
             disk: Some(medium.disk().clone()),
             medium,
+            cache: CacheMode::default(),
         }
+    }
+
+    /// The same disk with cache mode `cache`.
+    pub fn with_cache(mut self, cache: CacheMode) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Opens an ISO image for a DVD drive: raw, read-only, and shared with other readers
@@ -252,6 +293,7 @@ impl DiskSpec {
             disk: None,
             path: path.into(),
             format: format.into(),
+            cache: CacheMode::default(),
         }
     }
 }

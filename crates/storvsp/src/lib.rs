@@ -54,7 +54,7 @@ use vmbus::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-pub use disk::{DiskSpec, ImageMedium, OpenDiskError};
+pub use disk::{CacheMode, DiskSpec, ImageMedium, OpenDiskError};
 /// The image formats a disk file can be opened in.
 pub use vhdx::open::Format as ImageFormat;
 
@@ -973,10 +973,17 @@ impl Worker {
             _ => return None,
         };
         // The medium too: it holds a raw or VHD file's lock until the I/O is done.
-        let (disk, medium, unit) = match support::lock_read(&self.shared.luns).get(&srb.lun) {
-            Some(Lun::Disk(spec, unit)) => (spec.disk.clone()?, spec.medium.clone(), unit.clone()),
+        let (disk, medium, unit, cache) = match support::lock_read(&self.shared.luns).get(&srb.lun)
+        {
+            Some(Lun::Disk(spec, unit)) => (
+                spec.disk.clone()?,
+                spec.medium.clone(),
+                unit.clone(),
+                spec.cache,
+            ),
             _ => return None,
         };
+        let unbuffered = cache == CacheMode::None;
         let len = srb.data_transfer_length as usize;
         // A buffer in the other direction is no buffer for this command (as on the bounce
         // path): the target then refuses the transfer length.
@@ -1000,7 +1007,7 @@ impl Worker {
                         unit.clone(),
                         disk.clone(),
                         medium,
-                        pieces,
+                        (pieces, unbuffered),
                     )
                 });
                 match queued {
@@ -1010,7 +1017,8 @@ impl Worker {
                     }
                     Some(Err(c)) => c,
                     Some(Ok(uring::Submitted::Declined)) | None => {
-                        let mut buf = buffer::GuestBuffer::new(&self.shared.mem, pieces, io.len);
+                        let mut buf =
+                            buffer::GuestBuffer::new(&self.shared.mem, pieces, io.len, unbuffered);
                         let r = if io.write {
                             disk.write_vectored(&buf, io.offset)
                         } else {

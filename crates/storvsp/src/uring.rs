@@ -14,7 +14,7 @@
 //! a save sees it and a restore executes it again; a hot-removed disk's file stays open
 //! while its requests hold it; closing the channel waits for the kernel (the ring's drop).
 
-use crate::buffer::window;
+use crate::buffer::{aligned, window};
 use guestmem::uring::GuestRing;
 use guestmem::GuestMemory;
 use protocol::Srb;
@@ -86,7 +86,8 @@ impl Queue {
     }
 
     /// Puts the transfer of request `seq` (`io`, its data in guest `pieces`) in the ring
-    /// when every extent of it is in a file.
+    /// when every extent of it is in a file; with `unbuffered`, the aligned ones through
+    /// the file's unbuffered descriptor.
     #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
@@ -97,7 +98,7 @@ impl Queue {
         unit: Arc<ScsiDisk>,
         disk: Arc<dyn Disk>,
         medium: Arc<dyn Medium>,
-        pieces: &[(u64, usize)],
+        (pieces, unbuffered): (&[(u64, usize)], bool),
     ) -> Result<Submitted, scsi::Completion> {
         let len = io.len as u64;
         let mut extents = Vec::new();
@@ -109,8 +110,19 @@ impl Queue {
             };
             let n = e.len();
             match e {
-                Extent::File { fd, offset, .. } if n > 0 && n <= len - done => {
-                    extents.push((fd, offset, done as usize, n as usize));
+                Extent::File {
+                    fd,
+                    direct,
+                    path,
+                    offset,
+                    ..
+                } if n > 0 && n <= len - done => {
+                    let at = done as usize;
+                    let fd = direct.choose(unbuffered, fd, path, (offset, n), |a| {
+                        window(pieces, at, n as usize, &mut self.window);
+                        aligned(&self.window, a)
+                    });
+                    extents.push((fd, offset, at, n as usize));
                 }
                 _ => return Ok(Submitted::Declined),
             }
