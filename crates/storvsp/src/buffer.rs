@@ -14,6 +14,8 @@ pub struct GuestBuffer<'a> {
     len: usize,
     /// Whether aligned transfers use the file's unbuffered descriptor.
     unbuffered: bool,
+    /// Bytes that went through one.
+    unbuffered_bytes: std::cell::Cell<usize>,
     /// The pieces of the window last asked for (reused between calls).
     window: Vec<(u64, usize)>,
 }
@@ -33,8 +35,14 @@ impl<'a> GuestBuffer<'a> {
             pieces,
             len: len.min(held),
             unbuffered,
+            unbuffered_bytes: std::cell::Cell::new(0),
             window: Vec::with_capacity(pieces.len()),
         }
+    }
+
+    /// Bytes moved through an unbuffered descriptor so far.
+    pub fn unbuffered_bytes(&self) -> usize {
+        self.unbuffered_bytes.get()
     }
 
     /// The guest ranges holding bytes `[at, at + len)` of the buffer, in order; an error if
@@ -108,6 +116,11 @@ impl IoBuffer for GuestBuffer<'_> {
     fn aligned(&self, at: usize, len: usize, align: u32) -> bool {
         let mut w = Vec::with_capacity(self.pieces.len());
         self.window(at, len, &mut w).is_ok() && aligned(&w, align)
+    }
+
+    fn note_unbuffered(&self, len: usize) {
+        self.unbuffered_bytes
+            .set(self.unbuffered_bytes.get().saturating_add(len));
     }
 
     fn read_from(

@@ -129,6 +129,9 @@ struct Counters {
     direct_transfers: AtomicU64,
     /// Of those, the ones carried out in a channel's io_uring.
     uring_transfers: AtomicU64,
+    /// Of the direct ones, those with data moved through an image file's unbuffered
+    /// (`O_DIRECT`) descriptor, bypassing the host's page cache.
+    unbuffered_transfers: AtomicU64,
     rescans: AtomicU64,
 }
 
@@ -571,6 +574,7 @@ impl vmbus::Device for StorvspDevice {
                 "completions_deferred": n(&c.completions_deferred),
                 "direct_transfers": n(&c.direct_transfers),
                 "uring_transfers": n(&c.uring_transfers),
+                "unbuffered_transfers": n(&c.unbuffered_transfers),
                 "rescans": n(&c.rescans),
             },
         })
@@ -1011,8 +1015,10 @@ impl Worker {
                     )
                 });
                 match queued {
-                    Some(Ok(uring::Submitted::InFlight)) => {
-                        Counters::add(&self.shared.counters.uring_transfers, 1);
+                    Some(Ok(uring::Submitted::InFlight { unbuffered })) => {
+                        let c = &self.shared.counters;
+                        Counters::add(&c.uring_transfers, 1);
+                        Counters::add(&c.unbuffered_transfers, u64::from(unbuffered));
                         return Some(None);
                     }
                     Some(Err(c)) => c,
@@ -1024,6 +1030,10 @@ impl Worker {
                         } else {
                             disk.read_vectored(&mut buf, io.offset)
                         };
+                        Counters::add(
+                            &self.shared.counters.unbuffered_transfers,
+                            u64::from(buf.unbuffered_bytes() > 0),
+                        );
                         unit.complete_io(io, r.map_err(|e| medium_error(io.offset, e)))
                     }
                 }

@@ -59,8 +59,9 @@ pub struct Queue {
 
 /// What [`Queue::submit`] made of a request.
 pub enum Submitted {
-    /// In the ring; [`Queue::reap`] returns it when done.
-    InFlight,
+    /// In the ring; [`Queue::reap`] returns it when done. `unbuffered`: some of it through
+    /// the file's unbuffered descriptor.
+    InFlight { unbuffered: bool },
     /// Not for the ring (an extent needs the disk's own I/O, or no room): do it synchronously.
     Declined,
 }
@@ -102,6 +103,7 @@ impl Queue {
     ) -> Result<Submitted, scsi::Completion> {
         let len = io.len as u64;
         let mut extents = Vec::new();
+        let mut any_unbuffered = false;
         let mut done = 0u64;
         while done < len {
             let e = match disk.extent(io.offset + done, len - done, io.write) {
@@ -118,11 +120,12 @@ impl Queue {
                     ..
                 } if n > 0 && n <= len - done => {
                     let at = done as usize;
-                    let fd = direct.choose(unbuffered, fd, path, (offset, n), |a| {
+                    let direct = direct.choose(unbuffered, fd, path, (offset, n), |a| {
                         window(pieces, at, n as usize, &mut self.window);
                         aligned(&self.window, a)
                     });
-                    extents.push((fd, offset, at, n as usize));
+                    any_unbuffered |= direct.is_some();
+                    extents.push((direct.unwrap_or(fd), offset, at, n as usize));
                 }
                 _ => return Ok(Submitted::Declined),
             }
@@ -159,7 +162,9 @@ impl Queue {
             return Err(unit.complete_io(io, Err(MediumError::io(io.offset, e))));
         }
         self.pending.insert(seq, p);
-        Ok(Submitted::InFlight)
+        Ok(Submitted::InFlight {
+            unbuffered: any_unbuffered,
+        })
     }
 
     /// The requests whose every operation has completed, each with how its medium access went.

@@ -83,24 +83,23 @@ impl DirectFd {
             })
     }
 
-    /// The descriptor for `len` bytes at `offset` of `file`: the unbuffered one when
-    /// `unbuffered`, the file system takes it, the range is aligned and so is the memory
-    /// (`memory_aligned(alignment)`); else `file` itself.
-    pub fn choose<'a>(
-        &'a self,
+    /// The unbuffered descriptor for `len` bytes at `offset` of `file`, when `unbuffered`,
+    /// the file system takes it, the range is aligned and so is the memory
+    /// (`memory_aligned(alignment)`); `None`: use `file` itself.
+    pub fn choose(
+        &self,
         unbuffered: bool,
-        file: BorrowedFd<'a>,
+        file: BorrowedFd<'_>,
         path: &Path,
         (offset, len): (u64, u64),
         memory_aligned: impl FnOnce(u32) -> bool,
-    ) -> BorrowedFd<'a> {
+    ) -> Option<BorrowedFd<'_>> {
         if !unbuffered {
-            return file;
+            return None;
         }
-        match self.get(file, path) {
-            Some(d) if d.fits(offset, len) && memory_aligned(d.align) => d.fd,
-            _ => file,
-        }
+        self.get(file, path)
+            .filter(|d| d.fits(offset, len) && memory_aligned(d.align))
+            .map(|d| d.fd)
     }
 }
 

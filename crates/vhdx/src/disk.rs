@@ -134,6 +134,10 @@ pub trait IoBuffer {
         let _ = (at, len, align);
         false
     }
+    /// Told before `len` bytes move through an unbuffered descriptor (for statistics).
+    fn note_unbuffered(&self, len: usize) {
+        let _ = len;
+    }
     /// Reads `len` bytes of `fd` at `file_offset` into bytes `[at, at + len)`; the end of the
     /// file before that is an `UnexpectedEof` error.
     fn read_from(
@@ -219,9 +223,13 @@ fn read_extents<D: Disk + ?Sized>(disk: &D, buf: &mut dyn IoBuffer, offset: u64)
                 offset: fo,
                 len,
             } => {
-                let fd = direct.choose(buf.unbuffered(), fd, path, (fo, len), |a| {
+                let unbuffered = direct.choose(buf.unbuffered(), fd, path, (fo, len), |a| {
                     buf.aligned(at, len as usize, a)
                 });
+                if unbuffered.is_some() {
+                    buf.note_unbuffered(len as usize);
+                }
+                let fd = unbuffered.unwrap_or(fd);
                 buf.read_from(fd, fo, at, len as usize)
                     .map_err(|source| Error::Io {
                         path: path.to_path_buf(),
@@ -265,9 +273,13 @@ fn write_extents<D: Disk + ?Sized>(disk: &D, buf: &dyn IoBuffer, offset: u64) ->
                 offset: fo,
                 len,
             } => {
-                let fd = direct.choose(buf.unbuffered(), fd, path, (fo, len), |a| {
+                let unbuffered = direct.choose(buf.unbuffered(), fd, path, (fo, len), |a| {
                     buf.aligned(at, len as usize, a)
                 });
+                if unbuffered.is_some() {
+                    buf.note_unbuffered(len as usize);
+                }
+                let fd = unbuffered.unwrap_or(fd);
                 buf.write_to(fd, fo, at, len as usize)
                     .map_err(|source| Error::Io {
                         path: path.to_path_buf(),
