@@ -307,3 +307,131 @@ fn a_stalled_backend_completes_every_request_and_hot_remove_waits_for_it() {
     assert_eq!(Arc::strong_count(&disk), 1, "the file is let go of");
     r.host.stop();
 }
+
+/// A directory on a file system that takes O_DIRECT, or `None` (printed why).
+fn direct_dir() -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir_in("/var/tmp")
+        .or_else(|_| tempfile::tempdir())
+        .ok()?;
+    let probe = dir.path().join("probe");
+    std::fs::write(&probe, [0u8; 4096]).ok()?;
+    let flags = rustix::fs::OFlags::RDWR | rustix::fs::OFlags::DIRECT;
+    match rustix::fs::open(&probe, flags, rustix::fs::Mode::empty()) {
+        Ok(_) => Some(dir),
+        Err(e) => {
+            eprintln!("skipped: {} takes no O_DIRECT ({e})", dir.path().display());
+            None
+        }
+    }
+}
+
+/// Sends a 4 KiB WRITE(10)/READ(10) at `lba` whose data starts `skew` bytes into guest page
+/// `page` (and, when skewed, ends in the next page).
+fn send_skewed(g: &mut Guest, id: u64, write: bool, lba: u32, page: usize, skew: u32) {
+    let mut cdb = [if write { 0x2a } else { 0x28 }, 0, 0, 0, 0, 0, 0, 0, 8, 0];
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    let dir = if write {
+        sp::data_in::WRITE
+    } else {
+        sp::data_in::READ
+    };
+    let mut pfns = vec![g.pages[page]];
+    if skew > 0 {
+        pfns.push(g.pages[page + 1]);
+    }
+    let r = PagedRange {
+        byte_offset: skew,
+        byte_count: 4096,
+        pfns,
+    };
+    let p = g.srb_packet(0, &cdb, dir, 4096);
+    let h = vmbus::packet::gpa_direct_header(&[r]);
+    g.send(id, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
+}
+
+#[test]
+fn cache_none_moves_aligned_requests_unbuffered_with_io_uring_and_without() {
+    let Some(dir) = direct_dir() else { return };
+    let uring = have_io_uring();
+    for io_uring in [true, false] {
+        for cache in [storvsp::CacheMode::None, storvsp::CacheMode::Writeback] {
+            let what = format!("io_uring {io_uring}, cache={}", cache.name());
+            let vhdx = dir
+                .path()
+                .join(format!("u-{io_uring}-{}.vhdx", cache.name()));
+            let _ = std::fs::remove_file(&vhdx);
+            vhdx::vhdx::VhdxBuilder::new(16 << 20)
+                .block_size(1 << 20)
+                .create(&vhdx)
+                .unwrap();
+            let spec = DiskSpec::open(&vhdx, None, false)
+                .unwrap()
+                .with_cache(cache);
+            let mut r = rig_with(config(io_uring), vec![(0, spec)]);
+            let mut g = r.open(0, 128);
+            g.handshake(&[0x0602]);
+            // Writes (the first in each 1 MiB block allocates it: buffered, through the
+            // log), then the same again in place; every 4th one 8 bytes into its page (not
+            // aligned: buffered).
+            let n = 64usize;
+            let skew = |i: usize| if i % 4 == 3 { 8 } else { 0 };
+            for pass in 0..2u8 {
+                for i in 0..n {
+                    let gpa = page_gpa(&g, 2 * i) + u64::from(skew(i));
+                    g.mem.write(gpa, &pattern(i as u8 ^ pass, 4096)).unwrap();
+                    let id = (pass as usize * n + i) as u64 + 1;
+                    send_skewed(&mut g, id, true, i as u32 * 64, 2 * i, skew(i));
+                }
+                let done = collect(&mut g, n);
+                assert!(done.values().all(|&s| s == 1), "{what}: {done:?}");
+            }
+            for i in 0..n {
+                let gpa = page_gpa(&g, 2 * i) + u64::from(skew(i));
+                g.mem.write(gpa, &[0xEE; 4096]).unwrap();
+                send_skewed(
+                    &mut g,
+                    1000 + i as u64,
+                    false,
+                    i as u32 * 64,
+                    2 * i,
+                    skew(i),
+                );
+            }
+            let done = collect(&mut g, n);
+            assert!(done.values().all(|&s| s == 1), "{what}: {done:?}");
+            for i in 0..n {
+                let mut back = vec![0u8; 4096];
+                g.mem
+                    .read(page_gpa(&g, 2 * i) + u64::from(skew(i)), &mut back)
+                    .unwrap();
+                assert!(back == pattern(i as u8 ^ 1, 4096), "{what}: request {i}");
+            }
+            let c = &r.dev.inspect()["counters"];
+            let unbuffered = c["unbuffered_transfers"].as_u64().unwrap();
+            if cache == storvsp::CacheMode::None {
+                // All 3 * n but the skewed quarter and the two allocating writes.
+                assert_eq!(unbuffered, (3 * n - 3 * n / 4 - 2) as u64, "{what}");
+            } else {
+                assert_eq!(unbuffered, 0, "{what}");
+            }
+            let queued = c["uring_transfers"].as_u64().unwrap();
+            assert_eq!(
+                queued > 0,
+                io_uring && uring,
+                "{what}: {queued} in io_uring"
+            );
+            r.host.stop();
+            drop(r);
+            // The file holds what the guest wrote, read back through the page cache.
+            let img = vhdx::open::open(&vhdx, true).unwrap();
+            for i in 0..n {
+                let mut back = vec![0u8; 4096];
+                img.read_at(&mut back, i as u64 * 64 * 512).unwrap();
+                assert!(
+                    back == pattern(i as u8 ^ 1, 4096),
+                    "{what}: file at request {i}"
+                );
+            }
+        }
+    }
+}
