@@ -97,11 +97,14 @@ pub struct DiskArg {
     pub read_only: bool,
     /// `None`: the format the content and the name agree on.
     pub format: Option<vmm::vmbus_host::ImageFormat>,
+    /// `None`: the default, unbuffered (`cache=none`).
+    pub cache: Option<vmm::vmbus_host::CacheMode>,
     pub controller: Option<u8>,
     pub location: Option<u8>,
 }
 
-const DISK_USAGE: &str = "PATH[,readonly][,format=raw|vhd|vhdx][,controller=N][,location=M]";
+const DISK_USAGE: &str =
+    "PATH[,readonly][,format=raw|vhd|vhdx][,cache=none|writeback][,controller=N][,location=M]";
 const DVD_USAGE: &str = "ISO|none[,controller=N][,location=M]";
 
 /// Parses a `--disk` value. Options follow the path after commas, in any order; a path may
@@ -125,6 +128,7 @@ fn parse_drive(flag: &str, value: &str, usage: &str) -> anyhow::Result<DiskArg> 
         path: PathBuf::new(),
         read_only: false,
         format: None,
+        cache: None,
         controller: None,
         location: None,
     };
@@ -140,6 +144,12 @@ fn parse_drive(flag: &str, value: &str, usage: &str) -> anyhow::Result<DiskArg> 
             Some(("format", f)) if !dvd => {
                 arg.format = Some(
                     f.parse()
+                        .map_err(|e| anyhow::anyhow!("{flag} {value}: {e}"))?,
+                )
+            }
+            Some(("cache", c)) if !dvd => {
+                arg.cache = Some(
+                    c.parse()
                         .map_err(|e| anyhow::anyhow!("{flag} {value}: {e}"))?,
                 )
             }
@@ -185,7 +195,10 @@ fn open_disks(args: &RunArgs) -> anyhow::Result<Vec<vmm::vmbus_host::Drive>> {
         .zip(places)
         .map(|((flag, _, a), (controller, location))| {
             let media = if flag == "--disk" {
-                Media::Disk(vh::open_disk(&a.path, a.format, a.read_only)?)
+                Media::Disk(
+                    vh::open_disk(&a.path, a.format, a.read_only)?
+                        .with_cache(a.cache.unwrap_or_default()),
+                )
             } else if a.path.as_os_str().is_empty() {
                 Media::Dvd(None)
             } else {
@@ -581,14 +594,33 @@ mod tests {
     fn disk_values() {
         use vmm::vmbus_host::ImageFormat;
         let d = |v: &str| parse_disk(v).map_err(|e| e.to_string());
+        let v = |v: &str| parse_dvd(v).map_err(|e| e.to_string());
         let arg = |path: &str, read_only, format| DiskArg {
             path: PathBuf::from(path),
             read_only,
             format,
+            cache: None,
             controller: None,
             location: None,
         };
         assert_eq!(d("a.vhdx").unwrap(), arg("a.vhdx", false, None));
+        assert_eq!(
+            d("a.vhdx,cache=writeback,ro").unwrap(),
+            DiskArg {
+                cache: Some(vmm::vmbus_host::CacheMode::Writeback),
+                ..arg("a.vhdx", true, None)
+            }
+        );
+        assert_eq!(
+            d("a.vhdx,cache=none").unwrap().cache,
+            Some(vmm::vmbus_host::CacheMode::None)
+        );
+        let bad = d("a.vhdx,cache=bogus").unwrap_err();
+        assert!(
+            bad.contains("cache=\"bogus\"") && bad.contains("writeback"),
+            "{bad}"
+        );
+        assert!(v("d.iso,cache=none").is_err());
         assert_eq!(
             d("/x/a.vhdx,readonly").unwrap(),
             arg("/x/a.vhdx", true, None)
@@ -613,7 +645,6 @@ mod tests {
         );
         assert!(d("a.vhdx,location=x").unwrap_err().contains("\"x\""));
         assert!(d("a.vhdx,location=300").is_err());
-        let v = |v: &str| parse_dvd(v).map_err(|e| e.to_string());
         assert_eq!(
             v("none,location=3").unwrap(),
             DiskArg {

@@ -15,7 +15,7 @@ use storvsp::{ControllerConfig, StorvspDevice};
 use vmbus::{HostConfig, ServerConfig, VmbusHost};
 
 pub use services::{Service, ServiceState};
-pub use storvsp::{DiskSpec, DriveInfo, DriveKind, ImageFormat, OpenDiskError};
+pub use storvsp::{CacheMode, DiskSpec, DriveInfo, DriveKind, ImageFormat, OpenDiskError};
 
 mod services;
 

@@ -146,6 +146,10 @@ impl NewDevices {
                 arg.format.is_none(),
                 "--disk {d}: the service detects the format from the content; drop format="
             );
+            anyhow::ensure!(
+                arg.cache.is_none(),
+                "--disk {d}: the service's disks are unbuffered (cache=none); drop cache="
+            );
             disks.push(json!({
                 "path": path_arg(&arg.path)?,
                 "read_only": arg.read_only,
