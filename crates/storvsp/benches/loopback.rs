@@ -4,7 +4,11 @@
 //! sequential reads with 4, on one channel and on four, three ways: `uring` (each channel's
 //! io_uring, vectored straight into guest pages), `sync` (the same vectored I/O on the worker
 //! thread, as with `VIRIDIAN_NO_IO_URING=1`) and `bounce` (the image as a plain medium through
-//! the worker's bounce buffer, as before the direct path existed).
+//! the worker's bounce buffer, as before the direct path existed), all through the page cache
+//! (`cache=writeback`). Then the same image on a real file system (/var/tmp), one channel,
+//! `uring` and `sync` each buffered (`cache=writeback`: the page cache holds the image after
+//! it is written) and unbuffered (`cache=none`: O_DIRECT to the device); these also print
+//! CPU-seconds per GiB moved.
 //!
 //! Run: `cargo bench -p storvsp --bench loopback`. Besides criterion's requests per second
 //! (wall clock), each case prints requests per CPU-second of the whole process (guest threads
@@ -18,7 +22,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use hvdef::storvsp::{self as sp, operation};
 use hvdef::vmbus::packet_type;
 use std::time::{Duration, Instant};
-use storvsp::DiskSpec;
+use storvsp::{CacheMode, DiskSpec};
 use vmbus::PagedRange;
 use zerocopy::IntoBytes;
 
@@ -65,12 +69,30 @@ impl Mode {
     }
 }
 
-fn setup(channels: u16, mode: Mode) -> Setup {
-    let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+/// Where the image is: tmpfs, or a real file system with the given cache mode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Tmpfs,
+    Disk(CacheMode),
+}
+
+fn setup(channels: u16, mode: Mode, place: Place) -> Setup {
+    let (dir, cache) = match place {
+        Place::Tmpfs => (
+            tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap()),
+            CacheMode::Writeback,
+        ),
+        Place::Disk(cache) => (
+            tempfile::tempdir_in("/var/tmp").unwrap_or_else(|_| tempfile::tempdir().unwrap()),
+            cache,
+        ),
+    };
     let path = raw_disk(dir.path(), "bench.img", BLOCKS * 4096);
-    // Touch every block so reads hit tmpfs pages, not holes.
+    // Touch every block so reads hit data, not holes.
     std::fs::write(&path, vec![0x5a; (BLOCKS * 4096) as usize]).unwrap();
-    let spec = DiskSpec::open(&path, None, false).unwrap();
+    let spec = DiskSpec::open(&path, None, false)
+        .unwrap()
+        .with_cache(cache);
     let spec = if mode == Mode::Bounce {
         DiskSpec::from_medium(spec.medium.clone(), spec.path.clone(), "raw")
     } else {
@@ -205,41 +227,56 @@ fn bench(c: &mut Criterion) {
             pages: 64,
         },
     ];
+    let mut cases = Vec::new();
     for channels in [1u16, 4] {
         for mode in [Mode::Uring, Mode::Sync, Mode::Bounce] {
-            let mut s = setup(channels, mode);
-            for load in loads {
-                let name = format!("{}-{}ch-{}", load.name(), channels, mode.name());
-                let (mut reqs, mut cpu, mut wall) = (0u64, Duration::ZERO, Duration::ZERO);
-                group.bench_function(BenchmarkId::from_parameter(&name), |b| {
-                    b.iter_custom(|iters| {
-                        // `iters` requests in all, shared by the channels.
-                        let per = iters.div_ceil(u64::from(channels));
-                        let (c0, t0) = (cpu_time(), Instant::now());
-                        std::thread::scope(|sc| {
-                            for (i, g) in s.guests.iter_mut().enumerate() {
-                                sc.spawn(move || drive(g, per, load, 0x9e37 + i as u64));
-                            }
-                        });
-                        let el = t0.elapsed();
-                        reqs += per * u64::from(channels);
-                        cpu += cpu_time() - c0;
-                        wall += el;
-                        el.mul_f64(iters as f64 / (per * u64::from(channels)) as f64)
-                    })
-                });
-                summary.push(format!(
-                    "{name:>32}: {:>8.0} requests/s wall, {:>8.0} per CPU-second ({:.2} cores busy)",
-                    reqs as f64 / wall.as_secs_f64(),
-                    reqs as f64 / cpu.as_secs_f64(),
-                    cpu.as_secs_f64() / wall.as_secs_f64()
-                ));
-            }
-            s.rig.host.stop();
+            cases.push((channels, mode, Place::Tmpfs));
         }
     }
+    for mode in [Mode::Uring, Mode::Sync] {
+        for cache in [CacheMode::Writeback, CacheMode::None] {
+            cases.push((1, mode, Place::Disk(cache)));
+        }
+    }
+    for (channels, mode, place) in cases {
+        let mut s = setup(channels, mode, place);
+        let at = match place {
+            Place::Tmpfs => "tmpfs".to_string(),
+            Place::Disk(c) => format!("disk-cache-{}", c.name()),
+        };
+        for load in loads {
+            let name = format!("{}-{}ch-{}-{at}", load.name(), channels, mode.name());
+            let (mut reqs, mut cpu, mut wall) = (0u64, Duration::ZERO, Duration::ZERO);
+            group.bench_function(BenchmarkId::from_parameter(&name), |b| {
+                b.iter_custom(|iters| {
+                    // `iters` requests in all, shared by the channels.
+                    let per = iters.div_ceil(u64::from(channels));
+                    let (c0, t0) = (cpu_time(), Instant::now());
+                    std::thread::scope(|sc| {
+                        for (i, g) in s.guests.iter_mut().enumerate() {
+                            sc.spawn(move || drive(g, per, load, 0x9e37 + i as u64));
+                        }
+                    });
+                    let el = t0.elapsed();
+                    reqs += per * u64::from(channels);
+                    cpu += cpu_time() - c0;
+                    wall += el;
+                    el.mul_f64(iters as f64 / (per * u64::from(channels)) as f64)
+                })
+            });
+            let gib = (reqs * load.pages * 4096) as f64 / f64::from(1u32 << 30);
+            summary.push(format!(
+                    "{name:>48}: {:>8.0} requests/s wall, {:>8.0} per CPU-second ({:.2} cores busy), {:.2} CPU-s/GiB",
+                    reqs as f64 / wall.as_secs_f64(),
+                    reqs as f64 / cpu.as_secs_f64(),
+                    cpu.as_secs_f64() / wall.as_secs_f64(),
+                    cpu.as_secs_f64() / gib
+                ));
+        }
+        s.rig.host.stop();
+    }
     group.finish();
-    println!("\nstorvsp loopback, raw image in tmpfs:");
+    println!("\nstorvsp loopback, raw image in tmpfs and on /var/tmp:");
     for l in summary {
         println!("{l}");
     }
