@@ -265,7 +265,7 @@ fn every_backend_matches_the_model_through_the_unbuffered_descriptor() {
     }
     // A differencing child reads its parent's blocks through the parent's descriptor.
     drop(dyn_vhdx);
-    let child = VhdxBuilder::differencing(&p("d.vhdx"))
+    let child = VhdxBuilder::differencing(p("d.vhdx"))
         .create(p("child.vhdx"))
         .unwrap();
     let mut model = vec![0u8; size as usize];
