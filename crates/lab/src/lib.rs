@@ -592,8 +592,8 @@ impl LabRun {
     }
 
     /// A failure of the emulated machine rather than of a scenario, worth one fresh lab VM:
-    /// L1 did not finish its script (its kernel crashed or hung), or an L2 guest
-    /// triple-faulted. Both have been seen only with a 2-vCPU guest under load on L1's
+    /// L1 did not finish its script (its kernel crashed or hung), an L2 guest triple-faulted,
+    /// or an L2 guest hung before its `/init` printed anything. Both have been seen only with a 2-vCPU guest under load on L1's
     /// emulated SVM (TCG), L1's kernel once crashing on a vCPU thread in the same scenario
     /// (docs/lab.md, "Known faults of the emulated lab machine"); no scenario expects a
     /// triple fault.
@@ -604,10 +604,24 @@ impl LabRun {
                 self.errors
             ));
         }
-        self.scenarios
+        if let Some(s) = self
+            .scenarios
             .iter()
             .find(|s| s.console.contains(TRIPLE_FAULT))
-            .map(|s| format!("an L2 guest of {} triple-faulted", s.name))
+        {
+            return Some(format!("an L2 guest of {} triple-faulted", s.name));
+        }
+        // A guest that never reached its /init (no VIRIDIAN-GUEST line at all) and was killed
+        // at the time limit: a boot hang, seen with 2-vCPU guests on the emulated SVM.
+        self.scenarios
+            .iter()
+            .find(|s| s.exit_code != 0 && s.guest.is_empty())
+            .map(|s| {
+                format!(
+                    "an L2 guest of {} printed nothing before its time ran out (exit {})",
+                    s.name, s.exit_code
+                )
+            })
     }
 }
 
@@ -1172,6 +1186,25 @@ mod tests {
         ]);
         let why = faulted.emulation_fault().unwrap();
         assert!(why.contains("net triple-faulted"), "{why}");
+        let hung = run_of(&[
+            "LAB-BEGIN hv-2cpu",
+            "Terminated",
+            "LAB-END hv-2cpu rc=143 t0=37 t1=337",
+            "LAB-DONE",
+        ]);
+        let why = hung.emulation_fault().unwrap();
+        assert!(why.contains("hv-2cpu printed nothing"), "{why}");
+        let failed = run_of(&[
+            "LAB-BEGIN b",
+            "VIRIDIAN-GUEST init_uptime=3.1",
+            "LAB-END b rc=1 t0=1 t1=2",
+            "LAB-DONE",
+        ]);
+        assert_eq!(
+            failed.emulation_fault(),
+            None,
+            "a guest that ran and failed is no fault of L1"
+        );
         let unfinished = run_of(&["LAB-BEGIN a", "[   45.6] Kernel panic - not syncing"]);
         let why = unfinished.emulation_fault().unwrap();
         assert!(why.contains("before finishing"), "{why}");
