@@ -129,6 +129,17 @@ impl Manager {
             .ok_or_else(|| ApiError::not_found(name))
     }
 
+    /// The VM named `name` as it is once its lock is held (the guard goes with the job that
+    /// changes it).
+    async fn locked(
+        &self,
+        name: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRow), ApiError> {
+        let id = self.find(name)?.id;
+        let guard = self.lock_for(&id).lock_owned().await;
+        Ok((guard, self.find_id(&id, name)?))
+    }
+
     fn emit(&self, row: &VmRow, state: VmState, status: &str) {
         tracing::info!("VM '{}' is {state}: {status}", row.name);
         let _ = self.events.send(VmEvent {

@@ -150,9 +150,7 @@ impl Manager {
     /// Start-VM as a job: the state and boot files are checked first (409), then the job
     /// goes from `Starting the worker` to the VM's state once Running.
     pub async fn start_job(self: &Arc<Self>, name: &str) -> Result<Job, ApiError> {
-        let id = self.find(name)?.id;
-        let guard = self.lock_for(&id).lock_owned().await;
-        let row = self.find_id(&id, name)?;
+        let (guard, row) = self.locked(name).await?;
         let restore = self.startable(&row)?;
         let this = self.clone();
         self.run_job(
@@ -172,9 +170,7 @@ impl Manager {
         turn_off: bool,
         timeout: u64,
     ) -> Result<Job, ApiError> {
-        let id = self.find(name)?.id;
-        let guard = self.lock_for(&id).lock_owned().await;
-        let row = self.find_id(&id, name)?;
+        let (guard, row) = self.locked(name).await?;
         let running = self.stoppable(&row)?;
         let this = self.clone();
         self.run_job(
@@ -199,9 +195,7 @@ impl Manager {
         turn_off: bool,
         timeout: u64,
     ) -> Result<Job, ApiError> {
-        let id = self.find(name)?.id;
-        let guard = self.lock_for(&id).lock_owned().await;
-        let row = self.find_id(&id, name)?;
+        let (guard, row) = self.locked(name).await?;
         let running = self.stoppable(&row)?;
         self.boot_files_exist(&row)?;
         let this = self.clone();

@@ -26,9 +26,8 @@ impl Manager {
     /// saved state and ends, and the VM is Saved. A save that fails before the worker stopped
     /// the VM leaves it as it was.
     pub async fn save(self: &Arc<Self>, name: &str) -> Result<Job, ApiError> {
-        let id = self.find(name)?.id;
-        let guard = self.lock_for(&id).lock_owned().await;
-        let row = self.find_id(&id, name)?;
+        let (guard, row) = self.locked(name).await?;
+        let id = row.id.clone();
         if row.state != VmState::Running && row.state != VmState::Paused {
             return Err(ApiError::wrong_state(
                 &row.name,
