@@ -11,6 +11,7 @@ mod service;
 mod switch;
 mod vhd;
 mod vm;
+mod whole_lines;
 
 use clap::{Parser, Subcommand};
 

@@ -2,8 +2,10 @@
 
 use crate::console::{InputEnd, RawMode, Stdin};
 use crate::serial_log::SerialLog;
+use crate::whole_lines::WholeLines;
 use anyhow::Context;
 use clap::Args;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,7 @@ pub struct RunArgs {
     serial: Option<PathBuf>,
     /// Send nothing to the guest's console: by default a terminal on stdin is put in raw mode
     /// and its keys go to COM1 (Ctrl-] detaches), and piped stdin is sent as typed input.
+    /// Without a terminal on stdin the console goes to stdout in whole lines.
     #[arg(long)]
     no_console_input: bool,
     /// Present plain KVM instead of Hyper-V (no Hyper-V CPUID leaves, synthetic MSRs or VMBus).
@@ -403,14 +406,15 @@ fn run_vm(
         Stdin::Terminal => Some(RawMode::enter().context("cannot put the terminal in raw mode")?),
         _ => None,
     };
+    // Nobody types at a console whose input is not a terminal: its output is for programs and
+    // logs, and goes out in whole lines, so a script's own lines next to it never split one.
+    let stdout: Box<dyn Write + Send> = match input {
+        Stdin::Terminal => Box::new(std::io::stdout()),
+        _ => Box::new(WholeLines::new(std::io::stdout())),
+    };
     let terminal = Arc::new(
         console
-            .attach(
-                "terminal",
-                Box::new(std::io::stdout()),
-                true,
-                WhenSlow::Drop,
-            )
+            .attach("terminal", stdout, true, WhenSlow::Drop)
             .context("cannot start the console")?,
     );
     if input != Stdin::Nothing {

@@ -567,6 +567,9 @@ pub struct ScenarioResult {
     pub clock: Option<u64>,
 }
 
+/// What starts a `key=value` report line, from the guest or the L1 side of a scenario.
+const GUEST_MARKER: &str = "VIRIDIAN-GUEST ";
+
 /// What `viridian run` prints when a vCPU triple-faults.
 const TRIPLE_FAULT: &str = "triple-faulted; the guest is dead";
 
@@ -1120,9 +1123,16 @@ fn parse_line(line: &str, run: &mut LabRun, current: &mut Option<ScenarioResult>
     } else if let Some(rest) = line.strip_prefix("LAB-L1 ") {
         run.l1_init_uptime = fields(rest).get("init_uptime").and_then(|v| v.parse().ok());
     } else if let Some(r) = current.as_mut() {
-        if let Some(at) = line.find("VIRIDIAN-GUEST ") {
-            r.guest
-                .extend(fields(&line[at + "VIRIDIAN-GUEST ".len()..]));
+        if line.matches(GUEST_MARKER).count() > 1 {
+            // Every writer inside L1 writes whole lines (`viridian run` too, whenever nobody
+            // types at it); a line holding two reports means one writer split another's.
+            run.errors.push(format!(
+                "{}: two lines ran into each other (a writer split another's line): {line}",
+                r.name
+            ));
+        }
+        for report in line.split(GUEST_MARKER).skip(1) {
+            r.guest.extend(fields(report));
         }
         r.console.push_str(line);
         r.console.push('\n');
@@ -1159,6 +1169,33 @@ mod tests {
         assert!((s.seconds - 5.5).abs() < 1e-9);
         assert!(s.console.contains("Linux version"));
         assert_eq!(run.errors, vec!["insmod x failed"]);
+    }
+
+    #[test]
+    fn a_line_split_by_another_writer_is_reported_not_misread() {
+        // The formats run of issue 8: L1's `host_dvd_path=` line landed inside the guest's
+        // `dvd2_md5=` line.
+        let mut run = LabRun::default();
+        let mut cur = None;
+        for l in [
+            "LAB-BEGIN formats",
+            "VIRIDIAN-GUEST dvd2_md5=5463665fVIRIDIAN-GUEST host_dvd_path=/l2/two.iso",
+            "9a44bda13fdeaac387e6b425",
+            "VIRIDIAN-GUEST host_dvd_after_guest_eject=-",
+            "LAB-END formats rc=0 t0=1 t1=2",
+        ] {
+            parse_line(l, &mut run, &mut cur);
+        }
+        let s = run.scenario("formats").unwrap();
+        assert_eq!(s.guest["host_dvd_path"], "/l2/two.iso");
+        assert_eq!(s.guest["dvd2_md5"], "5463665f");
+        assert_eq!(s.guest["host_dvd_after_guest_eject"], "-");
+        assert_eq!(run.errors.len(), 1, "{:?}", run.errors);
+        assert!(
+            run.errors[0].contains("formats: two lines ran into each other"),
+            "{:?}",
+            run.errors
+        );
     }
 
     #[test]
