@@ -19,6 +19,32 @@ pub struct HardDisk {
     #[schema(maximum = 63)]
     pub location: u8,
     pub read_only: bool,
+    /// `none` also for disks stored before the service knew cache modes.
+    #[serde(default)]
+    pub cache: DiskCache,
+}
+
+/// Whether a disk's data goes through the host's page cache (`viridian run --disk
+/// PATH,cache=...`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    /// Unbuffered (`O_DIRECT`), as Hyper-V: the guest's writes are on the disk when it is told
+    /// they are done.
+    #[default]
+    None,
+    /// Through the host's page cache.
+    Writeback,
+}
+
+impl DiskCache {
+    /// The worker's spelling (`--disk PATH,cache=NAME`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskCache::None => "none",
+            DiskCache::Writeback => "writeback",
+        }
+    }
 }
 
 /// A disk to attach. Without `controller` and `location` it goes on controller 0 at the
@@ -36,6 +62,8 @@ pub struct NewHardDisk {
     #[serde(default)]
     #[schema(maximum = 63)]
     pub location: Option<u8>,
+    #[serde(default)]
+    pub cache: DiskCache,
 }
 
 /// A new dynamic VHDX the service creates for the VM (`vm new --new-disk PATH --size SIZE`).

@@ -32,7 +32,7 @@ mod switches;
     ),
     components(schemas(ErrorBody, ErrorDetail, Vm, NewVm, VmPatch, VmState, Heartbeat,
                        AutoStart, AutoStop, Recovery, VmEvent, ServiceInfo, NewToken,
-                       TokenCreated, TokenInfo, HardDisk, NewHardDisk, NewDiskFile, DvdDrive,
+                       TokenCreated, TokenInfo, HardDisk, DiskCache, NewHardDisk, NewDiskFile, DvdDrive,
                        NewDvdDrive, DvdMedia, NetworkAdapter, NetworkAdapterStatus, NicLive, AdapterVlan, VlanTrunk, NewNetworkAdapter, NetworkAdapterPatch, VmMeasure, IntegrationService, IntegrationChange,
                        Switch, SwitchType, NewSwitch, Job, JobState)),
     tags((name = "vms", description = "Virtual machines"),

@@ -18,6 +18,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmm::vmbus_host::CacheMode;
 use vmm::VmControl;
 
 /// Directory of control sockets: `$VIRIDIAN_RUN_DIR`, else `/run/viridian` for root, else
@@ -198,9 +199,10 @@ fn place_arg(s: Option<&str>) -> Option<Option<u8>> {
 }
 
 /// The storage commands (paths come last: they may hold spaces):
-/// - `disks`: every drive as JSON (controller, location, kind, path, format, read_only, size,
-///   sector sizes; an empty DVD drive has no path);
-/// - `disk-add C|auto L|auto rw|ro FORMAT|auto PATH` (Add-VMHardDiskDrive);
+/// - `disks`: every drive as JSON (controller, location, kind, path, format, read_only,
+///   cache, size, sector sizes; an empty DVD drive has no path);
+/// - `disk-add C|auto L|auto rw|ro FORMAT|auto [cache=none|writeback] PATH`
+///   (Add-VMHardDiskDrive; unbuffered unless `cache=writeback`);
 /// - `disk-remove C L` (Remove-VMHardDiskDrive, and Remove-VMDvdDrive);
 /// - `dvd-add C|auto L|auto ISO|none` (Add-VMDvdDrive);
 /// - `dvd-set C|auto L|auto PATH` and `dvd-eject C|auto L|auto` (Set-VMDvdDrive).
@@ -219,6 +221,7 @@ fn storage_command(verb: &str, arg: &str, control: &VmControl) -> String {
                         "path": d.path,
                         "format": d.format,
                         "read_only": d.read_only,
+                        "cache": d.cache.map(CacheMode::name),
                         "size": d.size,
                         "logical_sector_size": d.logical_sector_size,
                         "physical_sector_size": d.physical_sector_size,
@@ -230,22 +233,30 @@ fn storage_command(verb: &str, arg: &str, control: &VmControl) -> String {
         "disk-add" => {
             let mut parts = arg.splitn(5, ' ');
             let (c, l) = (place_arg(parts.next()), place_arg(parts.next()));
-            let (mode, format, path) = (parts.next(), parts.next(), parts.next());
+            let (mode, format, rest) = (parts.next(), parts.next(), parts.next());
             let format = match format {
                 Some("auto") => Some(None),
                 Some(f) => f.parse().ok().map(Some),
                 None => None,
             };
-            match (c, l, mode, format, path) {
-                (Some(c), Some(l), Some(m @ ("rw" | "ro")), Some(f), Some(path))
+            let (cache, path) = match rest.map(|r| (r, r.strip_prefix("cache="))) {
+                Some((_, Some(r))) => {
+                    let (mode, path) = r.split_once(' ').unwrap_or((r, ""));
+                    (mode.parse::<CacheMode>().ok(), Some(path))
+                }
+                Some((path, None)) => (Some(CacheMode::default()), Some(path)),
+                None => (None, None),
+            };
+            match (c, l, mode, format, cache, path) {
+                (Some(c), Some(l), Some(m @ ("rw" | "ro")), Some(f), Some(cache), Some(path))
                     if !path.is_empty() =>
                 {
-                    match control.add_disk(Path::new(path), f, m == "ro", c, l) {
+                    match control.add_disk(Path::new(path), f, m == "ro", cache, c, l) {
                         Ok((c, l)) => format!("ok: {path} attached at {}", place(c, l)),
                         Err(e) => format!("error: {e}"),
                     }
                 }
-                _ => "error: usage: disk-add CONTROLLER|auto LOCATION|auto rw|ro FORMAT|auto PATH"
+                _ => "error: usage: disk-add CONTROLLER|auto LOCATION|auto rw|ro FORMAT|auto [cache=none|writeback] PATH"
                     .to_string(),
             }
         }

@@ -77,6 +77,9 @@ impl SavedRun {
                         if d.read_only {
                             v.push_str(",readonly");
                         }
+                        if let Some(c) = d.cache.filter(|c| *c != Default::default()) {
+                            v.push_str(&format!(",cache={}", c.name()));
+                        }
                         now.disks.push(v);
                     }
                 }

@@ -141,6 +141,10 @@ pub enum DiskCommand {
         /// name agree on.
         #[arg(long)]
         format: Option<vmm::vmbus_host::ImageFormat>,
+        /// `none` (the default: unbuffered, as Hyper-V) or `writeback` (through the host's
+        /// page cache).
+        #[arg(long, value_name = "none|writeback")]
+        cache: Option<vmm::vmbus_host::CacheMode>,
     },
     /// Detach the drive at a location; its file is closed once its last request is done.
     Remove {
@@ -482,12 +486,16 @@ fn service_disk(cmd: &DiskCommand) -> anyhow::Result<Option<i32>> {
             location,
             readonly,
             format,
+            cache,
         } => {
             let path = std::path::absolute(path)
                 .with_context(|| format!("{}: cannot resolve the path", path.display()))?;
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "path": path, "read_only": readonly, "controller": controller, "location": location,
             });
+            if let Some(c) = cache {
+                body["cache"] = c.name().into();
+            }
             let Some(d) = vm_call(name, "POST", "/disks", Some(&body))? else {
                 return Ok(None);
             };
@@ -612,7 +620,7 @@ fn service_drives(vm: &serde_json::Value) -> Vec<serde_json::Value> {
     let disks = vm["disks"].as_array().unwrap_or(&empty).iter().map(|d| {
         serde_json::json!({
             "kind": "disk", "controller": d["controller"], "location": d["location"],
-            "path": d["path"], "read_only": d["read_only"],
+            "path": d["path"], "read_only": d["read_only"], "cache": d["cache"],
         })
     });
     let dvds = vm["dvds"].as_array().unwrap_or(&empty).iter().map(|d| {
@@ -686,6 +694,7 @@ fn disk(cmd: DiskCommand) -> anyhow::Result<i32> {
             location,
             readonly,
             format,
+            cache,
         } => {
             // The worker opens the file: give it an absolute path.
             let path = std::path::absolute(&path)
@@ -693,9 +702,10 @@ fn disk(cmd: DiskCommand) -> anyhow::Result<i32> {
             let mode = if readonly { "ro" } else { "rw" };
             let format = format.map_or("auto", |f| f.name());
             let command = format!(
-                "disk-add {} {} {mode} {format} {}",
+                "disk-add {} {} {mode} {format} cache={} {}",
                 auto(controller),
                 auto(location),
+                cache.unwrap_or_default().name(),
                 path.display()
             );
             eprintln!(

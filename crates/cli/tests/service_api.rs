@@ -433,6 +433,42 @@ fn cli_verbs() {
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["name"], "app");
+    // `vm new --disk` takes `viridian run`'s cache option.
+    let files = tempfile::tempdir().unwrap();
+    let image = files.path().join("w.vhdx");
+    let made = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["vhd", "new"])
+        .arg(&image)
+        .args(["--size", "8M"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let spec = format!("{},cache=writeback,readonly", image.display());
+    let out = s.cli(&[
+        "vm", "new", "cached", "--kernel", k, "--disk", &spec, "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            v["disks"][0]["cache"].as_str(),
+            v["disks"][0]["read_only"].as_bool()
+        ),
+        (Some("writeback"), Some(true)),
+        "{v}"
+    );
+    let out = s.cli(&[
+        "vm",
+        "new",
+        "bad",
+        "--kernel",
+        k,
+        "--disk",
+        &format!("{},cache=unsafe", image.display()),
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    let out = s.cli(&["vm", "remove", "cached"]);
+    assert!(out.status.success(), "{out:?}");
 
     let out = s.cli(&["vm", "get", "app", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1315,15 +1351,15 @@ fn drives_and_adapters_are_settings() {
     let v = s.define(
         "dev",
         &kernel,
-        json!({"disks": [{"path": a}], "new_disks": [{"path": "b.vhdx", "size": "8M"}],
+        json!({"disks": [{"path": a, "cache": "writeback"}], "new_disks": [{"path": "b.vhdx", "size": "8M"}],
                "dvds": [{"path": iso}]}),
     );
     let folder = PathBuf::from(v["folder"].as_str().unwrap());
     let b = folder.join("b.vhdx");
     assert_eq!(
         v["disks"],
-        json!([{"path": a, "controller": 0, "location": 0, "read_only": false},
-               {"path": b, "controller": 0, "location": 1, "read_only": false}])
+        json!([{"path": a, "controller": 0, "location": 0, "read_only": false, "cache": "writeback"},
+               {"path": b, "controller": 0, "location": 1, "read_only": false, "cache": "none"}])
     );
     assert_eq!(
         v["dvds"],
@@ -1376,6 +1412,19 @@ fn drives_and_adapters_are_settings() {
         "invalid_field",
     );
     assert!(msg.contains("controller"), "{msg}");
+    let msg = assert_error(
+        s.req(
+            "POST",
+            "/vms/dev/disks",
+            Some(json!({"path": c, "cache": "unsafe"})),
+        ),
+        422,
+        "invalid_field",
+    );
+    assert!(
+        msg.starts_with("cache:") && msg.contains("writeback"),
+        "{msg}"
+    );
     assert_error(
         s.req("DELETE", "/vms/dev/disks/0/9", None),
         404,
@@ -1461,7 +1510,15 @@ fn drives_and_adapters_are_settings() {
     // The worker gets the drives; a running VM takes disks and media, not new drive bays.
     let (status, v) = s.act("/vms/dev/start");
     assert_eq!(status, 200, "{v}");
-    let out = s.cli(&["vm", "disk", "add", "dev", c.to_str().unwrap()]);
+    let out = s.cli(&[
+        "vm",
+        "disk",
+        "add",
+        "dev",
+        c.to_str().unwrap(),
+        "--cache",
+        "writeback",
+    ]);
     assert!(out.status.success(), "{out:?}");
     let out = s.cli(&["vm", "disk", "list", "dev", "--json"]);
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1500,15 +1557,18 @@ fn drives_and_adapters_are_settings() {
                 (
                     d["location"].as_u64().unwrap(),
                     d["path"].as_str().unwrap_or("").to_string(),
+                    d["cache"].as_str().unwrap_or("").to_string(),
                 )
             })
             .collect::<Vec<_>>()
     };
     let held = worker_drives();
-    assert!(
-        held.contains(&(3, c.to_str().unwrap().to_string())),
-        "{held:?}"
-    );
+    let at =
+        |l: u64, p: &Path, cache: &str| (l, p.to_str().unwrap().to_string(), cache.to_string());
+    // The cache modes reached the worker: a's from New-VM at its start, c's with the hot add.
+    assert!(held.contains(&at(0, &a, "writeback")), "{held:?}");
+    assert!(held.contains(&at(1, &b, "none")), "{held:?}");
+    assert!(held.contains(&at(3, &c, "writeback")), "{held:?}");
     assert_eq!(held.len(), 4, "{held:?}");
     let (status, _) = s.req("DELETE", "/vms/dev/disks/0/3", None);
     assert_eq!(status, 200);
@@ -1539,10 +1599,7 @@ fn drives_and_adapters_are_settings() {
     let (status, d) = s.req("POST", "/vms/dev/dvds", Some(json!({"path": iso})));
     assert_eq!(status, 201, "{d}");
     assert!(
-        worker_drives().contains(&(
-            d["location"].as_u64().unwrap(),
-            iso.to_str().unwrap().into()
-        )),
+        worker_drives().contains(&at(d["location"].as_u64().unwrap(), &iso, "none")),
         "{d}"
     );
     let (status, _) = s.req(

@@ -32,6 +32,10 @@ pub use system_disk::SystemDisk;
 /// with longer timeouts print as they go (a booting system).
 const L1_SILENCE: Duration = Duration::from_secs(330);
 
+/// L1's emulated CPU, unless `$VIRIDIAN_LAB_CPU` names another (QEMU's `-cpu` syntax): an AMD
+/// CPU with SVM and nested paging.
+const L1_CPU: &str = "max";
+
 /// A scenario's time limit inside L1 unless it sets its own.
 const SCENARIO_TIMEOUT: u32 = 300;
 
@@ -717,7 +721,7 @@ impl Lab {
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-echo "LAB-L1 init_uptime=$(cut -d' ' -f1 /proc/uptime)"
+echo "LAB-L1 init_uptime=$(cut -d' ' -f1 /proc/uptime) la57=$(grep -c ' la57' /proc/cpuinfo)"
 export PATH=/bin:/usr/bin
 "#,
         );
@@ -926,16 +930,9 @@ run() {
         let deadline = Instant::now() + Duration::from_secs(120 + limits);
         let mut qemu = Command::new(&self.qemu);
         qemu.env("QEMU_MODULE_DIR", &self.qemu_modules)
-            .args([
-                "-accel",
-                "tcg,thread=multi",
-                "-cpu",
-                "max",
-                "-m",
-                "3072",
-                "-smp",
-                "2",
-            ])
+            .args(["-accel", "tcg,thread=multi", "-cpu"])
+            .arg(std::env::var("VIRIDIAN_LAB_CPU").unwrap_or_else(|_| L1_CPU.into()))
+            .args(["-m", "3072", "-smp", "2"])
             .args([
                 "-nographic",
                 "-vga",

@@ -100,6 +100,7 @@ pub fn disk(
         controller,
         location,
         read_only: req.read_only,
+        cache: req.cache,
     })
 }
 
@@ -277,10 +278,11 @@ pub fn worker_args(s: &Settings) -> Vec<String> {
     let mut args = Vec::new();
     for d in &s.disks {
         args.push(format!(
-            "--disk={},controller={},location={}{}",
+            "--disk={},controller={},location={},cache={}{}",
             d.path,
             d.controller,
             d.location,
+            d.cache.name(),
             if d.read_only { ",readonly" } else { "" }
         ));
     }
@@ -323,6 +325,7 @@ mod tests {
                 controller: 0,
                 location: l,
                 read_only: false,
+                cache: api::DiskCache::None,
             });
         }
         assert_eq!(place(&s, "dvds", None, None).unwrap(), (1, 0));
@@ -370,6 +373,7 @@ mod tests {
             controller: 0,
             location: 0,
             read_only: true,
+            cache: api::DiskCache::Writeback,
         });
         s.dvds.push(DvdDrive {
             path: None,
@@ -400,12 +404,21 @@ mod tests {
         assert_eq!(
             worker_args(&s),
             [
-                "--disk=/a.vhdx,controller=0,location=0,readonly",
+                "--disk=/a.vhdx,controller=0,location=0,cache=writeback,readonly",
                 "--dvd=none,controller=0,location=1",
                 "--nic=switch=lab,mac=00:15:5d:00:00:01,vlan=10,mac-spoofing=on",
                 "--nic=switch=t,mac=00:15:5d:00:00:02,vlan=trunk:10,20;native=20,dhcp-guard=on,router-guard=on"
             ]
         );
+    }
+
+    #[test]
+    fn disks_stored_before_the_cache_mode_are_unbuffered() {
+        let old: HardDisk = serde_json::from_value(serde_json::json!({
+            "path": "/a.vhdx", "controller": 0, "location": 1, "read_only": false
+        }))
+        .unwrap();
+        assert_eq!(old.cache, api::DiskCache::None);
     }
 
     #[test]

@@ -191,6 +191,8 @@ pub struct DriveInfo {
     /// "VHDX", "VHD", "raw" or "ISO"; `None` for an empty DVD drive.
     pub format: Option<String>,
     pub read_only: bool,
+    /// Whether its data goes through the host's page cache; `None` for an empty DVD drive.
+    pub cache: Option<CacheMode>,
     /// Bytes; 0 for an empty DVD drive.
     pub size: u64,
     pub logical_sector_size: u32,
@@ -369,6 +371,7 @@ impl StorvspDevice {
                     path: spec.map(|s| s.path.clone()),
                     format: spec.map(|s| s.format.clone()),
                     read_only: kind == DriveKind::Dvd || m.is_some_and(|m| m.is_read_only()),
+                    cache: spec.map(|s| s.cache),
                     size: m.map_or(0, |m| m.size()),
                     logical_sector_size: m.map_or(0, |m| m.logical_sector_size()),
                     physical_sector_size: m.map_or(0, |m| m.physical_sector_size()),

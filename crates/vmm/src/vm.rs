@@ -237,18 +237,20 @@ impl VmControl {
 
     /// Hot-adds a disk (Add-VMHardDiskDrive) at `location` of `controller`, or at the lowest
     /// free location (of controller 0); a controller the VM lacks is offered on VMBus then.
-    /// The file is opened and locked as `--disk` does. Returns the place.
+    /// The file is opened and locked as `--disk` does, its data cached as `cache` says.
+    /// Returns the place.
     pub fn add_disk(
         &self,
         path: &std::path::Path,
         format: Option<storvsp::ImageFormat>,
         read_only: bool,
+        cache: storvsp::CacheMode,
         controller: Option<u8>,
         location: Option<u8>,
     ) -> std::result::Result<(u8, u8), DiskError> {
         self.vmbus()?.attach(controller, location, || {
             storvsp::DiskSpec::open(path, format, read_only)
-                .map(Media::Disk)
+                .map(|spec| Media::Disk(spec.with_cache(cache)))
                 .map_err(|e| DiskError::Open(Box::new(e)))
         })
     }

@@ -107,10 +107,10 @@ pub struct Settings {
 #[derive(Args)]
 pub struct NewDevices {
     /// Attach an existing VHDX, VHD or raw image (repeatable):
-    /// PATH[,readonly][,controller=N][,location=M].
+    /// PATH[,readonly][,cache=none|writeback][,controller=N][,location=M].
     #[arg(
         long = "disk",
-        value_name = "PATH[,readonly][,controller=N][,location=M]"
+        value_name = "PATH[,readonly][,cache=none|writeback][,controller=N][,location=M]"
     )]
     disks: Vec<String>,
     /// Create a new dynamic VHDX and attach it (repeatable, each with a --size); a relative
@@ -146,15 +146,12 @@ impl NewDevices {
                 arg.format.is_none(),
                 "--disk {d}: the service detects the format from the content; drop format="
             );
-            anyhow::ensure!(
-                arg.cache.is_none(),
-                "--disk {d}: the service's disks are unbuffered (cache=none); drop cache="
-            );
             disks.push(json!({
                 "path": path_arg(&arg.path)?,
                 "read_only": arg.read_only,
                 "controller": arg.controller,
                 "location": arg.location,
+                "cache": arg.cache.unwrap_or_default().name(),
             }));
         }
         let new_disks: Vec<Value> = self

@@ -63,6 +63,7 @@ impl Manager {
                 controller,
                 location,
                 read_only: false,
+                cache: api::DiskCache::None,
             });
         }
         for d in &req.dvds {
@@ -241,10 +242,11 @@ impl Manager {
             let disk = devices::disk(&req, &row.id, s, &all)?;
             if let Some(socket) = self.live_socket(row)? {
                 let command = format!(
-                    "disk-add {} {} {} auto {}",
+                    "disk-add {} {} {} auto cache={} {}",
                     disk.controller,
                     disk.location,
                     if disk.read_only { "ro" } else { "rw" },
+                    disk.cache.name(),
                     disk.path
                 );
                 worker_says(&socket, &command, &row.name).await?;
