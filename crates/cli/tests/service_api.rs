@@ -256,6 +256,17 @@ fn alive(pid: u64) -> bool {
         .unwrap_or(false)
 }
 
+/// A new 16 MiB dynamic VHDX at `path` (`viridian vhd new`).
+fn vhd_new(path: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["vhd", "new"])
+        .arg(path)
+        .args(["--size", "16M"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// An error answer: the status and the envelope's code; the message must not be empty.
 fn assert_error(r: (u16, Value), status: u16, code: &str) -> String {
     let (s, v) = r;
@@ -436,13 +447,7 @@ fn cli_verbs() {
     // `vm new --disk` takes `viridian run`'s cache option.
     let files = tempfile::tempdir().unwrap();
     let image = files.path().join("w.vhdx");
-    let made = Command::new(env!("CARGO_BIN_EXE_viridian"))
-        .args(["vhd", "new"])
-        .arg(&image)
-        .args(["--size", "8M"])
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
+    vhd_new(&image);
     let spec = format!("{},cache=writeback,readonly", image.display());
     let out = s.cli(&[
         "vm", "new", "cached", "--kernel", k, "--disk", &spec, "--json",
@@ -1329,19 +1334,9 @@ fn drives_and_adapters_are_settings() {
     }
     let s = Service::start();
     let files = tempfile::tempdir().unwrap();
-    let vhd_new = |name: &str| {
-        let path = files.path().join(name);
-        let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
-            .args(["vhd", "new"])
-            .arg(&path)
-            .args(["--size", "16M"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        path
-    };
-    let a = vhd_new("a.vhdx");
-    let c = vhd_new("c.vhdx");
+    let (a, c) = (files.path().join("a.vhdx"), files.path().join("c.vhdx"));
+    vhd_new(&a);
+    vhd_new(&c);
     let junk = files.path().join("junk.vhdx");
     std::fs::write(&junk, [0x5a; 700]).unwrap();
     let iso = files.path().join("tools.iso");

@@ -1140,11 +1140,19 @@ fn parse_line(line: &str, run: &mut LabRun, current: &mut Option<ScenarioResult>
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_scenario_output() {
+    /// What the parser makes of these console lines.
+    fn run_of(lines: &[&str]) -> LabRun {
         let mut run = LabRun::default();
         let mut cur = None;
-        for l in [
+        for l in lines {
+            parse_line(l, &mut run, &mut cur);
+        }
+        run
+    }
+
+    #[test]
+    fn parses_scenario_output() {
+        let run = run_of(&[
             "LAB-L1 init_uptime=3.50",
             "LAB-BEGIN smp",
             "[    0.0] Linux version ...",
@@ -1154,9 +1162,7 @@ mod tests {
             "LAB-END smp rc=0 t0=4.00 t1=9.50",
             "LAB-ERROR insmod x failed",
             "LAB-DONE",
-        ] {
-            parse_line(l, &mut run, &mut cur);
-        }
+        ]);
         assert!(run.completed);
         assert_eq!(run.l1_init_uptime, Some(3.5));
         let s = run.scenario("smp").unwrap();
@@ -1172,17 +1178,13 @@ mod tests {
     fn a_line_split_by_another_writer_is_reported_not_misread() {
         // The formats run of issue 8: L1's `host_dvd_path=` line landed inside the guest's
         // `dvd2_md5=` line.
-        let mut run = LabRun::default();
-        let mut cur = None;
-        for l in [
+        let run = run_of(&[
             "LAB-BEGIN formats",
             "VIRIDIAN-GUEST dvd2_md5=5463665fVIRIDIAN-GUEST host_dvd_path=/l2/two.iso",
             "9a44bda13fdeaac387e6b425",
             "VIRIDIAN-GUEST host_dvd_after_guest_eject=-",
             "LAB-END formats rc=0 t0=1 t1=2",
-        ] {
-            parse_line(l, &mut run, &mut cur);
-        }
+        ]);
         let s = run.scenario("formats").unwrap();
         assert_eq!(s.guest["host_dvd_path"], "/l2/two.iso");
         assert_eq!(s.guest["dvd2_md5"], "5463665f");
@@ -1197,14 +1199,6 @@ mod tests {
 
     #[test]
     fn an_l2_triple_fault_or_an_unfinished_script_is_an_emulation_fault() {
-        let run_of = |lines: &[&str]| {
-            let mut run = LabRun::default();
-            let mut cur = None;
-            for l in lines {
-                parse_line(l, &mut run, &mut cur);
-            }
-            run
-        };
         let clean = [
             "LAB-BEGIN a",
             "VIRIDIAN-GUEST poweroff",
