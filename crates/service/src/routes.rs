@@ -109,12 +109,16 @@ fn stop_params(p: &StopParams) -> R<(bool, u64)> {
 
 async fn stop(State(m): S, Name(name): Name, Query(p): Query<StopParams>) -> R<Accepted> {
     let (turn_off, timeout) = stop_params(&p)?;
-    m.stop_job(&name, turn_off, timeout).await.map(accepted)
+    m.stop_job(&name, turn_off, timeout, false)
+        .await
+        .map(accepted)
 }
 
 async fn restart(State(m): S, Name(name): Name, Query(p): Query<StopParams>) -> R<Accepted> {
     let (turn_off, timeout) = stop_params(&p)?;
-    m.restart_job(&name, turn_off, timeout).await.map(accepted)
+    m.stop_job(&name, turn_off, timeout, true)
+        .await
+        .map(accepted)
 }
 
 async fn pause(State(m): S, Name(name): Name) -> R<axum::Json<Vm>> {

@@ -163,60 +163,40 @@ impl Manager {
     }
 
     /// Stop-VM as a job: 409 unless the VM runs; the job counts the shutdown timeout down
-    /// and completes when the VM is Off.
+    /// and completes when the VM is Off. With `restart` (Restart-VM) the stop is the first
+    /// half of the job and a start the second, and the job is refused (409) at once when the
+    /// VM's boot files are gone.
     pub async fn stop_job(
         self: &Arc<Self>,
         name: &str,
         turn_off: bool,
         timeout: u64,
+        restart: bool,
     ) -> Result<Job, ApiError> {
         let (guard, row) = self.locked(name).await?;
         let running = self.stoppable(&row)?;
+        if restart {
+            self.boot_files_exist(&row)?;
+        }
         let this = self.clone();
-        self.run_job(
-            "stop",
-            &row.clone(),
-            "Stopping",
-            guard,
-            move |p| async move {
-                outcome(
-                    this.stop_checked(&row, running, turn_off, timeout, Some(&p))
-                        .await,
-                )
-            },
-        )
-    }
-
-    /// Restart-VM as a job: stop as [`Self::stop_job`] does, then start. 409 unless the VM
-    /// runs, or when its boot files are gone.
-    pub async fn restart_job(
-        self: &Arc<Self>,
-        name: &str,
-        turn_off: bool,
-        timeout: u64,
-    ) -> Result<Job, ApiError> {
-        let (guard, row) = self.locked(name).await?;
-        let running = self.stoppable(&row)?;
-        self.boot_files_exist(&row)?;
-        let this = self.clone();
-        self.run_job(
-            "restart",
-            &row.clone(),
-            "Stopping",
-            guard,
-            move |p| async move {
-                let restart = async {
-                    let (stopping, starting) = (p.step(0, 50), p.step(50, 50));
-                    this.stop_checked(&row, running, turn_off, timeout, Some(&stopping))
-                        .await?;
-                    let row = this.find_id(&row.id, &row.name)?;
-                    let restore = this.startable(&row)?;
-                    starting.set(0, "Starting the worker");
-                    this.start_checked(&row, restore, Some(&starting)).await
-                };
-                outcome(restart.await)
-            },
-        )
+        let kind = if restart { "restart" } else { "stop" };
+        self.run_job(kind, &row.clone(), "Stopping", guard, move |p| async move {
+            let work = async {
+                let stopping = if restart { p.step(0, 50) } else { p.clone() };
+                let off = this
+                    .stop_checked(&row, running, turn_off, timeout, Some(&stopping))
+                    .await?;
+                if !restart {
+                    return Ok(off);
+                }
+                let row = this.find_id(&row.id, &row.name)?;
+                let restore = this.startable(&row)?;
+                let starting = p.step(50, 50);
+                starting.set(0, "Starting the worker");
+                this.start_checked(&row, restore, Some(&starting)).await
+            };
+            outcome(work.await)
+        })
     }
 
     /// `GET /jobs`: newest first.
