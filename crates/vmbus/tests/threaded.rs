@@ -575,3 +575,102 @@ fn open_channels_route_their_signals_to_the_hypervisor_and_close_unroutes() {
     );
     r.host.stop();
 }
+
+const POLLER: Guid = Guid::from_u128(0xf200_0000_0000_0000_0000_0000_0000_0000);
+/// The poller's interval: long against the guest's gaps in the burst below.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Counts the packets it reads; keeps polling (guest interrupt masked) while a pass found
+/// any, and goes idle after a pass that found none.
+struct Poller(Arc<std::sync::atomic::AtomicU64>);
+
+impl Device for Poller {
+    fn offer(&self) -> DeviceOffer {
+        DeviceOffer::new("poller", POLLER, instance(0))
+    }
+
+    fn open(&self, _ch: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
+        Ok(Box::new(PollWorker {
+            seen: self.0.clone(),
+            next: None,
+        }))
+    }
+}
+
+struct PollWorker {
+    seen: Arc<std::sync::atomic::AtomicU64>,
+    next: Option<Instant>,
+}
+
+impl ChannelWorker for PollWorker {
+    fn process(&mut self, ch: &mut Channel, now: Instant) -> Result<Progress, WorkerError> {
+        let mut n = 0;
+        while ch.recv_owned()?.is_some() {
+            n += 1;
+        }
+        self.seen.fetch_add(n, Ordering::SeqCst);
+        self.next = (n > 0).then(|| now + POLL_INTERVAL);
+        Ok(if n > 0 {
+            Progress::Polling
+        } else {
+            Progress::Idle
+        })
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.next
+    }
+}
+
+#[test]
+fn a_polling_worker_spares_the_guest_its_signals_and_misses_nothing_when_it_stops() {
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (mut r, _) = rig(vec![Arc::new(Poller(seen.clone()))], 1);
+    let relid = relid_of(&r.client, 0, 0);
+    let mut ch = r.client.open_channel(relid, 4, 4, 0).unwrap();
+    let wait_seen = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "{} of {n} packets read", {
+                seen.load(Ordering::SeqCst)
+            });
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    };
+    // A burst with gaps well inside the poll interval: after the first packet's signal the
+    // host polls, so nearly every later packet goes without one.
+    let mut sent = 0;
+    let before = ch.channel.signals_sent();
+    for i in 0..200u64 {
+        r.client.send_inband(&mut ch, i, b"burst", false).unwrap();
+        sent += 1;
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    wait_seen(sent);
+    let burst_signals = ch.channel.signals_sent() - before;
+    assert!(
+        burst_signals < 40,
+        "{burst_signals} signals for 200 packets sent while the host polled"
+    );
+    // Idle again and unmasked after a poll that found nothing: a lone packet after a pause
+    // of several intervals signals, and is read.
+    for round in 0..20u64 {
+        std::thread::sleep(4 * POLL_INTERVAL + Duration::from_micros(300 * (round % 7)));
+        let s = ch.channel.signals_sent();
+        r.client.send_inband(&mut ch, 1000 + round, b"lone", false).unwrap();
+        sent += 1;
+        wait_seen(sent);
+        assert_eq!(ch.channel.signals_sent(), s + 1, "the idle host was not signalled");
+    }
+    // Packets racing the host's switch from polling to idle: gaps around the interval.
+    let mut rng = vmbus::testing::Rng(7);
+    for i in 0..300u64 {
+        r.client.send_inband(&mut ch, 5000 + i, b"race", false).unwrap();
+        sent += 1;
+        let gap = rng.next() % (2 * POLL_INTERVAL.as_micros() as u64);
+        std::thread::sleep(Duration::from_micros(gap));
+    }
+    wait_seen(sent);
+    assert_eq!(seen.load(Ordering::SeqCst), sent);
+    r.host.stop();
+}
