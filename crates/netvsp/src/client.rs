@@ -576,6 +576,41 @@ impl Netvsc {
         self.send_rndis(nv::CHANNEL_TYPE_DATA, &m, via)
     }
 
+    /// Sends one frame from send section `section` without waiting for its completion (a
+    /// guest streaming); returns its transaction id, which [`Self::completed`] then tells.
+    pub fn post_frame(&mut self, frame: &[u8], section: u32) -> u64 {
+        let bytes = data_packet(frame, &[]);
+        write_buffer(
+            &self.mem,
+            &self.send_pfns,
+            section * self.send_section_size,
+            &bytes,
+        );
+        let m = nvsp::message(
+            msg::SEND_RNDIS_PACKET,
+            &nv::RndisPacket {
+                channel_type: nv::CHANNEL_TYPE_DATA,
+                section_index: section,
+                section_size: bytes.len() as u32,
+            },
+        );
+        let tid = self.next_tid;
+        self.next_tid += 1;
+        self.send_raw(
+            packet_type::DATA_INBAND,
+            PACKET_FLAG_COMPLETION_REQUESTED,
+            tid,
+            &[],
+            &m,
+        );
+        tid
+    }
+
+    /// Whether the host completed `tid` (after [`Self::pump`]); forgets the completion.
+    pub fn completed(&mut self, tid: u64) -> bool {
+        self.completions.remove(&tid).is_some()
+    }
+
     /// Takes the data frames received so far, reassembling fragments.
     pub fn frames(&mut self) -> Vec<Frame> {
         let mut out = Vec::new();

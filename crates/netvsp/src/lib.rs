@@ -37,6 +37,7 @@ pub mod stats;
 pub mod tap;
 pub mod vnet;
 mod worker;
+pub use worker::POLL_INTERVAL;
 
 pub use backend::{Backend, BackendQueue, MemoryBackend, MemoryPort};
 pub use policy::PortPolicy;

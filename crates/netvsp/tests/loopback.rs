@@ -682,3 +682,61 @@ fn hot_remove_returns_the_backend() {
     // Every channel closed: the queue went back to the device, disabled.
     assert!(!r.ports[0].is_enabled());
 }
+
+/// Streams `frames` from send sections 1..=8, at most 8 outstanding, sleeping `gap()` between
+/// frames; waits for every completion. Returns the signals the guest raised meanwhile.
+fn stream(g: &mut Netvsc, frames: u64, mut gap: impl FnMut() -> Duration) -> u64 {
+    let before = g.ch.channel.signals_sent();
+    let mut outstanding: Vec<(u32, u64)> = Vec::new();
+    let frame = tcp_frame([0x02, 0, 0, 0, 0, 9], 18);
+    for i in 0..frames {
+        let section = (i % 8) as u32 + 1;
+        // The section's previous frame must be completed before it is written again.
+        if let Some(at) = outstanding.iter().position(|&(s, _)| s == section) {
+            let tid = outstanding.remove(at).1;
+            assert!(
+                g.wait_until(|s| s.completed(tid)),
+                "no completion for {tid}"
+            );
+        }
+        outstanding.push((section, g.post_frame(&frame, section)));
+        g.pump();
+        std::thread::sleep(gap());
+    }
+    for (_, tid) in outstanding {
+        assert!(
+            g.wait_until(|s| s.completed(tid)),
+            "no completion for {tid}"
+        );
+    }
+    g.ch.channel.signals_sent() - before
+}
+
+#[test]
+fn a_streaming_guest_signals_rarely_and_a_frame_after_the_stream_is_not_lost() {
+    let mut r = rig();
+    let mut g = r.up(version::V61);
+    let interval = netvsp::POLL_INTERVAL;
+    r.ports[0].take_sent();
+    // Frames closer together than the poll interval: the host polls, the guest mostly sends
+    // without signalling.
+    let signals = stream(&mut g, 400, || interval / 5);
+    assert_eq!(r.ports[0].wait_sent(400, Duration::from_secs(5)).len(), 400);
+    assert!(
+        signals < 100,
+        "{signals} guest signals for 400 streamed frames"
+    );
+    // After the stream the host stops polling and unmasks: a lone frame signals and arrives.
+    for round in 0..10 {
+        std::thread::sleep(interval * 20);
+        let signals = stream(&mut g, 1, || Duration::ZERO);
+        assert_eq!(signals, 1, "round {round}: the idle host was not signalled");
+        assert_eq!(r.ports[0].wait_sent(1, Duration::from_secs(5)).len(), 1);
+    }
+    // Gaps around the interval, racing the host's switch from polling to idle.
+    let mut rng = vmbus::testing::Rng(3);
+    let span = 2 * interval.as_micros() as u64;
+    stream(&mut g, 300, || Duration::from_micros(rng.next() % span));
+    assert_eq!(r.ports[0].wait_sent(300, Duration::from_secs(5)).len(), 300);
+    r.host.stop();
+}
