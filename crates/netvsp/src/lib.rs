@@ -26,6 +26,7 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+mod bell;
 pub mod buffers;
 #[cfg(feature = "test-util")]
 pub mod client;
@@ -153,7 +154,7 @@ struct Shared {
     name: String,
     link_up: AtomicBool,
     /// Rung by [`NetvspDevice::set_link`]: the primary's worker sends the indication.
-    link_bell: vmbus::host::Doorbell,
+    link_bell: bell::Bell,
     /// What the guest was last told of the link: 0 nothing yet, 1 down, 2 up.
     link_reported: AtomicU8,
     packet_filter: AtomicU32,
@@ -172,7 +173,7 @@ struct Shared {
     /// Each queue's held receive sections (see [`held`]).
     held: Vec<Mutex<held::Held>>,
     /// Rung by resume, one per queue.
-    resume_bells: Vec<vmbus::host::Doorbell>,
+    resume_bells: Vec<bell::Bell>,
 }
 
 impl Shared {
@@ -234,7 +235,7 @@ impl NetvspDevice {
                 name,
                 mem,
                 link_up: AtomicBool::new(true),
-                link_bell: vmbus::host::Doorbell::new()?,
+                link_bell: bell::Bell::new()?,
                 link_reported: AtomicU8::new(0),
                 packet_filter: AtomicU32::new(0),
                 rndis_ready: AtomicBool::new(false),
@@ -248,7 +249,7 @@ impl NetvspDevice {
                 paused: AtomicBool::new(false),
                 held: (0..n).map(|_| Mutex::default()).collect(),
                 resume_bells: (0..n)
-                    .map(|_| vmbus::host::Doorbell::new())
+                    .map(|_| bell::Bell::new())
                     .collect::<Result<_, _>>()?,
                 config,
             }),
