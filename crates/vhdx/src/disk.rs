@@ -209,6 +209,50 @@ fn for_each_extent<D: Disk + ?Sized>(
     Ok(())
 }
 
+/// The descriptor a transfer of `len` bytes of `buf` from `at` to or from `fd` at file offset
+/// `fo` uses: the file's unbuffered one where the buffer wants it and file range and memory are
+/// aligned for it (counted with [`IoBuffer::note_unbuffered`]), else `fd` itself.
+fn file_fd<'a>(
+    buf: &dyn IoBuffer,
+    at: usize,
+    (fd, direct, path): (BorrowedFd<'a>, &'a DirectFd, &Path),
+    fo: u64,
+    len: u64,
+) -> BorrowedFd<'a> {
+    let unbuffered = direct.choose(buf.unbuffered(), fd, path, (fo, len), |a| {
+        buf.aligned(at, len as usize, a)
+    });
+    if unbuffered.is_some() {
+        buf.note_unbuffered(len as usize);
+    }
+    unbuffered.unwrap_or(fd)
+}
+
+fn file_error<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Calls `f(done, n)` for consecutive pieces `[done, done + n)` of `[0, len)`, each at most
+/// [`BOUNCE`] bytes, with `bounce` resized to `n` bytes.
+fn through_bounce(
+    len: u64,
+    bounce: &mut Vec<u8>,
+    mut f: impl FnMut(u64, &mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(BOUNCE) as usize;
+        bounce.resize(n, 0);
+        f(done, bounce)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// Reads `buf.len()` bytes at `offset` into `buf` through the disk's extents.
 fn read_extents<D: Disk + ?Sized>(disk: &D, buf: &mut dyn IoBuffer, offset: u64) -> Result<()> {
     let len = buf.len() as u64;
@@ -223,35 +267,18 @@ fn read_extents<D: Disk + ?Sized>(disk: &D, buf: &mut dyn IoBuffer, offset: u64)
                 offset: fo,
                 len,
             } => {
-                let unbuffered = direct.choose(buf.unbuffered(), fd, path, (fo, len), |a| {
-                    buf.aligned(at, len as usize, a)
-                });
-                if unbuffered.is_some() {
-                    buf.note_unbuffered(len as usize);
-                }
-                let fd = unbuffered.unwrap_or(fd);
+                let fd = file_fd(buf, at, (fd, direct, path), fo, len);
                 buf.read_from(fd, fo, at, len as usize)
-                    .map_err(|source| Error::Io {
-                        path: path.to_path_buf(),
-                        op: "read",
-                        source,
-                    })
+                    .map_err(file_error(path, "read"))
             }
             Extent::Zero { len } => buf
                 .zero(at, len as usize)
                 .map_err(|e| buffer_error("zero", e)),
-            Extent::Indirect { len } => {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(BOUNCE) as usize;
-                    bounce.resize(n, 0);
-                    disk.read_at(&mut bounce, offset + at as u64 + done)?;
-                    buf.copy_from(at + done as usize, &bounce)
-                        .map_err(|e| buffer_error("copy", e))?;
-                    done += n as u64;
-                }
-                Ok(())
-            }
+            Extent::Indirect { len } => through_bounce(len, &mut bounce, |done, b| {
+                disk.read_at(b, offset + at as u64 + done)?;
+                buf.copy_from(at + done as usize, b)
+                    .map_err(|e| buffer_error("copy", e))
+            }),
         }
     })
 }
@@ -273,31 +300,16 @@ fn write_extents<D: Disk + ?Sized>(disk: &D, buf: &dyn IoBuffer, offset: u64) ->
                 offset: fo,
                 len,
             } => {
-                let unbuffered = direct.choose(buf.unbuffered(), fd, path, (fo, len), |a| {
-                    buf.aligned(at, len as usize, a)
-                });
-                if unbuffered.is_some() {
-                    buf.note_unbuffered(len as usize);
-                }
-                let fd = unbuffered.unwrap_or(fd);
+                let fd = file_fd(buf, at, (fd, direct, path), fo, len);
                 buf.write_to(fd, fo, at, len as usize)
-                    .map_err(|source| Error::Io {
-                        path: path.to_path_buf(),
-                        op: "write",
-                        source,
-                    })
+                    .map_err(file_error(path, "write"))
             }
             Extent::Zero { len } | Extent::Indirect { len } => {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(BOUNCE) as usize;
-                    bounce.resize(n, 0);
-                    buf.copy_to(at + done as usize, &mut bounce)
+                through_bounce(len, &mut bounce, |done, b| {
+                    buf.copy_to(at + done as usize, b)
                         .map_err(|e| buffer_error("copy", e))?;
-                    disk.write_at(&bounce, offset + at as u64 + done)?;
-                    done += n as u64;
-                }
-                Ok(())
+                    disk.write_at(b, offset + at as u64 + done)
+                })
             }
         }
     })

@@ -6,16 +6,18 @@
 //! The images live on a file system that takes O_DIRECT (/var/tmp, else the build
 //! directory); a test says so and skips where there is none.
 
+mod common;
+
 use std::cell::Cell;
 use std::os::fd::BorrowedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use common::vhd;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use rustix::fs::OFlags;
 use vhdx::raw::RawDisk;
 use vhdx::vhd::format::DiskType;
-use vhdx::vhd::{Vhd, VhdCreateOptions};
 use vhdx::vhdx::VhdxBuilder;
 use vhdx::{Disk, IoBuffer};
 
@@ -214,19 +216,6 @@ fn exercise(d: &dyn Disk, model: &mut [u8], seed: u64, what: &str) -> usize {
     d.read_vectored(&mut all, 0).unwrap();
     assert!(all.bytes() == model, "{what}: final contents");
     unbuffered
-}
-
-fn vhd(path: &Path, disk_type: DiskType, size: u64, parent: Option<&Path>) -> Vhd {
-    Vhd::create(
-        path,
-        &VhdCreateOptions {
-            disk_type,
-            size,
-            block_size: 512 << 10,
-            parent: parent.map(Path::to_path_buf),
-        },
-    )
-    .unwrap()
 }
 
 #[test]

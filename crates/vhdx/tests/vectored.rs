@@ -3,15 +3,17 @@
 //! that cross block boundaries), and allocated data moves straight between the file and the
 //! buffer with no bounce copy.
 
+mod common;
+
 use std::cell::Cell;
 use std::os::fd::BorrowedFd;
-use std::path::Path;
 
+use common::vhd;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use vhdx::raw::RawDisk;
 use vhdx::vhd::format::DiskType;
-use vhdx::vhd::{Vhd, VhdCreateOptions, VhdOpenOptions};
+use vhdx::vhd::{Vhd, VhdOpenOptions};
 use vhdx::vhdx::{Vhdx, VhdxBuilder};
 use vhdx::{Disk, Extent, IoBuffer};
 
@@ -133,19 +135,6 @@ fn raw_reads_and_writes_straight_between_file_and_buffer() {
         ro.write_vectored(&vec![0u8; 512], 0),
         Err(vhdx::Error::ReadOnly)
     ));
-}
-
-fn vhd(path: &Path, disk_type: DiskType, size: u64, parent: Option<&Path>) -> Vhd {
-    Vhd::create(
-        path,
-        &VhdCreateOptions {
-            disk_type,
-            size,
-            block_size: 512 << 10,
-            parent: parent.map(Path::to_path_buf),
-        },
-    )
-    .unwrap()
 }
 
 #[test]

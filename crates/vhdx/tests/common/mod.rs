@@ -1,8 +1,10 @@
-//! Helpers shared by the interop tests: running qemu-img, reading whole disks.
+//! Helpers shared by the integration tests: running qemu-img, reading whole disks, making VHDs.
 #![allow(dead_code)]
 
 use std::path::Path;
 use std::process::Command;
+use vhdx::vhd::format::DiskType;
+use vhdx::vhd::{Vhd, VhdCreateOptions};
 use vhdx::Disk;
 
 /// Whether qemu-img runs here; prints why the qemu part is skipped when it does not.
@@ -60,4 +62,18 @@ pub fn qemu_to_raw(img: &Path, fmt: &str) -> Vec<u8> {
     let v = std::fs::read(&raw).unwrap();
     std::fs::remove_file(&raw).unwrap();
     v
+}
+
+/// A VHD of `disk_type` with 512 KiB blocks (small, so tests cross block boundaries).
+pub fn vhd(path: &Path, disk_type: DiskType, size: u64, parent: Option<&Path>) -> Vhd {
+    Vhd::create(
+        path,
+        &VhdCreateOptions {
+            disk_type,
+            size,
+            block_size: 512 << 10,
+            parent: parent.map(Path::to_path_buf),
+        },
+    )
+    .unwrap()
 }
