@@ -6,6 +6,13 @@
 //! Coherence between the two is the kernel's: before a direct read or write it writes back
 //! the dirty page-cache pages of the range, and after a direct write it drops them, so
 //! neither path reads what the other has overwritten.
+//!
+//! A file with any page in the page cache costs every direct write more: Linux then invalidates
+//! the written range after each one, and its older direct-I/O code (ext2 on Linux 6.1) hands
+//! each asynchronous write's completion to a workqueue. The buffered descriptor's metadata I/O
+//! (a VHDX's headers and BAT read at open, the log, a VHD's BAT) leaves such pages behind, so
+//! once the unbuffered descriptor is in use the file's pages are dropped: when it opens (after
+//! writing back what is dirty), and after each flush ([`DirectFd::drop_cached`]).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -83,6 +90,15 @@ impl DirectFd {
             })
     }
 
+    /// Drops the clean page-cache pages of `file` (the whole file) if its unbuffered
+    /// descriptor is open: called after a flush, when the buffered metadata writes before it
+    /// are on the device. Pages still dirty stay; nothing fails (it is advice).
+    pub fn drop_cached(&self, file: BorrowedFd<'_>) {
+        if matches!(self.cell.get(), Some(Some(_))) {
+            drop_clean_pages(file);
+        }
+    }
+
     /// The unbuffered descriptor for `len` bytes at `offset` of `file`, when `unbuffered`,
     /// the file system takes it, the range is aligned and so is the memory
     /// (`memory_aligned(alignment)`); `None`: use `file` itself.
@@ -119,7 +135,17 @@ fn open_direct(file: BorrowedFd<'_>) -> Result<Opened, String> {
     if !align.is_power_of_two() || align > MAX_ALIGN {
         return Err(format!("direct I/O alignment {align} is not supported"));
     }
+    // What went through the buffered descriptor before (headers and BAT read at open, a raw
+    // image just written through the page cache) need not stay cached: written back once
+    // (dirty pages are not dropped), then dropped.
+    let _ = rustix::fs::fdatasync(file);
+    drop_clean_pages(file);
     Ok(Opened { fd, align })
+}
+
+/// `POSIX_FADV_DONTNEED` on the whole file: the kernel drops the pages that are not dirty.
+fn drop_clean_pages(file: BorrowedFd<'_>) {
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
 }
 
 /// The direct-I/O alignment of `fd`: `statx` `STATX_DIOALIGN` (Linux 6.1 for ext4, f2fs,

@@ -164,7 +164,9 @@ impl Disk for RawDisk {
         }
         self.file
             .sync_data()
-            .map_err(|e| io(&self.path, "fsync", e))
+            .map_err(|e| io(&self.path, "fsync", e))?;
+        self.direct.drop_cached(self.file.as_fd());
+        Ok(())
     }
 
     fn unmap(&self, offset: u64, len: u64) -> Result<()> {

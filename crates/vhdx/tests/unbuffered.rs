@@ -336,3 +336,78 @@ fn buffered_and_unbuffered_writes_are_seen_by_each_other() {
     x.read_at(&mut back, 2 * MIB).unwrap();
     assert!(back.iter().all(|&v| v == 0xa5));
 }
+
+/// How many of the file's pages are in the page cache (`mincore` of a shared mapping).
+fn cached_pages(path: &std::path::Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a new read-only shared mapping of an open file, never dereferenced and
+    // unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let mut resident = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: `p` maps `len` bytes and `resident` has a byte for each of their pages.
+    let r = unsafe { libc::mincore(p, len, resident.as_mut_ptr()) };
+    // SAFETY: the mapping made above, not used after this.
+    unsafe { libc::munmap(p, len) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    resident.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+#[test]
+fn unbuffered_io_leaves_no_image_page_in_the_page_cache() {
+    let Some(dir) = direct_dir() else { return };
+    // A raw image written through the page cache: its first unbuffered transfer drops it.
+    let raw = dir.path().join("a.raw");
+    std::fs::write(&raw, vec![7u8; 4 * MIB as usize]).unwrap();
+    let d = RawDisk::open(&raw, false).unwrap();
+    assert!(cached_pages(&raw) > 0);
+    let mut r = Aligned::new(64 << 10, 0);
+    d.read_vectored(&mut r, MIB).unwrap();
+    assert_eq!(r.moved().0, 64 << 10);
+    assert_eq!(cached_pages(&raw), 0, "raw image after an unbuffered read");
+
+    // A dynamic VHDX with 7 of its 8 blocks written through the page cache, reopened (its
+    // headers and BAT read through the page cache too).
+    let path = dir.path().join("a.vhdx");
+    let x = VhdxBuilder::new(8 * MIB)
+        .block_size(MIB as u32)
+        .create(&path)
+        .unwrap();
+    x.write_at(&vec![0x33; 7 * MIB as usize], 0).unwrap();
+    drop(x);
+    let x = vhdx::vhdx::Vhdx::open(&path, false).unwrap();
+    assert!(cached_pages(&path) > 0);
+    let w = Aligned::from(&vec![0x44; 64 << 10], 0);
+    x.write_vectored(&w, MIB).unwrap();
+    assert_eq!(w.moved().0, 64 << 10);
+    assert_eq!(cached_pages(&path), 0, "VHDX after an unbuffered write");
+    // Allocating the last block goes through the page cache (data, log, BAT). The flush
+    // after it drops what it made durable; the BAT sector it then writes in place stays
+    // dirty until the next flush, which drops it too.
+    let a = Aligned::from(&vec![0x55; MIB as usize], 0);
+    x.write_vectored(&a, 7 * MIB).unwrap();
+    assert_eq!(a.moved().0, 0);
+    assert!(cached_pages(&path) > 1);
+    x.flush().unwrap();
+    assert_eq!(cached_pages(&path), 1, "VHDX after a flush");
+    x.flush().unwrap();
+    assert_eq!(cached_pages(&path), 0, "VHDX after the next flush");
+    let mut back = Aligned::new(8 * MIB as usize, 0);
+    x.read_vectored(&mut back, 0).unwrap();
+    assert!(back.bytes()[..MIB as usize].iter().all(|&b| b == 0x33));
+    assert!(back.bytes()[MIB as usize..][..64 << 10]
+        .iter()
+        .all(|&b| b == 0x44));
+    assert!(back.bytes()[7 * MIB as usize..].iter().all(|&b| b == 0x55));
+}

@@ -1142,9 +1142,11 @@ impl Disk for Vhd {
             return Ok(());
         }
         match &self.sparse {
-            None => self.file.sync_data().map_err(io_err(&self.path, "fsync")),
-            Some(s) => self.flush_bat(s),
+            None => self.file.sync_data().map_err(io_err(&self.path, "fsync"))?,
+            Some(s) => self.flush_bat(s)?,
         }
+        self.direct.drop_cached(self.file.as_fd());
+        Ok(())
     }
 
     fn unmap(&self, offset: u64, len: u64) -> Result<()> {

@@ -4,6 +4,7 @@
 use super::log::LogWrite;
 use crate::{Error, Result};
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -147,8 +148,12 @@ impl Backing {
         }
     }
 
+    /// Makes the file's data durable; then, with unbuffered I/O in use, drops its cached
+    /// pages (see [`crate::DirectFd::drop_cached`]).
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| self.io("flush", e))
+        self.file.sync_data().map_err(|e| self.io("flush", e))?;
+        self.direct.drop_cached(self.file.as_fd());
+        Ok(())
     }
 
     pub fn file_len(&self) -> Result<u64> {
