@@ -147,6 +147,8 @@ while [ -z "$DEV" ] && [ $i -lt 60 ]; do
 done
 say fio_dev=$DEV
 if [ -n "$DEV" ]; then
+  Q=/sys/block/$DEV/queue
+  say queue=$(for f in rotational scheduler nr_requests max_sectors_kb optimal_io_size minimum_io_size physical_block_size discard_max_bytes write_cache; do printf '%s:%s,' $f "$(cat $Q/$f | tr ' ' _)"; done)
   for job in {jobs}; do
     set -- $job
     line=$(fio --name=$1 --filename=/dev/$DEV --rw=$2 --bs=$3 --iodepth=$4 --ioengine=libaio --direct=1 --thread --time_based --runtime=$RT --ramp_time=1 --norandommap --randrepeat=0 --minimal 2>/tmp/fio.err)
