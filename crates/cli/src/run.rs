@@ -2,7 +2,7 @@
 
 use crate::console::{InputEnd, RawMode, Stdin};
 use crate::serial_log::SerialLog;
-use crate::whole_lines::WholeLines;
+use crate::whole_lines::{WholeLines, PROMPT_DELAY};
 use anyhow::Context;
 use clap::Args;
 use std::io::Write;
@@ -410,7 +410,7 @@ fn run_vm(
     // logs, and goes out in whole lines, so a script's own lines next to it never split one.
     let stdout: Box<dyn Write + Send> = match input {
         Stdin::Terminal => Box::new(std::io::stdout()),
-        _ => Box::new(WholeLines::new(std::io::stdout())),
+        _ => Box::new(WholeLines::new(std::io::stdout(), PROMPT_DELAY)),
     };
     let terminal = Arc::new(
         console

@@ -4,45 +4,102 @@
 //! bytes at a time; without this, each piece would be its own write.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 /// A line longer than this goes out in pieces of this size (a pipe's atomic write size).
 pub const LONGEST_LINE: usize = 4096;
 
+/// How long `viridian run` holds an unfinished line (a `login: ` prompt) before it writes it
+/// anyway: a program reading the console waits for prompts, and a guest writes a whole line
+/// far faster than this.
+pub const PROMPT_DELAY: Duration = Duration::from_millis(500);
+
 /// Holds back the unfinished last line until its newline arrives, it reaches
-/// [`LONGEST_LINE`], or the writer is dropped. `flush` flushes the whole lines written so far,
-/// never a partial one.
-pub struct WholeLines<W: Write> {
-    inner: W,
-    pending: Vec<u8>,
+/// [`LONGEST_LINE`], it has waited `idle` (a prompt), or the writer is dropped. `flush`
+/// flushes the whole lines written so far, never a partial one.
+pub struct WholeLines<W: Write + Send + 'static> {
+    held: Arc<Mutex<Held<W>>>,
 }
 
-impl<W: Write> WholeLines<W> {
-    pub fn new(inner: W) -> Self {
-        Self {
+struct Held<W> {
+    inner: W,
+    pending: Vec<u8>,
+    /// When the unfinished line in `pending` started waiting.
+    since: Option<Instant>,
+}
+
+impl<W: Write + Send + 'static> WholeLines<W> {
+    /// Starts a thread that writes an unfinished line once it has waited `idle`; the thread
+    /// ends with the writer.
+    pub fn new(inner: W, idle: Duration) -> Self {
+        let held = Arc::new(Mutex::new(Held {
             inner,
             pending: Vec::new(),
+            since: None,
+        }));
+        let weak = Arc::downgrade(&held);
+        // Without the thread, a prompt waits for the next line: the console still works.
+        let _ = std::thread::Builder::new()
+            .name("console-lines".into())
+            .spawn(move || write_prompts(&weak, idle));
+        Self { held }
+    }
+}
+
+/// The idle thread: every `idle / 2`, writes an unfinished line that has waited `idle`.
+fn write_prompts<W: Write>(held: &Weak<Mutex<Held<W>>>, idle: Duration) {
+    loop {
+        std::thread::sleep(idle / 2);
+        let Some(held) = held.upgrade() else { return };
+        let mut h = support::lock(&held);
+        if h.since.is_some_and(|t| t.elapsed() >= idle) {
+            let Held {
+                inner,
+                pending,
+                since,
+            } = &mut *h;
+            // A failed write shows again, and is reported, on the next `write`.
+            if inner
+                .write_all(pending)
+                .and_then(|()| inner.flush())
+                .is_ok()
+            {
+                pending.clear();
+                *since = None;
+            }
         }
     }
 }
 
-impl<W: Write> Write for WholeLines<W> {
+impl<W: Write + Send + 'static> Write for WholeLines<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.pending.extend_from_slice(buf);
+        let mut h = support::lock(&self.held);
+        let Held {
+            inner,
+            pending,
+            since,
+        } = &mut *h;
+        pending.extend_from_slice(buf);
         let mut start = 0;
-        while let Some(end) = line_end(&self.pending[start..]) {
-            let line = &self.pending[start..start + end];
-            if let Err(e) = self.inner.write_all(line) {
-                self.pending.drain(..start);
+        while let Some(end) = line_end(&pending[start..]) {
+            if let Err(e) = inner.write_all(&pending[start..start + end]) {
+                pending.drain(..start);
                 return Err(e);
             }
             start += end;
         }
-        self.pending.drain(..start);
+        pending.drain(..start);
+        if pending.is_empty() {
+            *since = None;
+        } else if start > 0 || since.is_none() {
+            *since = Some(Instant::now());
+        }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        support::lock(&self.held).inner.flush()
     }
 }
 
@@ -57,12 +114,15 @@ fn line_end(bytes: &[u8]) -> Option<usize> {
     }
 }
 
-impl<W: Write> Drop for WholeLines<W> {
+impl<W: Write + Send + 'static> Drop for WholeLines<W> {
     fn drop(&mut self) {
-        if !self.pending.is_empty() {
-            let _ = self.inner.write_all(&self.pending);
+        let mut h = support::lock(&self.held);
+        let Held { inner, pending, .. } = &mut *h;
+        if !pending.is_empty() {
+            let _ = inner.write_all(pending);
+            pending.clear();
         }
-        let _ = self.inner.flush();
+        let _ = inner.flush();
     }
 }
 
@@ -97,7 +157,7 @@ mod tests {
     #[test]
     fn a_line_handed_over_in_pieces_goes_out_in_one_write() {
         let writes = Writes::default();
-        let mut w = WholeLines::new(writes.clone());
+        let mut w = WholeLines::new(writes.clone(), Duration::from_secs(3600));
         // As the console hub passes the guest's `dvd2_md5=` line on: a few bytes per wake-up,
         // each followed by a flush.
         for piece in [
@@ -130,7 +190,7 @@ mod tests {
     #[test]
     fn several_lines_at_once_are_several_writes_and_a_long_line_is_cut() {
         let writes = Writes::default();
-        let mut w = WholeLines::new(writes.clone());
+        let mut w = WholeLines::new(writes.clone(), Duration::from_secs(3600));
         w.write_all(b"a\nbb\nc").unwrap();
         assert_eq!(writes.pieces(), ["a\n", "bb\n"]);
         let long = vec![b'x'; LONGEST_LINE * 2 + 5];
@@ -147,5 +207,26 @@ mod tests {
         drop(w);
         let total: usize = writes.pieces().iter().map(String::len).sum();
         assert_eq!(total, 5 + 1 + long.len());
+    }
+
+    #[test]
+    fn an_unfinished_line_goes_out_after_waiting_idle() {
+        let writes = Writes::default();
+        let mut w = WholeLines::new(writes.clone(), Duration::from_millis(50));
+        w.write_all(b"done\r\nviridian-debian login: ").unwrap();
+        assert_eq!(writes.pieces(), ["done\r\n"], "the prompt is held at first");
+        let waited = Instant::now();
+        while writes.pieces().len() < 2 && waited.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(writes.pieces(), ["done\r\n", "viridian-debian login: "]);
+        w.write_all(b"root\r\n").unwrap();
+        drop(w);
+        assert_eq!(writes.pieces().len(), 3, "{:?}", writes.pieces());
+        assert_eq!(
+            writes.pieces()[2],
+            "root\r\n",
+            "the prompt is not written twice"
+        );
     }
 }
