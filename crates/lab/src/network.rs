@@ -218,12 +218,19 @@ const VLAN_D: [&str; 2] = ["00:15:5d:4e:00:0d", "00:15:5d:4e:01:0d"];
 /// L1's address on the Internal switch.
 pub const HOST_ADDRESS: &str = "10.8.0.1";
 
+/// How often (seconds) `await` prints a `LAB-WAIT` line with the awaited guest's NIC state
+/// while it waits: the guests' consoles go to files, and without these lines a long wait (a
+/// slow or stalled transfer) would look to the lab like a hung L1 (`L1_SILENCE`), which is
+/// killed before the scenario's own time-out can print its `LAB-TIMEOUT-NIC` lines.
+const WAIT_REPORT: u32 = 60;
+
 /// The L1 side's shell helpers: `start NAME CPUS NICS... -- CMDLINE` starts a guest in the
 /// background (serial console in /tmp/NAME.log, its pid in $NAME); `qstart NAME CPUS
 /// VHOST(on|off) SWITCH=MAC... -- CMDLINE` starts it under QEMU instead, each NIC a
 /// virtio-net device on a TAP (`qNAMEi`) that `viridian switch connect` makes an untagged
 /// port of the switch; `fresh SWITCH...` removes switches a scenario that ran out of time left
-/// behind; `await NAME TEXT SECS` waits until the guest printed TEXT (or its VMM exited);
+/// behind; `await NAME TEXT SECS` waits until the guest printed TEXT (or its VMM exited),
+/// with a `LAB-WAIT` line every [`WAIT_REPORT`] s;
 /// `reap NAME SECS` gives a guest SECS to finish, then stops it, and returns its VMM's exit
 /// status; `show` prints every guest's console with its name in front (at the end, so the
 /// consoles of guests running together do not interleave), also when the scenario's time
@@ -243,7 +250,8 @@ pub(crate) fn prelude(memory_mib: u64, guests: &[&str]) -> String {
            $nets >/dev/null 2>/tmp/$n.err & eval $n=$!; \
            for p in $taps; do t=${{p#*=}}; i=0; while [ ! -e /sys/class/net/$t ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done; \
              viridian switch connect ${{p%%=*}} $t >/dev/null || echo LAB-ERROR switch connect $t failed; done; }}; \
-         await() {{ i=0; until grep -q \"$2\" /tmp/$1.log 2>/dev/null || ! kill -0 $(eval echo \\$$1) 2>/dev/null || [ $i -ge $3 ]; do sleep 1; i=$((i+1)); done; grep -q \"$2\" /tmp/$1.log 2>/dev/null; }}; \
+         await() {{ i=0; until grep -q \"$2\" /tmp/$1.log 2>/dev/null || ! kill -0 $(eval echo \\$$1) 2>/dev/null || [ $i -ge $3 ]; do sleep 1; i=$((i+1)); \
+           [ $((i % {WAIT_REPORT})) = 0 ] && echo \"LAB-WAIT $1 $2 ${{i}}s $(viridian vm nic list $1 --json 2>&1 | tr -d '\\n')\"; done; grep -q \"$2\" /tmp/$1.log 2>/dev/null; }}; \
          reap() {{ p=$(eval echo \\$$1); i=0; while kill -0 $p 2>/dev/null && [ $i -lt $2 ]; do sleep 1; i=$((i+1)); done; kill $p 2>/dev/null; wait $p; }}; \
          show() {{ for n in {names}; do sed \"s/^/[$n] /\" /tmp/$n.log 2>/dev/null; sed \"s/^/[$n] viridian: /\" /tmp/$n.err 2>/dev/null; done; }}; \
          fresh() {{ for s in \"$@\"; do viridian switch remove $s --force >/dev/null 2>&1; done; }}; \
@@ -363,5 +371,50 @@ pub(crate) mod tests {
             "{untagged}"
         );
         assert!(private("p", 7).command().contains("viridian.mib=7"));
+    }
+
+    /// A guest that takes minutes to print what the host waits for: `await` reports each
+    /// minute with its NIC state, so L1 never looks hung (silent) while its script is alive.
+    #[test]
+    fn a_long_wait_is_reported_each_minute() {
+        use std::os::unix::fs::PermissionsExt;
+        let fake = tempfile::tempdir().unwrap();
+        for (name, body) in [
+            ("viridian", "echo '[{\"rx\": 7}'; echo ']'"),
+            ("sleep", "exit 0"),
+        ] {
+            let bin = fake.path().join(name);
+            std::fs::write(&bin, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let guest = format!("unitwait{}", std::process::id());
+        let script = format!(
+            "{}{guest}=$$; await {guest} never 130 || echo gave-up",
+            prelude(64, &[&guest])
+        );
+        let path = format!(
+            "{}:{}",
+            fake.path().display(),
+            std::env::var("PATH").unwrap()
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let waits: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("LAB-WAIT"))
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                format!("LAB-WAIT {guest} never 60s [{{\"rx\": 7}}]"),
+                format!("LAB-WAIT {guest} never 120s [{{\"rx\": 7}}]"),
+            ],
+            "{stdout}"
+        );
+        assert!(stdout.ends_with("gave-up\n"), "{stdout}");
     }
 }
