@@ -453,13 +453,13 @@ fn drives(path: &std::path::Path) -> anyhow::Result<Vec<serde_json::Value>> {
 
 fn print_drives(list: &[serde_json::Value]) {
     println!(
-        "{:<10} {:<8} {:<5} {:<6} {:>12} {:<4} PATH",
-        "CONTROLLER", "LOCATION", "KIND", "FORMAT", "SIZE", "MODE"
+        "{:<10} {:<8} {:<5} {:<6} {:>12} {:<4} {:<9} PATH",
+        "CONTROLLER", "LOCATION", "KIND", "FORMAT", "SIZE", "MODE", "CACHE"
     );
     for d in list {
         let path = d["path"].as_str().unwrap_or("(empty)");
         println!(
-            "{:<10} {:<8} {:<5} {:<6} {:>12} {:<4} {path}",
+            "{:<10} {:<8} {:<5} {:<6} {:>12} {:<4} {:<9} {path}",
             d["controller"],
             d["location"],
             d["kind"].as_str().unwrap_or(""),
@@ -470,6 +470,7 @@ fn print_drives(list: &[serde_json::Value]) {
             } else {
                 "rw"
             },
+            d["cache"].as_str().unwrap_or("-"),
         );
     }
 }
