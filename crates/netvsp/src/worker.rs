@@ -980,15 +980,6 @@ impl Worker {
 }
 
 impl ChannelWorker for Worker {
-    /// Polls end within microseconds of their deadline: the thread's timer slack (50 us by
-    /// default) would otherwise add to every poll interval.
-    fn start(&mut self, _ch: &mut Channel) -> Result<(), WorkerError> {
-        if rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1000)).is_err() {
-            support::limited!(LOG, warn, "netvsp: cannot set the worker's timer slack");
-        }
-        Ok(())
-    }
-
     /// One pass, its interrupts to the guest held back and raised once at its end: the
     /// pass's send completions and its receive batch cost the guest one interrupt.
     fn process(&mut self, ch: &mut Channel, now: Instant) -> Result<Progress, WorkerError> {
