@@ -33,12 +33,12 @@ pub mod client;
 pub mod held;
 pub mod nvsp;
 pub mod policy;
-pub mod poll;
 pub mod rndis;
 pub mod stats;
 pub mod tap;
 pub mod vnet;
 mod worker;
+pub use worker::POLL_INTERVAL;
 
 pub use backend::{Backend, BackendQueue, MemoryBackend, MemoryPort};
 pub use policy::PortPolicy;

@@ -31,6 +31,10 @@ const TX_BUDGET: usize = 512;
 const MAX_TX_BYTES: usize = 128 << 10;
 /// RNDIS control answers waiting for a free section before more are refused.
 const MAX_PENDING_CONTROL: usize = 64;
+/// How long after the last packet from the guest the worker keeps polling its ring with the
+/// guest's interrupt masked (see [`Progress::Polling`]): a guest sending a stream then pays no
+/// exit per packet, at the price of up to this much delay for packets in such a stream.
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_micros(500);
 
 enum Out {
     Completion {
@@ -65,8 +69,8 @@ pub(crate) struct Worker {
     ring_buf: Vec<u8>,
     tx: Vec<u8>,
     pieces: Vec<(u64, usize)>,
-    /// Whether and until when to poll the guest's ring (see [`crate::poll`]).
-    poll: crate::poll::Poll,
+    /// While polling: when to look at the ring again if nothing else wakes the worker.
+    poll_until: Option<Instant>,
 }
 
 impl Drop for Worker {
@@ -116,7 +120,7 @@ impl Worker {
             ring_buf: Vec::new(),
             tx: Vec::new(),
             pieces: Vec::new(),
-            poll: Default::default(),
+            poll_until: None,
         }
     }
 
@@ -924,8 +928,7 @@ fn payload_type(p: &[u8]) -> u32 {
 
 impl Worker {
     /// One pass: the guest's packets up to a budget, control answers, one receive batch.
-    /// Returns the progress and how many packets other than completions (of the receive
-    /// batches, which a guest sends at once, before any answer) it took from the guest.
+    /// Returns the progress and how many packets it took from the guest's ring.
     fn pass(&mut self, ch: &mut Channel) -> Result<(Progress, usize), WorkerError> {
         if self.index == 0 {
             self.shared.link_bell.clear();
@@ -948,10 +951,8 @@ impl Worker {
                     break;
                 }
             };
+            taken += 1;
             let ptype = p.packet_type();
-            if ptype != packet_type::COMPLETION {
-                taken += 1;
-            }
             let ranges =
                 (ptype == packet_type::DATA_USING_GPA_DIRECT).then(|| p.gpa_direct_ranges());
             let (tid, cr) = (p.transaction_id(), p.completion_requested());
@@ -977,6 +978,21 @@ impl Worker {
             taken,
         ))
     }
+
+    /// Whether to keep polling the guest's ring after an idle pass at `now` that took
+    /// `taken` packets: for [`POLL_INTERVAL`] after the last pass that took any.
+    fn poll(&mut self, taken: usize, now: Instant) -> Progress {
+        if taken > 0 {
+            self.poll_until = Some(now + POLL_INTERVAL);
+        } else if self.poll_until.is_some_and(|d| now >= d) {
+            self.poll_until = None;
+        }
+        if self.poll_until.is_some() {
+            Progress::Polling
+        } else {
+            Progress::Idle
+        }
+    }
 }
 
 impl ChannelWorker for Worker {
@@ -991,12 +1007,11 @@ impl ChannelWorker for Worker {
         let mut held = support::lock(&shared.held[i]);
         if shared.paused.load(Ordering::SeqCst) {
             // Not Idle: packets left in the ring would have the worker called again at once.
-            self.poll.stop();
+            self.poll_until = None;
             return Ok(Progress::WaitingForRoom);
         }
         self.inflight = std::mem::take(&mut *held);
         let before = ch.signals_sent();
-        let batches = self.counters().rx_batches.load(Ordering::Relaxed);
         ch.hold_signals();
         let r = self.pass(ch);
         *held = std::mem::take(&mut self.inflight);
@@ -1006,20 +1021,17 @@ impl ChannelWorker for Worker {
             &self.counters().guest_interrupts,
             ch.signals_sent() - before,
         );
-        let delivered = self.counters().rx_batches.load(Ordering::Relaxed) != batches;
         match r? {
-            (Progress::Idle, taken) if self.poll.after_pass(taken, delivered, now) => {
-                Ok(Progress::Polling)
-            }
+            (Progress::Idle, taken) => Ok(self.poll(taken, now)),
             (p, _) => {
-                self.poll.stop();
+                self.poll_until = None;
                 Ok(p)
             }
         }
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.poll.deadline()
+        self.poll_until
     }
 
     fn fds(&self) -> Vec<BorrowedFd<'_>> {

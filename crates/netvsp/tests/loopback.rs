@@ -716,7 +716,7 @@ fn stream(g: &mut Netvsc, frames: u64, mut gap: impl FnMut() -> Duration) -> u64
 fn a_streaming_guest_signals_rarely_and_a_frame_after_the_stream_is_not_lost() {
     let mut r = rig();
     let mut g = r.up(version::V61);
-    let interval = netvsp::poll::MAX_POLL_INTERVAL;
+    let interval = netvsp::POLL_INTERVAL;
     r.ports[0].take_sent();
     // Frames closer together than the poll interval: the host polls, the guest mostly sends
     // without signalling.
@@ -733,18 +733,6 @@ fn a_streaming_guest_signals_rarely_and_a_frame_after_the_stream_is_not_lost() {
         assert_eq!(signals, 1, "round {round}: the idle host was not signalled");
         assert_eq!(r.ports[0].wait_sent(1, Duration::from_secs(5)).len(), 1);
     }
-    // A frame given to the guest ends the polling at once: the guest's answer, sent a
-    // little later (well inside the poll interval), signals.
-    let mut signalled = 0;
-    for _ in 0..10 {
-        stream(&mut g, 20, || interval / 5);
-        r.ports[0].inject(VirtioNetHdr::default(), &tcp_frame(MAC, 18));
-        assert_eq!(g.wait_frames(1).len(), 1);
-        std::thread::sleep(interval / 5);
-        signalled += stream(&mut g, 1, || Duration::ZERO);
-    }
-    assert!(signalled >= 8, "{signalled} of 10 answers signalled");
-    assert_eq!(r.ports[0].wait_sent(210, Duration::from_secs(5)).len(), 210);
     // Gaps around the interval, racing the host's switch from polling to idle.
     let mut rng = vmbus::testing::Rng(3);
     let span = 2 * interval.as_micros() as u64;
