@@ -261,7 +261,11 @@ fn main() {
     while last.elapsed() < Duration::from_millis(200) {
         wait_event(&event, Duration::from_millis(20));
         napi(&mut g);
-        let n = g.frames().iter().filter(|f| f.data[6..12] == [2, 0, 0, 0, 0, 2]).count();
+        let n = g
+            .frames()
+            .iter()
+            .filter(|f| f.data[6..12] == [2, 0, 0, 0, 0, 2])
+            .count();
         if n > 0 {
             got += n as u64;
             received.store(got, Ordering::Relaxed);
