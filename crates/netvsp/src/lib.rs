@@ -38,7 +38,6 @@ pub mod stats;
 pub mod tap;
 pub mod vnet;
 mod worker;
-pub use worker::POLL_INTERVAL;
 
 pub use backend::{Backend, BackendQueue, MemoryBackend, MemoryPort};
 pub use policy::PortPolicy;

@@ -31,10 +31,6 @@ const TX_BUDGET: usize = 512;
 const MAX_TX_BYTES: usize = 128 << 10;
 /// RNDIS control answers waiting for a free section before more are refused.
 const MAX_PENDING_CONTROL: usize = 64;
-/// How long after the last packet from the guest the worker keeps polling its ring with the
-/// guest's interrupt masked (see [`Progress::Polling`]): a guest sending a stream then pays no
-/// exit per packet, at the price of up to this much delay for packets in such a stream.
-pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_micros(500);
 
 enum Out {
     Completion {
@@ -69,8 +65,6 @@ pub(crate) struct Worker {
     ring_buf: Vec<u8>,
     tx: Vec<u8>,
     pieces: Vec<(u64, usize)>,
-    /// While polling: when to look at the ring again if nothing else wakes the worker.
-    poll_until: Option<Instant>,
 }
 
 impl Drop for Worker {
@@ -120,7 +114,6 @@ impl Worker {
             ring_buf: Vec::new(),
             tx: Vec::new(),
             pieces: Vec::new(),
-            poll_until: None,
         }
     }
 
@@ -928,18 +921,16 @@ fn payload_type(p: &[u8]) -> u32 {
 
 impl Worker {
     /// One pass: the guest's packets up to a budget, control answers, one receive batch.
-    /// Returns the progress and how many packets it took from the guest's ring.
-    fn pass(&mut self, ch: &mut Channel) -> Result<(Progress, usize), WorkerError> {
+    fn pass(&mut self, ch: &mut Channel) -> Result<Progress, WorkerError> {
         if self.index == 0 {
             self.shared.link_bell.clear();
         }
         self.refresh();
         if !self.flush_out(ch)? {
-            return Ok((Progress::WaitingForRoom, 0));
+            return Ok(Progress::WaitingForRoom);
         }
         let mut buf = std::mem::take(&mut self.ring_buf);
         let mut result = Ok(());
-        let mut taken = 0;
         for _ in 0..TX_BUDGET {
             // A buffer given by the previous packet is used by the next one.
             self.refresh();
@@ -951,7 +942,6 @@ impl Worker {
                     break;
                 }
             };
-            taken += 1;
             let ptype = p.packet_type();
             let ranges =
                 (ptype == packet_type::DATA_USING_GPA_DIRECT).then(|| p.gpa_direct_ranges());
@@ -969,36 +959,18 @@ impl Worker {
         if self.out.is_empty() {
             self.receive();
         }
-        Ok((
-            if self.flush_out(ch)? {
-                Progress::Idle
-            } else {
-                Progress::WaitingForRoom
-            },
-            taken,
-        ))
-    }
-
-    /// Whether to keep polling the guest's ring after an idle pass at `now` that took
-    /// `taken` packets: for [`POLL_INTERVAL`] after the last pass that took any.
-    fn poll(&mut self, taken: usize, now: Instant) -> Progress {
-        if taken > 0 {
-            self.poll_until = Some(now + POLL_INTERVAL);
-        } else if self.poll_until.is_some_and(|d| now >= d) {
-            self.poll_until = None;
-        }
-        if self.poll_until.is_some() {
-            Progress::Polling
-        } else {
+        Ok(if self.flush_out(ch)? {
             Progress::Idle
-        }
+        } else {
+            Progress::WaitingForRoom
+        })
     }
 }
 
 impl ChannelWorker for Worker {
     /// One pass, its interrupts to the guest held back and raised once at its end: the
     /// pass's send completions and its receive batch cost the guest one interrupt.
-    fn process(&mut self, ch: &mut Channel, now: Instant) -> Result<Progress, WorkerError> {
+    fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
         let shared = self.shared.clone();
         let i = usize::from(self.index);
         shared.resume_bells[i].clear();
@@ -1007,7 +979,6 @@ impl ChannelWorker for Worker {
         let mut held = support::lock(&shared.held[i]);
         if shared.paused.load(Ordering::SeqCst) {
             // Not Idle: packets left in the ring would have the worker called again at once.
-            self.poll_until = None;
             return Ok(Progress::WaitingForRoom);
         }
         self.inflight = std::mem::take(&mut *held);
@@ -1021,17 +992,7 @@ impl ChannelWorker for Worker {
             &self.counters().guest_interrupts,
             ch.signals_sent() - before,
         );
-        match r? {
-            (Progress::Idle, taken) => Ok(self.poll(taken, now)),
-            (p, _) => {
-                self.poll_until = None;
-                Ok(p)
-            }
-        }
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        self.poll_until
+        r
     }
 
     fn fds(&self) -> Vec<BorrowedFd<'_>> {

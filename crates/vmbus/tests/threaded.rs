@@ -657,23 +657,15 @@ fn a_polling_worker_spares_the_guest_its_signals_and_misses_nothing_when_it_stop
     for round in 0..20u64 {
         std::thread::sleep(4 * POLL_INTERVAL + Duration::from_micros(300 * (round % 7)));
         let s = ch.channel.signals_sent();
-        r.client
-            .send_inband(&mut ch, 1000 + round, b"lone", false)
-            .unwrap();
+        r.client.send_inband(&mut ch, 1000 + round, b"lone", false).unwrap();
         sent += 1;
         wait_seen(sent);
-        assert_eq!(
-            ch.channel.signals_sent(),
-            s + 1,
-            "the idle host was not signalled"
-        );
+        assert_eq!(ch.channel.signals_sent(), s + 1, "the idle host was not signalled");
     }
     // Packets racing the host's switch from polling to idle: gaps around the interval.
     let mut rng = vmbus::testing::Rng(7);
     for i in 0..300u64 {
-        r.client
-            .send_inband(&mut ch, 5000 + i, b"race", false)
-            .unwrap();
+        r.client.send_inband(&mut ch, 5000 + i, b"race", false).unwrap();
         sent += 1;
         let gap = rng.next() % (2 * POLL_INTERVAL.as_micros() as u64);
         std::thread::sleep(Duration::from_micros(gap));
