@@ -102,11 +102,6 @@ pub enum Progress {
     /// The ring to the guest is full (pending_send_sz is set): wake me when the guest has
     /// read, even if packets from it are waiting.
     WaitingForRoom,
-    /// More packets from the guest are expected soon: leave the guest's interrupt for the
-    /// incoming ring masked (the guest then sends without signalling) and run again at
-    /// [`ChannelWorker::deadline`], or sooner if something else wakes the worker. Without a
-    /// deadline this is [`Progress::Idle`].
-    Polling,
 }
 
 /// The per-channel half of a device, run by one worker thread:
@@ -114,8 +109,8 @@ pub enum Progress {
 /// 1. [`ChannelWorker::start`] once, right after OPENCHANNEL_RESULT (the host speaks first
 ///    in some protocols);
 /// 2. then, in a loop: the guest's interrupt for the incoming ring is masked,
-///    [`ChannelWorker::process`] drains it, the interrupt is unmasked (unless it returned
-///    [`Progress::Polling`]) and the ring checked once more; then the thread blocks on the channel's doorbell, the stop event, the fds
+///    [`ChannelWorker::process`] drains it, the interrupt is unmasked and the ring checked
+///    once more; then the thread blocks on the channel's doorbell, the stop event, the fds
 ///    from [`ChannelWorker::fds`] and the [`ChannelWorker::deadline`].
 ///
 /// `process` runs after every wake-up, whatever woke it: it must handle whatever is ready

@@ -83,24 +83,14 @@ fn run(
 ) {
     let result = (|| -> Result<(), crate::device::WorkerError> {
         worker.start(&mut ch)?;
-        let mut masked = false;
         loop {
             stats.passes.fetch_add(1, Ordering::Relaxed);
-            if !masked {
-                ch.set_interrupt_mask(true)?;
-                masked = true;
-            }
+            ch.set_interrupt_mask(true)?;
             let progress = worker.process(&mut ch, Instant::now())?;
-            // Polling keeps the mask: the worker looks at the ring at its deadline instead.
-            let polling = progress == Progress::Polling && worker.deadline().is_some();
-            if !polling {
-                ch.set_interrupt_mask(false)?;
-                masked = false;
-                // A packet that arrived after the drain but before the unmask sent no
-                // interrupt.
-                if progress != Progress::WaitingForRoom && ch.has_packet()? {
-                    continue;
-                }
+            ch.set_interrupt_mask(false)?;
+            // A packet that arrived after the drain but before the unmask sent no interrupt.
+            if progress == Progress::Idle && ch.has_packet()? {
+                continue;
             }
             if wait(&*worker, doorbell, stop, stats) {
                 return Ok(());
