@@ -3,7 +3,7 @@
 //! It builds, from Debian packages only, an L1 image (Debian's cloud kernel with KVM modules,
 //! busybox, the `viridian` binary and its libraries) and an L2 guest (a Debian kernel and a
 //! busybox initramfs whose `/init` runs a scenario and prints `VIRIDIAN-GUEST key=value` lines).
-//! L1 runs under `qemu-system-x86_64 -accel tcg -cpu max`, which emulates AMD SVM with nested
+//! L1 runs under `qemu-system-x86_64 -accel tcg -cpu max,la57=off`, which emulates AMD SVM with nested
 //! paging, so L1's `kvm-amd` gives Viridian a real `/dev/kvm`. See shared/docs/lab.md.
 
 #![forbid(unsafe_code)]
@@ -33,8 +33,10 @@ pub use system_disk::SystemDisk;
 const L1_SILENCE: Duration = Duration::from_secs(330);
 
 /// L1's emulated CPU, unless `$VIRIDIAN_LAB_CPU` names another (QEMU's `-cpu` syntax): an AMD
-/// CPU with SVM and nested paging.
-const L1_CPU: &str = "max";
+/// CPU with SVM and nested paging, without 5-level paging: with it, L1's KVM builds 5-level
+/// nested page tables for L2, which QEMU's TCG walks for every L2 access, and two L1 boots in a
+/// row hung as their first network guests started (docs/lab.md).
+const L1_CPU: &str = "max,la57=off";
 
 /// A scenario's time limit inside L1 unless it sets its own.
 const SCENARIO_TIMEOUT: u32 = 300;
