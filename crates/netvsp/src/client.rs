@@ -594,16 +594,7 @@ impl Netvsc {
                 section_size: bytes.len() as u32,
             },
         );
-        let tid = self.next_tid;
-        self.next_tid += 1;
-        self.send_raw(
-            packet_type::DATA_INBAND,
-            PACKET_FLAG_COMPLETION_REQUESTED,
-            tid,
-            &[],
-            &m,
-        );
-        tid
+        self.send_nvsp(&m)
     }
 
     /// Whether the host completed `tid` (after [`Self::pump`]); forgets the completion.
