@@ -193,6 +193,7 @@ fn l1_script(vmm: Vmm, format: Format, seconds: u32) -> String {
            fi; \
            touch $B/ready; \
          fi; \
+         sync; echo 3 > /proc/sys/vm/drop_caches; \
          echo VIRIDIAN-GUEST host_aio=$(cat $B/aio) host_file_kib=$(du -k {file} | cut -f1); \
          {vm}"
     )
