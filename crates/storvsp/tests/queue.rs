@@ -33,21 +33,7 @@ fn config(io_uring: bool) -> ControllerConfig {
 /// Sends a 4 KiB READ(10)/WRITE(10) at block `lba` whose data is guest page `page` of the
 /// channel's pool, without waiting.
 fn send_rw(g: &mut Guest, id: u64, lun: u8, write: bool, lba: u32, page: usize) {
-    let mut cdb = [if write { 0x2a } else { 0x28 }, 0, 0, 0, 0, 0, 0, 0, 8, 0];
-    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
-    let dir = if write {
-        sp::data_in::WRITE
-    } else {
-        sp::data_in::READ
-    };
-    let r = PagedRange {
-        byte_offset: 0,
-        byte_count: 4096,
-        pfns: vec![g.pages[page]],
-    };
-    let p = g.srb_packet(lun, &cdb, dir, 4096);
-    let h = vmbus::packet::gpa_direct_header(&[r]);
-    g.send(id, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
+    send_skewed(g, id, lun, write, lba, page, 0);
 }
 
 fn page_gpa(g: &Guest, page: usize) -> u64 {
@@ -327,7 +313,7 @@ fn direct_dir() -> Option<tempfile::TempDir> {
 
 /// Sends a 4 KiB WRITE(10)/READ(10) at `lba` whose data starts `skew` bytes into guest page
 /// `page` (and, when skewed, ends in the next page).
-fn send_skewed(g: &mut Guest, id: u64, write: bool, lba: u32, page: usize, skew: u32) {
+fn send_skewed(g: &mut Guest, id: u64, lun: u8, write: bool, lba: u32, page: usize, skew: u32) {
     let mut cdb = [if write { 0x2a } else { 0x28 }, 0, 0, 0, 0, 0, 0, 0, 8, 0];
     cdb[2..6].copy_from_slice(&lba.to_be_bytes());
     let dir = if write {
@@ -344,7 +330,7 @@ fn send_skewed(g: &mut Guest, id: u64, write: bool, lba: u32, page: usize, skew:
         byte_count: 4096,
         pfns,
     };
-    let p = g.srb_packet(0, &cdb, dir, 4096);
+    let p = g.srb_packet(lun, &cdb, dir, 4096);
     let h = vmbus::packet::gpa_direct_header(&[r]);
     g.send(id, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
 }
@@ -380,7 +366,7 @@ fn cache_none_moves_aligned_requests_unbuffered_with_io_uring_and_without() {
                     let gpa = page_gpa(&g, 2 * i) + u64::from(skew(i));
                     g.mem.write(gpa, &pattern(i as u8 ^ pass, 4096)).unwrap();
                     let id = (pass as usize * n + i) as u64 + 1;
-                    send_skewed(&mut g, id, true, i as u32 * 64, 2 * i, skew(i));
+                    send_skewed(&mut g, id, 0, true, i as u32 * 64, 2 * i, skew(i));
                 }
                 let done = collect(&mut g, n);
                 assert!(done.values().all(|&s| s == 1), "{what}: {done:?}");
@@ -391,6 +377,7 @@ fn cache_none_moves_aligned_requests_unbuffered_with_io_uring_and_without() {
                 send_skewed(
                     &mut g,
                     1000 + i as u64,
+                    0,
                     false,
                     i as u32 * 64,
                     2 * i,
