@@ -14,6 +14,7 @@ fn booted() -> (Partition, GuestMemory) {
         PartitionConfig {
             vp_count: 2,
             invariant_tsc: true,
+            apic_assist: false,
         },
         mem.clone(),
         Arc::new(ManualTime::new(2_500_000_000)),

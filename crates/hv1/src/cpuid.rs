@@ -23,6 +23,10 @@ pub struct CpuidConfig {
     pub vp_count: u32,
     /// Offer the TSC_INVARIANT_CONTROL MSR (privilege bit 15) and CPUID 0x80000007 EDX bit 8.
     pub invariant_tsc: bool,
+    /// Offer the APIC access MSRs (EOI, ICR, TPR) and the VP assist page's lazy EOI (privilege
+    /// bit 4, hint bit 3). The host's KVM must serve those three MSRs itself and take a
+    /// paravirtual-EOI address for the assist page (see the `vmm` crate).
+    pub apic_assist: bool,
 }
 
 /// Highest Hyper-V leaf we report. 0x40000005 is the minimum Linux accepts; higher values make
@@ -36,28 +40,38 @@ pub const HV_BUILD: u32 = 20348;
 pub const HV_VERSION: u32 = 10 << 16;
 
 /// Privileges, low word: TIME_REF_COUNT, SynIC, HYPERCALL, VP_INDEX, REFERENCE_TSC and the
-/// frequency MSRs (0xA66), plus TSC_INVARIANT_CONTROL (0x8000) when offered. No synthetic
-/// timers (bit 3), since we do not implement them.
-pub const fn privileges_low(invariant_tsc: bool) -> u32 {
-    let base = privilege_low::ACCESS_PARTITION_REFERENCE_COUNTER
+/// frequency MSRs (0xA66), plus TSC_INVARIANT_CONTROL (0x8000) and the APIC access MSRs (0x10)
+/// when offered. No synthetic timers (bit 3), since we do not implement them.
+pub const fn privileges_low(config: &CpuidConfig) -> u32 {
+    let mut base = privilege_low::ACCESS_PARTITION_REFERENCE_COUNTER
         | privilege_low::ACCESS_SYNIC_MSRS
         | privilege_low::ACCESS_HYPERCALL_MSRS
         | privilege_low::ACCESS_VP_INDEX
         | privilege_low::ACCESS_PARTITION_REFERENCE_TSC
         | privilege_low::ACCESS_FREQUENCY_MSRS;
-    if invariant_tsc {
-        base | privilege_low::ACCESS_TSC_INVARIANT_CONTROLS
-    } else {
-        base
+    if config.invariant_tsc {
+        base |= privilege_low::ACCESS_TSC_INVARIANT_CONTROLS;
     }
+    if config.apic_assist {
+        base |= privilege_low::ACCESS_APIC_MSRS;
+    }
+    base
 }
 
 /// Privileges, high word: PostMessages and SignalEvents only (0x30).
 pub const PRIVILEGES_HIGH: u32 = privilege_high::POST_MESSAGES | privilege_high::SIGNAL_EVENTS;
 /// Misc features: frequency MSRs and guest crash MSRs.
 pub const MISC_FEATURES: u32 = misc_features::FREQUENCY_MSRS | misc_features::GUEST_CRASH_MSRS;
-/// Hints: only "deprecating AutoEOI" (KVM cannot do AutoEOI, so the guest must EOI itself).
-pub const HINTS: u32 = hints::DEPRECATING_AEOI;
+/// Hints: "deprecating AutoEOI" (KVM cannot do AutoEOI, so the guest must EOI itself), plus
+/// "use the APIC MSRs" when the APIC assist is offered: only then does Linux EOI through the VP
+/// assist page, skipping the EOI (and its exit) when the host says none is needed.
+pub const fn hints(config: &CpuidConfig) -> u32 {
+    if config.apic_assist {
+        hints::DEPRECATING_AEOI | hints::APIC_MSRS
+    } else {
+        hints::DEPRECATING_AEOI
+    }
+}
 /// Spin-wait notification count: never notify.
 pub const SPIN_WAIT_NEVER: u32 = 0xFFFF_FFFF;
 
@@ -90,14 +104,14 @@ pub fn hv_leaves(config: &CpuidConfig) -> [CpuidEntry; 6] {
         leaf(hv::CPUID_HV_VERSION, HV_BUILD, HV_VERSION, 0, 0),
         leaf(
             hv::CPUID_HV_FEATURES,
-            privileges_low(config.invariant_tsc),
+            privileges_low(config),
             PRIVILEGES_HIGH,
             0,
             MISC_FEATURES,
         ),
         leaf(
             hv::CPUID_HV_ENLIGHTENMENT_INFO,
-            HINTS,
+            hints(config),
             SPIN_WAIT_NEVER,
             0,
             0,
@@ -221,6 +235,7 @@ mod tests {
         let l = hv_leaves(&CpuidConfig {
             vp_count: 4,
             invariant_tsc: true,
+            apic_assist: false,
         });
         assert_eq!(l[0].function, 0x4000_0000);
         assert_eq!(l[0].eax, 0x4000_0005);
@@ -239,8 +254,17 @@ mod tests {
         let no_inv = hv_leaves(&CpuidConfig {
             vp_count: 1,
             invariant_tsc: false,
+            apic_assist: false,
         });
         assert_eq!(no_inv[3].eax, 0xA66);
+        // The APIC assist: privilege bit 4 (APIC MSRs) and hint bit 3 (use them), together.
+        let assist = hv_leaves(&CpuidConfig {
+            vp_count: 1,
+            invariant_tsc: false,
+            apic_assist: true,
+        });
+        assert_eq!(assist[3].eax, 0xA76);
+        assert_eq!(assist[4].eax, 0x208);
         // Never the privileges that send Linux down root/partition-id/extended paths.
         assert_eq!(
             l[3].ebx & (1 << 0 | 1 << 1 | 1 << 12 | 1 << 20 | 1 << 22),
@@ -253,6 +277,7 @@ mod tests {
         let config = CpuidConfig {
             vp_count: 2,
             invariant_tsc: true,
+            apic_assist: false,
         };
         let mut entries = kvm_like();
         patch_supported_cpuid(&mut entries, &config);
@@ -299,6 +324,7 @@ mod tests {
             &CpuidConfig {
                 vp_count: 1,
                 invariant_tsc: false,
+                apic_assist: false,
             },
         );
         assert_eq!(find(&entries, 0x8000_0007).edx, 0x100);
@@ -313,6 +339,7 @@ mod tests {
             &CpuidConfig {
                 vp_count: 1,
                 invariant_tsc: true,
+                apic_assist: false,
             },
         );
         assert_eq!(find(&entries, 1).ecx, 1 << 31);

@@ -181,6 +181,9 @@ pub struct PartitionConfig {
     pub vp_count: u32,
     /// Whether the CPUID offers TSC_INVARIANT_CONTROL (see [`cpuid::CpuidConfig`]).
     pub invariant_tsc: bool,
+    /// Whether the CPUID offers the APIC assist (see [`cpuid::CpuidConfig`]). With it, enabling
+    /// a VP assist page asks the caller to turn on lazy EOI ([`MsrAction::LazyEoi`]).
+    pub apic_assist: bool,
 }
 
 impl PartitionConfig {
@@ -189,6 +192,7 @@ impl PartitionConfig {
         CpuidConfig {
             vp_count: self.vp_count,
             invariant_tsc: self.invariant_tsc,
+            apic_assist: self.apic_assist,
         }
     }
 }
@@ -324,6 +328,7 @@ pub(crate) mod testutil {
             PartitionConfig {
                 vp_count,
                 invariant_tsc: true,
+                apic_assist: false,
             },
             mem.clone(),
             time.clone(),
@@ -344,6 +349,7 @@ mod tests {
         let cfg = |vp_count| PartitionConfig {
             vp_count,
             invariant_tsc: false,
+            apic_assist: false,
         };
         assert!(matches!(
             Partition::new(cfg(0), mem.clone(), t.clone()),

@@ -15,10 +15,11 @@
 //! * TSC_INVARIANT_CONTROL with bits other than bit 0 raises #GP.
 //! * Reserved bits of the other MSRs are stored as written and read back (the TLFS marks them
 //!   "preserve"); they have no effect.
-//! * Unknown or unimplemented MSRs in the range (RESET, VP_RUNTIME, EOI/ICR/TPR, synthetic
-//!   timers, GUEST_IDLE, reenlightenment, ...) read 0 and ignore writes, with a rate-limited
-//!   log line. Linux accesses MSRs with the non-`_safe` accessors, so a #GP would only print
-//!   "unchecked MSR access" warnings.
+//! * Unknown or unimplemented MSRs in the range (RESET, VP_RUNTIME, synthetic timers,
+//!   GUEST_IDLE, reenlightenment, ...) read 0 and ignore writes, with a rate-limited log line.
+//!   EOI/ICR/TPR never reach this crate when the APIC assist is offered (KVM serves them on its
+//!   LAPIC); otherwise they are unknown too. Linux accesses MSRs with the non-`_safe`
+//!   accessors, so a #GP would only print "unchecked MSR access" warnings.
 //!
 //! Enabling a SIMP or SIEFP page (or moving it) zeroes it, as KVM does: the guest sees an empty
 //! overlay, never stale messages. Disabling the SIMP drops the VP's queued messages (only
@@ -67,6 +68,11 @@ pub enum MsrAction {
     Interrupts(Vec<Interrupt>),
     /// The guest crashed; log the report.
     GuestCrash(CrashReport),
+    /// The VP assist page moved (`Some(gpa)`) or was disabled (`None`) while the APIC assist is
+    /// offered: point the in-kernel LAPIC's paravirtual EOI at its first byte, or turn it off.
+    /// Bit 0 of that byte means the same to KVM (PV EOI) and to a Hyper-V guest (apic_assist:
+    /// "no EOI needed"), so the guest skips the EOI, and its exit, for most interrupts.
+    LazyEoi(Option<u64>),
 }
 
 fn interrupts(v: Vec<Interrupt>) -> Option<MsrAction> {
@@ -157,10 +163,7 @@ impl Partition {
                 lock(&self.state).crash[(msr - hv::MSR_CRASH_P0) as usize] = value;
             }
             hv::MSR_CRASH_CTL => return Ok(self.write_crash_ctl(value)),
-            hv::MSR_VP_ASSIST_PAGE => {
-                self.check_overlay(value)?;
-                self.vp_state(vp)?.vp_assist_page = value;
-            }
+            hv::MSR_VP_ASSIST_PAGE => return self.write_vp_assist_page(vp, value),
             hv::MSR_SCONTROL => {
                 let mut s = self.vp_state(vp)?;
                 let was = s.scontrol & hv::SCONTROL_ENABLE != 0;
@@ -230,6 +233,26 @@ impl Partition {
             }
         }
         Ok(None)
+    }
+
+    /// The VP assist page. With the APIC assist offered, enabling it clears its first word
+    /// (apic_assist: no EOI owed yet) and asks for lazy EOI at its address; disabling it asks to
+    /// stop. Without it the page is only stored.
+    fn write_vp_assist_page(&self, vp: u32, value: u64) -> Result<Option<MsrAction>, MsrError> {
+        self.check_overlay(value)?;
+        let mut s = self.vp_state(vp)?;
+        if !self.config.apic_assist {
+            s.vp_assist_page = value;
+            return Ok(None);
+        }
+        let page = (value & hv::OVERLAY_ENABLE != 0).then_some(value & hv::OVERLAY_GPA_MASK);
+        if let Some(gpa) = page {
+            self.mem
+                .store_u32(gpa, 0, Ordering::Release)
+                .map_err(|_| MsrError::Gp)?;
+        }
+        s.vp_assist_page = value;
+        Ok(Some(MsrAction::LazyEoi(page)))
     }
 
     fn vp_state(
@@ -541,6 +564,45 @@ mod tests {
         };
         assert_eq!(r.message, None);
         assert_eq!(r.params[3], RAM - 16);
+    }
+
+    #[test]
+    fn vp_assist_page_asks_for_lazy_eoi_only_with_the_apic_assist() {
+        // Without the APIC assist (the test partition's default) the page is only stored.
+        let (p, mem, _) = partition(1);
+        mem.write(0x8000, &[0xEE; 8]).unwrap();
+        assert_eq!(p.msr_write(0, MSR_VP_ASSIST_PAGE, 0x8001), Ok(None));
+        assert_eq!(mem.read_obj::<u64>(0x8000).unwrap(), 0xEEEE_EEEE_EEEE_EEEE);
+
+        let time = std::sync::Arc::new(time::ManualTime::new(TSC_HZ));
+        let config = crate::PartitionConfig {
+            vp_count: 2,
+            invariant_tsc: false,
+            apic_assist: true,
+        };
+        let p = Partition::new(config, mem.clone(), time).unwrap();
+        // Enabling clears apic_assist (the first u32) and nothing else, then asks for lazy
+        // EOI at the page; reading back gives what was written.
+        assert_eq!(
+            p.msr_write(1, MSR_VP_ASSIST_PAGE, 0x8001),
+            Ok(Some(MsrAction::LazyEoi(Some(0x8000))))
+        );
+        assert_eq!(mem.read_obj::<u64>(0x8000).unwrap(), 0xEEEE_EEEE_0000_0000);
+        assert_eq!(p.msr_read(1, MSR_VP_ASSIST_PAGE), Ok(0x8001));
+        assert_eq!(p.msr_read(0, MSR_VP_ASSIST_PAGE), Ok(0));
+        // Disabling asks to stop; the page is not touched.
+        mem.write(0x8000, &[0xEE; 4]).unwrap();
+        assert_eq!(
+            p.msr_write(1, MSR_VP_ASSIST_PAGE, 0x8000),
+            Ok(Some(MsrAction::LazyEoi(None)))
+        );
+        assert_eq!(mem.read_obj::<u32>(0x8000).unwrap(), 0xEEEE_EEEE);
+        // A page outside RAM is #GP and changes nothing.
+        assert_eq!(
+            p.msr_write(1, MSR_VP_ASSIST_PAGE, RAM | 1),
+            Err(MsrError::Gp)
+        );
+        assert_eq!(p.msr_read(1, MSR_VP_ASSIST_PAGE), Ok(0x8000));
     }
 
     #[test]

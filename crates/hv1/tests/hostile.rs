@@ -91,6 +91,7 @@ fn setup() -> (Partition, GuestMemory) {
         PartitionConfig {
             vp_count: VPS,
             invariant_tsc: true,
+            apic_assist: false,
         },
         mem.clone(),
         Arc::new(ManualTime::new(3_000_000_000)),

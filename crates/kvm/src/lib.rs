@@ -176,10 +176,16 @@ impl Partition {
         &self.memory
     }
 
-    /// Sends every guest access to MSRs `base..base+count` to user space (as `X86Rdmsr` /
-    /// `X86Wrmsr` exits), whatever the host KVM would do with them (even with
-    /// `kvm.ignore_msrs=1` or in-kernel Hyper-V emulation).
-    pub fn trap_msrs(&self, base: u32, count: u32) -> Result<()> {
+    /// Whether this KVM serves Hyper-V's APIC access MSRs (EOI, ICR, TPR) on its own LAPIC
+    /// when they are not trapped: it has in-kernel Hyper-V emulation (KVM_CAP_HYPERV).
+    pub fn serves_hyperv_apic_msrs(&self) -> bool {
+        self.kvm.check_extension(Cap::Hyperv)
+    }
+
+    /// Sends every guest access to MSRs `base..base+count` but those in `pass` to user space
+    /// (as `X86Rdmsr` / `X86Wrmsr` exits), whatever the host KVM would do with them (even with
+    /// `kvm.ignore_msrs=1` or in-kernel Hyper-V emulation). KVM handles the ones in `pass`.
+    pub fn trap_msrs(&self, base: u32, count: u32, pass: &[u32]) -> Result<()> {
         use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
         if !self.kvm.check_extension(Cap::X86UserSpaceMsr) {
             return Err(Error::MissingCap("KVM_CAP_X86_USER_SPACE_MSR"));
@@ -195,8 +201,13 @@ impl Partition {
         self.vm
             .enable_cap(&cap)
             .map_err(ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
-        // All-zero bitmap: every MSR in the range is denied to KVM, so it exits to us.
-        let bitmap = vec![0u8; count.div_ceil(8) as usize];
+        // A clear bit denies the MSR to KVM, so it exits to us; a set bit lets KVM handle it.
+        let mut bitmap = vec![0u8; count.div_ceil(8) as usize];
+        for bit in pass.iter().filter_map(|&msr| msr.checked_sub(base)) {
+            if bit < count {
+                bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
+            }
+        }
         let range = MsrFilterRange {
             flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
             base,
@@ -253,5 +264,28 @@ impl Partition {
             .signal_msi(msi)
             .map(|_| ())
             .map_err(ioctl("KVM_SIGNAL_MSI"))
+    }
+}
+
+/// KVM's paravirtual-EOI MSR (MSR_KVM_PV_EOI_EN): the guest address of a byte whose bit 0 KVM
+/// sets when the interrupt it injects needs no EOI write, and bit 0 of the MSR to enable it.
+pub const MSR_KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
+
+/// Points the vCPU's paravirtual EOI at the byte at `gpa` (which must be 4-byte aligned and
+/// guest RAM), or turns it off with `None`. Only with the in-kernel LAPIC.
+pub fn set_pv_eoi(vcpu: &kvm_ioctls::VcpuFd, gpa: Option<u64>) -> Result<()> {
+    let entry = kvm_bindings::kvm_msr_entry {
+        index: MSR_KVM_PV_EOI_EN,
+        data: gpa.map_or(0, |gpa| gpa | 1),
+        ..Default::default()
+    };
+    let msrs =
+        kvm_bindings::Msrs::from_entries(&[entry]).map_err(|_| Error::MissingCap("MSR list"))?;
+    match vcpu
+        .set_msrs(&msrs)
+        .map_err(ioctl("KVM_SET_MSRS(PV_EOI_EN)"))?
+    {
+        1 => Ok(()),
+        _ => Err(Error::MissingCap("MSR_KVM_PV_EOI_EN")),
     }
 }

@@ -48,6 +48,7 @@ if [ "$S" = hyperv ]; then
     [ -e "$d/driver" ] && say bound=$(basename $(readlink $d/driver))
   done
   say unchecked_msr=$(dmesg | grep -c "unchecked MSR")
+  say apic=$(dmesg | sed -n 's/.*Using enlightened APIC (\([a-z0-9]*\) mode).*/\1/p' | head -n1)
   say vmbus_errors=$(dmesg | grep -i "vmbus" | grep -ci "error\|fail\|timed out")
   say clock=$(date +%s)
   if [ $(nproc) -gt 1 ]; then

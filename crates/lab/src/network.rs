@@ -256,7 +256,8 @@ pub(crate) fn prelude(memory_mib: u64, guests: &[&str]) -> String {
          show() {{ for n in {names}; do sed \"s/^/[$n] /\" /tmp/$n.log 2>/dev/null; sed \"s/^/[$n] viridian: /\" /tmp/$n.err 2>/dev/null; done; }}; \
          fresh() {{ for s in \"$@\"; do viridian switch remove $s --force >/dev/null 2>&1; done; }}; \
          ports() {{ echo \"LAB-PORTS-$1 $(viridian switch list --json | tr -d '\\n')\"; }}; \
-         trap 'for n in {names}; do echo \"LAB-TIMEOUT-NIC $n $(viridian vm nic list $n --json 2>&1 | tr -d \"\\n\")\"; done; kill {names_pids} 2>/dev/null; sleep 2; show; exit 124' TERM; ",
+         trap 'for n in {names}; do p=$(eval echo \\$$n); if kill -0 $p 2>/dev/null; then echo \"LAB-TIMEOUT-NIC $n $(viridian vm nic list $n --json 2>&1 | tr -d \"\\n\")\"; else wait $p; echo \"LAB-EXIT $n rc=$?\"; fi; done; \
+           dmesg | grep -i -E \"oom|killed process|segfault|traps:|general protection|kvm\" | tail -n 20 | sed \"s/^/LAB-DMESG /\"; kill {names_pids} 2>/dev/null; sleep 2; show; exit 124' TERM; ",
         names_pids = guests
             .iter()
             .map(|g| format!("${g}"))
@@ -288,7 +289,7 @@ pub fn private(name: &str, mib: u32) -> Scenario {
          kill -0 $netb 2>/dev/null || kill $neta 2>/dev/null; \
          await netb b_carrier_down 60; echo \"LAB-NIC-B-DOWN $(viridian vm nic list netb --json)\"; viridian vm nic netb --connect; \
          await neta a_spoof_done 180 && {{ echo \"LAB-NIC-A $(viridian vm nic list neta --json)\"; viridian vm status neta; }}; \
-         wait $neta; ra=$?; wait $netb; rb=$?; show; ports after; \
+         wait $neta; ra=$?; wait $netb; rb=$?; echo \"LAB-EXIT neta rc=$ra netb rc=$rb\"; show; ports after; \
          viridian switch remove priv; viridian switch remove lab; exit $((ra | rb))",
         prelude = prelude(512, &["neta", "netb"]),
     );

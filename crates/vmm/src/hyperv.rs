@@ -122,6 +122,27 @@ pub fn log_crash(report: &hv1::CrashReport) {
 /// Shared handle to the enlightenment state, as the vCPU threads use it.
 pub type Hv = Arc<hv1::Partition>;
 
+/// A trapped MSR write the guest gets #GP for.
+#[derive(Debug, Clone, Copy)]
+pub struct MsrGp;
+
+/// Lazy EOI to turn on at `page` (the VP assist page) or off, on VP `vp`'s vCPU.
+#[derive(Debug, Clone, Copy)]
+pub struct PvEoi {
+    vp: u32,
+    page: Option<u64>,
+}
+
+impl PvEoi {
+    /// Points the in-kernel LAPIC's paravirtual EOI at the page. If KVM refuses, the guest
+    /// still works: it finds apic_assist clear and writes the EOI MSR, which KVM serves.
+    pub fn apply(self, vcpu: &VcpuFd) {
+        if let Err(e) = kvm::set_pv_eoi(vcpu, self.page) {
+            tracing::warn!(vp = self.vp, "lazy EOI not enabled: {e}");
+        }
+    }
+}
+
 /// The Hyper-V side of a vCPU's exits: synthetic MSRs and hypercalls, with VMBus behind them.
 #[derive(Clone)]
 pub struct HvExits {
@@ -164,19 +185,21 @@ impl HvExits {
         self.hv.msr_read(vp, msr).ok()
     }
 
-    /// WRMSR of a trapped MSR; `false` means inject #GP.
-    pub fn wrmsr(&self, vp: u32, msr: u32, value: u64) -> bool {
+    /// WRMSR of a trapped MSR on VP `vp`; `Err` means inject #GP. What it returns must be
+    /// applied to the vCPU once the exit is done with (it needs the vCPU's fd).
+    pub fn wrmsr(&self, vp: u32, msr: u32, value: u64) -> Result<Option<PvEoi>, MsrGp> {
         match self.hv.msr_write(vp, msr, value) {
-            Ok(None) => true,
+            Ok(None) => Ok(None),
             Ok(Some(hv1::MsrAction::Interrupts(list))) => {
                 inject(&self.partition, &list);
-                true
+                Ok(None)
             }
             Ok(Some(hv1::MsrAction::GuestCrash(report))) => {
                 log_crash(&report);
-                true
+                Ok(None)
             }
-            Err(_) => false,
+            Ok(Some(hv1::MsrAction::LazyEoi(page))) => Ok(Some(PvEoi { vp, page })),
+            Err(_) => Err(MsrGp),
         }
     }
 

@@ -43,6 +43,7 @@ pub fn step(
         }
     };
     let mut hypercall = None;
+    let mut pv_eoi = None;
     let reason = match exit {
         VcpuExit::IoOut(port, data) if port == u16::from(hv1::HYPERCALL_PORT) && hv.is_some() => {
             hypercall = Some(match <[u8; 4]>::try_from(data) {
@@ -60,8 +61,9 @@ pub fn step(
         }
         VcpuExit::X86Wrmsr(exit) => {
             ports.msr_written(index, exit.index, exit.data);
-            if !hv.is_some_and(|hv| hv.wrmsr(index, exit.index, exit.data)) {
-                *exit.error = 1;
+            match hv.map(|hv| hv.wrmsr(index, exit.index, exit.data)) {
+                Some(Ok(action)) => pv_eoi = action,
+                Some(Err(_)) | None => *exit.error = 1,
             }
             None
         }
@@ -100,6 +102,9 @@ pub fn step(
     };
     if let Some(reason) = reason {
         return Some(with_registers(reason, vcpu));
+    }
+    if let Some(pv_eoi) = pv_eoi {
+        pv_eoi.apply(vcpu);
     }
     if let (Some(call), Some(hv)) = (hypercall, hv) {
         let done = match call {

@@ -435,10 +435,17 @@ impl Vm {
         };
         // KVM_X86_SET_MSR_FILTER waits for an SRCU grace period (14 ms measured here), so it
         // runs while the guest is loaded rather than before.
+        // The APIC assist (lazy EOI through the VP assist page) needs KVM to serve the APIC
+        // access MSRs itself; they then stay out of the filter.
+        let apic_assist = config.hyperv && partition.serves_hyperv_apic_msrs();
+        let kvm_msrs: &[u32] = match apic_assist {
+            true => &[hvdef::hv::MSR_EOI, hvdef::hv::MSR_ICR, hvdef::hv::MSR_TPR],
+            false => &[],
+        };
         let entry = std::thread::scope(|scope| {
-            let filter = config
-                .hyperv
-                .then(|| scope.spawn(|| partition.trap_msrs(hvdef::hv::MSR_RANGE_START, 0x200)));
+            let filter = config.hyperv.then(|| {
+                scope.spawn(|| partition.trap_msrs(hvdef::hv::MSR_RANGE_START, 0x200, kvm_msrs))
+            });
             let entry = if boot_linux {
                 let rsdp = acpi::write_tables(&memory, config.vcpus, &dsdt_devices)?;
                 let entry = boot::load_linux(
@@ -516,7 +523,9 @@ impl Vm {
                 let hv_config = hv1::PartitionConfig {
                     vp_count: config.vcpus,
                     invariant_tsc: false,
+                    apic_assist,
                 };
+                tracing::debug!(apic_assist, "Hyper-V enlightenments");
                 let hv = hv1::Partition::new(hv_config, memory.clone(), time.clone())
                     .map_err(Error::Hv)?;
                 base_cpuid = hyperv::patch_cpuid(&base_cpuid, &hv_config.cpuid());

@@ -41,6 +41,7 @@ fuzz_target!(|input: Input| {
         PartitionConfig {
             vp_count: VPS,
             invariant_tsc: true,
+            apic_assist: false,
         },
         mem.clone(),
         time.clone(),
