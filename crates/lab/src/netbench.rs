@@ -88,6 +88,18 @@ iperf-server)
 esac
 "#;
 
+/// L1's count of how its KVM ended the guests' interrupts (kernel hist triggers, no trace
+/// buffer): `kvm_pv_eoi`, an EOI KVM did for a guest that skipped it (KVM's PV EOI, or the VP
+/// assist page's lazy EOI), and `kvm_msr` writes of the x2APIC EOI (0x80b) or Hyper-V's EOI MSR
+/// (0x40000070), an exit each. Printed as `LAB-EOI`.
+const EOI_COUNT_START: &str = "T=/sys/kernel/tracing; [ -e $T/trace ] || mount -t tracefs nodev $T; \
+    echo 'hist:keys=vector' > $T/events/kvm/kvm_pv_eoi/trigger; \
+    echo 'hist:keys=ecx,write if ecx == 0x80b || ecx == 0x40000070' > $T/events/kvm/kvm_msr/trigger; ";
+const EOI_COUNT_END: &str = "echo \"LAB-EOI pv_eoi=$(sed -n 's/^ *Hits: *//p' $T/events/kvm/kvm_pv_eoi/hist) \
+    msr=$(grep '^{' $T/events/kvm/kvm_msr/hist | tr -s ' ' | tr '\\n' ';')\"; \
+    echo '!hist:keys=vector' > $T/events/kvm/kvm_pv_eoi/trigger; \
+    echo '!hist:keys=ecx,write if ecx == 0x80b || ecx == 0x40000070' > $T/events/kvm/kvm_msr/trigger; ";
+
 /// What runs the guests of [`iperf`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetVmm {
@@ -140,14 +152,17 @@ pub fn iperf(name: &str, vmm: NetVmm, seconds: u32) -> Scenario {
         "{prelude}\
          fresh priv lab; viridian switch new priv --type private >/dev/null && viridian switch new lab --type internal --host-address {HOST_ADDRESS}/24 >/dev/null || echo LAB-ERROR no switches; \
          iperf3 -s -B {HOST_ADDRESS} >/tmp/iperf-l1.log 2>&1 & srv=$!; \
+         {EOI_COUNT_START}\
          {start_b}; {start_a}; \
          await neta a_bench_done 400 && {{ {counters}}}; \
+         {EOI_COUNT_END}\
          wait $neta; ra=$?; reap netb 60; rb=$?; kill $srv; show; \
          fresh priv lab; exit $((ra | rb))",
         prelude = prelude(512, &["neta", "netb"]),
     );
     let mut s = scenario(name, script);
-    s.timeout_seconds = 240 + 12 * seconds;
+    // Six iperf3 runs, each retried up to 3 times while its server is not answering.
+    s.timeout_seconds = 300 + 20 * seconds;
     if vmm != NetVmm::Viridian {
         // So that L1 carries QEMU and its firmware.
         s.vmm = Vmm::QemuPc;
