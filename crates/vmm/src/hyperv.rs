@@ -137,8 +137,10 @@ impl PvEoi {
     /// Points the in-kernel LAPIC's paravirtual EOI at the page. If KVM refuses, the guest
     /// still works: it finds apic_assist clear and writes the EOI MSR, which KVM serves.
     pub fn apply(self, vcpu: &VcpuFd) {
+        // The guest may rewrite its VP assist page as often as it likes.
+        static LOG: support::RateLimit = support::RateLimit::guest();
         if let Err(e) = kvm::set_pv_eoi(vcpu, self.page) {
-            tracing::warn!(vp = self.vp, "lazy EOI not enabled: {e}");
+            support::limited!(LOG, warn, "lazy EOI not enabled on VP {}: {e}", self.vp);
         }
     }
 }
