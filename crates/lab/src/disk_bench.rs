@@ -151,8 +151,11 @@ if [ -n "$DEV" ]; then
   say queue=$(for f in rotational scheduler nr_requests max_sectors_kb optimal_io_size minimum_io_size physical_block_size discard_max_bytes write_cache; do printf '%s:%s,' $f "$(cat $Q/$f | tr ' ' _)"; done)
   for job in {jobs}; do
     set -- $job
+    # The block layer's own count of what reached the disk: requests and their mean size.
+    b=$(awk '{{print $1 + $5, $3 + $7}}' /sys/block/$DEV/stat)
     line=$(fio --name=$1 --filename=/dev/$DEV --rw=$2 --bs=$3 --iodepth=$4 --ioengine=libaio --direct=1 --thread --time_based --runtime=$RT --ramp_time=1 --norandommap --randrepeat=0 --minimal 2>/tmp/fio.err)
     if [ -n "$line" ]; then echo "FIO-TERSE $line"; else say fio_failed=$1; sed 's/^/FIO-ERROR /' /tmp/fio.err; fi
+    say $1_requests=$(awk -v b="$b" '{{split(b, o, " "); n = $1 + $5 - o[1]; k = ($3 + $7 - o[2]) / 2; printf "%d,mean_kib=%d", n, n ? k / n : 0}}' /sys/block/$DEV/stat)
   done
 fi
 "#,
