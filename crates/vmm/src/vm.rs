@@ -433,8 +433,6 @@ impl Vm {
         } else {
             vec![]
         };
-        // KVM_X86_SET_MSR_FILTER waits for an SRCU grace period (14 ms measured here), so it
-        // runs while the guest is loaded rather than before.
         // The APIC assist (lazy EOI through the VP assist page) needs KVM to serve the APIC
         // access MSRs itself; they then stay out of the filter.
         let apic_assist = config.hyperv && partition.serves_hyperv_apic_msrs();
@@ -442,6 +440,8 @@ impl Vm {
             true => &[hvdef::hv::MSR_EOI, hvdef::hv::MSR_ICR, hvdef::hv::MSR_TPR],
             false => &[],
         };
+        // KVM_X86_SET_MSR_FILTER waits for an SRCU grace period (14 ms measured here), so it
+        // runs while the guest is loaded rather than before.
         let entry = std::thread::scope(|scope| {
             let filter = config.hyperv.then(|| {
                 scope.spawn(|| partition.trap_msrs(hvdef::hv::MSR_RANGE_START, 0x200, kvm_msrs))

@@ -41,7 +41,8 @@ fuzz_target!(|input: Input| {
         PartitionConfig {
             vp_count: VPS,
             invariant_tsc: true,
-            apic_assist: false,
+            // So that VP assist page writes take the lazy-EOI path too.
+            apic_assist: true,
         },
         mem.clone(),
         time.clone(),
