@@ -29,8 +29,24 @@ use crate::{Disk, Error, Result};
 
 /// The deepest differencing chain [`Vhdx::open`] follows.
 pub const MAX_CHAIN_DEPTH: usize = 64;
-/// Attempts, 10 ms apart, to take the write lock before reporting the file as in use.
+/// Attempts, 10 ms apart, to take a lock before reporting the file as in use.
 const LOCK_RETRIES: u32 = 50;
+
+/// `flock(op)` on `file`, retried for a moment on EWOULDBLOCK: a lock this process just
+/// released can stay held by a child it forked (the child shares the open file until it
+/// execs), as when another thread spawns `qemu-img` at that moment.
+pub fn lock_file(file: &std::fs::File, op: rustix::fs::FlockOperation) -> rustix::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match rustix::fs::flock(file, op) {
+            Err(rustix::io::Errno::WOULDBLOCK) if tries + 1 < LOCK_RETRIES => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
 
 /// The kind of VHDX file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,31 +205,18 @@ impl Vhdx {
         // Advisory locks between our own handles and processes: one writer, or any number of
         // readers. A top-level read-only open of a file in use still proceeds (inspection);
         // a parent in use for writing does not (its data would change under the child).
-        use rustix::fs::{flock, FlockOperation};
+        use rustix::fs::FlockOperation;
         if !read_only {
-            // A lock we just released can stay held for a moment by a child process that this
-            // process forked (it shares the open file until it execs), so retry briefly before
-            // calling the file busy.
-            let mut tries = 0;
-            while let Err(e) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                tries += 1;
-                if e != rustix::io::Errno::WOULDBLOCK || tries >= LOCK_RETRIES {
-                    return Err(backing::io_err(
-                        path,
-                        "lock for writing (the file is in use)",
-                        e.into(),
-                    ));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-        } else if let Err(e) = flock(&file, FlockOperation::NonBlockingLockShared) {
-            if is_parent {
-                return Err(backing::io_err(
-                    path,
-                    "lock parent (it is open for writing)",
-                    e.into(),
-                ));
-            }
+            lock_file(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+                backing::io_err(path, "lock for writing (the file is in use)", e.into())
+            })?;
+        } else if is_parent {
+            lock_file(&file, FlockOperation::NonBlockingLockShared).map_err(|e| {
+                backing::io_err(path, "lock parent (it is open for writing)", e.into())
+            })?;
+        } else {
+            // A top-level read-only open proceeds even while a writer holds the file.
+            let _ = rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared);
         }
         let backing = Backing::new(path, file)?;
         Self::parse(backing, read_only, chain, with_parent)
