@@ -1,7 +1,7 @@
 //! Loopback storvsp throughput: guest threads play storvsc over the real VMBus host (one
 //! worker thread per channel) against a raw image in tmpfs, with no VM and no vCPU.
 //! 4 KiB random reads and writes with 32 requests outstanding per channel, and 256 KiB
-//! sequential reads with 4, on one channel and on four, three ways: `uring` (each channel's
+//! sequential reads with 4 and 1 MiB ones with 1 (the guest's pool is 256 pages), on one channel and on four, three ways: `uring` (each channel's
 //! io_uring, vectored straight into guest pages), `sync` (the same vectored I/O on the worker
 //! thread, as with `VIRIDIAN_NO_IO_URING=1`) and `bounce` (the image as a plain medium through
 //! the worker's bounce buffer, as before the direct path existed), all through the page cache
@@ -243,6 +243,10 @@ fn bench(c: &mut Criterion) {
         Load {
             write: false,
             pages: 64,
+        },
+        Load {
+            write: false,
+            pages: 256,
         },
     ];
     let mut cases = Vec::new();
