@@ -70,7 +70,7 @@ fn path_id(path: &Path) -> [u8; 16] {
 /// a read-only open of a file in use still proceeds.
 fn lock(path: &Path, read_only: bool) -> Result<Option<std::fs::File>, OpenDiskError> {
     use rustix::fs::{flock, FlockOperation};
-    use vhdx::vhdx::lock_file;
+    use vhdx::lock_file;
     let in_use = |source: std::io::Error| OpenDiskError::InUse {
         path: path.to_path_buf(),
         source,

@@ -7,6 +7,7 @@
 
 mod direct;
 mod disk;
+mod lock;
 pub mod open;
 pub mod raw;
 pub mod vhd;
@@ -14,3 +15,4 @@ pub mod vhdx;
 
 pub use direct::{Direct, DirectFd};
 pub use disk::{Disk, Error, Extent, IoBuffer, Result};
+pub use lock::lock_file;

@@ -29,24 +29,6 @@ use crate::{Disk, Error, Result};
 
 /// The deepest differencing chain [`Vhdx::open`] follows.
 pub const MAX_CHAIN_DEPTH: usize = 64;
-/// Attempts, 10 ms apart, to take a lock before reporting the file as in use.
-const LOCK_RETRIES: u32 = 50;
-
-/// `flock(op)` on `file`, retried for a moment on EWOULDBLOCK: a lock this process just
-/// released can stay held by a child it forked (the child shares the open file until it
-/// execs), as when another thread spawns `qemu-img` at that moment.
-pub fn lock_file(file: &std::fs::File, op: rustix::fs::FlockOperation) -> rustix::io::Result<()> {
-    let mut tries = 0;
-    loop {
-        match rustix::fs::flock(file, op) {
-            Err(rustix::io::Errno::WOULDBLOCK) if tries + 1 < LOCK_RETRIES => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            r => return r,
-        }
-    }
-}
 
 /// The kind of VHDX file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +187,7 @@ impl Vhdx {
         // Advisory locks between our own handles and processes: one writer, or any number of
         // readers. A top-level read-only open of a file in use still proceeds (inspection);
         // a parent in use for writing does not (its data would change under the child).
+        use crate::lock_file;
         use rustix::fs::FlockOperation;
         if !read_only {
             lock_file(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
