@@ -27,7 +27,8 @@ libs=$(apt-cache depends --no-recommends --no-suggests --no-enhances qemu-system
 # nftables and dnsmasq-base (the binary, without Debian's system-wide dnsmasq service): the
 # Default Switch's NAT and its guests' DHCP and DNS (crates/vswitch and its tests).
 # genisoimage: the ISO images of the lab's DVD checks (crates/lab).
-need=(qemu-utils dpkg apt coreutils nftables dnsmasq-base genisoimage mmdebstrap e2fsprogs $libs)
+# linux-perf: profiles of the lab VM during its benchmarks (VIRIDIAN_LAB_PERF, crates/lab).
+need=(qemu-utils dpkg apt coreutils nftables dnsmasq-base genisoimage mmdebstrap e2fsprogs linux-perf $libs)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

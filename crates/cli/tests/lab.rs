@@ -137,7 +137,8 @@ fn boot_time_against_qemu() {
 /// storvsc and on QEMU's virtio-blk (`cache=none`, io_uring or native AIO, an iothread), over
 /// the same raw image and dynamic VHDX on a RAM disk in L1 (lab::disk_bench), in one lab run.
 /// A benchmark: `cargo test --release -p cli --test lab -- --ignored disk_io_against_qemu`.
-/// VIRIDIAN_FIO_SECONDS (default 10) sets each job's length.
+/// VIRIDIAN_FIO_SECONDS (default 10) sets each job's length, VIRIDIAN_FIO_JOBS (names, comma
+/// separated) picks jobs, and VIRIDIAN_LAB_PERF=1 profiles L1 during each VM (`LAB-PERF` lines).
 #[test]
 #[ignore = "benchmark; run with --ignored"]
 fn disk_io_against_qemu() {
@@ -147,7 +148,22 @@ fn disk_io_against_qemu() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let scenarios = disk_bench::scenarios(seconds);
+    let settings = disk_bench::Settings {
+        seconds,
+        jobs: std::env::var("VIRIDIAN_FIO_JOBS")
+            .map(|j| j.split(',').map(str::to_string).collect())
+            .unwrap_or_default(),
+        profile: lab::profile::wanted(),
+    };
+    if let Some(unknown) = settings
+        .jobs
+        .iter()
+        .find(|n| !JOBS.iter().any(|j| &j.name == n))
+    {
+        let known: Vec<&str> = JOBS.iter().map(|j| j.name).collect();
+        panic!("VIRIDIAN_FIO_JOBS names {unknown:?}, not a job; the jobs are {known:?}");
+    }
+    let scenarios = disk_bench::scenarios(&settings);
     let run = lab
         .run(&scenarios, &mut std::io::stderr())
         .expect("lab run");
@@ -171,7 +187,7 @@ fn disk_io_against_qemu() {
         "job", "vir raw", "qemu raw", "ratio", "vir vhdx", "qemu vhdx", "ratio"
     );
     let mut missing = vec![];
-    for job in JOBS {
+    for job in settings.selected() {
         let mut row = format!("  {:<18}", job.name);
         for format in [Format::Raw, Format::Vhdx] {
             let value = |vmm| {

@@ -135,9 +135,12 @@ pub fn guest_script() -> String {
         .collect();
     format!(
         r#"
-RT=10
+RT=10; ONLY=
 for a in $(cat /proc/cmdline); do
-  case "$a" in viridian.fio_seconds=*) RT=${{a#*=}};; esac
+  case "$a" in
+    viridian.fio_seconds=*) RT=${{a#*=}};;
+    viridian.fio_jobs=*) ONLY=,${{a#*=}},;;
+  esac
 done
 DEV=; i=0
 while [ -z "$DEV" ] && [ $i -lt 60 ]; do
@@ -151,6 +154,7 @@ if [ -n "$DEV" ]; then
   say queue=$(for f in rotational scheduler nr_requests max_sectors_kb optimal_io_size minimum_io_size physical_block_size discard_max_bytes write_cache; do printf '%s:%s,' $f "$(cat $Q/$f | tr ' ' _)"; done)
   for job in {jobs}; do
     set -- $job
+    case "$ONLY" in ''|*,$1,*) ;; *) continue;; esac
     # The block layer's own count of what reached the disk: requests and their mean size.
     b=$(awk '{{print $1 + $5, $3 + $7}}' /sys/block/$DEV/stat)
     line=$(fio --name=$1 --filename=/dev/$DEV --rw=$2 --bs=$3 --iodepth=$4 --ioengine=libaio --direct=1 --thread --time_based --runtime=$RT --ramp_time=1 --norandommap --randrepeat=0 --minimal 2>/tmp/fio.err)
@@ -163,24 +167,59 @@ fi
     )
 }
 
+/// What a disk benchmark run does.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Each job's length, in seconds.
+    pub seconds: u32,
+    /// The jobs to run, by name; empty for all of [`JOBS`].
+    pub jobs: Vec<String>,
+    /// Profile L1 during each VM's run ([`crate::profile`]).
+    pub profile: bool,
+}
+
+impl Settings {
+    /// The jobs this run runs, in [`JOBS`]' order.
+    pub fn selected(&self) -> impl Iterator<Item = &'static Job> + '_ {
+        JOBS.iter()
+            .filter(|j| self.jobs.is_empty() || self.jobs.iter().any(|n| n == j.name))
+    }
+}
+
 /// L1's side of one fio scenario: the shared RAM disk and files, made by whichever scenario
-/// runs first, then the VM, `exec`ed so that the scenario's timeout reaches it.
-fn l1_script(vmm: Vmm, format: Format, seconds: u32) -> String {
+/// runs first, then the VM, `exec`ed so that the scenario's timeout reaches it (when
+/// profiled, run under `perf` instead).
+fn l1_script(vmm: Vmm, format: Format, settings: &Settings) -> String {
     let rd_kib = (2 * FILE_MIB + 64) * 1024;
-    let cmdline = format!(
-        "console=ttyS0 panic=-1 quiet viridian.scenario={GUEST} viridian.fio_seconds={seconds}"
+    let mut cmdline = format!(
+        "console=ttyS0 panic=-1 quiet viridian.scenario={GUEST} viridian.fio_seconds={}",
+        settings.seconds
     );
+    if !settings.jobs.is_empty() {
+        cmdline.push_str(&format!(" viridian.fio_jobs={}", settings.jobs.join(",")));
+    }
     let file = format!("$B/{}", format.file());
     let vm = match vmm {
         Vmm::Viridian => format!(
-            "exec viridian run --kernel /l2/vmlinuz-cloud --initrd /l2/fio-initrd.cpio --cpus 1 --memory {GUEST_MIB}M --disk {file} --cmdline '{cmdline}'"
+            "viridian run --kernel /l2/vmlinuz-cloud --initrd /l2/fio-initrd.cpio --cpus 1 --memory {GUEST_MIB}M --disk {file} --cmdline '{cmdline}'"
         ),
         Vmm::QemuPc | Vmm::QemuMicrovm => format!(
-            "exec qemu-system-x86_64 -L /usr/share/qemu -enable-kvm -cpu host -M pc -m {GUEST_MIB} -smp 1 -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+            "qemu-system-x86_64 -L /usr/share/qemu -enable-kvm -cpu host -M pc -m {GUEST_MIB} -smp 1 -name fio,debug-threads=on -nodefaults -no-user-config -display none -serial stdio -no-reboot \
              -kernel /l2/vmlinuz-cloud -initrd /l2/fio-initrd.cpio -append '{cmdline}' \
              -object iothread,id=io0 -drive file={file},format={fmt},if=none,id=d0,cache=none,aio=$(cat $B/aio) -device virtio-blk-pci,drive=d0,iothread=io0",
             fmt = format.qemu_format()
         ),
+    };
+    let vm = if settings.profile {
+        let jobs = settings.selected().count() as u32;
+        crate::profile::wrap(
+            &scenario_name(vmm, format),
+            &vm,
+            "fio_dev=",
+            jobs * (settings.seconds + 1),
+        )
+    } else {
+        format!("exec {vm}")
     };
     format!(
         "B=/bench; \
@@ -202,16 +241,16 @@ fn l1_script(vmm: Vmm, format: Format, seconds: u32) -> String {
     )
 }
 
-/// The four fio scenarios, Viridian and QEMU on the raw image, then on the VHDX; each job
-/// runs `seconds`.
-pub fn scenarios(seconds: u32) -> Vec<Scenario> {
+/// The four fio scenarios, Viridian and QEMU on the raw image, then on the VHDX.
+pub fn scenarios(settings: &Settings) -> Vec<Scenario> {
+    let jobs = settings.selected().count();
     let mut out = vec![];
     for format in [Format::Raw, Format::Vhdx] {
         for vmm in [Vmm::Viridian, Vmm::QemuPc] {
             let mut s = Scenario::new(&scenario_name(vmm, format), vmm, Flavor::Cloud, 1, GUEST);
             s.memory_mib = GUEST_MIB;
-            s.timeout_seconds = 180 + JOBS.len() as u32 * (seconds + 5);
-            s.script = Some(l1_script(vmm, format, seconds));
+            s.timeout_seconds = 180 + jobs as u32 * (settings.seconds + 5);
+            s.script = Some(l1_script(vmm, format, settings));
             out.push(s);
         }
     }
@@ -308,12 +347,20 @@ mod tests {
 
     #[test]
     fn both_vmms_use_the_same_files_and_qemu_its_fastest_settings() {
-        let all = scenarios(10);
+        let all = scenarios(&Settings {
+            seconds: 10,
+            ..Default::default()
+        });
         assert_eq!(all.len(), 4);
         for s in &all {
             let c = s.command();
             assert_eq!(s.guest, GUEST);
             assert!(c.contains("viridian.fio_seconds=10"), "{c}");
+            assert!(!c.contains("viridian.fio_jobs"), "{c}");
+            assert!(
+                c.contains("exec viridian run") || c.contains("exec qemu-system"),
+                "{c}"
+            );
             let file = if s.name.ends_with("raw") {
                 "$B/raw.img"
             } else {
@@ -333,6 +380,29 @@ mod tests {
         let g = guest_script();
         for j in JOBS {
             assert!(g.contains(&format!("\"{} {} {} {}\"", j.name, j.rw, j.bs, j.iodepth)));
+        }
+    }
+
+    #[test]
+    fn a_profiled_run_of_some_jobs() {
+        let all = scenarios(&Settings {
+            seconds: 5,
+            jobs: vec!["read_1m_qd8".into(), "write_1m_qd8".into()],
+            profile: true,
+        });
+        for s in &all {
+            let c = s.command();
+            assert!(
+                c.contains("viridian.fio_jobs=read_1m_qd8,write_1m_qd8"),
+                "{c}"
+            );
+            assert!(crate::profile::used_by(s.script.as_deref()), "{c}");
+            assert!(
+                !c.contains("exec viridian") && !c.contains("exec qemu"),
+                "{c}"
+            );
+            // Two jobs' time, not six.
+            assert_eq!(s.timeout_seconds, 180 + 2 * 10);
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod image;
 pub mod kernel;
 pub mod netbench;
 pub mod network;
+pub mod profile;
 pub mod system_disk;
 
 use std::collections::BTreeMap;
@@ -876,6 +877,12 @@ run() {
         }
         if iperf3 {
             programs.push(("bin/iperf3".into(), self.iperf3.program.clone()));
+        }
+        if scenarios
+            .iter()
+            .any(|s| profile::used_by(s.script.as_deref()))
+        {
+            programs.push(("bin/perf".into(), host_tool("perf", "linux-perf")?));
         }
         let contents_l2 = l2_initrd.clone();
         let mut files = vec![("l2/initrd.cpio".to_string(), l2_initrd)];

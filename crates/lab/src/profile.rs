@@ -1,0 +1,68 @@
+//! Profiling L1 while a benchmark runs: Linux's `perf` (Debian's `linux-perf`, the host's
+//! binary with its libraries, like dnsmasq) samples both of L1's CPUs for the whole of one
+//! VM's run, then prints where L1's time went as `LAB-PERF` lines: by thread name, then by
+//! thread and function. It answers "which VMM spends L1's CPU where" for benchmarks whose
+//! ratios are off. Opt-in (`VIRIDIAN_LAB_PERF=1`); CI never profiles.
+
+/// The environment variable that turns profiling on for the lab's benchmarks.
+pub const ENV: &str = "VIRIDIAN_LAB_PERF";
+
+/// Whether profiling was asked for.
+pub fn wanted() -> bool {
+    std::env::var_os(ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The marker [`wrap`] puts in a script, by which the lab knows to carry `perf` into L1.
+const MARKER: &str = "perf record";
+
+/// Whether a scenario's script profiles (so L1 carries `perf`).
+pub(crate) fn used_by(script: Option<&str>) -> bool {
+    script.is_some_and(|s| s.contains(MARKER))
+}
+
+/// How many lines of each report to print.
+const REPORT_LINES: usize = 40;
+
+/// The reports: time by thread; by thread and whether in the kernel, the VMM or a library;
+/// by thread and function.
+const REPORTS: &[&str] = &["comm", "comm,dso", "comm,sym"];
+
+/// `command` (a shell command line, not `exec`ed), its console copied through, with
+/// `perf record -a` sampling L1 for `seconds` from the first console line that holds `start`
+/// (the benchmark's own start, so the guest's boot stays out of the profile); then the
+/// reports as `LAB-PERF name sort ...` lines. The shell's exit status stays the command's.
+/// The sampling rate is low (499 Hz) because L1's CPUs are emulated and every sample costs.
+pub fn wrap(name: &str, command: &str, start: &str, seconds: u32) -> String {
+    let data = format!("/tmp/{name}.perf");
+    let reports = REPORTS.join(" ");
+    format!(
+        "echo 0 > /proc/sys/kernel/kptr_restrict; echo -1 > /proc/sys/kernel/perf_event_paranoid; \
+         {{ {command}; echo $? > {data}.rc; }} | {{ while IFS= read -r l; do printf '%s\n' \"$l\"; \
+           case \"$l\" in *{start}*) [ -e {data} ] || {MARKER} -a -F 499 -q -o {data} -- sleep {seconds} & ;; esac; \
+         done; wait; }}; \
+         for s in {reports}; do \
+           perf report -i {data} --stdio --sort $s --percent-limit 0.3 2>/dev/null | grep -v '^#' | grep -v '^$' | head -{REPORT_LINES} | sed \"s/^/LAB-PERF {name} $s /\"; \
+         done; \
+         rc=$(cat {data}.rc); rm -f {data} {data}.rc; exit $rc"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrapped_command_keeps_its_status_and_is_recognised() {
+        let s = wrap("fio-x", "viridian run --disk /b/raw.img", "fio_dev=", 20);
+        assert!(
+            s.contains("{ viridian run --disk /b/raw.img; echo $? > /tmp/fio-x.perf.rc; }"),
+            "{s}"
+        );
+        assert!(s.contains("*fio_dev=*) [ -e /tmp/fio-x.perf ] || perf record -a -F 499 -q -o /tmp/fio-x.perf -- sleep 20 &"), "{s}");
+        assert!(s.ends_with("exit $rc"), "{s}");
+        assert!(s.contains("LAB-PERF fio-x $s"), "{s}");
+        assert!(used_by(Some(&s)));
+        assert!(!used_by(Some("exec viridian run")));
+        assert!(!used_by(None));
+    }
+}
