@@ -915,7 +915,8 @@ fn netvsc_guests_talk_over_virtual_switches() {
 /// ratios. L2 runs on nested KVM in an emulated L1, so only the ratios mean anything. Run:
 /// `cargo build --release -p cli && cargo test --release -p cli --test lab -- --ignored
 /// network_throughput_against_qemu --nocapture`; VIRIDIAN_BENCH_ROUNDS (default 1) repeats
-/// every VMM's scenario, VIRIDIAN_BENCH_SECONDS (default 5) is each iperf3 run's length.
+/// every VMM's scenario, VIRIDIAN_BENCH_SECONDS (default 5) is each iperf3 run's length,
+/// VIRIDIAN_LAB_PERF=1 profiles L1 during the iperf3 runs (`LAB-PERF` lines).
 #[test]
 #[ignore = "benchmark; run with --ignored"]
 fn network_throughput_against_qemu() {
@@ -939,7 +940,12 @@ fn network_throughput_against_qemu() {
     let mut scenarios = vec![];
     for round in 0..rounds {
         for vmm in vmms {
-            scenarios.push(iperf(&format!("{}-{round}", vmm.tag()), vmm, secs));
+            scenarios.push(iperf(
+                &format!("{}-{round}", vmm.tag()),
+                vmm,
+                secs,
+                lab::profile::wanted(),
+            ));
         }
     }
     let started = std::time::Instant::now();

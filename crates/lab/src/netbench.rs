@@ -124,8 +124,9 @@ impl NetVmm {
 /// Two guests with 1 vCPU and 512 MiB each (see the module's documentation): `a` on the
 /// Private switch `priv` (10.9.0.10) and the Internal switch `lab` (10.8.0.10, L1 at
 /// [`HOST_ADDRESS`] runs `iperf3 -s`), `b` on `priv` (10.9.0.11, `iperf3 -s`). Each iperf3
-/// run lasts `seconds`.
-pub fn iperf(name: &str, vmm: NetVmm, seconds: u32) -> Scenario {
+/// run lasts `seconds`. With `profile`, L1 is sampled ([`crate::profile`]) from guest `a`'s
+/// first ping of the host to the end of its last iperf3 run.
+pub fn iperf(name: &str, vmm: NetVmm, seconds: u32, profile: bool) -> Scenario {
     let (a0, a1, b0) = (PRIVATE_A[0], PRIVATE_A[1], PRIVATE_B);
     let a = format!("viridian.id=a {ROLE_CLIENT} viridian.ip={a0}=10.9.0.10/24 viridian.ip={a1}=10.8.0.10/24 viridian.peer=10.9.0.11 viridian.hostip={HOST_ADDRESS} viridian.secs={seconds}");
     let b = format!("viridian.id=b viridian.role=iperf-server viridian.ip={b0}=10.9.0.11/24");
@@ -148,13 +149,24 @@ pub fn iperf(name: &str, vmm: NetVmm, seconds: u32) -> Scenario {
             )
         }
     };
+    let (record, report) = if profile {
+        (
+            format!(
+                "await neta a_ping_host 400; {}",
+                crate::profile::record(name, None)
+            ),
+            crate::profile::report(name),
+        )
+    } else {
+        Default::default()
+    };
     let script = format!(
         "{prelude}\
          fresh priv lab; viridian switch new priv --type private >/dev/null && viridian switch new lab --type internal --host-address {HOST_ADDRESS}/24 >/dev/null || echo LAB-ERROR no switches; \
          iperf3 -s -B {HOST_ADDRESS} >/tmp/iperf-l1.log 2>&1 & srv=$!; \
          {EOI_COUNT_START}\
-         {start_b}; {start_a}; \
-         await neta a_bench_done 400 && {{ {counters}}}; \
+         {start_b}; {start_a}; {record}\
+         await neta a_bench_done 400 && {{ {counters}}}; {report}\
          {EOI_COUNT_END}\
          wait $neta; ra=$?; reap netb 60; rb=$?; kill $srv; show; \
          fresh priv lab; exit $((ra | rb))",
@@ -183,20 +195,24 @@ mod tests {
             NetVmm::Qemu { vhost: false },
             NetVmm::Qemu { vhost: true },
         ] {
-            let s = iperf("b", vmm, 5);
+            let s = iperf("b", vmm, 5, false);
+            assert!(!crate::profile::used_by(s.script.as_deref()));
+            let p = iperf("b", vmm, 5, true).command();
+            parses(&p);
+            assert!(p.contains("await neta a_ping_host 400; echo 0"), "{p}");
             assert!(uses_iperf3(&s));
             assert_eq!(s.vmm == Vmm::QemuPc, vmm != NetVmm::Viridian);
             let c = s.command();
             parses(&c);
             assert!(c.contains("viridian.secs=5") && c.contains("iperf3 -s -B 10.8.0.1"));
         }
-        let q = iperf("b", NetVmm::Qemu { vhost: true }, 5).command();
+        let q = iperf("b", NetVmm::Qemu { vhost: true }, 5, false).command();
         assert!(
             q.contains("qstart neta 1 on priv=00:15:5d:4e:00:0a lab=00:15:5d:4e:01:0a --"),
             "{q}"
         );
         assert!(q.contains("switch disconnect lab qneta1"), "{q}");
-        let v = iperf("b", NetVmm::Viridian, 5).command();
+        let v = iperf("b", NetVmm::Viridian, 5, false).command();
         assert!(v.contains("LAB-NIC-A") && !q.contains("LAB-NIC-A"), "{v}");
         assert!(!uses_iperf3(&crate::network::private("p", 1)));
     }

@@ -27,23 +27,44 @@ const REPORT_LINES: usize = 40;
 /// by thread and function.
 const REPORTS: &[&str] = &["comm", "comm,dso", "comm,sym"];
 
-/// `command` (a shell command line, not `exec`ed), its console copied through, with
-/// `perf record -a` sampling L1 for `seconds` from the first console line that holds `start`
-/// (the benchmark's own start, so the guest's boot stays out of the profile); then the
-/// reports as `LAB-PERF name sort ...` lines. The shell's exit status stays the command's.
-/// The sampling rate is low (499 Hz) because L1's CPUs are emulated and every sample costs.
-pub fn wrap(name: &str, command: &str, start: &str, seconds: u32) -> String {
+/// Shell: start sampling both of L1's CPUs into `name`'s data file, in the background
+/// (`$perf_pid`), for `seconds` or, with `None`, until [`report`] stops it.
+pub fn record(name: &str, seconds: Option<u32>) -> String {
+    let until = seconds
+        .map(|s| format!(" -- sleep {s}"))
+        .unwrap_or_default();
+    format!(
+        "echo 0 > /proc/sys/kernel/kptr_restrict; echo -1 > /proc/sys/kernel/perf_event_paranoid; \
+         {MARKER} -a -F 499 -q -o /tmp/{name}.perf{until} & perf_pid=$!; "
+    )
+}
+
+/// Shell: stop (if it still runs) and wait for the sampling [`record`] started, then print
+/// the reports as `LAB-PERF name sort ...` lines and delete the data.
+pub fn report(name: &str) -> String {
     let data = format!("/tmp/{name}.perf");
     let reports = REPORTS.join(" ");
     format!(
-        "echo 0 > /proc/sys/kernel/kptr_restrict; echo -1 > /proc/sys/kernel/perf_event_paranoid; \
-         {{ {command}; echo $? > {data}.rc; }} | {{ while IFS= read -r l; do printf '%s\n' \"$l\"; \
-           case \"$l\" in *{start}*) [ -e {data} ] || {MARKER} -a -F 499 -q -o {data} -- sleep {seconds} & ;; esac; \
-         done; wait; }}; \
+        "kill -INT $perf_pid 2>/dev/null; wait $perf_pid; \
          for s in {reports}; do \
            perf report -i {data} --stdio --sort $s --percent-limit 0.3 2>/dev/null | grep -v '^#' | grep -v '^$' | head -{REPORT_LINES} | sed \"s/^/LAB-PERF {name} $s /\"; \
-         done; \
-         rc=$(cat {data}.rc); rm -f {data} {data}.rc; exit $rc"
+         done; rm -f {data}; "
+    )
+}
+
+/// `command` (a shell command line, not `exec`ed), its console copied through, with L1
+/// sampled for `seconds` from the first console line that holds `start` (the benchmark's
+/// own start, so the guest's boot stays out of the profile); then the [`report`]. The
+/// shell's exit status stays the command's.
+pub fn wrap(name: &str, command: &str, start: &str, seconds: u32) -> String {
+    let rc = format!("/tmp/{name}.rc");
+    format!(
+        "{{ {command}; echo $? > {rc}; }} | {{ while IFS= read -r l; do printf '%s\n' \"$l\"; \
+           case \"$l\" in *{start}*) [ -n \"$perf_pid\" ] || {{ {record} }} ;; esac; \
+         done; {report}}}; \
+         rc=$(cat {rc}); rm -f {rc}; exit $rc",
+        record = record(name, Some(seconds)),
+        report = report(name),
     )
 }
 
@@ -55,14 +76,23 @@ mod tests {
     fn a_wrapped_command_keeps_its_status_and_is_recognised() {
         let s = wrap("fio-x", "viridian run --disk /b/raw.img", "fio_dev=", 20);
         assert!(
-            s.contains("{ viridian run --disk /b/raw.img; echo $? > /tmp/fio-x.perf.rc; }"),
+            s.contains("{ viridian run --disk /b/raw.img; echo $? > /tmp/fio-x.rc; }"),
             "{s}"
         );
-        assert!(s.contains("*fio_dev=*) [ -e /tmp/fio-x.perf ] || perf record -a -F 499 -q -o /tmp/fio-x.perf -- sleep 20 &"), "{s}");
+        assert!(
+            s.contains("perf record -a -F 499 -q -o /tmp/fio-x.perf -- sleep 20 & perf_pid=$!;"),
+            "{s}"
+        );
+        assert!(s.contains("wait $perf_pid"), "{s}");
         assert!(s.ends_with("exit $rc"), "{s}");
         assert!(s.contains("LAB-PERF fio-x $s"), "{s}");
         assert!(used_by(Some(&s)));
         assert!(!used_by(Some("exec viridian run")));
         assert!(!used_by(None));
+        crate::network::tests::parses(&s);
+        // Until stopped: no command.
+        let r = record("net", None);
+        assert!(r.contains("-o /tmp/net.perf & perf_pid=$!"), "{r}");
+        crate::network::tests::parses(&format!("{r}{}", report("net")));
     }
 }
