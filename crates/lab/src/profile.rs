@@ -1,8 +1,9 @@
 //! Profiling L1 while a benchmark runs: Linux's `perf` (Debian's `linux-perf`, the host's
-//! binary with its libraries, like dnsmasq) samples both of L1's CPUs for the whole of one
-//! VM's run, then prints where L1's time went as `LAB-PERF` lines: by thread name, then by
-//! thread and function. It answers "which VMM spends L1's CPU where" for benchmarks whose
-//! ratios are off. Opt-in (`VIRIDIAN_LAB_PERF=1`); CI never profiles.
+//! binary with its libraries, like dnsmasq) samples both of L1's CPUs while the guests
+//! measure, then prints where L1's time went as `LAB-PERF` lines ([`REPORTS`]). It answers
+//! "which VMM spends L1's CPU where" for benchmarks whose ratios are off. Samples taken
+//! while L1 ran an L2 guest are not in the reports. Opt-in (`VIRIDIAN_LAB_PERF=1`); CI never
+//! profiles.
 
 /// The environment variable that turns profiling on for the lab's benchmarks.
 pub const ENV: &str = "VIRIDIAN_LAB_PERF";
@@ -27,6 +28,11 @@ const REPORT_LINES: usize = 40;
 /// by thread and function.
 const REPORTS: &[&str] = &["comm", "comm,dso", "comm,sym"];
 
+/// The sample file of the profile `name`, in L1.
+fn data(name: &str) -> String {
+    format!("/tmp/{name}.perf")
+}
+
 /// Shell: start sampling both of L1's CPUs into `name`'s data file, in the background
 /// (`$perf_pid`), for `seconds` or, with `None`, until [`report`] stops it.
 pub fn record(name: &str, seconds: Option<u32>) -> String {
@@ -35,14 +41,15 @@ pub fn record(name: &str, seconds: Option<u32>) -> String {
         .unwrap_or_default();
     format!(
         "echo 0 > /proc/sys/kernel/kptr_restrict; echo -1 > /proc/sys/kernel/perf_event_paranoid; \
-         {MARKER} -a -F 499 -q -o /tmp/{name}.perf{until} & perf_pid=$!; "
+         {MARKER} -a -F 499 -q -o {data}{until} & perf_pid=$!; ",
+        data = data(name)
     )
 }
 
 /// Shell: stop (if it still runs) and wait for the sampling [`record`] started, then print
 /// the reports as `LAB-PERF name sort ...` lines and delete the data.
 pub fn report(name: &str) -> String {
-    let data = format!("/tmp/{name}.perf");
+    let data = data(name);
     let reports = REPORTS.join(" ");
     format!(
         "kill -INT $perf_pid 2>/dev/null; wait $perf_pid; \

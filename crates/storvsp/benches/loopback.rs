@@ -177,7 +177,7 @@ impl Load {
 }
 
 /// Runs `n` requests of `load` on one channel, `load.depth` outstanding, each slot on its
-/// own guest pages.
+/// own guest pages while the pool has room for them (reads deeper than that share pages).
 fn drive(g: &mut Guest, n: u64, load: Load, seed: u64) {
     let depth = load.depth;
     let mut x = seed | 1;
