@@ -171,6 +171,13 @@ impl GuestRing {
         let mut buf = [0u8; 8];
         // SAFETY: reads 8 bytes into a local buffer from the ring's own eventfd.
         let _ = unsafe { libc::read(self.event.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        self.reap_completed(out);
+    }
+
+    /// The completions already in the completion queue, without a system call: for a
+    /// caller that just submitted to a backend that may finish inline. The eventfd stays
+    /// signalled, so the next wake-up may find nothing.
+    pub fn reap_completed(&mut self, out: &mut Vec<(u64, std::io::Result<()>)>) {
         let done: Vec<(u64, i32)> = self
             .ring
             .completion()

@@ -1064,12 +1064,13 @@ impl Worker {
         SrbResult::from_scsi(&completion, true)
     }
 
-    /// Completes the requests whose io_uring operations are all done.
-    fn reap(&mut self) {
+    /// Completes the requests whose io_uring operations are all done (`completed_only`:
+    /// see [`uring::Queue::reap`]).
+    fn reap(&mut self, completed_only: bool) {
         let Some(q) = self.queue.as_mut() else {
             return;
         };
-        for (seq, p, r) in q.reap() {
+        for (seq, p, r) in q.reap(completed_only) {
             let completion = p.unit.complete_io(p.io, r);
             let packet = self.finish_direct(&p.srb, completion).packet(&p.srb);
             self.registry.lock().executed(seq, packet);
@@ -1126,7 +1127,7 @@ fn medium_error(offset: u64, e: vhdx::Error) -> scsi::MediumError {
 impl ChannelWorker for Worker {
     fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
         self.registry.wake.clear();
-        self.reap();
+        self.reap(false);
         if self.index == 0 && self.shared.rescan_pending.swap(false, Ordering::AcqRel) {
             self.shared.rescan.clear();
             // Only a guest past END_INIT has a SCSI host to rescan.
@@ -1167,6 +1168,10 @@ impl ChannelWorker for Worker {
                 });
                 break Ok(Progress::WaitingForRoom);
             }
+            // A backend that completes inline (the page cache, a RAM disk) has finished
+            // this request already: answer it now, so the guest queues its next request
+            // while the worker serves the ones behind this.
+            self.reap(true);
             match self.flush_out(ch) {
                 Ok(true) => {}
                 Ok(false) => {

@@ -168,9 +168,15 @@ impl Queue {
     }
 
     /// The requests whose every operation has completed, each with how its medium access went.
-    pub fn reap(&mut self) -> Vec<(u64, Pending, Result<(), MediumError>)> {
+    /// With `completed_only`, only what is already in the completion queue (no system
+    /// call; see [`GuestRing::reap_completed`]).
+    pub fn reap(&mut self, completed_only: bool) -> Vec<(u64, Pending, Result<(), MediumError>)> {
         let mut out = Vec::new();
-        self.ring.reap(&mut self.reaped);
+        if completed_only {
+            self.ring.reap_completed(&mut self.reaped);
+        } else {
+            self.ring.reap(&mut self.reaped);
+        }
         for (seq, r) in self.reaped.drain(..) {
             let Some(p) = self.pending.get_mut(&seq) else {
                 continue;
