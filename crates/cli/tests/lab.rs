@@ -138,7 +138,8 @@ fn boot_time_against_qemu() {
 /// the same raw image and dynamic VHDX on a RAM disk in L1 (lab::disk_bench), in one lab run.
 /// A benchmark: `cargo test --release -p cli --test lab -- --ignored disk_io_against_qemu`.
 /// VIRIDIAN_FIO_SECONDS (default 10) sets each job's length, VIRIDIAN_FIO_JOBS (names, comma
-/// separated) picks jobs, and VIRIDIAN_LAB_PERF=1 profiles L1 during each VM (`LAB-PERF` lines).
+/// separated) picks jobs, VIRIDIAN_LAB_PERF=1 profiles L1 during each VM (`LAB-PERF` lines), and
+/// VIRIDIAN_FIO_VIRIDIAN_ENV (`NAME=VALUE ...`) sets Viridian's environment in L1.
 #[test]
 #[ignore = "benchmark; run with --ignored"]
 fn disk_io_against_qemu() {
@@ -154,7 +155,17 @@ fn disk_io_against_qemu() {
             .map(|j| j.split(',').map(str::to_string).collect())
             .unwrap_or_default(),
         profile: lab::profile::wanted(),
+        viridian_env: std::env::var("VIRIDIAN_FIO_VIRIDIAN_ENV")
+            .map(|e| e.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default(),
     };
+    if let Some(bad) = settings
+        .viridian_env
+        .iter()
+        .find(|e| !disk_bench::Settings::env_ok(e))
+    {
+        panic!("VIRIDIAN_FIO_VIRIDIAN_ENV: {bad:?} is not VIRIDIAN_NAME=VALUE (value: letters, digits, _,.:-)");
+    }
     if let Some(unknown) = settings
         .jobs
         .iter()

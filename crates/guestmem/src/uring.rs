@@ -6,11 +6,22 @@
 //! it points at and a clone of the guest memory its buffers lie in; dropping the ring waits
 //! for every operation still in the kernel. A short transfer is finished synchronously, so a
 //! completion always covers the whole operation.
+//!
+//! Where the kernel does a file's large transfers inline (it had the completion ready when
+//! `io_uring_enter` returned), later ones of that file go to the ring's [`copiers`] while
+//! one is free, so that one queue's copies run on several CPUs.
+
+mod copiers;
 
 use crate::GuestMemory;
+use copiers::{Copiers, Job};
 use io_uring::{opcode, types, IoUring};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+/// Transfers this long and longer may go to a copier.
+pub const COPIER_MIN_BYTES: usize = 256 * 1024;
 
 /// One operation in the kernel.
 struct Op {
@@ -23,6 +34,8 @@ struct Op {
     offset: u64,
     write: bool,
     len: usize,
+    /// With a copier, not in the kernel's ring.
+    copier: bool,
 }
 
 /// An operation's iovec array, owned by the ring until the kernel is done with it.
@@ -41,10 +54,17 @@ pub struct GuestRing {
     ops: HashMap<u64, Op>,
     next: u64,
     entries: usize,
-    /// Signalled by the kernel on each completion.
-    event: OwnedFd,
+    /// Signalled by the kernel on each completion, and by the copiers.
+    event: Arc<OwnedFd>,
     /// Entries are queued that the kernel has not taken yet.
     unsubmitted: bool,
+    copiers: Copiers,
+    /// Per descriptor: whether its last large transfer in the ring completed inline.
+    inline: HashMap<RawFd, bool>,
+    /// Completions taken from the kernel's queue by `submit`, for the next reap.
+    early: Vec<(u64, i32)>,
+    /// Transfers given to the copiers so far.
+    copied: u64,
 }
 
 impl std::fmt::Debug for GuestRing {
@@ -56,9 +76,10 @@ impl std::fmt::Debug for GuestRing {
 }
 
 impl GuestRing {
-    /// A ring for operations on `mem`; fails where the kernel has no io_uring (or forbids
-    /// it), for the caller to fall back to synchronous I/O.
-    pub fn new(mem: &GuestMemory, entries: u32) -> std::io::Result<Self> {
+    /// A ring for operations on `mem`, with up to `copiers` threads for large transfers
+    /// the kernel would do inline (see the module docs); fails where the kernel has no
+    /// io_uring (or forbids it), for the caller to fall back to synchronous I/O.
+    pub fn new(mem: &GuestMemory, entries: u32, copiers: usize) -> std::io::Result<Self> {
         let ring = IoUring::new(entries)?;
         // SAFETY: eventfd(2) with valid flags returns a new descriptor or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -66,7 +87,7 @@ impl GuestRing {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: `fd` was just created and nothing else owns it.
-        let event = unsafe { OwnedFd::from_raw_fd(fd) };
+        let event = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         ring.submitter().register_eventfd(event.as_raw_fd())?;
         Ok(Self {
             ring,
@@ -74,8 +95,12 @@ impl GuestRing {
             ops: HashMap::new(),
             next: 0,
             entries: entries as usize,
+            copiers: Copiers::new(mem, event.clone(), copiers),
             event,
             unsubmitted: false,
+            inline: HashMap::new(),
+            early: Vec::new(),
+            copied: 0,
         })
     }
 
@@ -89,6 +114,11 @@ impl GuestRing {
         self.ops.len()
     }
 
+    /// Transfers given to the copiers so far.
+    pub fn copied(&self) -> u64 {
+        self.copied
+    }
+
     /// Whether another operation fits.
     pub fn has_room(&self) -> bool {
         self.ops.len() < self.entries
@@ -96,7 +126,9 @@ impl GuestRing {
 
     /// Queues and submits a read of `fd` at `offset` into the guest ranges `pieces` (with
     /// `write`, a write of them to `fd`). Every piece is checked to be guest RAM first. The
-    /// caller keeps `fd` open until the completion carrying `tag` is reaped.
+    /// caller keeps `fd` open until the completion carrying `tag` is reaped. With
+    /// `may_copy` (the caller has other requests to go on with), a large transfer the
+    /// kernel would do inline goes to a free copier instead.
     pub fn submit(
         &mut self,
         tag: u64,
@@ -104,6 +136,7 @@ impl GuestRing {
         offset: u64,
         pieces: &[(u64, usize)],
         write: bool,
+        may_copy: bool,
     ) -> std::io::Result<()> {
         if !self.has_room() || pieces.len() > crate::MAX_PIECES {
             return Err(std::io::ErrorKind::WouldBlock.into());
@@ -113,6 +146,31 @@ impl GuestRing {
         self.next += 1;
         let key = self.next;
         let raw = fd.as_raw_fd();
+        let op = |iov, copier| Op {
+            tag,
+            _iov: iov,
+            pieces: pieces.to_vec(),
+            fd: raw,
+            offset,
+            write,
+            len,
+            copier,
+        };
+        let large = len >= COPIER_MIN_BYTES;
+        if may_copy && large && self.inline.get(&raw) == Some(&true) {
+            let job = Job {
+                key,
+                fd: raw,
+                offset,
+                pieces: pieces.to_vec(),
+                write,
+            };
+            if self.copiers.start(job).is_ok() {
+                self.copied += 1;
+                self.ops.insert(key, op(IoVecs(Vec::new()), true));
+                return Ok(());
+            }
+        }
         let entry = if write {
             opcode::Writev::new(types::Fd(raw), iov.0.as_ptr(), iov.0.len() as u32)
                 .offset(offset)
@@ -132,22 +190,18 @@ impl GuestRing {
         if pushed.is_err() {
             return Err(std::io::ErrorKind::WouldBlock.into());
         }
-        self.ops.insert(
-            key,
-            Op {
-                tag,
-                _iov: iov,
-                pieces: pieces.to_vec(),
-                fd: raw,
-                offset,
-                write,
-                len,
-            },
-        );
+        self.ops.insert(key, op(iov, false));
         // Should the kernel not take the entry now (EAGAIN, EBUSY), it stays queued: the
         // operation is in flight either way, and `pending_submission` tells the caller to
         // come back and `reap` submits it.
         self.push();
+        if large && !self.unsubmitted {
+            let before = self.early.len();
+            self.early
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            let inline = self.early[before..].iter().any(|c| c.0 == key);
+            self.inline.insert(raw, inline);
+        }
         Ok(())
     }
 
@@ -178,14 +232,18 @@ impl GuestRing {
     /// caller that just submitted to a backend that may finish inline. The eventfd stays
     /// signalled, so the next wake-up may find nothing.
     pub fn reap_completed(&mut self, out: &mut Vec<(u64, std::io::Result<()>)>) {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let mut done = std::mem::take(&mut self.early);
+        done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for (key, res) in done {
             if let Some(op) = self.ops.remove(&key) {
                 out.push((op.tag, self.finish(&op, res)));
+            }
+        }
+        let mut copied = Vec::new();
+        self.copiers.take_done(&mut copied);
+        for (key, r) in copied {
+            if let Some(op) = self.ops.remove(&key) {
+                out.push((op.tag, r));
             }
         }
     }
@@ -227,6 +285,12 @@ impl GuestRing {
 
 impl Drop for GuestRing {
     fn drop(&mut self) {
+        // The copiers first: they finish what they do, and the kernel's operations are left.
+        self.copiers.stop();
+        self.ops.retain(|_, op| !op.copier);
+        for (key, _) in self.early.drain(..) {
+            self.ops.remove(&key);
+        }
         // The kernel may still write through the iovecs into guest RAM: wait for it.
         while !self.ops.is_empty() {
             if self.ring.submit_and_wait(1).is_err() {
@@ -246,7 +310,7 @@ mod tests {
     use std::io::Write;
 
     fn ring(mem: &GuestMemory) -> Option<GuestRing> {
-        match GuestRing::new(mem, 8) {
+        match GuestRing::new(mem, 8, 0) {
             Ok(r) => Some(r),
             Err(e) => {
                 eprintln!("SKIPPED: no io_uring here ({e})");
@@ -274,7 +338,8 @@ mod tests {
         let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
         file.write_all(&data).unwrap();
         let pieces = [(0x2100, 3000), (0x7000, 1096)];
-        r.submit(11, file.as_fd(), 512, &pieces, false).unwrap();
+        r.submit(11, file.as_fd(), 512, &pieces, false, true)
+            .unwrap();
         let done = wait(&mut r, 1);
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].0, 11);
@@ -282,9 +347,10 @@ mod tests {
         let mut a = vec![0u8; 3000];
         mem.read(0x2100, &mut a).unwrap();
         assert_eq!(a, data[512..3512]);
-        r.submit(12, file.as_fd(), 20000, &pieces, true).unwrap();
+        r.submit(12, file.as_fd(), 20000, &pieces, true, true)
+            .unwrap();
         // Past the end of the file: a read that gets nothing fails.
-        r.submit(13, file.as_fd(), 1 << 30, &[(0x9000, 512)], false)
+        r.submit(13, file.as_fd(), 1 << 30, &[(0x9000, 512)], false, true)
             .unwrap();
         let mut done = wait(&mut r, 2);
         done.sort_by_key(|d| d.0);
@@ -298,9 +364,90 @@ mod tests {
         assert_eq!(back, data[512..4608]);
         // Outside RAM: refused before anything reaches the kernel.
         assert!(r
-            .submit(14, file.as_fd(), 0, &[(0xff00, 512)], false)
+            .submit(14, file.as_fd(), 0, &[(0xff00, 512)], false, true)
             .is_err());
         assert_eq!(r.in_flight(), 0);
+    }
+
+    #[test]
+    fn large_transfers_the_kernel_does_inline_go_to_free_copiers() {
+        const MIB: usize = 1 << 20;
+        let mem = GuestMemory::new(&[(0, 8 << 20)]).unwrap();
+        let mut r = match GuestRing::new(&mem, 8, 2) {
+            Ok(r) => r,
+            Err(e) => return eprintln!("SKIPPED: no io_uring here ({e})"),
+        };
+        let mut file = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..4 * MIB as u32).map(|i| (i / 4093) as u8).collect();
+        file.write_all(&data).unwrap();
+        // Page by page, as a storage request names its buffer.
+        let pages =
+            |gpa: u64| -> Vec<(u64, usize)> { (0..256).map(|i| (gpa + i * 4096, 4096)).collect() };
+        r.submit(1, file.as_fd(), 0, &pages(0), false, true)
+            .unwrap();
+        if r.inline.get(&file.as_raw_fd()) != Some(&true) {
+            wait(&mut r, 1);
+            return eprintln!("SKIPPED: this file system's page cache reads are not inline");
+        }
+        for i in 1..4u64 {
+            let at = i * MIB as u64;
+            r.submit(10 + i, file.as_fd(), at, &pages(at), false, true)
+                .unwrap();
+        }
+        // Two copiers: two of the three went to them, the third to the ring.
+        assert_eq!(r.copied(), 2);
+        let mut done = wait(&mut r, 4);
+        done.sort_by_key(|d| d.0);
+        assert_eq!(
+            done.iter().map(|d| d.0).collect::<Vec<_>>(),
+            [1, 11, 12, 13]
+        );
+        assert!(done.iter().all(|d| d.1.is_ok()));
+        let mut back = vec![0u8; 4 * MIB];
+        mem.read(0, &mut back).unwrap();
+        assert!(back == data, "guest pages differ from the file");
+        // A write goes to a copier too, and lands in the file.
+        mem.write(4 << 20, &data[..MIB]).unwrap();
+        r.submit(
+            20,
+            file.as_fd(),
+            4 * MIB as u64,
+            &pages(4 << 20),
+            true,
+            true,
+        )
+        .unwrap();
+        assert_eq!(r.copied(), 3);
+        let done = wait(&mut r, 1);
+        assert_eq!(done[0].0, 20);
+        assert!(done[0].1.is_ok());
+        let mut written = vec![0u8; MIB];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut written, 4 * MIB as u64).unwrap();
+        assert!(
+            written == data[..MIB],
+            "the file differs from the guest pages"
+        );
+        // Not when the caller has nothing else to do: the ring.
+        r.submit(21, file.as_fd(), 0, &pages(0), false, false)
+            .unwrap();
+        assert_eq!(r.copied(), 3);
+        assert_eq!(wait(&mut r, 1)[0].0, 21);
+        // A copier's failure is the request's: reading past the end of the file.
+        r.submit(30, file.as_fd(), 1 << 30, &pages(0), false, true)
+            .unwrap();
+        assert_eq!(r.copied(), 4);
+        let done = wait(&mut r, 1);
+        assert_eq!(
+            done[0].1.as_ref().unwrap_err().kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
+        // Dropped with transfers at the copiers and in the kernel: waits for them.
+        for i in 0..4u64 {
+            let at = i * MIB as u64;
+            r.submit(40 + i, file.as_fd(), at, &pages(at), false, true)
+                .unwrap();
+        }
+        drop(r);
     }
 
     #[test]
@@ -310,11 +457,20 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         file.set_len(1 << 20).unwrap();
         for i in 0..8u64 {
-            r.submit(i, file.as_fd(), i * 65536, &[(i * 65536, 65536)], false)
-                .unwrap();
+            r.submit(
+                i,
+                file.as_fd(),
+                i * 65536,
+                &[(i * 65536, 65536)],
+                false,
+                true,
+            )
+            .unwrap();
         }
         assert!(!r.has_room());
-        assert!(r.submit(9, file.as_fd(), 0, &[(0, 512)], false).is_err());
+        assert!(r
+            .submit(9, file.as_fd(), 0, &[(0, 512)], false, true)
+            .is_err());
         drop(r);
     }
 }

@@ -176,9 +176,27 @@ pub struct Settings {
     pub jobs: Vec<String>,
     /// Profile L1 during each VM's run ([`crate::profile`]).
     pub profile: bool,
+    /// `NAME=VALUE` settings in Viridian's environment (to compare its own knobs, such as
+    /// `VIRIDIAN_NO_IO_URING=1`, against the same QEMU runs); see [`Settings::env_ok`].
+    pub viridian_env: Vec<String>,
 }
 
 impl Settings {
+    /// Whether `setting` is a `NAME=VALUE` the L1 script can carry unquoted: a `VIRIDIAN_`
+    /// name, and a value of letters, digits and `_,.:-`.
+    pub fn env_ok(setting: &str) -> bool {
+        let Some((name, value)) = setting.split_once('=') else {
+            return false;
+        };
+        name.starts_with("VIRIDIAN_")
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_,.:-".contains(&b))
+    }
+
     /// The jobs this run runs, in [`JOBS`]' order.
     pub fn selected(&self) -> impl Iterator<Item = &'static Job> + '_ {
         JOBS.iter()
@@ -210,6 +228,15 @@ fn l1_script(vmm: Vmm, format: Format, settings: &Settings) -> String {
             fmt = format.qemu_format()
         ),
     };
+    let exports: String = match vmm {
+        Vmm::Viridian => settings
+            .viridian_env
+            .iter()
+            .filter(|e| Settings::env_ok(e))
+            .map(|e| format!("export {e}; "))
+            .collect(),
+        _ => String::new(),
+    };
     let vm = if settings.profile {
         let jobs = settings.selected().count() as u32;
         crate::profile::wrap(
@@ -237,7 +264,7 @@ fn l1_script(vmm: Vmm, format: Format, settings: &Settings) -> String {
          fi; \
          sync; echo 3 > /proc/sys/vm/drop_caches; \
          echo VIRIDIAN-GUEST host_aio=$(cat $B/aio) host_file_kib=$(du -k {file} | cut -f1); \
-         {vm}"
+         {exports}{vm}"
     )
 }
 
@@ -384,11 +411,42 @@ mod tests {
     }
 
     #[test]
+    fn viridian_alone_gets_the_settings_it_was_given() {
+        assert!(Settings::env_ok("VIRIDIAN_COPIERS=0"));
+        assert!(Settings::env_ok("VIRIDIAN_NO_IO_URING=1"));
+        for bad in [
+            "COPIERS=0",
+            "VIRIDIAN_X",
+            "VIRIDIAN_X=1;reboot",
+            "VIRIDIAN_X=$(id)",
+            "VIRIDIAN_x=1",
+            "VIRIDIAN_X=a b",
+        ] {
+            assert!(!Settings::env_ok(bad), "{bad}");
+        }
+        let all = scenarios(&Settings {
+            seconds: 5,
+            viridian_env: vec!["VIRIDIAN_COPIERS=0".into(), "VIRIDIAN_X=1;reboot".into()],
+            ..Default::default()
+        });
+        for s in &all {
+            let c = s.command();
+            assert_eq!(
+                c.contains("export VIRIDIAN_COPIERS=0; exec viridian run"),
+                s.vmm == Vmm::Viridian,
+                "{c}"
+            );
+            assert!(!c.contains("VIRIDIAN_X"), "{c}");
+        }
+    }
+
+    #[test]
     fn a_profiled_run_of_some_jobs() {
         let all = scenarios(&Settings {
             seconds: 5,
             jobs: vec!["read_1m_qd8".into(), "write_1m_qd8".into()],
             profile: true,
+            ..Default::default()
         });
         for s in &all {
             let c = s.command();

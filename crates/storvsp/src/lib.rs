@@ -484,6 +484,7 @@ impl vmbus::Device for StorvspDevice {
             data: Vec::new(),
             out: VecDeque::new(),
             queue: self.queue(),
+            others_waiting: false,
         }))
     }
 
@@ -667,6 +668,8 @@ struct Worker {
     out: VecDeque<Outgoing>,
     /// The channel's io_uring and the requests in it; `None`: synchronous I/O.
     queue: Option<uring::Queue>,
+    /// More packets wait in the ring behind the one being handled.
+    others_waiting: bool,
 }
 
 /// A request [`Worker::replay_restored`] finishes.
@@ -1015,6 +1018,7 @@ impl Worker {
                         disk.clone(),
                         medium,
                         (pieces, unbuffered),
+                        self.others_waiting,
                     )
                 });
                 match queued {
@@ -1157,6 +1161,7 @@ impl ChannelWorker for Worker {
                     Err(e) => break Err(e.into()),
                 }
             };
+            self.others_waiting = ch.has_packet().unwrap_or(false);
             if !self.run(seq, &p) {
                 // Save paused the controller after this came off the ring: it runs on resume.
                 self.replay.push_back(Pending {

@@ -29,6 +29,20 @@ use crate::protocol;
 /// request that finds the ring full is served synchronously).
 pub const RING_ENTRIES: u32 = 512;
 
+/// Copier threads per channel for large transfers the kernel does inline
+/// ([`guestmem::uring`]): one per host CPU besides the worker's own, at most 3.
+fn copiers() -> usize {
+    if let Some(n) = std::env::var("VIRIDIAN_COPIERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    std::thread::available_parallelism()
+        .map_or(0, |n| n.get() - 1)
+        .min(3)
+}
+
 /// Whether channels use io_uring: yes unless `VIRIDIAN_NO_IO_URING=1`.
 pub fn enabled_by_env() -> bool {
     std::env::var_os("VIRIDIAN_NO_IO_URING").is_none_or(|v| v != "1")
@@ -70,7 +84,7 @@ impl Queue {
     /// The channel's queue, or why there is none (no io_uring here).
     pub fn new(mem: &GuestMemory) -> std::io::Result<Self> {
         Ok(Self {
-            ring: GuestRing::new(mem, RING_ENTRIES)?,
+            ring: GuestRing::new(mem, RING_ENTRIES, copiers())?,
             pending: HashMap::new(),
             reaped: Vec::new(),
             window: Vec::new(),
@@ -88,7 +102,8 @@ impl Queue {
 
     /// Puts the transfer of request `seq` (`io`, its data in guest `pieces`) in the ring
     /// when every extent of it is in a file; with `unbuffered`, the aligned ones through
-    /// the file's unbuffered descriptor.
+    /// the file's unbuffered descriptor. `others_waiting`: more requests wait behind this
+    /// one, so a copier may take this one's transfers ([`GuestRing::submit`]).
     #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
@@ -100,6 +115,7 @@ impl Queue {
         disk: Arc<dyn Disk>,
         medium: Arc<dyn Medium>,
         (pieces, unbuffered): (&[(u64, usize)], bool),
+        others_waiting: bool,
     ) -> Result<Submitted, scsi::Completion> {
         let len = io.len as u64;
         let mut extents = Vec::new();
@@ -146,7 +162,10 @@ impl Queue {
         };
         for (fd, offset, at, n) in extents {
             window(pieces, at, n, &mut self.window);
-            match self.ring.submit(seq, fd, offset, &self.window, io.write) {
+            match self
+                .ring
+                .submit(seq, fd, offset, &self.window, io.write, others_waiting)
+            {
                 Ok(()) => p.left += 1,
                 Err(e) => {
                     p.error = Some(e);

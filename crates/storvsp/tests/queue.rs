@@ -17,7 +17,7 @@ use zerocopy::IntoBytes;
 /// Whether this kernel lets us create an io_uring (the uring assertions need one).
 fn have_io_uring() -> bool {
     let mem = guestmem::GuestMemory::new(&[(0, 4096)]).unwrap();
-    let ok = guestmem::uring::GuestRing::new(&mem, 4).is_ok();
+    let ok = guestmem::uring::GuestRing::new(&mem, 4, 0).is_ok();
     if !ok {
         eprintln!("no io_uring here: only the fallback is exercised");
     }
