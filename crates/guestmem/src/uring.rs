@@ -156,7 +156,9 @@ impl GuestRing {
             len,
             copier,
         };
-        let large = len >= COPIER_MIN_BYTES;
+        // Reads only: a file system may serialise direct writes to one file (ext2 and
+        // ext4 take the inode's lock for them), so copiers would only wait for each other.
+        let large = len >= COPIER_MIN_BYTES && !write;
         if may_copy && large && self.inline.get(&raw) == Some(&true) {
             let job = Job {
                 key,
