@@ -3,7 +3,8 @@
 //! gives no concurrency, since the submitting thread does every copy itself, one after
 //! another, while other CPUs idle. A copier takes one such transfer at a time with
 //! `preadv`/`pwritev`; the ring's own thread goes on with the next request (and copies
-//! that one itself when every copier is busy), so the copies of one queue overlap.
+//! that one itself when every copier is busy), so the copies of one queue overlap. The
+//! ring gives them reads only (see `GuestRing::submit`).
 //!
 //! Copiers start on first use, at most the number the ring was given, and each takes a
 //! transfer only when it is free: nothing queues behind a busy copier. A finished transfer
