@@ -59,7 +59,7 @@ pub struct GuestRing {
     /// Entries are queued that the kernel has not taken yet.
     unsubmitted: bool,
     copiers: Copiers,
-    /// Per descriptor: whether its last large transfer in the ring completed inline.
+    /// Per descriptor: whether its last large read in the ring completed inline.
     inline: HashMap<RawFd, bool>,
     /// Completions taken from the kernel's queue by `submit`, for the next reap.
     early: Vec<(u64, i32)>,

@@ -245,7 +245,7 @@ pub(crate) fn prelude(memory_mib: u64, guests: &[&str]) -> String {
          qstart() {{ n=$1; cpus=$2; vhost=$3; shift 3; nets=; taps=; j=0; \
            while [ \"$1\" != -- ]; do t=q$n$j; taps=\"$taps ${{1%%=*}}=$t\"; \
              nets=\"$nets -netdev tap,id=n$j,ifname=$t,script=no,downscript=no,vhost=$vhost -device virtio-net-pci,netdev=n$j,mac=${{1#*=}},romfile=\"; j=$((j+1)); shift; done; shift; rm -f /tmp/$n.log; \
-           qemu-system-x86_64 -L /usr/share/qemu -enable-kvm -cpu host -M pc -m {memory_mib} -smp $cpus -nodefaults -no-user-config -display none \
+           qemu-system-x86_64 -L /usr/share/qemu -enable-kvm -cpu host -M pc -m {memory_mib} -smp $cpus -name $n,debug-threads=on -nodefaults -no-user-config -display none \
            -serial file:/tmp/$n.log -no-reboot -kernel /l2/vmlinuz-cloud -initrd /l2/initrd.cpio -append \"console=ttyS0 panic=-1 quiet viridian.scenario=net $*\" \
            $nets >/dev/null 2>/tmp/$n.err & eval $n=$!; \
            for p in $taps; do t=${{p#*=}}; i=0; while [ ! -e /sys/class/net/$t ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done; \

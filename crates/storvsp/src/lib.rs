@@ -129,6 +129,8 @@ struct Counters {
     direct_transfers: AtomicU64,
     /// Of those, the ones carried out in a channel's io_uring.
     uring_transfers: AtomicU64,
+    /// Of the io_uring ones, those a ring's copier threads carried out.
+    copier_transfers: AtomicU64,
     /// Of the direct ones, those with data moved through an image file's unbuffered
     /// (`O_DIRECT`) descriptor, bypassing the host's page cache.
     unbuffered_transfers: AtomicU64,
@@ -578,6 +580,7 @@ impl vmbus::Device for StorvspDevice {
                 "completions_deferred": n(&c.completions_deferred),
                 "direct_transfers": n(&c.direct_transfers),
                 "uring_transfers": n(&c.uring_transfers),
+                "copier_transfers": n(&c.copier_transfers),
                 "unbuffered_transfers": n(&c.unbuffered_transfers),
                 "rescans": n(&c.rescans),
             },
@@ -1022,9 +1025,10 @@ impl Worker {
                     )
                 });
                 match queued {
-                    Some(Ok(uring::Submitted::InFlight { unbuffered })) => {
+                    Some(Ok(uring::Submitted::InFlight { unbuffered, copied })) => {
                         let c = &self.shared.counters;
                         Counters::add(&c.uring_transfers, 1);
+                        Counters::add(&c.copier_transfers, u64::from(copied));
                         Counters::add(&c.unbuffered_transfers, u64::from(unbuffered));
                         return Some(None);
                     }

@@ -74,8 +74,8 @@ pub struct Queue {
 /// What [`Queue::submit`] made of a request.
 pub enum Submitted {
     /// In the ring; [`Queue::reap`] returns it when done. `unbuffered`: some of it through
-    /// the file's unbuffered descriptor.
-    InFlight { unbuffered: bool },
+    /// the file's unbuffered descriptor; `copied`: some of it with the ring's copiers.
+    InFlight { unbuffered: bool, copied: bool },
     /// Not for the ring (an extent needs the disk's own I/O, or no room): do it synchronously.
     Declined,
 }
@@ -150,6 +150,7 @@ impl Queue {
         if self.ring.in_flight() + extents.len() > RING_ENTRIES as usize {
             return Ok(Submitted::Declined);
         }
+        let copied_before = self.ring.copied();
         let mut p = Pending {
             transaction_id,
             srb,
@@ -183,6 +184,7 @@ impl Queue {
         self.pending.insert(seq, p);
         Ok(Submitted::InFlight {
             unbuffered: any_unbuffered,
+            copied: self.ring.copied() > copied_before,
         })
     }
 

@@ -422,3 +422,69 @@ fn cache_none_moves_aligned_requests_unbuffered_with_io_uring_and_without() {
         }
     }
 }
+
+/// Sends a READ(10) of `len` bytes at block `lba` into guest pages `first..`, without waiting.
+fn send_large_read(g: &mut Guest, id: u64, lba: u32, len: u32, first: usize) {
+    let mut cdb = [0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    cdb[7..9].copy_from_slice(&((len / 512) as u16).to_be_bytes());
+    let r = PagedRange {
+        byte_offset: 0,
+        byte_count: len,
+        pfns: g.pages[first..first + (len as usize).div_ceil(4096)].to_vec(),
+    };
+    let p = g.srb_packet(0, &cdb, sp::data_in::READ, len);
+    let h = vmbus::packet::gpa_direct_header(&[r]);
+    g.send(id, packet_type::DATA_USING_GPA_DIRECT, &h, p.as_bytes());
+}
+
+#[test]
+fn queued_large_reads_from_the_page_cache_reach_the_guest_through_the_copiers() {
+    if !have_io_uring() {
+        return;
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return eprintln!("SKIPPED: one CPU, so no copiers");
+    }
+    const LEN: usize = 256 * 1024;
+    // On a real file system (a tmpfs's reads io_uring does not do inline).
+    let dir = tempfile::tempdir_in("/var/tmp")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let raw = raw_disk(dir.path(), "c.img", 4 * LEN as u64);
+    let data: Vec<u8> = (0..4 * LEN as u32).map(|i| (i / 509) as u8).collect();
+    std::fs::write(&raw, &data).unwrap();
+    let spec = DiskSpec::open(&raw, None, false)
+        .unwrap()
+        .with_cache(storvsp::CacheMode::Writeback);
+    let mut r = rig_with(config(true), vec![(0, spec)]);
+    let mut g = r.open(0, 128);
+    g.handshake(&[0x0602]);
+    let mut copied = 0;
+    for round in 0..20u64 {
+        for i in 0..4u64 {
+            g.mem
+                .write(page_gpa(&g, 64 * i as usize), &vec![0xEE; LEN])
+                .unwrap();
+        }
+        for i in 0..4u64 {
+            let lba = ((3 - i) * LEN as u64 / 512) as u32;
+            send_large_read(&mut g, round * 4 + i + 1, lba, LEN as u32, 64 * i as usize);
+        }
+        let done = collect(&mut g, 4);
+        assert!(done.values().all(|&s| s == 1), "{done:?}");
+        for i in 0..4usize {
+            let mut back = vec![0u8; LEN];
+            g.mem.read(page_gpa(&g, 64 * i), &mut back).unwrap();
+            let at = (3 - i) * LEN;
+            assert!(back == data[at..at + LEN], "round {round}, read {i}");
+        }
+        copied = r.dev.inspect()["counters"]["copier_transfers"]
+            .as_u64()
+            .unwrap();
+    }
+    // The guest's packets arrive while the worker serves the first of each round, so some
+    // find others waiting behind them, and a free copier.
+    assert!(copied > 0, "no read went to a copier in 80");
+    r.host.stop();
+}
