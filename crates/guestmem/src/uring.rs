@@ -146,10 +146,12 @@ impl GuestRing {
         self.next += 1;
         let key = self.next;
         let raw = fd.as_raw_fd();
-        let op = |iov, copier| Op {
+        // The ring's own operations keep their pieces, to finish a short transfer; a
+        // copier's job has them instead.
+        let op = |iov, pieces, copier| Op {
             tag,
             _iov: iov,
-            pieces: pieces.to_vec(),
+            pieces,
             fd: raw,
             offset,
             write,
@@ -165,11 +167,11 @@ impl GuestRing {
                 fd: raw,
                 offset,
                 pieces: pieces.to_vec(),
-                write,
             };
             if self.copiers.start(job).is_ok() {
                 self.copied += 1;
-                self.ops.insert(key, op(IoVecs(Vec::new()), true));
+                self.ops
+                    .insert(key, op(IoVecs(Vec::new()), Vec::new(), true));
                 return Ok(());
             }
         }
@@ -192,7 +194,7 @@ impl GuestRing {
         if pushed.is_err() {
             return Err(std::io::ErrorKind::WouldBlock.into());
         }
-        self.ops.insert(key, op(iov, false));
+        self.ops.insert(key, op(iov, pieces.to_vec(), false));
         // Should the kernel not take the entry now (EAGAIN, EBUSY), it stays queued: the
         // operation is in flight either way, and `pending_submission` tells the caller to
         // come back and `reap` submits it.

@@ -1,10 +1,10 @@
-//! Threads that move large transfers between a file and guest RAM for a ring whose backend
+//! Threads that read large transfers from a file into guest RAM for a ring whose backend
 //! would copy them inside `io_uring_enter` (the page cache, a RAM disk): there the ring
 //! gives no concurrency, since the submitting thread does every copy itself, one after
-//! another, while other CPUs idle. A copier takes one such transfer at a time with
-//! `preadv`/`pwritev`; the ring's own thread goes on with the next request (and copies
-//! that one itself when every copier is busy), so the copies of one queue overlap. The
-//! ring gives them reads only (see `GuestRing::submit`).
+//! another, while other CPUs idle. A copier takes one such read at a time with `preadv`;
+//! the ring's own thread goes on with the next request (and copies that one itself when
+//! every copier is busy), so the copies of one queue overlap. Writes stay in the ring (see
+//! `GuestRing::submit`).
 //!
 //! Copiers start on first use, at most the number the ring was given, and each takes a
 //! transfer only when it is free: nothing queues behind a busy copier. A finished transfer
@@ -18,14 +18,13 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-/// A transfer for a copier.
+/// A read for a copier: `fd` from `offset` into the guest ranges `pieces`.
 pub(crate) struct Job {
     /// The ring's key for it, returned with the result.
     pub key: u64,
     pub fd: RawFd,
     pub offset: u64,
     pub pieces: Vec<(u64, usize)>,
-    pub write: bool,
 }
 
 #[derive(Default)]
@@ -150,11 +149,7 @@ fn copier(shared: &Shared) {
         // SAFETY: the ring's caller keeps the descriptor open until this job's completion
         // is reaped or the ring (and with it these copiers, joined first) is dropped.
         let fd = unsafe { BorrowedFd::borrow_raw(job.fd) };
-        let r = if job.write {
-            shared.mem.write_fd_at(fd, job.offset, &job.pieces)
-        } else {
-            shared.mem.read_fd_at(fd, job.offset, &job.pieces)
-        };
+        let r = shared.mem.read_fd_at(fd, job.offset, &job.pieces);
         s = shared.lock();
         s.done.push((job.key, r));
         let one = 1u64.to_ne_bytes();
