@@ -927,11 +927,14 @@ fn netvsc_guests_talk_over_virtual_switches() {
 /// `cargo build --release -p cli && cargo test --release -p cli --test lab -- --ignored
 /// network_throughput_against_qemu --nocapture`; VIRIDIAN_BENCH_ROUNDS (default 1) repeats
 /// every VMM's scenario, VIRIDIAN_BENCH_SECONDS (default 5) is each iperf3 run's length,
-/// VIRIDIAN_LAB_PERF=1 profiles L1 during the iperf3 runs (`LAB-PERF` lines).
+/// VIRIDIAN_LAB_PERF=1 profiles L1 during the iperf3 runs (`LAB-PERF` lines), and
+/// VIRIDIAN_BENCH_RUNS=host_udp_pps,... makes only the measurements named
+/// (`lab::netbench::METRICS`). Each scenario's exits to L1's KVM are printed per vCPU
+/// thread and exit code, for the guests of all the scenario's runs together.
 #[test]
 #[ignore = "benchmark; run with --ignored"]
 fn network_throughput_against_qemu() {
-    use lab::netbench::{iperf, NetVmm};
+    use lab::netbench::{iperf, NetVmm, METRICS};
     let Some(lab) = lab() else { return };
     let env = |k: &str, d: u32| {
         std::env::var(k)
@@ -943,6 +946,14 @@ fn network_throughput_against_qemu() {
         env("VIRIDIAN_BENCH_ROUNDS", 1),
         env("VIRIDIAN_BENCH_SECONDS", 5),
     );
+    let runs = std::env::var("VIRIDIAN_BENCH_RUNS").unwrap_or_default();
+    let runs: Vec<&str> = runs.split(',').filter(|r| !r.is_empty()).collect();
+    if let Some(r) = runs.iter().find(|r| !METRICS.iter().any(|(m, _)| m == *r)) {
+        panic!(
+            "VIRIDIAN_BENCH_RUNS: no measurement {r:?}; there are {:?}",
+            METRICS.iter().map(|(m, _)| *m).collect::<Vec<_>>()
+        );
+    }
     let vmms = [
         NetVmm::Viridian,
         NetVmm::Qemu { vhost: false },
@@ -955,6 +966,7 @@ fn network_throughput_against_qemu() {
                 &format!("{}-{round}", vmm.tag()),
                 vmm,
                 secs,
+                &runs,
                 lab::profile::wanted(),
             ));
         }
@@ -964,14 +976,11 @@ fn network_throughput_against_qemu() {
         .run(&scenarios, &mut std::io::stderr())
         .expect("lab run");
     assert!(run.errors.is_empty(), "lab errors: {:?}", run.errors);
-    let metrics = [
-        ("host_tcp1", "guest to host, TCP 1 stream, Mbit/s"),
-        ("host_tcp4", "guest to host, TCP 4 streams, Mbit/s"),
-        ("host_udp_pps", "guest to host, UDP 64 B, received pps"),
-        ("peer_tcp1", "guest to guest, TCP 1 stream, Mbit/s"),
-        ("peer_tcp4", "guest to guest, TCP 4 streams, Mbit/s"),
-        ("peer_udp_pps", "guest to guest, UDP 64 B, received pps"),
-    ];
+    let metrics: Vec<(&str, &str)> = METRICS
+        .iter()
+        .copied()
+        .filter(|(m, _)| runs.is_empty() || runs.contains(m))
+        .collect();
     // Every scenario ran and measured everything.
     let mut value = std::collections::BTreeMap::new();
     for s in &run.scenarios {
@@ -994,7 +1003,7 @@ fn network_throughput_against_qemu() {
             .name
             .rsplit_once('-')
             .expect("scenario names end in -ROUND");
-        for (m, _) in metrics {
+        for &(m, _) in &metrics {
             let v: f64 = s
                 .guest
                 .get(&format!("a_{m}"))
@@ -1018,7 +1027,7 @@ fn network_throughput_against_qemu() {
         "{:<40} {:>10} {:>15} {:>14} {:>9} {:>9}",
         "", "viridian", "qemu vhost=off", "qemu vhost=on", "V/off", "V/on"
     );
-    for (m, what) in metrics {
+    for &(m, what) in &metrics {
         let (v, off, on) = (
             mean("viridian", m),
             mean("qemu-vhost-off", m),
@@ -1044,6 +1053,17 @@ fn network_throughput_against_qemu() {
             s.name,
             irqs.join(" ")
         );
+        for (m, _) in &metrics {
+            let g = |what: &str| {
+                let k = format!("a_{}_{what}", m.trim_end_matches("_pps"));
+                s.guest.get(&k).cloned().unwrap_or_default()
+            };
+            println!(
+                "  {m}: sender's CPU ticks user/system/idle/irq/softirq {}, BQL limits {}",
+                g("ticks"),
+                g("bql")
+            );
+        }
         for nic in ["LAB-NIC-A", "LAB-NIC-B"] {
             if s.console.lines().any(|l| l.starts_with(nic)) {
                 let list = lab_json(s, nic);
@@ -1065,10 +1085,87 @@ fn network_throughput_against_qemu() {
             }
         }
     }
+    for s in &run.scenarios {
+        print_exits(s);
+    }
     println!(
         "the whole run took {:.0} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The scenario's `LAB-EXITS` (exits to L1's KVM by vCPU thread and SVM exit code) and
+/// `LAB-USER-EXITS` (those KVM passed to the VMM, by KVM_EXIT_* reason), most first.
+fn print_exits(s: &lab::ScenarioResult) {
+    // `{ common_pid: 1234, exit_reason: 123 } hitcount: 5` → the numbers in order.
+    let entries = |prefix: &str| -> Vec<Vec<u64>> {
+        s.console
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .map(|l| {
+                l.split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+            .collect()
+    };
+    let svm = |code: u64| match code {
+        0x60 => "INTR",
+        0x61 => "NMI",
+        0x64 => "VINTR",
+        0x72 => "CPUID",
+        0x78 => "HLT",
+        0x7b => "IOIO",
+        0x7c => "MSR",
+        0x7f => "SHUTDOWN",
+        0x81 => "VMMCALL",
+        0x400 => "NPF",
+        0x401 => "AVIC_INCOMPLETE_IPI",
+        0x402 => "AVIC_NOACCEL",
+        _ => "",
+    };
+    let mut per_pid: std::collections::BTreeMap<u64, Vec<(u64, u64)>> = Default::default();
+    for e in entries("LAB-EXITS ") {
+        if let [pid, code, n] = e[..] {
+            per_pid.entry(pid).or_default().push((n, code));
+        }
+    }
+    for (pid, mut v) in per_pid {
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        let total: u64 = v.iter().map(|(n, _)| n).sum();
+        let top: Vec<String> = v
+            .iter()
+            .take(6)
+            .map(|(n, c)| {
+                format!(
+                    "{} {n}",
+                    if svm(*c).is_empty() {
+                        format!("{c:#x}")
+                    } else {
+                        svm(*c).to_string()
+                    }
+                )
+            })
+            .collect();
+        println!(
+            "  {}: L1 exits of thread {pid}: {total} ({})",
+            s.name,
+            top.join(", ")
+        );
+    }
+    let mut user: Vec<(u64, u64)> = entries("LAB-USER-EXITS ")
+        .into_iter()
+        .filter_map(|e| match e[..] {
+            [reason, n] => Some((n, reason)),
+            _ => None,
+        })
+        .collect();
+    user.sort_unstable_by(|a, b| b.cmp(a));
+    let user: Vec<String> = user
+        .iter()
+        .map(|(n, r)| format!("reason {r}: {n}"))
+        .collect();
+    println!("  {}: exits to the VMM: {}", s.name, user.join(", "));
 }
 
 /// A diagnostic, not a test: `net-private` `VIRIDIAN_SOAK_ROUNDS` times (default 4) in one L1

@@ -59,11 +59,26 @@ irqs() { awk '/HYP:|virtio/ {for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $
 mbits() { awk '/receiver/ {for (i = 1; i <= NF; i++) if ($i == "Mbits/sec") v = $(i - 1)} END {print v}' /tmp/perf; }
 # Datagrams the receiver got per second: (total - lost) / its interval.
 pps() { awk '/receiver/ {for (i = 1; i <= NF; i++) {if ($i ~ /^-?[0-9]+\/[0-9]+$/) {split($i, d, "/"); n = d[2] - d[1]} if ($i ~ /^[0-9.]+-[0-9.]+$/) {split($i, t, "-"); s = t[2] - t[1]}}} END {if (s > 0) printf "%d", n / s}' /tmp/perf; }
+# Whether measurement $1 is wanted (viridian.runs=, all when empty).
+want() { [ -z "$RUNS" ] || case ",$RUNS," in *",$1,"*) true;; *) false;; esac; }
+# The CPU's ticks so far: user (with nice), system, idle (with iowait), irq, softirq.
+ticks() { awk '/^cpu / {print $2 + $3, $4, $5 + $6, $7, $8}' /proc/stat; }
+# One measurement: its key, how to read it (mbits or pps), then iperf3's options; with the
+# NIC interrupts and the CPU's ticks (user/system/idle/irq/softirq) during it, and the
+# transmit queues' byte limits (BQL) after it.
+measure() {
+  key=$1; how=$2; shift 2
+  want $key || return 0
+  t0=$(ticks); x=$(irqs); perf "$@"; k $key=$($how); y=$(irqs); t1=$(ticks)
+  k ${key%_pps}_irqs=$((y - x))
+  k ${key%_pps}_ticks=$(echo $t0 $t1 | awk '{printf "%d/%d/%d/%d/%d", $6 - $1, $7 - $2, $8 - $3, $9 - $4, $10 - $5}')
+  k ${key%_pps}_bql=$(cat /sys/class/net/*/queues/tx-*/byte_queue_limits/limit 2>/dev/null | tr '\n' ,)
+}
 # The three measurements against $2, keys prefixed $1_.
 bench() {
-  x=$(irqs); perf $2; k $1_tcp1=$(mbits); y=$(irqs); k $1_tcp1_irqs=$((y - x))
-  perf $2 -P 4; k $1_tcp4=$(mbits); x=$(irqs); k $1_tcp4_irqs=$((x - y))
-  perf $2 -u -l 64 -b 0; k $1_udp_pps=$(pps); y=$(irqs); k $1_udp_irqs=$((y - x))
+  measure $1_tcp1 mbits $2
+  measure $1_tcp4 mbits $2 -P 4
+  measure $1_udp_pps pps $2 -u -l 64 -b 0
 }
 case "$ROLE" in
 iperf-client)
@@ -92,13 +107,34 @@ esac
 /// buffer): `kvm_pv_eoi`, an EOI KVM did for a guest that skipped it (KVM's PV EOI, or the VP
 /// assist page's lazy EOI), and `kvm_msr` writes of the x2APIC EOI (0x80b) or Hyper-V's EOI MSR
 /// (0x40000070), an exit each. Printed as `LAB-EOI`.
-const EOI_COUNT_START: &str = "T=/sys/kernel/tracing; [ -e $T/trace ] || mount -t tracefs nodev $T; \
+///
+/// Also every exit of the guests to L1's KVM by vCPU thread and SVM exit code (`kvm_exit`),
+/// and the exits KVM passed on to the VMM by `KVM_EXIT_*` reason (`kvm_userspace_exit`),
+/// printed as `LAB-EXITS` and `LAB-USER-EXITS` lines (one `{ key: value, ... } hitcount: N`
+/// entry each).
+const KVM_COUNT_START: &str = "T=/sys/kernel/tracing; [ -e $T/trace ] || mount -t tracefs nodev $T; \
     echo 'hist:keys=vector' > $T/events/kvm/kvm_pv_eoi/trigger; \
-    echo 'hist:keys=ecx,write if ecx == 0x80b || ecx == 0x40000070' > $T/events/kvm/kvm_msr/trigger; ";
-const EOI_COUNT_END: &str = "echo \"LAB-EOI pv_eoi=$(sed -n 's/^ *Hits: *//p' $T/events/kvm/kvm_pv_eoi/hist) \
+    echo 'hist:keys=ecx,write if ecx == 0x80b || ecx == 0x40000070' > $T/events/kvm/kvm_msr/trigger; \
+    echo 'hist:keys=common_pid,exit_reason' > $T/events/kvm/kvm_exit/trigger; \
+    echo 'hist:keys=reason' > $T/events/kvm/kvm_userspace_exit/trigger; ";
+const KVM_COUNT_END: &str = "echo \"LAB-EOI pv_eoi=$(sed -n 's/^ *Hits: *//p' $T/events/kvm/kvm_pv_eoi/hist) \
     msr=$(grep '^{' $T/events/kvm/kvm_msr/hist | tr -s ' ' | tr '\\n' ';')\"; \
+    grep '^{' $T/events/kvm/kvm_exit/hist | tr -s ' ' | sed 's/^/LAB-EXITS /'; \
+    grep '^{' $T/events/kvm/kvm_userspace_exit/hist | tr -s ' ' | sed 's/^/LAB-USER-EXITS /'; \
     echo '!hist:keys=vector' > $T/events/kvm/kvm_pv_eoi/trigger; \
-    echo '!hist:keys=ecx,write if ecx == 0x80b || ecx == 0x40000070' > $T/events/kvm/kvm_msr/trigger; ";
+    echo '!hist:keys=ecx,write if ecx == 0x80b || ecx == 0x40000070' > $T/events/kvm/kvm_msr/trigger; \
+    echo '!hist:keys=common_pid,exit_reason' > $T/events/kvm/kvm_exit/trigger; \
+    echo '!hist:keys=reason' > $T/events/kvm/kvm_userspace_exit/trigger; ";
+
+/// The benchmark's measurements: the guest's key (after `a_`) and what it is.
+pub const METRICS: &[(&str, &str)] = &[
+    ("host_tcp1", "guest to host, TCP 1 stream, Mbit/s"),
+    ("host_tcp4", "guest to host, TCP 4 streams, Mbit/s"),
+    ("host_udp_pps", "guest to host, UDP 64 B, received pps"),
+    ("peer_tcp1", "guest to guest, TCP 1 stream, Mbit/s"),
+    ("peer_tcp4", "guest to guest, TCP 4 streams, Mbit/s"),
+    ("peer_udp_pps", "guest to guest, UDP 64 B, received pps"),
+];
 
 /// What runs the guests of [`iperf`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,11 +160,21 @@ impl NetVmm {
 /// Two guests with 1 vCPU and 512 MiB each (see the module's documentation): `a` on the
 /// Private switch `priv` (10.9.0.10) and the Internal switch `lab` (10.8.0.10, L1 at
 /// [`HOST_ADDRESS`] runs `iperf3 -s`), `b` on `priv` (10.9.0.11, `iperf3 -s`). Each iperf3
-/// run lasts `seconds`. With `profile`, L1 is sampled ([`crate::profile`]) from guest `a`'s
-/// first ping of the host to the end of its last iperf3 run.
-pub fn iperf(name: &str, vmm: NetVmm, seconds: u32, profile: bool) -> Scenario {
+/// run lasts `seconds`. `runs` names the [`METRICS`] to measure (all when empty). With
+/// `profile`, L1 is sampled ([`crate::profile`]) from guest `a`'s first ping of the host to
+/// the end of its last iperf3 run.
+pub fn iperf(name: &str, vmm: NetVmm, seconds: u32, runs: &[&str], profile: bool) -> Scenario {
+    assert!(
+        runs.iter().all(|r| METRICS.iter().any(|(m, _)| m == r)),
+        "unknown measurement in {runs:?}"
+    );
+    let runs = if runs.is_empty() {
+        String::new()
+    } else {
+        format!(" viridian.runs={}", runs.join(","))
+    };
     let (a0, a1, b0) = (PRIVATE_A[0], PRIVATE_A[1], PRIVATE_B);
-    let a = format!("viridian.id=a {ROLE_CLIENT} viridian.ip={a0}=10.9.0.10/24 viridian.ip={a1}=10.8.0.10/24 viridian.peer=10.9.0.11 viridian.hostip={HOST_ADDRESS} viridian.secs={seconds}");
+    let a = format!("viridian.id=a {ROLE_CLIENT} viridian.ip={a0}=10.9.0.10/24 viridian.ip={a1}=10.8.0.10/24 viridian.peer=10.9.0.11 viridian.hostip={HOST_ADDRESS} viridian.secs={seconds}{runs}");
     let b = format!("viridian.id=b viridian.role=iperf-server viridian.ip={b0}=10.9.0.11/24");
     let (start_a, start_b, counters) = match vmm {
         NetVmm::Viridian => (
@@ -164,10 +210,10 @@ pub fn iperf(name: &str, vmm: NetVmm, seconds: u32, profile: bool) -> Scenario {
         "{prelude}\
          fresh priv lab; viridian switch new priv --type private >/dev/null && viridian switch new lab --type internal --host-address {HOST_ADDRESS}/24 >/dev/null || echo LAB-ERROR no switches; \
          iperf3 -s -B {HOST_ADDRESS} >/tmp/iperf-l1.log 2>&1 & srv=$!; \
-         {EOI_COUNT_START}\
+         {KVM_COUNT_START}\
          {start_b}; {start_a}; {record}\
          await neta a_bench_done 400 && {{ {counters}}}; {report}\
-         {EOI_COUNT_END}\
+         {KVM_COUNT_END}\
          wait $neta; ra=$?; reap netb 60; rb=$?; kill $srv; show; \
          fresh priv lab; exit $((ra | rb))",
         prelude = prelude(512, &["neta", "netb"]),
@@ -195,9 +241,9 @@ mod tests {
             NetVmm::Qemu { vhost: false },
             NetVmm::Qemu { vhost: true },
         ] {
-            let s = iperf("b", vmm, 5, false);
+            let s = iperf("b", vmm, 5, &[], false);
             assert!(!crate::profile::used_by(s.script.as_deref()));
-            let p = iperf("b", vmm, 5, true).command();
+            let p = iperf("b", vmm, 5, &[], true).command();
             parses(&p);
             assert!(p.contains("await neta a_ping_host 400; echo 0"), "{p}");
             assert!(uses_iperf3(&s));
@@ -206,15 +252,75 @@ mod tests {
             parses(&c);
             assert!(c.contains("viridian.secs=5") && c.contains("iperf3 -s -B 10.8.0.1"));
         }
-        let q = iperf("b", NetVmm::Qemu { vhost: true }, 5, false).command();
+        let q = iperf("b", NetVmm::Qemu { vhost: true }, 5, &[], false).command();
         assert!(
             q.contains("qstart neta 1 on priv=00:15:5d:4e:00:0a lab=00:15:5d:4e:01:0a --"),
             "{q}"
         );
         assert!(q.contains("switch disconnect lab qneta1"), "{q}");
-        let v = iperf("b", NetVmm::Viridian, 5, false).command();
+        let v = iperf("b", NetVmm::Viridian, 5, &[], false).command();
         assert!(v.contains("LAB-NIC-A") && !q.contains("LAB-NIC-A"), "{v}");
         assert!(!uses_iperf3(&crate::network::private("p", 1)));
+        assert!(!v.contains("viridian.runs="));
+        let u = iperf(
+            "b",
+            NetVmm::Viridian,
+            5,
+            &["host_udp_pps", "peer_tcp1"],
+            false,
+        );
+        assert!(u
+            .command()
+            .contains("viridian.secs=5 viridian.runs=host_udp_pps,peer_tcp1"));
+    }
+
+    #[test]
+    #[should_panic(expected = "unknown measurement")]
+    fn an_unknown_measurement_is_refused() {
+        iperf("b", NetVmm::Viridian, 5, &["host_udp"], false);
+    }
+
+    /// `viridian.runs=` picks the measurements; each gets its value and interrupt count.
+    #[test]
+    fn only_the_wanted_measurements_run() {
+        let fns: String = L2_BENCH
+            .lines()
+            .skip_while(|l| !l.starts_with("want()"))
+            .take_while(|l| !l.starts_with("case "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let run = |runs: &str| {
+            let stubs = "k() { echo \"a_$*\"; }; perf() { echo \"perf $*\"; c=$((c + 1)); }; \
+                         irqs() { echo $((c * 3)); }; mbits() { echo 7; }; pps() { echo 9; }; c=0";
+            let o = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("{stubs}\n{fns}\nRUNS={runs}\nbench host 10.8.0.1"))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        };
+        let udp = run("host_udp_pps,peer_tcp1");
+        let lines: Vec<&str> = udp.lines().collect();
+        assert_eq!(
+            lines[..3],
+            [
+                "perf 10.8.0.1 -u -l 64 -b 0",
+                "a_host_udp_pps=9",
+                "a_host_udp_irqs=3"
+            ],
+            "{udp}"
+        );
+        assert_eq!(lines.len(), 5, "{udp}");
+        let ticks = lines[3].strip_prefix("a_host_udp_ticks=").expect(&udp);
+        let ticks: Vec<i64> = ticks.split('/').map(|t| t.parse().unwrap()).collect();
+        assert!(ticks.len() == 5 && ticks.iter().all(|&t| t >= 0), "{udp}");
+        assert!(lines[4].starts_with("a_host_udp_bql="), "{udp}");
+        let all = run("");
+        assert!(
+            all.starts_with("perf 10.8.0.1\na_host_tcp1=7\na_host_tcp1_irqs=3\n"),
+            "{all}"
+        );
+        assert_eq!(all.lines().count(), 15, "{all}");
     }
 
     /// The parsers of iperf3 3.12's summaries, on its real output.

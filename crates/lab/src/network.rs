@@ -62,10 +62,11 @@ pub const L2_MODULES: &[&str] = &["hv_netvsc", "bridge", "virtio_pci", "virtio_n
 /// `viridian.id=` (key prefix), `viridian.role=tx|rx|vlan-c|vlan-d` (or a role of
 /// [`crate::netbench::L2_BENCH`], `/bench.sh`), `viridian.ip=MAC=CIDR` (one per NIC, found by
 /// MAC), `viridian.peer=`, `viridian.hostip=`, `viridian.mib=` (MiB to send),
-/// `viridian.secs=` (seconds per benchmark run) and `viridian.hotmac=` (the MAC of the NIC
-/// the host hot-adds).
+/// `viridian.secs=` (seconds per benchmark run), `viridian.runs=` (the benchmark's
+/// measurements to make, comma-separated; all when absent) and `viridian.hotmac=` (the MAC
+/// of the NIC the host hot-adds).
 pub const L2_NET: &str = r#"
-ID=x; ROLE=; PEER=; HOSTIP=; MIB=16; SECS=5; NICS=; HOTMAC=; DHCPMAC=
+ID=x; ROLE=; PEER=; HOSTIP=; MIB=16; SECS=5; RUNS=; NICS=; HOTMAC=; DHCPMAC=
 for a in $(cat /proc/cmdline); do
   case "$a" in
     viridian.id=*) ID=${a#*=};;
@@ -74,6 +75,7 @@ for a in $(cat /proc/cmdline); do
     viridian.hostip=*) HOSTIP=${a#*=};;
     viridian.mib=*) MIB=${a#*=};;
     viridian.secs=*) SECS=${a#*=};;
+    viridian.runs=*) RUNS=${a#*=};;
     viridian.hotmac=*) HOTMAC=${a#*=};;
     viridian.dhcp=*) DHCPMAC=${a#*=};;
     viridian.ip=*) NICS="$NICS ${a#viridian.ip=}";;
