@@ -58,6 +58,8 @@ pub struct MemoryPort {
     from_guest: Frames,
     ready: Arc<Doorbell>,
     enabled: Arc<std::sync::atomic::AtomicBool>,
+    /// Microseconds each send takes (a backend as slow as a host's network stack).
+    send_micros: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct MemoryQueue {
@@ -74,6 +76,7 @@ impl MemoryBackend {
                 from_guest: Frames::default(),
                 ready: Arc::new(Doorbell::new().expect("eventfd")),
                 enabled: Arc::default(),
+                send_micros: Arc::default(),
             })
             .collect();
         let queues = ports
@@ -124,6 +127,18 @@ impl MemoryPort {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         self.take_sent()
+    }
+
+    /// Frames the guest has sent and nobody took yet.
+    pub fn sent(&self) -> usize {
+        support::lock(&self.from_guest).len()
+    }
+
+    /// Makes every send from now on take `d` (zero: none).
+    pub fn slow_sends(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.send_micros
+            .store(us, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the queue's channel has it enabled.
@@ -182,6 +197,13 @@ impl BackendQueue for MemoryQueue {
     fn send(&mut self, hdr: &VirtioNetHdr, frame: &[u8]) -> std::io::Result<()> {
         let h = VirtioNetHdr::read_from_bytes(zerocopy::IntoBytes::as_bytes(hdr))
             .map_err(|_| std::io::Error::other("header"))?;
+        let us = self
+            .port
+            .send_micros
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if us > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(us));
+        }
         support::lock(&self.port.from_guest).push_back((h, frame.to_vec()));
         Ok(())
     }

@@ -27,6 +27,10 @@ const MAX_RANGES: usize = 64;
 const RX_BUDGET: usize = 256;
 /// Most guest packets handled per pass.
 const TX_BUDGET: usize = 512;
+/// Guest packets handled before the pass's held interrupt is raised: a guest that sends
+/// as fast as the backend takes its frames must not wait for the end of the pass to see
+/// its first completions (its socket's send buffer runs out first, and it sleeps).
+const TX_SIGNAL_EVERY: usize = 32;
 /// Largest RNDIS payload of one guest packet (a 64 KiB LSO frame and its headers).
 const MAX_TX_BYTES: usize = 128 << 10;
 /// RNDIS control answers waiting for a free section before more are refused.
@@ -931,7 +935,7 @@ impl Worker {
         }
         let mut buf = std::mem::take(&mut self.ring_buf);
         let mut result = Ok(());
-        for _ in 0..TX_BUDGET {
+        for n in 1..=TX_BUDGET {
             // A buffer given by the previous packet is used by the next one.
             self.refresh();
             let p = match ch.try_recv(&mut buf) {
@@ -950,6 +954,9 @@ impl Worker {
             self.handle_packet(ptype, tid, cr, &payload, ranges);
             if !self.out.is_empty() && !self.flush_out(ch)? {
                 break;
+            }
+            if n % TX_SIGNAL_EVERY == 0 {
+                ch.flush_signals();
             }
         }
         self.ring_buf = buf;

@@ -524,6 +524,48 @@ fn worker_wakeups(host: &VmbusHost) -> u64 {
         .unwrap_or_else(|| panic!("no worker stats in {v:#}"))
 }
 
+/// A guest that streams into a backend slower than itself (a host's network stack) hears of
+/// its first completions while the worker still works through the burst, not at its end:
+/// Linux would sleep on its socket's full send buffer meanwhile.
+#[test]
+fn a_long_burst_of_sends_is_completed_part_way_through() {
+    let mut r = rig();
+    let mut g = r.up(version::V61);
+    let port = r.ports[0].clone();
+    let relid = r
+        .client
+        .offers()
+        .find(|o| o.interface_type == nv::INTERFACE)
+        .expect("NIC offer")
+        .relid;
+    let event = r.synic.event(relid);
+    port.slow_sends(Duration::from_millis(3));
+    event.clear();
+    let frame = tcp_frame([0x02, 0, 0, 0, 0, 1], 10);
+    let n = 150;
+    let tids: Vec<u64> = (0..n).map(|_| g.post_frame(&frame, 0)).collect();
+    assert!(
+        vmbus::testing::wait_event(&event, Duration::from_secs(10)),
+        "no interrupt for the completions"
+    );
+    let sent = port.sent();
+    assert!(
+        sent < n / 2,
+        "the first interrupt came after {sent} of {n} frames were sent"
+    );
+    g.pump();
+    let mut left: Vec<u64> = tids.into_iter().filter(|&t| !g.completed(t)).collect();
+    let done = n - left.len();
+    assert!(done >= 16 && done < n, "{done} of {n} completed");
+    port.slow_sends(Duration::ZERO);
+    assert!(g.wait_until(|g| {
+        left.retain(|&t| !g.completed(t));
+        left.is_empty()
+    }));
+    assert_eq!(port.wait_sent(n, Duration::from_secs(10)).len(), n);
+    r.host.stop();
+}
+
 #[test]
 fn a_guest_that_keeps_its_sections_gets_drops_not_a_spinning_host() {
     let mut r = rig();

@@ -169,6 +169,17 @@ impl Channel {
         }
     }
 
+    /// Raises the signal held so far, if any send wanted it, and goes on holding: a long
+    /// burst can interrupt the other side part way through, so that it need not wait for the
+    /// burst's end to see the packets already sent.
+    pub fn flush_signals(&mut self) {
+        if let Some(wanted) = self.held.as_mut() {
+            if std::mem::take(wanted) {
+                self.notify();
+            }
+        }
+    }
+
     fn notify(&mut self) {
         self.signals += 1;
         match &self.signal {
@@ -501,6 +512,34 @@ mod tests {
         host.send_inband(5, b"z", false).unwrap();
         assert!(host.take_signal());
         assert_eq!(host.signals_sent(), 2);
+    }
+
+    #[test]
+    fn held_signals_can_be_raised_part_way_through_a_burst() {
+        let (_mem, _pfns, mut host, mut guest) = pair(2);
+        let mut buf = Vec::new();
+        host.hold_signals();
+        host.send_inband(1, b"x", false).unwrap();
+        host.flush_signals();
+        assert!(
+            host.take_signal(),
+            "the first packet into an empty ring signals"
+        );
+        // Still held: the ring is not empty, so nothing more is wanted, now or at the end.
+        host.send_inband(2, b"y", false).unwrap();
+        host.flush_signals();
+        assert!(!host.take_signal());
+        // The guest reads the ring empty: the next packet wants a signal, and it waits for
+        // the next flush or the release.
+        while guest.try_recv(&mut buf).unwrap().is_some() {}
+        host.send_inband(3, b"z", false).unwrap();
+        assert!(!host.take_signal(), "signalled while held");
+        host.release_signals();
+        assert!(host.take_signal());
+        assert_eq!(host.signals_sent(), 2);
+        // Not held: flushing does nothing.
+        host.flush_signals();
+        assert!(!host.take_signal());
     }
 
     #[test]
