@@ -1094,8 +1094,9 @@ fn network_throughput_against_qemu() {
     );
 }
 
-/// The scenario's `LAB-EXITS` (exits to L1's KVM by vCPU thread and SVM exit code) and
-/// `LAB-USER-EXITS` (those KVM passed to the VMM, by KVM_EXIT_* reason), most first.
+/// The scenario's `LAB-EXITS` (exits to L1's KVM by vCPU thread and SVM exit code),
+/// `LAB-USER-EXITS` (those KVM passed to the VMM, by KVM_EXIT_* reason), most first, and
+/// `LAB-SYSCALLS` (L1's system calls by thread and call).
 fn print_exits(s: &lab::ScenarioResult) {
     // `{ common_pid: 1234, exit_reason: 123 } hitcount: 5` → the numbers in order.
     let entries = |prefix: &str| -> Vec<Vec<u64>> {
@@ -1166,6 +1167,13 @@ fn print_exits(s: &lab::ScenarioResult) {
         .map(|(n, r)| format!("reason {r}: {n}"))
         .collect();
     println!("  {}: exits to the VMM: {}", s.name, user.join(", "));
+    for l in s
+        .console
+        .lines()
+        .filter_map(|l| l.strip_prefix("LAB-SYSCALLS "))
+    {
+        println!("  {}: L1 system calls {l}", s.name);
+    }
 }
 
 /// A diagnostic, not a test: `net-private` `VIRIDIAN_SOAK_ROUNDS` times (default 4) in one L1

@@ -111,20 +111,24 @@ esac
 /// Also every exit of the guests to L1's KVM by vCPU thread and SVM exit code (`kvm_exit`),
 /// and the exits KVM passed on to the VMM by `KVM_EXIT_*` reason (`kvm_userspace_exit`),
 /// printed as `LAB-EXITS` and `LAB-USER-EXITS` lines (one `{ key: value, ... } hitcount: N`
-/// entry each).
+/// entry each), and L1's system calls by thread and call (`raw_syscalls:sys_enter`, the 40
+/// most frequent) as `LAB-SYSCALLS` lines.
 const KVM_COUNT_START: &str = "T=/sys/kernel/tracing; [ -e $T/trace ] || mount -t tracefs nodev $T; \
     echo 'hist:keys=vector' > $T/events/kvm/kvm_pv_eoi/trigger; \
     echo 'hist:keys=ecx,write if ecx == 0x80b || ecx == 0x40000070' > $T/events/kvm/kvm_msr/trigger; \
     echo 'hist:keys=common_pid,exit_reason' > $T/events/kvm/kvm_exit/trigger; \
-    echo 'hist:keys=reason' > $T/events/kvm/kvm_userspace_exit/trigger; ";
+    echo 'hist:keys=reason' > $T/events/kvm/kvm_userspace_exit/trigger; \
+    echo 'hist:keys=common_pid.execname,id.syscall:sort=hitcount.descending' > $T/events/raw_syscalls/sys_enter/trigger; ";
 const KVM_COUNT_END: &str = "echo \"LAB-EOI pv_eoi=$(sed -n 's/^ *Hits: *//p' $T/events/kvm/kvm_pv_eoi/hist) \
     msr=$(grep '^{' $T/events/kvm/kvm_msr/hist | tr -s ' ' | tr '\\n' ';')\"; \
     grep '^{' $T/events/kvm/kvm_exit/hist | tr -s ' ' | sed 's/^/LAB-EXITS /'; \
     grep '^{' $T/events/kvm/kvm_userspace_exit/hist | tr -s ' ' | sed 's/^/LAB-USER-EXITS /'; \
+    grep '^{' $T/events/raw_syscalls/sys_enter/hist | head -40 | tr -s ' ' | sed 's/^/LAB-SYSCALLS /'; \
     echo '!hist:keys=vector' > $T/events/kvm/kvm_pv_eoi/trigger; \
     echo '!hist:keys=ecx,write if ecx == 0x80b || ecx == 0x40000070' > $T/events/kvm/kvm_msr/trigger; \
     echo '!hist:keys=common_pid,exit_reason' > $T/events/kvm/kvm_exit/trigger; \
-    echo '!hist:keys=reason' > $T/events/kvm/kvm_userspace_exit/trigger; ";
+    echo '!hist:keys=reason' > $T/events/kvm/kvm_userspace_exit/trigger; \
+    echo '!hist:keys=common_pid.execname,id.syscall:sort=hitcount.descending' > $T/events/raw_syscalls/sys_enter/trigger; ";
 
 /// The benchmark's measurements: the guest's key (after `a_`) and what it is.
 pub const METRICS: &[(&str, &str)] = &[

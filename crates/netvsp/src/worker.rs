@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vmbus::{
     BusControl, Channel, ChannelError, ChannelWorker, Gpadls, OpenedChannel, PagedRange, Progress,
     WorkerError,
@@ -27,10 +27,14 @@ const MAX_RANGES: usize = 64;
 const RX_BUDGET: usize = 256;
 /// Most guest packets handled per pass.
 const TX_BUDGET: usize = 512;
-/// Guest packets handled before the pass's held interrupt is raised: a guest that sends
-/// as fast as the backend takes its frames must not wait for the end of the pass to see
-/// its first completions (its socket's send buffer runs out first, and it sleeps).
-const TX_SIGNAL_EVERY: usize = 32;
+/// Completions of data packets written before the interrupt they owe the guest is raised,
+/// within a pass or across passes: a guest that streams must see its first completions
+/// before its socket's send buffer runs out (it sleeps then).
+const TX_COMPLETIONS_PER_INTERRUPT: u32 = 32;
+/// How long the interrupt owed for data-packet completions alone may wait for more of
+/// them. Nothing else waits: a receive batch, a control answer or any other completion
+/// raises it at once and carries the waiting completions with it.
+const TX_COMPLETION_DELAY: Duration = Duration::from_millis(1);
 /// Largest RNDIS payload of one guest packet (a 64 KiB LSO frame and its headers).
 const MAX_TX_BYTES: usize = 128 << 10;
 /// RNDIS control answers waiting for a free section before more are refused.
@@ -69,6 +73,12 @@ pub(crate) struct Worker {
     ring_buf: Vec<u8>,
     tx: Vec<u8>,
     pieces: Vec<(u64, usize)>,
+    /// Data-packet completions written since the guest was last interrupted.
+    tx_unsignalled: u32,
+    /// This pass sent the guest something that must not wait (see [`TX_COMPLETION_DELAY`]).
+    urgent: bool,
+    /// When the interrupt held for data-packet completions must be raised.
+    signal_due: Option<Instant>,
 }
 
 impl Drop for Worker {
@@ -118,6 +128,9 @@ impl Worker {
             ring_buf: Vec::new(),
             tx: Vec::new(),
             pieces: Vec::new(),
+            tx_unsignalled: 0,
+            urgent: false,
+            signal_due: None,
         }
     }
 
@@ -244,6 +257,7 @@ impl Worker {
             match r {
                 Ok(()) => {
                     if let Some(Out::Xfer { sections, .. }) = self.out.pop_front() {
+                        self.urgent = true;
                         self.inflight.insert(self.next_tid, sections);
                         bump(&self.counters().rx_batches);
                         // Past the ids the guest still holds (a restored state's included).
@@ -262,7 +276,15 @@ impl Worker {
         Ok(true)
     }
 
+    /// Queues a completion that must reach the guest at once.
     fn complete(&mut self, tid: u64, msg: [u8; MESSAGE_SIZE]) {
+        self.urgent = true;
+        self.out.push_back(Out::Completion { tid, msg });
+    }
+
+    /// Queues the completion of a data packet, whose interrupt may wait a little.
+    fn complete_data(&mut self, tid: u64, msg: [u8; MESSAGE_SIZE]) {
+        self.tx_unsignalled += 1;
         self.out.push_back(Out::Completion { tid, msg });
     }
 
@@ -317,7 +339,12 @@ impl Worker {
                     None => Ok(Vec::new()),
                     Some(r) => r.map_err(|_| ()),
                 };
-                Some(nvsp::rndis_complete(self.rndis_packet(p, ranges)))
+                let st = self.rndis_packet(p, ranges);
+                if completion_requested && p.channel_type == nv::CHANNEL_TYPE_DATA {
+                    self.complete_data(tid, nvsp::rndis_complete(st));
+                    return;
+                }
+                Some(nvsp::rndis_complete(st))
             }
             r if self.index != 0 => {
                 bump(&self.counters().drop_malformed);
@@ -935,7 +962,7 @@ impl Worker {
         }
         let mut buf = std::mem::take(&mut self.ring_buf);
         let mut result = Ok(());
-        for n in 1..=TX_BUDGET {
+        for _ in 0..TX_BUDGET {
             // A buffer given by the previous packet is used by the next one.
             self.refresh();
             let p = match ch.try_recv(&mut buf) {
@@ -955,8 +982,9 @@ impl Worker {
             if !self.out.is_empty() && !self.flush_out(ch)? {
                 break;
             }
-            if n % TX_SIGNAL_EVERY == 0 {
+            if self.tx_unsignalled >= TX_COMPLETIONS_PER_INTERRUPT {
                 ch.flush_signals();
+                self.tx_unsignalled = 0;
             }
         }
         self.ring_buf = buf;
@@ -974,32 +1002,70 @@ impl Worker {
     }
 }
 
-impl ChannelWorker for Worker {
-    /// One pass, its interrupts to the guest held back and raised once at its end: the
-    /// pass's send completions and its receive batch cost the guest one interrupt.
-    fn process(&mut self, ch: &mut Channel, _now: Instant) -> Result<Progress, WorkerError> {
-        let shared = self.shared.clone();
-        let i = usize::from(self.index);
-        shared.resume_bells[i].clear();
-        // The whole pass under the channel's held lock, and none while paused (see
-        // `crate::held`).
-        let mut held = support::lock(&shared.held[i]);
-        if shared.paused.load(Ordering::SeqCst) {
-            // Not Idle: packets left in the ring would have the worker called again at once.
-            return Ok(Progress::WaitingForRoom);
-        }
-        self.inflight = std::mem::take(&mut *held);
-        let before = ch.signals_sent();
-        ch.hold_signals();
-        let r = self.pass(ch);
-        *held = std::mem::take(&mut self.inflight);
-        drop(held);
+impl Worker {
+    /// Raises the interrupt held back, if one is owed, and counts the pass's interrupts
+    /// (those sent since `before`).
+    fn raise_held(&mut self, ch: &mut Channel, before: u64) {
         ch.release_signals();
+        self.tx_unsignalled = 0;
+        self.signal_due = None;
         add(
             &self.counters().guest_interrupts,
             ch.signals_sent() - before,
         );
+    }
+}
+
+impl ChannelWorker for Worker {
+    /// One pass, its interrupts to the guest held back and raised once at its end: the
+    /// pass's send completions and its receive batch cost the guest one interrupt.
+    /// A channel taken over after a restore may owe the guest the interrupt for packets in
+    /// its ring (one this worker's predecessor held back): raise it.
+    fn start(&mut self, ch: &mut Channel) -> Result<(), WorkerError> {
+        Ok(ch.signal_if_unread()?)
+    }
+
+    fn process(&mut self, ch: &mut Channel, now: Instant) -> Result<Progress, WorkerError> {
+        let shared = self.shared.clone();
+        let i = usize::from(self.index);
+        shared.resume_bells[i].clear();
+        let before = ch.signals_sent();
+        // The whole pass under the channel's held lock, and none while paused (see
+        // `crate::held`).
+        let mut held = support::lock(&shared.held[i]);
+        if shared.paused.load(Ordering::SeqCst) {
+            // An interrupt held back goes out now: the guest may be saved next.
+            self.raise_held(ch, before);
+            // Not Idle: packets left in the ring would have the worker called again at once.
+            return Ok(Progress::WaitingForRoom);
+        }
+        self.inflight = std::mem::take(&mut *held);
+        self.urgent = false;
+        ch.hold_signals();
+        let r = self.pass(ch);
+        *held = std::mem::take(&mut self.inflight);
+        drop(held);
+        // Completions of data packets alone may wait for more (one interrupt for many) while
+        // the guest keeps the ring busy; anything else, a full ring or the deadline raises
+        // the interrupt now.
+        let wait = matches!(r, Ok(Progress::Idle))
+            && !self.urgent
+            && self.tx_unsignalled < TX_COMPLETIONS_PER_INTERRUPT
+            && ch.signal_held()
+            && *self.signal_due.get_or_insert(now + TX_COMPLETION_DELAY) > now;
+        if wait {
+            add(
+                &self.counters().guest_interrupts,
+                ch.signals_sent() - before,
+            );
+        } else {
+            self.raise_held(ch, before);
+        }
         r
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.signal_due
     }
 
     fn fds(&self) -> Vec<BorrowedFd<'_>> {

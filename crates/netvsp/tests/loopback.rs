@@ -532,13 +532,7 @@ fn a_long_burst_of_sends_is_completed_part_way_through() {
     let mut r = rig();
     let mut g = r.up(version::V61);
     let port = r.ports[0].clone();
-    let relid = r
-        .client
-        .offers()
-        .find(|o| o.interface_type == nv::INTERFACE)
-        .expect("NIC offer")
-        .relid;
-    let event = r.synic.event(relid);
+    let event = nic_event(&r);
     port.slow_sends(Duration::from_millis(3));
     event.clear();
     let frame = tcp_frame([0x02, 0, 0, 0, 0, 1], 10);
@@ -563,6 +557,69 @@ fn a_long_burst_of_sends_is_completed_part_way_through() {
         left.is_empty()
     }));
     assert_eq!(port.wait_sent(n, Duration::from_secs(10)).len(), n);
+    r.host.stop();
+}
+
+/// The channel's event the host signals the guest with.
+fn nic_event(r: &Rig) -> Arc<vmbus::host::Doorbell> {
+    let relid = r
+        .client
+        .offers()
+        .find(|o| o.interface_type == nv::INTERFACE && o.sub_channel_index == 0)
+        .expect("NIC offer")
+        .relid;
+    r.synic.event(relid)
+}
+
+/// A completion that the guest does not read is still announced: its interrupt waits a
+/// little for more completions, never for ever.
+#[test]
+fn a_lone_send_completion_still_interrupts_the_guest() {
+    let mut r = rig();
+    let mut g = r.up(version::V61);
+    let event = nic_event(&r);
+    event.clear();
+    let tid = g.post_frame(&tcp_frame([0x02, 0, 0, 0, 0, 1], 10), 0);
+    assert!(
+        vmbus::testing::wait_event(&event, Duration::from_secs(5)),
+        "the completion was never announced"
+    );
+    g.pump();
+    assert!(g.completed(tid));
+    assert_eq!(r.ports[0].wait_sent(1, Duration::from_secs(5)).len(), 1);
+    r.host.stop();
+}
+
+/// A guest that sends one frame at a time and reads its ring as it goes (as hv_netvsc's
+/// NAPI poll does while it is busy) needs no interrupt per completion: the interrupt held
+/// for them is dropped once the guest has read everything.
+#[test]
+fn a_guest_reading_its_completions_is_not_interrupted_for_each() {
+    let mut r = rig();
+    let mut g = r.up(version::V61);
+    let frame = tcp_frame([0x02, 0, 0, 0, 0, 1], 10);
+    let n = 20;
+    let before = r.dev.stats().guest_interrupts;
+    for _ in 0..n {
+        let tid = g.post_frame(&frame, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            g.pump();
+            if g.completed(tid) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no completion for {tid}");
+            std::thread::yield_now();
+        }
+    }
+    assert_eq!(r.ports[0].wait_sent(n, Duration::from_secs(5)).len(), n);
+    // Past the longest wait for more completions.
+    std::thread::sleep(Duration::from_millis(20));
+    let interrupts = r.dev.stats().guest_interrupts - before;
+    assert!(
+        interrupts <= 5,
+        "{interrupts} interrupts for {n} completions the guest read itself"
+    );
     r.host.stop();
 }
 

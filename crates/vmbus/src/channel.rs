@@ -162,9 +162,18 @@ impl Channel {
         self.held.get_or_insert(false);
     }
 
-    /// Ends [`Self::hold_signals`]: signals once if any send in between wanted to.
+    /// Ends [`Self::hold_signals`]: signals once if any send in between wanted to and the
+    /// other side has not read everything since (a reader that polled the ring needs no
+    /// interrupt for what it already took).
     pub fn release_signals(&mut self) {
         if self.held.take() == Some(true) {
+            self.notify_if_unread();
+        }
+    }
+
+    fn notify_if_unread(&mut self) {
+        // A read index that makes no sense is the ring check's to report; signal anyway.
+        if self.outbound.has_unread().unwrap_or(true) {
             self.notify();
         }
     }
@@ -175,8 +184,33 @@ impl Channel {
     pub fn flush_signals(&mut self) {
         if let Some(wanted) = self.held.as_mut() {
             if std::mem::take(wanted) {
-                self.notify();
+                self.notify_if_unread();
             }
+        }
+    }
+
+    /// Whether a send since [`Self::hold_signals`] wanted to signal (the signal is owed).
+    pub fn signal_held(&self) -> bool {
+        self.held == Some(true)
+    }
+
+    /// Whether the other side has not read everything this end wrote.
+    pub fn peer_has_unread(&mut self) -> Result<bool, ChannelError> {
+        self.check_open()?;
+        self.outbound.has_unread().map_err(|e| self.fail(e))
+    }
+
+    /// Signals the other side if it has packets in its ring it has not read: a channel
+    /// taken over (after a restore) may owe it the interrupt for them.
+    pub fn signal_if_unread(&mut self) -> Result<(), ChannelError> {
+        self.check_open()?;
+        match self.outbound.has_unread() {
+            Ok(true) => {
+                self.notify();
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(self.fail(e)),
         }
     }
 
@@ -539,6 +573,31 @@ mod tests {
         assert_eq!(host.signals_sent(), 2);
         // Not held: flushing does nothing.
         host.flush_signals();
+        assert!(!host.take_signal());
+        assert!(!host.signal_held());
+        host.hold_signals();
+        assert!(!host.signal_held());
+        // Unread packets: owed; read: not.
+        host.send_inband(6, b"w", false).unwrap();
+        assert!(!host.signal_held(), "the ring was not empty");
+        host.signal_if_unread().unwrap();
+        assert!(host.take_signal());
+        while guest.try_recv(&mut buf).unwrap().is_some() {}
+        host.signal_if_unread().unwrap();
+        assert!(!host.take_signal());
+        host.send_inband(7, b"v", false).unwrap();
+        assert!(host.signal_held());
+        assert!(host.peer_has_unread().unwrap());
+        host.release_signals();
+        assert!(host.take_signal());
+        // Owed, but the guest polled the ring empty before the release: no interrupt.
+        while guest.try_recv(&mut buf).unwrap().is_some() {}
+        assert!(!host.peer_has_unread().unwrap());
+        host.hold_signals();
+        host.send_inband(8, b"u", false).unwrap();
+        assert!(host.signal_held());
+        while guest.try_recv(&mut buf).unwrap().is_some() {}
+        host.release_signals();
         assert!(!host.take_signal());
     }
 

@@ -226,6 +226,14 @@ impl RingProducer {
         &self.ring
     }
 
+    /// Whether the consumer has not read everything written (validates its read index).
+    pub fn has_unread(&self) -> Result<bool, RingError> {
+        let read = self
+            .ring
+            .checked_index(self.ring.load(ctl::READ_INDEX)?, "read index")?;
+        Ok(read != self.write)
+    }
+
     /// Largest packet (descriptor and payload, trailer excluded) that can ever be written.
     pub fn max_packet_len(&self) -> usize {
         (self.ring.data_len - TRAILER - 8) as usize
