@@ -60,6 +60,8 @@ pub struct MemoryPort {
     enabled: Arc<std::sync::atomic::AtomicBool>,
     /// Microseconds each send takes (a backend as slow as a host's network stack).
     send_micros: Arc<std::sync::atomic::AtomicU64>,
+    /// Reads that found no frame.
+    empty_reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct MemoryQueue {
@@ -77,6 +79,7 @@ impl MemoryBackend {
                 ready: Arc::new(Doorbell::new().expect("eventfd")),
                 enabled: Arc::default(),
                 send_micros: Arc::default(),
+                empty_reads: Arc::default(),
             })
             .collect();
         let queues = ports
@@ -134,6 +137,11 @@ impl MemoryPort {
         support::lock(&self.from_guest).len()
     }
 
+    /// Reads (and discards) of the queue that found no frame so far.
+    pub fn empty_reads(&self) -> u64 {
+        self.empty_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Makes every send from now on take `d` (zero: none).
     pub fn slow_sends(&self, d: std::time::Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
@@ -153,6 +161,11 @@ impl MemoryQueue {
         let f = q.pop_front();
         if q.is_empty() {
             self.port.ready.clear();
+        }
+        if f.is_none() {
+            self.port
+                .empty_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         f
     }

@@ -79,6 +79,12 @@ pub(crate) struct Worker {
     urgent: bool,
     /// When the interrupt held for data-packet completions must be raised.
     signal_due: Option<Instant>,
+    /// The backend may have frames: it was readable at the wait before this pass, or no
+    /// wait came between (the loop went on at once), or the last read stopped before
+    /// finding it empty. False saves a read that would find nothing.
+    backend_ready: bool,
+    /// A wait came before this pass (and told [`ChannelWorker::woken`] what was readable).
+    waited: bool,
 }
 
 impl Drop for Worker {
@@ -131,6 +137,8 @@ impl Worker {
             tx_unsignalled: 0,
             urgent: false,
             signal_due: None,
+            backend_ready: true,
+            waited: false,
         }
     }
 
@@ -807,7 +815,10 @@ impl Worker {
         for _ in 0..RX_BUDGET {
             match q.discard() {
                 Ok(true) => bump(why(c)),
-                Ok(false) => break,
+                Ok(false) => {
+                    self.backend_ready = false;
+                    break;
+                }
                 Err(e) => {
                     bump(&c.drop_backend_error);
                     support::limited!(LOG, warn, error = %e, "netvsp: backend receive failed");
@@ -820,6 +831,9 @@ impl Worker {
     /// Moves frames from the backend into receive sections, one transfer-page packet per
     /// pass.
     fn receive(&mut self) {
+        if !self.backend_ready {
+            return;
+        }
         let shared = self.shared.clone();
         let ready = shared.rndis_ready.load(Ordering::Acquire)
             && shared.link_up.load(Ordering::Relaxed)
@@ -863,6 +877,7 @@ impl Worker {
                 Ok(Some(n)) => n,
                 Ok(None) => {
                     self.free.append(&mut got);
+                    self.backend_ready = false;
                     break;
                 }
                 Err(e) => {
@@ -1003,6 +1018,12 @@ impl Worker {
 }
 
 impl Worker {
+    /// Whether a wait includes the backend's descriptor (not while answers wait for room:
+    /// frames would only pile up behind them).
+    fn polls_backend(&self) -> bool {
+        self.out.is_empty() && self.queue.is_some()
+    }
+
     /// Raises the interrupt held back, if one is owed, and counts the pass's interrupts
     /// (those sent since `before`).
     fn raise_held(&mut self, ch: &mut Channel, before: u64) {
@@ -1041,6 +1062,9 @@ impl ChannelWorker for Worker {
         }
         self.inflight = std::mem::take(&mut *held);
         self.urgent = false;
+        if !std::mem::take(&mut self.waited) {
+            self.backend_ready = true;
+        }
         ch.hold_signals();
         let r = self.pass(ch);
         *held = std::mem::take(&mut self.inflight);
@@ -1068,6 +1092,15 @@ impl ChannelWorker for Worker {
         self.signal_due
     }
 
+    fn woken(&mut self, readable: &[bool]) {
+        // The backend's descriptor comes first when it was waited on. A pause that began
+        // since `fds` only costs one read that finds nothing.
+        self.waited = true;
+        if !self.polls_backend() || readable.first() == Some(&true) {
+            self.backend_ready = true;
+        }
+    }
+
     fn fds(&self) -> Vec<BorrowedFd<'_>> {
         let resume = self.shared.resume_bells[usize::from(self.index)].as_fd();
         if self.shared.paused.load(Ordering::SeqCst) {
@@ -1075,7 +1108,7 @@ impl ChannelWorker for Worker {
             return vec![resume];
         }
         let mut v = Vec::with_capacity(3);
-        if self.out.is_empty() {
+        if self.polls_backend() {
             if let Some(q) = &self.queue {
                 v.push(q.rx_fd());
             }

@@ -134,6 +134,10 @@ pub trait ChannelWorker: Send {
     fn deadline(&self) -> Option<Instant> {
         None
     }
+
+    /// After a wait: which of the descriptors [`Self::fds`] gave were readable (in their
+    /// order). A device can then skip reading one that was not, until the next wait.
+    fn woken(&mut self, _readable: &[bool]) {}
 }
 
 /// The saved state of a device: versioned and typed (each device serializes its own

@@ -86,13 +86,16 @@ fn run(
         loop {
             stats.passes.fetch_add(1, Ordering::Relaxed);
             ch.set_interrupt_mask(true)?;
-            let progress = worker.process(&mut ch, Instant::now())?;
+            // One clock read per pass (a system call where the host's clock source has no
+            // vDSO); the wait's timeout counts from it too.
+            let now = Instant::now();
+            let progress = worker.process(&mut ch, now)?;
             ch.set_interrupt_mask(false)?;
             // A packet that arrived after the drain but before the unmask sent no interrupt.
             if progress == Progress::Idle && ch.has_packet()? {
                 continue;
             }
-            if wait(&*worker, doorbell, stop, stats) {
+            if wait(&mut *worker, now, doorbell, stop, stats) {
                 return Ok(());
             }
         }
@@ -105,42 +108,53 @@ fn run(
     }
 }
 
-/// Blocks until something may need the worker; true when it must stop.
+/// Blocks until something may need the worker; true when it must stop. The device's
+/// deadline counts from `now`.
 fn wait(
-    worker: &dyn ChannelWorker,
+    worker: &mut dyn ChannelWorker,
+    now: Instant,
     doorbell: &Doorbell,
     stop: &Doorbell,
     stats: &WorkerStats,
 ) -> bool {
     let timeout = worker.deadline().map(|d| {
-        let left = d.saturating_duration_since(Instant::now());
+        let left = d.saturating_duration_since(now);
         Timespec::try_from(left).unwrap_or(Timespec {
             tv_sec: i64::MAX,
             tv_nsec: 0,
         })
     });
-    let fds = worker.fds();
-    let mut polled: Vec<PollFd<'_>> = Vec::with_capacity(2 + fds.len());
-    polled.push(PollFd::new(stop, PollFlags::IN));
-    polled.push(PollFd::new(doorbell, PollFlags::IN));
-    polled.extend(
-        fds.into_iter()
-            .map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN)),
-    );
-    loop {
-        match poll(&mut polled, timeout.as_ref()) {
-            Ok(_) => break,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => break,
+    let (woke, readable) = {
+        let fds = worker.fds();
+        let mut polled: Vec<PollFd<'_>> = Vec::with_capacity(2 + fds.len());
+        polled.push(PollFd::new(stop, PollFlags::IN));
+        polled.push(PollFd::new(doorbell, PollFlags::IN));
+        polled.extend(
+            fds.into_iter()
+                .map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN)),
+        );
+        loop {
+            match poll(&mut polled, timeout.as_ref()) {
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => break,
+            }
         }
-    }
+        let woke = |p: &PollFd<'_>| !p.revents().is_empty();
+        (
+            [woke(&polled[0]), woke(&polled[1])],
+            polled[2..].iter().map(woke).collect::<Vec<bool>>(),
+        )
+    };
     stats.wakeups.fetch_add(1, Ordering::Relaxed);
-    if !polled[0].revents().is_empty() {
+    let [stopped, rung] = woke;
+    if stopped {
         return true;
     }
-    if !polled[1].revents().is_empty() {
+    if rung {
         doorbell.clear();
     }
+    worker.woken(&readable);
     false
 }
 
