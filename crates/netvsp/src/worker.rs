@@ -31,6 +31,11 @@ const TX_BUDGET: usize = 512;
 /// within a pass or across passes: a guest that streams must see its first completions
 /// before its socket's send buffer runs out (it sleeps then).
 const TX_COMPLETIONS_PER_INTERRUPT: u32 = 32;
+/// Bytes of frames whose completions are raised at once, however few: a TCP sender keeps
+/// only about two large segments (or a millisecond of its rate) unsent-or-uncompleted
+/// (Linux's TCP small queues) and waits for their completions, so one large frame, or a
+/// few, must not wait for more.
+const TX_BYTES_PER_INTERRUPT: u64 = 16 << 10;
 /// How long the interrupt owed for data-packet completions alone may wait for more of
 /// them. Nothing else waits: a receive batch, a control answer or any other completion
 /// raises it at once and carries the waiting completions with it.
@@ -73,8 +78,10 @@ pub(crate) struct Worker {
     ring_buf: Vec<u8>,
     tx: Vec<u8>,
     pieces: Vec<(u64, usize)>,
-    /// Data-packet completions written since the guest was last interrupted.
+    /// Data-packet completions written since the guest was last interrupted, and the bytes
+    /// of the frames they carried.
     tx_unsignalled: u32,
+    tx_unsignalled_bytes: u64,
     /// This pass sent the guest something that must not wait (see [`TX_COMPLETION_DELAY`]).
     urgent: bool,
     /// When the interrupt held for data-packet completions must be raised.
@@ -135,6 +142,7 @@ impl Worker {
             tx: Vec::new(),
             pieces: Vec::new(),
             tx_unsignalled: 0,
+            tx_unsignalled_bytes: 0,
             urgent: false,
             signal_due: None,
             backend_ready: true,
@@ -695,6 +703,7 @@ impl Worker {
             }
         };
         let len = frame.len() as u64;
+        self.tx_unsignalled_bytes += len;
         let Some(q) = self.queue.as_mut() else {
             bump(&c.drop_backend_error);
             return true;
@@ -997,9 +1006,10 @@ impl Worker {
             if !self.out.is_empty() && !self.flush_out(ch)? {
                 break;
             }
-            if self.tx_unsignalled >= TX_COMPLETIONS_PER_INTERRUPT {
+            if self.tx_completions_due() {
                 ch.flush_signals();
                 self.tx_unsignalled = 0;
+                self.tx_unsignalled_bytes = 0;
             }
         }
         self.ring_buf = buf;
@@ -1018,6 +1028,13 @@ impl Worker {
 }
 
 impl Worker {
+    /// Whether the data-packet completions written carry enough (frames or bytes) to be
+    /// announced now.
+    fn tx_completions_due(&self) -> bool {
+        self.tx_unsignalled >= TX_COMPLETIONS_PER_INTERRUPT
+            || self.tx_unsignalled_bytes >= TX_BYTES_PER_INTERRUPT
+    }
+
     /// Whether a wait includes the backend's descriptor (not while answers wait for room:
     /// frames would only pile up behind them).
     fn polls_backend(&self) -> bool {
@@ -1029,6 +1046,7 @@ impl Worker {
     fn raise_held(&mut self, ch: &mut Channel, before: u64) {
         ch.release_signals();
         self.tx_unsignalled = 0;
+        self.tx_unsignalled_bytes = 0;
         self.signal_due = None;
         add(
             &self.counters().guest_interrupts,
@@ -1074,7 +1092,7 @@ impl ChannelWorker for Worker {
         // the interrupt now.
         let wait = matches!(r, Ok(Progress::Idle))
             && !self.urgent
-            && self.tx_unsignalled < TX_COMPLETIONS_PER_INTERRUPT
+            && !self.tx_completions_due()
             && ch.signal_held()
             && *self.signal_due.get_or_insert(now + TX_COMPLETION_DELAY) > now;
         if wait {
