@@ -74,6 +74,17 @@ pub fn l3(frame: &[u8]) -> Option<(usize, u16)> {
     }
 }
 
+/// Whether `frame` is a TCP segment over IPv4 or IPv6 (IPv6 extension headers are not
+/// followed: such a segment counts as not TCP).
+pub fn is_tcp(frame: &[u8]) -> bool {
+    const IPPROTO_TCP: u8 = 6;
+    match l3(frame) {
+        Some((at, ETHERTYPE_IPV4)) => frame.get(at + 9) == Some(&IPPROTO_TCP),
+        Some((at, 0x86dd)) => frame.get(at + 6) == Some(&IPPROTO_TCP),
+        _ => false,
+    }
+}
+
 /// One's-complement sum of `data` (big-endian words) added to `sum`.
 fn sum16(data: &[u8], mut sum: u64) -> u64 {
     let mut chunks = data.chunks_exact(2);
@@ -272,6 +283,25 @@ mod tests {
         f[30..34].copy_from_slice(&[10, 0, 0, 2]);
         f[34 + 12] = 5 << 4;
         f
+    }
+
+    #[test]
+    fn tcp_segments_are_told_apart() {
+        let tcp = tcp4(10);
+        assert!(is_tcp(&tcp));
+        let mut udp = tcp.clone();
+        udp[23] = 17;
+        assert!(!is_tcp(&udp));
+        let tagged = insert_vlan(&tcp, 10).unwrap();
+        assert!(is_tcp(&tagged));
+        let mut v6 = vec![0u8; 14 + 40];
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        v6[14 + 6] = 6;
+        assert!(is_tcp(&v6));
+        v6[14 + 6] = 17;
+        assert!(!is_tcp(&v6));
+        assert!(!is_tcp(&tcp[..20]));
+        assert!(!is_tcp(&[]));
     }
 
     #[test]

@@ -31,10 +31,9 @@ const TX_BUDGET: usize = 512;
 /// within a pass or across passes: a guest that streams must see its first completions
 /// before its socket's send buffer runs out (it sleeps then).
 const TX_COMPLETIONS_PER_INTERRUPT: u32 = 32;
-/// Bytes of frames whose completions are raised at once, however few: a TCP sender keeps
-/// only about two large segments (or a millisecond of its rate) unsent-or-uncompleted
-/// (Linux's TCP small queues) and waits for their completions, so one large frame, or a
-/// few, must not wait for more.
+/// Bytes of frames whose completions are raised at once, however few. A TCP segment's
+/// completion never waits: a TCP sender keeps only about two segments (or a millisecond
+/// of its rate) uncompleted (Linux's TCP small queues) and then waits for them.
 const TX_BYTES_PER_INTERRUPT: u64 = 16 << 10;
 /// How long the interrupt owed for data-packet completions alone may wait for more of
 /// them. Nothing else waits: a receive batch, a control answer or any other completion
@@ -704,6 +703,11 @@ impl Worker {
         };
         let len = frame.len() as u64;
         self.tx_unsignalled_bytes += len;
+        if vnet::is_tcp(frame) {
+            // Linux's TCP small queues let a sender have about two segments outstanding
+            // and then wait for their completions: never keep them waiting.
+            self.tx_unsignalled_bytes = TX_BYTES_PER_INTERRUPT;
+        }
         let Some(q) = self.queue.as_mut() else {
             bump(&c.drop_backend_error);
             return true;
