@@ -621,18 +621,21 @@ fn a_guest_reading_its_completions_is_not_interrupted_for_each() {
         }
     }
     assert_eq!(r.ports[0].wait_sent(n, Duration::from_secs(5)).len(), n);
-    // Each pass was woken by the guest, with nothing readable from the backend: the worker
-    // did not read it to find that out.
+    // Passes woken by the guest, with nothing readable from the backend, do not read it to
+    // find that out (one read per pass would make at least n; a pass that follows another
+    // without a wait still reads).
     assert!(
-        r.ports[0].empty_reads() <= 3,
+        r.ports[0].empty_reads() <= n as u64 / 2,
         "{} reads of an empty backend for {n} frames sent",
         r.ports[0].empty_reads()
     );
     // Past the longest wait for more completions.
     std::thread::sleep(Duration::from_millis(20));
     let interrupts = r.dev.stats().guest_interrupts - before;
+    // One per completion before (15-21 of 20 measured); a loaded host that keeps the
+    // guest from reading within the wait still adds some.
     assert!(
-        interrupts <= 5,
+        interrupts <= n as u64 / 2,
         "{interrupts} interrupts for {n} completions the guest read itself"
     );
     // A TCP segment's completion is announced too (it never waits for more: Linux's TCP
