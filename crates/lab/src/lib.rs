@@ -39,6 +39,9 @@ const L1_SILENCE: Duration = Duration::from_secs(330);
 /// row hung as their first network guests started (docs/lab.md).
 const L1_CPU: &str = "max,la57=off";
 
+/// L1's accelerator (`VIRIDIAN_LAB_ACCEL` overrides it).
+const L1_ACCEL: &str = "tcg,thread=multi";
+
 /// A scenario's time limit inside L1 unless it sets its own.
 const SCENARIO_TIMEOUT: u32 = 300;
 
@@ -263,6 +266,12 @@ pub struct Scenario {
     /// The whole L1 side instead of one `viridian run` (scenarios with several guests, see
     /// [`network`]).
     pub script: Option<String>,
+    /// How often L1 may run the scenario: after a run in which an L2 guest triple-faulted, or
+    /// failed without any guest printing a report, L1 prints `LAB-REDO` and runs it again, up
+    /// to this many runs in all (the emulated machine's faults, see [`LabRun::emulation_fault`];
+    /// a fresh L1 costs every scenario again). Only for scenarios that start from nothing each
+    /// time (the network ones make their own switches and guests).
+    pub tries: u32,
 }
 
 impl Scenario {
@@ -284,6 +293,7 @@ impl Scenario {
             timeout_seconds: SCENARIO_TIMEOUT,
             service: false,
             script: None,
+            tries: 1,
         }
     }
 
@@ -578,7 +588,7 @@ pub struct ScenarioResult {
 const GUEST_MARKER: &str = "VIRIDIAN-GUEST ";
 
 /// What `viridian run` prints when a vCPU triple-faults.
-const TRIPLE_FAULT: &str = "triple-faulted; the guest is dead";
+pub(crate) const TRIPLE_FAULT: &str = "triple-faulted; the guest is dead";
 
 /// How many fresh L1 machines a run may start after an emulation fault
 /// ([`LabRun::emulation_fault`]): on 2026-12-03, a loaded day, 3 of 4 L1 boots saw the
@@ -599,6 +609,9 @@ pub struct LabRun {
     pub retried_because: Option<String>,
     /// L1's uptime when its `/init` started.
     pub l1_init_uptime: Option<f64>,
+    /// Scenarios L1 ran again after an emulation fault (`LAB-REDO`, see [`Scenario::tries`]),
+    /// as `name: why`; only the last run of each is in [`Self::scenarios`].
+    pub redone: Vec<String>,
 }
 
 impl LabRun {
@@ -729,7 +742,7 @@ impl Lab {
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-echo "LAB-L1 init_uptime=$(cut -d' ' -f1 /proc/uptime) la57=$(grep -c ' la57' /proc/cpuinfo)"
+echo "LAB-L1 init_uptime=$(cut -d' ' -f1 /proc/uptime) la57=$(grep -c ' la57' /proc/cpuinfo) thp=$(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
 export PATH=/bin:/usr/bin
 "#,
         );
@@ -745,26 +758,14 @@ mkdir -p /disk && mount -t ext4 /dev/vda /disk || echo "LAB-ERROR cannot mount t
 "#,
             );
         }
-        s.push_str(
-            r#"[ -e /dev/kvm ] || echo "LAB-ERROR L1 has no /dev/kvm"
-run() {
-  name=$1; shift
-  echo "LAB-BEGIN $name"
-  t0=$(cut -d' ' -f1 /proc/uptime)
-  limit=$1; shift
-  timeout $limit sh -c "$*" </dev/null
-  rc=$?
-  t1=$(cut -d' ' -f1 /proc/uptime)
-  echo
-  echo "LAB-END $name rc=$rc t0=$t0 t1=$t1 clock=$(date +%s)"
-}
-"#,
-        );
+        s.push_str("[ -e /dev/kvm ] || echo \"LAB-ERROR L1 has no /dev/kvm\"\n");
+        s.push_str(&l1_run_function());
         for sc in scenarios {
             s.push_str(&format!(
-                "run {} {} \"{}\"\n",
+                "run {} {} {} \"{}\"\n",
                 sc.name,
                 sc.timeout_seconds,
+                sc.tries.max(1),
                 shell_double_quote(&sc.command())
             ));
         }
@@ -802,7 +803,9 @@ run() {
                 out,
                 "LAB-RETRY {why}; starting a fresh lab VM ({retries} of at most {L1_RETRIES})"
             );
+            let redone = std::mem::take(&mut run.redone);
             run = self.run_once(scenarios, system, out)?;
+            run.redone.splice(0..0, redone);
             run.l1_retries = retries;
             run.retried_because = Some(why);
         }
@@ -947,12 +950,14 @@ run() {
 
         let limits: u64 = scenarios
             .iter()
-            .map(|s| u64::from(s.timeout_seconds) + 20)
+            .map(|s| (u64::from(s.timeout_seconds) + 20) * u64::from(s.tries.max(1)))
             .sum();
         let deadline = Instant::now() + Duration::from_secs(120 + limits);
         let mut qemu = Command::new(&self.qemu);
         qemu.env("QEMU_MODULE_DIR", &self.qemu_modules)
-            .args(["-accel", "tcg,thread=multi", "-cpu"])
+            .arg("-accel")
+            .arg(std::env::var("VIRIDIAN_LAB_ACCEL").unwrap_or_else(|_| L1_ACCEL.into()))
+            .arg("-cpu")
             .arg(std::env::var("VIRIDIAN_LAB_CPU").unwrap_or_else(|_| L1_CPU.into()))
             .args(["-m", "3072", "-smp", "2"])
             .args([
@@ -1097,6 +1102,35 @@ fn shell_double_quote(s: &str) -> String {
     out
 }
 
+/// L1's `run NAME LIMIT TRIES COMMAND`: runs one scenario's command under `timeout`, its
+/// output to the console (and `$LAB_SCRATCH/lab-scenario.out`, `/tmp` in L1) between `LAB-BEGIN` and `LAB-END`, and
+/// again after `LAB-REDO` while tries remain and the run shows an emulation fault (an L2 triple
+/// fault, or a failure before any guest reported), see [`Scenario::tries`].
+fn l1_run_function() -> String {
+    r#"run() {
+  name=$1; limit=$2; tries=$3; shift 3
+  out=${LAB_SCRATCH:-/tmp}/lab-scenario
+  while :; do
+    echo "LAB-BEGIN $name"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    { timeout $limit sh -c "$*" </dev/null 2>&1; echo $? > $out.rc; } | tee $out.out
+    rc=$(cat $out.rc)
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    echo
+    echo "LAB-END $name rc=$rc t0=$t0 t1=$t1 clock=$(date +%s)"
+    tries=$((tries - 1))
+    [ $tries -gt 0 ] || break
+    if grep -q 'TRIPLE_FAULT' $out.out; then why="an L2 guest triple-faulted"
+    elif [ $rc != 0 ] && ! grep -q 'GUEST_MARKER' $out.out; then why="no guest printed a report (exit $rc)"
+    else break; fi
+    echo "LAB-REDO $name $why"
+  done
+}
+"#
+    .replace("TRIPLE_FAULT", TRIPLE_FAULT)
+    .replace("GUEST_MARKER", GUEST_MARKER)
+}
+
 /// Finds firmware `name` in `dirs`, following Debian's symlinks by file name (their targets
 /// point into other packages, which are unpacked in separate trees here).
 fn find_firmware(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
@@ -1135,6 +1169,12 @@ fn parse_line(line: &str, run: &mut LabRun, current: &mut Option<ScenarioResult>
             r.clock = f.get("clock").and_then(|v| v.parse().ok());
             run.scenarios.push(r);
         }
+    } else if let Some(rest) = line.strip_prefix("LAB-REDO ") {
+        let (name, why) = rest.split_once(' ').unwrap_or((rest, ""));
+        if let Some(i) = run.scenarios.iter().rposition(|s| s.name == name) {
+            run.scenarios.remove(i);
+        }
+        run.redone.push(format!("{name}: {why}"));
     } else if let Some(rest) = line.strip_prefix("LAB-ERROR ") {
         run.errors.push(rest.to_string());
     } else if line.starts_with("LAB-DONE") {
@@ -1258,6 +1298,69 @@ mod tests {
         let unfinished = run_of(&["LAB-BEGIN a", "[   45.6] Kernel panic - not syncing"]);
         let why = unfinished.emulation_fault().unwrap();
         assert!(why.contains("before finishing"), "{why}");
+    }
+
+    /// L1's `run` in the host's `sh`: a scenario whose guest triple-faults runs again (while
+    /// tries remain), one that failed after a guest reported does not, and the parser keeps
+    /// only the last run of a redone scenario.
+    #[test]
+    fn a_scenario_that_hit_an_emulation_fault_runs_again_in_the_same_l1() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = dir.path().join("count");
+        let run_l1 = |tries: u32, first: &str, then: &str| {
+            let _ = std::fs::remove_file(&count);
+            let cmd = format!(
+                "n=$(cat {c} 2>/dev/null || echo 0); echo $((n + 1)) > {c}; \
+                 if [ $n = 0 ]; then {first}; else {then}; fi",
+                c = count.display()
+            );
+            let script = format!(
+                "{}run sc 20 {tries} \"{}\"\necho LAB-DONE\n",
+                l1_run_function(),
+                shell_double_quote(&cmd)
+            );
+            let out = std::process::Command::new("sh")
+                .args(["-c", &script])
+                .env("LAB_SCRATCH", dir.path())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let lines: Vec<&str> = text.lines().collect();
+            (run_of(&lines), text)
+        };
+        let fault = format!("echo '[netb] viridian: viridian: vCPU 1 {TRIPLE_FAULT}.'; exit 1");
+        let ok = "echo 'VIRIDIAN-GUEST x=2'; exit 0";
+
+        let (run, text) = run_l1(3, &fault, ok);
+        assert_eq!(text.matches("LAB-BEGIN sc").count(), 2, "{text}");
+        assert_eq!(run.redone, ["sc: an L2 guest triple-faulted"], "{text}");
+        assert_eq!(run.scenarios.len(), 1, "{text}");
+        assert_eq!(run.scenarios[0].exit_code, 0, "{text}");
+        assert_eq!(run.scenarios[0].guest["x"], "2", "{text}");
+        assert_eq!(run.emulation_fault(), None, "{text}");
+
+        let silent = "sleep 0; exit 143";
+        let (run, text) = run_l1(3, silent, ok);
+        assert_eq!(run.redone.len(), 1, "{text}");
+        assert!(run.redone[0].contains("no guest printed"), "{text}");
+        assert_eq!(run.scenarios[0].exit_code, 0, "{text}");
+
+        // One try: the fault stays, for a fresh L1 to deal with.
+        let (run, text) = run_l1(1, &fault, ok);
+        assert!(run.redone.is_empty(), "{text}");
+        assert_eq!(run.scenarios[0].exit_code, 1, "{text}");
+        assert!(run.emulation_fault().is_some(), "{text}");
+
+        // A guest that reported and then failed is the scenario's failure, never redone.
+        let (run, text) = run_l1(3, "echo 'VIRIDIAN-GUEST x=1'; exit 1", ok);
+        assert!(run.redone.is_empty(), "{text}");
+        assert_eq!(run.scenarios[0].exit_code, 1, "{text}");
+
+        // Every try faulted: the last run is the one kept.
+        let (run, text) = run_l1(2, &fault, &fault);
+        assert_eq!(text.matches("LAB-BEGIN sc").count(), 2, "{text}");
+        assert_eq!(run.scenarios.len(), 1, "{text}");
+        assert!(run.emulation_fault().is_some(), "{text}");
     }
 
     #[test]
