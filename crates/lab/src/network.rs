@@ -441,11 +441,7 @@ pub(crate) mod tests {
         let id = std::process::id();
         let (dead, alive) = (format!("unitdead{id}"), format!("unitalive{id}"));
         let err = format!("/tmp/{dead}.err");
-        std::fs::write(
-            &err,
-            format!("viridian: vCPU 0 {}.\n", crate::TRIPLE_FAULT),
-        )
-        .unwrap();
+        std::fs::write(&err, format!("viridian: vCPU 0 {}.\n", crate::TRIPLE_FAULT)).unwrap();
         let script = format!(
             "{}sleep 600 >/dev/null 2>&1 & {alive}=$!; true & {dead}=$!; wait ${dead}; \
              await {alive} never 600 || echo gave-up; \
