@@ -33,6 +33,18 @@ pub use system_disk::SystemDisk;
 /// with longer timeouts print as they go (a booting system).
 const L1_SILENCE: Duration = Duration::from_secs(330);
 
+/// How long a CPU of L1 may be stuck in its kernel (its watchdog's "soft lockup" report)
+/// before L1 counts as wedged and is replaced: seen 2026-12-04, both of L1's CPUs stuck on
+/// an L2 guest's vCPU threads (the emulated VMRUN never came back) for minutes.
+const L1_LOCKUP_SECONDS: u32 = 50;
+
+/// The seconds in a Linux watchdog's "BUG: soft lockup - CPU#N stuck for Ss!" line.
+fn soft_lockup_seconds(line: &str) -> Option<u32> {
+    let rest = line.split_once("BUG: soft lockup - CPU#")?.1;
+    let secs = rest.split_once(" stuck for ")?.1.split_once("s!")?.0;
+    secs.parse().ok()
+}
+
 /// L1's emulated CPU, unless `$VIRIDIAN_LAB_CPU` names another (QEMU's `-cpu` syntax): an AMD
 /// CPU with SVM and nested paging, without 5-level paging: with it, L1's KVM builds 5-level
 /// nested page tables for L2, which QEMU's TCG walks for every L2 access, and two L1 boots in a
@@ -1033,6 +1045,12 @@ mkdir -p /disk && mount -t ext4 /dev/vda /disk || echo "LAB-ERROR cannot mount t
             let line = line.trim_end_matches(['\r', '\n']);
             let _ = writeln!(out, "{line}");
             parse_line(line, &mut run, &mut current);
+            if let Some(secs) = soft_lockup_seconds(line).filter(|&s| s >= L1_LOCKUP_SECONDS) {
+                // Wedged: L1's own time-outs cannot run, and it still prints every 28 s.
+                stalled = Some(format!("a CPU of it was stuck for {secs} s (soft lockup)"));
+                let _ = child.kill();
+                break;
+            }
         }
         let status = child.wait().map_err(|e| Error::io(&self.qemu, e))?;
         if let (Some(why), false) = (stalled, run.completed) {
@@ -1380,6 +1398,21 @@ mod tests {
         assert_eq!(text.matches("LAB-BEGIN sc").count(), 2, "{text}");
         assert_eq!(run.scenarios.len(), 1, "{text}");
         assert!(run.emulation_fault().is_some(), "{text}");
+    }
+
+    #[test]
+    fn a_soft_lockup_line_gives_its_seconds() {
+        assert_eq!(
+            soft_lockup_seconds(
+                "[   64.517077] watchdog: BUG: soft lockup - CPU#0 stuck for 53s! [vcpu1:163]"
+            ),
+            Some(53)
+        );
+        assert_eq!(soft_lockup_seconds("VIRIDIAN-GUEST stuck for 53s!"), None);
+        assert_eq!(
+            soft_lockup_seconds("watchdog: BUG: soft lockup - CPU#1 stuck for s! [x]"),
+            None
+        );
     }
 
     #[test]
