@@ -1193,8 +1193,6 @@ fn net_private_soak() {
         echo 0 > $T/tracing_on; echo 4096 > $T/buffer_size_kb; echo > $T/trace; \
         for e in kvm_exit kvm_entry kvm_inj_virq kvm_inj_exception kvm_page_fault kvm_pio kvm_msr \
           kvm_userspace_exit kvm_apic_ipi kvm_apic_accept_irq; do echo 1 > $T/events/kvm/$e/enable; done; \
-        for e in kvm_tdp_mmu_spte_changed kvm_mmu_split_huge_page; do \
-          [ -e $T/events/kvmmmu/$e ] && echo 1 > $T/events/kvmmmu/$e/enable; done; \
         grep -q traceoff $T/events/kvm/kvm_exit/trigger || echo 'traceoff if exit_reason==127' > $T/events/kvm/kvm_exit/trigger; \
         echo 1 > $T/tracing_on; ";
     let dump = "echo 0 > $T/tracing_on; [ $((ra | rb)) = 0 ] || tail -n 600 $T/trace | sed 's/^/LAB-TRACE /'; ";

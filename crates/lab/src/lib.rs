@@ -309,6 +309,11 @@ impl Scenario {
         }
     }
 
+    /// The runs L1 may make of it: [`Self::tries`], at least one.
+    fn runs(&self) -> u32 {
+        self.tries.max(1)
+    }
+
     /// Boots the Debian system disk to its login prompt (see [`Scenario::system_disk`]).
     /// Systemd under nested emulation on a busy host takes minutes; it prints as it goes.
     pub fn system(name: &str, cpus: u32, memory_mib: u64) -> Self {
@@ -780,7 +785,7 @@ mkdir -p /disk && mount -t ext4 /dev/vda /disk || echo "LAB-ERROR cannot mount t
                 "run {} {} {} \"{}\"\n",
                 sc.name,
                 sc.timeout_seconds,
-                sc.tries.max(1),
+                sc.runs(),
                 shell_double_quote(&sc.command())
             ));
         }
@@ -966,7 +971,7 @@ mkdir -p /disk && mount -t ext4 /dev/vda /disk || echo "LAB-ERROR cannot mount t
 
         let limits: u64 = scenarios
             .iter()
-            .map(|s| (u64::from(s.timeout_seconds) + 20) * u64::from(s.tries.max(1)))
+            .map(|s| (u64::from(s.timeout_seconds) + 20) * u64::from(s.runs()))
             .sum();
         let deadline = Instant::now() + Duration::from_secs(120 + limits);
         let mut qemu = Command::new(&self.qemu);
@@ -1064,7 +1069,10 @@ mkdir -p /disk && mount -t ext4 /dev/vda /disk || echo "LAB-ERROR cannot mount t
         if let Some(dir) = isos {
             let _ = std::fs::remove_dir_all(dir);
         }
-        let qemu_said = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+        let qemu_said = match run.completed {
+            true => String::new(),
+            false => std::fs::read_to_string(&qemu_log).unwrap_or_default(),
+        };
         let _ = std::fs::remove_file(&qemu_log);
         if !run.completed {
             let triple = match qemu_said.contains("Triple fault") {
@@ -1140,9 +1148,10 @@ fn shell_double_quote(s: &str) -> String {
 }
 
 /// L1's `run NAME LIMIT TRIES COMMAND`: runs one scenario's command under `timeout`, its
-/// output to the console (and `$LAB_SCRATCH/lab-scenario.out`, `/tmp` in L1) between `LAB-BEGIN` and `LAB-END`, and
-/// again after `LAB-REDO` while tries remain and the run shows an emulation fault (an L2 triple
-/// fault, or a failure before any guest reported), see [`Scenario::tries`].
+/// output to the console (and `$LAB_SCRATCH/lab-scenario.out`, `/tmp` in L1) between
+/// `LAB-BEGIN` and `LAB-END`, and again after `LAB-REDO` while tries remain and the run shows
+/// an emulation fault: the same two tests [`LabRun::emulation_fault`] makes of a scenario (an
+/// L2 triple fault, or a failure before any guest reported), see [`Scenario::tries`].
 fn l1_run_function() -> String {
     r#"run() {
   name=$1; limit=$2; tries=$3; shift 3
