@@ -138,8 +138,9 @@ fn boot_time_against_qemu() {
 /// the same raw image and dynamic VHDX on a RAM disk in L1 (lab::disk_bench), in one lab run.
 /// A benchmark: `cargo test --release -p cli --test lab -- --ignored disk_io_against_qemu`.
 /// VIRIDIAN_FIO_SECONDS (default 10) sets each job's length, VIRIDIAN_FIO_JOBS (names, comma
-/// separated) picks jobs, VIRIDIAN_LAB_PERF=1 profiles L1 during each VM (`LAB-PERF` lines), and
-/// VIRIDIAN_FIO_VIRIDIAN_ENV (`NAME=VALUE ...`) sets Viridian's environment in L1.
+/// separated) picks jobs, VIRIDIAN_LAB_PERF=1 profiles L1 during each VM (`LAB-PERF` lines),
+/// VIRIDIAN_FIO_VIRIDIAN_ENV (`NAME=VALUE ...`) sets Viridian's environment in L1, and
+/// VIRIDIAN_BENCH_ROUNDS (default 1) repeats the four scenarios in the same L1 boot.
 #[test]
 #[ignore = "benchmark; run with --ignored"]
 fn disk_io_against_qemu() {
@@ -158,6 +159,10 @@ fn disk_io_against_qemu() {
         viridian_env: std::env::var("VIRIDIAN_FIO_VIRIDIAN_ENV")
             .map(|e| e.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default(),
+        rounds: std::env::var("VIRIDIAN_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
     };
     if let Some(bad) = settings
         .viridian_env
@@ -178,50 +183,65 @@ fn disk_io_against_qemu() {
     let run = lab
         .run(&scenarios, &mut std::io::stderr())
         .expect("lab run");
-    let results = |vmm, format| {
-        run.scenario(&disk_bench::scenario_name(vmm, format))
-            .map(disk_bench::results)
-            .unwrap_or_default()
-    };
     let aio = run
-        .scenario(&disk_bench::scenario_name(Vmm::QemuPc, Format::Raw))
+        .scenario(&disk_bench::scenario_name(Vmm::QemuPc, Format::Raw, 0))
         .and_then(|s| s.guest.get("host_aio").cloned())
         .unwrap_or_else(|| "?".into());
+    let rounds = settings.rounds();
     println!(
         "fio in the guest (cloud kernel, 1 vCPU, 1 GiB; libaio, direct=1, {seconds} s a job), \
          {} MiB files on ext2 on an L1 RAM disk; QEMU virtio-blk with cache=none, aio={aio}, \
-         an iothread:",
+         an iothread; {rounds} round(s), the VMMs taking turns to go first; medians, and the \
+         median of the rounds' ratios with their range:",
         disk_bench::FILE_MIB
     );
     println!(
-        "  {:<18} {:>10} {:>10} {:>6}   {:>10} {:>10} {:>6}",
-        "job", "vir raw", "qemu raw", "ratio", "vir vhdx", "qemu vhdx", "ratio"
+        "  {:<18} {:>9} {:>9} {:>6} {:>12}   {:>9} {:>9} {:>6} {:>12}",
+        "job", "vir raw", "qemu raw", "ratio", "range", "vir vhdx", "qemu vhdx", "ratio", "range"
     );
+    let median = |v: &[Option<f64>]| {
+        disk_bench::median(&v.iter().flatten().copied().collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    };
+    let table = disk_bench::table(&run, &settings);
     let mut missing = vec![];
     for job in settings.selected() {
         let mut row = format!("  {:<18}", job.name);
-        for format in [Format::Raw, Format::Vhdx] {
-            let value = |vmm| {
-                let r = results(vmm, format).get(job.name).copied();
-                r.map(|r| {
-                    if job.is_throughput() {
-                        r.mib_per_second()
-                    } else {
-                        r.iops
-                    }
-                })
-            };
-            let (v, q) = (value(Vmm::Viridian), value(Vmm::QemuPc));
-            if v.is_none() || q.is_none() {
+        for (_, format, r) in table.iter().filter(|(j, ..)| j.name == job.name) {
+            if r.incomplete() {
                 missing.push(format!("{} on {}", job.name, format.name()));
             }
-            let (v, q) = (v.unwrap_or(f64::NAN), q.unwrap_or(f64::NAN));
-            row.push_str(&format!(" {v:>10.0} {q:>10.0} {:>5.2}x  ", v / q));
+            let ratios = r.ratios();
+            let lo = ratios.iter().copied().fold(f64::NAN, f64::min);
+            let hi = ratios.iter().copied().fold(f64::NAN, f64::max);
+            row.push_str(&format!(
+                " {:>9.0} {:>9.0} {:>5.2}x {:>12}  ",
+                median(&r.viridian),
+                median(&r.qemu),
+                disk_bench::median(&ratios).unwrap_or(f64::NAN),
+                format!("{lo:.2}-{hi:.2}")
+            ));
         }
-        println!(
-            "{row}{}",
-            if job.is_throughput() { "MiB/s" } else { "IOPS" }
-        );
+        println!("{row}{}", job.unit());
+    }
+    if rounds > 1 {
+        println!("  each round (Viridian / QEMU):");
+        for (job, format, r) in &table {
+            let each: Vec<String> = r
+                .viridian
+                .iter()
+                .zip(&r.qemu)
+                .map(|(v, q)| {
+                    let f = |x: &Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}"));
+                    format!("{}/{}", f(v), f(q))
+                })
+                .collect();
+            println!(
+                "    {:<18} {:<5} {}",
+                job.name,
+                format.name(),
+                each.join("  ")
+            );
+        }
     }
     for s in &run.scenarios {
         if s.exit_code != 0 {

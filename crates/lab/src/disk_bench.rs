@@ -11,8 +11,13 @@
 //! The guest (`/fio.sh`, run for `viridian.scenario=fio`) runs [`JOBS`] one after the other on
 //! its only disk (`sda` or `vda`), each `viridian.fio_seconds=` long after a second of ramp,
 //! and prints fio's terse output as `FIO-TERSE` lines; [`results`] reads them.
+//!
+//! [`Settings::rounds`] repeats the four scenarios in the same L1 boot, the two VMMs taking
+//! turns to go first, and [`table`] pairs each round's Viridian and QEMU numbers: the ratio of a
+//! round compares two runs minutes apart, and the median of the rounds' ratios is what the
+//! benchmark reports (the same row moves by 2x between runs of the emulated lab).
 
-use crate::{debian, Cache, Flavor, Result, Scenario, ScenarioResult, Vmm};
+use crate::{debian, Cache, Flavor, LabRun, Result, Scenario, ScenarioResult, Vmm};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -47,6 +52,24 @@ impl Job {
     /// Whether the job is measured in MiB/s rather than IOPS.
     pub fn is_throughput(&self) -> bool {
         self.bs == "1M"
+    }
+
+    /// What the benchmark reports of `r`: MiB/s for throughput jobs, else IOPS.
+    pub fn value(&self, r: &FioResult) -> f64 {
+        if self.is_throughput() {
+            r.mib_per_second()
+        } else {
+            r.iops
+        }
+    }
+
+    /// The unit of [`Job::value`].
+    pub fn unit(&self) -> &'static str {
+        if self.is_throughput() {
+            "MiB/s"
+        } else {
+            "IOPS"
+        }
     }
 }
 
@@ -117,14 +140,14 @@ impl Format {
     }
 }
 
-/// The name of the scenario for `vmm` on `format`.
-pub fn scenario_name(vmm: Vmm, format: Format) -> String {
+/// The name of the scenario for `vmm` on `format` in round `round` (from 0).
+pub fn scenario_name(vmm: Vmm, format: Format, round: u32) -> String {
     let vmm = if vmm == Vmm::Viridian {
         "viridian"
     } else {
         "qemu"
     };
-    format!("fio-{vmm}-{}", format.name())
+    format!("fio-{vmm}-{}-{round}", format.name())
 }
 
 /// `/fio.sh` of the L2 guest (see the module's documentation).
@@ -179,6 +202,8 @@ pub struct Settings {
     /// `NAME=VALUE` settings in Viridian's environment (to compare its own knobs, such as
     /// `VIRIDIAN_NO_IO_URING=1`, against the same QEMU runs); see [`Settings::env_ok`].
     pub viridian_env: Vec<String>,
+    /// How many times each VMM runs the jobs on each file (0 counts as 1).
+    pub rounds: u32,
 }
 
 impl Settings {
@@ -202,12 +227,17 @@ impl Settings {
         JOBS.iter()
             .filter(|j| self.jobs.is_empty() || self.jobs.iter().any(|n| n == j.name))
     }
+
+    /// [`Settings::rounds`], at least 1.
+    pub fn rounds(&self) -> u32 {
+        self.rounds.max(1)
+    }
 }
 
 /// L1's side of one fio scenario: the shared RAM disk and files, made by whichever scenario
 /// runs first, then the VM, `exec`ed so that the scenario's timeout reaches it (when
 /// profiled, run under `perf` instead).
-fn l1_script(vmm: Vmm, format: Format, settings: &Settings) -> String {
+fn l1_script(vmm: Vmm, format: Format, round: u32, settings: &Settings) -> String {
     let rd_kib = (2 * FILE_MIB + 64) * 1024;
     let mut cmdline = format!(
         "console=ttyS0 panic=-1 quiet viridian.scenario={GUEST} viridian.fio_seconds={}",
@@ -240,7 +270,7 @@ fn l1_script(vmm: Vmm, format: Format, settings: &Settings) -> String {
     let vm = if settings.profile {
         let jobs = settings.selected().count() as u32;
         crate::profile::wrap(
-            &scenario_name(vmm, format),
+            &scenario_name(vmm, format, round),
             &vm,
             "fio_dev=",
             jobs * (settings.seconds + 1),
@@ -268,17 +298,88 @@ fn l1_script(vmm: Vmm, format: Format, settings: &Settings) -> String {
     )
 }
 
-/// The four fio scenarios, Viridian and QEMU on the raw image, then on the VHDX.
+/// The fio scenarios of each round: Viridian and QEMU on the raw image, then on the VHDX;
+/// QEMU goes first in odd rounds, so neither VMM always runs on the files the other has just
+/// used.
 pub fn scenarios(settings: &Settings) -> Vec<Scenario> {
     let jobs = settings.selected().count();
     let mut out = vec![];
-    for format in [Format::Raw, Format::Vhdx] {
-        for vmm in [Vmm::Viridian, Vmm::QemuPc] {
-            let mut s = Scenario::new(&scenario_name(vmm, format), vmm, Flavor::Cloud, 1, GUEST);
-            s.memory_mib = GUEST_MIB;
-            s.timeout_seconds = 180 + jobs as u32 * (settings.seconds + 5);
-            s.script = Some(l1_script(vmm, format, settings));
-            out.push(s);
+    for round in 0..settings.rounds() {
+        for format in [Format::Raw, Format::Vhdx] {
+            let mut vmms = [Vmm::Viridian, Vmm::QemuPc];
+            if round % 2 == 1 {
+                vmms.reverse();
+            }
+            for vmm in vmms {
+                let name = scenario_name(vmm, format, round);
+                let mut s = Scenario::new(&name, vmm, Flavor::Cloud, 1, GUEST);
+                s.memory_mib = GUEST_MIB;
+                s.timeout_seconds = 180 + jobs as u32 * (settings.seconds + 5);
+                s.script = Some(l1_script(vmm, format, round, settings));
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+/// One job on one file over the rounds: each VMM's [`Job::value`] per round, `None` where a
+/// run gave no result.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Row {
+    pub viridian: Vec<Option<f64>>,
+    pub qemu: Vec<Option<f64>>,
+}
+
+impl Row {
+    /// Viridian / QEMU of each round that has both.
+    pub fn ratios(&self) -> Vec<f64> {
+        self.viridian
+            .iter()
+            .zip(&self.qemu)
+            .filter_map(|(v, q)| Some(v.as_ref()? / q.as_ref()?))
+            .collect()
+    }
+
+    /// Whether a round lacks a result of either VMM.
+    pub fn incomplete(&self) -> bool {
+        self.viridian.iter().chain(&self.qemu).any(Option::is_none)
+    }
+}
+
+/// The median of `values` (the mean of the middle two of an even count); `None` for none.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
+}
+
+/// Every selected job's [`Row`] on each format, from a run of [`scenarios`]`(settings)`.
+pub fn table(run: &LabRun, settings: &Settings) -> Vec<(&'static Job, Format, Row)> {
+    let value = |vmm, format, round, job: &Job| {
+        run.scenario(&scenario_name(vmm, format, round))
+            .and_then(|s| results(s).get(job.name).map(|r| job.value(r)))
+    };
+    let mut out = vec![];
+    for job in settings.selected() {
+        for format in [Format::Raw, Format::Vhdx] {
+            let rounds = 0..settings.rounds();
+            let row = Row {
+                viridian: rounds
+                    .clone()
+                    .map(|r| value(Vmm::Viridian, format, r, job))
+                    .collect(),
+                qemu: rounds.map(|r| value(Vmm::QemuPc, format, r, job)).collect(),
+            };
+            out.push((job, format, row));
         }
     }
     out
@@ -388,7 +489,7 @@ mod tests {
                 c.contains("exec viridian run") || c.contains("exec qemu-system"),
                 "{c}"
             );
-            let file = if s.name.ends_with("raw") {
+            let file = if s.name.contains("-raw-") {
                 "$B/raw.img"
             } else {
                 "$B/dyn.vhdx"
@@ -408,6 +509,86 @@ mod tests {
         for j in JOBS {
             assert!(g.contains(&format!("\"{} {} {} {}\"", j.name, j.rw, j.bs, j.iodepth)));
         }
+    }
+
+    #[test]
+    fn rounds_take_turns_and_their_ratios_pair_up() {
+        let settings = Settings {
+            seconds: 5,
+            jobs: vec!["read_1m_qd8".into()],
+            rounds: 3,
+            ..Default::default()
+        };
+        let names: Vec<String> = scenarios(&settings).into_iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            [
+                "fio-viridian-raw-0",
+                "fio-qemu-raw-0",
+                "fio-viridian-vhdx-0",
+                "fio-qemu-vhdx-0",
+                "fio-qemu-raw-1",
+                "fio-viridian-raw-1",
+                "fio-qemu-vhdx-1",
+                "fio-viridian-vhdx-1",
+                "fio-viridian-raw-2",
+                "fio-qemu-raw-2",
+                "fio-viridian-vhdx-2",
+                "fio-qemu-vhdx-2",
+            ]
+        );
+        // A 1 MiB read line per scenario, with the MiB/s given; QEMU's raw run of round 2
+        // printed nothing.
+        let line = |mib: u32| {
+            let mut f: Vec<String> = WRITE.split(';').map(str::to_string).collect();
+            f[TERSE_NAME - 1] = "read_1m_qd8".into();
+            f[TERSE_WRITE_BW - 1] = (mib * 1024).to_string();
+            format!("FIO-TERSE {}\n", f.join(";"))
+        };
+        let mibs = [
+            ("fio-viridian-raw-0", 100),
+            ("fio-qemu-raw-0", 200),
+            ("fio-viridian-vhdx-0", 90),
+            ("fio-qemu-vhdx-0", 60),
+            ("fio-qemu-raw-1", 100),
+            ("fio-viridian-raw-1", 150),
+            ("fio-qemu-vhdx-1", 90),
+            ("fio-viridian-vhdx-1", 90),
+            ("fio-viridian-raw-2", 300),
+            ("fio-viridian-vhdx-2", 30),
+            ("fio-qemu-vhdx-2", 60),
+        ];
+        let run = LabRun {
+            scenarios: mibs
+                .iter()
+                .map(|(name, mib)| ScenarioResult {
+                    name: name.to_string(),
+                    console: line(*mib),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let t = table(&run, &settings);
+        assert_eq!(t.len(), 2);
+        let (job, format, raw) = &t[0];
+        assert_eq!((job.name, *format), ("read_1m_qd8", Format::Raw));
+        assert_eq!(raw.viridian, [Some(100.0), Some(150.0), Some(300.0)]);
+        assert_eq!(raw.qemu, [Some(200.0), Some(100.0), None]);
+        assert!(raw.incomplete());
+        assert_eq!(raw.ratios(), [0.5, 1.5]);
+        assert_eq!(median(&raw.ratios()), Some(1.0));
+        let (_, format, vhdx) = &t[1];
+        assert_eq!(*format, Format::Vhdx);
+        assert!(!vhdx.incomplete());
+        assert_eq!(vhdx.ratios(), [1.5, 1.0, 0.5]);
+        assert_eq!(median(&vhdx.ratios()), Some(1.0));
+        assert_eq!(
+            median(&vhdx.viridian.iter().flatten().copied().collect::<Vec<_>>()),
+            Some(90.0)
+        );
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[f64::NAN, 2.0]), Some(2.0));
     }
 
     #[test]
